@@ -1,0 +1,270 @@
+//! The `reference` backend: attention with plain candle ops over a
+//! per-sequence KV store. Slow and simple on purpose: it is the oracle that
+//! the paged, vAttention and POD backends are pinned to.
+
+use candle_core::{D, DType, Device, Tensor};
+use vpod_kvcache::{KvShape, SeqKvStore};
+
+use crate::{AttentionBackend, AttnConfig, AttnError, BatchMeta, Result, SeqId};
+
+#[derive(Debug)]
+pub struct ReferenceBackend {
+    cfg: AttnConfig,
+    store: SeqKvStore,
+    /// 1 / sqrt(head_dim)
+    scale: f64,
+}
+
+impl ReferenceBackend {
+    pub fn new(cfg: AttnConfig, device: Device) -> Result<Self> {
+        let reasons = Self::unsupported_reasons(&cfg, &device);
+        if !reasons.is_empty() {
+            return Err(AttnError::Unsupported {
+                backend: "reference",
+                reasons: reasons.join("; "),
+            });
+        }
+        let store = SeqKvStore::new(KvShape {
+            num_layers: cfg.num_layers,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            max_seq_len: cfg.max_seq_len,
+            dtype: cfg.dtype,
+            device,
+        });
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        Ok(Self { cfg, store, scale })
+    }
+
+    /// The reference runs on any device and dtype; it only needs a sane shape.
+    pub fn unsupported_reasons(cfg: &AttnConfig, _device: &Device) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+            reasons.push(format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                cfg.num_heads, cfg.num_kv_heads
+            ));
+        }
+        if cfg.head_dim == 0 {
+            reasons.push("head_dim is 0".into());
+        }
+        reasons
+    }
+
+    /// Sequences currently holding KV.
+    pub fn num_cached_seqs(&self) -> usize {
+        self.store.num_seqs()
+    }
+
+    fn check_shape(&self, what: &'static str, t: &Tensor, heads: usize, tokens: usize) -> Result<()> {
+        let expected = vec![tokens, heads, self.cfg.head_dim];
+        if t.dims() != expected.as_slice() {
+            return Err(AttnError::BadShape {
+                what,
+                got: t.dims().to_vec(),
+                expected,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl AttentionBackend for ReferenceBackend {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+    ) -> Result<Tensor> {
+        let t = meta.num_tokens();
+        self.check_shape("q", q, self.cfg.num_heads, t)?;
+        self.check_shape("k", k, self.cfg.num_kv_heads, t)?;
+        self.check_shape("v", v, self.cfg.num_kv_heads, t)?;
+        let mut outs = Vec::with_capacity(meta.num_seqs());
+        for (i, s) in meta.seqs().iter().enumerate() {
+            let rows = meta.query_range(i);
+            let (k_all, v_all) = self.store.append(
+                s.seq_id,
+                layer,
+                s.context_len,
+                &k.narrow(0, rows.start, s.query_len)?,
+                &v.narrow(0, rows.start, s.query_len)?,
+            )?;
+            let qs = q.narrow(0, rows.start, s.query_len)?;
+            outs.push(attend_causal(&qs, &k_all, &v_all, s.context_len, self.scale)?);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.store.release(seq);
+    }
+}
+
+/// Causal attention of one sequence's queries over its whole K/V, in f32.
+///
+/// `q: [query_len, H, D]`, `k`, `v: [seq_len, Hkv, D]` with
+/// `seq_len = context_len + query_len`; query `i` sees keys `0..=context_len + i`.
+/// Query head `h` reads key/value head `h / (H / Hkv)` (as transformers'
+/// `repeat_kv`). Returns `[query_len, H, D]` in q's dtype.
+pub fn attend_causal(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    context_len: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (query_len, num_heads, head_dim) = q.dims3()?;
+    let (seq_len, kv_heads, _) = k.dims3()?;
+    let group = num_heads / kv_heads;
+    let to_heads_major = |t: &Tensor| t.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous();
+    // [Hkv, group * query_len, D]: the `group` query heads of a KV head stacked.
+    let qh = to_heads_major(q)?.reshape((kv_heads, group * query_len, head_dim))?;
+    let kh = to_heads_major(k)?; // [Hkv, seq_len, D]
+    let vh = to_heads_major(v)?; // [Hkv, seq_len, D]
+    let mut scores = (qh.matmul(&kh.t()?)? * scale)?; // [Hkv, group * query_len, seq_len]
+    if query_len > 1 {
+        let mask: Vec<f32> = (0..query_len)
+            .flat_map(|i| {
+                (0..seq_len).map(move |j| {
+                    if j <= context_len + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (query_len, seq_len), q.device())?;
+        scores = scores
+            .reshape((kv_heads, group, query_len, seq_len))?
+            .broadcast_add(&mask)?
+            .reshape((kv_heads, group * query_len, seq_len))?;
+    }
+    let max = scores.max_keepdim(D::Minus1)?;
+    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+    probs
+        .matmul(&vh)? // [Hkv, group * query_len, D]
+        .reshape((num_heads, query_len, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .to_dtype(q.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LogitsAt, SeqChunk};
+
+    fn cfg() -> AttnConfig {
+        AttnConfig {
+            num_layers: 1,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            max_seq_len: 64,
+            dtype: DType::F32,
+        }
+    }
+
+    /// Naive per-head softmax(q k^T) v, one query at a time.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], len: usize, d: usize) -> Vec<f32> {
+        let scores: Vec<f32> = (0..len)
+            .map(|j| (0..d).map(|x| q[x] * k[j * d + x]).sum::<f32>() / (d as f32).sqrt())
+            .collect();
+        let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+        let z: f32 = e.iter().sum();
+        (0..d)
+            .map(|x| (0..len).map(|j| e[j] / z * v[j * d + x]).sum())
+            .collect()
+    }
+
+    /// Chunked prefill (5 tokens, then 3) plus a decode must equal the naive
+    /// causal attention of the whole 9-token sequence, head by head.
+    #[test]
+    fn chunked_matches_naive_causal() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = cfg();
+        let n = 9;
+        let q = Tensor::randn(0f32, 1.0, (n, 4, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (n, 2, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (n, 2, 8), &dev)?;
+        let mut b = ReferenceBackend::new(c, dev.clone())?;
+        let mut outs = vec![];
+        for (start, len) in [(0, 5), (5, 3), (8, 1)] {
+            let meta = BatchMeta::new(
+                vec![SeqChunk {
+                    seq_id: 1,
+                    context_len: start,
+                    query_len: len,
+                }],
+                LogitsAt::LastToken,
+                &dev,
+            )?;
+            let (qs, ks, vs) = (
+                q.narrow(0, start, len)?,
+                k.narrow(0, start, len)?,
+                v.narrow(0, start, len)?,
+            );
+            outs.push(b.forward(0, &qs, &ks, &vs, &meta)?);
+        }
+        let got = Tensor::cat(&outs, 0)?;
+        for i in 0..n {
+            for h in 0..4 {
+                let kvh = h / 2;
+                let qv = q.get(i)?.get(h)?.to_vec1::<f32>()?;
+                let kk = k
+                    .narrow(0, 0, i + 1)?
+                    .narrow(1, kvh, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let vv = v
+                    .narrow(0, 0, i + 1)?
+                    .narrow(1, kvh, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let want = naive(&qv, &kk, &vv, i + 1, 8);
+                let have = got.get(i)?.get(h)?.to_vec1::<f32>()?;
+                for (a, b) in want.iter().zip(&have) {
+                    assert!((a - b).abs() < 1e-5, "token {i} head {h}: {a} vs {b}");
+                }
+            }
+        }
+        b.release(1);
+        assert_eq!(b.num_cached_seqs(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_wrong_shapes_and_unknown_backends() {
+        let dev = Device::Cpu;
+        let mut b = ReferenceBackend::new(cfg(), dev.clone()).unwrap();
+        let meta = BatchMeta::new(
+            vec![SeqChunk {
+                seq_id: 1,
+                context_len: 0,
+                query_len: 2,
+            }],
+            LogitsAt::LastToken,
+            &dev,
+        )
+        .unwrap();
+        let q = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((2, 2, 8), DType::F32, &dev).unwrap();
+        let err = b.forward(0, &q, &k, &k, &meta).unwrap_err();
+        assert!(err.to_string().contains("q has shape [2, 3, 8]"), "{err}");
+        let err = crate::create_backend("flashy", &cfg(), &dev).unwrap_err();
+        assert!(err.to_string().contains("known: reference"), "{err}");
+        let mut bad = cfg();
+        bad.num_kv_heads = 3;
+        assert!(crate::create_backend("reference", &bad, &dev).is_err());
+    }
+}

@@ -1,0 +1,316 @@
+//! The engine: a loaded model, one attention backend (with its KV cache),
+//! and the loops that drive them, generation and teacher-forced scoring.
+//!
+//! Every model call goes through [`Engine::step`], which builds the step's
+//! [`BatchMeta`] once and runs the packed batch; the scheduler of the serving
+//! engine drives the same call with many sequences.
+
+use std::time::Instant;
+
+use candle_core::{D, DType, Tensor};
+use vpod_attention::{AttentionBackend, AttentionStep, BatchMeta, LogitsAt, SeqChunk, SeqId, create_backend};
+use vpod_models::LoadedModel;
+
+use crate::sampler::{Sampler, SamplingParams};
+
+/// Errors of running requests.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the prompt is empty (no tokens after tokenization)")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens but the context holds {limit} (max_position_embeddings{note})")]
+    PromptTooLong {
+        prompt: usize,
+        limit: usize,
+        note: &'static str,
+    },
+    #[error("need at least 2 tokens to score, got {0}")]
+    TooFewTokens(usize),
+    #[error(transparent)]
+    Model(#[from] vpod_models::ModelError),
+    #[error(transparent)]
+    Attention(#[from] vpod_attention::AttnError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token (not included in the output).
+    Eos,
+    /// `max_tokens` were generated.
+    Length,
+    /// The sequence reached the model's context length.
+    ContextFull,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// Time of the prefill step, including sampling of the first token.
+    pub prefill_ms: f64,
+    /// Time of all decode steps.
+    pub decode_ms: f64,
+    /// Decode steps run (generated tokens after the first).
+    pub decode_steps: usize,
+}
+
+impl Generation {
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.decode_ms > 0.0 {
+            self.decode_steps as f64 / (self.decode_ms / 1e3)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Teacher-forced negative log-likelihood of a token sequence.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Score {
+    /// Mean NLL (nats) over the predicted tokens.
+    pub nll: f64,
+    pub ppl: f64,
+    /// Tokens scored in total (BOS included).
+    pub tokens: usize,
+    /// Tokens predicted (`tokens - windows`).
+    pub predicted: usize,
+    /// Independent context windows the tokens were split into.
+    pub windows: usize,
+    pub elapsed_ms: f64,
+}
+
+/// A model plus one attention backend.
+#[derive(Debug)]
+pub struct Engine {
+    pub model: LoadedModel,
+    backend: Box<dyn AttentionBackend>,
+    next_seq: SeqId,
+    /// Longest sequence a request may reach (the model's context).
+    max_seq_len: usize,
+}
+
+impl Engine {
+    /// Builds backend `backend` for this model (or says why it cannot run here).
+    pub fn new(model: LoadedModel, backend: &str) -> Result<Self> {
+        let max_seq_len = model.config.max_position_embeddings;
+        let cfg = model.model.attn_config(max_seq_len);
+        let backend = create_backend(backend, &cfg, model.model.device())?;
+        Ok(Self {
+            model,
+            backend,
+            next_seq: 0,
+            max_seq_len,
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    /// Runs one packed batch: `chunks[i]` describes sequence i's share and
+    /// `tokens` holds all their new tokens in the same order. Returns f32
+    /// logits `[rows, vocab]` as `logits` asks.
+    pub fn step(&mut self, chunks: Vec<SeqChunk>, tokens: &[u32], logits: LogitsAt) -> Result<Tensor> {
+        let device = self.model.model.device().clone();
+        let meta = BatchMeta::new(chunks, logits, &device)?;
+        let tokens = Tensor::new(tokens, &device)?;
+        let mut attn = AttentionStep::new(self.backend.as_mut(), &meta);
+        Ok(self.model.model.forward(&tokens, &mut attn)?)
+    }
+
+    /// Frees a sequence's KV.
+    pub fn release(&mut self, seq: SeqId) {
+        self.backend.release(seq);
+    }
+
+    fn new_seq(&mut self) -> SeqId {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Generates up to `max_tokens` tokens after `prompt` (ids, BOS included
+    /// when wanted), calling `on_token` with each new id as it is sampled.
+    /// Stops at an EOS id, at `max_tokens`, or when the context is full.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: SamplingParams,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if prompt.len() > self.max_seq_len {
+            return Err(EngineError::PromptTooLong {
+                prompt: prompt.len(),
+                limit: self.max_seq_len,
+                note: "",
+            });
+        }
+        let seq = self.new_seq();
+        let result = self.generate_seq(seq, prompt, max_tokens, sampling, on_token);
+        self.release(seq);
+        result
+    }
+
+    fn generate_seq(
+        &mut self,
+        seq: SeqId,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: SamplingParams,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<Generation> {
+        let mut sampler = Sampler::new(sampling);
+        let mut out = Generation {
+            tokens: Vec::new(),
+            finish_reason: FinishReason::Length,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            decode_steps: 0,
+        };
+        if max_tokens == 0 {
+            return Ok(out);
+        }
+        let start = Instant::now();
+        let chunk = SeqChunk {
+            seq_id: seq,
+            context_len: 0,
+            query_len: prompt.len(),
+        };
+        let logits = self.step(vec![chunk], prompt, LogitsAt::LastToken)?;
+        let mut next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        out.prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+        let decode_start = Instant::now();
+        let mut context_len = prompt.len();
+        loop {
+            if self.model.tokenizer.is_eos(next) {
+                out.finish_reason = FinishReason::Eos;
+                break;
+            }
+            out.tokens.push(next);
+            on_token(next)?;
+            if out.tokens.len() >= max_tokens {
+                out.finish_reason = FinishReason::Length;
+                break;
+            }
+            if context_len + 1 > self.max_seq_len {
+                out.finish_reason = FinishReason::ContextFull;
+                break;
+            }
+            let chunk = SeqChunk {
+                seq_id: seq,
+                context_len,
+                query_len: 1,
+            };
+            let logits = self.step(vec![chunk], &[next], LogitsAt::LastToken)?;
+            next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
+            context_len += 1;
+            out.decode_steps += 1;
+        }
+        out.decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
+        Ok(out)
+    }
+
+    /// Teacher-forced NLL of `ids`, run as chunked prefill (`chunk` tokens per
+    /// step through the KV cache). Sequences longer than the context are cut
+    /// into independent windows of the context length.
+    /// `progress(done, total)` is called after every chunk.
+    pub fn score(
+        &mut self,
+        ids: &[u32],
+        chunk: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Score> {
+        if ids.len() < 2 {
+            return Err(EngineError::TooFewTokens(ids.len()));
+        }
+        let start = Instant::now();
+        let chunk = chunk.max(1);
+        let (mut nll_sum, mut predicted, mut windows, mut done) = (0f64, 0usize, 0usize, 0usize);
+        for window in ids.chunks(self.max_seq_len) {
+            windows += 1;
+            if window.len() < 2 {
+                done += window.len();
+                continue;
+            }
+            let seq = self.new_seq();
+            let r = self.score_window(seq, window, chunk, &mut |n| {
+                done += n;
+                progress(done, ids.len())
+            });
+            self.release(seq);
+            let (sum, n) = r?;
+            nll_sum += sum;
+            predicted += n;
+        }
+        let nll = nll_sum / predicted.max(1) as f64;
+        Ok(Score {
+            nll,
+            ppl: nll.exp(),
+            tokens: ids.len(),
+            predicted,
+            windows,
+            elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Sum of NLL over `window[1..]` and the count of predicted tokens.
+    fn score_window(
+        &mut self,
+        seq: SeqId,
+        window: &[u32],
+        chunk: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(f64, usize)> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        let mut context_len = 0;
+        for part in window.chunks(chunk) {
+            let c = SeqChunk {
+                seq_id: seq,
+                context_len,
+                query_len: part.len(),
+            };
+            let logits = self.step(vec![c], part, LogitsAt::AllTokens)?; // [len, vocab]
+            // Row i predicts window[context_len + i + 1].
+            let targets: Vec<u32> = window
+                .iter()
+                .skip(context_len + 1)
+                .take(part.len())
+                .copied()
+                .collect();
+            let rows = targets.len();
+            if rows > 0 {
+                let logits = logits.narrow(0, 0, rows)?;
+                let nll = token_nll(&logits, &targets)?;
+                sum += nll.iter().map(|&x| x as f64).sum::<f64>();
+                n += rows;
+            }
+            context_len += part.len();
+            progress(part.len());
+        }
+        Ok((sum, n))
+    }
+}
+
+/// `-log softmax(logits)[target]` per row; `logits: [rows, vocab]` f32.
+fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?; // [rows, 1]
+    let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    let picked = logits.gather(&idx, 1)?; // [rows, 1]
+    Ok((lse - picked)?.squeeze(1)?.to_vec1::<f32>()?)
+}

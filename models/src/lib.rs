@@ -1,0 +1,84 @@
+//! Llama-family models on candle tensors: Yi-6B, Llama-3-8B and Yi-34B (all
+//! `LlamaForCausalLM`), their Hub presets, loading (`hf-hub`, memory-mapped
+//! safetensors) and tokenizers.
+//!
+//! The principal type is [`Llama`], whose [`Llama::forward`] runs one step of
+//! a packed batch and calls attention through a backend it never names.
+//! [`load_model`] goes from the files of a checkpoint ([`fetch_model_files`])
+//! to a ready model and tokenizer.
+
+mod config;
+mod error;
+mod hub;
+mod llama;
+mod spm;
+mod tokenizer;
+mod weights;
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use error::{ModelError, Result};
+pub use hub::{
+    HubOptions, ModelFiles, ModelSource, PRESETS, Preset, TokenizerFile, fetch_model_files, preset_names,
+    shard_names,
+};
+pub use llama::Llama;
+pub use tokenizer::{TextTokenizer, TokenStream};
+pub use weights::Weights;
+
+/// A model ready to run: its files, config, weights on the device, tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub files: ModelFiles,
+    pub config: LlamaConfig,
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+}
+
+/// Loads config, tokenizer and weights (converted to `dtype` on `device`).
+/// `progress(done, total)` reports weight loading, layer by layer.
+pub fn load_model(
+    files: ModelFiles,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
+    let config = LlamaConfig::from_file(&files.config)?;
+    let (mut bos, mut eos) = (config.bos_token_id, config.eos_token_ids.clone());
+    if let Some(path) = &files.generation_config {
+        let (gb, ge) = generation_special_ids(path)?;
+        bos = gb.or(bos);
+        if !ge.is_empty() {
+            eos = ge;
+        }
+    }
+    let tokenizer = TextTokenizer::load(&files.tokenizer, bos, eos)?;
+    let weights = Weights::open(&files.weights, dtype, device)?;
+    let model = Llama::load(&config, &weights, progress)?;
+    Ok(LoadedModel {
+        files,
+        config,
+        model,
+        tokenizer,
+    })
+}
+
+/// BOS and EOS ids of a `generation_config.json` (EOS may be a list).
+fn generation_special_ids(path: &Path) -> Result<(Option<u32>, Vec<u32>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::BadConfig {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let id = |x: &serde_json::Value| x.as_u64().map(|i| i as u32);
+    let bos = v.get("bos_token_id").and_then(id);
+    let eos = match v.get("eos_token_id") {
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(id).collect(),
+        Some(x) => id(x).into_iter().collect(),
+        None => vec![],
+    };
+    Ok((bos, eos))
+}

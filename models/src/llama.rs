@@ -1,0 +1,271 @@
+//! The Llama-family model (`LlamaForCausalLM`: Yi-6B, Llama-3-8B, Yi-34B):
+//! token embedding, `num_layers` x (RMSNorm, GQA attention with RoPE, RMSNorm,
+//! SiLU-gated MLP), final RMSNorm, untied LM head.
+//!
+//! The forward pass runs on a *packed batch*: the new tokens of every
+//! scheduled sequence flattened into one `[T]` tensor, positions and
+//! per-sequence boundaries in the step's [`BatchMeta`]. Prefill, decode and
+//! hybrid (chunked-prefill + decode) steps are the same call; attention goes
+//! through [`AttentionStep::attend`], once per layer.
+//!
+//! [`BatchMeta`]: vpod_attention::BatchMeta
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear};
+use vpod_attention::{AttentionStep, AttnConfig};
+
+use crate::config::LlamaConfig;
+use crate::weights::Weights;
+use crate::{ModelError, Result};
+
+#[derive(Debug)]
+struct Mlp {
+    gate: Linear, // [ffn, hidden]
+    up: Linear,   // [ffn, hidden]
+    down: Linear, // [hidden, ffn]
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        Ok(self.down.forward(&gated)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor, // [hidden]
+    q: Linear,         // [heads * head_dim, hidden]
+    k: Linear,         // [kv_heads * head_dim, hidden]
+    v: Linear,         // [kv_heads * head_dim, hidden]
+    o: Linear,         // [hidden, heads * head_dim]
+    mlp_norm: Tensor,  // [hidden]
+    mlp: Mlp,
+}
+
+/// RoPE tables for every position, in the compute dtype.
+#[derive(Debug)]
+struct Rope {
+    cos: Tensor, // [max_position_embeddings, head_dim / 2]
+    sin: Tensor, // [max_position_embeddings, head_dim / 2]
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let inv_freq = inverse_frequencies(cfg);
+        let (n, half) = (cfg.max_position_embeddings, inv_freq.len());
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv_freq {
+                // Angles in f64: at 100K+ positions f32 angles lose whole radians' worth of digits.
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (n, half), device)?.to_dtype(dtype);
+        Ok(Self {
+            cos: t(cos)?,
+            sin: t(sin)?,
+        })
+    }
+
+    /// Rotates `x: [T, heads, head_dim]` by each token's position (`[T]` u32).
+    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.unsqueeze(0)?.contiguous()?; // [1, T, heads, head_dim]
+        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+    }
+}
+
+/// `theta^(-2i/d)`, with Llama-3.1's frequency-dependent scaling when configured
+/// (as transformers' `_compute_llama3_parameters`).
+fn inverse_frequencies(cfg: &LlamaConfig) -> Vec<f64> {
+    let d = cfg.head_dim;
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
+        .collect();
+    let Some(s) = cfg.rope_scaling else { return base };
+    let old_ctx = s.original_max_position_embeddings as f64;
+    let low_freq_wavelen = old_ctx / s.low_freq_factor;
+    let high_freq_wavelen = old_ctx / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_freq_wavelen {
+                f
+            } else if wavelen > low_freq_wavelen {
+                f / s.factor
+            } else {
+                let smooth =
+                    (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+/// A loaded Llama-family model on one device.
+#[derive(Debug)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Embedding, // [vocab, hidden]
+    layers: Vec<Layer>,
+    norm: Tensor,    // [hidden]
+    lm_head: Linear, // [vocab, hidden]
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from checkpoint weights, checking every tensor's shape
+    /// against the config. `progress(done, total)` is called per layer.
+    pub fn load(cfg: &LlamaConfig, w: &Weights, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let lin = |name: String, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(w.get(&name, &[out, inp])?, None))
+        };
+        let embed_w = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let total = cfg.num_layers + 1;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                attn_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: lin(format!("{p}.self_attn.q_proj.weight"), qd, h)?,
+                k: lin(format!("{p}.self_attn.k_proj.weight"), kvd, h)?,
+                v: lin(format!("{p}.self_attn.v_proj.weight"), kvd, h)?,
+                o: lin(format!("{p}.self_attn.o_proj.weight"), h, qd)?,
+                mlp_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate: lin(format!("{p}.mlp.gate_proj.weight"), f, h)?,
+                    up: lin(format!("{p}.mlp.up_proj.weight"), f, h)?,
+                    down: lin(format!("{p}.mlp.down_proj.weight"), h, f)?,
+                },
+            });
+            progress(i + 1, total);
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            Linear::new(embed_w.clone(), None)
+        } else {
+            lin("lm_head.weight".into(), cfg.vocab_size, h)?
+        };
+        progress(total, total);
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed: Embedding::new(embed_w, h),
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, w.dtype(), w.device())?,
+            dtype: w.dtype(),
+            device: w.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The attention geometry for building a backend; `max_seq_len` is the
+    /// longest sequence the backend must hold.
+    pub fn attn_config(&self, max_seq_len: usize) -> AttnConfig {
+        AttnConfig {
+            num_layers: self.cfg.num_layers,
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            max_seq_len,
+            dtype: self.dtype,
+        }
+    }
+
+    /// One step over a packed batch.
+    ///
+    /// `tokens: [T]` u32, the step's tokens of every sequence, in the order of
+    /// `attn.meta()`. Returns f32 logits `[rows, vocab]`: one row per sequence
+    /// (its last token) or one per token, as the metadata asks.
+    pub fn forward(&self, tokens: &Tensor, attn: &mut AttentionStep<'_>) -> Result<Tensor> {
+        let c = &self.cfg;
+        let t = tokens.dims1()?;
+        if t != attn.meta().num_tokens() {
+            return Err(ModelError::Batch(format!(
+                "{t} tokens but the step's metadata describes {}",
+                attn.meta().num_tokens()
+            )));
+        }
+        let positions = attn.meta().positions();
+        let max_pos = attn.meta().max_seq_len();
+        if max_pos > c.max_position_embeddings {
+            return Err(ModelError::ContextTooLong {
+                needed: max_pos,
+                limit: c.max_position_embeddings,
+            });
+        }
+        let cos = self.rope.cos.index_select(positions, 0)?; // [T, head_dim / 2]
+        let sin = self.rope.sin.index_select(positions, 0)?;
+        let eps = c.rms_norm_eps as f32;
+        let mut x = self.embed.forward(tokens)?; // [T, hidden]
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
+            let q = l.q.forward(&h)?.reshape((t, c.num_heads, c.head_dim))?;
+            let k = l.k.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            let v = l.v.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+            let q = self.rope.apply(&q, &cos, &sin)?;
+            let k = self.rope.apply(&k, &cos, &sin)?;
+            let a = attn.attend(i, &q, &k, &v)?; // [T, heads, head_dim]
+            x = (x + l.o.forward(&a.reshape((t, c.num_heads * c.head_dim))?)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &l.mlp_norm, eps)?;
+            x = (&x + l.mlp.forward(&h)?)?;
+        }
+        if let Some(rows) = attn.meta().logit_rows() {
+            x = x.index_select(rows, 0)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_matches_transformers_formula() {
+        let mut cfg = crate::LlamaConfig::from_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "vocab_size": 10, "rope_theta": 500000.0}"#,
+        )
+        .unwrap();
+        let plain = inverse_frequencies(&cfg);
+        cfg.rope_scaling = Some(crate::config::Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let scaled = inverse_frequencies(&cfg);
+        // High frequencies (short wavelengths) are untouched, the lowest are divided by the factor.
+        assert_eq!(scaled[0], plain[0]);
+        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-20);
+        // In between, the scaled frequency lies between f / factor and f.
+        let mid = scaled
+            .iter()
+            .zip(&plain)
+            .filter(|(s, p)| *s < *p && **s > **p / 8.0)
+            .count();
+        assert!(mid > 0);
+    }
+}

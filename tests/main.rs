@@ -1,0 +1,12 @@
+//! The workspace's integration tests: one binary, a module per topic. They
+//! run on the CPU in f32 against the tiny checkpoints of `tests/fixtures/`,
+//! made by `scripts/make_fixtures.py` with Hugging Face transformers (the
+//! reference implementation).
+
+mod common;
+
+mod bad_input;
+mod engine;
+mod hub;
+mod parity;
+mod tokenizer;
