@@ -3,6 +3,8 @@
 //! made by `scripts/make_fixtures.py` with Hugging Face transformers (the
 //! reference implementation).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 mod bad_input;

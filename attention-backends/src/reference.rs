@@ -39,7 +39,7 @@ impl ReferenceBackend {
     /// The reference runs on any device and dtype; it only needs a sane shape.
     pub fn unsupported_reasons(cfg: &AttnConfig, _device: &Device) -> Vec<String> {
         let mut reasons = Vec::new();
-        if cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+        if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             reasons.push(format!(
                 "{} query heads are not a multiple of {} key/value heads",
                 cfg.num_heads, cfg.num_kv_heads

@@ -213,10 +213,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
     let g = s.engine.generate(&prompt, a.max_tokens, sampling, &mut |id| {
-        if !json_out && let Some(piece) = stream.push(id)? {
-            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
-                write_err = Some(e);
-            }
+        if !json_out
+            && let Some(piece) = stream.push(id)?
+            && let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush())
+        {
+            write_err = Some(e);
         }
         Ok(())
     })?;

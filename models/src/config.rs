@@ -130,7 +130,10 @@ impl LlamaConfig {
             return Err(bad("attention or MLP biases are not supported".into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if raw.num_attention_heads == 0 || num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if raw.num_attention_heads == 0
+            || num_kv_heads == 0
+            || !raw.num_attention_heads.is_multiple_of(num_kv_heads)
+        {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 raw.num_attention_heads, num_kv_heads
@@ -138,7 +141,7 @@ impl LlamaConfig {
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
-            None if raw.hidden_size % raw.num_attention_heads == 0 => {
+            None if raw.hidden_size.is_multiple_of(raw.num_attention_heads) => {
                 raw.hidden_size / raw.num_attention_heads
             }
             None => {
@@ -148,7 +151,7 @@ impl LlamaConfig {
                 )));
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {head_dim} must be even for RoPE")));
         }
 

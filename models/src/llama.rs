@@ -243,7 +243,7 @@ mod tests {
 
     #[test]
     fn llama3_scaling_matches_transformers_formula() {
-        let mut cfg = crate::LlamaConfig::from_json(
+        let mut cfg = LlamaConfig::from_json(
             r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
                "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
                "vocab_size": 10, "rope_theta": 500000.0}"#,
