@@ -1,7 +1,105 @@
-//! Compiles the `.cu` sources with nvcc when the `cuda` feature is on. No
-//! source exists yet, so there is nothing to compile; the script only makes
-//! cargo rebuild when the sources change.
+//! Compiles the CUDA kernels with nvcc when the `cuda` feature is on.
+//!
+//! Each `.cu` file in [`KERNELS`] holds one kernel instantiation and becomes
+//! a fatbin with a cubin for sm_90a (H100/H200: no JIT at first use) and PTX
+//! for compute_80 (any Ampere-or-newer GPU, JIT-compiled by the driver). The
+//! fatbins are embedded in the binary through the generated `kernels.rs`.
+//!
+//! nvcc is found through `NVCC`, then `CUDA_HOME`/`CUDA_PATH` (`bin/nvcc`),
+//! then `PATH`. Without the feature nothing is compiled and no CUDA toolkit
+//! is needed (CI).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// (kernel name = file stem = `extern "C"` symbol, what it does)
+const KERNELS: &[(&str, &str)] = &[
+    (
+        "paged_write_kv_bf16",
+        "write new K or V rows into vLLM's paged layout, bf16",
+    ),
+    (
+        "paged_write_kv_f32",
+        "write new K or V rows into vLLM's paged layout, f32",
+    ),
+    (
+        "slot_write_kv_bf16",
+        "write new K or V rows into the per-slot (vAttention) layout, bf16",
+    ),
+    (
+        "slot_write_kv_f32",
+        "write new K or V rows into the per-slot (vAttention) layout, f32",
+    ),
+];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src");
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "VPOD_CUDA_ARCHS"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut table =
+        String::from("/// Kernels compiled into this build.\npub const KERNELS: &[Kernel] = &[\n");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        let nvcc = find_nvcc().unwrap_or_else(|| {
+            panic!(
+                "the `cuda` feature compiles CUDA kernels and needs nvcc: set NVCC or CUDA_HOME, or put nvcc on \
+                 PATH (on a machine without a GPU: bash ../shared/tools/setup-cuda-build.sh, see the README)"
+            )
+        });
+        for (name, doc) in KERNELS {
+            let src = Path::new("src").join(format!("{name}.cu"));
+            let fatbin = out.join(format!("{name}.fatbin"));
+            compile(&nvcc, &src, &fatbin);
+            table.push_str(&format!(
+                "    Kernel {{ name: {name:?}, doc: {doc:?}, fatbin: include_bytes!({:?}) }},\n",
+                fatbin.display().to_string()
+            ));
+        }
+    }
+    table.push_str("];\n");
+    std::fs::write(out.join("kernels.rs"), table).expect("write kernels.rs");
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = std::env::var_os(var) {
+            let p = Path::new(&home).join("bin/nvcc");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("nvcc"))
+        .find(|p| p.is_file())
+}
+
+fn compile(nvcc: &Path, src: &Path, fatbin: &Path) {
+    // sm_90a cubin (Hopper-specific instructions allowed) + compute_80 PTX for everything else.
+    let archs = std::env::var("VPOD_CUDA_ARCHS").unwrap_or_else(|_| {
+        "-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=compute_80".into()
+    });
+    let status = Command::new(nvcc)
+        .args([
+            "-fatbin",
+            "-O3",
+            "-std=c++17",
+            "--use_fast_math",
+            "-lineinfo",
+            "-Isrc",
+        ])
+        .args(archs.split_whitespace())
+        .arg("-o")
+        .arg(fatbin)
+        .arg(src)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    assert!(status.success(), "nvcc failed on {}", src.display());
 }

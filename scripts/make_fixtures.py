@@ -18,7 +18,8 @@ real models use: Llama-3-8B 4, Yi-34B 7, Yi-6B 8):
                      only (as the Yi repos ship), no tokenizer.json
 
 Each fixture directory holds the checkpoint files plus
-  reference.safetensors   logits [T, V] f32 of the prompt, input_ids [T] i64
+  reference.safetensors   logits [T, V] f32 of the prompt, input_ids [T] i64,
+                          ppl_logits [N, V] f32 and ppl_ids [N] i64 of ../ppl.txt
   reference.json          prompt, ids, greedy continuation, perplexity of ../ppl.txt
 
 Run where transformers, tokenizers and sentencepiece are installed (the GPU
@@ -190,9 +191,9 @@ def reference_outputs(model, prompt_ids, ppl_ids, eos_id):
     min_margin = float((top2[:, 0] - top2[:, 1]).min())
 
     pids = torch.tensor([ppl_ids])
-    lg = model(pids).logits[0, :-1].float()
-    nll = float(torch.nn.functional.cross_entropy(lg, pids[0, 1:], reduction="mean"))
-    return logits, gen, min_margin, nll
+    ppl_logits = model(pids).logits[0].float()
+    nll = float(torch.nn.functional.cross_entropy(ppl_logits[:-1], pids[0, 1:], reduction="mean"))
+    return logits, gen, min_margin, nll, ppl_logits
 
 
 def save_fixture(out, name, model, gen_config_eos, tokenize, decode, old_config, shard):
@@ -202,7 +203,7 @@ def save_fixture(out, name, model, gen_config_eos, tokenize, decode, old_config,
     os.makedirs(d, exist_ok=True)
     prompt_ids = [1] + tokenize(PROMPT)
     ppl_ids = [1] + tokenize(PPL_TEXT)
-    logits, gen, margin, nll = reference_outputs(model, prompt_ids, ppl_ids, gen_config_eos)
+    logits, gen, margin, nll, ppl_logits = reference_outputs(model, prompt_ids, ppl_ids, gen_config_eos)
 
     # Save a bf16 *copy*: `.to(bfloat16)` also casts the RoPE inv_freq buffer,
     # which must stay fp32 in the reference (transformers keeps it fp32 when
@@ -213,7 +214,14 @@ def save_fixture(out, name, model, gen_config_eos, tokenize, decode, old_config,
     if old_config:
         old_generation_config(os.path.join(d, "config.json"))
     save_file(
-        {"logits": logits.contiguous(), "input_ids": torch.tensor(prompt_ids, dtype=torch.int64)},
+        {
+            "logits": logits.contiguous(),
+            "input_ids": torch.tensor(prompt_ids, dtype=torch.int64),
+            # Per-position logits of the perplexity text: a larger sample for
+            # the bf16 top-1 agreement check on the GPU.
+            "ppl_logits": ppl_logits.contiguous(),
+            "ppl_ids": torch.tensor(ppl_ids, dtype=torch.int64),
+        },
         os.path.join(d, "reference.safetensors"),
     )
     ref = {

@@ -10,8 +10,13 @@ use vpod_models::{HubOptions, LoadedModel, ModelSource, fetch_model_files, load_
 
 pub const FIXTURES: &[&str] = &["tiny-llama3-gqa4", "tiny-yi-gqa7", "tiny-yi-gqa8"];
 
+/// `tests/fixtures`, or `$VPOD_FIXTURES` (the test binary runs on the GPU
+/// machine from another checkout path).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    match std::env::var_os("VPOD_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"),
+    }
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -68,7 +73,8 @@ pub fn engine(name: &str) -> Engine {
 
 /// Runs the `cli` binary with a clean Hugging Face environment.
 pub fn cli(args: &[&str], envs: &[(&str, &Path)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cli"));
+    let bin = std::env::var_os("VPOD_CLI_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_cli").into());
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .env_remove("HF_TOKEN")
         .env("HF_HUB_OFFLINE", "1")

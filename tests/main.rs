@@ -9,6 +9,8 @@ mod common;
 
 mod bad_input;
 mod engine;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod hub;
 mod parity;
 mod tokenizer;

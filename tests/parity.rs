@@ -14,7 +14,7 @@ fn prompt_ids_match_the_reference_tokenizer() {
         let e = engine(name);
         let r = reference(name);
         assert_eq!(
-            e.model.tokenizer.encode_with_bos(&r.prompt).unwrap(),
+            e.model.tokenizer().unwrap().encode_with_bos(&r.prompt).unwrap(),
             r.prompt_ids,
             "{name}"
         );
@@ -53,7 +53,7 @@ fn greedy_tokens_match_transformers() {
             .unwrap();
         assert_eq!(g.tokens, r.greedy_new_tokens, "{name}");
         assert_eq!(
-            e.model.tokenizer.decode(&g.tokens).unwrap(),
+            e.model.tokenizer().unwrap().decode(&g.tokens).unwrap(),
             r.greedy_text,
             "{name}"
         );
@@ -66,7 +66,7 @@ fn perplexity_matches_transformers() {
         let mut e = engine(name);
         let r = reference(name);
         let text = std::fs::read_to_string(fixtures_dir().join(&r.ppl_file)).unwrap();
-        let ids = e.model.tokenizer.encode_with_bos(&text).unwrap();
+        let ids = e.model.tokenizer().unwrap().encode_with_bos(&text).unwrap();
         assert_eq!(ids.len(), r.ppl_tokens, "{name}");
         // Chunked prefill through the KV cache must give the same answer.
         for chunk in [512, 64] {

@@ -39,7 +39,7 @@ fn sentencepiece_model_matches_sentencepiece() {
 fn streaming_decode_equals_full_decode() {
     for name in FIXTURES {
         let e = engine(name);
-        let tok = &e.model.tokenizer;
+        let tok = e.model.tokenizer().unwrap();
         let text = "naïve café — 東京 🙂, line one\nline two";
         let ids = tok.encode(text).unwrap();
         let mut stream = tok.stream();

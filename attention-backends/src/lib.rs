@@ -28,6 +28,7 @@
 
 mod error;
 mod meta;
+pub mod ops;
 mod reference;
 
 use candle_core::{DType, Device, Tensor};

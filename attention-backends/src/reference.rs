@@ -2,7 +2,7 @@
 //! per-sequence KV store. Slow and simple on purpose: it is the oracle that
 //! the paged, vAttention and POD backends are pinned to.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use vpod_kvcache::{KvShape, SeqKvStore};
 
 use crate::{AttentionBackend, AttnConfig, AttnError, BatchMeta, Result, SeqId};
@@ -99,7 +99,10 @@ impl AttentionBackend for ReferenceBackend {
             let qs = q.narrow(0, rows.start, s.query_len)?;
             outs.push(attend_causal(&qs, &k_all, &v_all, s.context_len, self.scale)?);
         }
-        Ok(Tensor::cat(&outs, 0)?)
+        match outs.len() {
+            1 => Ok(outs.remove(0)),
+            _ => Ok(Tensor::cat(&outs, 0)?),
+        }
     }
 
     fn release(&mut self, seq: SeqId) {
@@ -107,12 +110,14 @@ impl AttentionBackend for ReferenceBackend {
     }
 }
 
-/// Causal attention of one sequence's queries over its whole K/V, in f32.
+/// Causal attention of one sequence's queries over its whole K/V.
 ///
-/// `q: [query_len, H, D]`, `k`, `v: [seq_len, Hkv, D]` with
-/// `seq_len = context_len + query_len`; query `i` sees keys `0..=context_len + i`.
-/// Query head `h` reads key/value head `h / (H / Hkv)` (as transformers'
-/// `repeat_kv`). Returns `[query_len, H, D]` in q's dtype.
+/// `q: [query_len, H, D]`, `k`, `v: [Hkv, seq_len, D]` (heads-major, as the
+/// store keeps them) with `seq_len = context_len + query_len`; query `i` sees
+/// keys `0..=context_len + i`. Query head `h` reads key/value head
+/// `h / (H / Hkv)` (as transformers' `repeat_kv`). The matmuls run in q's
+/// dtype (f32 accumulation), the softmax's arithmetic in f32, as
+/// transformers' eager attention does. Returns `[query_len, H, D]`.
 pub fn attend_causal(
     q: &Tensor,
     k: &Tensor,
@@ -121,14 +126,26 @@ pub fn attend_causal(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let (query_len, num_heads, head_dim) = q.dims3()?;
-    let (seq_len, kv_heads, _) = k.dims3()?;
+    let (kv_heads, seq_len, _) = k.dims3()?;
     let group = num_heads / kv_heads;
-    let to_heads_major = |t: &Tensor| t.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous();
     // [Hkv, group * query_len, D]: the `group` query heads of a KV head stacked.
-    let qh = to_heads_major(q)?.reshape((kv_heads, group * query_len, head_dim))?;
-    let kh = to_heads_major(k)?; // [Hkv, seq_len, D]
-    let vh = to_heads_major(v)?; // [Hkv, seq_len, D]
-    let mut scores = (qh.matmul(&kh.t()?)? * scale)?; // [Hkv, group * query_len, seq_len]
+    // One query token (decode) needs no transpose.
+    let qh = if query_len == 1 {
+        q.reshape((kv_heads, group, head_dim))?
+    } else {
+        q.transpose(0, 1)?
+            .contiguous()?
+            .reshape((kv_heads, group * query_len, head_dim))?
+    };
+    let mut scores = (qh.matmul(&k.t()?)? * scale)?; // [Hkv, group * query_len, seq_len]
+    // candle's CUDA softmax reads bf16/f16 and computes in f32 (as transformers
+    // upcasts before its softmax); its CPU softmax computes in the input type.
+    let softmax_dtype = if q.device().is_cpu() {
+        DType::F32
+    } else {
+        scores.dtype()
+    };
+    scores = scores.to_dtype(softmax_dtype)?;
     if query_len > 1 {
         let mask: Vec<f32> = (0..query_len)
             .flat_map(|i| {
@@ -141,21 +158,21 @@ pub fn attend_causal(
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (query_len, seq_len), q.device())?;
+        let mask = Tensor::from_vec(mask, (query_len, seq_len), q.device())?.to_dtype(softmax_dtype)?;
         scores = scores
             .reshape((kv_heads, group, query_len, seq_len))?
             .broadcast_add(&mask)?
             .reshape((kv_heads, group * query_len, seq_len))?;
     }
-    let max = scores.max_keepdim(D::Minus1)?;
-    let exp = scores.broadcast_sub(&max)?.exp()?;
-    let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
-    probs
-        .matmul(&vh)? // [Hkv, group * query_len, D]
-        .reshape((num_heads, query_len, head_dim))?
-        .transpose(0, 1)?
-        .contiguous()?
-        .to_dtype(q.dtype())
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let out = probs.matmul(v)?; // [Hkv, group * query_len, D]
+    if query_len == 1 {
+        out.reshape((1, num_heads, head_dim))
+    } else {
+        out.reshape((num_heads, query_len, head_dim))?
+            .transpose(0, 1)?
+            .contiguous()
+    }
 }
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ impl Engine {
         let decode_start = Instant::now();
         let mut context_len = prompt.len();
         loop {
-            if self.model.tokenizer.is_eos(next) {
+            if self.model.is_eos(next) {
                 out.finish_reason = FinishReason::Eos;
                 break;
             }

@@ -4,8 +4,10 @@
 //! - [`engine::Engine`]: a loaded model plus one attention backend; `step`
 //!   runs one packed batch, `generate` and `score` drive it.
 //! - [`sampler::Sampler`]: greedy / temperature / top-k / top-p.
+//! - [`device`]: `--device` / `--dtype`, GPU checks.
 //! - [`Cli`] and [`run`]: `cli generate` and `cli perplexity`.
 
+pub mod device;
 pub mod engine;
 pub mod sampler;
 
@@ -14,10 +16,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use vpod_models::{HubOptions, LoadedModel, ModelSource, fetch_model_files, load_model};
+use vpod_models::{
+    HubOptions, LoadedModel, ModelSource, fetch_model_files, load_model, load_synthetic, preset, preset_names,
+};
+
+use crate::device::{check_fits, device_label, parse_device, parse_dtype, peak_rss_mib};
 
 use crate::engine::Engine;
 use crate::sampler::SamplingParams;
@@ -59,6 +65,9 @@ pub struct ModelArgs {
     /// Compute dtype: f32, bf16 or f16 (default: bf16 on GPU, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Random weights with the preset's exact shapes, made on the device (no download, no tokenizer).
+    #[arg(long)]
+    pub synthetic: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -68,8 +77,12 @@ pub struct ModelArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, required_unless_present = "prompt_len", conflicts_with = "prompt_len")]
+    pub prompt: Option<String>,
+    /// Instead of a text, a prompt of N pseudo-random token ids (seeded by --seed), BOS first.
     #[arg(long)]
-    pub prompt: String,
+    pub prompt_len: Option<usize>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
@@ -106,54 +119,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Parses `--device`; `None` picks the GPU when this build and machine have one.
-pub fn parse_device(arg: Option<&str>) -> anyhow::Result<Device> {
-    let want_cuda = |ordinal: usize| -> anyhow::Result<Device> {
-        if !cfg!(feature = "cuda") {
-            bail!(
-                "--device cuda: this binary was built without CUDA support; rebuild with the `cuda` feature \
-                 (cargo build --release --features cuda)"
-            );
-        }
-        Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
-    };
-    match arg {
-        None => Ok(
-            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                want_cuda(0)?
-            } else {
-                Device::Cpu
-            },
-        ),
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => want_cuda(0),
-        Some(s) => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => want_cuda(i),
-            _ => bail!("unknown device '{s}' (expected cpu, cuda or cuda:N)"),
-        },
-    }
-}
-
-/// Parses `--dtype`, defaulting to bf16 on GPU and f32 on CPU.
-pub fn parse_dtype(arg: Option<&str>, device: &Device) -> anyhow::Result<DType> {
-    Ok(match arg {
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-        Some("f32" | "float32") => DType::F32,
-        Some("bf16" | "bfloat16") => DType::BF16,
-        Some("f16" | "float16") => DType::F16,
-        Some(s) => bail!("unknown dtype '{s}' (expected f32, bf16 or f16)"),
-    })
-}
-
-fn device_name(d: &Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => "cuda".into(),
-        Device::Metal(_) => "metal".into(),
-    }
-}
-
 /// A loaded engine and what the JSON reports about it.
 struct Session {
     engine: Engine,
@@ -168,31 +133,77 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
     let dtype = parse_dtype(a.dtype.as_deref(), &device)?;
     // Check the backend name before any download.
     vpod_attention::backend_info(&a.backend)?;
-    let source = ModelSource::parse(&a.model, &a.revision)?;
     let start = Instant::now();
-    let files = fetch_model_files(&source, &HubOptions::from_env())?;
-    let loaded: LoadedModel = {
-        let bar = indicatif::ProgressBar::new(0).with_message(format!("loading {}", source.describe()));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        );
-        let r = load_model(files, dtype, &device, &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        });
-        bar.finish_and_clear();
-        r?
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
     };
+    let (loaded, model_name): (LoadedModel, String) = if a.synthetic {
+        let p = preset(&a.model).with_context(|| {
+            format!(
+                "--synthetic needs a preset ({}), not '{}'",
+                preset_names(),
+                a.model
+            )
+        })?;
+        let bytes = p.config().num_parameters() * dtype.size_in_bytes();
+        check_fits(
+            &device,
+            bytes,
+            &format!("synthetic {} weights in {dtype:?}", p.alias),
+        )?;
+        bar.set_message(format!("building synthetic {}", p.alias));
+        (
+            load_synthetic(p, dtype, &device, 1234, &mut progress)?,
+            format!("{} (synthetic)", p.alias),
+        )
+    } else {
+        let source = ModelSource::parse(&a.model, &a.revision)?;
+        let files = fetch_model_files(&source, &HubOptions::from_env())?;
+        let cfg = vpod_models::LlamaConfig::from_file(&files.config)?;
+        check_fits(
+            &device,
+            cfg.num_parameters() * dtype.size_in_bytes(),
+            &format!("the weights in {dtype:?}"),
+        )?;
+        bar.set_message(format!("loading {}", source.describe()));
+        (
+            load_model(files, dtype, &device, &mut progress)?,
+            source.describe(),
+        )
+    };
+    bar.finish_and_clear();
+    device.synchronize()?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let engine = Engine::new(loaded, &a.backend)?;
     Ok(Session {
         engine,
-        model_name: source.describe(),
-        device: device_name(&device),
+        model_name,
+        device: device_label(&device),
         dtype,
         load_ms,
     })
+}
+
+/// `n` pseudo-random ids in `[0, vocab)` after BOS, reproducible from `seed`.
+fn synthetic_prompt(n: usize, vocab: usize, bos: Option<u32>, seed: u64) -> Vec<u32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut ids: Vec<u32> = bos.into_iter().collect();
+    while ids.len() < n {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ids.push(((state >> 33) % vocab as u64) as u32);
+    }
+    ids.truncate(n);
+    ids
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
@@ -200,20 +211,29 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let mut s = open_session(&a.model)?;
-    let prompt = s.engine.model.tokenizer.encode_with_bos(&a.prompt)?;
+    let m = &s.engine.model;
+    let prompt = match (&a.prompt, a.prompt_len) {
+        (Some(text), _) => m.tokenizer()?.encode_with_bos(text)?,
+        (None, Some(n)) => synthetic_prompt(n, m.config.vocab_size, m.bos_id, a.seed),
+        (None, None) => bail!("give --prompt TEXT or --prompt-len N"),
+    };
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
         seed: a.seed,
     };
-    let json_out = a.model.json;
-    let tok = s.engine.model.tokenizer.clone();
-    let mut stream = tok.stream();
+    // Stream text only when there is a tokenizer and no JSON was asked for.
+    let tok = if a.model.json {
+        None
+    } else {
+        m.tokenizer().ok().cloned()
+    };
+    let mut stream = tok.as_ref().map(|t| t.stream());
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
     let g = s.engine.generate(&prompt, a.max_tokens, sampling, &mut |id| {
-        if !json_out
+        if let Some(stream) = stream.as_mut()
             && let Some(piece) = stream.push(id)?
             && let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush())
         {
@@ -224,8 +244,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
     }
-    let text = tok.decode(&g.tokens)?;
-    if json_out {
+    let text = match s.engine.model.tokenizer() {
+        Ok(t) => Some(t.decode(&g.tokens)?),
+        Err(_) => None,
+    };
+    if a.model.json {
         let out = json!({
             "model": s.model_name,
             "backend": s.engine.backend_name(),
@@ -238,12 +261,16 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             "load_ms": s.load_ms,
             "prefill_ms": g.prefill_ms,
             "decode_ms": g.decode_ms,
+            "decode_steps": g.decode_steps,
             "decode_tokens_per_s": g.decode_tokens_per_s(),
+            "peak_rss_mib": peak_rss_mib(),
         });
         writeln!(stdout, "{out}")?;
     } else {
-        if let Some(rest) = stream.finish()? {
-            write!(stdout, "{rest}")?;
+        match stream.as_ref().map(|st| st.finish()).transpose()? {
+            Some(Some(rest)) => write!(stdout, "{rest}")?,
+            Some(None) => {}
+            None => write!(stdout, "{:?}", g.tokens)?,
         }
         writeln!(stdout)?;
         eprintln!(
@@ -264,7 +291,7 @@ fn perplexity(a: PerplexityArgs) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let mut s = open_session(&a.model)?;
-    let ids = s.engine.model.tokenizer.encode_with_bos(&text)?;
+    let ids = s.engine.model.tokenizer()?.encode_with_bos(&text)?;
     let bar = indicatif::ProgressBar::new(ids.len() as u64).with_message("scoring");
     let score = s
         .engine

@@ -1,14 +1,40 @@
-//! CUDA kernel sources (`kernels/src/*.cu`), their nvcc build (`build.rs`) and
-//! the FFI declarations the attention backends' candle custom ops call.
+//! CUDA kernel sources (`kernels/src/*.cu`, one instantiation per file), their
+//! nvcc build (`build.rs`) and the kernels' calling conventions.
 //!
-//! The `reference` backend needs no kernel of ours (candle's own CUDA kernels
-//! run it), so the list of compiled kernels is still empty; the paged,
-//! vAttention and POD kernels are added here, one instantiation per `.cu`
-//! file, each listed in `build.rs`.
+//! With the `cuda` feature every kernel is compiled to a fatbin (sm_90a
+//! cubin + compute_80 PTX) and embedded here as a [`Kernel`]; the safe
+//! wrappers (candle custom ops) that load and launch them live with the
+//! attention backends. Without the feature [`KERNELS`] is empty and no CUDA
+//! toolkit is needed.
+//!
+//! Signatures (all `extern "C"`, one thread block per token):
+//!
+//! ```text
+//! paged_write_kv_{bf16,f32}(T* cache, const T* src, const int64_t* slot_mapping,
+//!                           int64_t src_stride, int kv_heads, int head_dim, int block_size, int is_value)
+//!     K cache [num_blocks, kv_heads, head_dim/x, block_size, x] (x = 16 bytes) when is_value == 0,
+//!     V cache [num_blocks, kv_heads, head_dim, block_size] otherwise; slot -1 skips a token.
+//! slot_write_kv_{bf16,f32}(T* cache, const T* src, const int64_t* rows, int64_t src_stride, int row_elems)
+//!     cache [rows, row_elems]; row = slot * max_len + position; -1 skips a token;
+//!     row_elems and src_stride in bytes must be multiples of 16.
+//! ```
 
-/// Names of the kernels compiled into this build (empty without the `cuda`
-/// feature, or before any kernel exists).
-pub const COMPILED_KERNELS: &[&str] = &[];
+/// One compiled kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel {
+    /// The `extern "C"` symbol, also the `.cu` file's stem.
+    pub name: &'static str,
+    pub doc: &'static str,
+    /// Fatbin image for `cuModuleLoadData`.
+    pub fatbin: &'static [u8],
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The compiled kernel called `name`, if this build has it.
+pub fn kernel(name: &str) -> Option<&'static Kernel> {
+    KERNELS.iter().find(|k| k.name == name)
+}
 
 /// Whether this build was made with the `cuda` feature.
 pub const CUDA_ENABLED: bool = cfg!(feature = "cuda");

@@ -27,6 +27,8 @@ pub enum KvCacheError {
         "KV cache full: sequence {seq} needs {needed} tokens but the limit is {limit} tokens per sequence"
     )]
     SequenceTooLong { seq: SeqId, needed: usize, limit: usize },
+    #[error("KV layout: {0}")]
+    Layout(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -17,9 +17,11 @@
 //! ```
 
 mod error;
+mod layout;
 mod seq_store;
 
 pub use error::{KvCacheError, Result};
+pub use layout::{BLOCK_SIZES, PagedLayout, SlotLayout};
 pub use seq_store::{KvShape, SeqKvStore};
 
 /// Identifies one sequence (request) across steps.

@@ -1,7 +1,9 @@
 //! The per-sequence KV store of the `reference` backend.
 //!
-//! Every (sequence, layer) owns one K and one V tensor laid out
-//! `[capacity, kv_heads, head_dim]`, of which the first `len` rows are valid.
+//! Every (sequence, layer) owns one K and one V tensor laid out heads-major,
+//! `[kv_heads, capacity, head_dim]`, of which the first `len` positions are
+//! valid: a view `[kv_heads, len, head_dim]` is what a batched attention
+//! matmul reads directly, with no transposing copy.
 //! Appending writes the new rows in place (`slice_set`); when the capacity is
 //! exhausted the tensor is reallocated at twice the size (capped at the
 //! per-sequence limit), so a generation of `n` tokens costs O(n) copies in
@@ -27,9 +29,9 @@ pub struct KvShape {
 
 #[derive(Debug)]
 struct LayerKv {
-    /// [capacity, kv_heads, head_dim]
+    /// [kv_heads, capacity, head_dim]
     k: Tensor,
-    /// [capacity, kv_heads, head_dim]
+    /// [kv_heads, capacity, head_dim]
     v: Tensor,
     /// Valid rows of `k` and `v`.
     len: usize,
@@ -74,13 +76,13 @@ impl SeqKvStore {
             .values()
             .flatten()
             .flatten()
-            .map(|l| 2 * l.k.dim(0).unwrap_or(0) * row)
+            .map(|l| 2 * l.k.dim(1).unwrap_or(0) * row)
             .sum()
     }
 
     /// Appends the step's new keys and values of `seq` at `layer` after its
     /// `context_len` cached tokens, and returns views of the whole sequence's
-    /// K and V, each `[context_len + query_len, kv_heads, head_dim]`.
+    /// K and V, each `[kv_heads, context_len + query_len, head_dim]`.
     ///
     /// `k`, `v`: `[query_len, kv_heads, head_dim]`. A sequence that is not yet
     /// in the store is created when `context_len == 0`.
@@ -143,15 +145,15 @@ impl SeqKvStore {
                 expected: context_len,
             });
         }
-        let capacity = slot.as_ref().map_or(0, |l| l.k.dim(0).unwrap_or(0));
+        let capacity = slot.as_ref().map_or(0, |l| l.k.dim(1).unwrap_or(0));
         if needed > capacity {
             let new_cap = needed.max(2 * capacity).max(MIN_CAPACITY).min(shape.max_seq_len);
-            let dims = (new_cap, shape.kv_heads, shape.head_dim);
+            let dims = (shape.kv_heads, new_cap, shape.head_dim);
             let nk = Tensor::zeros(dims, shape.dtype, &shape.device)?;
             let nv = Tensor::zeros(dims, shape.dtype, &shape.device)?;
             if let Some(old) = slot.as_ref().filter(|l| l.len > 0) {
-                nk.slice_set(&old.k.narrow(0, 0, old.len)?.contiguous()?, 0, 0)?;
-                nv.slice_set(&old.v.narrow(0, 0, old.len)?.contiguous()?, 0, 0)?;
+                nk.slice_set(&old.k.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+                nv.slice_set(&old.v.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
             }
             *slot = Some(LayerKv {
                 k: nk,
@@ -163,11 +165,13 @@ impl SeqKvStore {
             unreachable!("slot was filled above")
         };
         if query_len > 0 {
-            l.k.slice_set(&k.to_dtype(shape.dtype)?.contiguous()?, 0, context_len)?;
-            l.v.slice_set(&v.to_dtype(shape.dtype)?.contiguous()?, 0, context_len)?;
+            // [query_len, kv_heads, head_dim] -> [kv_heads, query_len, head_dim]; no copy for one token.
+            let heads_major = |t: &Tensor| t.to_dtype(shape.dtype)?.transpose(0, 1)?.contiguous();
+            l.k.slice_set(&heads_major(k)?, 1, context_len)?;
+            l.v.slice_set(&heads_major(v)?, 1, context_len)?;
         }
         l.len = needed;
-        Ok((l.k.narrow(0, 0, needed)?, l.v.narrow(0, 0, needed)?))
+        Ok((l.k.narrow(1, 0, needed)?, l.v.narrow(1, 0, needed)?))
     }
 
     /// Drops all KV of `seq`; returns whether it was present.
@@ -204,8 +208,8 @@ mod tests {
         // 10 + 20 crosses the initial capacity of 16: the store reallocates.
         let b = rows(20, 1000.0);
         let (k, v) = s.append(7, 0, 10, &b, &b)?;
-        assert_eq!(k.dims(), &[30, 2, 4]);
-        let expect = Tensor::cat(&[&a, &b], 0)?;
+        assert_eq!(k.dims(), &[2, 30, 4]);
+        let expect = Tensor::cat(&[&a, &b], 0)?.transpose(0, 1)?;
         let diff = (k - &expect)?.abs()?.sum_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         let diff = (v - &expect)?.abs()?.sum_all()?.to_scalar::<f32>()?;

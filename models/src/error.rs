@@ -37,6 +37,8 @@ pub enum ModelError {
     CorruptWeights { path: PathBuf, reason: String },
     #[error("cannot load tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    #[error("this model has no tokenizer (synthetic weights): give token ids, e.g. --prompt-len N")]
+    NoTokenizer,
     #[error("tokenizer: {0}")]
     Encode(String),
     #[error("Hugging Face Hub, repo {repo}: {reason}")]

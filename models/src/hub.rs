@@ -14,39 +14,8 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Repo, RepoType};
 
+use crate::presets::{PRESETS, preset_names};
 use crate::{ModelError, Result};
-
-/// A named model the CLI knows by a short alias.
-#[derive(Debug, Clone, Copy)]
-pub struct Preset {
-    pub alias: &'static str,
-    pub repo: &'static str,
-    pub note: &'static str,
-}
-
-/// The model zoo (facts in the README's model table).
-pub const PRESETS: &[Preset] = &[
-    Preset {
-        alias: "yi-6b",
-        repo: "01-ai/Yi-6B",
-        note: "32 layers, GQA 32/4",
-    },
-    Preset {
-        alias: "llama3-8b",
-        repo: "meta-llama/Meta-Llama-3-8B",
-        note: "32 layers, GQA 32/8; gated: needs HF_TOKEN",
-    },
-    Preset {
-        alias: "yi-34b",
-        repo: "01-ai/Yi-34B",
-        note: "60 layers, GQA 56/8",
-    },
-];
-
-/// Comma-separated preset aliases.
-pub fn preset_names() -> String {
-    PRESETS.iter().map(|p| p.alias).collect::<Vec<_>>().join(", ")
-}
 
 /// What `--model` named.
 #[derive(Debug, Clone, PartialEq, Eq)]

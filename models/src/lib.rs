@@ -11,6 +11,7 @@ mod config;
 mod error;
 mod hub;
 mod llama;
+mod presets;
 mod spm;
 mod tokenizer;
 mod weights;
@@ -21,21 +22,33 @@ use candle_core::{DType, Device};
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{ModelError, Result};
-pub use hub::{
-    HubOptions, ModelFiles, ModelSource, PRESETS, Preset, TokenizerFile, fetch_model_files, preset_names,
-    shard_names,
-};
+pub use hub::{HubOptions, ModelFiles, ModelSource, TokenizerFile, fetch_model_files, shard_names};
 pub use llama::Llama;
+pub use presets::{PRESETS, Preset, preset, preset_names};
 pub use tokenizer::{TextTokenizer, TokenStream};
-pub use weights::Weights;
+pub use weights::{SyntheticWeights, TensorSource, Weights};
 
-/// A model ready to run: its files, config, weights on the device, tokenizer.
+/// A model ready to run: its config, weights on the device, tokenizer and
+/// special ids. Synthetic models have no files and no tokenizer.
 #[derive(Debug)]
 pub struct LoadedModel {
-    pub files: ModelFiles,
+    pub files: Option<ModelFiles>,
     pub config: LlamaConfig,
     pub model: Llama,
-    pub tokenizer: TextTokenizer,
+    tokenizer: Option<TextTokenizer>,
+    pub bos_id: Option<u32>,
+    pub eos_ids: Vec<u32>,
+}
+
+impl LoadedModel {
+    /// The tokenizer; synthetic models have none.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().ok_or(ModelError::NoTokenizer)
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_ids.contains(&id)
+    }
 }
 
 /// Loads config, tokenizer and weights (converted to `dtype` on `device`).
@@ -55,14 +68,39 @@ pub fn load_model(
             eos = ge;
         }
     }
-    let tokenizer = TextTokenizer::load(&files.tokenizer, bos, eos)?;
+    let tokenizer = TextTokenizer::load(&files.tokenizer, bos, eos.clone())?;
     let weights = Weights::open(&files.weights, dtype, device)?;
     let model = Llama::load(&config, &weights, progress)?;
     Ok(LoadedModel {
-        files,
+        files: Some(files),
         config,
         model,
-        tokenizer,
+        tokenizer: Some(tokenizer),
+        bos_id: bos,
+        eos_ids: eos,
+    })
+}
+
+/// A preset's exact shapes with random weights made on `device` (no files,
+/// no tokenizer): for benchmarks on machines without the checkpoints.
+/// EOS is ignored so that runs generate exactly the tokens asked for.
+pub fn load_synthetic(
+    preset: &Preset,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
+    let config = preset.config();
+    let weights = SyntheticWeights::new(dtype, device, seed)?;
+    let model = Llama::load(&config, &weights, progress)?;
+    Ok(LoadedModel {
+        files: None,
+        bos_id: config.bos_token_id,
+        config,
+        model,
+        tokenizer: None,
+        eos_ids: vec![],
     })
 }
 

@@ -15,32 +15,20 @@ use candle_nn::{Embedding, Linear};
 use vpod_attention::{AttentionStep, AttnConfig};
 
 use crate::config::LlamaConfig;
-use crate::weights::Weights;
+use crate::weights::TensorSource;
 use crate::{ModelError, Result};
 
-#[derive(Debug)]
-struct Mlp {
-    gate: Linear, // [ffn, hidden]
-    up: Linear,   // [ffn, hidden]
-    down: Linear, // [hidden, ffn]
-}
-
-impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
-        Ok(self.down.forward(&gated)?)
-    }
-}
-
+/// One decoder layer. The q/k/v projections are fused into one matmul, and
+/// so are gate/up: fewer, larger GEMMs (a decode step is a chain of
+/// bandwidth-bound GEMVs whose launch count matters on the GPU).
 #[derive(Debug)]
 struct Layer {
     attn_norm: Tensor, // [hidden]
-    q: Linear,         // [heads * head_dim, hidden]
-    k: Linear,         // [kv_heads * head_dim, hidden]
-    v: Linear,         // [kv_heads * head_dim, hidden]
+    qkv: Linear,       // [(heads + 2 * kv_heads) * head_dim, hidden]
     o: Linear,         // [hidden, heads * head_dim]
     mlp_norm: Tensor,  // [hidden]
-    mlp: Mlp,
+    gate_up: Linear,   // [2 * ffn, hidden]
+    down: Linear,      // [hidden, ffn]
 }
 
 /// RoPE tables for every position, in the compute dtype.
@@ -119,39 +107,52 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Builds the model from checkpoint weights, checking every tensor's shape
-    /// against the config. `progress(done, total)` is called per layer.
-    pub fn load(cfg: &LlamaConfig, w: &Weights, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+    /// Builds the model from checkpoint (or synthetic) weights, checking
+    /// every tensor's shape against the config. `progress(done, total)` is
+    /// called per layer.
+    pub fn load(
+        cfg: &LlamaConfig,
+        w: &dyn TensorSource,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let lin = |name: String, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::new(w.get(&name, &[out, inp])?, None))
-        };
-        let embed_w = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let get = |name: String, shape: &[usize]| w.get(&name, shape);
+        let embed_w = get("model.embed_tokens.weight".into(), &[cfg.vocab_size, h])?;
         let total = cfg.num_layers + 1;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
+            let qkv = Tensor::cat(
+                &[
+                    get(format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
+                    get(format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
+                    get(format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
+                ],
+                0,
+            )?;
+            let gate_up = Tensor::cat(
+                &[
+                    get(format!("{p}.mlp.gate_proj.weight"), &[f, h])?,
+                    get(format!("{p}.mlp.up_proj.weight"), &[f, h])?,
+                ],
+                0,
+            )?;
             layers.push(Layer {
-                attn_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: lin(format!("{p}.self_attn.q_proj.weight"), qd, h)?,
-                k: lin(format!("{p}.self_attn.k_proj.weight"), kvd, h)?,
-                v: lin(format!("{p}.self_attn.v_proj.weight"), kvd, h)?,
-                o: lin(format!("{p}.self_attn.o_proj.weight"), h, qd)?,
-                mlp_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                mlp: Mlp {
-                    gate: lin(format!("{p}.mlp.gate_proj.weight"), f, h)?,
-                    up: lin(format!("{p}.mlp.up_proj.weight"), f, h)?,
-                    down: lin(format!("{p}.mlp.down_proj.weight"), h, f)?,
-                },
+                attn_norm: get(format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv: Linear::new(qkv, None),
+                o: Linear::new(get(format!("{p}.self_attn.o_proj.weight"), &[h, qd])?, None),
+                mlp_norm: get(format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up: Linear::new(gate_up, None),
+                down: Linear::new(get(format!("{p}.mlp.down_proj.weight"), &[h, f])?, None),
             });
             progress(i + 1, total);
         }
-        let norm = w.get("model.norm.weight", &[h])?;
+        let norm = get("model.norm.weight".into(), &[h])?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             Linear::new(embed_w.clone(), None)
         } else {
-            lin("lm_head.weight".into(), cfg.vocab_size, h)?
+            Linear::new(get("lm_head.weight".into(), &[cfg.vocab_size, h])?, None)
         };
         progress(total, total);
         Ok(Self {
@@ -216,18 +217,28 @@ impl Llama {
         let cos = self.rope.cos.index_select(positions, 0)?; // [T, head_dim / 2]
         let sin = self.rope.sin.index_select(positions, 0)?;
         let eps = c.rms_norm_eps as f32;
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut x = self.embed.forward(tokens)?; // [T, hidden]
         for (i, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let q = l.q.forward(&h)?.reshape((t, c.num_heads, c.head_dim))?;
-            let k = l.k.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            let v = l.v.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            let q = self.rope.apply(&q, &cos, &sin)?;
-            let k = self.rope.apply(&k, &cos, &sin)?;
+            let qkv = l.qkv.forward(&h)?; // [T, (heads + 2 * kv_heads) * head_dim]
+            // RoPE on q and k together, one kernel; q, k, v stay views (no copy for one token).
+            let qk = qkv
+                .narrow(1, 0, qd + kvd)?
+                .reshape((t, c.num_heads + c.num_kv_heads, c.head_dim))?;
+            let qk = self.rope.apply(&qk, &cos, &sin)?;
+            let q = qk.narrow(1, 0, c.num_heads)?;
+            let k = qk.narrow(1, c.num_heads, c.num_kv_heads)?;
+            let v = qkv
+                .narrow(1, qd + kvd, kvd)?
+                .reshape((t, c.num_kv_heads, c.head_dim))?;
             let a = attn.attend(i, &q, &k, &v)?; // [T, heads, head_dim]
-            x = (x + l.o.forward(&a.reshape((t, c.num_heads * c.head_dim))?)?)?;
+            x = (x + l.o.forward(&a.reshape((t, qd))?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &l.mlp_norm, eps)?;
-            x = (&x + l.mlp.forward(&h)?)?;
+            let gate_up = l.gate_up.forward(&h)?; // [T, 2 * ffn]
+            let f = c.intermediate_size;
+            let gated = (gate_up.narrow(1, 0, f)?.silu()? * gate_up.narrow(1, f, f)?)?;
+            x = (&x + l.down.forward(&gated)?)?;
         }
         if let Some(rows) = attn.meta().logit_rows() {
             x = x.index_select(rows, 0)?;

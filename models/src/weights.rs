@@ -71,20 +71,39 @@ impl Weights {
         })
     }
 
-    pub fn dtype(&self) -> DType {
+    fn location(&self) -> String {
+        match self.files.as_slice() {
+            [(p, _)] => p.display().to_string(),
+            files => format!("{} shards in {}", files.len(), parent(&files[0].0)),
+        }
+    }
+}
+
+/// Where the model's tensors come from: a checkpoint ([`Weights`]) or random
+/// values of the right shapes ([`SyntheticWeights`]).
+pub trait TensorSource {
+    /// Tensor `name` with exactly `shape`, in [`Self::dtype`] on [`Self::device`].
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+    fn dtype(&self) -> DType;
+    fn device(&self) -> &Device;
+}
+
+impl TensorSource for Weights {
+    fn dtype(&self) -> DType {
         self.dtype
     }
 
-    pub fn device(&self) -> &Device {
+    fn device(&self) -> &Device {
         &self.device
     }
 
-    pub fn contains(&self, name: &str) -> bool {
+    fn contains(&self, name: &str) -> bool {
         self.route.contains_key(name)
     }
 
     /// Loads `name`, checks it has `shape`, converts it to the compute dtype.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some(&i) = self.route.get(name) else {
             return Err(ModelError::MissingTensor {
                 name: name.into(),
@@ -104,12 +123,49 @@ impl Weights {
         let t = st.load(name, &self.device).map_err(|e| corrupt(path, e))?;
         Ok(t.to_dtype(self.dtype)?)
     }
+}
 
-    fn location(&self) -> String {
-        match self.files.as_slice() {
-            [(p, _)] => p.display().to_string(),
-            files => format!("{} shards in {}", files.len(), parent(&files[0].0)),
-        }
+/// Random weights with a checkpoint's exact names and shapes, made directly
+/// on the device: full-size benchmarks with no download. Matrices are
+/// N(0, 0.02) (transformers' initializer), norm weights are 1.
+#[derive(Debug)]
+pub struct SyntheticWeights {
+    dtype: DType,
+    device: Device,
+}
+
+impl SyntheticWeights {
+    /// Seeds the device's generator so that a run is reproducible.
+    pub fn new(dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        device.set_seed(seed)?;
+        Ok(Self {
+            dtype,
+            device: device.clone(),
+        })
+    }
+}
+
+impl TensorSource for SyntheticWeights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, self.dtype, &self.device)?
+        } else {
+            // Generated in f32 (every backend supports it) and converted.
+            Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?
+        };
+        Ok(t)
+    }
+
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
     }
 }
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds, on this machine (no GPU needed), everything the GPU machine runs:
+# the `cli` binary and the integration-test binary with `--features cuda`,
+# stripped and packed into gpu-bundle/bundle.tar.xz (git-ignored, well under
+# the 64 MiB a device call carries). Then, on the GPU machine:
+#   bash scripts/gpu-run.sh          (see that script)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /opt/cuda-pypi/cuda/bin/nvcc ]; then
+        # shellcheck source=scripts/cuda-build-env.sh
+        source scripts/cuda-build-env.sh
+    else
+        echo "no nvcc: install a CUDA toolkit, or on a GPU-less box run ../shared/tools/setup-cuda-build.sh" >&2
+        exit 1
+    fi
+fi
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+
+cargo build --release -p vpod-cli --features cuda
+test_exe=$(cargo test --release -p vpod-cli --features cuda --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
+        print(m["executable"])')
+[ -n "$test_exe" ] || { echo "integration test binary not found" >&2; exit 1; }
+
+stage=$(mktemp -d)
+cp target/release/cli "$stage/cli"
+cp "$test_exe" "$stage/integration"
+strip "$stage/cli" "$stage/integration"
+rm -rf gpu-bundle && mkdir -p gpu-bundle
+tar -C "$stage" -cJf gpu-bundle/bundle.tar.xz cli integration
+{ git rev-parse HEAD 2>/dev/null || true; date -u +%FT%TZ; ls -l "$stage"; } > gpu-bundle/manifest.txt
+rm -rf "$stage"
+du -h gpu-bundle/bundle.tar.xz

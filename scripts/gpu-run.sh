@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repo root, after scripts/gpu-build.sh made
+# gpu-bundle/ here (carry it: it is git-ignored):
+#   GPU tests (kernels vs CPU twins, bf16 parity), compute-sanitizer memcheck
+#   and racecheck on the kernel tests, a generate smoke run, the Llama-3-8B
+#   synthetic decode benchmark, and (unless --quick) the full-size synthetic
+#   sharded checkpoint through the real loader. Logs and JSON go to $OUT
+#   (default /tmp/vpod-gpu); a summary table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0; [ "${1:-}" = "--quick" ] && QUICK=1
+OUT=${OUT:-/tmp/vpod-gpu}; mkdir -p "$OUT"
+B=/tmp/vpod-bundle; rm -rf "$B"; mkdir -p "$B"
+tar -C "$B" -xJf gpu-bundle/bundle.tar.xz || { echo "no gpu-bundle/bundle.tar.xz: run scripts/gpu-build.sh first" >&2; exit 1; }
+# shellcheck source=scripts/cuda-libs.sh
+source scripts/cuda-libs.sh
+export HF_HUB_OFFLINE=1 VPOD_FIXTURES=$PWD/tests/fixtures VPOD_CLI_BIN=$B/cli
+declare -A RC
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
+echo "GPU: $gpu" | tee "$OUT/gpu.txt"
+
+step() { # name, command...
+    local name=$1; shift
+    echo "== $name"
+    "$@" > "$OUT/$name.log" 2>&1
+    RC[$name]=$?
+    tail -n 5 "$OUT/$name.log"
+}
+
+step gpu-tests "$B/integration" gpu:: --test-threads=1 --nocapture
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::paged gpu::slot --test-threads=1
+step racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::paged gpu::slot --test-threads=1
+step smoke "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --prompt "Alice was beginning to" --max-tokens 24 --json
+
+# Decode benchmark at batch 1: warm-up process first (cuBLAS, allocator, disk cache).
+"$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 64 --max-tokens 8 --json > /dev/null 2>&1
+step bench-decode "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 1024 --max-tokens 128 --json
+grep '^{' "$OUT/bench-decode.log" > "$OUT/bench-decode.json" || true
+
+# Bad input on the GPU: weights that cannot fit must be refused up front, with the numbers.
+# (Yi-34B in f32 is 128 GiB: more than an H100 holds, less than an H200.)
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ "${mem_mib:-0}" -lt 130000 ]; then
+    "$B/cli" generate --model yi-34b --synthetic --device cuda --dtype f32 --prompt-len 8 --max-tokens 1 > "$OUT/oom.log" 2>&1
+    RC[oom-refused]=$([ $? -ne 0 ] && grep -q "GiB free" "$OUT/oom.log" && echo 0 || echo 1)
+    cat "$OUT/oom.log"
+fi
+
+# Where a decode step's time goes: kernel times of the last decode step (Nsight Compute).
+if [ $QUICK = 0 ] && command -v ncu >/dev/null; then
+    step_ms=$(python3 -c 'import json,sys; print(1e3 / json.load(open(sys.argv[1]))["decode_tokens_per_s"])' "$OUT/bench-decode.json")
+    timeout 400 ncu --csv --metrics gpu__time_duration.sum --print-units base --clock-control none --cache-control none \
+        "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 1024 --max-tokens 2 --json \
+        > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+    step breakdown python3 scripts/decode_breakdown.py "$OUT/ncu.csv" --step-ms "$step_ms"
+    cat "$OUT/breakdown.log"
+fi
+
+if [ $QUICK = 0 ]; then
+    step synth-ckpt python3 scripts/make_synthetic_checkpoint.py --preset llama3-8b --cache /tmp/vpod-hf/hub
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    step load-full env HF_HUB_CACHE=/tmp/vpod-hf/hub "$B/cli" generate --model llama3-8b --device cuda --prompt-len 32 --max-tokens 16 --json
+    grep '^{' "$OUT/load-full.log" > "$OUT/load-full.json" || true
+fi
+
+python3 - "$OUT" "$gpu" <<'PY'
+import json, os, sys
+out, gpu = sys.argv[1], sys.argv[2]
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except Exception:
+        return None
+rows = []
+b = load("bench-decode.json")
+if b:
+    floor_ms = 16.06e9 / 3.0e12 * 1e3  # weights / measured copy bandwidth (DESIGN.md)
+    step_ms = 1e3 / b["decode_tokens_per_s"]
+    rows.append(("llama3-8b synthetic decode, batch 1, ctx 1024-1152",
+                 f'{b["decode_tokens_per_s"]:.1f} tok/s = {step_ms:.2f} ms/token; floor {floor_ms:.2f} ms '
+                 f'({1e3 / floor_ms:.0f} tok/s): {floor_ms / step_ms * 100:.0f} % of the floor; '
+                 f'prefill 1024 tokens {b["prefill_ms"]:.1f} ms'))
+l = load("load-full.json")
+if l:
+    rows.append(("llama3-8b 16 GB sharded checkpoint load (HF cache, offline)",
+                 f'{l["load_ms"] / 1e3:.1f} s, peak host RSS {l["peak_rss_mib"]:.0f} MiB'))
+summary = {"gpu": gpu, "bench_decode": b, "load_full": l}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+print("\n| check | result |\n|---|---|")
+for k, v in rows:
+    print(f"| {k} | {v} |")
+PY
+echo
+printf '| step | exit |\n|---|---|\n'
+fail=0
+for k in "${!RC[@]}"; do printf '| %s | %s |\n' "$k" "${RC[$k]}"; [ "${RC[$k]}" = 0 ] || fail=1; done
+grep -h "GPU-PARITY" "$OUT/gpu-tests.log" || true
+grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" || true
+exit $fail
