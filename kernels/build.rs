@@ -30,6 +30,10 @@ const KERNELS: &[(&str, &str)] = &[
         "slot_write_kv_f32",
         "write new K or V rows into the per-slot (vAttention) layout, f32",
     ),
+    (
+        "gemv_bf16",
+        "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues",
+    ),
 ];
 
 fn main() {
@@ -39,6 +43,18 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // Every .cu file must be listed, so that none is silently left out of the build.
+    for entry in std::fs::read_dir("src").expect("kernels/src") {
+        let path = entry.expect("kernels/src entry").path();
+        if path.extension().is_some_and(|e| e == "cu") {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            assert!(
+                KERNELS.iter().any(|(n, _)| *n == stem),
+                "{} is not listed in kernels/build.rs",
+                path.display()
+            );
+        }
+    }
     let mut table =
         String::from("/// Kernels compiled into this build.\npub const KERNELS: &[Kernel] = &[\n");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {

@@ -27,6 +27,7 @@
 //! per-sequence KV store; the oracle every other backend is tested against).
 
 mod error;
+pub mod linear;
 mod meta;
 pub mod ops;
 mod reference;

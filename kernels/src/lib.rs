@@ -17,6 +17,9 @@
 //! slot_write_kv_{bf16,f32}(T* cache, const T* src, const int64_t* rows, int64_t src_stride, int row_elems)
 //!     cache [rows, row_elems]; row = slot * max_len + position; -1 skips a token;
 //!     row_elems and src_stride in bytes must be multiples of 16.
+//! gemv_bf16(const bf16* w, const bf16* x, const bf16* residual, bf16* y, int M, int N, int K, int epi)
+//!     y [M, N] = x [M, K] . w [N, K]^T, M <= 8, K % 8 == 0; epi 1 adds residual [M, N];
+//!     epi 2: w = [gate; up] with 2N rows, y = silu(x gate^T) * (x up^T).
 //! ```
 
 /// One compiled kernel.

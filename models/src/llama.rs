@@ -11,7 +11,8 @@
 //! [`BatchMeta`]: vpod_attention::BatchMeta
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
+use vpod_attention::linear::{linear, linear_add, linear_swiglu};
 use vpod_attention::{AttentionStep, AttnConfig};
 
 use crate::config::LlamaConfig;
@@ -20,15 +21,17 @@ use crate::{ModelError, Result};
 
 /// One decoder layer. The q/k/v projections are fused into one matmul, and
 /// so are gate/up: fewer, larger GEMMs (a decode step is a chain of
-/// bandwidth-bound GEMVs whose launch count matters on the GPU).
+/// bandwidth-bound GEMVs whose launch count matters on the GPU); the residual
+/// adds and the SiLU gate ride in the projections' epilogues
+/// (`vpod_attention::linear`).
 #[derive(Debug)]
 struct Layer {
     attn_norm: Tensor, // [hidden]
-    qkv: Linear,       // [(heads + 2 * kv_heads) * head_dim, hidden]
-    o: Linear,         // [hidden, heads * head_dim]
+    qkv: Tensor,       // [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: Tensor,         // [hidden, heads * head_dim]
     mlp_norm: Tensor,  // [hidden]
-    gate_up: Linear,   // [2 * ffn, hidden]
-    down: Linear,      // [hidden, ffn]
+    gate_up: Tensor,   // [2 * ffn, hidden]
+    down: Tensor,      // [hidden, ffn]
 }
 
 /// RoPE tables for every position, in the compute dtype.
@@ -100,7 +103,7 @@ pub struct Llama {
     embed: Embedding, // [vocab, hidden]
     layers: Vec<Layer>,
     norm: Tensor,    // [hidden]
-    lm_head: Linear, // [vocab, hidden]
+    lm_head: Tensor, // [vocab, hidden]
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -140,19 +143,19 @@ impl Llama {
             )?;
             layers.push(Layer {
                 attn_norm: get(format!("{p}.input_layernorm.weight"), &[h])?,
-                qkv: Linear::new(qkv, None),
-                o: Linear::new(get(format!("{p}.self_attn.o_proj.weight"), &[h, qd])?, None),
+                qkv,
+                o: get(format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
                 mlp_norm: get(format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: Linear::new(gate_up, None),
-                down: Linear::new(get(format!("{p}.mlp.down_proj.weight"), &[h, f])?, None),
+                gate_up,
+                down: get(format!("{p}.mlp.down_proj.weight"), &[h, f])?,
             });
             progress(i + 1, total);
         }
         let norm = get("model.norm.weight".into(), &[h])?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
-            Linear::new(embed_w.clone(), None)
+            embed_w.clone()
         } else {
-            Linear::new(get("lm_head.weight".into(), &[cfg.vocab_size, h])?, None)
+            get("lm_head.weight".into(), &[cfg.vocab_size, h])?
         };
         progress(total, total);
         Ok(Self {
@@ -221,7 +224,7 @@ impl Llama {
         let mut x = self.embed.forward(tokens)?; // [T, hidden]
         for (i, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let qkv = l.qkv.forward(&h)?; // [T, (heads + 2 * kv_heads) * head_dim]
+            let qkv = linear(&h, &l.qkv)?; // [T, (heads + 2 * kv_heads) * head_dim]
             // RoPE on q and k together, one kernel; q, k, v stay views (no copy for one token).
             let qk = qkv
                 .narrow(1, 0, qd + kvd)?
@@ -233,18 +236,16 @@ impl Llama {
                 .narrow(1, qd + kvd, kvd)?
                 .reshape((t, c.num_kv_heads, c.head_dim))?;
             let a = attn.attend(i, &q, &k, &v)?; // [T, heads, head_dim]
-            x = (x + l.o.forward(&a.reshape((t, qd))?)?)?;
+            x = linear_add(&a.reshape((t, qd))?, &l.o, &x)?;
             let h = candle_nn::ops::rms_norm(&x, &l.mlp_norm, eps)?;
-            let gate_up = l.gate_up.forward(&h)?; // [T, 2 * ffn]
-            let f = c.intermediate_size;
-            let gated = (gate_up.narrow(1, 0, f)?.silu()? * gate_up.narrow(1, f, f)?)?;
-            x = (&x + l.down.forward(&gated)?)?;
+            let gated = linear_swiglu(&h, &l.gate_up)?; // [T, ffn]
+            x = linear_add(&gated, &l.down, &x)?;
         }
         if let Some(rows) = attn.meta().logit_rows() {
             x = x.index_select(rows, 0)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(linear(&x, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 }
 

@@ -1,24 +1,43 @@
 //! Memory-mapped safetensors, single-file or sharded, read tensor by tensor
 //! into the compute dtype.
 //!
-//! Each tensor is converted as it is requested and the mapping is only read,
-//! so loading holds one copy of the weights in the compute dtype plus at most
-//! one tensor in flight in the file's dtype (the "+25 %" budget: the largest
-//! tensor of a Llama-3-8B is its 1 GB embedding, 6 % of the model).
+//! Each tensor is converted as it is requested, and once it has been copied
+//! out, the pages of the mapping that held it are released
+//! (`MADV_DONTNEED`), so loading holds one copy of the weights in the compute
+//! dtype (on the GPU, none on the host) plus at most one tensor in flight:
+//! the process's resident memory stays far below the checkpoint's size.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
 
 use crate::{ModelError, Result};
 
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Offset of the data section (after the 8-byte length and the JSON header).
+    data_start: usize,
+}
+
+/// Where one tensor's bytes are.
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte range within the file's data section.
+    range: (usize, usize),
+}
+
 /// Lazily loaded weights of one checkpoint.
 pub struct Weights {
-    files: Vec<(PathBuf, MmapedSafetensors)>,
-    /// tensor name -> index into `files`
-    route: HashMap<String, usize>,
+    files: Vec<MappedFile>,
+    route: HashMap<String, Entry>,
     dtype: DType,
     device: Device,
 }
@@ -26,7 +45,7 @@ pub struct Weights {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Weights")
-            .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
+            .field("files", &self.files.iter().map(|m| &m.path).collect::<Vec<_>>())
             .field("tensors", &self.route.len())
             .field("dtype", &self.dtype)
             .finish()
@@ -34,8 +53,9 @@ impl std::fmt::Debug for Weights {
 }
 
 impl Weights {
-    /// Maps every file and reads its header; a truncated or corrupt file is
-    /// reported here, by path, before any tensor is loaded.
+    /// Maps every file and validates its header against its length; a
+    /// truncated or corrupt file is reported here, by path, before any
+    /// tensor is loaded.
     pub fn open(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut route = HashMap::new();
@@ -55,13 +75,27 @@ impl Weights {
                     hint: String::new(),
                 });
             }
+            let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
             // SAFETY: the file is mapped read-only; like every mmap-based
             // loader we rely on it not being truncated while we run.
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| corrupt(e.to_string()))?;
-            for (name, _) in st.tensors() {
-                route.insert(name, i);
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+            // deserialize() checks that the header's offsets cover the file exactly.
+            SafeTensors::deserialize(&mmap).map_err(|e| corrupt(e.to_string()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| corrupt(e.to_string()))?;
+            for (name, info) in meta.tensors() {
+                let entry = Entry {
+                    file: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    range: info.data_offsets,
+                };
+                route.insert(name, entry);
             }
-            files.push((path.clone(), st));
+            files.push(MappedFile {
+                path: path.clone(),
+                mmap,
+                data_start: 8 + header_len,
+            });
         }
         Ok(Self {
             files,
@@ -73,8 +107,8 @@ impl Weights {
 
     fn location(&self) -> String {
         match self.files.as_slice() {
-            [(p, _)] => p.display().to_string(),
-            files => format!("{} shards in {}", files.len(), parent(&files[0].0)),
+            [f] => f.path.display().to_string(),
+            files => format!("{} shards in {}", files.len(), parent(&files[0].path)),
         }
     }
 }
@@ -102,26 +136,47 @@ impl TensorSource for Weights {
         self.route.contains_key(name)
     }
 
-    /// Loads `name`, checks it has `shape`, converts it to the compute dtype.
+    /// Loads `name`, checks it has `shape`, converts it to the compute dtype,
+    /// and lets the kernel drop the mapped pages it came from.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let Some(&i) = self.route.get(name) else {
+        let Some(e) = self.route.get(name) else {
             return Err(ModelError::MissingTensor {
                 name: name.into(),
                 location: self.location(),
             });
         };
-        let (path, st) = &self.files[i];
-        let view = st.get(name).map_err(|e| corrupt(path, e))?;
-        if view.shape() != shape {
+        let f = &self.files[e.file];
+        if e.shape != shape {
             return Err(ModelError::WrongShape {
                 name: name.into(),
                 expected: shape.to_vec(),
-                found: view.shape().to_vec(),
-                file: path.clone(),
+                found: e.shape.clone(),
+                file: f.path.clone(),
             });
         }
-        let t = st.load(name, &self.device).map_err(|e| corrupt(path, e))?;
-        Ok(t.to_dtype(self.dtype)?)
+        let (start, end) = (f.data_start + e.range.0, f.data_start + e.range.1);
+        let view = TensorView::new(e.dtype, e.shape.clone(), &f.mmap[start..end])
+            .map_err(|err| corrupt(&f.path, err))?;
+        let t = view
+            .load(&self.device)
+            .map_err(|err| corrupt(&f.path, err))?
+            .to_dtype(self.dtype)?;
+        release_pages(&f.mmap, start, end);
+        Ok(t)
+    }
+}
+
+/// Drops the resident pages of `mmap[start..end]` (whole pages only).
+fn release_pages(mmap: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let first = start.div_ceil(PAGE) * PAGE;
+    let last = end / PAGE * PAGE;
+    if last > first {
+        // SAFETY: the mapping is a read-only view of a file; MADV_DONTNEED
+        // only evicts pages, which are read from the file again if touched,
+        // so every byte keeps its value. No borrow of these bytes is alive
+        // (the tensor above owns a copy).
+        let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, first, last - first) };
     }
 }
 

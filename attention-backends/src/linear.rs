@@ -1,0 +1,297 @@
+//! The model's projections: `x [T, K] · w [N, K]^T`, with the epilogues a
+//! decoder layer needs fused in (residual add; SiLU-gated product).
+//!
+//! On a CUDA device in bf16 with at most [`GEMV_MAX_ROWS`] rows (decode
+//! steps) they run our `gemv_bf16` kernel, which streams each weight row
+//! once at close to the memory bandwidth and fuses the epilogue; otherwise
+//! (CPU, prefill, other dtypes) candle's matmul and element-wise ops compute
+//! the same thing. Both paths round where transformers' bf16 modules round
+//! (the product, then the activation, then the product of the two), so the
+//! choice is invisible to the model.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use half::bf16;
+
+use crate::Result;
+
+/// Most rows (tokens) the GEMV kernel takes at once.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `x · w^T`: `x [T, K]`, `w [N, K]` -> `[T, N]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if use_gemv(x, w) {
+        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::None))?);
+    }
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// `residual + x · w^T`: `residual [T, N]`.
+pub fn linear_add(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    if use_gemv(x, w) && residual.dtype() == DType::BF16 {
+        let r = residual.contiguous()?;
+        return Ok(x
+            .contiguous()?
+            .apply_op3_no_bwd(w, &r, &Gemv(Epilogue::Residual))?);
+    }
+    Ok((residual + x.matmul(&w.t()?)?)?)
+}
+
+/// `silu(x · gate^T) * (x · up^T)` with `w = [gate; up]` (`[2F, K]`) -> `[T, F]`.
+pub fn linear_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if use_gemv(x, w) {
+        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu))?);
+    }
+    let f = w.dim(0)? / 2;
+    let gu = x.matmul(&w.t()?)?;
+    Ok((gu.narrow(1, 0, f)?.silu()? * gu.narrow(1, f, f)?)?)
+}
+
+fn use_gemv(x: &Tensor, w: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && w.is_contiguous()
+        && matches!(x.dims(), [t, k] if *t <= GEMV_MAX_ROWS && k.is_multiple_of(8) && w.dim(1).ok() == Some(*k))
+}
+
+/// Runs the GEMV op itself on any device: on the CPU this is the kernel's
+/// twin (tests compare the two). `residual` selects the residual epilogue,
+/// `swiglu` the gated one.
+pub fn gemv(x: &Tensor, w: &Tensor, residual: Option<&Tensor>, swiglu: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    Ok(match (residual, swiglu) {
+        (Some(r), _) => x.apply_op3_no_bwd(w, &r.contiguous()?, &Gemv(Epilogue::Residual))?,
+        (None, true) => x.apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu))?,
+        (None, false) => x.apply_op2_no_bwd(w, &Gemv(Epilogue::None))?,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Epilogue {
+    None = 0,
+    Residual = 1,
+    SwiGlu = 2,
+}
+
+struct Gemv(Epilogue);
+
+/// (rows M, weight rows N, K, output columns)
+fn dims(l_x: &Layout, l_w: &Layout, epi: Epilogue) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (m, k) = l_x.shape().dims2()?;
+    let (n, k2) = l_w.shape().dims2()?;
+    if k != k2 || !k.is_multiple_of(8) || m > GEMV_MAX_ROWS || m == 0 {
+        candle_core::bail!("gemv: x [{m}, {k}] and w [{n}, {k2}] do not fit (K % 8 == 0, 1 <= M <= 8)");
+    }
+    if !l_x.is_contiguous() || !l_w.is_contiguous() {
+        candle_core::bail!("gemv: x and w must be contiguous");
+    }
+    if epi == Epilogue::SwiGlu && !n.is_multiple_of(2) {
+        candle_core::bail!("gemv: the gated epilogue needs an even number of weight rows");
+    }
+    let out = if epi == Epilogue::SwiGlu { n / 2 } else { n };
+    Ok((m, n, k, out))
+}
+
+fn round(v: f32) -> f32 {
+    bf16::from_f32(v).to_f32()
+}
+
+/// The kernel's arithmetic on the host (f32 accumulation, bf16 roundings).
+fn cpu_gemv(
+    x: &[bf16],
+    w: &[bf16],
+    residual: Option<&[bf16]>,
+    m: usize,
+    k: usize,
+    out: usize,
+    epi: Epilogue,
+) -> Vec<bf16> {
+    let dot = |row: usize, mi: usize| -> f32 {
+        let (wr, xr) = (&w[row * k..(row + 1) * k], &x[mi * k..(mi + 1) * k]);
+        wr.iter().zip(xr).map(|(a, b)| a.to_f32() * b.to_f32()).sum()
+    };
+    let mut y = Vec::with_capacity(m * out);
+    for mi in 0..m {
+        for n in 0..out {
+            let v = match epi {
+                Epilogue::None => dot(n, mi),
+                Epilogue::Residual => round(dot(n, mi)) + residual.map_or(0.0, |r| r[mi * out + n].to_f32()),
+                Epilogue::SwiGlu => {
+                    let (g, u) = (round(dot(n, mi)), round(dot(n + out, mi)));
+                    round(g / (1.0 + (-g).exp())) * u
+                }
+            };
+            y.push(bf16::from_f32(v));
+        }
+    }
+    y
+}
+
+fn bf16_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [bf16]> {
+    match s {
+        CpuStorage::BF16(v) => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("gemv: bf16 only"),
+    }
+}
+
+impl CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "gemv-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, _, k, out) = dims(lx, lw, self.0)?;
+        let y = cpu_gemv(bf16_slice(sx, lx)?, bf16_slice(sw, lw)?, None, m, k, out, self.0);
+        Ok((CpuStorage::BF16(y), Shape::from((m, out))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gemv(self.0 as i32, sx, lx, sw, lw, None)
+    }
+}
+
+impl CustomOp3 for Gemv {
+    fn name(&self) -> &'static str {
+        "gemv-bf16-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sr: &CpuStorage,
+        lr: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, _, k, out) = dims(lx, lw, self.0)?;
+        if lr.shape().dims() != [m, out] {
+            candle_core::bail!("gemv: residual {:?} is not [{m}, {out}]", lr.shape());
+        }
+        let y = cpu_gemv(
+            bf16_slice(sx, lx)?,
+            bf16_slice(sw, lw)?,
+            Some(bf16_slice(sr, lr)?),
+            m,
+            k,
+            out,
+            self.0,
+        );
+        Ok((CpuStorage::BF16(y), Shape::from((m, out))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sr: &candle_core::CudaStorage,
+        lr: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gemv(self.0 as i32, sx, lx, sw, lw, Some((sr, lr)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, Layout, Shape};
+    use half::bf16;
+
+    use super::{Epilogue, dims};
+
+    pub fn gemv(
+        epi: i32,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+        residual: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let e = match epi {
+            1 => Epilogue::Residual,
+            2 => Epilogue::SwiGlu,
+            _ => Epilogue::None,
+        };
+        let (m, _, k, out) = dims(lx, lw, e)?;
+        let dev = sx.device.clone();
+        let x = sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..);
+        let w = sw.as_cuda_slice::<bf16>()?.slice(lw.start_offset()..);
+        let r = match residual {
+            Some((sr, lr)) => {
+                if lr.shape().dims() != [m, out] || !lr.is_contiguous() {
+                    candle_core::bail!("gemv: residual {:?} is not a contiguous [{m}, {out}]", lr.shape());
+                }
+                sr.as_cuda_slice::<bf16>()?.slice(lr.start_offset()..)
+            }
+            // Not read without the residual epilogue; any valid pointer will do.
+            None => sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..),
+        };
+        // SAFETY: every element of y is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
+        let f = crate::ops::cuda::function(&dev, "gemv_bf16")?;
+        let (mi, ni, ki) = (m as i32, out as i32, k as i32);
+        const THREADS: u32 = 128; // 4 warps, one output column each
+        let cfg = LaunchConfig {
+            grid_dim: ((out as u32).div_ceil(THREADS / 32), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&w)
+            .arg(&x)
+            .arg(&r)
+            .arg(&mut y)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&epi);
+        // SAFETY: dims() checked M <= 8, K % 8 == 0 (16-byte rows), contiguity
+        // and the weight's row count; y holds m * out elements.
+        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(e.to_string().into()))?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The CPU twin agrees with candle's ops (bf16 roundings apart).
+    #[test]
+    fn twin_matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &dev)?.to_dtype(DType::BF16)?;
+        let w = Tensor::randn(0f32, 0.1, (10, 64), &dev)?.to_dtype(DType::BF16)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 10), &dev)?.to_dtype(DType::BF16)?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?;
+            Ok(d.to_scalar::<f32>()?)
+        };
+        assert!(close(&gemv(&x, &w, None, false)?, &linear(&x, &w)?)? < 2e-2);
+        assert!(close(&gemv(&x, &w, Some(&r), false)?, &linear_add(&x, &w, &r)?)? < 3e-2);
+        assert!(close(&gemv(&x, &w, None, true)?, &linear_swiglu(&x, &w)?)? < 2e-2);
+        assert!(gemv(&x.narrow(1, 0, 60)?, &w.narrow(1, 0, 60)?, None, false).is_err());
+        Ok(())
+    }
+}
