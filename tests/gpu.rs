@@ -120,6 +120,23 @@ fn slot_write_matches_cpu_twin() {
     }
 }
 
+/// Uniform values in [-scale, scale) from a fixed LCG (reproducible inputs), as bf16.
+fn pseudo_random(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15);
+    let data: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+}
+
 /// The decode GEMV kernel (all three epilogues) against its CPU twin, on
 /// shapes with M = 1..8, K that is and is not a multiple of the unrolled
 /// stride, and odd N.
@@ -128,18 +145,9 @@ fn gemv_matches_cpu_twin() {
     use vpod_attention::linear::gemv;
     let (dev, cpu) = (gpu(), Device::Cpu);
     for (m, n, k) in [(1, 6144, 4096), (3, 37, 200), (8, 130, 14336), (2, 64, 8)] {
-        let x = Tensor::randn(0f32, 1.0, (m, k), &cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let w = Tensor::randn(0f32, 0.05, (2 * n, k), &cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let r = Tensor::randn(0f32, 1.0, (m, 2 * n), &cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = pseudo_random((m, k), 1.0, 1);
+        let w = pseudo_random((2 * n, k), 0.05, 2);
+        let r = pseudo_random((m, 2 * n), 1.0, 3);
         for (res, swiglu) in [(None, false), (Some(&r), false), (None, true)] {
             let res = if swiglu { None } else { res };
             let want = gemv(&x, &w, res, swiglu).unwrap();
@@ -166,16 +174,20 @@ fn gemv_matches_cpu_twin() {
                     .to_vec1::<f32>()
                     .unwrap(),
             );
-            // Summation order differs: allow about two bf16 ulps.
-            let bad = a
+            // Summation order differs, so a bf16 rounding of the product (and
+            // one of the sum) may land an ulp or two apart: allow a few ulps of
+            // the operands' scale. An indexing error would be off by O(1).
+            let bad: Vec<(usize, f32, f32)> = a
                 .iter()
                 .zip(&b)
-                .filter(|(x, y)| (*x - *y).abs() > 0.008 * y.abs().max(1.0))
-                .count();
-            assert_eq!(
-                bad,
-                0,
-                "m {m} n {n} k {k} residual {} swiglu {swiglu}",
+                .enumerate()
+                .filter(|(_, (x, y))| (*x - *y).abs() > 0.04 * y.abs().max(1.0))
+                .map(|(i, (x, y))| (i, *x, *y))
+                .take(5)
+                .collect();
+            assert!(
+                bad.is_empty(),
+                "m {m} n {n} k {k} residual {} swiglu {swiglu}: (index, gpu, cpu) {bad:?}",
                 res.is_some()
             );
         }
