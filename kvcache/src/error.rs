@@ -27,6 +27,16 @@ pub enum KvCacheError {
         "KV cache full: sequence {seq} needs {needed} tokens but the limit is {limit} tokens per sequence"
     )]
     SequenceTooLong { seq: SeqId, needed: usize, limit: usize },
+    #[error(
+        "KV cache out of memory: sequence {seq} needs {needed_tokens} more tokens, {free_tokens} are free"
+    )]
+    OutOfMemory {
+        seq: SeqId,
+        needed_tokens: usize,
+        free_tokens: usize,
+    },
+    #[error("no free slot for sequence {seq}: all {max_seqs} are taken")]
+    OutOfSlots { seq: SeqId, max_seqs: usize },
     #[error("KV layout: {0}")]
     Layout(String),
     #[error(transparent)]

@@ -4,9 +4,11 @@
 //! accounted; it knows no attention math. Its principal type today is
 //! [`SeqKvStore`], the simple per-sequence store behind the `reference`
 //! backend: one growable contiguous K and V tensor per (sequence, layer).
-//! The paged block pool (vLLM style) and the vAttention virtual cache join it
-//! behind the scheduler-facing verbs `can_admit / admit / can_grow / grow /
-//! release`.
+//! [`PagedCache`] is vLLM's block pool with per-sequence block tables, and
+//! [`VirtualCache`] the vAttention cache (virtually contiguous slots, pages
+//! committed on demand; this is its CPU twin over `mmap`). Both serve the
+//! scheduler through [`KvManager`]: `can_admit / admit / can_grow / grow /
+//! release` and a free-capacity count.
 //!
 //! Index vocabulary shared with `vpod-attention`:
 //!
@@ -18,11 +20,20 @@
 
 mod error;
 mod layout;
+mod manager;
+mod paged;
 mod seq_store;
+mod virt;
+
+#[cfg(test)]
+mod props;
 
 pub use error::{KvCacheError, Result};
 pub use layout::{BLOCK_SIZES, PagedLayout, SlotLayout};
+pub use manager::KvManager;
+pub use paged::{BlockPool, PagedCache};
 pub use seq_store::{KvShape, SeqKvStore};
+pub use virt::{DEFAULT_PAGE_SIZE, Kv, VirtualCache, VirtualConfig};
 
 /// Identifies one sequence (request) across steps.
 pub type SeqId = u64;

@@ -1,0 +1,553 @@
+//! The virtual (vAttention) KV cache, CPU twin: each sequence owns a *slot*
+//! of a virtually contiguous region, and physical memory is committed page
+//! by page as the sequence grows. Kernels address K/V by (slot, position)
+//! with plain strides: no block tables.
+//!
+//! ```text
+//! per layer, K and V each:  [max_seqs, max_len, kv_heads, head_dim]   (reserved, PROT_NONE)
+//! slot r owns bytes [r * S, (r + 1) * S),  S = round_up(max_len * kv_heads * head_dim * elem, page)
+//! megacache: one K and one V region for all layers, [max_seqs, max_len, layers, kv_heads, head_dim]
+//! ```
+//!
+//! Growing a slot by one *page group* commits the next page of every region
+//! (K and V of every layer; 2 regions with the megacache), so the pool is
+//! counted in page groups. Releasing a sequence keeps its pages mapped
+//! (deferred reclamation); the next admission takes the best-fit idle slot,
+//! and pages are taken away from idle slots only when the pool runs dry.
+//! The free capacity counts pages parked on idle slots as free.
+//!
+//! Here the address space is reserved with `mmap(PROT_NONE)` and pages are
+//! committed with `mprotect(PROT_READ | PROT_WRITE)` and decommitted with
+//! `madvise(MADV_DONTNEED)` + `mprotect(PROT_NONE)`: the page accounting is
+//! real (touching an uncommitted page faults). The CUDA twin does the same
+//! with `cuMemAddressReserve` / `cuMemMap` / `cuMemUnmap` behind this type.
+
+use std::collections::HashMap;
+
+use crate::manager::KvManager;
+use crate::{KvCacheError, Result, SeqId};
+
+/// Geometry and budget of a virtual cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtualConfig {
+    pub num_layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Bytes per element (2 for bf16, 4 for f32).
+    pub elem_bytes: usize,
+    pub max_seqs: usize,
+    pub max_len: usize,
+    /// Physical page size in bytes (default 2 MiB, the CUDA VMM granularity).
+    pub page_size: usize,
+    /// Physical memory for KV, in bytes.
+    pub budget_bytes: usize,
+    /// All layers of a token in one region (finer granularity per page).
+    pub megacache: bool,
+}
+
+pub const DEFAULT_PAGE_SIZE: usize = 2 << 20;
+
+/// Reserved address space whose pages are committed on demand.
+#[derive(Debug)]
+struct Region {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory owned by this value; access goes through
+// &self / &mut self of the cache.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn reserve(len: usize) -> Result<Self> {
+        // SAFETY: an anonymous private mapping with no access; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(KvCacheError::Layout(format!(
+                "cannot reserve {len} bytes of address space: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Self { base: p.cast(), len })
+    }
+
+    fn commit(&self, offset: usize, len: usize) -> Result<()> {
+        debug_assert!(offset + len <= self.len);
+        // SAFETY: [offset, offset + len) lies inside our mapping (checked by the caller).
+        let r = unsafe {
+            libc::mprotect(
+                self.base.add(offset).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if r != 0 {
+            return Err(KvCacheError::Layout(format!(
+                "mprotect: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    fn decommit(&self, offset: usize, len: usize) -> Result<()> {
+        debug_assert!(offset + len <= self.len);
+        // SAFETY: as above; after MADV_DONTNEED the pages read as zero when
+        // committed again, and PROT_NONE makes stray accesses fault.
+        let r = unsafe {
+            let p = self.base.add(offset).cast();
+            libc::madvise(p, len, libc::MADV_DONTNEED) | libc::mprotect(p, len, libc::PROT_NONE)
+        };
+        if r != 0 {
+            return Err(KvCacheError::Layout(format!(
+                "madvise/mprotect: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; nothing borrows it past the cache's lifetime.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    owner: Option<SeqId>,
+    /// Page groups committed to this slot (from its start).
+    pages: usize,
+}
+
+/// K or V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kv {
+    K,
+    V,
+}
+
+/// The virtual KV cache (CPU twin).
+#[derive(Debug)]
+pub struct VirtualCache {
+    cfg: VirtualConfig,
+    /// Non-megacache: [layer0 K, layer0 V, layer1 K, ...]; megacache: [K, V].
+    regions: Vec<Region>,
+    /// Bytes of one slot in one region (a whole number of pages).
+    slot_stride: usize,
+    /// Bytes of one token's row in one region.
+    token_bytes: usize,
+    tokens_per_page: usize,
+    slots: Vec<Slot>,
+    seq_slot: HashMap<SeqId, usize>,
+    /// Page groups in the pool, not committed to any slot.
+    free_pages: usize,
+    total_pages: usize,
+    /// Page groups committed / decommitted so far (for reports).
+    pub mapped_total: usize,
+    pub unmapped_total: usize,
+}
+
+impl VirtualCache {
+    pub fn new(cfg: VirtualConfig) -> Result<Self> {
+        let bad = |m: String| Err(KvCacheError::Layout(m));
+        let os_page = 4096;
+        if cfg.page_size == 0 || !cfg.page_size.is_multiple_of(os_page) {
+            return bad(format!(
+                "page size {} is not a multiple of {os_page} bytes",
+                cfg.page_size
+            ));
+        }
+        let row = cfg.kv_heads * cfg.head_dim * cfg.elem_bytes;
+        let token_bytes = if cfg.megacache { cfg.num_layers * row } else { row };
+        if token_bytes == 0 || !cfg.page_size.is_multiple_of(token_bytes) {
+            return bad(format!(
+                "a {} byte page does not hold a whole number of {token_bytes} byte token rows",
+                cfg.page_size
+            ));
+        }
+        let tokens_per_page = cfg.page_size / token_bytes;
+        let slot_stride = (cfg.max_len * token_bytes).div_ceil(cfg.page_size) * cfg.page_size;
+        let num_regions = if cfg.megacache { 2 } else { 2 * cfg.num_layers };
+        let total_pages = cfg.budget_bytes / (cfg.page_size * num_regions);
+        if total_pages == 0 {
+            return bad(format!(
+                "a KV budget of {} bytes holds no page group ({} regions x {} byte pages)",
+                cfg.budget_bytes, num_regions, cfg.page_size
+            ));
+        }
+        let regions = (0..num_regions)
+            .map(|_| Region::reserve(cfg.max_seqs * slot_stride))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg,
+            regions,
+            slot_stride,
+            token_bytes,
+            tokens_per_page,
+            slots: vec![Slot::default(); cfg.max_seqs],
+            seq_slot: HashMap::new(),
+            free_pages: total_pages,
+            total_pages,
+            mapped_total: 0,
+            unmapped_total: 0,
+        })
+    }
+
+    pub fn config(&self) -> &VirtualConfig {
+        &self.cfg
+    }
+
+    pub fn tokens_per_page(&self) -> usize {
+        self.tokens_per_page
+    }
+
+    pub fn slot_of(&self, seq: SeqId) -> Option<usize> {
+        self.seq_slot.get(&seq).copied()
+    }
+
+    /// Page groups committed to slots, idle ones included.
+    pub fn mapped_pages(&self) -> usize {
+        self.slots.iter().map(|s| s.pages).sum()
+    }
+
+    fn pages_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.tokens_per_page)
+    }
+
+    fn idle_pages(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.owner.is_none())
+            .map(|s| s.pages)
+            .sum()
+    }
+
+    fn region(&self, layer: usize, kv: Kv) -> &Region {
+        let i = if self.cfg.megacache { 0 } else { 2 * layer };
+        &self.regions[i + usize::from(kv == Kv::V)]
+    }
+
+    /// Byte offset of (layer, slot, position) within its region.
+    fn offset(&self, layer: usize, slot: usize, position: usize) -> usize {
+        let row = self.cfg.kv_heads * self.cfg.head_dim * self.cfg.elem_bytes;
+        let within = if self.cfg.megacache {
+            position * self.token_bytes + layer * row
+        } else {
+            position * row
+        };
+        slot * self.slot_stride + within
+    }
+
+    /// Commits page groups `[from, to)` of `slot` in every region.
+    fn map(&mut self, slot: usize, from: usize, to: usize) -> Result<()> {
+        let (off, len) = (
+            slot * self.slot_stride + from * self.cfg.page_size,
+            (to - from) * self.cfg.page_size,
+        );
+        for r in &self.regions {
+            r.commit(off, len)?;
+        }
+        self.mapped_total += to - from;
+        Ok(())
+    }
+
+    /// Takes `n` page groups back from idle slots (the fullest first), so
+    /// that the pool can serve them.
+    fn reclaim(&mut self, mut n: usize) -> Result<()> {
+        while n > 0 {
+            let Some(i) = (0..self.slots.len())
+                .filter(|&i| self.slots[i].owner.is_none() && self.slots[i].pages > 0)
+                .max_by_key(|&i| self.slots[i].pages)
+            else {
+                break;
+            };
+            let take = n.min(self.slots[i].pages);
+            let keep = self.slots[i].pages - take;
+            let (off, len) = (
+                i * self.slot_stride + keep * self.cfg.page_size,
+                take * self.cfg.page_size,
+            );
+            for r in &self.regions {
+                r.decommit(off, len)?;
+            }
+            self.slots[i].pages = keep;
+            self.free_pages += take;
+            self.unmapped_total += take;
+            n -= take;
+        }
+        Ok(())
+    }
+
+    /// The pool plus the pages committed to slots make up the budget; each
+    /// slot holds at most a full sequence; owners are unique. Panics
+    /// otherwise (tests).
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
+        assert_eq!(
+            self.free_pages + self.mapped_pages(),
+            self.total_pages,
+            "page accounting"
+        );
+        let max_pages = self.pages_for(self.cfg.max_len);
+        let mut owners = std::collections::HashSet::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            assert!(s.pages <= max_pages, "slot {i} over-mapped");
+            if let Some(o) = s.owner {
+                assert!(owners.insert(o), "sequence {o} owns two slots");
+                assert_eq!(self.seq_slot.get(&o), Some(&i));
+            }
+        }
+        assert_eq!(owners.len(), self.seq_slot.len());
+    }
+
+    /// Bytes of one token row of (layer, K or V) in `slot` at `position`,
+    /// if that memory is committed.
+    pub fn row(&self, layer: usize, kv: Kv, slot: usize, position: usize) -> Result<&[u8]> {
+        let (off, len) = self.checked(layer, slot, position)?;
+        // SAFETY: checked() verified that the row lies in committed pages of this region.
+        Ok(unsafe { std::slice::from_raw_parts(self.region(layer, kv).base.add(off), len) })
+    }
+
+    /// Mutable bytes of one token row (the CPU twin of the K/V write).
+    pub fn row_mut(&mut self, layer: usize, kv: Kv, slot: usize, position: usize) -> Result<&mut [u8]> {
+        let (off, len) = self.checked(layer, slot, position)?;
+        // SAFETY: as in row(); &mut self guarantees no other borrow of the region.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.region(layer, kv).base.add(off), len) })
+    }
+
+    fn checked(&self, layer: usize, slot: usize, position: usize) -> Result<(usize, usize)> {
+        let row = self.cfg.kv_heads * self.cfg.head_dim * self.cfg.elem_bytes;
+        let s = self
+            .slots
+            .get(slot)
+            .ok_or_else(|| KvCacheError::Layout(format!("no slot {slot}")))?;
+        if layer >= self.cfg.num_layers {
+            return Err(KvCacheError::LayerOutOfRange {
+                layer,
+                num_layers: self.cfg.num_layers,
+            });
+        }
+        if position >= (s.pages * self.tokens_per_page).min(self.cfg.max_len) {
+            return Err(KvCacheError::Layout(format!(
+                "position {position} of slot {slot} is not mapped ({} tokens are)",
+                s.pages * self.tokens_per_page
+            )));
+        }
+        Ok((self.offset(layer, slot, position), row))
+    }
+}
+
+impl KvManager for VirtualCache {
+    fn free_tokens(&self) -> usize {
+        (self.free_pages + self.idle_pages()) * self.tokens_per_page
+    }
+
+    fn total_tokens(&self) -> usize {
+        self.total_pages * self.tokens_per_page
+    }
+
+    fn max_seq_len(&self) -> usize {
+        self.cfg.max_len
+    }
+
+    fn can_admit(&self, tokens: usize, reserve_tokens: usize) -> bool {
+        tokens <= self.cfg.max_len
+            && self.slots.iter().any(|s| s.owner.is_none())
+            && self.pages_for(tokens) + self.pages_for(reserve_tokens) <= self.free_pages + self.idle_pages()
+    }
+
+    fn admit(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        if self.seq_slot.contains_key(&seq) {
+            return Err(KvCacheError::Layout(format!(
+                "sequence {seq} is already in the cache"
+            )));
+        }
+        if tokens > self.cfg.max_len {
+            return Err(KvCacheError::SequenceTooLong {
+                seq,
+                needed: tokens,
+                limit: self.cfg.max_len,
+            });
+        }
+        let need = self.pages_for(tokens);
+        let idle = (0..self.slots.len()).filter(|&i| self.slots[i].owner.is_none());
+        // Best fit: the idle slot already holding enough pages with the fewest
+        // to spare; else the one holding the most (least new mapping).
+        let best = idle
+            .clone()
+            .filter(|&i| self.slots[i].pages >= need)
+            .min_by_key(|&i| self.slots[i].pages)
+            .or_else(|| idle.max_by_key(|&i| self.slots[i].pages));
+        let Some(slot) = best else {
+            return Err(KvCacheError::OutOfSlots {
+                seq,
+                max_seqs: self.cfg.max_seqs,
+            });
+        };
+        self.slots[slot].owner = Some(seq);
+        self.seq_slot.insert(seq, slot);
+        if let Err(e) = self.grow(seq, tokens) {
+            self.release(seq);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn can_grow(&self, seq: SeqId, new_len: usize) -> bool {
+        let Some(&slot) = self.seq_slot.get(&seq) else {
+            return false;
+        };
+        new_len <= self.cfg.max_len
+            && self.pages_for(new_len).saturating_sub(self.slots[slot].pages)
+                <= self.free_pages + self.idle_pages()
+    }
+
+    fn grow(&mut self, seq: SeqId, new_len: usize) -> Result<()> {
+        let slot = *self
+            .seq_slot
+            .get(&seq)
+            .ok_or(KvCacheError::UnknownSequence { seq })?;
+        if new_len > self.cfg.max_len {
+            return Err(KvCacheError::SequenceTooLong {
+                seq,
+                needed: new_len,
+                limit: self.cfg.max_len,
+            });
+        }
+        let have = self.slots[slot].pages;
+        let missing = self.pages_for(new_len).saturating_sub(have);
+        if missing == 0 {
+            return Ok(());
+        }
+        if missing > self.free_pages + self.idle_pages() {
+            return Err(KvCacheError::OutOfMemory {
+                seq,
+                needed_tokens: missing * self.tokens_per_page,
+                free_tokens: self.free_tokens(),
+            });
+        }
+        if missing > self.free_pages {
+            self.reclaim(missing - self.free_pages)?;
+        }
+        self.map(slot, have, have + missing)?;
+        self.free_pages -= missing;
+        self.slots[slot].pages += missing;
+        Ok(())
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        if let Some(slot) = self.seq_slot.remove(&seq) {
+            // Deferred reclamation: the pages stay mapped for the next tenant.
+            self.slots[slot].owner = None;
+        }
+    }
+
+    fn capacity(&self, seq: SeqId) -> Option<usize> {
+        let slot = *self.seq_slot.get(&seq)?;
+        Some((self.slots[slot].pages * self.tokens_per_page).min(self.cfg.max_len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(megacache: bool, budget_groups: usize) -> VirtualConfig {
+        // 2 layers, 1 head of 64 f32 = 256 B rows; 4 KiB pages hold 16 tokens
+        // (8 with the megacache, whose token rows hold both layers).
+        let regions = if megacache { 2 } else { 4 };
+        VirtualConfig {
+            num_layers: 2,
+            kv_heads: 1,
+            head_dim: 64,
+            elem_bytes: 4,
+            max_seqs: 3,
+            max_len: 64,
+            page_size: 4096,
+            budget_bytes: budget_groups * regions * 4096,
+            megacache,
+        }
+    }
+
+    #[test]
+    fn grows_page_by_page_and_rows_are_real_memory() {
+        let mut c = VirtualCache::new(cfg(false, 6)).unwrap();
+        assert_eq!(c.tokens_per_page(), 16);
+        assert_eq!(c.total_tokens(), 96);
+        c.admit(1, 20).unwrap(); // 2 page groups
+        assert_eq!(c.capacity(1), Some(32));
+        let slot = c.slot_of(1).unwrap();
+        c.row_mut(1, Kv::V, slot, 31).unwrap().fill(7);
+        assert!(c.row(1, Kv::V, slot, 31).unwrap().iter().all(|&b| b == 7));
+        assert!(c.row(1, Kv::V, slot, 32).is_err(), "position 32 is not mapped");
+        c.grow(1, 33).unwrap();
+        assert_eq!(c.free_tokens(), 3 * 16);
+        assert!(!c.can_grow(1, 65));
+    }
+
+    #[test]
+    fn deferred_reclamation_and_best_fit() {
+        let mut c = VirtualCache::new(cfg(false, 6)).unwrap();
+        c.admit(1, 48).unwrap(); // 3 groups
+        c.admit(2, 48).unwrap(); // 3 groups: the pool is empty
+        c.release(1);
+        assert_eq!(c.mapped_pages(), 6, "a released slot keeps its pages");
+        assert_eq!(c.free_tokens(), 48, "idle pages count as free");
+        c.grow(2, 64).unwrap(); // one more group, taken back from the idle slot
+        assert_eq!((c.mapped_total, c.unmapped_total), (7, 1));
+        // A 2-group request takes the idle slot that still holds 2 groups: no mapping.
+        c.admit(3, 32).unwrap();
+        assert_eq!(c.mapped_total, 7);
+        assert_eq!(c.free_tokens(), 0);
+        assert!(matches!(c.admit(4, 1), Err(KvCacheError::OutOfMemory { .. })));
+        assert!(!c.can_admit(1, 0));
+        c.release(2);
+        c.release(3);
+        assert_eq!(c.free_tokens(), c.total_tokens());
+    }
+
+    #[test]
+    fn reclaimed_pages_come_back_zeroed() {
+        let mut small = cfg(true, 2);
+        small.max_seqs = 2;
+        let mut c = VirtualCache::new(small).unwrap();
+        assert_eq!(c.tokens_per_page(), 8); // 2 layers x 256 B per token in one region
+        c.admit(1, 16).unwrap(); // slot 0, both groups
+        c.admit(2, 0).unwrap(); // slot 1, nothing mapped
+        let s0 = c.slot_of(1).unwrap();
+        c.row_mut(1, Kv::K, s0, 15).unwrap().fill(9);
+        c.release(1);
+        c.grow(2, 16).unwrap(); // takes both groups back from slot 0
+        c.release(2);
+        c.admit(3, 0).unwrap(); // best fit for 0 pages: slot 0
+        assert_eq!(c.slot_of(3), Some(s0));
+        c.grow(3, 16).unwrap(); // slot 0 is mapped again, from the pool via slot 1
+        assert!(
+            c.row(1, Kv::K, s0, 15).unwrap().iter().all(|&b| b == 0),
+            "decommitted memory is gone"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_geometry() {
+        let mut bad = cfg(false, 1);
+        bad.page_size = 1000;
+        assert!(VirtualCache::new(bad).is_err());
+        let mut tiny = cfg(false, 1);
+        tiny.budget_bytes = 4096;
+        assert!(VirtualCache::new(tiny).is_err());
+    }
+}
