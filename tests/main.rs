@@ -8,6 +8,7 @@
 mod common;
 
 mod bad_input;
+mod conformance;
 mod engine;
 #[cfg(feature = "cuda")]
 mod gpu;

@@ -23,21 +23,30 @@
 //!  query token i sits at position context_len + i and attends to keys 0..=context_len + i
 //! ```
 //!
-//! Backends today: `reference` (plain candle ops, any device and dtype, a
-//! per-sequence KV store; the oracle every other backend is tested against).
+//! Backends: `reference` (plain candle ops, any device and dtype, a
+//! per-sequence KV store: the oracle every other backend is tested
+//! against), `paged` (vLLM's block tables; `paged:N` picks the block size),
+//! `vattention` (contiguous per-slot K/V in a virtual cache) and `pod` (the
+//! same cache, a hybrid batch in one call). The last three run as CPU twins
+//! of their kernels until the CUDA milestones add the kernels.
 
 mod error;
+pub mod flash;
 pub mod linear;
 mod meta;
 pub mod ops;
+mod paged;
 mod reference;
+mod vattention;
 
 use candle_core::{DType, Device, Tensor};
 
 pub use error::{AttnError, Result};
 pub use meta::{BatchMeta, LogitsAt, SeqChunk};
+pub use paged::PagedBackend;
 pub use reference::ReferenceBackend;
-pub use vpod_kvcache::SeqId;
+pub use vattention::{VirtualBackend, decode_splits};
+pub use vpod_kvcache::{KvManager, SeqId};
 
 /// The attention geometry of a model, as the backends and caches need it.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +93,51 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
 
     /// Frees the KV of a finished (or preempted) sequence.
     fn release(&mut self, seq: SeqId);
+
+    /// The cache's admission interface, for a scheduler; `None` for a
+    /// backend whose store grows without a budget (`reference`).
+    fn kv_manager(&mut self) -> Option<&mut dyn KvManager> {
+        None
+    }
+}
+
+/// Knobs of the cache-owning backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendOptions {
+    /// Tokens per block of the paged cache.
+    pub block_size: usize,
+    /// Physical page of the virtual cache, in bytes.
+    pub page_size: usize,
+    /// KV memory; `None`: enough for `max_seqs` sequences of `max_seq_len`.
+    pub kv_memory: Option<usize>,
+    /// Sequences the virtual cache has slots for.
+    pub max_seqs: usize,
+    /// The virtual cache's all-layers-in-one-region layout.
+    pub megacache: bool,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            page_size: vpod_kvcache::DEFAULT_PAGE_SIZE,
+            kv_memory: None,
+            max_seqs: 8,
+            megacache: false,
+        }
+    }
+}
+
+impl BackendOptions {
+    /// The KV budget in bytes for this model.
+    pub fn kv_budget_bytes(&self, cfg: &AttnConfig) -> usize {
+        self.kv_memory.unwrap_or_else(|| {
+            let per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cfg.dtype.size_in_bytes();
+            // Whole pages per region, so that the virtual cache's page groups fit too.
+            let pages = (self.max_seqs * cfg.max_seq_len * per_token).div_ceil(self.page_size);
+            (pages + 2 * cfg.num_layers) * self.page_size
+        })
+    }
 }
 
 /// What one model forward pass needs to call attention: the backend (with
@@ -120,25 +174,60 @@ pub struct BackendInfo {
     pub name: &'static str,
     pub description: &'static str,
     /// Reasons it cannot run this model on this device; empty when it can.
-    pub check: fn(&AttnConfig, &Device) -> Vec<String>,
-    build: fn(&AttnConfig, &Device) -> Result<Box<dyn AttentionBackend>>,
+    pub check: fn(&AttnConfig, &Device, &BackendOptions) -> Vec<String>,
+    build: fn(&AttnConfig, &Device, &BackendOptions) -> Result<Box<dyn AttentionBackend>>,
 }
 
 /// Every backend, in the order `--backend` help lists them.
-pub const BACKENDS: &[BackendInfo] = &[BackendInfo {
-    name: "reference",
-    description: "plain candle ops over a per-sequence KV store; any device, any dtype (the correctness oracle)",
-    check: ReferenceBackend::unsupported_reasons,
-    build: |cfg, dev| Ok(Box::new(ReferenceBackend::new(cfg.clone(), dev.clone())?)),
-}];
+pub const BACKENDS: &[BackendInfo] = &[
+    BackendInfo {
+        name: "reference",
+        description: "plain candle ops over a per-sequence KV store; any device, any dtype (the correctness oracle)",
+        check: |c, d, _| ReferenceBackend::unsupported_reasons(c, d),
+        build: |cfg, dev, _| Ok(Box::new(ReferenceBackend::new(cfg.clone(), dev.clone())?)),
+    },
+    BackendInfo {
+        name: "paged",
+        description: "vLLM v0.2.7 PagedAttention over block tables (paged:16 .. paged:128 pick the block size)",
+        check: PagedBackend::unsupported_reasons,
+        build: |cfg, dev, o| Ok(Box::new(PagedBackend::new(cfg.clone(), dev, o)?)),
+    },
+    BackendInfo {
+        name: "vattention",
+        description: "FlashAttention-style kernels over the contiguous per-slot K/V of the virtual (vAttention) cache",
+        check: VirtualBackend::unsupported_reasons,
+        build: |cfg, dev, o| Ok(Box::new(VirtualBackend::new("vattention", cfg.clone(), dev, o)?)),
+    },
+    BackendInfo {
+        name: "pod",
+        description: "POD-Attention: a hybrid batch's prefill chunks and decodes in one call, over the virtual cache",
+        check: VirtualBackend::unsupported_reasons,
+        build: |cfg, dev, o| Ok(Box::new(VirtualBackend::new("pod", cfg.clone(), dev, o)?)),
+    },
+];
 
-/// Looks a backend up by name.
-pub fn backend_info(name: &str) -> Result<&'static BackendInfo> {
+/// Splits `name[:block_size]` (e.g. `paged:128`).
+fn parse_name(spec: &str) -> Result<(&str, Option<usize>)> {
+    match spec.split_once(':') {
+        None => Ok((spec, None)),
+        Some((name, n)) => match n.parse::<usize>() {
+            Ok(n) if name == "paged" => Ok((name, Some(n))),
+            _ => Err(AttnError::UnknownBackend {
+                name: spec.to_string(),
+                known: backend_names(),
+            }),
+        },
+    }
+}
+
+/// Looks a backend up by name (`paged:N` included).
+pub fn backend_info(spec: &str) -> Result<&'static BackendInfo> {
+    let (name, _) = parse_name(spec)?;
     BACKENDS
         .iter()
         .find(|b| b.name == name)
         .ok_or_else(|| AttnError::UnknownBackend {
-            name: name.to_string(),
+            name: spec.to_string(),
             known: backend_names(),
         })
 }
@@ -148,15 +237,25 @@ pub fn backend_names() -> String {
     BACKENDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
 }
 
-/// Builds the backend `name` for this model and device, or says why it cannot run.
-pub fn create_backend(name: &str, cfg: &AttnConfig, device: &Device) -> Result<Box<dyn AttentionBackend>> {
-    let info = backend_info(name)?;
-    let reasons = (info.check)(cfg, device);
+/// Builds backend `spec` (`name` or `paged:N`) for this model and device, or
+/// says why it cannot run.
+pub fn create_backend(
+    spec: &str,
+    cfg: &AttnConfig,
+    device: &Device,
+    opts: &BackendOptions,
+) -> Result<Box<dyn AttentionBackend>> {
+    let info = backend_info(spec)?;
+    let mut opts = opts.clone();
+    if let (_, Some(bs)) = parse_name(spec)? {
+        opts.block_size = bs;
+    }
+    let reasons = (info.check)(cfg, device, &opts);
     if !reasons.is_empty() {
         return Err(AttnError::Unsupported {
             backend: info.name,
             reasons: reasons.join("; "),
         });
     }
-    (info.build)(cfg, device)
+    (info.build)(cfg, device, &opts)
 }

@@ -314,10 +314,14 @@ mod tests {
         let k = Tensor::zeros((2, 2, 8), DType::F32, &dev).unwrap();
         let err = b.forward(0, &q, &k, &k, &meta).unwrap_err();
         assert!(err.to_string().contains("q has shape [2, 3, 8]"), "{err}");
-        let err = crate::create_backend("flashy", &cfg(), &dev).unwrap_err();
-        assert!(err.to_string().contains("known: reference"), "{err}");
+        let err = crate::create_backend("flashy", &cfg(), &dev, &Default::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("known: reference, paged, vattention, pod"),
+            "{err}"
+        );
         let mut bad = cfg();
         bad.num_kv_heads = 3;
-        assert!(crate::create_backend("reference", &bad, &dev).is_err());
+        assert!(crate::create_backend("reference", &bad, &dev, &Default::default()).is_err());
     }
 }

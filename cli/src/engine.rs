@@ -8,7 +8,9 @@
 use std::time::Instant;
 
 use candle_core::{D, DType, Tensor};
-use vpod_attention::{AttentionBackend, AttentionStep, BatchMeta, LogitsAt, SeqChunk, SeqId, create_backend};
+use vpod_attention::{
+    AttentionBackend, AttentionStep, BackendOptions, BatchMeta, LogitsAt, SeqChunk, SeqId, create_backend,
+};
 use vpod_models::LoadedModel;
 
 use crate::sampler::{Sampler, SamplingParams};
@@ -101,7 +103,7 @@ impl Engine {
     pub fn new(model: LoadedModel, backend: &str) -> Result<Self> {
         let max_seq_len = model.config.max_position_embeddings;
         let cfg = model.model.attn_config(max_seq_len);
-        let backend = create_backend(backend, &cfg, model.model.device())?;
+        let backend = create_backend(backend, &cfg, model.model.device(), &BackendOptions::default())?;
         Ok(Self {
             model,
             backend,

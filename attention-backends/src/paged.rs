@@ -1,0 +1,291 @@
+//! The `paged` backend (vLLM v0.2.7's PagedAttention, the baseline): K/V in
+//! fixed-size blocks reached through per-sequence block tables.
+//!
+//! Its CPU twin reads keys block by block through the table (one tile per
+//! block) and, for contexts past 512 tokens, in partitions of 512 merged at
+//! the end, as vLLM's v2 kernel and its reduce kernel do. The CUDA kernels
+//! come with the PagedAttention milestone; until then the backend says that
+//! it cannot run on a GPU.
+
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
+use vpod_kvcache::{KvManager, PagedCache, PagedLayout};
+
+use crate::flash::{Elem, KvRows, Tiling, attend};
+use crate::ops::{KvLayout, write_kv};
+use crate::{AttentionBackend, AttnConfig, AttnError, BackendOptions, BatchMeta, Result, SeqId};
+
+/// vLLM v2's partition size.
+const PARTITION: usize = 512;
+
+#[derive(Debug)]
+pub struct PagedBackend {
+    cfg: AttnConfig,
+    cache: PagedCache,
+    scale: f32,
+    /// `[T]` i64 slot of each token of the current step, built at layer 0.
+    slots: Option<Tensor>,
+}
+
+impl PagedBackend {
+    pub fn new(cfg: AttnConfig, device: &Device, opts: &BackendOptions) -> Result<Self> {
+        let reasons = Self::unsupported_reasons(&cfg, device, opts);
+        if !reasons.is_empty() {
+            return Err(AttnError::Unsupported {
+                backend: "paged",
+                reasons: reasons.join("; "),
+            });
+        }
+        let budget = opts.kv_budget_bytes(&cfg);
+        let num_blocks = PagedCache::blocks_for_budget(
+            budget,
+            cfg.num_layers,
+            opts.block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.dtype,
+        );
+        let layout = PagedLayout::new(
+            num_blocks,
+            opts.block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.dtype.size_in_bytes(),
+        )?;
+        let cache = PagedCache::new(cfg.num_layers, layout, cfg.max_seq_len, cfg.dtype, device)?;
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        Ok(Self {
+            cfg,
+            cache,
+            scale,
+            slots: None,
+        })
+    }
+
+    pub fn unsupported_reasons(cfg: &AttnConfig, device: &Device, opts: &BackendOptions) -> Vec<String> {
+        let mut r = Vec::new();
+        if !device.is_cpu() {
+            r.push(
+                "the paged CUDA kernels are not built yet (PagedAttention milestone); use --device cpu"
+                    .into(),
+            );
+        }
+        if !vpod_kvcache::BLOCK_SIZES.contains(&opts.block_size) {
+            r.push(format!(
+                "block size {} is not one of {:?}",
+                opts.block_size,
+                vpod_kvcache::BLOCK_SIZES
+            ));
+        }
+        if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
+            r.push("query heads are not a multiple of key/value heads".into());
+        }
+        if !cfg.head_dim.is_multiple_of(16 / cfg.dtype.size_in_bytes().max(1)) {
+            r.push(format!(
+                "head_dim {} does not split into 16-byte chunks",
+                cfg.head_dim
+            ));
+        }
+        r
+    }
+
+    pub fn cache(&self) -> &PagedCache {
+        &self.cache
+    }
+}
+
+/// Makes room for every sequence of the step and returns `[T]` slots.
+fn prepare(cache: &mut PagedCache, meta: &BatchMeta, device: &Device) -> Result<Tensor> {
+    let mut slots = Vec::with_capacity(meta.num_tokens());
+    for s in meta.seqs() {
+        match cache.capacity(s.seq_id) {
+            None if s.context_len == 0 => cache.admit(s.seq_id, s.seq_len())?,
+            None => return Err(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id }.into()),
+            Some(_) => cache.grow(s.seq_id, s.seq_len())?,
+        }
+        for p in s.context_len..s.seq_len() {
+            slots.push(cache.slot(s.seq_id, p)?);
+        }
+    }
+    Ok(Tensor::new(slots.as_slice(), device)?)
+}
+
+impl AttentionBackend for PagedBackend {
+    fn name(&self) -> &'static str {
+        "paged"
+    }
+
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+    ) -> Result<Tensor> {
+        if layer == 0 || self.slots.is_none() {
+            self.slots = Some(prepare(&mut self.cache, meta, q.device())?);
+        }
+        let Some(slots) = self.slots.as_ref() else {
+            unreachable!("built above")
+        };
+        let layout = *self.cache.layout();
+        write_kv(
+            self.cache.k(layer),
+            k,
+            slots,
+            KvLayout::Paged {
+                layout,
+                is_value: false,
+            },
+        )?;
+        write_kv(
+            self.cache.v(layer),
+            v,
+            slots,
+            KvLayout::Paged {
+                layout,
+                is_value: true,
+            },
+        )?;
+        let op = PagedAttention {
+            layout,
+            seqs: meta
+                .seqs()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let table = self.cache.block_table(s.seq_id).unwrap_or_default().to_vec();
+                    (meta.query_range(i).start, s.context_len, s.query_len, table)
+                })
+                .collect(),
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            scale: self.scale,
+        };
+        let q = q.contiguous()?;
+        Ok(q.apply_op3_no_bwd(self.cache.k(layer), self.cache.v(layer), &op)?)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.cache.release(seq);
+    }
+
+    fn kv_manager(&mut self) -> Option<&mut dyn KvManager> {
+        Some(&mut self.cache)
+    }
+}
+
+/// The paged attention op: `q [T, H, D]`, K cache, V cache -> `[T, H, D]`.
+struct PagedAttention {
+    layout: PagedLayout,
+    /// (first packed row, context_len, query_len, block table) per sequence.
+    seqs: Vec<(usize, usize, usize, Vec<u32>)>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+struct PagedRows<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
+    layout: &'a PagedLayout,
+    table: &'a [u32],
+}
+
+impl<T: Elem> PagedRows<'_, T> {
+    fn slot(&self, position: usize) -> usize {
+        let bs = self.layout.block_size;
+        self.table[position / bs] as usize * bs + position % bs
+    }
+}
+
+impl<T: Elem> KvRows for PagedRows<'_, T> {
+    fn key(&self, position: usize, h: usize, out: &mut [f32]) {
+        let slot = self.slot(position);
+        for (d, o) in out.iter_mut().enumerate() {
+            *o = self.k[self.layout.k_index(slot, h, d)].to_f32();
+        }
+    }
+    fn value(&self, position: usize, h: usize, out: &mut [f32]) {
+        let slot = self.slot(position);
+        for (d, o) in out.iter_mut().enumerate() {
+            *o = self.v[self.layout.v_index(slot, h, d)].to_f32();
+        }
+    }
+}
+
+impl PagedAttention {
+    fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let row = self.heads * self.head_dim;
+        let mut out = vec![T::from_f32(0.0); q.len()];
+        for (start, ctx, ql, table) in &self.seqs {
+            let qf: Vec<f32> = q[start * row..(start + ql) * row]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let mut o = vec![0f32; ql * row];
+            let rows = PagedRows {
+                k,
+                v,
+                layout: &self.layout,
+                table,
+            };
+            // v1 (one partition) up to 512 tokens, v2 partitions of 512 beyond.
+            let splits = (ctx + ql).div_ceil(PARTITION);
+            let bs = self.layout.block_size;
+            let tiling = Tiling { tile: bs, splits };
+            attend(
+                &qf,
+                &rows,
+                *ctx,
+                *ql,
+                self.heads,
+                self.kv_heads,
+                self.head_dim,
+                self.scale,
+                tiling,
+                &mut o,
+            );
+            for (dst, x) in out[start * row..(start + ql) * row].iter_mut().zip(o) {
+                *dst = T::from_f32(x);
+            }
+        }
+        out
+    }
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout) -> &'a [T] {
+    &v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (sq, sk, sv) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.run(slice(q, lq), slice(k, lk), slice(v, lv)))
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                CpuStorage::BF16(self.run(slice(q, lq), slice(k, lk), slice(v, lv)))
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                CpuStorage::F16(self.run(slice(q, lq), slice(k, lk), slice(v, lv)))
+            }
+            _ => candle_core::bail!("paged-attention: q and the caches must share one of f32, bf16, f16"),
+        };
+        Ok((out, lq.shape().clone()))
+    }
+}

@@ -1,0 +1,317 @@
+//! The `vattention` and `pod` backends over the virtual KV cache: each
+//! sequence's K/V is contiguous in its slot, read by (slot, position) with
+//! plain strides, no block tables.
+//!
+//! CPU twins of the kernels: prefill chunks walk keys in 64-key tiles
+//! (FlashAttention-2 style); decode tokens use split-KV with the split count
+//! chosen to fill the GPU even at batch 1, merged by a combine step.
+//! `vattention` runs a step as two calls (prefill chunks, then decodes: the
+//! serial pair); `pod` computes a hybrid batch in one call. The CUDA kernels
+//! and the VMM-backed cache come with the vAttention and POD milestones;
+//! until then these backends say that they cannot run on a GPU.
+
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use vpod_kvcache::{Kv, KvManager, VirtualCache, VirtualConfig};
+
+use crate::flash::{Elem, KvRows, Tiling, attend};
+use crate::{AttentionBackend, AttnConfig, AttnError, BackendOptions, BatchMeta, Result, SeqId};
+
+/// Key tile of the prefill kernel.
+const PREFILL_TILE: usize = 64;
+/// Key tile of a decode split.
+const DECODE_TILE: usize = 64;
+/// Thread blocks the decode kernel aims for (2 waves of the H100's 132 SMs).
+const DECODE_TARGET_BLOCKS: usize = 264;
+
+/// Split count for one decode sequence: enough (sequence x KV head x split)
+/// blocks to fill the GPU, at least one tile per split.
+pub fn decode_splits(seq_len: usize, num_decodes: usize, kv_heads: usize) -> usize {
+    let want = DECODE_TARGET_BLOCKS.div_ceil((num_decodes * kv_heads).max(1));
+    want.clamp(1, seq_len.div_ceil(DECODE_TILE).max(1))
+}
+
+#[derive(Debug)]
+pub struct VirtualBackend {
+    name: &'static str,
+    cfg: AttnConfig,
+    cache: VirtualCache,
+    scale: f32,
+}
+
+impl VirtualBackend {
+    pub fn new(name: &'static str, cfg: AttnConfig, device: &Device, opts: &BackendOptions) -> Result<Self> {
+        let reasons = Self::unsupported_reasons(&cfg, device, opts);
+        if !reasons.is_empty() {
+            return Err(AttnError::Unsupported {
+                backend: name,
+                reasons: reasons.join("; "),
+            });
+        }
+        let cache = VirtualCache::new(VirtualConfig {
+            num_layers: cfg.num_layers,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            elem_bytes: cfg.dtype.size_in_bytes(),
+            max_seqs: opts.max_seqs,
+            max_len: cfg.max_seq_len,
+            page_size: opts.page_size,
+            budget_bytes: opts.kv_budget_bytes(&cfg),
+            megacache: opts.megacache,
+        })?;
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        Ok(Self {
+            name,
+            cfg,
+            cache,
+            scale,
+        })
+    }
+
+    pub fn unsupported_reasons(cfg: &AttnConfig, device: &Device, opts: &BackendOptions) -> Vec<String> {
+        let mut r = Vec::new();
+        if !device.is_cpu() {
+            r.push("the CUDA virtual-memory cache and kernels are not built yet (vAttention milestone); use --device cpu".into());
+        }
+        if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
+            r.push("query heads are not a multiple of key/value heads".into());
+        }
+        let row = cfg.num_kv_heads * cfg.head_dim * cfg.dtype.size_in_bytes();
+        let token = if opts.megacache { row * cfg.num_layers } else { row };
+        if opts.page_size == 0
+            || !opts.page_size.is_multiple_of(4096)
+            || !opts.page_size.is_multiple_of(token.max(1))
+        {
+            r.push(format!(
+                "page size {} must be a multiple of 4096 bytes and of the {token} byte token row",
+                opts.page_size
+            ));
+        }
+        r
+    }
+
+    pub fn cache(&self) -> &VirtualCache {
+        &self.cache
+    }
+
+    /// Copies the step's new K/V rows into the slots (the CPU twin of the
+    /// per-slot write kernel).
+    fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor, meta: &BatchMeta) -> Result<()> {
+        let bytes = |t: &Tensor| -> Result<Vec<u8>> {
+            let t = t.to_dtype(self.cfg.dtype)?.contiguous()?.flatten_all()?;
+            Ok(match self.cfg.dtype {
+                candle_core::DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                candle_core::DType::BF16 => t
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                candle_core::DType::F16 => t
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                d => return Err(AttnError::InvalidBatch(format!("unsupported KV dtype {d:?}"))),
+            })
+        };
+        let (kb, vb) = (bytes(k)?, bytes(v)?);
+        let row = self.cfg.num_kv_heads * self.cfg.head_dim * self.cfg.dtype.size_in_bytes();
+        for (i, s) in meta.seqs().iter().enumerate() {
+            let slot = self
+                .cache
+                .slot_of(s.seq_id)
+                .ok_or(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id })?;
+            for (j, t) in meta.query_range(i).enumerate() {
+                let pos = s.context_len + j;
+                self.cache
+                    .row_mut(layer, Kv::K, slot, pos)?
+                    .copy_from_slice(&kb[t * row..(t + 1) * row]);
+                self.cache
+                    .row_mut(layer, Kv::V, slot, pos)?
+                    .copy_from_slice(&vb[t * row..(t + 1) * row]);
+            }
+        }
+        Ok(())
+    }
+
+    fn op(&self, layer: usize, meta: &BatchMeta, pick: impl Fn(usize) -> bool) -> VirtualAttention<'_> {
+        let decodes = meta.seqs().iter().filter(|s| s.query_len == 1).count();
+        VirtualAttention {
+            cache: &self.cache,
+            layer,
+            seqs: meta
+                .seqs()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| pick(s.query_len))
+                .map(|(i, s)| {
+                    let tiling = if s.query_len == 1 {
+                        Tiling {
+                            tile: DECODE_TILE,
+                            splits: decode_splits(s.seq_len(), decodes, self.cfg.num_kv_heads),
+                        }
+                    } else {
+                        Tiling {
+                            tile: PREFILL_TILE,
+                            splits: 1,
+                        }
+                    };
+                    let slot = self.cache.slot_of(s.seq_id).unwrap_or(usize::MAX);
+                    (
+                        meta.query_range(i).start,
+                        s.context_len,
+                        s.query_len,
+                        slot,
+                        tiling,
+                    )
+                })
+                .collect(),
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            scale: self.scale,
+        }
+    }
+}
+
+impl AttentionBackend for VirtualBackend {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+    ) -> Result<Tensor> {
+        if layer == 0 {
+            for s in meta.seqs() {
+                match self.cache.capacity(s.seq_id) {
+                    None if s.context_len == 0 => self.cache.admit(s.seq_id, s.seq_len())?,
+                    None => return Err(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id }.into()),
+                    Some(_) => self.cache.grow(s.seq_id, s.seq_len())?,
+                }
+            }
+        }
+        self.write(layer, k, v, meta)?;
+        let q = q.contiguous()?;
+        if self.name == "pod" {
+            // One call for the whole hybrid batch.
+            return Ok(q.apply_op1_no_bwd(&self.op(layer, meta, |_| true))?);
+        }
+        // The serial pair: prefill chunks, then decodes; each call fills its rows.
+        let prefill = q.apply_op1_no_bwd(&self.op(layer, meta, |ql| ql > 1))?;
+        let decode = q.apply_op1_no_bwd(&self.op(layer, meta, |ql| ql == 1))?;
+        Ok((prefill + decode)?)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.cache.release(seq);
+    }
+
+    fn kv_manager(&mut self) -> Option<&mut dyn KvManager> {
+        Some(&mut self.cache)
+    }
+}
+
+/// Attention of the chosen sequences over their slots; rows of other
+/// sequences are left zero.
+struct VirtualAttention<'a> {
+    cache: &'a VirtualCache,
+    layer: usize,
+    /// (first packed row, context_len, query_len, slot, tiling)
+    seqs: Vec<(usize, usize, usize, usize, Tiling)>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+struct SlotRows<'a, T> {
+    cache: &'a VirtualCache,
+    layer: usize,
+    slot: usize,
+    head_dim: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Elem> SlotRows<'_, T> {
+    fn read(&self, kv: Kv, position: usize, h: usize, out: &mut [f32]) {
+        let Ok(bytes) = self.cache.row(self.layer, kv, self.slot, position) else {
+            debug_assert!(false, "reading an unmapped row");
+            return;
+        };
+        let n = size_of::<T>();
+        for (d, o) in out.iter_mut().enumerate() {
+            let at = (h * self.head_dim + d) * n;
+            // SAFETY: `at + n <= bytes.len()` (the row holds kv_heads * head_dim
+            // elements); read_unaligned has no alignment requirement.
+            *o = unsafe { std::ptr::read_unaligned(bytes[at..at + n].as_ptr().cast::<T>()) }.to_f32();
+        }
+    }
+}
+
+impl<T: Elem> KvRows for SlotRows<'_, T> {
+    fn key(&self, position: usize, h: usize, out: &mut [f32]) {
+        self.read(Kv::K, position, h, out)
+    }
+    fn value(&self, position: usize, h: usize, out: &mut [f32]) {
+        self.read(Kv::V, position, h, out)
+    }
+}
+
+impl VirtualAttention<'_> {
+    fn run<T: Elem>(&self, q: &[T]) -> Vec<T> {
+        let row = self.heads * self.head_dim;
+        let mut out = vec![T::from_f32(0.0); q.len()];
+        for &(start, ctx, ql, slot, tiling) in &self.seqs {
+            let qf: Vec<f32> = q[start * row..(start + ql) * row]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let mut o = vec![0f32; ql * row];
+            let rows = SlotRows::<T> {
+                cache: self.cache,
+                layer: self.layer,
+                slot,
+                head_dim: self.head_dim,
+                _t: std::marker::PhantomData,
+            };
+            attend(
+                &qf,
+                &rows,
+                ctx,
+                ql,
+                self.heads,
+                self.kv_heads,
+                self.head_dim,
+                self.scale,
+                tiling,
+                &mut o,
+            );
+            for (dst, x) in out[start * row..(start + ql) * row].iter_mut().zip(o) {
+                *dst = T::from_f32(x);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for VirtualAttention<'_> {
+    fn name(&self) -> &'static str {
+        "virtual-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (l.start_offset(), l.start_offset() + l.shape().elem_count());
+        let out = match s {
+            CpuStorage::F32(q) => CpuStorage::F32(self.run(&q[a..b])),
+            CpuStorage::BF16(q) => CpuStorage::BF16(self.run(&q[a..b])),
+            CpuStorage::F16(q) => CpuStorage::F16(self.run(&q[a..b])),
+            _ => candle_core::bail!("virtual-attention: q must be f32, bf16 or f16"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
