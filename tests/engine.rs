@@ -138,3 +138,120 @@ fn sampling_is_reproducible_from_the_seed() {
         .tokens;
     assert_ne!(a, c);
 }
+
+mod batch {
+    use vpod_attention::BackendOptions;
+    use vpod_cli::engine::{Engine, Request};
+    use vpod_cli::sampler::SamplingParams;
+    use vpod_cli::scheduler::{Policy, SchedulerConfig};
+
+    use crate::common::*;
+
+    fn requests(n: usize, max_tokens: usize) -> Vec<Request> {
+        (0..n)
+            .map(|i| Request {
+                prompt: (0..(3 + (i * 7) % 40))
+                    .map(|t| 1 + ((t * 31 + i * 17) % 300) as u32)
+                    .collect(),
+                max_tokens: max_tokens - i % 3,
+                sampling: SamplingParams::default(),
+            })
+            .collect()
+    }
+
+    /// Greedy tokens of a request are the same alone or in a batch of 8, for
+    /// every backend and scheduler (chunked prefills at small budgets included).
+    #[test]
+    fn batched_equals_alone_for_every_backend_and_scheduler() {
+        let name = "tiny-yi-gqa7";
+        let reqs = requests(8, 12);
+        let mut alone = Engine::new(load_dir(&fixture(name)).unwrap(), "reference").unwrap();
+        let want: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|r| {
+                alone
+                    .run_batch(std::slice::from_ref(r), Default::default(), &mut |_, _| Ok(()))
+                    .unwrap()
+                    .requests[0]
+                    .tokens
+                    .clone()
+            })
+            .collect();
+        let policies = [
+            SchedulerConfig {
+                policy: Policy::PrefillFirst,
+                chunk_size: 64,
+                max_seqs: 8,
+            },
+            SchedulerConfig {
+                policy: Policy::Hybrid { one_prefill: false },
+                chunk_size: 16,
+                max_seqs: 8,
+            },
+            SchedulerConfig {
+                policy: Policy::Hybrid { one_prefill: true },
+                chunk_size: 24,
+                max_seqs: 3,
+            },
+        ];
+        for backend in ["reference", "paged:16", "vattention", "pod"] {
+            for cfg in policies {
+                let mut e = Engine::new(load_dir(&fixture(name)).unwrap(), backend).unwrap();
+                let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(())).unwrap();
+                for (i, r) in out.requests.iter().enumerate() {
+                    assert_eq!(r.tokens, want[i], "{backend} {cfg:?} request {i}");
+                }
+                let budget_ok = out.steps.iter().all(|s| match cfg.policy {
+                    Policy::Hybrid { .. } => s.decodes + s.prefill_tokens <= cfg.chunk_size,
+                    Policy::PrefillFirst => s.decodes == 0 || s.prefill_tokens == 0,
+                });
+                assert!(budget_ok, "{backend} {cfg:?}: a step broke the policy");
+                if let Policy::Hybrid { one_prefill: true } = cfg.policy {
+                    assert!(out.steps.iter().all(|s| s.prefill_chunks <= 1));
+                }
+            }
+        }
+    }
+
+    /// 200 requests under a KV budget so small that preemption (by
+    /// recompute) happens often all complete with the ample budget's output.
+    #[test]
+    fn preemption_keeps_outputs() {
+        let name = "tiny-llama3-gqa4";
+        let reqs = requests(200, 20);
+        let cfg = SchedulerConfig {
+            policy: Policy::Hybrid { one_prefill: false },
+            chunk_size: 64,
+            max_seqs: 8,
+        };
+        let mut ample = Engine::new(load_dir(&fixture(name)).unwrap(), "paged:16").unwrap();
+        let want = ample.run_batch(&reqs, cfg, &mut |_, _| Ok(())).unwrap();
+        // 2 layers x 1 KV head x 128 dims x 4 B x 2 (K, V) = 2 KiB a token: 8 blocks of 16 tokens.
+        let opts = BackendOptions {
+            kv_memory: Some(8 * 16 * 2048),
+            ..Default::default()
+        };
+        let mut tight = Engine::with_options(load_dir(&fixture(name)).unwrap(), "paged:16", &opts).unwrap();
+        let got = tight.run_batch(&reqs, cfg, &mut |_, _| Ok(())).unwrap();
+        let preemptions: usize = got.requests.iter().map(|r| r.preemptions).sum();
+        assert!(preemptions > 20, "only {preemptions} preemptions");
+        for (i, (a, b)) in got.requests.iter().zip(&want.requests).enumerate() {
+            assert_eq!(a.tokens, b.tokens, "request {i}");
+        }
+    }
+
+    #[test]
+    fn a_kv_budget_too_small_for_one_request_is_refused_with_numbers() {
+        let opts = BackendOptions {
+            kv_memory: Some(2 * 16 * 2048),
+            ..Default::default()
+        };
+        let mut e =
+            Engine::with_options(load_dir(&fixture("tiny-llama3-gqa4")).unwrap(), "paged:16", &opts).unwrap();
+        let err = e
+            .run_batch(&requests(1, 60), Default::default(), &mut |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds 32 tokens") && err.contains("needs"), "{err}");
+    }
+}

@@ -5,6 +5,7 @@
 //! [`BatchMeta`] once and runs the packed batch; the scheduler of the serving
 //! engine drives the same call with many sequences.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{D, DType, Tensor};
@@ -14,6 +15,7 @@ use vpod_attention::{
 use vpod_models::LoadedModel;
 
 use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqState};
 
 /// Errors of running requests.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,18 @@ pub enum EngineError {
     },
     #[error("need at least 2 tokens to score, got {0}")]
     TooFewTokens(usize),
+    #[error(
+        "the KV cache holds {total} tokens ({usable} usable after the 1 % reserve) but request {request} needs {needed}: \
+         raise --kv-memory or lower --max-tokens"
+    )]
+    KvTooSmall {
+        request: usize,
+        needed: usize,
+        total: usize,
+        usable: usize,
+    },
+    #[error("the scheduler made no progress with {waiting} waiting and {running} running sequences")]
+    Stalled { waiting: usize, running: usize },
     #[error(transparent)]
     Model(#[from] vpod_models::ModelError),
     #[error(transparent)]
@@ -88,6 +102,58 @@ pub struct Score {
     pub elapsed_ms: f64,
 }
 
+/// One request of a batch.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Token ids, BOS included when wanted.
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+/// What became of one request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RequestOutput {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// Time to first token, from the start of the run.
+    pub ttft_ms: f64,
+    /// Times between consecutive tokens.
+    pub tbt_ms: Vec<f64>,
+    /// Start of the run to the last token.
+    pub e2e_ms: f64,
+    pub preemptions: usize,
+}
+
+/// One engine step.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepRecord {
+    pub decodes: usize,
+    pub prefill_chunks: usize,
+    pub prefill_tokens: usize,
+    pub preempted: usize,
+    pub ms: f64,
+}
+
+/// The outputs of [`Engine::run_batch`], in request order, and its steps.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchOutput {
+    pub requests: Vec<RequestOutput>,
+    pub steps: Vec<StepRecord>,
+}
+
+/// A request in flight.
+struct Live {
+    request: usize,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    times: Vec<f64>,
+    preemptions: usize,
+}
+
 /// A model plus one attention backend.
 #[derive(Debug)]
 pub struct Engine {
@@ -101,9 +167,14 @@ pub struct Engine {
 impl Engine {
     /// Builds backend `backend` for this model (or says why it cannot run here).
     pub fn new(model: LoadedModel, backend: &str) -> Result<Self> {
+        Self::with_options(model, backend, &BackendOptions::default())
+    }
+
+    /// As [`Self::new`], with the cache's block/page size and KV budget.
+    pub fn with_options(model: LoadedModel, backend: &str, opts: &BackendOptions) -> Result<Self> {
         let max_seq_len = model.config.max_position_embeddings;
         let cfg = model.model.attn_config(max_seq_len);
-        let backend = create_backend(backend, &cfg, model.model.device(), &BackendOptions::default())?;
+        let backend = create_backend(backend, &cfg, model.model.device(), opts)?;
         Ok(Self {
             model,
             backend,
@@ -129,6 +200,161 @@ impl Engine {
         let tokens = Tensor::new(tokens, &device)?;
         let mut attn = AttentionStep::new(self.backend.as_mut(), &meta);
         Ok(self.model.model.forward(&tokens, &mut attn)?)
+    }
+
+    /// Runs `requests` to completion as one batch under `sched`, calling
+    /// `on_token(request, id)` for every generated token.
+    pub fn run_batch(
+        &mut self,
+        requests: &[Request],
+        sched: SchedulerConfig,
+        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    ) -> Result<BatchOutput> {
+        let total = self.backend.kv_manager().map(|kv| kv.total_tokens());
+        for (i, r) in requests.iter().enumerate() {
+            if r.prompt.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            if r.prompt.len() > self.max_seq_len {
+                return Err(EngineError::PromptTooLong {
+                    prompt: r.prompt.len(),
+                    limit: self.max_seq_len,
+                    note: "",
+                });
+            }
+            let needed = (r.prompt.len() + r.max_tokens).min(self.max_seq_len);
+            if let Some(total) = total {
+                let usable = total - total / 100;
+                if needed > usable {
+                    return Err(EngineError::KvTooSmall {
+                        request: i,
+                        needed,
+                        total,
+                        usable,
+                    });
+                }
+            }
+        }
+        let start = Instant::now();
+        let mut scheduler = Scheduler::new(sched);
+        let mut live: HashMap<SeqId, Live> = HashMap::new();
+        let mut outputs: Vec<Option<RequestOutput>> = vec![None; requests.len()];
+        for (i, r) in requests.iter().enumerate() {
+            let id = self.new_seq();
+            if r.max_tokens == 0 {
+                outputs[i] = Some(finished(r.prompt.len(), vec![], FinishReason::Length, &[], 0));
+                continue;
+            }
+            scheduler.add(SeqState {
+                id,
+                len: r.prompt.len(),
+                computed: 0,
+            });
+            let l = Live {
+                request: i,
+                tokens: r.prompt.clone(),
+                prompt_len: r.prompt.len(),
+                max_tokens: r.max_tokens,
+                sampler: Sampler::new(r.sampling),
+                times: vec![],
+                preemptions: 0,
+            };
+            live.insert(id, l);
+        }
+        let mut steps = Vec::new();
+        while !scheduler.is_idle() {
+            let t0 = Instant::now();
+            let Plan { chunks, preempted } = scheduler.schedule(self.backend.kv_manager());
+            for id in &preempted {
+                if let Some(l) = live.get_mut(id) {
+                    l.preemptions += 1;
+                }
+            }
+            if chunks.is_empty() {
+                return Err(EngineError::Stalled {
+                    waiting: scheduler.waiting.len(),
+                    running: scheduler.running.len(),
+                });
+            }
+            let tokens: Vec<u32> = chunks
+                .iter()
+                .flat_map(|c| {
+                    live[&c.seq_id].tokens[c.context_len..c.context_len + c.query_len]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let logits = self.step(chunks.clone(), &tokens, LogitsAt::LastToken)?;
+            let now = start.elapsed().as_secs_f64() * 1e3;
+            for (row, c) in chunks.iter().enumerate() {
+                let l = live.get_mut(&c.seq_id).ok_or(EngineError::Stalled {
+                    waiting: 0,
+                    running: 0,
+                })?;
+                let produced = c.context_len + c.query_len == l.tokens.len();
+                if !produced {
+                    scheduler.advance(c.seq_id, c.query_len, false);
+                    continue;
+                }
+                let next = l.sampler.sample(&logits.get(row)?.to_vec1::<f32>()?);
+                let reason = if self.model.is_eos(next) {
+                    Some(FinishReason::Eos)
+                } else {
+                    l.tokens.push(next);
+                    l.times.push(now);
+                    on_token(l.request, next)?;
+                    let generated = l.tokens.len() - l.prompt_len;
+                    if generated >= l.max_tokens {
+                        Some(FinishReason::Length)
+                    } else if l.tokens.len() > self.max_seq_len {
+                        Some(FinishReason::ContextFull)
+                    } else {
+                        None
+                    }
+                };
+                match reason {
+                    None => scheduler.advance(c.seq_id, c.query_len, true),
+                    Some(reason) => {
+                        scheduler.finish(c.seq_id);
+                        self.backend.release(c.seq_id);
+                        let l = live.remove(&c.seq_id).ok_or(EngineError::Stalled {
+                            waiting: 0,
+                            running: 0,
+                        })?;
+                        let generated = l.tokens[l.prompt_len..].to_vec();
+                        outputs[l.request] =
+                            Some(finished(l.prompt_len, generated, reason, &l.times, l.preemptions));
+                    }
+                }
+            }
+            steps.push(StepRecord {
+                decodes: chunks
+                    .iter()
+                    .filter(|c| c.query_len == 1 && c.context_len > 0)
+                    .count(),
+                prefill_chunks: chunks
+                    .iter()
+                    .filter(|c| !(c.query_len == 1 && c.context_len > 0))
+                    .count(),
+                prefill_tokens: chunks
+                    .iter()
+                    .filter(|c| !(c.query_len == 1 && c.context_len > 0))
+                    .map(|c| c.query_len)
+                    .sum(),
+                preempted: preempted.len(),
+                ms: t0.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+        let requests = outputs
+            .into_iter()
+            .map(|o| {
+                o.ok_or(EngineError::Stalled {
+                    waiting: 0,
+                    running: 0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(BatchOutput { requests, steps })
     }
 
     /// Frees a sequence's KV.
@@ -304,6 +530,24 @@ impl Engine {
             progress(part.len());
         }
         Ok((sum, n))
+    }
+}
+
+fn finished(
+    prompt_tokens: usize,
+    tokens: Vec<u32>,
+    reason: FinishReason,
+    times: &[f64],
+    preemptions: usize,
+) -> RequestOutput {
+    RequestOutput {
+        prompt_tokens,
+        tokens,
+        finish_reason: reason,
+        ttft_ms: times.first().copied().unwrap_or(0.0),
+        tbt_ms: times.windows(2).map(|w| w[1] - w[0]).collect(),
+        e2e_ms: times.last().copied().unwrap_or(0.0),
+        preemptions,
     }
 }
 

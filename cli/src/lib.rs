@@ -10,6 +10,7 @@
 pub mod device;
 pub mod engine;
 pub mod sampler;
+pub mod scheduler;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,0 +1,234 @@
+//! Which tokens run in the next step.
+//!
+//! - `prefill-first` (vLLM v0.2.7): a step is all prefills (whole prompts,
+//!   FCFS, while they fit) or, when no waiting request can start, all decodes.
+//! - `hybrid` (Sarathi-Serve): a per-step token budget (`chunk_size`); every
+//!   running decode first (one token each), then prefill chunks
+//!   `min(remaining prompt, budget left)` from partly prefilled sequences and
+//!   then from the waiting queue (FCFS). Optionally at most one prefill chunk
+//!   per step, as in the POD-Attention paper.
+//!
+//! Admission: FCFS, when the whole prompt fits in the KV cache with a 1 %
+//! reserve and fewer than `max_seqs` sequences run. When a running sequence
+//! cannot grow, the newest running sequence is preempted by recompute: its
+//! KV is freed and it goes back to the front of the queue, to be prefilled
+//! again (prompt and the tokens generated so far).
+
+use std::collections::VecDeque;
+
+use vpod_attention::{KvManager, SeqChunk, SeqId};
+
+/// Scheduling policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    PrefillFirst,
+    Hybrid { one_prefill: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub policy: Policy,
+    /// Token budget of a step (hybrid) / most prefill tokens of a step (prefill-first).
+    pub chunk_size: usize,
+    /// Most sequences running at once.
+    pub max_seqs: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Hybrid { one_prefill: false },
+            chunk_size: 512,
+            max_seqs: 8,
+        }
+    }
+}
+
+/// What the scheduler knows of a sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqState {
+    pub id: SeqId,
+    /// Prompt plus generated tokens.
+    pub len: usize,
+    /// Tokens whose KV is in the cache.
+    pub computed: usize,
+}
+
+/// One step's plan: chunks in packed order; a chunk ending at its
+/// sequence's `len` produces that sequence's next token.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub chunks: Vec<SeqChunk>,
+    pub preempted: Vec<SeqId>,
+}
+
+impl Plan {
+    pub fn num_tokens(&self) -> usize {
+        self.chunks.iter().map(|c| c.query_len).sum()
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    /// FCFS queue (preempted sequences go back to the front).
+    pub waiting: VecDeque<SeqState>,
+    /// Admitted, in admission order (the newest last).
+    pub running: Vec<SeqState>,
+}
+
+/// Tokens the 1 % reserve keeps free.
+fn reserve(kv: &dyn KvManager) -> usize {
+    kv.total_tokens() / 100
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn add(&mut self, s: SeqState) {
+        self.waiting.push_back(s);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Drops a finished sequence (the caller frees its KV).
+    pub fn finish(&mut self, id: SeqId) {
+        self.running.retain(|s| s.id != id);
+    }
+
+    /// Records that a step computed `n` tokens of `id` and, if it produced
+    /// a token, that the sequence grew by one.
+    pub fn advance(&mut self, id: SeqId, n: usize, produced: bool) {
+        if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+            s.computed += n;
+            if produced {
+                s.len += 1;
+            }
+        }
+    }
+
+    /// Plans the next step. `kv` is the backend's cache (`None`: unbounded).
+    pub fn schedule(&mut self, mut kv: Option<&mut dyn KvManager>) -> Plan {
+        let mut plan = Plan::default();
+        match self.cfg.policy {
+            Policy::PrefillFirst => {
+                self.add_prefills(&mut kv, &mut plan, self.cfg.chunk_size, false, true);
+                if plan.chunks.is_empty() {
+                    self.add_decodes(&mut kv, &mut plan);
+                }
+            }
+            Policy::Hybrid { one_prefill } => {
+                self.add_decodes(&mut kv, &mut plan);
+                let budget = self.cfg.chunk_size.saturating_sub(plan.num_tokens());
+                self.add_prefills(&mut kv, &mut plan, budget, one_prefill, false);
+            }
+        }
+        plan
+    }
+
+    /// Every running sequence past its prefill feeds its last token. A
+    /// sequence that cannot grow preempts the newest running ones (itself,
+    /// if it is the newest).
+    fn add_decodes(&mut self, kv: &mut Option<&mut dyn KvManager>, plan: &mut Plan) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let (id, len, computed) = (self.running[i].id, self.running[i].len, self.running[i].computed);
+            if len - computed != 1 {
+                i += 1; // still prefilling
+                continue;
+            }
+            if let Some(kv) = kv.as_deref_mut() {
+                while !kv.can_grow(id, len) {
+                    let Some(victim) = self.running.pop() else { break };
+                    kv.release(victim.id);
+                    plan.chunks.retain(|c| c.seq_id != victim.id);
+                    plan.preempted.push(victim.id);
+                    let gone = victim.id == id;
+                    self.waiting.push_front(SeqState {
+                        computed: 0,
+                        ..victim
+                    });
+                    if gone {
+                        break;
+                    }
+                }
+                if !self.running.iter().any(|r| r.id == id) || kv.grow(id, len).is_err() {
+                    break; // it was the newest: nothing after it is left
+                }
+            }
+            plan.chunks.push(SeqChunk {
+                seq_id: id,
+                context_len: computed,
+                query_len: 1,
+            });
+            i += 1;
+        }
+    }
+
+    /// Prefill chunks within `budget` tokens: sequences already prefilling,
+    /// then FCFS admissions. `whole`: whole prompts only (prefill-first),
+    /// `budget` then caps the step's prefill tokens (the first always runs).
+    fn add_prefills(
+        &mut self,
+        kv: &mut Option<&mut dyn KvManager>,
+        plan: &mut Plan,
+        mut budget: usize,
+        one: bool,
+        whole: bool,
+    ) {
+        let mut count = 0;
+        for s in &self.running {
+            if budget == 0 || (one && count == 1) {
+                return;
+            }
+            let rem = s.len - s.computed;
+            if rem <= 1 || plan.chunks.iter().any(|c| c.seq_id == s.id) {
+                continue;
+            }
+            let n = if whole { rem } else { rem.min(budget) };
+            plan.chunks.push(SeqChunk {
+                seq_id: s.id,
+                context_len: s.computed,
+                query_len: n,
+            });
+            budget = budget.saturating_sub(n);
+            count += 1;
+        }
+        while budget > 0 && !(one && count == 1) && self.running.len() < self.cfg.max_seqs {
+            let Some(s) = self.waiting.front().cloned() else {
+                break;
+            };
+            let rem = s.len - s.computed;
+            if whole && count > 0 && rem > budget {
+                break;
+            }
+            if let Some(kv) = kv.as_deref_mut()
+                && (!kv.can_admit(s.len, reserve(kv)) || kv.admit(s.id, s.len).is_err())
+            {
+                break; // FCFS: nobody overtakes the head of the queue
+            }
+            self.waiting.pop_front();
+            let n = if whole { rem } else { rem.min(budget) };
+            plan.chunks.push(SeqChunk {
+                seq_id: s.id,
+                context_len: s.computed,
+                query_len: n,
+            });
+            budget = budget.saturating_sub(n);
+            count += 1;
+            self.running.push(s);
+        }
+    }
+}
