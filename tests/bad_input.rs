@@ -202,3 +202,55 @@ fn perplexity_of_a_missing_file() {
     ]);
     assert_contains(&e, &["cannot read /no/such.txt"]);
 }
+
+#[test]
+fn kv_budget_too_small_for_one_request() {
+    let model = fixture("tiny-llama3-gqa4");
+    let m = model.to_str().unwrap();
+    let e = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Alice",
+        "--max-tokens",
+        "300",
+        "--backend",
+        "paged",
+        "--kv-memory",
+        "64KiB",
+    ]);
+    assert_contains(&e, &["KV cache holds 32 tokens", "needs", "--kv-memory"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--backend",
+        "paged",
+        "--kv-memory",
+        "lots",
+    ]);
+    assert_contains(&e, &["'lots' is not a size"]);
+}
+
+#[test]
+fn block_and_page_sizes_that_do_not_fit() {
+    let model = fixture("tiny-llama3-gqa4");
+    let m = model.to_str().unwrap();
+    let e = fails(&["generate", "--model", m, "--prompt", "x", "--backend", "paged:24"]);
+    assert_contains(&e, &["block size 24 is not one of [16, 32, 64, 128]"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--backend",
+        "vattention",
+        "--page-size",
+        "1000",
+    ]);
+    assert_contains(&e, &["page size 1000 must be a multiple of 4096 bytes"]);
+}

@@ -129,13 +129,15 @@ impl Default for BackendOptions {
 }
 
 impl BackendOptions {
-    /// The KV budget in bytes for this model.
+    /// The KV budget in bytes for this model: `kv_memory`, or room for
+    /// `max_seqs` sequences of the full context, each K and V region of
+    /// every layer rounded up to whole pages (so that the virtual cache's
+    /// page granularity cannot starve it).
     pub fn kv_budget_bytes(&self, cfg: &AttnConfig) -> usize {
         self.kv_memory.unwrap_or_else(|| {
-            let per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cfg.dtype.size_in_bytes();
-            // Whole pages per region, so that the virtual cache's page groups fit too.
-            let pages = (self.max_seqs * cfg.max_seq_len * per_token).div_ceil(self.page_size);
-            (pages + 2 * cfg.num_layers) * self.page_size
+            let row = cfg.num_kv_heads * cfg.head_dim * cfg.dtype.size_in_bytes();
+            let region = (cfg.max_seq_len * row).div_ceil(self.page_size) * self.page_size;
+            self.max_seqs * 2 * cfg.num_layers * region
         })
     }
 }

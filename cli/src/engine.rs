@@ -210,7 +210,6 @@ impl Engine {
         sched: SchedulerConfig,
         on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
     ) -> Result<BatchOutput> {
-        let total = self.backend.kv_manager().map(|kv| kv.total_tokens());
         for (i, r) in requests.iter().enumerate() {
             if r.prompt.is_empty() {
                 return Err(EngineError::EmptyPrompt);
@@ -222,18 +221,7 @@ impl Engine {
                     note: "",
                 });
             }
-            let needed = (r.prompt.len() + r.max_tokens).min(self.max_seq_len);
-            if let Some(total) = total {
-                let usable = total - total / 100;
-                if needed > usable {
-                    return Err(EngineError::KvTooSmall {
-                        request: i,
-                        needed,
-                        total,
-                        usable,
-                    });
-                }
-            }
+            self.check_fits(i, (r.prompt.len() + r.max_tokens).min(self.max_seq_len))?;
         }
         let start = Instant::now();
         let mut scheduler = Scheduler::new(sched);
@@ -357,6 +345,23 @@ impl Engine {
         Ok(BatchOutput { requests, steps })
     }
 
+    /// Refuses, up front, a request that could never fit the KV cache (it
+    /// would otherwise be preempted forever).
+    fn check_fits(&mut self, request: usize, needed: usize) -> Result<()> {
+        if let Some(total) = self.backend.kv_manager().map(|kv| kv.total_tokens()) {
+            let usable = total - total / 100;
+            if needed > usable {
+                return Err(EngineError::KvTooSmall {
+                    request,
+                    needed,
+                    total,
+                    usable,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Frees a sequence's KV.
     pub fn release(&mut self, seq: SeqId) {
         self.backend.release(seq);
@@ -387,6 +392,7 @@ impl Engine {
                 note: "",
             });
         }
+        self.check_fits(0, (prompt.len() + max_tokens).min(self.max_seq_len))?;
         let seq = self.new_seq();
         let result = self.generate_seq(seq, prompt, max_tokens, sampling, on_token);
         self.release(seq);

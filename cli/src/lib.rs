@@ -20,14 +20,16 @@ use anyhow::{Context, bail};
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use vpod_attention::BackendOptions;
 use vpod_models::{
     HubOptions, LoadedModel, ModelSource, fetch_model_files, load_model, load_synthetic, preset, preset_names,
 };
 
 use crate::device::{check_fits, device_label, parse_device, parse_dtype, peak_rss_mib};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Request};
 use crate::sampler::SamplingParams;
+use crate::scheduler::{Policy, SchedulerConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,15 +74,80 @@ pub struct ModelArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// KV memory budget of the paged / virtual caches, e.g. 2GiB, 512MiB
+    /// (default: room for --max-seqs sequences of the full context).
+    #[arg(long, value_parser = parse_size)]
+    pub kv_memory: Option<usize>,
+    /// Tokens per block of the paged cache (16, 32, 64, 128; `--backend paged:N` also sets it).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Physical page size of the virtual cache, e.g. 2MiB.
+    #[arg(long, value_parser = parse_size, default_value = "2MiB")]
+    pub page_size: usize,
+    /// Most sequences running at once (and slots of the virtual cache).
+    #[arg(long, default_value_t = 8)]
+    pub max_seqs: usize,
+    /// Virtual cache: all layers of a token in one region (finer pages).
+    #[arg(long)]
+    pub megacache: bool,
+}
+
+impl ModelArgs {
+    fn backend_options(&self) -> BackendOptions {
+        BackendOptions {
+            block_size: self.block_size,
+            page_size: self.page_size,
+            kv_memory: self.kv_memory,
+            max_seqs: self.max_seqs,
+            megacache: self.megacache,
+        }
+    }
+}
+
+/// Parses `2GiB`, `512MiB`, `1.5GB`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 2GiB, 512MiB, 4096)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit '{u}' in '{s}'")),
+    };
+    if n.is_nan() || n < 0.0 {
+        return Err(format!("'{s}' is not a size"));
+    }
+    Ok((n * mult) as usize)
 }
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt text.
-    #[arg(long, required_unless_present = "prompt_len", conflicts_with = "prompt_len")]
-    pub prompt: Option<String>,
+    /// The prompt text; repeat for a batch.
+    #[arg(long, required_unless_present_any = ["prompt_len", "prompts_file"], conflicts_with = "prompt_len")]
+    pub prompt: Vec<String>,
+    /// A file with one prompt per line, run as one batch.
+    #[arg(long)]
+    pub prompts_file: Option<PathBuf>,
+    /// Batch scheduling: prefill-first (vLLM v0.2.7) or hybrid (Sarathi-Serve chunked prefills).
+    #[arg(long, default_value = "hybrid", value_parser = ["prefill-first", "hybrid"])]
+    pub scheduler: String,
+    /// Token budget of a step (hybrid) or most prefill tokens of a step (prefill-first).
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
+    /// Hybrid: at most one prefill chunk per step (as in the POD-Attention paper).
+    #[arg(long)]
+    pub one_prefill: bool,
     /// Instead of a text, a prompt of N pseudo-random token ids (seeded by --seed), BOS first.
     #[arg(long)]
     pub prompt_len: Option<usize>,
@@ -181,7 +248,7 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
     bar.finish_and_clear();
     device.synchronize()?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
-    let engine = Engine::new(loaded, &a.backend)?;
+    let engine = Engine::with_options(loaded, &a.backend, &a.backend_options())?;
     Ok(Session {
         engine,
         model_name,
@@ -211,9 +278,20 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if a.temperature < 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
+    let mut texts = a.prompt.clone();
+    if let Some(f) = &a.prompts_file {
+        let body = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        texts.extend(body.lines().filter(|l| !l.trim().is_empty()).map(String::from));
+        if texts.is_empty() {
+            bail!("{} holds no prompts", f.display());
+        }
+    }
     let mut s = open_session(&a.model)?;
+    if texts.len() > 1 {
+        return generate_batch(&a, &mut s, &texts);
+    }
     let m = &s.engine.model;
-    let prompt = match (&a.prompt, a.prompt_len) {
+    let prompt = match (texts.first(), a.prompt_len) {
         (Some(text), _) => m.tokenizer()?.encode_with_bos(text)?,
         (None, Some(n)) => synthetic_prompt(n, m.config.vocab_size, m.bos_id, a.seed),
         (None, None) => bail!("give --prompt TEXT or --prompt-len N"),
@@ -283,6 +361,93 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             g.decode_tokens_per_s(),
             s.engine.backend_name(),
             s.device
+        );
+    }
+    Ok(())
+}
+
+/// Several prompts as one batch through the scheduler; prints each
+/// completion (or one JSON object with per-request metrics).
+fn generate_batch(a: &GenerateArgs, s: &mut Session, texts: &[String]) -> anyhow::Result<()> {
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    let tok = s.engine.model.tokenizer()?.clone();
+    let requests = texts
+        .iter()
+        .map(|t| {
+            Ok(Request {
+                prompt: tok.encode_with_bos(t)?,
+                max_tokens: a.max_tokens,
+                sampling,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let policy = match a.scheduler.as_str() {
+        "prefill-first" => Policy::PrefillFirst,
+        _ => Policy::Hybrid {
+            one_prefill: a.one_prefill,
+        },
+    };
+    let cfg = SchedulerConfig {
+        policy,
+        chunk_size: a.chunk_size,
+        max_seqs: a.model.max_seqs,
+    };
+    let out = s.engine.run_batch(&requests, cfg, &mut |_, _| Ok(()))?;
+    let wall_ms: f64 = out.steps.iter().map(|st| st.ms).sum();
+    let generated: usize = out.requests.iter().map(|r| r.tokens.len()).sum();
+    if a.model.json {
+        let reqs: Vec<_> = out
+            .requests
+            .iter()
+            .map(|r| {
+                let mean_tbt = if r.tbt_ms.is_empty() {
+                    0.0
+                } else {
+                    r.tbt_ms.iter().sum::<f64>() / r.tbt_ms.len() as f64
+                };
+                Ok(json!({
+                    "prompt_tokens": r.prompt_tokens,
+                    "tokens": r.tokens,
+                    "text": tok.decode(&r.tokens)?,
+                    "finish_reason": r.finish_reason,
+                    "ttft_ms": r.ttft_ms,
+                    "mean_tbt_ms": mean_tbt,
+                    "e2e_ms": r.e2e_ms,
+                    "preemptions": r.preemptions,
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let out = json!({
+            "model": s.model_name,
+            "backend": s.engine.backend_name(),
+            "device": s.device,
+            "dtype": format!("{:?}", s.dtype).to_lowercase(),
+            "scheduler": a.scheduler,
+            "chunk_size": a.chunk_size,
+            "requests": reqs,
+            "steps": out.steps.len(),
+            "generated_tokens": generated,
+            "tokens_per_s": generated as f64 / (wall_ms / 1e3).max(1e-9),
+            "load_ms": s.load_ms,
+        });
+        println!("{out}");
+    } else {
+        for (i, r) in out.requests.iter().enumerate() {
+            println!("[{i}] {}{}", texts[i], tok.decode(&r.tokens)?);
+        }
+        eprintln!(
+            "[{} requests, {generated} tokens in {} steps, {:.1} tok/s; backend {} on {}, scheduler {}]",
+            out.requests.len(),
+            out.steps.len(),
+            generated as f64 / (wall_ms / 1e3).max(1e-9),
+            s.engine.backend_name(),
+            s.device,
+            a.scheduler
         );
     }
     Ok(())

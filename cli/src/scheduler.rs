@@ -232,3 +232,125 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device};
+    use proptest::prelude::*;
+    use vpod_kvcache::{PagedCache, PagedLayout, VirtualCache, VirtualConfig};
+
+    use super::*;
+
+    /// Drives the scheduler without a model: every step "computes" its plan
+    /// and each request stops after its own number of generated tokens.
+    fn simulate(kv: &mut dyn KvManager, cfg: SchedulerConfig, reqs: &[(usize, usize)], arrivals: &[usize]) {
+        let mut s = Scheduler::new(cfg);
+        let mut target: HashMap<SeqId, usize> = HashMap::new();
+        let mut done = 0;
+        let mut step = 0;
+        let mut next = 0;
+        while done < reqs.len() {
+            // Requests arrive over the first steps.
+            while next < reqs.len() && arrivals[next] <= step {
+                let (prompt, new_tokens) = reqs[next];
+                s.add(SeqState {
+                    id: next as SeqId,
+                    len: prompt,
+                    computed: 0,
+                });
+                target.insert(next as SeqId, prompt + new_tokens);
+                next += 1;
+            }
+            step += 1;
+            assert!(step < 100_000, "no progress");
+            let plan = s.schedule(Some(kv));
+            if let Policy::Hybrid { one_prefill } = cfg.policy {
+                assert!(
+                    plan.num_tokens() <= cfg.chunk_size.max(1),
+                    "token budget exceeded"
+                );
+                if one_prefill {
+                    assert!(
+                        plan.chunks
+                            .iter()
+                            .filter(|c| c.query_len > 1 || c.context_len == 0)
+                            .count()
+                            <= 1
+                    );
+                }
+            }
+            assert!(s.running.len() <= cfg.max_seqs);
+            let mut seen = std::collections::HashSet::new();
+            for c in &plan.chunks {
+                assert!(seen.insert(c.seq_id), "sequence scheduled twice");
+                assert!(
+                    kv.capacity(c.seq_id).unwrap() >= c.context_len + c.query_len,
+                    "no room for the chunk"
+                );
+            }
+            for c in plan.chunks {
+                let st = s.running.iter().find(|r| r.id == c.seq_id).unwrap().clone();
+                let produced = c.context_len + c.query_len == st.len;
+                if produced && st.len + 1 > target[&c.seq_id] {
+                    s.finish(c.seq_id);
+                    kv.release(c.seq_id);
+                    done += 1;
+                } else {
+                    s.advance(c.seq_id, c.query_len, produced);
+                }
+            }
+        }
+        assert!(s.is_idle());
+        assert_eq!(kv.free_tokens(), kv.total_tokens(), "KV leaked");
+    }
+
+    fn workload() -> impl Strategy<Value = (Vec<(usize, usize)>, Vec<usize>)> {
+        prop::collection::vec((1usize..60, 1usize..30), 1..25).prop_flat_map(|reqs| {
+            let n = reqs.len();
+            (
+                Just(reqs),
+                prop::collection::vec(0usize..20, n).prop_map(|mut a| {
+                    a.sort_unstable();
+                    a
+                }),
+            )
+        })
+    }
+
+    fn policy() -> impl Strategy<Value = SchedulerConfig> {
+        (
+            prop_oneof![
+                Just(Policy::PrefillFirst),
+                any::<bool>().prop_map(|one_prefill| Policy::Hybrid { one_prefill })
+            ],
+            8usize..96,
+            1usize..6,
+        )
+            .prop_map(|(policy, chunk_size, max_seqs)| SchedulerConfig {
+                policy,
+                chunk_size,
+                max_seqs,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Every request completes under both caches, whatever the arrivals,
+        /// lengths and budgets (tight enough to preempt).
+        #[test]
+        fn every_request_completes(w in workload(), cfg in policy(), blocks in 6usize..20) {
+            let (reqs, arrivals) = w;
+            let layout = PagedLayout::new(blocks, 16, 1, 8, 4).unwrap();
+            let mut paged = PagedCache::new(1, layout, 96, DType::F32, &Device::Cpu).unwrap();
+            simulate(&mut paged, cfg, &reqs, &arrivals);
+            let mut virt = VirtualCache::new(VirtualConfig {
+                num_layers: 1, kv_heads: 1, head_dim: 64, elem_bytes: 4, max_seqs: 6, max_len: 96,
+                page_size: 4096, budget_bytes: blocks * 2 * 4096, megacache: false,
+            }).unwrap();
+            simulate(&mut virt, cfg, &reqs, &arrivals);
+        }
+    }
+}
