@@ -34,6 +34,14 @@ const KERNELS: &[(&str, &str)] = &[
         "gemv_bf16",
         "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues",
     ),
+    (
+        "slot_decode_bf16",
+        "split-KV decode attention over the per-slot layout, bf16, head_dim 128",
+    ),
+    (
+        "slot_decode_combine_bf16",
+        "merges the split-KV decode partials with log-sum-exp weights",
+    ),
 ];
 
 fn main() {

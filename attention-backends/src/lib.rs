@@ -30,6 +30,7 @@
 //! same cache, a hybrid batch in one call). The last three run as CPU twins
 //! of their kernels until the CUDA milestones add the kernels.
 
+pub mod decode;
 mod error;
 pub mod flash;
 pub mod linear;
