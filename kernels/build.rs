@@ -35,9 +35,12 @@ const KERNELS: &[(&str, &str)] = &[
         "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues",
     ),
     (
-        "slot_decode_bf16",
-        "split-KV decode attention over the per-slot layout, bf16, head_dim 128",
+        "slot_decode_g1_bf16",
+        "split-KV decode over the per-slot layout, bf16, head_dim 128, GQA group 1",
     ),
+    ("slot_decode_g4_bf16", "the same, GQA group 4 (Llama-3-8B)"),
+    ("slot_decode_g7_bf16", "the same, GQA group 7 (Yi-34B)"),
+    ("slot_decode_g8_bf16", "the same, GQA group 8 (Yi-6B)"),
     (
         "slot_decode_combine_bf16",
         "merges the split-KV decode partials with log-sum-exp weights",

@@ -11,8 +11,8 @@ use crate::{AttnError, Result};
 
 /// head_dim the kernel is built for.
 pub const DECODE_HEAD_DIM: usize = 128;
-/// Largest GQA group the kernel holds in registers.
-pub const DECODE_MAX_GROUP: usize = 8;
+/// GQA groups the CUDA kernel is instantiated for (the models need 4, 7, 8).
+pub const DECODE_GROUPS: &[usize] = &[1, 4, 7, 8];
 
 /// `q: [batch, heads, 128]`, `k_cache`, `v_cache: [max_seqs, max_len, kv_heads, 128]`;
 /// sequence `b` lives in slot `slots[b]` with `seq_lens[b]` keys, split into
@@ -33,9 +33,13 @@ pub fn slot_decode(
             "slot decode needs head_dim {DECODE_HEAD_DIM} and equal K/V caches"
         ));
     }
-    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || heads / kv_heads > DECODE_MAX_GROUP {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return bad(format!("{heads} heads are not a multiple of {kv_heads} KV heads"));
+    }
+    if !q.device().is_cpu() && !DECODE_GROUPS.contains(&(heads / kv_heads)) {
         return bad(format!(
-            "{heads} heads over {kv_heads} KV heads: the group must divide and be <= {DECODE_MAX_GROUP}"
+            "no decode kernel for GQA group {} (built: {DECODE_GROUPS:?})",
+            heads / kv_heads
         ));
     }
     if slots.len() != b || seq_lens.len() != b || splits == 0 {
@@ -206,7 +210,14 @@ impl CustomOp3 for SlotDecode {
             self.max_len as i32,
             self.splits as i32,
         );
-        let f = crate::ops::cuda::function(&dev, "slot_decode_bf16")?;
+        let name = match self.heads / self.kv_heads {
+            1 => "slot_decode_g1_bf16",
+            4 => "slot_decode_g4_bf16",
+            7 => "slot_decode_g7_bf16",
+            8 => "slot_decode_g8_bf16",
+            g => candle_core::bail!("slot-decode: no kernel for GQA group {g}"),
+        };
+        let f = crate::ops::cuda::function(&dev, name)?;
         let cfg = LaunchConfig {
             grid_dim: (self.splits as u32, self.kv_heads as u32, b as u32),
             block_dim: (128, 1, 1),

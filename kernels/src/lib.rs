@@ -20,7 +20,7 @@
 //! gemv_bf16(const bf16* w, const bf16* x, const bf16* residual, bf16* y, int M, int N, int K, int epi)
 //!     y [M, N] = x [M, K] . w [N, K]^T, M <= 8, K % 8 == 0; epi 1 adds residual [M, N];
 //!     epi 2: w = [gate; up] with 2N rows, y = silu(x gate^T) * (x up^T).
-//! slot_decode_bf16(const bf16* q, const bf16* k, const bf16* v, const int* slots, const int* seq_lens,
+//! slot_decode_g{1,4,7,8}_bf16(const bf16* q, const bf16* k, const bf16* v, const int* slots, const int* seq_lens,
 //!                  float* part_o, float* part_ml, int heads, int kv_heads, int max_len, int splits, float scale)
 //!     grid (splits, kv_heads, batch), 128 threads; K/V [max_seqs, max_len, kv_heads, 128];
 //!     partials [batch * heads, splits] x (o[128], (m, l)).

@@ -20,7 +20,10 @@
 
 constexpr int DEC_HEAD_DIM = 128;
 constexpr int DEC_WARPS = 4;
-constexpr int DEC_MAX_GROUP = 8;
+// Keys a warp loads before using any of them (bytes in flight); fewer for
+// the large groups, whose per-head state already fills the registers.
+template <int GROUP>
+__host__ __device__ constexpr int keys_in_flight() { return GROUP >= 7 ? 2 : 4; }
 
 __device__ __forceinline__ void load4(const __nv_bfloat16* p, float out[4]) {
     const uint2 raw = *reinterpret_cast<const uint2*>(p);
@@ -29,6 +32,10 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* p, float out[4]) {
     out[0] = a.x; out[1] = a.y; out[2] = b.x; out[3] = b.y;
 }
 
+// GROUP (query heads per KV head) is a compile-time constant so that the
+// per-head state lives in registers (a runtime group spilled it to local
+// memory: 0.64 TB/s instead of the bandwidth).
+template <int GROUP>
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const int32_t* __restrict__ slots,
@@ -36,25 +43,26 @@ __device__ __forceinline__ void slot_decode_split(
     int heads, int kv_heads, int max_len, int splits, float scale) {
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int group = heads / kv_heads;
+    constexpr int group = GROUP;
+    constexpr int KEYS_IN_FLIGHT = keys_in_flight<GROUP>();
     const int seq_len = seq_lens[b];
     const int per_split = (seq_len + splits - 1) / splits;
     const int start = split * per_split;
     const int end = min(seq_len, start + per_split);
 
     // This lane's 4 dims of the group's queries, pre-scaled.
-    float qv[DEC_MAX_GROUP][4];
+    float qv[GROUP][4];
 #pragma unroll
-    for (int g = 0; g < DEC_MAX_GROUP; ++g) {
-        if (g < group) {
+    for (int g = 0; g < GROUP; ++g) {
+        {
             load4(q + ((size_t)b * heads + kvh * group + g) * DEC_HEAD_DIM + lane * 4, qv[g]);
 #pragma unroll
             for (int d = 0; d < 4; ++d) qv[g][d] *= scale;
         }
     }
-    float m[DEC_MAX_GROUP], l[DEC_MAX_GROUP], acc[DEC_MAX_GROUP][4];
+    float m[GROUP], l[GROUP], acc[GROUP][4];
 #pragma unroll
-    for (int g = 0; g < DEC_MAX_GROUP; ++g) {
+    for (int g = 0; g < GROUP; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.f;
 #pragma unroll
@@ -62,31 +70,57 @@ __device__ __forceinline__ void slot_decode_split(
     }
     const size_t row = (size_t)kv_heads * DEC_HEAD_DIM;
     const size_t base = (size_t)slots[b] * max_len * row + (size_t)kvh * DEC_HEAD_DIM + lane * 4;
-    for (int pos = start + warp; pos < end; pos += DEC_WARPS) {
-        float kf[4], vf[4];
-        load4(k_cache + base + pos * row, kf);
-        load4(v_cache + base + pos * row, vf);
+    // Each warp takes KEYS_IN_FLIGHT keys per iteration (positions
+    // pos, pos + 4, ...): their K and V rows are loaded before any of them is
+    // used, so that enough bytes are in flight to approach the bandwidth.
+    // Software pipelining: the next iteration's rows are loaded while this
+    // iteration's are used.
+    float kf[KEYS_IN_FLIGHT][4], vf[KEYS_IN_FLIGHT][4];
+    auto load_rows = [&](int pos0, float (*kd)[4], float (*vd)[4]) {
 #pragma unroll
-        for (int g = 0; g < DEC_MAX_GROUP; ++g) {
-            if (g < group) {
-                float s = qv[g][0] * kf[0] + qv[g][1] * kf[1] + qv[g][2] * kf[2] + qv[g][3] * kf[3];
+        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
+            const int pos = max(min(pos0 + u * DEC_WARPS, end - 1), 0);  // a valid row; masked below
+            load4(k_cache + base + (size_t)pos * row, kd[u]);
+            load4(v_cache + base + (size_t)pos * row, vd[u]);
+        }
+    };
+    if (start + warp < end) load_rows(start + warp, kf, vf);
+    for (int pos0 = start + warp; pos0 < end; pos0 += DEC_WARPS * KEYS_IN_FLIGHT) {
+        float kn[KEYS_IN_FLIGHT][4], vn[KEYS_IN_FLIGHT][4];
+        const int next = pos0 + DEC_WARPS * KEYS_IN_FLIGHT;
+        if (next < end) load_rows(next, kn, vn);
+#pragma unroll
+        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
+            const bool valid = pos0 + u * DEC_WARPS < end;  // uniform across the warp
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                float s = qv[g][0] * kf[u][0] + qv[g][1] * kf[u][1] + qv[g][2] * kf[u][2] + qv[g][3] * kf[u][3];
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-                const float m_new = fmaxf(m[g], s);
-                const float alpha = __expf(m[g] - m_new), p = __expf(s - m_new);
-                l[g] = l[g] * alpha + p;
+                if (valid) {
+                    const float m_new = fmaxf(m[g], s);
+                    const float alpha = __expf(m[g] - m_new), p = __expf(s - m_new);
+                    l[g] = l[g] * alpha + p;
 #pragma unroll
-                for (int d = 0; d < 4; ++d) acc[g][d] = acc[g][d] * alpha + p * vf[d];
-                m[g] = m_new;
+                    for (int d = 0; d < 4; ++d) acc[g][d] = acc[g][d] * alpha + p * vf[u][d];
+                    m[g] = m_new;
+                }
             }
         }
+#pragma unroll
+        for (int u = 0; u < KEYS_IN_FLIGHT; ++u)
+#pragma unroll
+            for (int d = 0; d < 4; ++d) {
+                kf[u][d] = kn[u][d];
+                vf[u][d] = vn[u][d];
+            }
     }
     // Merge the warps: shared (m, l) per warp and head, then o.
-    __shared__ float sm[DEC_WARPS][DEC_MAX_GROUP], sl[DEC_WARPS][DEC_MAX_GROUP];
-    __shared__ float so[DEC_WARPS][DEC_MAX_GROUP][DEC_HEAD_DIM];
+    __shared__ float sm[DEC_WARPS][GROUP], sl[DEC_WARPS][GROUP];
+    __shared__ float so[DEC_WARPS][GROUP][DEC_HEAD_DIM];
 #pragma unroll
-    for (int g = 0; g < DEC_MAX_GROUP; ++g) {
-        if (g < group) {
+    for (int g = 0; g < GROUP; ++g) {
+        {
             if (lane == 0) {
                 sm[warp][g] = m[g];
                 sl[warp][g] = l[g];
