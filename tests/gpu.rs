@@ -328,7 +328,7 @@ fn slot_decode_matches_cpu_twin() {
     let slots: Vec<u32> = (0..b as u32).collect();
     let lens = vec![len; b];
     let splits = vpod_attention::decode_splits(len, b, kvh);
-    let run = || slot_decode(&q, &kv, &kv, &slots, &lens, splits).unwrap();
+    let run = || slot_decode(&q, &kc, &vc, &slots, &lens, splits).unwrap();
     for _ in 0..3 {
         run();
     }

@@ -8,11 +8,12 @@
 //
 // A block takes one KV head of one sequence and one split of its keys, and
 // all `group` query heads of that KV head, so each K/V row is read once for
-// the whole group. Warps take keys in turn; lane l owns dims 4l..4l+3. Each
-// warp keeps, per query head, the running max m, sum l and unnormalised
-// output (online softmax); the block merges its warps in shared memory and
-// writes the split's (m, l, o) to the partial buffers, which the combine
-// kernel (slot_decode_combine) merges with log-sum-exp weights:
+// the whole group. Warps take tiles of 32 keys in turn, one key per lane for
+// the scores, one 4-dim slice per lane for P V. Each warp keeps, per query
+// head, the running max m, sum l and unnormalised output (online softmax);
+// the block merges its warps in shared memory and writes the split's
+// (m, l, o) to the partial buffers, which the combine kernel
+// (slot_decode_combine) merges with log-sum-exp weights:
 //   out = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p,   M = max_p m_p.
 #pragma once
 #include <cuda_bf16.h>
@@ -20,10 +21,6 @@
 
 constexpr int DEC_HEAD_DIM = 128;
 constexpr int DEC_WARPS = 4;
-// Keys a warp loads before using any of them (bytes in flight); fewer for
-// the large groups, whose per-head state already fills the registers.
-template <int GROUP>
-__host__ __device__ constexpr int keys_in_flight() { return GROUP >= 7 ? 2 : 4; }
 
 __device__ __forceinline__ void load4(const __nv_bfloat16* p, float out[4]) {
     const uint2 raw = *reinterpret_cast<const uint2*>(p);
@@ -44,22 +41,20 @@ __device__ __forceinline__ void slot_decode_split(
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     constexpr int group = GROUP;
-    constexpr int KEYS_IN_FLIGHT = keys_in_flight<GROUP>();
     const int seq_len = seq_lens[b];
     const int per_split = (seq_len + splits - 1) / splits;
     const int start = split * per_split;
     const int end = min(seq_len, start + per_split);
 
-    // This lane's 4 dims of the group's queries, pre-scaled.
-    float qv[GROUP][4];
-#pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-        {
-            load4(q + ((size_t)b * heads + kvh * group + g) * DEC_HEAD_DIM + lane * 4, qv[g]);
-#pragma unroll
-            for (int d = 0; d < 4; ++d) qv[g][d] *= scale;
-        }
+    // The group's queries, pre-scaled, in shared memory: every lane reads
+    // them (broadcast) against its own key.
+    __shared__ __align__(16) float qs[GROUP][DEC_HEAD_DIM];
+    for (int i = threadIdx.x; i < GROUP * DEC_HEAD_DIM; i += blockDim.x) {
+        const int g = i / DEC_HEAD_DIM, d = i % DEC_HEAD_DIM;
+        qs[g][d] = __bfloat162float(q[((size_t)b * heads + kvh * group + g) * DEC_HEAD_DIM + d]) * scale;
     }
+    __syncthreads();
+
     float m[GROUP], l[GROUP], acc[GROUP][4];
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
@@ -69,51 +64,68 @@ __device__ __forceinline__ void slot_decode_split(
         for (int d = 0; d < 4; ++d) acc[g][d] = 0.f;
     }
     const size_t row = (size_t)kv_heads * DEC_HEAD_DIM;
-    const size_t base = (size_t)slots[b] * max_len * row + (size_t)kvh * DEC_HEAD_DIM + lane * 4;
-    // Each warp takes KEYS_IN_FLIGHT keys per iteration (positions
-    // pos, pos + 4, ...): their K and V rows are loaded before any of them is
-    // used, so that enough bytes are in flight to approach the bandwidth.
-    // Software pipelining: the next iteration's rows are loaded while this
-    // iteration's are used.
-    float kf[KEYS_IN_FLIGHT][4], vf[KEYS_IN_FLIGHT][4];
-    auto load_rows = [&](int pos0, float (*kd)[4], float (*vd)[4]) {
+    const __nv_bfloat16* kbase = k_cache + (size_t)slots[b] * max_len * row + (size_t)kvh * DEC_HEAD_DIM;
+    const __nv_bfloat16* vbase = v_cache + (size_t)slots[b] * max_len * row + (size_t)kvh * DEC_HEAD_DIM;
+    // Tiles of 32 keys, one key per lane, taken by the warps in turn. Scores:
+    // each lane dots its key with the group's queries (no shuffles, one exp
+    // per key and head). Then P V: lane l owns dims 4l..4l+3 and accumulates
+    // every key of the tile, its probability broadcast from the key's lane.
+    for (int t0 = start + warp * 32; t0 < end; t0 += DEC_WARPS * 32) {
+        const int key = t0 + lane;
+        const bool valid = key < end;
+        float s[GROUP];
 #pragma unroll
-        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
-            const int pos = max(min(pos0 + u * DEC_WARPS, end - 1), 0);  // a valid row; masked below
-            load4(k_cache + base + (size_t)pos * row, kd[u]);
-            load4(v_cache + base + (size_t)pos * row, vd[u]);
-        }
-    };
-    if (start + warp < end) load_rows(start + warp, kf, vf);
-    for (int pos0 = start + warp; pos0 < end; pos0 += DEC_WARPS * KEYS_IN_FLIGHT) {
-        float kn[KEYS_IN_FLIGHT][4], vn[KEYS_IN_FLIGHT][4];
-        const int next = pos0 + DEC_WARPS * KEYS_IN_FLIGHT;
-        if (next < end) load_rows(next, kn, vn);
+        for (int g = 0; g < GROUP; ++g) s[g] = 0.f;
+        if (valid) {
+            const uint4* kr = reinterpret_cast<const uint4*>(kbase + (size_t)key * row);
+#pragma unroll 4
+            for (int c = 0; c < DEC_HEAD_DIM / 8; ++c) {
+                const uint4 raw = kr[c];
+                const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+                float kf[8];
 #pragma unroll
-        for (int u = 0; u < KEYS_IN_FLIGHT; ++u) {
-            const bool valid = pos0 + u * DEC_WARPS < end;  // uniform across the warp
+                for (int j = 0; j < 4; ++j) {
+                    const float2 f = __bfloat1622float2(h2[j]);
+                    kf[2 * j] = f.x;
+                    kf[2 * j + 1] = f.y;
+                }
 #pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                float s = qv[g][0] * kf[u][0] + qv[g][1] * kf[u][1] + qv[g][2] * kf[u][2] + qv[g][3] * kf[u][3];
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-                if (valid) {
-                    const float m_new = fmaxf(m[g], s);
-                    const float alpha = __expf(m[g] - m_new), p = __expf(s - m_new);
-                    l[g] = l[g] * alpha + p;
-#pragma unroll
-                    for (int d = 0; d < 4; ++d) acc[g][d] = acc[g][d] * alpha + p * vf[u][d];
-                    m[g] = m_new;
+                for (int g = 0; g < GROUP; ++g) {
+                    const float4 qa = *reinterpret_cast<const float4*>(&qs[g][c * 8]);
+                    const float4 qb = *reinterpret_cast<const float4*>(&qs[g][c * 8 + 4]);
+                    s[g] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+                            qb.z * kf[6] + qb.w * kf[7];
                 }
             }
         }
+        float p[GROUP];
 #pragma unroll
-        for (int u = 0; u < KEYS_IN_FLIGHT; ++u)
+        for (int g = 0; g < GROUP; ++g) {
+            float tmax = valid ? s[g] : -INFINITY;
 #pragma unroll
-            for (int d = 0; d < 4; ++d) {
-                kf[u][d] = kn[u][d];
-                vf[u][d] = vn[u][d];
+            for (int o = 16; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, o));
+            const float m_new = fmaxf(m[g], tmax);
+            const float alpha = __expf(m[g] - m_new);
+            p[g] = valid ? __expf(s[g] - m_new) : 0.f;
+            float psum = p[g];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) psum += __shfl_xor_sync(0xffffffff, psum, o);
+            l[g] = l[g] * alpha + psum;
+#pragma unroll
+            for (int d = 0; d < 4; ++d) acc[g][d] *= alpha;
+            m[g] = m_new;
+        }
+        const int n = min(32, end - t0);
+        for (int j = 0; j < n; ++j) {
+            float vf[4];
+            load4(vbase + (size_t)(t0 + j) * row + lane * 4, vf);
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                const float pj = __shfl_sync(0xffffffff, p[g], j);
+#pragma unroll
+                for (int d = 0; d < 4; ++d) acc[g][d] += pj * vf[d];
             }
+        }
     }
     // Merge the warps: shared (m, l) per warp and head, then o.
     __shared__ float sm[DEC_WARPS][GROUP], sl[DEC_WARPS][GROUP];
