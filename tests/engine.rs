@@ -240,6 +240,33 @@ mod batch {
         }
     }
 
+    /// An error in the middle of a batch (here from the token callback)
+    /// frees the KV of every sequence in flight: the engine runs on.
+    #[test]
+    fn an_error_mid_batch_frees_the_cache() {
+        let opts = BackendOptions {
+            kv_memory: Some(8 * 16 * 2048),
+            ..Default::default()
+        };
+        let mut e =
+            Engine::with_options(load_dir(&fixture("tiny-llama3-gqa4")).unwrap(), "paged:16", &opts).unwrap();
+        let reqs = requests(6, 20);
+        let mut n = 0;
+        let failed = e.run_batch(&reqs, Default::default(), &mut |_, _| {
+            n += 1;
+            if n == 5 {
+                Err(vpod_cli::engine::EngineError::EmptyPrompt)
+            } else {
+                Ok(())
+            }
+        });
+        assert!(failed.is_err());
+        let out = e
+            .run_batch(&reqs, Default::default(), &mut |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(out.requests.len(), 6);
+    }
+
     #[test]
     fn a_kv_budget_too_small_for_one_request_is_refused_with_numbers() {
         let opts = BackendOptions {

@@ -321,10 +321,13 @@ fn slot_decode_matches_cpu_twin() {
         .unwrap()
         .to_dtype(DType::BF16)
         .unwrap();
-    let kv = Tensor::randn(0f32, 1.0, (b, len, kvh, 128), &dev)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap();
+    let cache = || {
+        Tensor::randn(0f32, 1.0, (b, len, kvh, 128), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let (kc, vc) = (cache(), cache());
     let slots: Vec<u32> = (0..b as u32).collect();
     let lens = vec![len; b];
     let splits = vpod_attention::decode_splits(len, b, kvh);

@@ -31,8 +31,8 @@ pub enum EngineError {
     #[error("need at least 2 tokens to score, got {0}")]
     TooFewTokens(usize),
     #[error(
-        "the KV cache holds {total} tokens ({usable} usable after the 1 % reserve) but request {request} needs {needed}: \
-         raise --kv-memory or lower --max-tokens"
+        "the KV cache holds {total} tokens ({usable} usable by one request, in whole blocks or pages after the 1 % \
+         reserve) but request {request} needs {needed}: raise --kv-memory or lower --max-tokens"
     )]
     KvTooSmall {
         request: usize,
@@ -250,6 +250,42 @@ impl Engine {
             live.insert(id, l);
         }
         let mut steps = Vec::new();
+        if let Err(e) = self.drive(
+            &mut scheduler,
+            &mut live,
+            &mut outputs,
+            &mut steps,
+            start,
+            on_token,
+        ) {
+            // Leave the cache as we found it: free every sequence still in flight.
+            for id in live.keys() {
+                self.backend.release(*id);
+            }
+            return Err(e);
+        }
+        let requests = outputs
+            .into_iter()
+            .map(|o| {
+                o.ok_or(EngineError::Stalled {
+                    waiting: 0,
+                    running: 0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(BatchOutput { requests, steps })
+    }
+
+    /// Steps the scheduler until every request is done.
+    fn drive(
+        &mut self,
+        scheduler: &mut Scheduler,
+        live: &mut HashMap<SeqId, Live>,
+        outputs: &mut [Option<RequestOutput>],
+        steps: &mut Vec<StepRecord>,
+        start: Instant,
+        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    ) -> Result<()> {
         while !scheduler.is_idle() {
             let t0 = Instant::now();
             let Plan { chunks, preempted } = scheduler.schedule(self.backend.kv_manager());
@@ -333,23 +369,16 @@ impl Engine {
                 ms: t0.elapsed().as_secs_f64() * 1e3,
             });
         }
-        let requests = outputs
-            .into_iter()
-            .map(|o| {
-                o.ok_or(EngineError::Stalled {
-                    waiting: 0,
-                    running: 0,
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(BatchOutput { requests, steps })
+        Ok(())
     }
 
     /// Refuses, up front, a request that could never fit the KV cache (it
     /// would otherwise be preempted forever).
     fn check_fits(&mut self, request: usize, needed: usize) -> Result<()> {
-        if let Some(total) = self.backend.kv_manager().map(|kv| kv.total_tokens()) {
-            let usable = total - total / 100;
+        if let Some(kv) = self.backend.kv_manager() {
+            let total = kv.total_tokens();
+            // The scheduler's 1 % reserve, in the cache's own block/page units.
+            let usable = kv.max_admissible(total / 100);
             if needed > usable {
                 return Err(EngineError::KvTooSmall {
                     request,

@@ -85,7 +85,7 @@ pub struct ModelArgs {
     #[arg(long, value_parser = parse_size, default_value = "2MiB")]
     pub page_size: usize,
     /// Most sequences running at once (and slots of the virtual cache).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub max_seqs: usize,
     /// Virtual cache: all layers of a token in one region (finer pages).
     #[arg(long)]
@@ -101,6 +101,14 @@ impl ModelArgs {
             max_seqs: self.max_seqs,
             megacache: self.megacache,
         }
+    }
+}
+
+/// Parses a whole number of at least 1.
+pub fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a whole number >= 1")),
     }
 }
 
@@ -143,7 +151,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "hybrid", value_parser = ["prefill-first", "hybrid"])]
     pub scheduler: String,
     /// Token budget of a step (hybrid) or most prefill tokens of a step (prefill-first).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = positive)]
     pub chunk_size: usize,
     /// Hybrid: at most one prefill chunk per step (as in the POD-Attention paper).
     #[arg(long)]

@@ -21,6 +21,11 @@ pub trait KvManager: std::fmt::Debug {
     /// `reserve_tokens` free (the scheduler's watermark).
     fn can_admit(&self, tokens: usize, reserve_tokens: usize) -> bool;
 
+    /// The longest sequence the *empty* cache would admit while keeping
+    /// `reserve_tokens` free, in its own units (whole blocks or pages): a
+    /// request longer than this can never run.
+    fn max_admissible(&self, reserve_tokens: usize) -> usize;
+
     /// Allocates room for the first `tokens` tokens of a new sequence.
     fn admit(&mut self, seq: SeqId, tokens: usize) -> Result<()>;
 

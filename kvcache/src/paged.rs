@@ -227,6 +227,14 @@ impl KvManager for PagedCache {
             && self.blocks_for(tokens) + self.blocks_for(reserve_tokens) <= self.pool.num_free()
     }
 
+    fn max_admissible(&self, reserve_tokens: usize) -> usize {
+        let blocks = self
+            .pool
+            .num_blocks()
+            .saturating_sub(self.blocks_for(reserve_tokens));
+        (blocks * self.layout.block_size).min(self.max_seq_len)
+    }
+
     fn admit(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
         if self.tables.contains_key(&seq) {
             return Err(KvCacheError::Layout(format!(

@@ -36,6 +36,13 @@ fn drive<M: KvManager>(m: &mut M, ops: &[Op], check: &dyn Fn(&M)) {
             Op::Admit(len) => {
                 next += 1;
                 let can = m.can_admit(len, 0);
+                if live.is_empty() {
+                    assert_eq!(
+                        can,
+                        len <= m.max_admissible(0),
+                        "max_admissible disagrees with an empty cache"
+                    );
+                }
                 assert_eq!(can, m.admit(next, len).is_ok(), "can_admit({len}) mispredicted");
                 if can {
                     live.insert(next, len);

@@ -130,6 +130,9 @@ struct Slot {
     owner: Option<SeqId>,
     /// Page groups committed to this slot (from its start).
     pages: usize,
+    /// Page groups the owner's length needs (0 when idle); `pages - used`
+    /// is surplus that best-fit reuse left mapped, and can be taken back.
+    used: usize,
 }
 
 /// K or V.
@@ -227,12 +230,9 @@ impl VirtualCache {
         tokens.div_ceil(self.tokens_per_page)
     }
 
-    fn idle_pages(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| s.owner.is_none())
-            .map(|s| s.pages)
-            .sum()
+    /// Mapped page groups no sequence needs: idle slots' and owned slots' surplus.
+    fn spare_pages(&self) -> usize {
+        self.slots.iter().map(|s| s.pages - s.used).sum()
     }
 
     fn region(&self, layer: usize, kv: Kv) -> &Region {
@@ -264,18 +264,25 @@ impl VirtualCache {
         Ok(())
     }
 
-    /// Takes `n` page groups back from idle slots (the fullest first), so
-    /// that the pool can serve them.
+    /// Takes `n` page groups back from spare mappings (idle slots, and the
+    /// surplus beyond what owners need; the largest first), so that the pool
+    /// can serve them.
     fn reclaim(&mut self, mut n: usize) -> Result<()> {
         while n > 0 {
             let Some(i) = (0..self.slots.len())
-                .filter(|&i| self.slots[i].owner.is_none() && self.slots[i].pages > 0)
-                .max_by_key(|&i| self.slots[i].pages)
+                .filter(|&i| self.slots[i].pages > self.slots[i].used)
+                .max_by_key(|&i| self.slots[i].pages - self.slots[i].used)
             else {
                 break;
             };
-            let take = n.min(self.slots[i].pages);
+            let take = n.min(self.slots[i].pages - self.slots[i].used);
             let keep = self.slots[i].pages - take;
+            // Account first: if a decommit fails half-way, no row of the
+            // affected pages is handed out again.
+            self.slots[i].pages = keep;
+            self.free_pages += take;
+            self.unmapped_total += take;
+            n -= take;
             let (off, len) = (
                 i * self.slot_stride + keep * self.cfg.page_size,
                 take * self.cfg.page_size,
@@ -283,10 +290,6 @@ impl VirtualCache {
             for r in &self.regions {
                 r.decommit(off, len)?;
             }
-            self.slots[i].pages = keep;
-            self.free_pages += take;
-            self.unmapped_total += take;
-            n -= take;
         }
         Ok(())
     }
@@ -352,7 +355,7 @@ impl VirtualCache {
 
 impl KvManager for VirtualCache {
     fn free_tokens(&self) -> usize {
-        (self.free_pages + self.idle_pages()) * self.tokens_per_page
+        (self.free_pages + self.spare_pages()) * self.tokens_per_page
     }
 
     fn total_tokens(&self) -> usize {
@@ -366,7 +369,12 @@ impl KvManager for VirtualCache {
     fn can_admit(&self, tokens: usize, reserve_tokens: usize) -> bool {
         tokens <= self.cfg.max_len
             && self.slots.iter().any(|s| s.owner.is_none())
-            && self.pages_for(tokens) + self.pages_for(reserve_tokens) <= self.free_pages + self.idle_pages()
+            && self.pages_for(tokens) + self.pages_for(reserve_tokens) <= self.free_pages + self.spare_pages()
+    }
+
+    fn max_admissible(&self, reserve_tokens: usize) -> usize {
+        let pages = self.total_pages.saturating_sub(self.pages_for(reserve_tokens));
+        (pages * self.tokens_per_page).min(self.cfg.max_len)
     }
 
     fn admit(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
@@ -398,6 +406,7 @@ impl KvManager for VirtualCache {
             });
         };
         self.slots[slot].owner = Some(seq);
+        self.slots[slot].used = 0;
         self.seq_slot.insert(seq, slot);
         if let Err(e) = self.grow(seq, tokens) {
             self.release(seq);
@@ -410,9 +419,11 @@ impl KvManager for VirtualCache {
         let Some(&slot) = self.seq_slot.get(&seq) else {
             return false;
         };
+        let st = self.slots[slot];
+        // This slot's own surplus is not spare for itself.
+        let spare_elsewhere = self.spare_pages() - (st.pages - st.used);
         new_len <= self.cfg.max_len
-            && self.pages_for(new_len).saturating_sub(self.slots[slot].pages)
-                <= self.free_pages + self.idle_pages()
+            && self.pages_for(new_len).saturating_sub(st.pages) <= self.free_pages + spare_elsewhere
     }
 
     fn grow(&mut self, seq: SeqId, new_len: usize) -> Result<()> {
@@ -427,24 +438,32 @@ impl KvManager for VirtualCache {
                 limit: self.cfg.max_len,
             });
         }
+        let need = self.pages_for(new_len).max(self.slots[slot].used);
         let have = self.slots[slot].pages;
-        let missing = self.pages_for(new_len).saturating_sub(have);
-        if missing == 0 {
-            return Ok(());
-        }
-        if missing > self.free_pages + self.idle_pages() {
+        let missing = need.saturating_sub(have);
+        // This slot's own surplus is not spare for itself.
+        let spare_elsewhere = self.spare_pages() - (have - self.slots[slot].used);
+        if missing > self.free_pages + spare_elsewhere {
             return Err(KvCacheError::OutOfMemory {
                 seq,
                 needed_tokens: missing * self.tokens_per_page,
                 free_tokens: self.free_tokens(),
             });
         }
-        if missing > self.free_pages {
-            self.reclaim(missing - self.free_pages)?;
+        if missing > 0 {
+            if missing > self.free_pages {
+                // Keep this slot's surplus out of the reclaim (it is needed now).
+                let own = self.slots[slot].used;
+                self.slots[slot].used = have;
+                let r = self.reclaim(missing - self.free_pages);
+                self.slots[slot].used = own;
+                r?;
+            }
+            self.map(slot, have, have + missing)?;
+            self.free_pages -= missing;
+            self.slots[slot].pages += missing;
         }
-        self.map(slot, have, have + missing)?;
-        self.free_pages -= missing;
-        self.slots[slot].pages += missing;
+        self.slots[slot].used = need;
         Ok(())
     }
 
@@ -452,12 +471,15 @@ impl KvManager for VirtualCache {
         if let Some(slot) = self.seq_slot.remove(&seq) {
             // Deferred reclamation: the pages stay mapped for the next tenant.
             self.slots[slot].owner = None;
+            self.slots[slot].used = 0;
         }
     }
 
+    /// Tokens of the pages the sequence has claimed (`used`); surplus pages
+    /// left on its slot may still be taken back by others.
     fn capacity(&self, seq: SeqId) -> Option<usize> {
         let slot = *self.seq_slot.get(&seq)?;
-        Some((self.slots[slot].pages * self.tokens_per_page).min(self.cfg.max_len))
+        Some((self.slots[slot].used * self.tokens_per_page).min(self.cfg.max_len))
     }
 }
 
@@ -517,6 +539,28 @@ mod tests {
         c.release(2);
         c.release(3);
         assert_eq!(c.free_tokens(), c.total_tokens());
+    }
+
+    /// A short request placed on a slot with many parked pages must not hold
+    /// them: the surplus goes to whoever grows (no preemption thrash).
+    #[test]
+    fn best_fit_surplus_is_reclaimable() {
+        let mut c = VirtualCache::new(cfg(false, 6)).unwrap();
+        c.admit(1, 64).unwrap(); // 4 groups on slot 0
+        c.admit(2, 16).unwrap(); // 1 group
+        c.release(1);
+        c.admit(3, 1).unwrap(); // best fit: slot 0 with its 4 parked groups; uses 1
+        assert_eq!(c.capacity(3), Some(16));
+        assert_eq!(
+            c.free_tokens(),
+            16 + 3 * 16,
+            "the pool plus slot 0's 3 surplus groups"
+        );
+        assert!(c.can_grow(2, 64));
+        c.grow(2, 64).unwrap(); // 3 more groups: the free one and 2 of slot 0's surplus
+        c.check_invariants();
+        assert_eq!(c.capacity(3), Some(16));
+        assert!(c.row(0, Kv::K, c.slot_of(3).unwrap(), 15).is_ok());
     }
 
     #[test]

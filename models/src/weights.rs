@@ -168,9 +168,12 @@ impl TensorSource for Weights {
 
 /// Drops the resident pages of `mmap[start..end]` (whole pages only).
 fn release_pages(mmap: &Mmap, start: usize, end: usize) {
-    const PAGE: usize = 4096;
-    let first = start.div_ceil(PAGE) * PAGE;
-    let last = end / PAGE * PAGE;
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .unwrap_or(4096)
+        .max(1);
+    let first = start.div_ceil(page) * page;
+    let last = end / page * page;
     if last > first {
         // SAFETY: the mapping is a read-only view of a file; MADV_DONTNEED
         // only evicts pages, which are read from the file again if touched,
