@@ -8,6 +8,7 @@
 mod common;
 
 mod bad_input;
+mod compare;
 mod conformance;
 mod engine;
 #[cfg(feature = "cuda")]

@@ -115,6 +115,10 @@ pub struct BackendOptions {
     pub max_seqs: usize,
     /// The virtual cache's all-layers-in-one-region layout.
     pub megacache: bool,
+    /// Fault injection for tests: multiplies the softmax scale of the
+    /// paged / vattention / pod twins, so that a test can check that a
+    /// wrong backend is caught. Never set in normal use.
+    pub fault_scale: Option<f32>,
 }
 
 impl Default for BackendOptions {
@@ -125,6 +129,7 @@ impl Default for BackendOptions {
             kv_memory: None,
             max_seqs: 8,
             megacache: false,
+            fault_scale: None,
         }
     }
 }

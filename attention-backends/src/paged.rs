@@ -52,7 +52,7 @@ impl PagedBackend {
             cfg.dtype.size_in_bytes(),
         )?;
         let cache = PagedCache::new(cfg.num_layers, layout, cfg.max_seq_len, cfg.dtype, device)?;
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let scale = opts.fault_scale.unwrap_or(1.0) / (cfg.head_dim as f32).sqrt();
         Ok(Self {
             cfg,
             cache,

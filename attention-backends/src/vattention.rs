@@ -60,7 +60,7 @@ impl VirtualBackend {
             budget_bytes: opts.kv_budget_bytes(&cfg),
             megacache: opts.megacache,
         })?;
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let scale = opts.fault_scale.unwrap_or(1.0) / (cfg.head_dim as f32).sqrt();
         Ok(Self {
             name,
             cfg,

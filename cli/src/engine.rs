@@ -6,7 +6,8 @@
 //! engine drives the same call with many sequences.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::{D, DType, Tensor};
 use vpod_attention::{
@@ -129,6 +130,10 @@ pub struct RequestOutput {
 /// One engine step.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StepRecord {
+    /// Sequences admitted (running) during the step.
+    pub running: usize,
+    /// Time in attention calls, when [`Engine::profile_attention`] is on.
+    pub attention_ms: f64,
     pub decodes: usize,
     pub prefill_chunks: usize,
     pub prefill_tokens: usize,
@@ -154,24 +159,67 @@ struct Live {
     preemptions: usize,
 }
 
-/// A model plus one attention backend.
+/// A model (shareable between engines) plus one attention backend.
 #[derive(Debug)]
 pub struct Engine {
-    pub model: LoadedModel,
+    pub model: Arc<LoadedModel>,
     backend: Box<dyn AttentionBackend>,
     next_seq: SeqId,
     /// Longest sequence a request may reach (the model's context).
     max_seq_len: usize,
+    /// Time attention calls (synchronising the device after each) and put
+    /// the total in each [`StepRecord`].
+    pub profile_attention: bool,
+    attention_time: Duration,
+}
+
+/// Forwards to a backend and adds up the time its calls take.
+#[derive(Debug)]
+struct Timed<'a> {
+    inner: &'a mut dyn AttentionBackend,
+    device: candle_core::Device,
+    spent: &'a mut Duration,
+}
+
+impl AttentionBackend for Timed<'_> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+    ) -> vpod_attention::Result<Tensor> {
+        self.device.synchronize()?;
+        let t = Instant::now();
+        let out = self.inner.forward(layer, q, k, v, meta)?;
+        self.device.synchronize()?;
+        *self.spent += t.elapsed();
+        Ok(out)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.inner.release(seq)
+    }
 }
 
 impl Engine {
     /// Builds backend `backend` for this model (or says why it cannot run here).
-    pub fn new(model: LoadedModel, backend: &str) -> Result<Self> {
+    pub fn new(model: impl Into<Arc<LoadedModel>>, backend: &str) -> Result<Self> {
         Self::with_options(model, backend, &BackendOptions::default())
     }
 
     /// As [`Self::new`], with the cache's block/page size and KV budget.
-    pub fn with_options(model: LoadedModel, backend: &str, opts: &BackendOptions) -> Result<Self> {
+    pub fn with_options(
+        model: impl Into<Arc<LoadedModel>>,
+        backend: &str,
+        opts: &BackendOptions,
+    ) -> Result<Self> {
+        let model = model.into();
         let max_seq_len = model.config.max_position_embeddings;
         let cfg = model.model.attn_config(max_seq_len);
         let backend = create_backend(backend, &cfg, model.model.device(), opts)?;
@@ -180,6 +228,8 @@ impl Engine {
             backend,
             next_seq: 0,
             max_seq_len,
+            profile_attention: false,
+            attention_time: Duration::ZERO,
         })
     }
 
@@ -198,6 +248,15 @@ impl Engine {
         let device = self.model.model.device().clone();
         let meta = BatchMeta::new(chunks, logits, &device)?;
         let tokens = Tensor::new(tokens, &device)?;
+        if self.profile_attention {
+            let mut timed = Timed {
+                inner: self.backend.as_mut(),
+                device,
+                spent: &mut self.attention_time,
+            };
+            let mut attn = AttentionStep::new(&mut timed, &meta);
+            return Ok(self.model.model.forward(&tokens, &mut attn)?);
+        }
         let mut attn = AttentionStep::new(self.backend.as_mut(), &meta);
         Ok(self.model.model.forward(&tokens, &mut attn)?)
     }
@@ -310,6 +369,7 @@ impl Engine {
                 .collect();
             let logits = self.step(chunks.clone(), &tokens, LogitsAt::LastToken)?;
             let now = start.elapsed().as_secs_f64() * 1e3;
+            let mut finished_now = 0;
             for (row, c) in chunks.iter().enumerate() {
                 let l = live.get_mut(&c.seq_id).ok_or(EngineError::Stalled {
                     waiting: 0,
@@ -340,6 +400,7 @@ impl Engine {
                     None => scheduler.advance(c.seq_id, c.query_len, true),
                     Some(reason) => {
                         scheduler.finish(c.seq_id);
+                        finished_now += 1;
                         self.backend.release(c.seq_id);
                         let l = live.remove(&c.seq_id).ok_or(EngineError::Stalled {
                             waiting: 0,
@@ -351,7 +412,10 @@ impl Engine {
                     }
                 }
             }
+            let attention_ms = std::mem::take(&mut self.attention_time).as_secs_f64() * 1e3;
             steps.push(StepRecord {
+                running: scheduler.running.len() + finished_now,
+                attention_ms,
                 decodes: chunks
                     .iter()
                     .filter(|c| c.query_len == 1 && c.context_len > 0)

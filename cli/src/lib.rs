@@ -7,6 +7,7 @@
 //! - [`device`]: `--device` / `--dtype`, GPU checks.
 //! - [`Cli`] and [`run`]: `cli generate` and `cli perplexity`.
 
+pub mod compare;
 pub mod device;
 pub mod engine;
 pub mod sampler;
@@ -48,6 +49,46 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Teacher-forced negative log-likelihood and perplexity of a text file.
     Perplexity(PerplexityArgs),
+    /// The same workload on several backends (same inputs, same KV budget),
+    /// checked for agreement before anything is timed.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Model, device, dtype and cache options (its --backend is not used).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Backends to compare; the first is the reference for the agreement check.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "reference,paged:16,paged:128,vattention,pod"
+    )]
+    pub backends: Vec<String>,
+    #[arg(long, default_value = "decode-sweep", value_parser = ["decode-sweep", "memory"])]
+    pub workload: String,
+    /// decode-sweep: batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub batches: Vec<usize>,
+    /// decode-sweep: context lengths (prompt tokens).
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    pub contexts: Vec<usize>,
+    /// decode-sweep: tokens generated per request.
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+    /// memory: requests offered at once.
+    #[arg(long, default_value_t = 32)]
+    pub requests: usize,
+    /// memory: prompt tokens per request.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// memory: generated tokens per request.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Directory for compare.json.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Which model, where it runs, how attention is computed.
@@ -100,6 +141,7 @@ impl ModelArgs {
             kv_memory: self.kv_memory,
             max_seqs: self.max_seqs,
             megacache: self.megacache,
+            fault_scale: None,
         }
     }
 }
@@ -192,6 +234,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate(a),
         Command::Perplexity(a) => perplexity(a),
+        Command::Compare(a) => compare(a),
     }
 }
 
@@ -369,6 +412,105 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             g.decode_tokens_per_s(),
             s.engine.backend_name(),
             s.device
+        );
+    }
+    Ok(())
+}
+
+fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    if a.backends.is_empty() {
+        bail!("--backends is empty");
+    }
+    let s = open_session(&a.model)?;
+    let model = s.engine.model.clone();
+    let cache = a.model.backend_options();
+    // Every backend must exist and be able to run here; say which cannot and why.
+    let attn = model.model.attn_config(model.config.max_position_embeddings);
+    let mut problems = Vec::new();
+    for spec in &a.backends {
+        match vpod_attention::backend_info(spec) {
+            Err(_) => problems.push(format!("'{spec}' is not a backend")),
+            Ok(info) => {
+                let why = (info.check)(&attn, model.model.device(), &cache);
+                if !why.is_empty() {
+                    problems.push(format!("'{spec}' cannot run here: {}", why.join("; ")));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        let known: Vec<String> = vpod_attention::BACKENDS
+            .iter()
+            .map(|b| {
+                let why = (b.check)(&attn, model.model.device(), &cache);
+                if why.is_empty() {
+                    format!("{} (runs here)", b.name)
+                } else {
+                    format!("{} (not here: {})", b.name, why.join("; "))
+                }
+            })
+            .collect();
+        bail!("{}; backends: {}", problems.join("; "), known.join(", "));
+    }
+    let workload = match a.workload.as_str() {
+        "memory" => {
+            if a.model.kv_memory.is_none() {
+                bail!("the memory workload needs --kv-memory (the budget every backend gets)");
+            }
+            compare::Workload::Memory {
+                requests: a.requests,
+                prompt_len: a.prompt_len,
+                max_tokens: a.max_tokens,
+            }
+        }
+        _ => compare::Workload::DecodeSweep {
+            batches: a.batches.clone(),
+            contexts: a.contexts.clone(),
+            tokens: a.tokens,
+        },
+    };
+    let opts = compare::CompareOptions {
+        backends: a.backends.clone(),
+        workload,
+        cache,
+        fault: None,
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    let rows = compare::compare(&model, &opts, &mut |m| bar.set_message(m.to_string()));
+    bar.finish_and_clear();
+    let rows = rows?;
+    let report = json!({
+        "tool": "vpod cli compare",
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": s.model_name,
+        "device": s.device,
+        "dtype": format!("{:?}", s.dtype).to_lowercase(),
+        "workload": a.workload,
+        "kv_memory": a.model.kv_memory,
+        "block_size": a.model.block_size,
+        "page_size": a.model.page_size,
+        "backends": rows,
+    });
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("compare.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if a.model.json {
+        println!("{report}");
+    } else {
+        print!("{}", compare::table(&report["backends"]));
+    }
+    if rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["agrees"] == false)
+    {
+        bail!(
+            "a backend disagreed with {} (see above); its numbers were not taken",
+            a.backends[0]
         );
     }
     Ok(())

@@ -1,0 +1,276 @@
+//! `cli compare`: the same workload on several backends, in one process,
+//! with the same inputs and the same KV budget. Before timing anything it
+//! checks that every backend agrees with the first one (greedy tokens of a
+//! fixed set of requests); a backend that disagrees is reported, not timed.
+//!
+//! Workloads:
+//! - `decode-sweep`: batch sizes x context lengths, N generated tokens each:
+//!   decode tokens/s and attention time per decode step;
+//! - `memory`: the most requests each backend runs at once before it must
+//!   preempt, for a given `--kv-memory` and request length.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use vpod_attention::BackendOptions;
+use vpod_models::LoadedModel;
+
+use crate::engine::{Engine, Request, Result};
+use crate::sampler::SamplingParams;
+use crate::scheduler::{Policy, SchedulerConfig};
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    DecodeSweep {
+        batches: Vec<usize>,
+        contexts: Vec<usize>,
+        tokens: usize,
+    },
+    Memory {
+        requests: usize,
+        prompt_len: usize,
+        max_tokens: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    /// Backend specs (`paged:16`, `vattention`, ...); the first is the reference for agreement.
+    pub backends: Vec<String>,
+    pub workload: Workload,
+    /// Cache options shared by every backend (same KV budget).
+    pub cache: BackendOptions,
+    /// Fault injection for tests: (backend spec, softmax-scale factor).
+    pub fault: Option<(String, f32)>,
+}
+
+/// Deterministic prompt ids in `[1, vocab)`.
+fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| 1 + ((i * 2654435761 + salt * 40503) % (vocab - 1).max(1)) as u32)
+        .collect()
+}
+
+fn engine(model: &Arc<LoadedModel>, spec: &str, o: &CompareOptions) -> Result<Engine> {
+    let mut cache = o.cache.clone();
+    if let Some((b, f)) = &o.fault
+        && b == spec
+    {
+        cache.fault_scale = Some(*f);
+    }
+    Engine::with_options(model.clone(), spec, &cache)
+}
+
+/// Greedy tokens of three fixed requests (short, medium, chunked-prefill long).
+fn agreement_run(e: &mut Engine) -> Result<Vec<Vec<u32>>> {
+    let vocab = e.model.config.vocab_size;
+    let max = e.max_seq_len();
+    let reqs: Vec<Request> = [5usize, 17, 40]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Request {
+            prompt: prompt(n.min(max - 17), vocab, i),
+            max_tokens: 16,
+            sampling: SamplingParams::default(),
+        })
+        .collect();
+    let cfg = SchedulerConfig {
+        policy: Policy::Hybrid { one_prefill: false },
+        chunk_size: 24,
+        max_seqs: 3,
+    };
+    Ok(e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?
+        .requests
+        .into_iter()
+        .map(|r| r.tokens)
+        .collect())
+}
+
+/// Runs the comparison; `progress(message)` is called as cells complete.
+pub fn compare(
+    model: &Arc<LoadedModel>,
+    o: &CompareOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Value> {
+    let mut reference: Option<Vec<Vec<u32>>> = None;
+    let mut rows = Vec::new();
+    for spec in &o.backends {
+        // The agreement check runs with the default (ample) KV budget, so
+        // that a tight --kv-memory for the memory workload does not refuse it.
+        let ample = CompareOptions {
+            cache: BackendOptions {
+                kv_memory: None,
+                ..o.cache.clone()
+            },
+            ..o.clone()
+        };
+        let tokens = agreement_run(&mut engine(model, spec, &ample)?)?;
+        let disagreement = match &reference {
+            None => {
+                reference = Some(tokens);
+                None
+            }
+            Some(r) => first_difference(r, &tokens),
+        };
+        progress(&format!(
+            "{spec}: agreement {}",
+            if disagreement.is_none() { "ok" } else { "FAILED" }
+        ));
+        if let Some(d) = disagreement {
+            rows.push(json!({ "backend": spec, "agrees": false, "disagreement": d, "results": Value::Null }));
+            continue;
+        }
+        let mut e = engine(model, spec, o)?;
+        let results = match &o.workload {
+            Workload::DecodeSweep {
+                batches,
+                contexts,
+                tokens,
+            } => decode_sweep(&mut e, batches, contexts, *tokens, spec, progress)?,
+            Workload::Memory {
+                requests,
+                prompt_len,
+                max_tokens,
+            } => memory(&mut e, *requests, *prompt_len, *max_tokens)?,
+        };
+        rows.push(json!({ "backend": spec, "agrees": true, "results": results }));
+    }
+    Ok(Value::Array(rows))
+}
+
+fn first_difference(want: &[Vec<u32>], got: &[Vec<u32>]) -> Option<String> {
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        if let Some(j) = (0..w.len().max(g.len())).find(|&j| w.get(j) != g.get(j)) {
+            return Some(format!(
+                "request {i}, token {j}: {:?} where the first backend produced {:?}",
+                g.get(j),
+                w.get(j)
+            ));
+        }
+    }
+    None
+}
+
+fn decode_sweep(
+    e: &mut Engine,
+    batches: &[usize],
+    contexts: &[usize],
+    tokens: usize,
+    spec: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Value> {
+    let vocab = e.model.config.vocab_size;
+    let mut cells = Vec::new();
+    for &b in batches {
+        for &c in contexts {
+            let reqs: Vec<Request> = (0..b)
+                .map(|i| Request {
+                    prompt: prompt(c, vocab, i),
+                    max_tokens: tokens,
+                    sampling: SamplingParams::default(),
+                })
+                .collect();
+            let cfg = SchedulerConfig {
+                policy: Policy::Hybrid { one_prefill: false },
+                chunk_size: (b * c).max(b + 1),
+                max_seqs: b,
+            };
+            e.profile_attention = true;
+            let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()));
+            e.profile_attention = false;
+            let out = out?;
+            let decode: Vec<_> = out
+                .steps
+                .iter()
+                .filter(|s| s.prefill_tokens == 0 && s.decodes > 0)
+                .collect();
+            let (n, ms): (usize, f64) = decode
+                .iter()
+                .fold((0, 0.0), |(n, t), s| (n + s.decodes, t + s.ms));
+            let attn = decode.iter().map(|s| s.attention_ms).sum::<f64>() / decode.len().max(1) as f64;
+            let step = ms / decode.len().max(1) as f64;
+            cells.push(json!({
+                "batch": b,
+                "context": c,
+                "generated": tokens,
+                "decode_steps": decode.len(),
+                "decode_tokens_per_s": if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 },
+                "step_ms": step,
+                "attention_ms_per_step": attn,
+                "preemptions": out.requests.iter().map(|r| r.preemptions).sum::<usize>(),
+            }));
+            progress(&format!("{spec}: batch {b}, context {c}"));
+        }
+    }
+    Ok(Value::Array(cells))
+}
+
+fn memory(e: &mut Engine, requests: usize, prompt_len: usize, max_tokens: usize) -> Result<Value> {
+    let vocab = e.model.config.vocab_size;
+    let reqs: Vec<Request> = (0..requests)
+        .map(|i| Request {
+            prompt: prompt(prompt_len, vocab, i),
+            max_tokens,
+            sampling: SamplingParams::default(),
+        })
+        .collect();
+    let cfg = SchedulerConfig {
+        policy: Policy::Hybrid { one_prefill: false },
+        chunk_size: 1 << 20,
+        max_seqs: requests,
+    };
+    let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?;
+    // Concurrency reached before the first preemption (all of the run if none).
+    let before: Vec<_> = out.steps.iter().take_while(|s| s.preempted == 0).collect();
+    let max_running = before.iter().map(|s| s.running).max().unwrap_or(0);
+    let preemptions: usize = out.requests.iter().map(|r| r.preemptions).sum();
+    Ok(json!({
+        "requests": requests,
+        "prompt_len": prompt_len,
+        "max_tokens": max_tokens,
+        "max_concurrent_before_preemption": max_running,
+        "preemptions": preemptions,
+        "steps": out.steps.len(),
+    }))
+}
+
+/// A plain-text table of a comparison's rows.
+pub fn table(rows: &Value) -> String {
+    let mut out = String::new();
+    for row in rows.as_array().into_iter().flatten() {
+        let backend = row["backend"].as_str().unwrap_or("?");
+        if row["agrees"] == false {
+            out += &format!(
+                "{backend:<12} DISAGREES with the first backend ({}): not timed\n",
+                row["disagreement"]
+            );
+            continue;
+        }
+        match &row["results"] {
+            Value::Array(cells) => {
+                for c in cells {
+                    out += &format!(
+                        "{backend:<12} batch {:>3} ctx {:>6}  {:>9.1} tok/s  step {:>8.3} ms  attention {:>8.3} ms/step\n",
+                        c["batch"],
+                        c["context"],
+                        c["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                        c["step_ms"].as_f64().unwrap_or(0.0),
+                        c["attention_ms_per_step"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            }
+            r => {
+                out += &format!(
+                    "{backend:<12} {} requests of {}+{} tokens: {} at once before preempting ({} preemptions)\n",
+                    r["requests"],
+                    r["prompt_len"],
+                    r["max_tokens"],
+                    r["max_concurrent_before_preemption"],
+                    r["preemptions"]
+                );
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,122 @@
+//! `cli compare`: agreement before timing, on all backends; a deliberately
+//! broken backend is caught and reported, not timed.
+
+use std::sync::Arc;
+
+use vpod_attention::BackendOptions;
+use vpod_cli::compare::{CompareOptions, Workload, compare, table};
+
+use crate::common::*;
+
+fn options(fault: Option<(&str, f32)>) -> CompareOptions {
+    CompareOptions {
+        backends: ["reference", "paged:16", "paged:128", "vattention", "pod"]
+            .map(String::from)
+            .to_vec(),
+        workload: Workload::DecodeSweep {
+            batches: vec![1, 3],
+            contexts: vec![12],
+            tokens: 4,
+        },
+        cache: BackendOptions::default(),
+        fault: fault.map(|(b, f)| (b.to_string(), f)),
+    }
+}
+
+#[test]
+fn all_backends_agree_and_are_measured() {
+    let model = Arc::new(load_dir(&fixture("tiny-llama3-gqa4")).unwrap());
+    let rows = compare(&model, &options(None), &mut |_| {}).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    for r in rows {
+        assert_eq!(r["agrees"], true, "{r}");
+        let cells = r["results"].as_array().unwrap();
+        assert_eq!(cells.len(), 2);
+        assert!(
+            cells
+                .iter()
+                .all(|c| c["decode_tokens_per_s"].as_f64().unwrap() > 0.0)
+        );
+        assert!(
+            cells
+                .iter()
+                .all(|c| c["attention_ms_per_step"].as_f64().unwrap() > 0.0)
+        );
+    }
+}
+
+#[test]
+fn a_broken_backend_is_caught_not_timed() {
+    let model = Arc::new(load_dir(&fixture("tiny-yi-gqa7")).unwrap());
+    // A wrong softmax scale in the paged twin.
+    let rows = compare(&model, &options(Some(("paged:16", 1.7))), &mut |_| {}).unwrap();
+    let broken = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["backend"] == "paged:16")
+        .unwrap();
+    assert_eq!(broken["agrees"], false);
+    assert!(
+        broken["results"].is_null(),
+        "a disagreeing backend must not be timed"
+    );
+    assert!(broken["disagreement"].as_str().unwrap().contains("request"));
+    assert!(table(&rows).contains("paged:16     DISAGREES"));
+    let others_ok = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["backend"] != "paged:16")
+        .all(|r| r["agrees"] == true);
+    assert!(others_ok);
+}
+
+#[test]
+fn cli_compare_memory_workload_and_bad_backends() {
+    let model = fixture("tiny-yi-gqa8");
+    let m = model.to_str().unwrap();
+    let out = cli(
+        &[
+            "compare",
+            "--model",
+            m,
+            "--workload",
+            "memory",
+            "--kv-memory",
+            "64KiB",
+            "--page-size",
+            "4KiB",
+            "--backends",
+            "reference,paged:16,vattention",
+            "--requests",
+            "8",
+            "--prompt-len",
+            "10",
+            "--max-tokens",
+            "10",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["backends"].as_array().unwrap();
+    assert_eq!(
+        rows[0]["results"]["max_concurrent_before_preemption"], 8,
+        "reference has no budget"
+    );
+    assert!(rows[1]["results"]["preemptions"].as_u64().unwrap() > 0);
+    assert_eq!(v["device"], "cpu");
+
+    let out = cli(&["compare", "--model", m, "--backends", "reference,flash"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("'flash' is not a backend") && err.contains("paged (runs here)"),
+        "{err}"
+    );
+    let out = cli(&["compare", "--model", m, "--workload", "memory"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --kv-memory"));
+}
