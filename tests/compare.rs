@@ -120,3 +120,29 @@ fn cli_compare_memory_workload_and_bad_backends() {
     let out = cli(&["compare", "--model", m, "--workload", "memory"], &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --kv-memory"));
 }
+
+#[test]
+fn hybrid_sweep_measures_mixed_steps() {
+    let model = Arc::new(load_dir(&fixture("tiny-llama3-gqa4")).unwrap());
+    let o = CompareOptions {
+        backends: ["reference", "pod"].map(String::from).to_vec(),
+        workload: Workload::HybridSweep {
+            chunks: vec![8],
+            batches: vec![2],
+            contexts: vec![8],
+            prefill_len: 24,
+        },
+        cache: BackendOptions::default(),
+        fault: None,
+    };
+    let rows = compare(&model, &o, &mut |_| {}).unwrap();
+    for r in rows.as_array().unwrap() {
+        assert_eq!(r["agrees"], true);
+        let c = &r["results"][0];
+        assert_eq!(
+            c["hybrid_steps"], 3,
+            "24 prompt tokens in chunks of 8 beside 2 decodes: {c}"
+        );
+        assert!(c["attention_ms_per_step"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -6,6 +6,8 @@
 //! Workloads:
 //! - `decode-sweep`: batch sizes x context lengths, N generated tokens each:
 //!   decode tokens/s and attention time per decode step;
+//! - `hybrid-sweep`: prefill chunk sizes x decode batch x contexts: attention
+//!   time per hybrid step (decodes and one prefill chunk together);
 //! - `memory`: the most requests each backend runs at once before it must
 //!   preempt, for a given `--kv-memory` and request length.
 
@@ -26,6 +28,14 @@ pub enum Workload {
         batches: Vec<usize>,
         contexts: Vec<usize>,
         tokens: usize,
+    },
+    /// Hybrid steps: `batches` decodes at `contexts` plus one prefill chunk
+    /// of each size in `chunks`, from a prompt of `prefill_len` tokens.
+    HybridSweep {
+        chunks: Vec<usize>,
+        batches: Vec<usize>,
+        contexts: Vec<usize>,
+        prefill_len: usize,
     },
     Memory {
         requests: usize,
@@ -128,6 +138,12 @@ pub fn compare(
                 contexts,
                 tokens,
             } => decode_sweep(&mut e, batches, contexts, *tokens, spec, progress)?,
+            Workload::HybridSweep {
+                chunks,
+                batches,
+                contexts,
+                prefill_len,
+            } => hybrid_sweep(&mut e, chunks, batches, contexts, *prefill_len, spec, progress)?,
             Workload::Memory {
                 requests,
                 prompt_len,
@@ -206,6 +222,66 @@ fn decode_sweep(
     Ok(Value::Array(cells))
 }
 
+fn hybrid_sweep(
+    e: &mut Engine,
+    chunks: &[usize],
+    batches: &[usize],
+    contexts: &[usize],
+    prefill_len: usize,
+    spec: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Value> {
+    let vocab = e.model.config.vocab_size;
+    let mut cells = Vec::new();
+    for &p in chunks {
+        for &b in batches {
+            for &c in contexts {
+                // b decoding requests (admitted first), then one long prompt
+                // prefilled p tokens a step while they decode.
+                let steps_needed = prefill_len.div_ceil(p) + 1;
+                let mut reqs: Vec<Request> = (0..b)
+                    .map(|i| Request {
+                        prompt: prompt(c, vocab, i),
+                        max_tokens: steps_needed + 2,
+                        sampling: SamplingParams::default(),
+                    })
+                    .collect();
+                reqs.push(Request {
+                    prompt: prompt(prefill_len, vocab, 99),
+                    max_tokens: 1,
+                    sampling: SamplingParams::default(),
+                });
+                let cfg = SchedulerConfig {
+                    policy: Policy::Hybrid { one_prefill: true },
+                    chunk_size: b + p,
+                    max_seqs: b + 1,
+                };
+                e.profile_attention = true;
+                let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()));
+                e.profile_attention = false;
+                let out = out?;
+                let hybrid: Vec<_> = out
+                    .steps
+                    .iter()
+                    .filter(|s| s.decodes == b && s.prefill_tokens > 0 && s.prefill_chunks == 1)
+                    .collect();
+                let attn = hybrid.iter().map(|s| s.attention_ms).sum::<f64>() / hybrid.len().max(1) as f64;
+                let step = hybrid.iter().map(|s| s.ms).sum::<f64>() / hybrid.len().max(1) as f64;
+                cells.push(json!({
+                    "chunk": p,
+                    "batch": b,
+                    "context": c,
+                    "hybrid_steps": hybrid.len(),
+                    "attention_ms_per_step": attn,
+                    "step_ms": step,
+                }));
+                progress(&format!("{spec}: chunk {p}, batch {b}, context {c}"));
+            }
+        }
+    }
+    Ok(Value::Array(cells))
+}
+
 fn memory(e: &mut Engine, requests: usize, prompt_len: usize, max_tokens: usize) -> Result<Value> {
     let vocab = e.model.config.vocab_size;
     let reqs: Vec<Request> = (0..requests)
@@ -248,6 +324,19 @@ pub fn table(rows: &Value) -> String {
             continue;
         }
         match &row["results"] {
+            Value::Array(cells) if cells.first().is_some_and(|c| c.get("chunk").is_some()) => {
+                for c in cells {
+                    out += &format!(
+                        "{backend:<12} chunk {:>5} + {:>3} decodes ctx {:>6}  step {:>8.3} ms  attention {:>8.3} ms/step ({} steps)\n",
+                        c["chunk"],
+                        c["batch"],
+                        c["context"],
+                        c["step_ms"].as_f64().unwrap_or(0.0),
+                        c["attention_ms_per_step"].as_f64().unwrap_or(0.0),
+                        c["hybrid_steps"]
+                    );
+                }
+            }
             Value::Array(cells) => {
                 for c in cells {
                     out += &format!(

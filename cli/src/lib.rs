@@ -66,8 +66,14 @@ pub struct CompareArgs {
         default_value = "reference,paged:16,paged:128,vattention,pod"
     )]
     pub backends: Vec<String>,
-    #[arg(long, default_value = "decode-sweep", value_parser = ["decode-sweep", "memory"])]
+    #[arg(long, default_value = "decode-sweep", value_parser = ["decode-sweep", "hybrid-sweep", "memory"])]
     pub workload: String,
+    /// hybrid-sweep: prefill chunk sizes.
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    pub chunks: Vec<usize>,
+    /// hybrid-sweep: tokens of the prompt being prefilled alongside the decodes.
+    #[arg(long, default_value_t = 128)]
+    pub prefill_len: usize,
     /// decode-sweep: batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub batches: Vec<usize>,
@@ -463,6 +469,12 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 max_tokens: a.max_tokens,
             }
         }
+        "hybrid-sweep" => compare::Workload::HybridSweep {
+            chunks: a.chunks.clone(),
+            batches: a.batches.clone(),
+            contexts: a.contexts.clone(),
+            prefill_len: a.prefill_len,
+        },
         _ => compare::Workload::DecodeSweep {
             batches: a.batches.clone(),
             contexts: a.contexts.clone(),
