@@ -146,3 +146,60 @@ fn hybrid_sweep_measures_mixed_steps() {
         assert!(c["attention_ms_per_step"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn serve_replays_a_trace_with_arrivals() {
+    use vpod_cli::compare::{read_trace, synthetic_trace};
+    let trace = synthetic_trace(10, 16, 6, 400.0, 7);
+    assert!(trace.windows(2).all(|w| w[1].2 >= w[0].2), "arrivals are ordered");
+    assert!(trace.last().unwrap().2 > 0.0);
+    let model = Arc::new(load_dir(&fixture("tiny-llama3-gqa4")).unwrap());
+    let o = CompareOptions {
+        backends: ["reference", "vattention"].map(String::from).to_vec(),
+        workload: Workload::Serve { trace },
+        cache: BackendOptions::default(),
+        fault: None,
+    };
+    let rows = compare(&model, &o, &mut |_| {}).unwrap();
+    for r in rows.as_array().unwrap() {
+        let s = &r["results"];
+        assert_eq!(s["requests"], 10);
+        assert!(s["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(s["ttft_ms_p99"].as_f64().unwrap() >= s["ttft_ms_p50"].as_f64().unwrap());
+        assert!(s["ttft_ms_p50"].as_f64().unwrap() >= 0.0);
+    }
+    assert_eq!(
+        read_trace("prompt,output\n12,4\n\n30,2,15.5\n").unwrap(),
+        vec![(12, 4, 0.0), (30, 2, 15.5)]
+    );
+    assert!(read_trace("prompt,output\n12;4\n").unwrap_err().contains("line 2"));
+    assert!(read_trace("prompt,output\n").is_err());
+
+    // Through the binary, from a CSV trace file.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("trace.csv");
+    std::fs::write(
+        &f,
+        "prompt_tokens,output_tokens,arrival_ms\n8,3,0\n20,5,2\n5,4,4\n",
+    )
+    .unwrap();
+    let m = fixture("tiny-yi-gqa7");
+    let out = cli(
+        &[
+            "compare",
+            "--model",
+            m.to_str().unwrap(),
+            "--workload",
+            "serve",
+            "--trace",
+            f.to_str().unwrap(),
+            "--backends",
+            "reference,paged:32",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["backends"][1]["results"]["generated_tokens"], 12);
+}

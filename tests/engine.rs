@@ -155,6 +155,7 @@ mod batch {
                     .collect(),
                 max_tokens: max_tokens - i % 3,
                 sampling: SamplingParams::default(),
+                arrival_ms: 0.0,
             })
             .collect()
     }

@@ -8,6 +8,8 @@
 //!   decode tokens/s and attention time per decode step;
 //! - `hybrid-sweep`: prefill chunk sizes x decode batch x contexts: attention
 //!   time per hybrid step (decodes and one prefill chunk together);
+//! - `serve`: a request trace (lengths and arrival times): throughput, time
+//!   to first token and time between tokens (p50 / p99);
 //! - `memory`: the most requests each backend runs at once before it must
 //!   preempt, for a given `--kv-memory` and request length.
 
@@ -37,6 +39,8 @@ pub enum Workload {
         contexts: Vec<usize>,
         prefill_len: usize,
     },
+    /// A request trace: (prompt tokens, generated tokens, arrival ms) per request.
+    Serve { trace: Vec<(usize, usize, f64)> },
     Memory {
         requests: usize,
         prompt_len: usize,
@@ -83,6 +87,7 @@ fn agreement_run(e: &mut Engine) -> Result<Vec<Vec<u32>>> {
             prompt: prompt(n.min(max - 17), vocab, i),
             max_tokens: 16,
             sampling: SamplingParams::default(),
+            arrival_ms: 0.0,
         })
         .collect();
     let cfg = SchedulerConfig {
@@ -144,6 +149,7 @@ pub fn compare(
                 contexts,
                 prefill_len,
             } => hybrid_sweep(&mut e, chunks, batches, contexts, *prefill_len, spec, progress)?,
+            Workload::Serve { trace } => serve(&mut e, trace)?,
             Workload::Memory {
                 requests,
                 prompt_len,
@@ -185,6 +191,7 @@ fn decode_sweep(
                     prompt: prompt(c, vocab, i),
                     max_tokens: tokens,
                     sampling: SamplingParams::default(),
+                    arrival_ms: 0.0,
                 })
                 .collect();
             let cfg = SchedulerConfig {
@@ -244,12 +251,14 @@ fn hybrid_sweep(
                         prompt: prompt(c, vocab, i),
                         max_tokens: steps_needed + 2,
                         sampling: SamplingParams::default(),
+                        arrival_ms: 0.0,
                     })
                     .collect();
                 reqs.push(Request {
                     prompt: prompt(prefill_len, vocab, 99),
                     max_tokens: 1,
                     sampling: SamplingParams::default(),
+                    arrival_ms: 0.0,
                 });
                 let cfg = SchedulerConfig {
                     policy: Policy::Hybrid { one_prefill: true },
@@ -282,6 +291,114 @@ fn hybrid_sweep(
     Ok(Value::Array(cells))
 }
 
+/// Synthetic trace: `n` requests with lengths uniform in [mean/2, 3 mean/2],
+/// arriving as a Poisson process of `rate` requests/s (all at once if 0).
+pub fn synthetic_trace(
+    n: usize,
+    prompt_mean: usize,
+    output_mean: usize,
+    rate: f64,
+    seed: u64,
+) -> Vec<(usize, usize, f64)> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut t = 0.0;
+    (0..n)
+        .map(|_| {
+            let around = |mean: usize, u: f64| ((mean as f64) * (0.5 + u)).round().max(1.0) as usize;
+            let p = around(prompt_mean, uniform());
+            let o = around(output_mean, uniform());
+            if rate > 0.0 {
+                t += -uniform().ln() / rate * 1e3;
+            }
+            (p, o, t)
+        })
+        .collect()
+}
+
+/// Reads a trace CSV: `prompt_tokens,output_tokens[,arrival_ms]` per line
+/// (a header line and blank lines are skipped).
+pub fn read_trace(text: &str) -> std::result::Result<Vec<(usize, usize, f64)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        if line.trim().is_empty() || (n == 0 && f[0].parse::<usize>().is_err()) {
+            continue;
+        }
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        match (num(0), num(1)) {
+            (Some(p), Some(o)) if p >= 1.0 => out.push((p as usize, o as usize, num(2).unwrap_or(0.0))),
+            _ => {
+                return Err(format!(
+                    "line {}: expected prompt_tokens,output_tokens[,arrival_ms]: {line:?}",
+                    n + 1
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("the trace holds no requests".into());
+    }
+    Ok(out)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn serve(e: &mut Engine, trace: &[(usize, usize, f64)]) -> Result<Value> {
+    let vocab = e.model.config.vocab_size;
+    let max = e.max_seq_len();
+    let reqs: Vec<Request> = trace
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, o, at))| Request {
+            prompt: prompt(p.min(max), vocab, i),
+            max_tokens: o,
+            sampling: SamplingParams::default(),
+            arrival_ms: at,
+        })
+        .collect();
+    let cfg = SchedulerConfig {
+        policy: Policy::Hybrid { one_prefill: false },
+        chunk_size: 512,
+        max_seqs: 64,
+    };
+    let t = std::time::Instant::now();
+    let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?;
+    let wall = t.elapsed().as_secs_f64();
+    let generated: usize = out.requests.iter().map(|r| r.tokens.len()).sum();
+    let mut ttft: Vec<f64> = out.requests.iter().map(|r| r.ttft_ms).collect();
+    let mut tbt: Vec<f64> = out
+        .requests
+        .iter()
+        .flat_map(|r| r.tbt_ms.iter().copied())
+        .collect();
+    let mut e2e: Vec<f64> = out.requests.iter().map(|r| r.e2e_ms).collect();
+    Ok(json!({
+        "requests": reqs.len(),
+        "generated_tokens": generated,
+        "wall_s": wall,
+        "tokens_per_s": generated as f64 / wall.max(1e-9),
+        "requests_per_min": reqs.len() as f64 / wall.max(1e-9) * 60.0,
+        "ttft_ms_p50": percentile(&mut ttft, 0.5),
+        "ttft_ms_p99": percentile(&mut ttft, 0.99),
+        "tbt_ms_p50": percentile(&mut tbt, 0.5),
+        "tbt_ms_p99": percentile(&mut tbt, 0.99),
+        "e2e_ms_p50": percentile(&mut e2e, 0.5),
+        "preemptions": out.requests.iter().map(|r| r.preemptions).sum::<usize>(),
+    }))
+}
+
 fn memory(e: &mut Engine, requests: usize, prompt_len: usize, max_tokens: usize) -> Result<Value> {
     let vocab = e.model.config.vocab_size;
     let reqs: Vec<Request> = (0..requests)
@@ -289,6 +406,7 @@ fn memory(e: &mut Engine, requests: usize, prompt_len: usize, max_tokens: usize)
             prompt: prompt(prompt_len, vocab, i),
             max_tokens,
             sampling: SamplingParams::default(),
+            arrival_ms: 0.0,
         })
         .collect();
     let cfg = SchedulerConfig {
@@ -348,6 +466,18 @@ pub fn table(rows: &Value) -> String {
                         c["attention_ms_per_step"].as_f64().unwrap_or(0.0)
                     );
                 }
+            }
+            r if r.get("ttft_ms_p50").is_some() => {
+                out += &format!(
+                    "{backend:<12} {} requests: {:.1} tok/s, {:.1} req/min, TTFT p50 {:.1} / p99 {:.1} ms, TBT p50 {:.2} / p99 {:.2} ms\n",
+                    r["requests"],
+                    r["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    r["requests_per_min"].as_f64().unwrap_or(0.0),
+                    r["ttft_ms_p50"].as_f64().unwrap_or(0.0),
+                    r["ttft_ms_p99"].as_f64().unwrap_or(0.0),
+                    r["tbt_ms_p50"].as_f64().unwrap_or(0.0),
+                    r["tbt_ms_p99"].as_f64().unwrap_or(0.0)
+                );
             }
             r => {
                 out += &format!(

@@ -110,6 +110,8 @@ pub struct Request {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// When the request arrives, in ms after the start of the run (0: at once).
+    pub arrival_ms: f64,
 }
 
 /// What became of one request.
@@ -118,11 +120,11 @@ pub struct RequestOutput {
     pub prompt_tokens: usize,
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
-    /// Time to first token, from the start of the run.
+    /// Time to first token, from the request's arrival.
     pub ttft_ms: f64,
     /// Times between consecutive tokens.
     pub tbt_ms: Vec<f64>,
-    /// Start of the run to the last token.
+    /// Arrival to the last token.
     pub e2e_ms: f64,
     pub preemptions: usize,
 }
@@ -157,6 +159,19 @@ struct Live {
     sampler: Sampler,
     times: Vec<f64>,
     preemptions: usize,
+    /// ms after the start of the run.
+    arrival: f64,
+}
+
+/// The state of one `run_batch`.
+struct Run {
+    scheduler: Scheduler,
+    live: HashMap<SeqId, Live>,
+    outputs: Vec<Option<RequestOutput>>,
+    steps: Vec<StepRecord>,
+    /// Requests not arrived yet, by arrival time.
+    pending: std::collections::VecDeque<(f64, SeqState)>,
+    start: Instant,
 }
 
 /// A model (shareable between engines) plus one attention backend.
@@ -282,21 +297,38 @@ impl Engine {
             }
             self.check_fits(i, (r.prompt.len() + r.max_tokens).min(self.max_seq_len))?;
         }
-        let start = Instant::now();
-        let mut scheduler = Scheduler::new(sched);
-        let mut live: HashMap<SeqId, Live> = HashMap::new();
-        let mut outputs: Vec<Option<RequestOutput>> = vec![None; requests.len()];
-        for (i, r) in requests.iter().enumerate() {
+        let mut run = Run {
+            scheduler: Scheduler::new(sched),
+            live: HashMap::new(),
+            outputs: vec![None; requests.len()],
+            steps: Vec::new(),
+            pending: Default::default(),
+            start: Instant::now(),
+        };
+        let mut order: Vec<usize> = (0..requests.len()).collect();
+        order.sort_by(|&a, &b| requests[a].arrival_ms.total_cmp(&requests[b].arrival_ms));
+        for i in order {
+            let r = &requests[i];
             let id = self.new_seq();
             if r.max_tokens == 0 {
-                outputs[i] = Some(finished(r.prompt.len(), vec![], FinishReason::Length, &[], 0));
+                run.outputs[i] = Some(finished(
+                    r.prompt.len(),
+                    vec![],
+                    FinishReason::Length,
+                    &[],
+                    0,
+                    0.0,
+                ));
                 continue;
             }
-            scheduler.add(SeqState {
-                id,
-                len: r.prompt.len(),
-                computed: 0,
-            });
+            run.pending.push_back((
+                r.arrival_ms.max(0.0),
+                SeqState {
+                    id,
+                    len: r.prompt.len(),
+                    computed: 0,
+                },
+            ));
             let l = Live {
                 request: i,
                 tokens: r.prompt.clone(),
@@ -305,24 +337,18 @@ impl Engine {
                 sampler: Sampler::new(r.sampling),
                 times: vec![],
                 preemptions: 0,
+                arrival: r.arrival_ms.max(0.0),
             };
-            live.insert(id, l);
+            run.live.insert(id, l);
         }
-        let mut steps = Vec::new();
-        if let Err(e) = self.drive(
-            &mut scheduler,
-            &mut live,
-            &mut outputs,
-            &mut steps,
-            start,
-            on_token,
-        ) {
+        if let Err(e) = self.drive(&mut run, on_token) {
             // Leave the cache as we found it: free every sequence still in flight.
-            for id in live.keys() {
+            for id in run.live.keys() {
                 self.backend.release(*id);
             }
             return Err(e);
         }
+        let (outputs, steps) = (run.outputs, run.steps);
         let requests = outputs
             .into_iter()
             .map(|o| {
@@ -335,17 +361,34 @@ impl Engine {
         Ok(BatchOutput { requests, steps })
     }
 
-    /// Steps the scheduler until every request is done.
-    fn drive(
-        &mut self,
-        scheduler: &mut Scheduler,
-        live: &mut HashMap<SeqId, Live>,
-        outputs: &mut [Option<RequestOutput>],
-        steps: &mut Vec<StepRecord>,
-        start: Instant,
-        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
-    ) -> Result<()> {
-        while !scheduler.is_idle() {
+    /// Steps the scheduler until every request is done, letting requests
+    /// in as they arrive.
+    fn drive(&mut self, run: &mut Run, on_token: &mut dyn FnMut(usize, u32) -> Result<()>) -> Result<()> {
+        let Run {
+            scheduler,
+            live,
+            outputs,
+            steps,
+            pending,
+            start,
+        } = run;
+        let start = *start;
+        loop {
+            let now = start.elapsed().as_secs_f64() * 1e3;
+            while pending.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, s)) = pending.pop_front() {
+                    scheduler.add(s);
+                }
+            }
+            if scheduler.is_idle() {
+                match pending.front() {
+                    None => break,
+                    Some((at, _)) => {
+                        std::thread::sleep(Duration::from_secs_f64((at - now).max(0.0) / 1e3));
+                        continue;
+                    }
+                }
+            }
             let t0 = Instant::now();
             let Plan { chunks, preempted } = scheduler.schedule(self.backend.kv_manager());
             for id in &preempted {
@@ -407,8 +450,14 @@ impl Engine {
                             running: 0,
                         })?;
                         let generated = l.tokens[l.prompt_len..].to_vec();
-                        outputs[l.request] =
-                            Some(finished(l.prompt_len, generated, reason, &l.times, l.preemptions));
+                        outputs[l.request] = Some(finished(
+                            l.prompt_len,
+                            generated,
+                            reason,
+                            &l.times,
+                            l.preemptions,
+                            l.arrival,
+                        ));
                     }
                 }
             }
@@ -638,14 +687,15 @@ fn finished(
     reason: FinishReason,
     times: &[f64],
     preemptions: usize,
+    arrival: f64,
 ) -> RequestOutput {
     RequestOutput {
         prompt_tokens,
         tokens,
         finish_reason: reason,
-        ttft_ms: times.first().copied().unwrap_or(0.0),
+        ttft_ms: times.first().map_or(0.0, |t| t - arrival),
         tbt_ms: times.windows(2).map(|w| w[1] - w[0]).collect(),
-        e2e_ms: times.last().copied().unwrap_or(0.0),
+        e2e_ms: times.last().map_or(0.0, |t| t - arrival),
         preemptions,
     }
 }

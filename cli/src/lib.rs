@@ -66,7 +66,7 @@ pub struct CompareArgs {
         default_value = "reference,paged:16,paged:128,vattention,pod"
     )]
     pub backends: Vec<String>,
-    #[arg(long, default_value = "decode-sweep", value_parser = ["decode-sweep", "hybrid-sweep", "memory"])]
+    #[arg(long, default_value = "decode-sweep", value_parser = ["decode-sweep", "hybrid-sweep", "serve", "memory"])]
     pub workload: String,
     /// hybrid-sweep: prefill chunk sizes.
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
@@ -92,6 +92,13 @@ pub struct CompareArgs {
     /// memory: generated tokens per request.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
+    /// serve: Poisson arrival rate in requests/s (0: all at once); lengths are
+    /// uniform around --prompt-len / --max-tokens (from half to 1.5 times).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// serve: a CSV trace, `prompt_tokens,output_tokens[,arrival_ms]` per line, instead.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// Directory for compare.json.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -469,6 +476,17 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 max_tokens: a.max_tokens,
             }
         }
+        "serve" => {
+            let trace = match &a.trace {
+                Some(f) => {
+                    let text =
+                        std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+                    compare::read_trace(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+                }
+                None => compare::synthetic_trace(a.requests, a.prompt_len, a.max_tokens, a.rate, 42),
+            };
+            compare::Workload::Serve { trace }
+        }
         "hybrid-sweep" => compare::Workload::HybridSweep {
             chunks: a.chunks.clone(),
             batches: a.batches.clone(),
@@ -545,6 +563,7 @@ fn generate_batch(a: &GenerateArgs, s: &mut Session, texts: &[String]) -> anyhow
                 prompt: tok.encode_with_bos(t)?,
                 max_tokens: a.max_tokens,
                 sampling,
+                arrival_ms: 0.0,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
