@@ -172,7 +172,11 @@ fn serve_replays_a_trace_with_arrivals() {
         read_trace("prompt,output\n12,4\n\n30,2,15.5\n").unwrap(),
         vec![(12, 4, 0.0), (30, 2, 15.5)]
     );
-    assert!(read_trace("prompt,output\n12;4\n").unwrap_err().contains("line 2"));
+    assert!(
+        read_trace("prompt,output\n12;4\n")
+            .unwrap_err()
+            .contains("line 2")
+    );
     assert!(read_trace("prompt,output\n").is_err());
 
     // Through the binary, from a CSV trace file.
