@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use crate::flash::{Elem, KvRows, Tiling, attend};
+use crate::flash::{Elem, KvRows, Tiling, attend_rows, covered};
 use crate::{AttnError, Result};
 
 /// head_dim the kernel is built for.
@@ -102,11 +102,8 @@ impl<T: Elem> KvRows for Dense<'_, T> {
 
 impl SlotDecode {
     fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let row = self.heads * DECODE_HEAD_DIM;
         let mut out = vec![T::from_f32(0.0); q.len()];
         for (b, (&slot, &n)) in self.slots.iter().zip(&self.seq_lens).enumerate() {
-            let qf: Vec<f32> = q[b * row..(b + 1) * row].iter().map(|x| x.to_f32()).collect();
-            let mut o = vec![0f32; row];
             let rows = Dense {
                 k,
                 v,
@@ -119,28 +116,23 @@ impl SlotDecode {
                 tile: 1,
                 splits: self.splits,
             };
-            attend(
-                &qf,
+            let (h, kvh, scale) = (self.heads, self.kv_heads, self.scale);
+            attend_rows(
+                q,
+                &mut out,
+                b,
                 &rows,
                 n - 1,
                 1,
-                self.heads,
-                self.kv_heads,
+                h,
+                kvh,
                 DECODE_HEAD_DIM,
-                self.scale,
+                scale,
                 tiling,
-                &mut o,
             );
-            for (dst, x) in out[b * row..(b + 1) * row].iter_mut().zip(o) {
-                *dst = T::from_f32(x);
-            }
         }
         out
     }
-}
-
-fn part<'a, T>(v: &'a [T], l: &Layout) -> &'a [T] {
-    &v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
 }
 
 impl CustomOp3 for SlotDecode {
@@ -159,10 +151,10 @@ impl CustomOp3 for SlotDecode {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match (sq, sk, sv) {
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                CpuStorage::BF16(self.run(part(q, lq), part(k, lk), part(v, lv)))
+                CpuStorage::BF16(self.run(covered(q, lq), covered(k, lk), covered(v, lv)))
             }
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.run(part(q, lq), part(k, lk), part(v, lv)))
+                CpuStorage::F32(self.run(covered(q, lq), covered(k, lk), covered(v, lv)))
             }
             _ => candle_core::bail!("slot-decode: q and the caches must all be bf16 or all f32"),
         };

@@ -141,6 +141,49 @@ pub fn attend<R: KvRows>(
     }
 }
 
+/// [`attend`] for the packed rows `start..start + query_len` of `q` (in the
+/// storage type `T`), written to the same rows of `out`: the per-sequence
+/// step every CPU twin takes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_rows<T: Elem, R: KvRows>(
+    q: &[T],
+    out: &mut [T],
+    start: usize,
+    rows: &R,
+    context_len: usize,
+    query_len: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    tiling: Tiling,
+) {
+    let row = heads * head_dim;
+    let range = start * row..(start + query_len) * row;
+    let qf: Vec<f32> = q[range.clone()].iter().map(|x| x.to_f32()).collect();
+    let mut o = vec![0f32; query_len * row];
+    attend(
+        &qf,
+        rows,
+        context_len,
+        query_len,
+        heads,
+        kv_heads,
+        head_dim,
+        scale,
+        tiling,
+        &mut o,
+    );
+    for (dst, x) in out[range].iter_mut().zip(o) {
+        *dst = T::from_f32(x);
+    }
+}
+
+/// The elements of a CPU storage that a (contiguous) layout covers.
+pub(crate) fn covered<'a, T>(v: &'a [T], l: &candle_core::Layout) -> &'a [T] {
+    &v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

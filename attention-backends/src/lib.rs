@@ -148,6 +148,20 @@ impl BackendOptions {
     }
 }
 
+/// Makes room in `kv` for every sequence of the step: admits a new sequence
+/// (context 0), grows a known one to its `seq_len`. A scheduler usually did
+/// this already; then it is a no-op.
+pub(crate) fn make_room(kv: &mut dyn KvManager, meta: &BatchMeta) -> Result<()> {
+    for s in meta.seqs() {
+        match kv.capacity(s.seq_id) {
+            None if s.context_len == 0 => kv.admit(s.seq_id, s.seq_len())?,
+            None => return Err(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id }.into()),
+            Some(_) => kv.grow(s.seq_id, s.seq_len())?,
+        }
+    }
+    Ok(())
+}
+
 /// What one model forward pass needs to call attention: the backend (with
 /// its cache) and this step's metadata. Each layer calls [`Self::attend`] once.
 #[derive(Debug)]

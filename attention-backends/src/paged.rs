@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use vpod_kvcache::{KvManager, PagedCache, PagedLayout};
 
-use crate::flash::{Elem, KvRows, Tiling, attend};
+use crate::flash::{Elem, KvRows, Tiling, attend_rows, covered};
 use crate::ops::{KvLayout, write_kv};
 use crate::{AttentionBackend, AttnConfig, AttnError, BackendOptions, BatchMeta, Result, SeqId};
 
@@ -93,15 +93,11 @@ impl PagedBackend {
     }
 }
 
-/// Makes room for every sequence of the step and returns `[T]` slots.
+/// Makes room for every sequence of the step and returns its `[T]` slots.
 fn prepare(cache: &mut PagedCache, meta: &BatchMeta, device: &Device) -> Result<Tensor> {
     let mut slots = Vec::with_capacity(meta.num_tokens());
+    crate::make_room(cache, meta)?;
     for s in meta.seqs() {
-        match cache.capacity(s.seq_id) {
-            None if s.context_len == 0 => cache.admit(s.seq_id, s.seq_len())?,
-            None => return Err(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id }.into()),
-            Some(_) => cache.grow(s.seq_id, s.seq_len())?,
-        }
         for p in s.context_len..s.seq_len() {
             slots.push(cache.slot(s.seq_id, p)?);
         }
@@ -218,14 +214,8 @@ impl<T: Elem> KvRows for PagedRows<'_, T> {
 
 impl PagedAttention {
     fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let row = self.heads * self.head_dim;
         let mut out = vec![T::from_f32(0.0); q.len()];
         for (start, ctx, ql, table) in &self.seqs {
-            let qf: Vec<f32> = q[start * row..(start + ql) * row]
-                .iter()
-                .map(|x| x.to_f32())
-                .collect();
-            let mut o = vec![0f32; ql * row];
             let rows = PagedRows {
                 k,
                 v,
@@ -233,31 +223,15 @@ impl PagedAttention {
                 table,
             };
             // v1 (one partition) up to 512 tokens, v2 partitions of 512 beyond.
-            let splits = (ctx + ql).div_ceil(PARTITION);
-            let bs = self.layout.block_size;
-            let tiling = Tiling { tile: bs, splits };
-            attend(
-                &qf,
-                &rows,
-                *ctx,
-                *ql,
-                self.heads,
-                self.kv_heads,
-                self.head_dim,
-                self.scale,
-                tiling,
-                &mut o,
-            );
-            for (dst, x) in out[start * row..(start + ql) * row].iter_mut().zip(o) {
-                *dst = T::from_f32(x);
-            }
+            let tiling = Tiling {
+                tile: self.layout.block_size,
+                splits: (ctx + ql).div_ceil(PARTITION),
+            };
+            let (h, kvh, d, scale) = (self.heads, self.kv_heads, self.head_dim, self.scale);
+            attend_rows(q, &mut out, *start, &rows, *ctx, *ql, h, kvh, d, scale, tiling);
         }
         out
     }
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> &'a [T] {
-    &v[l.start_offset()..l.start_offset() + l.shape().elem_count()]
 }
 
 impl CustomOp3 for PagedAttention {
@@ -276,13 +250,13 @@ impl CustomOp3 for PagedAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match (sq, sk, sv) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.run(slice(q, lq), slice(k, lk), slice(v, lv)))
+                CpuStorage::F32(self.run(covered(q, lq), covered(k, lk), covered(v, lv)))
             }
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                CpuStorage::BF16(self.run(slice(q, lq), slice(k, lk), slice(v, lv)))
+                CpuStorage::BF16(self.run(covered(q, lq), covered(k, lk), covered(v, lv)))
             }
             (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                CpuStorage::F16(self.run(slice(q, lq), slice(k, lk), slice(v, lv)))
+                CpuStorage::F16(self.run(covered(q, lq), covered(k, lk), covered(v, lv)))
             }
             _ => candle_core::bail!("paged-attention: q and the caches must share one of f32, bf16, f16"),
         };

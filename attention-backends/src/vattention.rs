@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use vpod_kvcache::{Kv, KvManager, VirtualCache, VirtualConfig};
 
-use crate::flash::{Elem, KvRows, Tiling, attend};
+use crate::flash::{Elem, KvRows, Tiling, attend_rows, covered};
 use crate::{AttentionBackend, AttnConfig, AttnError, BackendOptions, BatchMeta, Result, SeqId};
 
 /// Key tile of the prefill kernel.
@@ -189,13 +189,7 @@ impl AttentionBackend for VirtualBackend {
         meta: &BatchMeta,
     ) -> Result<Tensor> {
         if layer == 0 {
-            for s in meta.seqs() {
-                match self.cache.capacity(s.seq_id) {
-                    None if s.context_len == 0 => self.cache.admit(s.seq_id, s.seq_len())?,
-                    None => return Err(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id }.into()),
-                    Some(_) => self.cache.grow(s.seq_id, s.seq_len())?,
-                }
-            }
+            crate::make_room(&mut self.cache, meta)?;
         }
         self.write(layer, k, v, meta)?;
         let q = q.contiguous()?;
@@ -266,14 +260,8 @@ impl<T: Elem> KvRows for SlotRows<'_, T> {
 
 impl VirtualAttention<'_> {
     fn run<T: Elem>(&self, q: &[T]) -> Vec<T> {
-        let row = self.heads * self.head_dim;
         let mut out = vec![T::from_f32(0.0); q.len()];
         for &(start, ctx, ql, slot, tiling) in &self.seqs {
-            let qf: Vec<f32> = q[start * row..(start + ql) * row]
-                .iter()
-                .map(|x| x.to_f32())
-                .collect();
-            let mut o = vec![0f32; ql * row];
             let rows = SlotRows::<T> {
                 cache: self.cache,
                 layer: self.layer,
@@ -281,21 +269,8 @@ impl VirtualAttention<'_> {
                 head_dim: self.head_dim,
                 _t: std::marker::PhantomData,
             };
-            attend(
-                &qf,
-                &rows,
-                ctx,
-                ql,
-                self.heads,
-                self.kv_heads,
-                self.head_dim,
-                self.scale,
-                tiling,
-                &mut o,
-            );
-            for (dst, x) in out[start * row..(start + ql) * row].iter_mut().zip(o) {
-                *dst = T::from_f32(x);
-            }
+            let (h, kvh, d, scale) = (self.heads, self.kv_heads, self.head_dim, self.scale);
+            attend_rows(q, &mut out, start, &rows, ctx, ql, h, kvh, d, scale, tiling);
         }
         out
     }
@@ -307,11 +282,10 @@ impl CustomOp1 for VirtualAttention<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (l.start_offset(), l.start_offset() + l.shape().elem_count());
         let out = match s {
-            CpuStorage::F32(q) => CpuStorage::F32(self.run(&q[a..b])),
-            CpuStorage::BF16(q) => CpuStorage::BF16(self.run(&q[a..b])),
-            CpuStorage::F16(q) => CpuStorage::F16(self.run(&q[a..b])),
+            CpuStorage::F32(q) => CpuStorage::F32(self.run(covered(q, l))),
+            CpuStorage::BF16(q) => CpuStorage::BF16(self.run(covered(q, l))),
+            CpuStorage::F16(q) => CpuStorage::F16(self.run(covered(q, l))),
             _ => candle_core::bail!("virtual-attention: q must be f32, bf16 or f16"),
         };
         Ok((out, l.shape().clone()))
