@@ -16,7 +16,7 @@ use vpod_attention::{
 use vpod_models::LoadedModel;
 
 use crate::sampler::{Sampler, SamplingParams};
-use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqState};
+use crate::scheduler::{Plan, Policy, Scheduler, SchedulerConfig, SeqState};
 
 /// Errors of running requests.
 #[derive(Debug, thiserror::Error)]
@@ -70,11 +70,11 @@ pub enum FinishReason {
 pub struct Generation {
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
-    /// Time of the prefill step, including sampling of the first token.
+    /// Time to the first token: the prefill step, including its sampling.
     pub prefill_ms: f64,
-    /// Time of all decode steps.
+    /// First token to last token.
     pub decode_ms: f64,
-    /// Decode steps run (generated tokens after the first).
+    /// Decode steps that produced a returned token (generated tokens after the first).
     pub decode_steps: usize,
 }
 
@@ -524,80 +524,30 @@ impl Engine {
         sampling: SamplingParams,
         on_token: &mut dyn FnMut(u32) -> Result<()>,
     ) -> Result<Generation> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if prompt.len() > self.max_seq_len {
-            return Err(EngineError::PromptTooLong {
-                prompt: prompt.len(),
-                limit: self.max_seq_len,
-                note: "",
-            });
-        }
-        self.check_fits(0, (prompt.len() + max_tokens).min(self.max_seq_len))?;
-        let seq = self.new_seq();
-        let result = self.generate_seq(seq, prompt, max_tokens, sampling, on_token);
-        self.release(seq);
-        result
-    }
-
-    fn generate_seq(
-        &mut self,
-        seq: SeqId,
-        prompt: &[u32],
-        max_tokens: usize,
-        sampling: SamplingParams,
-        on_token: &mut dyn FnMut(u32) -> Result<()>,
-    ) -> Result<Generation> {
-        let mut sampler = Sampler::new(sampling);
-        let mut out = Generation {
-            tokens: Vec::new(),
-            finish_reason: FinishReason::Length,
-            prefill_ms: 0.0,
-            decode_ms: 0.0,
-            decode_steps: 0,
+        // One request through the batch loop, its whole prompt in one prefill step.
+        let request = Request {
+            prompt: prompt.to_vec(),
+            max_tokens,
+            sampling,
+            arrival_ms: 0.0,
         };
-        if max_tokens == 0 {
-            return Ok(out);
-        }
-        let start = Instant::now();
-        let chunk = SeqChunk {
-            seq_id: seq,
-            context_len: 0,
-            query_len: prompt.len(),
+        let sched = SchedulerConfig {
+            policy: Policy::Hybrid { one_prefill: false },
+            chunk_size: prompt.len().max(1),
+            max_seqs: 1,
         };
-        let logits = self.step(vec![chunk], prompt, LogitsAt::LastToken)?;
-        let mut next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
-        out.prefill_ms = start.elapsed().as_secs_f64() * 1e3;
-        let decode_start = Instant::now();
-        let mut context_len = prompt.len();
-        loop {
-            if self.model.is_eos(next) {
-                out.finish_reason = FinishReason::Eos;
-                break;
-            }
-            out.tokens.push(next);
-            on_token(next)?;
-            if out.tokens.len() >= max_tokens {
-                out.finish_reason = FinishReason::Length;
-                break;
-            }
-            if context_len + 1 > self.max_seq_len {
-                out.finish_reason = FinishReason::ContextFull;
-                break;
-            }
-            let chunk = SeqChunk {
-                seq_id: seq,
-                context_len,
-                query_len: 1,
-            };
-            let logits = self.step(vec![chunk], &[next], LogitsAt::LastToken)?;
-            next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
-            context_len += 1;
-            out.decode_steps += 1;
-        }
-        out.decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
-        Ok(out)
+        let out = self.run_batch(std::slice::from_ref(&request), sched, &mut |_, id| on_token(id))?;
+        let r = out.requests.into_iter().next().ok_or(EngineError::Stalled {
+            waiting: 0,
+            running: 0,
+        })?;
+        Ok(Generation {
+            decode_steps: r.tokens.len().saturating_sub(1),
+            finish_reason: r.finish_reason,
+            prefill_ms: r.ttft_ms,
+            decode_ms: r.e2e_ms - r.ttft_ms,
+            tokens: r.tokens,
+        })
     }
 
     /// Teacher-forced NLL of `ids`, run as chunked prefill (`chunk` tokens per
