@@ -35,12 +35,17 @@ const KERNELS: &[(&str, &str)] = &[
         "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues",
     ),
     (
-        "slot_decode_g1_bf16",
-        "split-KV decode over the per-slot layout, bf16, head_dim 128, GQA group 1",
+        "slot_decode_bf16",
+        "split-KV decode over the per-slot layout on tensor cores, bf16, head_dim 128, GQA group <= 16",
     ),
-    ("slot_decode_g4_bf16", "the same, GQA group 4 (Llama-3-8B)"),
-    ("slot_decode_g7_bf16", "the same, GQA group 7 (Yi-34B)"),
-    ("slot_decode_g8_bf16", "the same, GQA group 8 (Yi-6B)"),
+    (
+        "slot_prefill_w4_bf16",
+        "causal FlashAttention-2-style prefill over the per-slot layout, bf16, head_dim 128, 64-row query tiles",
+    ),
+    (
+        "slot_prefill_w8_bf16",
+        "the same with 128-row query tiles (8 warps)",
+    ),
     (
         "slot_decode_combine_bf16",
         "merges the split-KV decode partials with log-sum-exp weights",

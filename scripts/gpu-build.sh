@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on this machine (no GPU needed), everything the GPU machine runs:
-# the `cli` binary and the integration-test binary with `--features cuda`,
+# the `cli` binary, the integration-test binary and the `vpod-bench`
+# benchmark binary with `--features cuda`,
 # stripped and packed into gpu-bundle/bundle.tar.xz (git-ignored, well under
 # the 64 MiB a device call carries). Then, on the GPU machine:
 #   bash scripts/gpu-run.sh          (see that script)
@@ -19,6 +20,7 @@ fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 
 cargo build --release -p vpod-cli --features cuda
+cargo build --release -p vpod-benches --features cuda --bin vpod-bench
 test_exe=$(cargo test --release -p vpod-cli --features cuda --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:
@@ -30,9 +32,10 @@ for line in sys.stdin:
 stage=$(mktemp -d)
 cp target/release/cli "$stage/cli"
 cp "$test_exe" "$stage/integration"
-strip "$stage/cli" "$stage/integration"
+cp target/release/vpod-bench "$stage/vpod-bench"
+strip "$stage/cli" "$stage/integration" "$stage/vpod-bench"
 rm -rf gpu-bundle && mkdir -p gpu-bundle
-tar -C "$stage" -cJf gpu-bundle/bundle.tar.xz cli integration
+tar -C "$stage" -cJf gpu-bundle/bundle.tar.xz cli integration vpod-bench
 { git rev-parse HEAD 2>/dev/null || true; date -u +%FT%TZ; ls -l "$stage"; } > gpu-bundle/manifest.txt
 rm -rf "$stage"
 du -h gpu-bundle/bundle.tar.xz

@@ -4,11 +4,20 @@
 #   GPU tests (kernels vs CPU twins, bf16 parity), compute-sanitizer memcheck
 #   and racecheck on the kernel tests, a generate smoke run, the Llama-3-8B
 #   synthetic decode benchmark, and (unless --quick) the full-size synthetic
-#   sharded checkpoint through the real loader. Logs and JSON go to $OUT
+#   sharded checkpoint through the real loader, and the vAttention benchmarks
+#   (vpod-bench: decode / prefill kernels next to PyTorch SDPA, page mapping,
+#   latency spikes, end-to-end decode at 16K). Logs and JSON go to $OUT
 #   (default /tmp/vpod-gpu); a summary table is printed last.
+#
+#   bash scripts/gpu-run.sh                  everything
+#   bash scripts/gpu-run.sh --quick          no ncu breakdown, no 16 GB checkpoint, no vpod-bench
+#   bash scripts/gpu-run.sh STAGE...         only these: tests sanitize smoke decode ncu ckpt kernels serve
 set -uo pipefail
 cd "$(dirname "$0")/.."
-QUICK=0; [ "${1:-}" = "--quick" ] && QUICK=1
+QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
+STAGES=" ${*:-tests sanitize smoke decode ncu ckpt kernels serve} "
+[ $QUICK = 1 ] && STAGES=" tests sanitize smoke decode "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/vpod-gpu}; mkdir -p "$OUT"
 B=/tmp/vpod-bundle; rm -rf "$B"; mkdir -p "$B"
 tar -C "$B" -xJf gpu-bundle/bundle.tar.xz || { echo "no gpu-bundle/bundle.tar.xz: run scripts/gpu-build.sh first" >&2; exit 1; }
@@ -28,27 +37,53 @@ step() { # name, command...
     tail -n 5 "$OUT/$name.log"
 }
 
-step gpu-tests "$B/integration" gpu:: --test-threads=1 --nocapture
-step memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::paged gpu::slot --test-threads=1
-step racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::paged gpu::slot --test-threads=1
-step smoke "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --prompt "Alice was beginning to" --max-tokens 24 --json
+if want tests; then
+    step gpu-tests "$B/integration" gpu:: --test-threads=1 --nocapture
+fi
+if want sanitize; then
+    SAN="gpu::paged gpu::slot gpu::vattention gpu::vmm"
+    step memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" $SAN --test-threads=1
+    step racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" $SAN --test-threads=1
+fi
+if want smoke; then
+    step smoke "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --prompt "Alice was beginning to" --max-tokens 24 --json
+    step smoke-vattention "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --backend vattention --prompt "Alice was beginning to" --max-tokens 24 --json
+fi
 
-# Decode benchmark at batch 1: warm-up process first (cuBLAS, allocator, disk cache).
-"$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 64 --max-tokens 8 --json > /dev/null 2>&1
-step bench-decode "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 1024 --max-tokens 128 --json
-grep '^{' "$OUT/bench-decode.log" > "$OUT/bench-decode.json" || true
+if want decode; then
+    # Decode benchmark at batch 1: warm-up process first (cuBLAS, allocator, disk cache).
+    "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 64 --max-tokens 8 --json > /dev/null 2>&1
+    step bench-decode "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 1024 --max-tokens 128 --json
+    grep '^{' "$OUT/bench-decode.log" > "$OUT/bench-decode.json" || true
+    step bench-decode-vattention "$B/cli" generate --model llama3-8b --synthetic --device cuda --backend vattention --prompt-len 1024 --max-tokens 128 --json
+    grep '^{' "$OUT/bench-decode-vattention.log" > "$OUT/bench-decode-vattention.json" || true
+fi
+if want kernels; then
+    export VPOD_DATE=$(date -u +%F)
+    step vb-decode "$B/vpod-bench" decode --out "$OUT"
+    step vb-prefill "$B/vpod-bench" prefill --out "$OUT"
+    step vb-map "$B/vpod-bench" map --out "$OUT"
+    step sdpa python3 scripts/bench_sdpa.py --out "$OUT"
+    for f in vb-decode vb-prefill vb-map sdpa; do cat "$OUT/$f.log"; done
+fi
+if want serve; then
+    export VPOD_DATE=$(date -u +%F)
+    step vb-spikes "$B/vpod-bench" spikes --out "$OUT"
+    step vb-e2e "$B/vpod-bench" e2e --out "$OUT"
+    for f in vb-spikes vb-e2e; do cat "$OUT/$f.log"; done
+fi
 
 # Bad input on the GPU: weights that cannot fit must be refused up front, with the numbers.
 # (Yi-34B in f32 is 128 GiB: more than an H100 holds, less than an H200.)
 mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-if [ "${mem_mib:-0}" -lt 130000 ]; then
+if want smoke && [ "${mem_mib:-0}" -lt 130000 ]; then
     "$B/cli" generate --model yi-34b --synthetic --device cuda --dtype f32 --prompt-len 8 --max-tokens 1 > "$OUT/oom.log" 2>&1
     RC[oom-refused]=$([ $? -ne 0 ] && grep -q "GiB free" "$OUT/oom.log" && echo 0 || echo 1)
     cat "$OUT/oom.log"
 fi
 
 # Where a decode step's time goes: kernel times of the last decode step (Nsight Compute).
-if [ $QUICK = 0 ] && command -v ncu >/dev/null; then
+if want ncu && [ -f "$OUT/bench-decode.json" ] && command -v ncu >/dev/null; then
     step_ms=$(python3 -c 'import json,sys; print(1e3 / json.load(open(sys.argv[1]))["decode_tokens_per_s"])' "$OUT/bench-decode.json")
     timeout 400 ncu --csv --metrics gpu__time_duration.sum --print-units base --clock-control none --cache-control none \
         "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 1024 --max-tokens 2 --json \
@@ -57,7 +92,7 @@ if [ $QUICK = 0 ] && command -v ncu >/dev/null; then
     cat "$OUT/breakdown.log"
 fi
 
-if [ $QUICK = 0 ]; then
+if want ckpt; then
     step synth-ckpt python3 scripts/make_synthetic_checkpoint.py --preset llama3-8b --cache /tmp/vpod-hf/hub
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
     step load-full env HF_HUB_CACHE=/tmp/vpod-hf/hub "$B/cli" generate --model llama3-8b --device cuda --prompt-len 32 --max-tokens 16 --json
@@ -81,11 +116,17 @@ if b:
                  f'{b["decode_tokens_per_s"]:.1f} tok/s = {step_ms:.2f} ms/token; floor {floor_ms:.2f} ms '
                  f'({1e3 / floor_ms:.0f} tok/s): {floor_ms / step_ms * 100:.0f} % of the floor; '
                  f'prefill 1024 tokens {b["prefill_ms"]:.1f} ms'))
+bv = load("bench-decode-vattention.json")
+if bv:
+    step_ms = 1e3 / bv["decode_tokens_per_s"]
+    rows.append(("same, --backend vattention",
+                 f'{bv["decode_tokens_per_s"]:.1f} tok/s = {step_ms:.2f} ms/token: {floor_ms / step_ms * 100:.0f} % of the floor; '
+                 f'prefill 1024 tokens {bv["prefill_ms"]:.1f} ms'))
 l = load("load-full.json")
 if l:
     rows.append(("llama3-8b 16 GB sharded checkpoint load (HF cache, offline)",
                  f'{l["load_ms"] / 1e3:.1f} s, peak host RSS {l["peak_rss_mib"]:.0f} MiB'))
-summary = {"gpu": gpu, "bench_decode": b, "load_full": l}
+summary = {"gpu": gpu, "bench_decode": b, "bench_decode_vattention": bv, "load_full": l}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 print("\n| check | result |\n|---|---|")
 for k, v in rows:

@@ -199,6 +199,12 @@ fn gemv_matches_cpu_twin() {
 /// (tolerances of the CUDA issue: >= 95 %, within 2 %).
 #[test]
 fn fixtures_match_transformers_in_bf16_on_gpu() {
+    for backend in ["reference", "vattention"] {
+        fixtures_parity(backend);
+    }
+}
+
+fn fixtures_parity(backend: &str) {
     let dev = gpu();
     let (mut agree_all, mut total_all) = (0, 0);
     for name in FIXTURES {
@@ -208,7 +214,7 @@ fn fixtures_match_transformers_in_bf16_on_gpu() {
         )
         .unwrap();
         let model = load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap();
-        let mut e = Engine::new(model, "reference").unwrap();
+        let mut e = Engine::new(model, backend).unwrap();
         let r = reference(name);
         let refs = candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu)
             .unwrap();
@@ -218,7 +224,7 @@ fn fixtures_match_transformers_in_bf16_on_gpu() {
             .into_iter()
             .map(|i| i as u32)
             .collect();
-        let mut line = format!("GPU-PARITY {name}:");
+        let mut line = format!("GPU-PARITY {backend} {name}:");
         for (what, ids, want) in [
             ("prompt", &r.prompt_ids, &refs["logits"]),
             ("ppl text", &ppl_ids, &refs["ppl_logits"]),
@@ -260,11 +266,11 @@ fn fixtures_match_transformers_in_bf16_on_gpu() {
             r.ppl,
             (s.ppl / r.ppl - 1.0) * 100.0
         );
-        assert!(rel < 0.02, "{name}: ppl {} vs {}", s.ppl, r.ppl);
+        assert!(rel < 0.02, "{backend} {name}: ppl {} vs {}", s.ppl, r.ppl);
     }
     let rate = agree_all as f64 / total_all as f64;
     println!(
-        "GPU-PARITY all fixtures: top-1 agreement {agree_all}/{total_all} = {:.1} %",
+        "GPU-PARITY {backend} all fixtures: top-1 agreement {agree_all}/{total_all} = {:.1} %",
         rate * 100.0
     );
     assert!(rate >= 0.95, "top-1 agreement {rate}");
@@ -348,4 +354,176 @@ fn slot_decode_matches_cpu_twin() {
         s * 1e6,
         bytes / s / 1e12
     );
+}
+
+/// Relative L2 error ||a - b|| / ||b|| over all elements.
+fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(num.is_finite(), "NaN/inf in the output");
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// The `vattention` backend on the GPU (VMM cache, write + prefill + decode
+/// kernels) against its CPU twin, step by step over a batch-spec table:
+/// prompts of mixed lengths, a chunked prompt continuing at an offset, a
+/// one-token prompt, decodes next to prompt chunks, sequences finishing and
+/// their slots reused; GQA 4, 7 and 8; per-layer regions and the megacache;
+/// overlapped and synchronous mapping; both prefill tile sizes.
+#[test]
+fn vattention_gpu_matches_cpu_twin() {
+    use vpod_attention::{AttnConfig, BackendOptions, BatchMeta, create_backend};
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    // (seq, context_len, query_len) per step; a seq missing from a later step is released.
+    let steps: &[&[(u64, usize, usize)]] = &[
+        &[(1, 0, 300), (2, 0, 1000), (3, 0, 1)],
+        &[(1, 300, 700), (2, 1000, 1), (3, 1, 1)],
+        &[(1, 1000, 1), (2, 1001, 1), (4, 0, 2500)],
+        &[(1, 1001, 1), (4, 2500, 1), (5, 0, 130)],
+    ];
+    let mut case = 0u64;
+    // VPOD_QUICK (the compute-sanitizer runs): the first shape and layout only.
+    let quick = std::env::var_os("VPOD_QUICK").is_some();
+    let shapes: &[(usize, usize)] = if quick {
+        &[(32, 8)]
+    } else {
+        &[(32, 8), (56, 8), (32, 4)]
+    };
+    for &(heads, kv_heads) in shapes {
+        for (megacache, mapping, warps) in [
+            (false, vpod_kvcache::Mapping::Overlapped, "8"),
+            (true, vpod_kvcache::Mapping::Sync, "4"),
+        ]
+        .into_iter()
+        .take(if quick { 1 } else { 2 })
+        {
+            // SAFETY: the tests run with --test-threads=1 on the GPU machine;
+            // nothing else reads the environment concurrently.
+            unsafe { std::env::set_var("VPOD_PREFILL_WARPS", warps) };
+            let cfg = AttnConfig {
+                num_layers: 2,
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: 128,
+                max_seq_len: 4096,
+                dtype: DType::BF16,
+            };
+            let opts = BackendOptions {
+                max_seqs: 4,
+                megacache,
+                mapping,
+                ..Default::default()
+            };
+            let mut g = create_backend("vattention", &cfg, &dev, &opts).unwrap();
+            let mut c = create_backend("vattention", &cfg, &cpu, &opts).unwrap();
+            let mut live: Vec<u64> = vec![];
+            for (i, step) in steps.iter().enumerate() {
+                for s in live.iter().filter(|s| !step.iter().any(|x| x.0 == **s)) {
+                    g.release(*s);
+                    c.release(*s);
+                }
+                live = step.iter().map(|x| x.0).collect();
+                let chunks: Vec<SeqChunk> = step
+                    .iter()
+                    .map(|&(seq_id, context_len, query_len)| SeqChunk {
+                        seq_id,
+                        context_len,
+                        query_len,
+                    })
+                    .collect();
+                let t: usize = chunks.iter().map(|c| c.query_len).sum();
+                let mg = BatchMeta::new(chunks.clone(), LogitsAt::LastToken, &dev).unwrap();
+                let mc = BatchMeta::new(chunks, LogitsAt::LastToken, &cpu).unwrap();
+                for layer in 0..2 {
+                    case += 1;
+                    let r = |h: usize, seed: u64| {
+                        pseudo_random((t, h * 128), 1.0, seed)
+                            .reshape((t, h, 128))
+                            .unwrap()
+                    };
+                    let (q, k, v) = (
+                        r(heads, case * 3),
+                        r(kv_heads, case * 3 + 1),
+                        r(kv_heads, case * 3 + 2),
+                    );
+                    let want = c.forward(layer, &q, &k, &v, &mc).unwrap();
+                    let got = g
+                        .forward(
+                            layer,
+                            &q.to_device(&dev).unwrap(),
+                            &k.to_device(&dev).unwrap(),
+                            &v.to_device(&dev).unwrap(),
+                            &mg,
+                        )
+                        .unwrap();
+                    let e = rel_l2(&got, &want);
+                    assert!(
+                        e < 1e-2,
+                        "GQA {heads}/{kv_heads} megacache {megacache} step {i} layer {layer}: rel. L2 error {e}"
+                    );
+                }
+                let next: Vec<(u64, usize)> = step.iter().map(|&(s, c, q)| (s, c + q + 1)).collect();
+                g.prepare_next(&next).unwrap();
+            }
+        }
+    }
+    unsafe { std::env::remove_var("VPOD_PREFILL_WARPS") };
+}
+
+/// The VMM cache refuses a page size the GPU cannot map, and tears down cleanly.
+#[test]
+fn vmm_cache_bad_page_and_teardown() {
+    use vpod_kvcache::{KvManager, Mapping, VirtualCache, VirtualConfig};
+    let Device::Cuda(dev) = gpu() else { unreachable!() };
+    let ctx = dev.cuda_stream().context().clone();
+    let cfg = VirtualConfig {
+        num_layers: 4,
+        kv_heads: 8,
+        head_dim: 128,
+        elem_bytes: 2,
+        max_seqs: 4,
+        max_len: 8192,
+        page_size: 64 << 10,
+        budget_bytes: 256 << 20,
+        megacache: false,
+        mapping: Mapping::Overlapped,
+    };
+    let e = VirtualCache::on_cuda(cfg, ctx.clone()).unwrap_err().to_string();
+    assert!(e.contains("granularity"), "{e}");
+    for round in 0..3 {
+        let mut c = VirtualCache::on_cuda(
+            VirtualConfig {
+                page_size: 2 << 20,
+                ..cfg
+            },
+            ctx.clone(),
+        )
+        .unwrap();
+        // 256 MiB over 8 regions of 2 MiB pages: 16 page groups of 1024 tokens.
+        assert_eq!(c.total_tokens(), 16 * 1024);
+        c.admit(1, 5000).unwrap();
+        c.admit(2, 3000).unwrap();
+        c.map_ahead(2, 4097).unwrap();
+        c.release(1);
+        c.admit(3, 8192).unwrap(); // best fit: slot 1's 5 pages, plus reclaim
+        c.fence().unwrap();
+        assert!(!c.can_admit(8192, 0));
+        assert!(
+            c.admit(4, 8192).is_err(),
+            "admission control refuses, nothing is mapped"
+        );
+        println!(
+            "VMM round {round}: mapped {} unmapped {} page groups",
+            c.mapped_total, c.unmapped_total
+        );
+    }
 }

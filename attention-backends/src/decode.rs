@@ -1,7 +1,8 @@
 //! Split-KV decode attention over the per-slot (vAttention) layout: one
 //! query token per sequence, K/V read by (slot, position) with plain strides.
 //! On CUDA it runs `slot_decode_bf16` (one block per split x KV head x
-//! sequence, all query heads of the group per block) and the combine kernel;
+//! sequence, all query heads of the group per block as one tensor-core
+//! tile) and the combine kernel;
 //! on the CPU the online-softmax twin with the same split boundaries.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -11,8 +12,9 @@ use crate::{AttnError, Result};
 
 /// head_dim the kernel is built for.
 pub const DECODE_HEAD_DIM: usize = 128;
-/// GQA groups the CUDA kernel is instantiated for (the models need 4, 7, 8).
-pub const DECODE_GROUPS: &[usize] = &[1, 4, 7, 8];
+/// Most query heads per KV head the CUDA kernel serves (one 16-row MMA tile;
+/// the models need 4, 7 and 8).
+pub const DECODE_MAX_GROUP: usize = 16;
 
 /// `q: [batch, heads, 128]`, `k_cache`, `v_cache: [max_seqs, max_len, kv_heads, 128]`;
 /// sequence `b` lives in slot `slots[b]` with `seq_lens[b]` keys, split into
@@ -36,9 +38,9 @@ pub fn slot_decode(
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return bad(format!("{heads} heads are not a multiple of {kv_heads} KV heads"));
     }
-    if !q.device().is_cpu() && !DECODE_GROUPS.contains(&(heads / kv_heads)) {
+    if !q.device().is_cpu() && heads / kv_heads > DECODE_MAX_GROUP {
         return bad(format!(
-            "no decode kernel for GQA group {} (built: {DECODE_GROUPS:?})",
+            "no decode kernel for GQA group {} (at most {DECODE_MAX_GROUP})",
             heads / kv_heads
         ));
     }
@@ -202,28 +204,38 @@ impl CustomOp3 for SlotDecode {
             self.max_len as i32,
             self.splits as i32,
         );
-        let name = match self.heads / self.kv_heads {
-            1 => "slot_decode_g1_bf16",
-            4 => "slot_decode_g4_bf16",
-            7 => "slot_decode_g7_bf16",
-            8 => "slot_decode_g8_bf16",
-            g => candle_core::bail!("slot-decode: no kernel for GQA group {g}"),
-        };
-        let f = crate::ops::cuda::function(&dev, name)?;
+        let group = h / kvh;
+        let rows: Vec<i32> = (0..b as i32).collect();
+        let rows = dev.clone_htod(&rows)?;
+        let row = (self.kv_heads * DECODE_HEAD_DIM) as i64;
+        let (slot_stride, pos_stride) = (ml as i64 * row, row);
+        let smem = 3 * 2 * 64 * 256;
+        let f = crate::ops::cuda::function(&dev, "slot_decode_bf16")?;
+        f.set_attribute(
+            candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem,
+        )
+        .map_err(err)?;
         let cfg = LaunchConfig {
             grid_dim: (self.splits as u32, self.kv_heads as u32, b as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         let mut l = stream.launch_builder(&f);
         l.arg(&q)
+            .arg(&rows)
             .arg(&k)
             .arg(&v)
             .arg(&slots)
             .arg(&lens)
             .arg(&mut part_o)
             .arg(&mut part_ml);
-        l.arg(&h).arg(&kvh).arg(&ml).arg(&sp).arg(&self.scale);
+        l.arg(&h)
+            .arg(&group)
+            .arg(&slot_stride)
+            .arg(&pos_stride)
+            .arg(&sp)
+            .arg(&self.scale);
         // SAFETY: slot_decode() checked shapes, slots and lengths against the cache.
         unsafe { l.launch(cfg) }.map_err(err)?;
         let f = crate::ops::cuda::function(&dev, "slot_decode_combine_bf16")?;
@@ -233,7 +245,12 @@ impl CustomOp3 for SlotDecode {
             shared_mem_bytes: 0,
         };
         let mut l = stream.launch_builder(&f);
-        l.arg(&part_o).arg(&part_ml).arg(&mut out).arg(&sp);
+        l.arg(&part_o)
+            .arg(&part_ml)
+            .arg(&rows)
+            .arg(&mut out)
+            .arg(&h)
+            .arg(&sp);
         // SAFETY: the buffers hold b * heads * splits partials, written above.
         unsafe { l.launch(cfg) }.map_err(err)?;
         Ok((

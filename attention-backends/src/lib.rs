@@ -39,6 +39,8 @@ pub mod ops;
 mod paged;
 mod reference;
 mod vattention;
+#[cfg(feature = "cuda")]
+mod vattention_gpu;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -100,6 +102,15 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn kv_manager(&mut self) -> Option<&mut dyn KvManager> {
         None
     }
+
+    /// Called right after a step has been launched (before its results are
+    /// read), with each running sequence's length after the *next* step:
+    /// a backend may prepare memory for it while the GPU works (the
+    /// vAttention backends map the pages ahead). A hint: the next step may
+    /// differ.
+    fn prepare_next(&mut self, _next: &[(SeqId, usize)]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Knobs of the cache-owning backends.
@@ -115,6 +126,9 @@ pub struct BackendOptions {
     pub max_seqs: usize,
     /// The virtual cache's all-layers-in-one-region layout.
     pub megacache: bool,
+    /// When the virtual cache maps pages: overlapped with the GPU's work on a
+    /// mapper thread (default), or synchronously inside the step.
+    pub mapping: vpod_kvcache::Mapping,
     /// Fault injection for tests: multiplies the softmax scale of the
     /// paged / vattention / pod twins, so that a test can check that a
     /// wrong backend is caught. Never set in normal use.
@@ -129,6 +143,7 @@ impl Default for BackendOptions {
             kv_memory: None,
             max_seqs: 8,
             megacache: false,
+            mapping: vpod_kvcache::Mapping::Overlapped,
             fault_scale: None,
         }
     }
@@ -217,13 +232,13 @@ pub const BACKENDS: &[BackendInfo] = &[
     BackendInfo {
         name: "vattention",
         description: "FlashAttention-style kernels over the contiguous per-slot K/V of the virtual (vAttention) cache",
-        check: VirtualBackend::unsupported_reasons,
+        check: |c, d, o| VirtualBackend::unsupported_reasons("vattention", c, d, o),
         build: |cfg, dev, o| Ok(Box::new(VirtualBackend::new("vattention", cfg.clone(), dev, o)?)),
     },
     BackendInfo {
         name: "pod",
         description: "POD-Attention: a hybrid batch's prefill chunks and decodes in one call, over the virtual cache",
-        check: VirtualBackend::unsupported_reasons,
+        check: |c, d, o| VirtualBackend::unsupported_reasons("pod", c, d, o),
         build: |cfg, dev, o| Ok(Box::new(VirtualBackend::new("pod", cfg.clone(), dev, o)?)),
     },
 ];

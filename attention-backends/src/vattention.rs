@@ -6,9 +6,12 @@
 //! (FlashAttention-2 style); decode tokens use split-KV with the split count
 //! chosen to fill the GPU even at batch 1, merged by a combine step.
 //! `vattention` runs a step as two calls (prefill chunks, then decodes: the
-//! serial pair); `pod` computes a hybrid batch in one call. The CUDA kernels
-//! and the VMM-backed cache come with the vAttention and POD milestones;
-//! until then these backends say that they cannot run on a GPU.
+//! serial pair); `pod` computes a hybrid batch in one call.
+//!
+//! On a CUDA device `vattention` keeps the cache in GPU virtual memory
+//! (`VirtualCache::on_cuda`: CUDA VMM, pages mapped ahead on the mapper
+//! thread) and runs our kernels (see `vattention_gpu.rs`); `pod` on a GPU
+//! comes with the POD milestone and says so.
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use vpod_kvcache::{Kv, KvManager, VirtualCache, VirtualConfig};
@@ -38,18 +41,29 @@ pub struct VirtualBackend {
     cfg: AttnConfig,
     cache: VirtualCache,
     scale: f32,
+    #[cfg(feature = "cuda")]
+    gpu: Option<Gpu>,
+}
+
+/// GPU state: the device, its SM count, and the current step's plan.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+struct Gpu {
+    dev: candle_core::cuda_backend::CudaDevice,
+    sms: usize,
+    plan: Option<crate::vattention_gpu::StepPlan>,
 }
 
 impl VirtualBackend {
     pub fn new(name: &'static str, cfg: AttnConfig, device: &Device, opts: &BackendOptions) -> Result<Self> {
-        let reasons = Self::unsupported_reasons(&cfg, device, opts);
+        let reasons = Self::unsupported_reasons(name, &cfg, device, opts);
         if !reasons.is_empty() {
             return Err(AttnError::Unsupported {
                 backend: name,
                 reasons: reasons.join("; "),
             });
         }
-        let cache = VirtualCache::new(VirtualConfig {
+        let vcfg = VirtualConfig {
             num_layers: cfg.num_layers,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
@@ -59,20 +73,73 @@ impl VirtualBackend {
             page_size: opts.page_size,
             budget_bytes: opts.kv_budget_bytes(&cfg),
             megacache: opts.megacache,
-        })?;
+            mapping: opts.mapping,
+        };
         let scale = opts.fault_scale.unwrap_or(1.0) / (cfg.head_dim as f32).sqrt();
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+            let ctx = dev.cuda_stream().context().clone();
+            let sms = ctx
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| AttnError::Candle(candle_core::Error::Cuda(e.to_string().into())))?;
+            let cache = VirtualCache::on_cuda(vcfg, ctx)?;
+            return Ok(Self {
+                name,
+                cfg,
+                cache,
+                scale,
+                gpu: Some(Gpu {
+                    dev: dev.clone(),
+                    sms: sms.max(1) as usize,
+                    plan: None,
+                }),
+            });
+        }
         Ok(Self {
             name,
             cfg,
-            cache,
+            cache: VirtualCache::new(vcfg)?,
             scale,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
-    pub fn unsupported_reasons(cfg: &AttnConfig, device: &Device, opts: &BackendOptions) -> Vec<String> {
+    pub fn unsupported_reasons(
+        name: &str,
+        cfg: &AttnConfig,
+        device: &Device,
+        opts: &BackendOptions,
+    ) -> Vec<String> {
         let mut r = Vec::new();
-        if !device.is_cpu() {
-            r.push("the CUDA virtual-memory cache and kernels are not built yet (vAttention milestone); use --device cpu".into());
+        if device.is_cuda() {
+            if !cfg!(feature = "cuda") {
+                r.push("this build has no CUDA support (build with --features cuda)".into());
+            }
+            if name == "pod" {
+                r.push(
+                    "the POD fused kernel is not built yet (POD milestone); use `vattention` on the GPU"
+                        .into(),
+                );
+            }
+            if cfg.dtype != candle_core::DType::BF16 {
+                r.push(format!(
+                    "the CUDA kernels are bf16 only (got {:?}; use --dtype bf16)",
+                    cfg.dtype
+                ));
+            }
+            if cfg.head_dim != crate::decode::DECODE_HEAD_DIM {
+                r.push(format!(
+                    "the CUDA kernels need head_dim 128 (got {})",
+                    cfg.head_dim
+                ));
+            }
+            if cfg.num_kv_heads > 0 && cfg.num_heads / cfg.num_kv_heads > 16 {
+                r.push("the CUDA kernels serve at most 16 query heads per KV head".into());
+            }
+        } else if !device.is_cpu() {
+            r.push("only CPU and CUDA devices are supported".into());
         }
         if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             r.push("query heads are not a multiple of key/value heads".into());
@@ -190,6 +257,41 @@ impl AttentionBackend for VirtualBackend {
     ) -> Result<Tensor> {
         if layer == 0 {
             crate::make_room(&mut self.cache, meta)?;
+            // Pages mapped for this step (here or ahead) must be in place.
+            self.cache.fence()?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            if layer == 0 || gpu.plan.is_none() {
+                gpu.plan = Some(crate::vattention_gpu::StepPlan::new(
+                    &gpu.dev,
+                    &self.cache,
+                    meta,
+                    self.cfg.num_heads,
+                    self.cfg.num_kv_heads,
+                    gpu.sms,
+                )?);
+            }
+            let Some(plan) = &gpu.plan else {
+                unreachable!("built above")
+            };
+            let op = crate::vattention_gpu::GpuAttention {
+                plan,
+                k: self.cache.view(layer, Kv::K),
+                v: self.cache.view(layer, Kv::V),
+                heads: self.cfg.num_heads,
+                kv_heads: self.cfg.num_kv_heads,
+                scale: self.scale,
+            };
+            let dense = |t: &Tensor| -> Result<Tensor> {
+                Ok(if t.stride()[1..] == [self.cfg.head_dim, 1] {
+                    t.clone()
+                } else {
+                    t.contiguous()?
+                })
+            };
+            let q = q.contiguous()?;
+            return Ok(q.apply_op3_no_bwd(&dense(k)?, &dense(v)?, &op)?);
         }
         self.write(layer, k, v, meta)?;
         let q = q.contiguous()?;
@@ -209,6 +311,13 @@ impl AttentionBackend for VirtualBackend {
 
     fn kv_manager(&mut self) -> Option<&mut dyn KvManager> {
         Some(&mut self.cache)
+    }
+
+    fn prepare_next(&mut self, next: &[(SeqId, usize)]) -> Result<()> {
+        for &(seq, len) in next {
+            self.cache.map_ahead(seq, len)?;
+        }
+        Ok(())
     }
 }
 

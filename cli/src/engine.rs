@@ -411,6 +411,23 @@ impl Engine {
                 })
                 .collect();
             let logits = self.step(chunks.clone(), &tokens, LogitsAt::LastToken)?;
+            // While the GPU runs this step: each sequence's length after the
+            // next one (a decode, or the next prompt chunk), so that a
+            // backend can map KV pages off the critical path.
+            let next: Vec<(SeqId, usize)> = chunks
+                .iter()
+                .map(|c| {
+                    let done = c.seq_len();
+                    let len = live.get(&c.seq_id).map_or(done, |l| l.tokens.len());
+                    let next_chunk = if done >= len {
+                        1
+                    } else {
+                        (len - done).min(scheduler.config().chunk_size.max(1))
+                    };
+                    (c.seq_id, done + next_chunk)
+                })
+                .collect();
+            self.backend.prepare_next(&next)?;
             let now = start.elapsed().as_secs_f64() * 1e3;
             let mut finished_now = 0;
             for (row, c) in chunks.iter().enumerate() {

@@ -144,6 +144,10 @@ pub struct ModelArgs {
     /// Virtual cache: all layers of a token in one region (finer pages).
     #[arg(long)]
     pub megacache: bool,
+    /// Virtual cache: map pages synchronously when a sequence grows, instead
+    /// of ahead on the mapper thread while the GPU runs the previous step.
+    #[arg(long)]
+    pub sync_mapping: bool,
 }
 
 impl ModelArgs {
@@ -154,6 +158,11 @@ impl ModelArgs {
             kv_memory: self.kv_memory,
             max_seqs: self.max_seqs,
             megacache: self.megacache,
+            mapping: if self.sync_mapping {
+                vpod_kvcache::Mapping::Sync
+            } else {
+                vpod_kvcache::Mapping::Overlapped
+            },
             fault_scale: None,
         }
     }

@@ -349,6 +349,7 @@ mod tests {
             let mut virt = VirtualCache::new(VirtualConfig {
                 num_layers: 1, kv_heads: 1, head_dim: 64, elem_bytes: 4, max_seqs: 6, max_len: 96,
                 page_size: 4096, budget_bytes: blocks * 2 * 4096, megacache: false,
+                mapping: vpod_kvcache::Mapping::Overlapped,
             }).unwrap();
             simulate(&mut virt, cfg, &reqs, &arrivals);
         }

@@ -37,6 +37,8 @@ pub enum KvCacheError {
     },
     #[error("no free slot for sequence {seq}: all {max_seqs} are taken")]
     OutOfSlots { seq: SeqId, max_seqs: usize },
+    #[error("KV cache device memory: {0}")]
+    Device(String),
     #[error("KV layout: {0}")]
     Layout(String),
     #[error(transparent)]

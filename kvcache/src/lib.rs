@@ -21,9 +21,12 @@
 mod error;
 mod layout;
 mod manager;
+mod memory;
 mod paged;
 mod seq_store;
 mod virt;
+#[cfg(feature = "cuda")]
+mod vmm;
 
 #[cfg(test)]
 mod props;
@@ -33,7 +36,9 @@ pub use layout::{BLOCK_SIZES, PagedLayout, SlotLayout};
 pub use manager::KvManager;
 pub use paged::{BlockPool, PagedCache};
 pub use seq_store::{KvShape, SeqKvStore};
-pub use virt::{DEFAULT_PAGE_SIZE, Kv, VirtualCache, VirtualConfig};
+pub use virt::{DEFAULT_PAGE_SIZE, Kv, Mapping, SlotView, VirtualCache, VirtualConfig};
+#[cfg(feature = "cuda")]
+pub use vmm::vmm_granularity;
 
 /// Identifies one sequence (request) across steps.
 pub type SeqId = u64;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device};
 use proptest::prelude::*;
 
-use crate::{KvManager, PagedCache, PagedLayout, SeqId, VirtualCache, VirtualConfig};
+use crate::{KvManager, Mapping, PagedCache, PagedLayout, SeqId, VirtualCache, VirtualConfig};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -88,10 +88,11 @@ proptest! {
     }
 
     #[test]
-    fn virtual_manager_invariants(ops in ops(), megacache in any::<bool>()) {
+    fn virtual_manager_invariants(ops in ops(), megacache in any::<bool>(), overlap in any::<bool>()) {
         let cfg = VirtualConfig {
             num_layers: 2, kv_heads: 1, head_dim: 64, elem_bytes: 4, max_seqs: 4, max_len: 100,
             page_size: 4096, budget_bytes: 10 * 4 * 4096, megacache,
+            mapping: if overlap { Mapping::Overlapped } else { Mapping::Sync },
         };
         let mut c = VirtualCache::new(cfg).unwrap();
         drive(&mut c, &ops, &|c: &VirtualCache| c.check_invariants());

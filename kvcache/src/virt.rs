@@ -19,13 +19,35 @@
 //! Here the address space is reserved with `mmap(PROT_NONE)` and pages are
 //! committed with `mprotect(PROT_READ | PROT_WRITE)` and decommitted with
 //! `madvise(MADV_DONTNEED)` + `mprotect(PROT_NONE)`: the page accounting is
-//! real (touching an uncommitted page faults). The CUDA twin does the same
-//! with `cuMemAddressReserve` / `cuMemMap` / `cuMemUnmap` behind this type.
+//! real (touching an uncommitted page faults). On a GPU ([`VirtualCache::on_cuda`])
+//! the same type does this with `cuMemAddressReserve` / `cuMemMap` /
+//! `cuMemUnmap` over a pool of `cuMemCreate` pages (see `vmm.rs`).
+//!
+//! Mapping modes ([`Mapping`]): `Sync` maps inside `grow` (on the critical
+//! path, as a plain implementation would); `Overlapped` hands every
+//! (de)commit to one persistent mapper thread and [`VirtualCache::fence`]
+//! waits for it. With [`VirtualCache::map_ahead`] the backend asks, right
+//! after launching step N, for the pages step N+1 will need; the mapper maps
+//! them while the GPU runs step N, and step N+1's `grow` finds them there.
+//! Pages mapped ahead are surplus (reclaimable by anyone), never claimed, so
+//! the accounting the scheduler sees is the same in both modes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::manager::KvManager;
+use crate::memory::{HostMemory, Mapper, PageMemory};
 use crate::{KvCacheError, Result, SeqId};
+
+/// When pages are (de)committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mapping {
+    /// In the calling thread, inside `grow` / reclaim.
+    Sync,
+    /// On the persistent mapper thread; `fence` waits for it.
+    #[default]
+    Overlapped,
+}
 
 /// Geometry and budget of a virtual cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,87 +65,20 @@ pub struct VirtualConfig {
     pub budget_bytes: usize,
     /// All layers of a token in one region (finer granularity per page).
     pub megacache: bool,
+    pub mapping: Mapping,
+}
+
+/// Where a kernel finds the rows of one (layer, K or V): row of (slot,
+/// position) at `base + slot * slot_stride + position * pos_stride` elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotView {
+    /// Address of (slot 0, position 0) of this layer (device address on a GPU).
+    pub base: u64,
+    pub slot_stride: usize,
+    pub pos_stride: usize,
 }
 
 pub const DEFAULT_PAGE_SIZE: usize = 2 << 20;
-
-/// Reserved address space whose pages are committed on demand.
-#[derive(Debug)]
-struct Region {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the region is plain memory owned by this value; access goes through
-// &self / &mut self of the cache.
-unsafe impl Send for Region {}
-unsafe impl Sync for Region {}
-
-impl Region {
-    fn reserve(len: usize) -> Result<Self> {
-        // SAFETY: an anonymous private mapping with no access; no existing memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(KvCacheError::Layout(format!(
-                "cannot reserve {len} bytes of address space: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(Self { base: p.cast(), len })
-    }
-
-    fn commit(&self, offset: usize, len: usize) -> Result<()> {
-        debug_assert!(offset + len <= self.len);
-        // SAFETY: [offset, offset + len) lies inside our mapping (checked by the caller).
-        let r = unsafe {
-            libc::mprotect(
-                self.base.add(offset).cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        if r != 0 {
-            return Err(KvCacheError::Layout(format!(
-                "mprotect: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(())
-    }
-
-    fn decommit(&self, offset: usize, len: usize) -> Result<()> {
-        debug_assert!(offset + len <= self.len);
-        // SAFETY: as above; after MADV_DONTNEED the pages read as zero when
-        // committed again, and PROT_NONE makes stray accesses fault.
-        let r = unsafe {
-            let p = self.base.add(offset).cast();
-            libc::madvise(p, len, libc::MADV_DONTNEED) | libc::mprotect(p, len, libc::PROT_NONE)
-        };
-        if r != 0 {
-            return Err(KvCacheError::Layout(format!(
-                "madvise/mprotect: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping; nothing borrows it past the cache's lifetime.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
@@ -146,8 +101,10 @@ pub enum Kv {
 #[derive(Debug)]
 pub struct VirtualCache {
     cfg: VirtualConfig,
-    /// Non-megacache: [layer0 K, layer0 V, layer1 K, ...]; megacache: [K, V].
-    regions: Vec<Region>,
+    /// Dropped before `memory`: the queue drains, then the memory goes.
+    mapper: Option<Mapper>,
+    /// Non-megacache regions: [layer0 K, layer0 V, layer1 K, ...]; megacache: [K, V].
+    memory: Arc<dyn PageMemory>,
     /// Bytes of one slot in one region (a whole number of pages).
     slot_stride: usize,
     /// Bytes of one token's row in one region.
@@ -163,8 +120,72 @@ pub struct VirtualCache {
     pub unmapped_total: usize,
 }
 
+/// Geometry derived from a [`VirtualConfig`], checked.
+struct Geometry {
+    token_bytes: usize,
+    tokens_per_page: usize,
+    slot_stride: usize,
+    num_regions: usize,
+    total_pages: usize,
+}
+
 impl VirtualCache {
+    /// The CPU twin over host virtual memory.
     pub fn new(cfg: VirtualConfig) -> Result<Self> {
+        let geo = Self::geometry(&cfg)?;
+        let memory = Arc::new(HostMemory::new(geo.num_regions, cfg.max_seqs * geo.slot_stride)?);
+        Self::build(cfg, geo, memory, Box::new(|| {}))
+    }
+
+    /// The cache in GPU memory through the CUDA VMM API; the physical pages
+    /// of the whole budget are created up front.
+    #[cfg(feature = "cuda")]
+    pub fn on_cuda(
+        cfg: VirtualConfig,
+        ctx: Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    ) -> Result<Self> {
+        let geo = Self::geometry(&cfg)?;
+        let memory = Arc::new(crate::vmm::VmmMemory::new(
+            ctx.clone(),
+            geo.num_regions,
+            cfg.max_seqs * geo.slot_stride,
+            cfg.page_size,
+            geo.total_pages * geo.num_regions,
+        )?);
+        // The mapper thread makes driver calls: it needs the context current.
+        let bind = Box::new(move || {
+            let _ = ctx.bind_to_thread();
+        });
+        Self::build(cfg, geo, memory, bind)
+    }
+
+    fn build(
+        cfg: VirtualConfig,
+        geo: Geometry,
+        memory: Arc<dyn PageMemory>,
+        on_mapper_start: Box<dyn FnOnce() + Send>,
+    ) -> Result<Self> {
+        let mapper = match cfg.mapping {
+            Mapping::Sync => None,
+            Mapping::Overlapped => Some(Mapper::spawn(memory.clone(), on_mapper_start)?),
+        };
+        Ok(Self {
+            cfg,
+            mapper,
+            memory,
+            slot_stride: geo.slot_stride,
+            token_bytes: geo.token_bytes,
+            tokens_per_page: geo.tokens_per_page,
+            slots: vec![Slot::default(); cfg.max_seqs],
+            seq_slot: HashMap::new(),
+            free_pages: geo.total_pages,
+            total_pages: geo.total_pages,
+            mapped_total: 0,
+            unmapped_total: 0,
+        })
+    }
+
+    fn geometry(cfg: &VirtualConfig) -> Result<Geometry> {
         let bad = |m: String| Err(KvCacheError::Layout(m));
         let os_page = 4096;
         if cfg.page_size == 0 || !cfg.page_size.is_multiple_of(os_page) {
@@ -191,22 +212,62 @@ impl VirtualCache {
                 cfg.budget_bytes, num_regions, cfg.page_size
             ));
         }
-        let regions = (0..num_regions)
-            .map(|_| Region::reserve(cfg.max_seqs * slot_stride))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            cfg,
-            regions,
-            slot_stride,
+        Ok(Geometry {
             token_bytes,
             tokens_per_page,
-            slots: vec![Slot::default(); cfg.max_seqs],
-            seq_slot: HashMap::new(),
-            free_pages: total_pages,
+            slot_stride,
+            num_regions,
             total_pages,
-            mapped_total: 0,
-            unmapped_total: 0,
         })
+    }
+
+    /// Whether the memory is on a GPU (kernels read it through [`Self::view`]).
+    pub fn is_device(&self) -> bool {
+        !self.memory.is_host()
+    }
+
+    /// Where kernels find (layer, K or V).
+    pub fn view(&self, layer: usize, kv: Kv) -> SlotView {
+        let e = self.cfg.elem_bytes;
+        SlotView {
+            base: self.memory.base(self.region_index(layer, kv)) + self.offset(layer, 0, 0) as u64,
+            slot_stride: self.slot_stride / e,
+            pos_stride: self.token_bytes / e,
+        }
+    }
+
+    /// Waits until every page (de)commit submitted so far has run (a no-op in
+    /// `Sync` mode). Call before launching work that touches new pages.
+    pub fn fence(&self) -> Result<()> {
+        self.mapper.as_ref().map_or(Ok(()), Mapper::fence)
+    }
+
+    /// Time the mapper thread has spent (de)committing pages.
+    pub fn mapper_busy(&self) -> std::time::Duration {
+        self.mapper.as_ref().map_or(Default::default(), Mapper::busy)
+    }
+
+    /// Maps, from the free pool only and without claiming them, the pages
+    /// `seq` needs to reach `tokens` (the next step's length): in
+    /// `Overlapped` mode they are mapped while the current step runs. Best
+    /// effort: does nothing when the pool is short or `seq` is unknown, and
+    /// in `Sync` mode (which maps only on demand).
+    pub fn map_ahead(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        let Some(&slot) = self.seq_slot.get(&seq) else {
+            return Ok(());
+        };
+        if self.cfg.mapping == Mapping::Sync {
+            return Ok(()); // pages are mapped when needed, in grow
+        }
+        let want = self.pages_for(tokens.min(self.cfg.max_len));
+        let have = self.slots[slot].pages;
+        let take = want.saturating_sub(have).min(self.free_pages);
+        if take > 0 {
+            self.map(slot, have, have + take)?;
+            self.free_pages -= take;
+            self.slots[slot].pages += take;
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &VirtualConfig {
@@ -235,9 +296,9 @@ impl VirtualCache {
         self.slots.iter().map(|s| s.pages - s.used).sum()
     }
 
-    fn region(&self, layer: usize, kv: Kv) -> &Region {
+    fn region_index(&self, layer: usize, kv: Kv) -> usize {
         let i = if self.cfg.megacache { 0 } else { 2 * layer };
-        &self.regions[i + usize::from(kv == Kv::V)]
+        i + usize::from(kv == Kv::V)
     }
 
     /// Byte offset of (layer, slot, position) within its region.
@@ -257,8 +318,9 @@ impl VirtualCache {
             slot * self.slot_stride + from * self.cfg.page_size,
             (to - from) * self.cfg.page_size,
         );
-        for r in &self.regions {
-            r.commit(off, len)?;
+        match &self.mapper {
+            Some(m) => m.commit(off, len)?,
+            None => self.memory.commit(off, len)?,
         }
         self.mapped_total += to - from;
         Ok(())
@@ -287,8 +349,9 @@ impl VirtualCache {
                 i * self.slot_stride + keep * self.cfg.page_size,
                 take * self.cfg.page_size,
             );
-            for r in &self.regions {
-                r.decommit(off, len)?;
+            match &self.mapper {
+                Some(m) => m.decommit(off, len)?,
+                None => self.memory.decommit(off, len)?,
             }
         }
         Ok(())
@@ -320,18 +383,29 @@ impl VirtualCache {
     /// if that memory is committed.
     pub fn row(&self, layer: usize, kv: Kv, slot: usize, position: usize) -> Result<&[u8]> {
         let (off, len) = self.checked(layer, slot, position)?;
-        // SAFETY: checked() verified that the row lies in committed pages of this region.
-        Ok(unsafe { std::slice::from_raw_parts(self.region(layer, kv).base.add(off), len) })
+        let base = self.memory.base(self.region_index(layer, kv)) as *const u8;
+        // SAFETY: checked() verified that the row lies in committed host pages of
+        // this region, and that no commit is still queued.
+        Ok(unsafe { std::slice::from_raw_parts(base.add(off), len) })
     }
 
     /// Mutable bytes of one token row (the CPU twin of the K/V write).
     pub fn row_mut(&mut self, layer: usize, kv: Kv, slot: usize, position: usize) -> Result<&mut [u8]> {
         let (off, len) = self.checked(layer, slot, position)?;
+        let base = self.memory.base(self.region_index(layer, kv)) as *mut u8;
         // SAFETY: as in row(); &mut self guarantees no other borrow of the region.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.region(layer, kv).base.add(off), len) })
+        Ok(unsafe { std::slice::from_raw_parts_mut(base.add(off), len) })
     }
 
     fn checked(&self, layer: usize, slot: usize, position: usize) -> Result<(usize, usize)> {
+        if !self.memory.is_host() {
+            return Err(KvCacheError::Layout(
+                "the cache is in GPU memory: rows are read by kernels".into(),
+            ));
+        }
+        if self.mapper.as_ref().is_some_and(Mapper::pending) {
+            self.fence()?;
+        }
         let row = self.cfg.kv_heads * self.cfg.head_dim * self.cfg.elem_bytes;
         let s = self
             .slots
@@ -501,6 +575,7 @@ mod tests {
             page_size: 4096,
             budget_bytes: budget_groups * regions * 4096,
             megacache,
+            mapping: Mapping::Sync,
         }
     }
 
@@ -583,6 +658,36 @@ mod tests {
             c.row(1, Kv::K, s0, 15).unwrap().iter().all(|&b| b == 0),
             "decommitted memory is gone"
         );
+    }
+
+    /// Overlapped mode: commits run on the mapper thread; pages mapped ahead
+    /// are surplus (free for others), and the next grow finds them mapped.
+    #[test]
+    fn overlapped_mapping_and_map_ahead() {
+        let mut o = cfg(false, 6);
+        o.mapping = Mapping::Overlapped;
+        let mut c = VirtualCache::new(o).unwrap();
+        c.admit(1, 16).unwrap(); // 1 group
+        let slot = c.slot_of(1).unwrap();
+        c.row_mut(0, Kv::K, slot, 15).unwrap().fill(3); // row access fences first
+        c.map_ahead(1, 17).unwrap(); // the next step's page, mapped in the background
+        assert_eq!(c.capacity(1), Some(16), "mapped ahead, not claimed");
+        assert_eq!(
+            c.free_tokens(),
+            5 * 16,
+            "the page mapped ahead still counts as free"
+        );
+        c.fence().unwrap();
+        assert_eq!(c.mapped_total, 2);
+        c.grow(1, 17).unwrap();
+        assert_eq!(c.mapped_total, 2, "grow found the page mapped");
+        c.row_mut(0, Kv::V, slot, 16).unwrap().fill(4);
+        // Another sequence may take the surplus back.
+        c.map_ahead(1, 64).unwrap();
+        c.admit(2, 64).unwrap();
+        c.check_invariants();
+        assert!(c.row(0, Kv::K, slot, 15).unwrap().iter().all(|&b| b == 3));
+        assert!(c.mapper_busy() > std::time::Duration::ZERO);
     }
 
     #[test]

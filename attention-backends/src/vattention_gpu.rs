@@ -1,0 +1,309 @@
+//! The GPU path of the `vattention` backend: per step, one upload of the
+//! step's addressing (K/V write rows, prefill work list, decode list); per
+//! layer, one candle custom op over (q, new k, new v) that writes the new
+//! rows into the VMM-backed slots (`slot_write_kv_bf16`), runs the causal
+//! prefill kernel over the step's prompt chunks (`slot_prefill_w{4,8}_bf16`)
+//! and the split-KV decode kernel plus its combine over the decode tokens
+//! (`slot_decode_bf16`, `slot_decode_combine_bf16`), each filling its own
+//! rows of the output. No block tables: kernels get the layer's base
+//! address and the slot / position strides.
+
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, sys::CUfunction_attribute,
+};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape};
+use half::bf16;
+use vpod_kvcache::{SlotView, VirtualCache};
+
+use crate::{AttnError, BatchMeta, Result};
+
+/// Dynamic shared memory of the kernels (see the .cuh files).
+const DECODE_SMEM: usize = 3 * 2 * 64 * 256;
+const fn prefill_smem(warps: usize) -> usize {
+    16 * warps * 256 + 2 * 2 * 64 * 256
+}
+/// Decode blocks resident per SM (registers and shared memory allow 2).
+const DECODE_BLOCKS_PER_SM: usize = 2;
+const DECODE_TILE: usize = 64;
+
+/// Query-tile rows of the prefill kernel: 128 (8 warps) unless
+/// `VPOD_PREFILL_WARPS=4` asks for the 64-row variant (benchmarks).
+fn prefill_warps() -> usize {
+    match std::env::var("VPOD_PREFILL_WARPS").ok().as_deref() {
+        Some("4") => 4,
+        _ => 8,
+    }
+}
+
+/// Split count of a decode launch: enough (sequence x KV head x split)
+/// blocks to fill every SM, at least one 64-key tile per split.
+pub fn gpu_decode_splits(max_len: usize, decodes: usize, kv_heads: usize, sms: usize) -> usize {
+    let want = (DECODE_BLOCKS_PER_SM * sms).div_ceil((decodes * kv_heads).max(1));
+    want.clamp(1, max_len.div_ceil(DECODE_TILE).max(1))
+}
+
+fn upload<T: DeviceRepr + Copy + Default + 'static>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+    // Never an empty buffer: kernels that do not run still get an argument.
+    let v: Vec<T> = if v.is_empty() {
+        vec![T::default()]
+    } else {
+        v.to_vec()
+    };
+    Ok(dev.clone_htod(&v)?)
+}
+
+/// A step's addressing on the device, shared by all layers.
+#[derive(Debug)]
+pub(crate) struct StepPlan {
+    tokens: usize,
+    write_rows: CudaSlice<i64>,
+    n_work: usize,
+    prefill_warps: usize,
+    work: CudaSlice<i32>,
+    q_start: CudaSlice<i32>,
+    ctx: CudaSlice<i32>,
+    q_len: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    n_dec: usize,
+    splits: usize,
+    dec_rows: CudaSlice<i32>,
+    dec_slots: CudaSlice<i32>,
+    dec_lens: CudaSlice<i32>,
+    part_o: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+}
+
+impl StepPlan {
+    pub(crate) fn new(
+        dev: &CudaDevice,
+        cache: &VirtualCache,
+        meta: &BatchMeta,
+        heads: usize,
+        kv_heads: usize,
+        sms: usize,
+    ) -> Result<Self> {
+        let view = cache.view(0, vpod_kvcache::Kv::K);
+        let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
+        let warps = prefill_warps();
+        let bm = 16 * warps;
+        let mut write_rows = Vec::with_capacity(meta.num_tokens());
+        let (mut work, mut q_start, mut ctx, mut q_len, mut slots) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut dec_rows, mut dec_slots, mut dec_lens) = (vec![], vec![], vec![]);
+        for (i, s) in meta.seqs().iter().enumerate() {
+            let slot = cache
+                .slot_of(s.seq_id)
+                .ok_or(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id })?;
+            let start = meta.query_range(i).start;
+            for p in s.context_len..s.seq_len() {
+                write_rows.push(((slot * view.slot_stride + p * view.pos_stride) / row) as i64);
+            }
+            if s.query_len == 1 {
+                dec_rows.push(start as i32);
+                dec_slots.push(slot as i32);
+                dec_lens.push(s.seq_len() as i32);
+            } else {
+                let c = q_start.len() as i32;
+                q_start.push(start as i32);
+                ctx.push(s.context_len as i32);
+                q_len.push(s.query_len as i32);
+                slots.push(slot as i32);
+                for j0 in (0..s.query_len).step_by(bm) {
+                    work.push((c, j0 as i32, s.context_len + s.query_len.min(j0 + bm)));
+                }
+            }
+        }
+        // Heaviest query tiles first: the causal tail evens out.
+        work.sort_by_key(|w| std::cmp::Reverse(w.2));
+        let work_flat: Vec<i32> = work.iter().flat_map(|w| [w.0, w.1]).collect();
+        let n_dec = dec_rows.len();
+        let max_len = dec_lens.iter().copied().max().unwrap_or(1) as usize;
+        let splits = gpu_decode_splits(max_len, n_dec, kv_heads, sms);
+        let parts = (n_dec * heads * splits).max(1);
+        Ok(Self {
+            tokens: meta.num_tokens(),
+            write_rows: upload(dev, &write_rows)?,
+            n_work: work.len(),
+            prefill_warps: warps,
+            work: upload(dev, &work_flat)?,
+            q_start: upload(dev, &q_start)?,
+            ctx: upload(dev, &ctx)?,
+            q_len: upload(dev, &q_len)?,
+            slots: upload(dev, &slots)?,
+            n_dec,
+            splits,
+            dec_rows: upload(dev, &dec_rows)?,
+            dec_slots: upload(dev, &dec_slots)?,
+            dec_lens: upload(dev, &dec_lens)?,
+            // SAFETY: the decode kernel writes every partial before the combine reads it.
+            part_o: unsafe { dev.alloc::<f32>(parts * crate::decode::DECODE_HEAD_DIM) }?,
+            part_ml: unsafe { dev.alloc::<f32>(parts * 2) }?,
+        })
+    }
+}
+
+/// One layer's attention over the VMM cache (see the module docs).
+pub(crate) struct GpuAttention<'a> {
+    pub plan: &'a StepPlan,
+    pub k: SlotView,
+    pub v: SlotView,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub scale: f32,
+}
+
+fn function(dev: &CudaDevice, name: &'static str, smem: usize) -> candle_core::Result<CudaFunction> {
+    let f = crate::ops::cuda::function(dev, name)?;
+    if smem > 48 * 1024 {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| candle_core::Error::Cuda(e.to_string().into()))?;
+    }
+    Ok(f)
+}
+
+impl CustomOp3 for GpuAttention<'_> {
+    fn name(&self) -> &'static str {
+        "vattention-gpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("vattention-gpu runs on CUDA tensors only (the CPU twin is VirtualAttention)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sq: &CudaStorage,
+        lq: &Layout,
+        sk: &CudaStorage,
+        lk: &Layout,
+        sv: &CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let cerr = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+            candle_core::Error::Cuda(e.to_string().into())
+        };
+        for s in [sq, sk, sv] {
+            if s.dtype() != DType::BF16 {
+                candle_core::bail!("vattention-gpu: q, k and v must be bf16");
+            }
+        }
+        let d = crate::decode::DECODE_HEAD_DIM;
+        let p = self.plan;
+        if !lq.is_contiguous() || lq.shape().dims() != [p.tokens, self.heads, d] {
+            candle_core::bail!(
+                "vattention-gpu: q must be contiguous [{}, {}, {d}]",
+                p.tokens,
+                self.heads
+            );
+        }
+        let dev = sq.device.clone();
+        let stream = dev.cuda_stream();
+        let row_elems = (self.kv_heads * d) as i32;
+        let q = sq.as_cuda_slice::<bf16>()?.slice(lq.start_offset()..);
+        // 1. The step's new K/V rows into the slots.
+        for (s, l, view) in [(sk, lk, &self.k), (sv, lv, &self.v)] {
+            if l.dims() != [p.tokens, self.kv_heads, d] || l.stride()[1] != d || l.stride()[2] != 1 {
+                candle_core::bail!("vattention-gpu: new K/V rows must be [T, kv_heads, {d}] with dense rows");
+            }
+            let src = s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
+            let src_stride = l.stride()[0] as i64;
+            let f = function(&dev, "slot_write_kv_bf16", 0)?;
+            let cfg = LaunchConfig {
+                grid_dim: (p.tokens as u32, 1, 1),
+                block_dim: ((row_elems as u32 / 8).clamp(32, 512), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(&view.base)
+                .arg(&src)
+                .arg(&p.write_rows)
+                .arg(&src_stride)
+                .arg(&row_elems);
+            // SAFETY: every write row lies in a page mapped for its sequence (make_room +
+            // fence ran first); src holds T rows of row_elems at src_stride.
+            unsafe { b.launch(cfg) }.map_err(cerr)?;
+        }
+        // SAFETY: the prefill and decode kernels below write every row of `out`
+        // (each token is in exactly one prompt chunk or is one decode).
+        let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * d) }?;
+        let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
+        let (ss, ps) = (self.k.slot_stride as i64, self.k.pos_stride as i64);
+        // 2. Prompt chunks.
+        if p.n_work > 0 {
+            let (name, smem) = if p.prefill_warps == 4 {
+                ("slot_prefill_w4_bf16", prefill_smem(4))
+            } else {
+                ("slot_prefill_w8_bf16", prefill_smem(8))
+            };
+            let f = function(&dev, name, smem)?;
+            let cfg = LaunchConfig {
+                grid_dim: (p.n_work as u32, self.heads as u32, 1),
+                block_dim: (32 * p.prefill_warps as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(&q).arg(&mut out).arg(&self.k.base).arg(&self.v.base);
+            b.arg(&p.work)
+                .arg(&p.q_start)
+                .arg(&p.ctx)
+                .arg(&p.q_len)
+                .arg(&p.slots);
+            b.arg(&heads).arg(&group).arg(&ss).arg(&ps).arg(&self.scale);
+            // SAFETY: work items index the chunk arrays; every key a tile reads is
+            // below its chunk's ctx + q_len, all mapped and written.
+            unsafe { b.launch(cfg) }.map_err(cerr)?;
+        }
+        // 3. Decode tokens: split-KV, then the combine.
+        if p.n_dec > 0 {
+            let f = function(&dev, "slot_decode_bf16", DECODE_SMEM)?;
+            let cfg = LaunchConfig {
+                grid_dim: (p.splits as u32, self.kv_heads as u32, p.n_dec as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: DECODE_SMEM as u32,
+            };
+            let splits = p.splits as i32;
+            // The partials are plan buffers reused by every layer (stream-ordered).
+            let (po, pml) = (&p.part_o, &p.part_ml);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&q).arg(&p.dec_rows).arg(&self.k.base).arg(&self.v.base);
+            b.arg(&p.dec_slots).arg(&p.dec_lens).arg(po).arg(pml);
+            b.arg(&heads)
+                .arg(&group)
+                .arg(&ss)
+                .arg(&ps)
+                .arg(&splits)
+                .arg(&self.scale);
+            // SAFETY: keys below each decode's length are mapped and written; the
+            // partial buffers hold n_dec * heads * splits entries.
+            unsafe { b.launch(cfg) }.map_err(cerr)?;
+            let f = function(&dev, "slot_decode_combine_bf16", 0)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((p.n_dec * self.heads) as u32, 1, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(po)
+                .arg(pml)
+                .arg(&p.dec_rows)
+                .arg(&mut out)
+                .arg(&heads)
+                .arg(&splits);
+            // SAFETY: reads the partials written above; writes the decode rows of out.
+            unsafe { b.launch(cfg) }.map_err(cerr)?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), lq.shape().clone()))
+    }
+}

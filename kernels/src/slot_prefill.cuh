@@ -1,0 +1,144 @@
+// FlashAttention-2-style causal prefill over the per-slot (vAttention)
+// layout, for a batch of query chunks at arbitrary offsets: chunk c has
+// q_len[c] query rows (packed rows q_start[c] ..) at positions ctx[c] ..
+// of its sequence, whose keys 0 .. ctx[c] + q_len[c] - 1 (the earlier
+// context and the chunk's own rows, written before) are in slot slots[c].
+// Query row j sees keys 0 ..= ctx[c] + j.
+//
+//   q, out:   [rows, heads, 128] bf16 (out rows of other sequences untouched)
+//   K, V:     base + slot * slot_stride + position * pos_stride (+ kv_head * 128)
+//   work:     (chunk, first query row) per query tile, heaviest first
+//   grid:     (work items, heads); block: WARPS warps, a tile of 16 * WARPS query rows
+//
+// Each warp owns 16 query rows (Q kept in registers as A fragments) and the
+// whole key tile: S = Q K^T (16 x 64) and O += P V on tensor cores, online
+// softmax in f32 (log2 domain), K/V tiles of 64 keys through a STAGES-deep
+// cp.async pipeline shared by the warps. Masking only on tiles that cross
+// the diagonal.
+#pragma once
+#include "attn_mma.cuh"
+
+constexpr int PF_TILE_N = 64;
+
+template <int WARPS, int STAGES>
+struct PrefillShape {
+    static constexpr int BM = 16 * WARPS;
+    static constexpr int THREADS = 32 * WARPS;
+    static constexpr int Q_BYTES = BM * ATT_ROW_BYTES;
+    static constexpr int STAGE_BYTES = 2 * PF_TILE_N * ATT_ROW_BYTES;
+    static constexpr int SMEM = Q_BYTES + STAGES * STAGE_BYTES;
+};
+
+template <int WARPS, int STAGES>
+__device__ __forceinline__ void slot_prefill_tile(
+    const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ k_base,
+    const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
+    const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len, const int32_t* __restrict__ slots,
+    int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale) {
+    using S = PrefillShape<WARPS, STAGES>;
+    extern __shared__ __align__(128) uint8_t smem[];
+    const int head = blockIdx.y, kvh = head / group;
+    const int chunk = work[2 * blockIdx.x], j0 = work[2 * blockIdx.x + 1];
+    const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float qk_scale = scale * ATT_LOG2E;
+    // Keys the tile's last real row sees.
+    const int n_keys = ctx + min(ql, j0 + S::BM);
+    const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
+
+    const uint32_t qsm = smem_addr(smem), kv0 = qsm + S::Q_BYTES;
+    load_tile<S::BM, S::THREADS>(
+        qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
+        [&](int r) { return j0 + r < ql; });
+    cp_async_commit();
+    const size_t slot_off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+    const __nv_bfloat16* kb = k_base + slot_off;
+    const __nv_bfloat16* vb = v_base + slot_off;
+    auto load = [&](int tile, int stage) {
+        const int t0 = tile * PF_TILE_N;
+        const uint32_t ks = kv0 + stage * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
+        auto valid = [&](int r) { return t0 + r < n_keys; };
+        load_tile<PF_TILE_N, S::THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
+        load_tile<PF_TILE_N, S::THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ntiles) load(s, s);
+        cp_async_commit();
+    }
+    // Q (the oldest group) is in: its A fragments to registers.
+    cp_async_wait<STAGES - 1>();
+    __syncthreads();
+    uint32_t qa[8][4];
+    {
+        const int m = lane / 8;
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk)
+            ldsm_x4(qsm + tile_off(warp * 16 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2), qa[kk][0], qa[kk][1],
+                    qa[kk][2], qa[kk][3]);
+    }
+
+    float o[16][4];
+#pragma unroll
+    for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    RowState st;
+    // Row g (+ 8) of this warp sees keys <= lim0 (+ 8).
+    const int lim0 = ctx + j0 + warp * 16 + g;
+    for (int i = 0; i < ntiles; ++i) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
+        const int t0 = i * PF_TILE_N;
+        // This warp's rows see no key of the tile: nothing to do (their
+        // state is unchanged by an all -inf tile).
+        if (t0 > lim0 - g + 15) continue;
+        float s[8][4] = {};
+        {
+            const int m = lane / 8;
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4(ks + tile_off(np * 16 + (m / 2) * 8 + lane % 8, 2 * kk + (m % 2)), b0, b1, b2, b3);
+                    mma_bf16(s[2 * np], qa[kk], b0, b1);
+                    mma_bf16(s[2 * np + 1], qa[kk], b2, b3);
+                }
+            }
+        }
+        if (t0 + PF_TILE_N - 1 > lim0 - g) {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    s[n][e] = t0 + n * 8 + 2 * t + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale : -INFINITY;
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
+        }
+        online_softmax<8>(st, s, o);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            uint32_t pa[4];
+            p_to_a(pa, s[2 * j], s[2 * j + 1]);
+            pv_16(o, pa, vs, 16 * j, lane);
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = j0 + warp * 16 + g + 8 * r;
+        const float l = quad_sum(st.l[r]);
+        if (j >= ql) continue;
+        const float inv = 1.f / l;
+        __nv_bfloat16* orow = out + ((size_t)(qs + j) * heads + head) * ATT_HEAD_DIM;
+#pragma unroll
+        for (int d = 0; d < 16; ++d)
+            *reinterpret_cast<__nv_bfloat162*>(orow + 8 * d + 2 * t) =
+                __floats2bfloat162_rn(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
+    }
+}
