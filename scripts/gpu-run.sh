@@ -64,7 +64,14 @@ if want kernels; then
     step vb-prefill "$B/vpod-bench" prefill --out "$OUT"
     step vb-map "$B/vpod-bench" map --out "$OUT"
     step sdpa python3 scripts/bench_sdpa.py --out "$OUT"
-    for f in vb-decode vb-prefill vb-map sdpa; do cat "$OUT/$f.log"; done
+    if command -v ncu >/dev/null; then
+        # The decode kernels alone (no launch gaps, no K/V write): Nsight Compute durations.
+        timeout 300 ncu --csv --metrics gpu__time_duration.sum --print-units base --clock-control none \
+            --cache-control none -k regex:slot_decode "$B/vpod-bench" decode --iters 1 --out "$OUT/ncu-run" \
+            > "$OUT/ncu-decode.csv" 2> "$OUT/ncu-decode.err"
+        step vb-decode-kernels python3 scripts/kernel_times.py "$OUT/ncu-decode.csv" --out "$OUT/decode-kernels.json"
+    fi
+    for f in vb-decode vb-decode-kernels vb-prefill vb-map sdpa; do cat "$OUT/$f.log"; done
 fi
 if want serve; then
     export VPOD_DATE=$(date -u +%F)
@@ -138,4 +145,8 @@ fail=0
 for k in "${!RC[@]}"; do printf '| %s | %s |\n' "$k" "${RC[$k]}"; [ "${RC[$k]}" = 0 ] || fail=1; done
 grep -h "GPU-PARITY" "$OUT/gpu-tests.log" || true
 grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" || true
+# Everything in one archive where PACK_TO asks (the device tool fetches only a few files).
+if [ -n "${PACK_TO:-}" ]; then
+    tar -C "$OUT" -czf "$PACK_TO" --exclude='*.csv' .
+fi
 exit $fail

@@ -230,6 +230,9 @@ impl CustomOp3 for SlotDecode {
             .arg(&lens)
             .arg(&mut part_o)
             .arg(&mut part_ml);
+        // No counters: the combine kernel below merges the splits.
+        let no_counters = 0u64;
+        l.arg(&no_counters).arg(&mut out);
         l.arg(&h)
             .arg(&group)
             .arg(&slot_stride)

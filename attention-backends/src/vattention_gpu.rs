@@ -3,8 +3,8 @@
 //! layer, one candle custom op over (q, new k, new v) that writes the new
 //! rows into the VMM-backed slots (`slot_write_kv_bf16`), runs the causal
 //! prefill kernel over the step's prompt chunks (`slot_prefill_w{4,8}_bf16`)
-//! and the split-KV decode kernel plus its combine over the decode tokens
-//! (`slot_decode_bf16`, `slot_decode_combine_bf16`), each filling its own
+//! and the split-KV decode kernel over the decode tokens (`slot_decode_bf16`,
+//! whose last block per sequence and KV head merges the splits), each filling its own
 //! rows of the output. No block tables: kernels get the layer's base
 //! address and the slot / position strides.
 
@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape};
 use half::bf16;
 use vpod_kvcache::{SlotView, VirtualCache};
 
-use crate::{AttnError, BatchMeta, Result};
+use crate::{BatchMeta, Result};
 
 /// Dynamic shared memory of the kernels (see the .cuh files).
 const DECODE_SMEM: usize = 3 * 2 * 64 * 256;
@@ -26,6 +26,8 @@ const fn prefill_smem(warps: usize) -> usize {
 /// Decode blocks resident per SM (registers and shared memory allow 2).
 const DECODE_BLOCKS_PER_SM: usize = 2;
 const DECODE_TILE: usize = 64;
+/// Up to this many splits the decode kernel merges them itself.
+const FUSED_MERGE_MAX_SPLITS: usize = 16;
 
 /// Query-tile rows of the prefill kernel: 128 (8 warps) unless
 /// `VPOD_PREFILL_WARPS=4` asks for the 64-row variant (benchmarks).
@@ -36,11 +38,14 @@ fn prefill_warps() -> usize {
     }
 }
 
-/// Split count of a decode launch: enough (sequence x KV head x split)
-/// blocks to fill every SM, at least one 64-key tile per split.
+/// Split count of a decode launch: as many (sequence x KV head x split)
+/// blocks as fit on the GPU at once, never more (a partial second wave
+/// doubles the time of its blocks: 2.2 TB/s instead of 2.7 at batch 2 when
+/// rounding up), at least one 64-key tile per split.
 pub fn gpu_decode_splits(max_len: usize, decodes: usize, kv_heads: usize, sms: usize) -> usize {
-    let want = (DECODE_BLOCKS_PER_SM * sms).div_ceil((decodes * kv_heads).max(1));
-    want.clamp(1, max_len.div_ceil(DECODE_TILE).max(1))
+    let want = (DECODE_BLOCKS_PER_SM * sms) / (decodes * kv_heads).max(1);
+    // (At most 1024: the merge keeps group x splits weights in shared memory.)
+    want.clamp(1, max_len.div_ceil(DECODE_TILE).clamp(1, 1024))
 }
 
 fn upload<T: DeviceRepr + Copy + Default + 'static>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
@@ -72,6 +77,8 @@ pub(crate) struct StepPlan {
     dec_lens: CudaSlice<i32>,
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
+    /// Per (decode, KV head): split blocks done (the last one merges; reset to 0 by it).
+    counters: CudaSlice<i32>,
 }
 
 impl StepPlan {
@@ -138,6 +145,7 @@ impl StepPlan {
             // SAFETY: the decode kernel writes every partial before the combine reads it.
             part_o: unsafe { dev.alloc::<f32>(parts * crate::decode::DECODE_HEAD_DIM) }?,
             part_ml: unsafe { dev.alloc::<f32>(parts * 2) }?,
+            counters: dev.alloc_zeros::<i32>((n_dec * kv_heads).max(1))?,
         })
     }
 }
@@ -265,7 +273,12 @@ impl CustomOp3 for GpuAttention<'_> {
             // below its chunk's ctx + q_len, all mapped and written.
             unsafe { b.launch(cfg) }.map_err(cerr)?;
         }
-        // 3. Decode tokens: split-KV, then the combine.
+        // 3. Decode tokens: split-KV; with few splits the last split block of
+        // each (decode, KV head) merges the partials into `out` (no second
+        // launch); with many, one merging block per (decode, KV head) is a
+        // serial tail (H100, 16K context, batch 1: 37 us fused vs 28 + 6 us
+        // with the combine kernel at 33 splits), so the combine kernel merges.
+        let fused = p.splits <= FUSED_MERGE_MAX_SPLITS;
         if p.n_dec > 0 {
             let f = function(&dev, "slot_decode_bf16", DECODE_SMEM)?;
             let cfg = LaunchConfig {
@@ -274,11 +287,20 @@ impl CustomOp3 for GpuAttention<'_> {
                 shared_mem_bytes: DECODE_SMEM as u32,
             };
             let splits = p.splits as i32;
-            // The partials are plan buffers reused by every layer (stream-ordered).
-            let (po, pml) = (&p.part_o, &p.part_ml);
+            // The partials and counters are plan buffers reused by every layer (stream-ordered).
             let mut b = stream.launch_builder(&f);
             b.arg(&q).arg(&p.dec_rows).arg(&self.k.base).arg(&self.v.base);
-            b.arg(&p.dec_slots).arg(&p.dec_lens).arg(po).arg(pml);
+            b.arg(&p.dec_slots)
+                .arg(&p.dec_lens)
+                .arg(&p.part_o)
+                .arg(&p.part_ml);
+            let no_counters = 0u64;
+            if fused {
+                b.arg(&p.counters);
+            } else {
+                b.arg(&no_counters);
+            }
+            b.arg(&mut out);
             b.arg(&heads)
                 .arg(&group)
                 .arg(&ss)
@@ -286,23 +308,22 @@ impl CustomOp3 for GpuAttention<'_> {
                 .arg(&splits)
                 .arg(&self.scale);
             // SAFETY: keys below each decode's length are mapped and written; the
-            // partial buffers hold n_dec * heads * splits entries.
+            // partial buffers hold n_dec * heads * splits entries, the counters
+            // n_dec * kv_heads (zero between launches).
             unsafe { b.launch(cfg) }.map_err(cerr)?;
-            let f = function(&dev, "slot_decode_combine_bf16", 0)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((p.n_dec * self.heads) as u32, 1, 1),
-                block_dim: (d as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(po)
-                .arg(pml)
-                .arg(&p.dec_rows)
-                .arg(&mut out)
-                .arg(&heads)
-                .arg(&splits);
-            // SAFETY: reads the partials written above; writes the decode rows of out.
-            unsafe { b.launch(cfg) }.map_err(cerr)?;
+            if !fused {
+                let f = function(&dev, "slot_decode_combine_bf16", 0)?;
+                let cfg = LaunchConfig {
+                    grid_dim: ((p.n_dec * self.heads) as u32, 1, 1),
+                    block_dim: (d as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut b = stream.launch_builder(&f);
+                b.arg(&p.part_o).arg(&p.part_ml).arg(&p.dec_rows).arg(&mut out);
+                b.arg(&heads).arg(&splits);
+                // SAFETY: reads the partials written above; writes the decode rows of out.
+                unsafe { b.launch(cfg) }.map_err(cerr)?;
+            }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), lq.shape().clone()))
     }

@@ -13,9 +13,12 @@
 // group, on tensor cores. Keys come in tiles of 64 through a 3-stage cp.async
 // pipeline (64 KiB in flight per block); each warp takes 16 keys of a tile
 // and keeps its own online softmax; the warps merge in shared memory and
-// write the split's (m, l, o) to the partial buffers, which the combine
-// kernel merges with log-sum-exp weights (log2 domain):
+// write the split's (m, l, o) to the partial buffers, merged with log-sum-exp
+// weights (log2 domain):
 //   out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p,   M = max_p m_p.
+// With `counters` (one zeroed int per (sequence, KV head)), the last split
+// block of a (sequence, KV head) to finish does that merge itself and resets
+// its counter (no second launch); without, slot_decode_combine does it.
 #pragma once
 #include "attn_mma.cuh"
 
@@ -28,8 +31,9 @@ constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
     const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
-    float* __restrict__ part_o, float* __restrict__ part_ml, int heads, int group, int64_t slot_stride,
-    int64_t pos_stride, int splits, float scale) {
+    float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
+    __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
+    float scale) {
     extern __shared__ __align__(128) uint8_t smem[];
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -136,6 +140,47 @@ __device__ __forceinline__ void slot_decode_split(
             part_ml[(h * splits + split) * 2 + 1] = lsum;
         }
     }
+    if (counters == nullptr) return;
+    // Fused combine: the last block of this (sequence, KV head) merges.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[b * gridDim.y + kvh], 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Split weights 2^(m_p - M) per row in shared memory (the pipeline's
+    // buffers are free now), then every (row, dim) sums its splits with
+    // independent loads.
+    float* wts = reinterpret_cast<float*>(smem);  // [group][splits]
+    float* inv = wts + group * splits;            // [group]: 1 / sum_p w_p l_p
+    const size_t h0 = (size_t)b * heads + (size_t)kvh * group;
+    for (int i = threadIdx.x; i < group * splits; i += blockDim.x)
+        wts[i] = __ldcg(&part_ml[((h0 + i / splits) * splits + i % splits) * 2]);
+    __syncthreads();
+    if (threadIdx.x < group) {
+        const int row = threadIdx.x;
+        float big = -INFINITY;
+        for (int p = 0; p < splits; ++p) big = fmaxf(big, wts[row * splits + p]);
+        float lsum = 0.f;
+        for (int p = 0; p < splits; ++p) {
+            const float mp = wts[row * splits + p];
+            const float w = mp == -INFINITY ? 0.f : exp2f(mp - big);  // 0 for an empty split
+            wts[row * splits + p] = w;
+            lsum += w * __ldcg(&part_ml[((h0 + row) * splits + p) * 2 + 1]);
+        }
+        inv[row] = 1.f / lsum;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < group * ATT_HEAD_DIM; idx += blockDim.x) {
+        const int row = idx / ATT_HEAD_DIM, d = idx % ATT_HEAD_DIM;
+        const float* po = part_o + (h0 + row) * splits * ATT_HEAD_DIM + d;
+        float acc = 0.f;
+#pragma unroll 8
+        for (int p = 0; p < splits; ++p) acc += wts[row * splits + p] * __ldcg(po + (size_t)p * ATT_HEAD_DIM);
+        out[((size_t)q_rows[b] * heads + (size_t)kvh * group + row) * ATT_HEAD_DIM + d] = __float2bfloat16(acc * inv[row]);
+    }
+    if (threadIdx.x == 0) counters[b * gridDim.y + kvh] = 0;  // ready for the next launch
 }
 
 // One block per (decode, head), one thread per dim; writes packed row q_rows[b].
