@@ -94,3 +94,15 @@ pub fn scratch_copy(name: &str) -> tempfile::TempDir {
     }
     tmp
 }
+
+/// Largest |a - b| over all elements (same shapes and dtype).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

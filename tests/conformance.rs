@@ -150,14 +150,7 @@ fn every_backend_matches_the_reference() {
                 shuffle_cache(b.as_mut());
                 let got = run(b.as_mut(), &cfg, &spec, &data);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    let d = (g - w)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let d = max_abs_diff(g, w);
                     assert!(
                         d < 1e-5,
                         "{name}, GQA {heads}/{kv_heads}, {}: call {i} differs by {d}",

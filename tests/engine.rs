@@ -7,7 +7,6 @@ use vpod_cli::engine::FinishReason;
 use vpod_cli::sampler::SamplingParams;
 
 use crate::common::*;
-use crate::parity::max_abs_diff;
 
 #[test]
 fn hybrid_packed_batch_equals_separate_runs() {

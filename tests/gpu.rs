@@ -243,14 +243,7 @@ fn fixtures_parity(backend: &str) {
             let a = got.argmax(1).unwrap().to_vec1::<u32>().unwrap();
             let b = want.argmax(1).unwrap().to_vec1::<u32>().unwrap();
             let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
-            let max_diff = (&got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let max_diff = max_abs_diff(&got, want);
             line += &format!(
                 " {what} top-1 {agree}/{} (max |logit diff| {max_diff:.2e});",
                 a.len()
@@ -307,14 +300,10 @@ fn slot_decode_matches_cpu_twin() {
                 .unwrap()
                 .to_device(&cpu)
                 .unwrap();
-            let d = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(
+                &got.to_dtype(DType::F32).unwrap(),
+                &want.to_dtype(DType::F32).unwrap(),
+            );
             assert!(
                 d < 2e-2,
                 "GQA {heads}/{kv_heads}, {splits} splits: differs by {d}"
@@ -336,7 +325,7 @@ fn slot_decode_matches_cpu_twin() {
     let (kc, vc) = (cache(), cache());
     let slots: Vec<u32> = (0..b as u32).collect();
     let lens = vec![len; b];
-    let splits = vpod_attention::decode_splits(len, b, kvh);
+    let splits = vpod_attention::decode_splits(len, b, kvh, vpod_attention::TWIN_SMS);
     let run = || slot_decode(&q, &kc, &vc, &slots, &lens, splits).unwrap();
     for _ in 0..3 {
         run();

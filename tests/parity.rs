@@ -2,7 +2,6 @@
 //! per-position logits within 1e-4, perplexity within 1e-4 relative, 24
 //! greedy tokens identical.
 
-use candle_core::Tensor;
 use vpod_attention::{LogitsAt, SeqChunk};
 use vpod_cli::sampler::SamplingParams;
 
@@ -80,15 +79,4 @@ fn perplexity_matches_transformers() {
             assert!((s.nll - r.nll).abs() < 1e-4);
         }
     }
-}
-
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }

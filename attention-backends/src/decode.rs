@@ -173,93 +173,149 @@ impl CustomOp3 for SlotDecode {
         sv: &candle_core::CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         use half::bf16;
 
         if candle_core::backend::BackendStorage::dtype(sq) != candle_core::DType::BF16 {
             candle_core::bail!("slot-decode: the CUDA kernel is bf16 only");
         }
         let dev = sq.device.clone();
-        let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-            candle_core::Error::Cuda(e.to_string().into())
-        };
+        let stream = dev.cuda_stream();
         let b = self.slots.len();
         let q = sq.as_cuda_slice::<bf16>()?.slice(lq.start_offset()..);
         let k = sk.as_cuda_slice::<bf16>()?.slice(lk.start_offset()..);
         let v = sv.as_cuda_slice::<bf16>()?.slice(lv.start_offset()..);
+        let (k_ptr, _k_used) = k.device_ptr(&stream);
+        let (v_ptr, _v_used) = v.device_ptr(&stream);
         let slots: Vec<i32> = self.slots.iter().map(|&s| s as i32).collect();
         let lens: Vec<i32> = self.seq_lens.iter().map(|&n| n as i32).collect();
-        let slots = dev.clone_htod(&slots)?;
-        let lens = dev.clone_htod(&lens)?;
-        let parts = b * self.heads * self.splits;
-        // SAFETY: the split kernel writes every (head, split) entry of both
-        // buffers before the combine kernel reads them.
-        let mut part_o = unsafe { dev.alloc::<f32>(parts * DECODE_HEAD_DIM) }?;
-        let mut part_ml = unsafe { dev.alloc::<f32>(parts * 2) }?;
-        let mut out = unsafe { dev.alloc::<bf16>(b * self.heads * DECODE_HEAD_DIM) }?;
-        let stream = dev.cuda_stream();
-        let (h, kvh, ml, sp) = (
-            self.heads as i32,
-            self.kv_heads as i32,
-            self.max_len as i32,
-            self.splits as i32,
-        );
-        let group = h / kvh;
         let rows: Vec<i32> = (0..b as i32).collect();
-        let rows = dev.clone_htod(&rows)?;
+        let parts = b * self.heads * self.splits;
         let row = (self.kv_heads * DECODE_HEAD_DIM) as i64;
-        let (slot_stride, pos_stride) = (ml as i64 * row, row);
-        let smem = 3 * 2 * 64 * 256;
-        let f = crate::ops::cuda::function(&dev, "slot_decode_bf16")?;
-        f.set_attribute(
-            candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem,
-        )
-        .map_err(err)?;
-        let cfg = LaunchConfig {
-            grid_dim: (self.splits as u32, self.kv_heads as u32, b as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem as u32,
+        // SAFETY: the split kernel writes every (head, split) entry of both
+        // buffers before the combine kernel reads them, and every output row.
+        let (part_o, part_ml, mut out) = unsafe {
+            (
+                dev.alloc::<f32>(parts * DECODE_HEAD_DIM)?,
+                dev.alloc::<f32>(parts * 2)?,
+                dev.alloc::<bf16>(b * self.heads * DECODE_HEAD_DIM)?,
+            )
         };
-        let mut l = stream.launch_builder(&f);
-        l.arg(&q)
-            .arg(&rows)
-            .arg(&k)
-            .arg(&v)
-            .arg(&slots)
-            .arg(&lens)
-            .arg(&mut part_o)
-            .arg(&mut part_ml);
-        // No counters: the combine kernel below merges the splits.
-        let no_counters = 0u64;
-        l.arg(&no_counters).arg(&mut out);
-        l.arg(&h)
-            .arg(&group)
-            .arg(&slot_stride)
-            .arg(&pos_stride)
-            .arg(&sp)
-            .arg(&self.scale);
+        let launch = cuda::DecodeLaunch {
+            q: &q,
+            q_rows: &dev.clone_htod(&rows)?,
+            k: k_ptr,
+            v: v_ptr,
+            slots: &dev.clone_htod(&slots)?,
+            seq_lens: &dev.clone_htod(&lens)?,
+            part_o: &part_o,
+            part_ml: &part_ml,
+            counters: None,
+            batch: b,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            slot_stride: self.max_len as i64 * row,
+            pos_stride: row,
+            splits: self.splits,
+            scale: self.scale,
+        };
         // SAFETY: slot_decode() checked shapes, slots and lengths against the cache.
-        unsafe { l.launch(cfg) }.map_err(err)?;
-        let f = crate::ops::cuda::function(&dev, "slot_decode_combine_bf16")?;
-        let cfg = LaunchConfig {
-            grid_dim: ((b * self.heads) as u32, 1, 1),
-            block_dim: (DECODE_HEAD_DIM as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = stream.launch_builder(&f);
-        l.arg(&part_o)
-            .arg(&part_ml)
-            .arg(&rows)
-            .arg(&mut out)
-            .arg(&h)
-            .arg(&sp);
-        // SAFETY: the buffers hold b * heads * splits partials, written above.
-        unsafe { l.launch(cfg) }.map_err(err)?;
+        unsafe { cuda::launch(&dev, &launch, &mut out) }?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             lq.shape().clone(),
         ))
+    }
+}
+
+/// Launching the decode kernels; shared by [`slot_decode`] (dense cache
+/// tensors) and the `vattention` backend (the VMM cache).
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use half::bf16;
+
+    use super::DECODE_HEAD_DIM;
+
+    /// Dynamic shared memory of `slot_decode_bf16`: 3 stages of 64-key K and V tiles.
+    pub const DECODE_SMEM: usize = 3 * 2 * 64 * 256;
+
+    /// What the split-KV decode reads and writes: `q` rows `q_rows[b]`, K/V
+    /// rows at `k` / `v` + `slots[b] * slot_stride + position * pos_stride`
+    /// elements, partials for `batch * heads * splits`; with `counters`
+    /// (zeroed, `batch * kv_heads`) the kernel merges the splits itself,
+    /// without them the combine kernel does.
+    pub(crate) struct DecodeLaunch<'a> {
+        pub q: &'a CudaView<'a, bf16>,
+        pub q_rows: &'a CudaSlice<i32>,
+        pub k: u64,
+        pub v: u64,
+        pub slots: &'a CudaSlice<i32>,
+        pub seq_lens: &'a CudaSlice<i32>,
+        pub part_o: &'a CudaSlice<f32>,
+        pub part_ml: &'a CudaSlice<f32>,
+        pub counters: Option<&'a CudaSlice<i32>>,
+        pub batch: usize,
+        pub heads: usize,
+        pub kv_heads: usize,
+        pub slot_stride: i64,
+        pub pos_stride: i64,
+        pub splits: usize,
+        pub scale: f32,
+    }
+
+    fn err(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> candle_core::Error {
+        candle_core::Error::Cuda(e.to_string().into())
+    }
+
+    /// Runs the split kernel (and the combine kernel when `counters` is
+    /// `None`), writing rows `q_rows` of `out`.
+    ///
+    /// # Safety
+    /// Every key below `seq_lens[b]` of slot `slots[b]` must be readable
+    /// device memory, and the buffers must have the sizes documented on
+    /// [`DecodeLaunch`].
+    pub(crate) unsafe fn launch(
+        dev: &CudaDevice,
+        l: &DecodeLaunch<'_>,
+        out: &mut CudaSlice<bf16>,
+    ) -> candle_core::Result<()> {
+        let stream = dev.cuda_stream();
+        let (heads, group, splits) = (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
+        let f = crate::ops::cuda::function_with_smem(dev, "slot_decode_bf16", DECODE_SMEM)?;
+        let cfg = LaunchConfig {
+            grid_dim: (l.splits as u32, l.kv_heads as u32, l.batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: DECODE_SMEM as u32,
+        };
+        let no_counters = 0u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(l.q).arg(l.q_rows).arg(&l.k).arg(&l.v);
+        b.arg(l.slots).arg(l.seq_lens).arg(l.part_o).arg(l.part_ml);
+        match l.counters {
+            Some(c) => b.arg(c),
+            None => b.arg(&no_counters),
+        };
+        b.arg(&mut *out);
+        b.arg(&heads).arg(&group).arg(&l.slot_stride).arg(&l.pos_stride);
+        b.arg(&splits).arg(&l.scale);
+        // SAFETY: the caller vouches for the memory (see above).
+        unsafe { b.launch(cfg) }.map_err(err)?;
+        if l.counters.is_none() {
+            let f = crate::ops::cuda::function(dev, "slot_decode_combine_bf16")?;
+            let cfg = LaunchConfig {
+                grid_dim: ((l.batch * l.heads) as u32, 1, 1),
+                block_dim: (DECODE_HEAD_DIM as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(l.part_o).arg(l.part_ml).arg(l.q_rows).arg(&mut *out);
+            b.arg(&heads).arg(&splits);
+            // SAFETY: reads the partials written above; writes rows q_rows of out.
+            unsafe { b.launch(cfg) }.map_err(err)?;
+        }
+        Ok(())
     }
 }
 

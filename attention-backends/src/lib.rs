@@ -48,7 +48,7 @@ pub use error::{AttnError, Result};
 pub use meta::{BatchMeta, LogitsAt, SeqChunk};
 pub use paged::PagedBackend;
 pub use reference::ReferenceBackend;
-pub use vattention::{VirtualBackend, decode_splits};
+pub use vattention::{TWIN_SMS, VirtualBackend, decode_splits};
 pub use vpod_kvcache::{KvManager, SeqId};
 
 /// The attention geometry of a model, as the backends and caches need it.

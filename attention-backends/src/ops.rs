@@ -201,6 +201,25 @@ pub(crate) mod cuda {
         module.load_function(name).map_err(err)
     }
 
+    /// [`function`], allowed `smem` bytes of dynamic shared memory (above
+    /// the default 48 KiB a launch must ask for).
+    pub fn function_with_smem(
+        dev: &CudaDevice,
+        name: &'static str,
+        smem: usize,
+    ) -> candle_core::Result<CudaFunction> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+        let f = function(dev, name)?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(err)?;
+        }
+        Ok(f)
+    }
+
     pub fn write_kv(
         op: &KvLayout,
         cache: &mut CudaStorage,

@@ -23,16 +23,21 @@ use crate::{AttentionBackend, AttnConfig, AttnError, BackendOptions, BatchMeta, 
 const PREFILL_TILE: usize = 64;
 /// Key tile of a decode split.
 const DECODE_TILE: usize = 64;
-/// Thread blocks the decode kernel aims for: 8 per SM of the H100's 132, so
-/// that enough warps hide the memory latency (with 2 per SM the kernel
-/// reached 1.0 TB/s at a 16K context, batch 8).
-const DECODE_TARGET_BLOCKS: usize = 1056;
+/// Decode thread blocks resident per SM (the kernel's registers and shared
+/// memory allow 2).
+const DECODE_BLOCKS_PER_SM: usize = 2;
+/// SMs the CPU twin plans for (the H100's), so that it splits as the kernel does there.
+pub const TWIN_SMS: usize = 132;
 
-/// Split count for one decode sequence: enough (sequence x KV head x split)
-/// blocks to fill the GPU, at least one tile per split.
-pub fn decode_splits(seq_len: usize, num_decodes: usize, kv_heads: usize) -> usize {
-    let want = DECODE_TARGET_BLOCKS.div_ceil((num_decodes * kv_heads).max(1));
-    want.clamp(1, seq_len.div_ceil(DECODE_TILE).max(1))
+/// Split count of a decode launch over `sms` SMs: as many (sequence x KV
+/// head x split) blocks as fit on the GPU at once, never more (a partial
+/// second wave doubles the time of its blocks: 2.2 TB/s instead of 2.7 at
+/// batch 2 when rounding up), at least one 64-key tile per split and at
+/// most 1024 splits (the kernel's merge keeps group x splits weights in
+/// shared memory).
+pub fn decode_splits(seq_len: usize, num_decodes: usize, kv_heads: usize, sms: usize) -> usize {
+    let want = (DECODE_BLOCKS_PER_SM * sms) / (num_decodes * kv_heads).max(1);
+    want.clamp(1, seq_len.div_ceil(DECODE_TILE).clamp(1, 1024))
 }
 
 #[derive(Debug)]
@@ -216,7 +221,7 @@ impl VirtualBackend {
                     let tiling = if s.query_len == 1 {
                         Tiling {
                             tile: DECODE_TILE,
-                            splits: decode_splits(s.seq_len(), decodes, self.cfg.num_kv_heads),
+                            splits: decode_splits(s.seq_len(), decodes, self.cfg.num_kv_heads, TWIN_SMS),
                         }
                     } else {
                         Tiling {
@@ -262,18 +267,20 @@ impl AttentionBackend for VirtualBackend {
         }
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &mut self.gpu {
-            if layer == 0 || gpu.plan.is_none() {
-                gpu.plan = Some(crate::vattention_gpu::StepPlan::new(
+            // The step's addressing is planned at layer 0 and shared by the other layers.
+            if layer == 0 {
+                gpu.plan = None;
+            }
+            let plan = match &mut gpu.plan {
+                Some(plan) => plan,
+                none => none.insert(crate::vattention_gpu::StepPlan::new(
                     &gpu.dev,
                     &self.cache,
                     meta,
                     self.cfg.num_heads,
                     self.cfg.num_kv_heads,
                     gpu.sms,
-                )?);
-            }
-            let Some(plan) = &gpu.plan else {
-                unreachable!("built above")
+                )?),
             };
             let op = crate::vattention_gpu::GpuAttention {
                 plan,

@@ -9,24 +9,22 @@
 //! address and the slot / position strides.
 
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, sys::CUfunction_attribute,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape};
 use half::bf16;
 use vpod_kvcache::{SlotView, VirtualCache};
 
 use crate::{BatchMeta, Result};
 
-/// Dynamic shared memory of the kernels (see the .cuh files).
-const DECODE_SMEM: usize = 3 * 2 * 64 * 256;
+/// Dynamic shared memory of the prefill kernel (slot_prefill.cuh): the
+/// query tile and 2 stages of 64-key K and V tiles.
 const fn prefill_smem(warps: usize) -> usize {
     16 * warps * 256 + 2 * 2 * 64 * 256
 }
-/// Decode blocks resident per SM (registers and shared memory allow 2).
-const DECODE_BLOCKS_PER_SM: usize = 2;
-const DECODE_TILE: usize = 64;
-/// Up to this many splits the decode kernel merges them itself.
+/// Up to this many splits the decode kernel merges them itself; with more,
+/// one merging block per (decode, KV head) is a serial tail (H100, 16K
+/// context, batch 1: 37 us fused vs 28 + 6 us with the combine kernel at 33
+/// splits), so the combine kernel merges.
 const FUSED_MERGE_MAX_SPLITS: usize = 16;
 
 /// Query-tile rows of the prefill kernel: 128 (8 warps) unless
@@ -36,16 +34,6 @@ fn prefill_warps() -> usize {
         Some("4") => 4,
         _ => 8,
     }
-}
-
-/// Split count of a decode launch: as many (sequence x KV head x split)
-/// blocks as fit on the GPU at once, never more (a partial second wave
-/// doubles the time of its blocks: 2.2 TB/s instead of 2.7 at batch 2 when
-/// rounding up), at least one 64-key tile per split.
-pub fn gpu_decode_splits(max_len: usize, decodes: usize, kv_heads: usize, sms: usize) -> usize {
-    let want = (DECODE_BLOCKS_PER_SM * sms) / (decodes * kv_heads).max(1);
-    // (At most 1024: the merge keeps group x splits weights in shared memory.)
-    want.clamp(1, max_len.div_ceil(DECODE_TILE).clamp(1, 1024))
 }
 
 fn upload<T: DeviceRepr + Copy + Default + 'static>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
@@ -125,7 +113,7 @@ impl StepPlan {
         let work_flat: Vec<i32> = work.iter().flat_map(|w| [w.0, w.1]).collect();
         let n_dec = dec_rows.len();
         let max_len = dec_lens.iter().copied().max().unwrap_or(1) as usize;
-        let splits = gpu_decode_splits(max_len, n_dec, kv_heads, sms);
+        let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms);
         let parts = (n_dec * heads * splits).max(1);
         Ok(Self {
             tokens: meta.num_tokens(),
@@ -158,18 +146,6 @@ pub(crate) struct GpuAttention<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub scale: f32,
-}
-
-fn function(dev: &CudaDevice, name: &'static str, smem: usize) -> candle_core::Result<CudaFunction> {
-    let f = crate::ops::cuda::function(dev, name)?;
-    if smem > 48 * 1024 {
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| candle_core::Error::Cuda(e.to_string().into()))?;
-    }
-    Ok(f)
 }
 
 impl CustomOp3 for GpuAttention<'_> {
@@ -227,7 +203,7 @@ impl CustomOp3 for GpuAttention<'_> {
             }
             let src = s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
             let src_stride = l.stride()[0] as i64;
-            let f = function(&dev, "slot_write_kv_bf16", 0)?;
+            let f = crate::ops::cuda::function(&dev, "slot_write_kv_bf16")?;
             let cfg = LaunchConfig {
                 grid_dim: (p.tokens as u32, 1, 1),
                 block_dim: ((row_elems as u32 / 8).clamp(32, 512), 1, 1),
@@ -255,7 +231,7 @@ impl CustomOp3 for GpuAttention<'_> {
             } else {
                 ("slot_prefill_w8_bf16", prefill_smem(8))
             };
-            let f = function(&dev, name, smem)?;
+            let f = crate::ops::cuda::function_with_smem(&dev, name, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (p.n_work as u32, self.heads as u32, 1),
                 block_dim: (32 * p.prefill_warps as u32, 1, 1),
@@ -273,57 +249,31 @@ impl CustomOp3 for GpuAttention<'_> {
             // below its chunk's ctx + q_len, all mapped and written.
             unsafe { b.launch(cfg) }.map_err(cerr)?;
         }
-        // 3. Decode tokens: split-KV; with few splits the last split block of
-        // each (decode, KV head) merges the partials into `out` (no second
-        // launch); with many, one merging block per (decode, KV head) is a
-        // serial tail (H100, 16K context, batch 1: 37 us fused vs 28 + 6 us
-        // with the combine kernel at 33 splits), so the combine kernel merges.
-        let fused = p.splits <= FUSED_MERGE_MAX_SPLITS;
+        // 3. Decode tokens: split-KV, merged by the kernel's last block per
+        // (decode, KV head) or by the combine kernel (FUSED_MERGE_MAX_SPLITS).
         if p.n_dec > 0 {
-            let f = function(&dev, "slot_decode_bf16", DECODE_SMEM)?;
-            let cfg = LaunchConfig {
-                grid_dim: (p.splits as u32, self.kv_heads as u32, p.n_dec as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: DECODE_SMEM as u32,
+            let launch = crate::decode::cuda::DecodeLaunch {
+                q: &q,
+                q_rows: &p.dec_rows,
+                k: self.k.base,
+                v: self.v.base,
+                slots: &p.dec_slots,
+                seq_lens: &p.dec_lens,
+                part_o: &p.part_o,
+                part_ml: &p.part_ml,
+                counters: (p.splits <= FUSED_MERGE_MAX_SPLITS).then_some(&p.counters),
+                batch: p.n_dec,
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                slot_stride: ss,
+                pos_stride: ps,
+                splits: p.splits,
+                scale: self.scale,
             };
-            let splits = p.splits as i32;
-            // The partials and counters are plan buffers reused by every layer (stream-ordered).
-            let mut b = stream.launch_builder(&f);
-            b.arg(&q).arg(&p.dec_rows).arg(&self.k.base).arg(&self.v.base);
-            b.arg(&p.dec_slots)
-                .arg(&p.dec_lens)
-                .arg(&p.part_o)
-                .arg(&p.part_ml);
-            let no_counters = 0u64;
-            if fused {
-                b.arg(&p.counters);
-            } else {
-                b.arg(&no_counters);
-            }
-            b.arg(&mut out);
-            b.arg(&heads)
-                .arg(&group)
-                .arg(&ss)
-                .arg(&ps)
-                .arg(&splits)
-                .arg(&self.scale);
             // SAFETY: keys below each decode's length are mapped and written; the
-            // partial buffers hold n_dec * heads * splits entries, the counters
-            // n_dec * kv_heads (zero between launches).
-            unsafe { b.launch(cfg) }.map_err(cerr)?;
-            if !fused {
-                let f = function(&dev, "slot_decode_combine_bf16", 0)?;
-                let cfg = LaunchConfig {
-                    grid_dim: ((p.n_dec * self.heads) as u32, 1, 1),
-                    block_dim: (d as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = stream.launch_builder(&f);
-                b.arg(&p.part_o).arg(&p.part_ml).arg(&p.dec_rows).arg(&mut out);
-                b.arg(&heads).arg(&splits);
-                // SAFETY: reads the partials written above; writes the decode rows of out.
-                unsafe { b.launch(cfg) }.map_err(cerr)?;
-            }
+            // plan's partials hold n_dec * heads * splits entries and its counters
+            // n_dec * kv_heads (zero between launches; stream-ordered reuse by the layers).
+            unsafe { crate::decode::cuda::launch(&dev, &launch, &mut out) }?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), lq.shape().clone()))
     }

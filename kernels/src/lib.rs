@@ -15,17 +15,27 @@
 //!     K cache [num_blocks, kv_heads, head_dim/x, block_size, x] (x = 16 bytes) when is_value == 0,
 //!     V cache [num_blocks, kv_heads, head_dim, block_size] otherwise; slot -1 skips a token.
 //! slot_write_kv_{bf16,f32}(T* cache, const T* src, const int64_t* rows, int64_t src_stride, int row_elems)
-//!     cache [rows, row_elems]; row = slot * max_len + position; -1 skips a token;
+//!     cache [rows, row_elems]; row = slot * max_len + position for a dense cache tensor, or
+//!     (slot * slot_stride + position * pos_stride) / row_elems in the VMM cache; -1 skips a token;
 //!     row_elems and src_stride in bytes must be multiples of 16.
 //! gemv_bf16(const bf16* w, const bf16* x, const bf16* residual, bf16* y, int M, int N, int K, int epi)
 //!     y [M, N] = x [M, K] . w [N, K]^T, M <= 8, K % 8 == 0; epi 1 adds residual [M, N];
 //!     epi 2: w = [gate; up] with 2N rows, y = silu(x gate^T) * (x up^T).
-//! slot_decode_g{1,4,7,8}_bf16(const bf16* q, const bf16* k, const bf16* v, const int* slots, const int* seq_lens,
-//!                  float* part_o, float* part_ml, int heads, int kv_heads, int max_len, int splits, float scale)
-//!     grid (splits, kv_heads, batch), 128 threads; K/V [max_seqs, max_len, kv_heads, 128];
-//!     partials [batch * heads, splits] x (o[128], (m, l)).
-//! slot_decode_combine_bf16(const float* part_o, const float* part_ml, bf16* out, int splits)
-//!     grid batch * heads, 128 threads: out = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p.
+//! slot_decode_bf16(const bf16* q, const int* q_rows, const bf16* k_base, const bf16* v_base, const int* slots,
+//!                  const int* seq_lens, float* part_o, float* part_ml, int* counters, bf16* out, int heads,
+//!                  int group, int64_t slot_stride, int64_t pos_stride, int splits, float scale)
+//!     grid (splits, kv_heads, batch), 128 threads, 96 KiB dynamic smem; K/V row of (slot, position) at
+//!     base + slot * slot_stride + position * pos_stride (+ kv_head * 128) elements; group <= 16;
+//!     partials [batch * heads, splits] x (o[128], (m, l)) in the log2 domain; with counters
+//!     ([batch * kv_heads], zeroed) the last block merges into out rows q_rows, else (null) the combine does.
+//! slot_decode_combine_bf16(const float* part_o, const float* part_ml, const int* q_rows, bf16* out,
+//!                          int heads, int splits)
+//!     grid batch * heads, 128 threads: out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p.
+//! slot_prefill_w{4,8}_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, const int* work,
+//!                          const int* q_start, const int* ctx_len, const int* q_len, const int* slots,
+//!                          int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale)
+//!     grid (work items, heads), 32 * {4,8} threads, 80 / 96 KiB dynamic smem; work = (chunk, first
+//!     query row) per 16 * {4,8}-row query tile; causal over keys 0 ..= ctx_len + j of the chunk's slot.
 //! ```
 
 /// One compiled kernel.

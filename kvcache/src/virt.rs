@@ -263,9 +263,7 @@ impl VirtualCache {
         let have = self.slots[slot].pages;
         let take = want.saturating_sub(have).min(self.free_pages);
         if take > 0 {
-            self.map(slot, have, have + take)?;
-            self.free_pages -= take;
-            self.slots[slot].pages += take;
+            self.map(slot, take)?;
         }
         Ok(())
     }
@@ -312,17 +310,21 @@ impl VirtualCache {
         slot * self.slot_stride + within
     }
 
-    /// Commits page groups `[from, to)` of `slot` in every region.
-    fn map(&mut self, slot: usize, from: usize, to: usize) -> Result<()> {
+    /// Moves `n` page groups from the pool to the end of `slot`'s mapping and
+    /// commits them in every region (the caller checked that the pool has them).
+    fn map(&mut self, slot: usize, n: usize) -> Result<()> {
+        let from = self.slots[slot].pages;
         let (off, len) = (
             slot * self.slot_stride + from * self.cfg.page_size,
-            (to - from) * self.cfg.page_size,
+            n * self.cfg.page_size,
         );
         match &self.mapper {
             Some(m) => m.commit(off, len)?,
             None => self.memory.commit(off, len)?,
         }
-        self.mapped_total += to - from;
+        self.free_pages -= n;
+        self.slots[slot].pages += n;
+        self.mapped_total += n;
         Ok(())
     }
 
@@ -533,9 +535,7 @@ impl KvManager for VirtualCache {
                 self.slots[slot].used = own;
                 r?;
             }
-            self.map(slot, have, have + missing)?;
-            self.free_pages -= missing;
-            self.slots[slot].pages += missing;
+            self.map(slot, missing)?;
         }
         self.slots[slot].used = need;
         Ok(())

@@ -129,6 +129,20 @@ fn backend(
     Ok(create_backend("vattention", &cfg, dev, &opts)?)
 }
 
+/// A step's metadata and random q, k, v for it.
+fn inputs(chunks: Vec<SeqChunk>, heads: usize, kvh: usize, dev: &Device) -> Result<(BatchMeta, [Tensor; 3])> {
+    let t: usize = chunks.iter().map(|c| c.query_len).sum();
+    let meta = BatchMeta::new(chunks, LogitsAt::LastToken, dev)?;
+    Ok((
+        meta,
+        [
+            rand((t, heads, 128), dev)?,
+            rand((t, kvh, 128), dev)?,
+            rand((t, kvh, 128), dev)?,
+        ],
+    ))
+}
+
 /// Runs one step on both layers (prefills, grows).
 fn step(
     b: &mut dyn AttentionBackend,
@@ -137,13 +151,7 @@ fn step(
     kvh: usize,
     dev: &Device,
 ) -> Result<()> {
-    let t: usize = chunks.iter().map(|c| c.query_len).sum();
-    let meta = BatchMeta::new(chunks, LogitsAt::LastToken, dev)?;
-    let (q, k, v) = (
-        rand((t, heads, 128), dev)?,
-        rand((t, kvh, 128), dev)?,
-        rand((t, kvh, 128), dev)?,
-    );
+    let (meta, [q, k, v]) = inputs(chunks, heads, kvh, dev)?;
     for layer in 0..2 {
         b.forward(layer, &q, &k, &v, &meta)?;
     }
@@ -159,13 +167,7 @@ fn time_layer(
     dev: &Device,
     iters: usize,
 ) -> Result<f64> {
-    let t: usize = chunks.iter().map(|c| c.query_len).sum();
-    let meta = BatchMeta::new(chunks, LogitsAt::LastToken, dev)?;
-    let (q, k, v) = (
-        rand((t, heads, 128), dev)?,
-        rand((t, kvh, 128), dev)?,
-        rand((t, kvh, 128), dev)?,
-    );
+    let (meta, [q, k, v]) = inputs(chunks, heads, kvh, dev)?;
     b.forward(0, &q, &k, &v, &meta)?;
     time(dev, iters, || {
         b.forward(1, &q, &k, &v, &meta)?;
