@@ -12,7 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// (kernel name = file stem = `extern "C"` symbol, what it does)
+/// (file stem = module name, what it does). A file holds the `extern "C"`
+/// kernel of its own name, or the symbols listed in [`SYMBOLS`].
 const KERNELS: &[(&str, &str)] = &[
     (
         "paged_write_kv_bf16",
@@ -50,7 +51,31 @@ const KERNELS: &[(&str, &str)] = &[
         "slot_decode_combine_bf16",
         "merges the split-KV decode partials with log-sum-exp weights",
     ),
+    (
+        "paged_decode_bf16",
+        "vLLM v0.2.7 PagedAttention decode v1 / v2 (+ v2's reduce), bf16, head_dim 128, block 16/32/64/128",
+    ),
+    (
+        "paged_prefill_bf16",
+        "causal FlashAttention-2-style prefill over vLLM's paged layout, bf16, head_dim 128, 128-row query tiles",
+    ),
 ];
+
+/// Files with several kernels: (file stem, its `extern "C"` symbols).
+const SYMBOLS: &[(&str, &[&str])] = &[(
+    "paged_decode_bf16",
+    &[
+        "paged_decode_v1_b16_bf16",
+        "paged_decode_v2_b16_bf16",
+        "paged_decode_v1_b32_bf16",
+        "paged_decode_v2_b32_bf16",
+        "paged_decode_v1_b64_bf16",
+        "paged_decode_v2_b64_bf16",
+        "paged_decode_v1_b128_bf16",
+        "paged_decode_v2_b128_bf16",
+        "paged_decode_reduce_bf16",
+    ],
+)];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -84,8 +109,12 @@ fn main() {
             let src = Path::new("src").join(format!("{name}.cu"));
             let fatbin = out.join(format!("{name}.fatbin"));
             compile(&nvcc, &src, &fatbin);
+            let symbols = SYMBOLS
+                .iter()
+                .find(|(file, _)| file == name)
+                .map_or_else(|| vec![*name], |(_, s)| s.to_vec());
             table.push_str(&format!(
-                "    Kernel {{ name: {name:?}, doc: {doc:?}, fatbin: include_bytes!({:?}) }},\n",
+                "    Kernel {{ name: {name:?}, symbols: &{symbols:?}, doc: {doc:?}, fatbin: include_bytes!({:?}) }},\n",
                 fatbin.display().to_string()
             ));
         }

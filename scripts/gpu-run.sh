@@ -11,7 +11,8 @@
 #
 #   bash scripts/gpu-run.sh                  everything
 #   bash scripts/gpu-run.sh --quick          no ncu breakdown, no 16 GB checkpoint, no vpod-bench
-#   bash scripts/gpu-run.sh STAGE...         only these: tests sanitize smoke decode ncu ckpt kernels serve
+#   bash scripts/gpu-run.sh STAGE...         only these: tests sanitize smoke decode ncu ckpt kernels serve,
+#                                            or fig9b (decode kernels per backend) / fig9a (end to end per backend)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
@@ -48,6 +49,7 @@ fi
 if want smoke; then
     step smoke "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --prompt "Alice was beginning to" --max-tokens 24 --json
     step smoke-vattention "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --backend vattention --prompt "Alice was beginning to" --max-tokens 24 --json
+    step smoke-paged "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --backend paged:16 --prompt "Alice was beginning to" --max-tokens 24 --json
 fi
 
 if want decode; then
@@ -58,26 +60,36 @@ if want decode; then
     step bench-decode-vattention "$B/cli" generate --model llama3-8b --synthetic --device cuda --backend vattention --prompt-len 1024 --max-tokens 128 --json
     grep '^{' "$OUT/bench-decode-vattention.log" > "$OUT/bench-decode-vattention.json" || true
 fi
-if want kernels; then
-    export VPOD_DATE=$(date -u +%F)
+export VPOD_DATE=$(date -u +%F)
+# fig9b: one layer's decode attention per backend (vattention, paged:16, paged:128), three head
+# shapes, 16K context, batch 1..32: back-to-back call times and Nsight Compute kernel durations.
+if want kernels || want fig9b; then
     step vb-decode "$B/vpod-bench" decode --out "$OUT"
-    step vb-prefill "$B/vpod-bench" prefill --out "$OUT"
-    step vb-map "$B/vpod-bench" map --out "$OUT"
-    step sdpa python3 scripts/bench_sdpa.py --out "$OUT"
     if command -v ncu >/dev/null; then
         # The decode kernels alone (no launch gaps, no K/V write): Nsight Compute durations.
-        timeout 300 ncu --csv --metrics gpu__time_duration.sum --print-units base --clock-control none \
-            --cache-control none -k regex:slot_decode "$B/vpod-bench" decode --iters 1 --out "$OUT/ncu-run" \
+        timeout 400 ncu --csv --metrics gpu__time_duration.sum --print-units base --clock-control none \
+            --cache-control none -k regex:"slot_decode|paged_decode" "$B/vpod-bench" decode --iters 1 --out "$OUT/ncu-run" \
             > "$OUT/ncu-decode.csv" 2> "$OUT/ncu-decode.err"
         step vb-decode-kernels python3 scripts/kernel_times.py "$OUT/ncu-decode.csv" --out "$OUT/decode-kernels.json"
     fi
-    for f in vb-decode vb-decode-kernels vb-prefill vb-map sdpa; do cat "$OUT/$f.log"; done
+    for f in vb-decode vb-decode-kernels; do cat "$OUT/$f.log"; done
+fi
+if want kernels; then
+    step vb-prefill "$B/vpod-bench" prefill --out "$OUT"
+    step vb-map "$B/vpod-bench" map --out "$OUT"
+    step sdpa python3 scripts/bench_sdpa.py --out "$OUT"
+    for f in vb-prefill vb-map sdpa; do cat "$OUT/$f.log"; done
 fi
 if want serve; then
-    export VPOD_DATE=$(date -u +%F)
     step vb-spikes "$B/vpod-bench" spikes --out "$OUT"
-    step vb-e2e "$B/vpod-bench" e2e --out "$OUT"
-    for f in vb-spikes vb-e2e; do cat "$OUT/$f.log"; done
+    cat "$OUT/vb-spikes.log"
+fi
+# fig9a: end-to-end decode throughput at 16K per request, per model and backend.
+# E2E_ARGS: e.g. "--tokens 64 --batch 1,4,16" for a shorter run.
+if want serve || want fig9a; then
+    # shellcheck disable=SC2086
+    step vb-e2e "$B/vpod-bench" e2e --out "$OUT" ${E2E_ARGS:-}
+    cat "$OUT/vb-e2e.log"
 fi
 
 # Bad input on the GPU: weights that cannot fit must be refused up front, with the numbers.

@@ -126,6 +126,7 @@ fn sampling_is_reproducible_from_the_seed() {
         top_p: 0.95,
         top_k: 50,
         seed: 3,
+        ..Default::default()
     };
     let prompt = reference("tiny-yi-gqa7").prompt_ids;
     let a = e.generate(&prompt, 16, p, &mut |_| Ok(())).unwrap().tokens;

@@ -199,7 +199,7 @@ fn gemv_matches_cpu_twin() {
 /// (tolerances of the CUDA issue: >= 95 %, within 2 %).
 #[test]
 fn fixtures_match_transformers_in_bf16_on_gpu() {
-    for backend in ["reference", "vattention"] {
+    for backend in ["reference", "vattention", "paged:16", "paged:128"] {
         fixtures_parity(backend);
     }
 }
@@ -362,25 +362,109 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// (seq, context_len, query_len) per step; a seq missing from a later step
+/// is released. Prompts of mixed lengths, a chunked prompt continuing at an
+/// offset, a one-token prompt, decodes next to prompt chunks, sequences
+/// finishing and their cache reused. (The CPU twins are plain loops: lengths
+/// stay in the hundreds.)
+const TWIN_STEPS: &[&[(u64, usize, usize)]] = &[
+    &[(1, 0, 300), (2, 0, 700), (3, 0, 1)],
+    &[(1, 300, 200), (2, 700, 1), (3, 1, 1)],
+    &[(1, 500, 1), (2, 701, 1), (4, 0, 260)],
+    &[(1, 501, 1), (4, 260, 1), (5, 0, 130)],
+];
+
+/// Runs `steps` through backend `spec` on the GPU and on the CPU with the
+/// same random q/k/v per layer; every output within 1e-2 relative L2.
+/// `scramble` first admits and frees throwaway sequences on the GPU backend
+/// so that its blocks are handed out non-contiguously, out of order (the
+/// virtual cache's slots are reused by the steps' own finishing sequences).
+fn check_against_twin(
+    spec: &str,
+    (heads, kv_heads): (usize, usize),
+    opts: &vpod_attention::BackendOptions,
+    steps: &[&[(u64, usize, usize)]],
+    scramble: bool,
+    label: &str,
+) {
+    use vpod_attention::{AttnConfig, BatchMeta, create_backend};
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    let cfg = AttnConfig {
+        num_layers: 2,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: 128,
+        max_seq_len: 4096,
+        dtype: DType::BF16,
+    };
+    let mut g = create_backend(spec, &cfg, &dev, opts).unwrap();
+    let mut c = create_backend(spec, &cfg, &cpu, opts).unwrap();
+    if scramble && let Some(kv) = g.kv_manager() {
+        for s in 0..6u64 {
+            kv.admit(1000 + s, 1 + (s as usize * 97) % 300).unwrap();
+        }
+        for s in [1003u64, 1000, 1005, 1001] {
+            kv.release(s);
+        }
+    }
+    let mut live: Vec<u64> = vec![];
+    let mut case = 0u64;
+    for (i, step) in steps.iter().enumerate() {
+        for s in live.iter().filter(|s| !step.iter().any(|x| x.0 == **s)) {
+            g.release(*s);
+            c.release(*s);
+        }
+        live = step.iter().map(|x| x.0).collect();
+        let chunks: Vec<SeqChunk> = step
+            .iter()
+            .map(|&(seq_id, context_len, query_len)| SeqChunk {
+                seq_id,
+                context_len,
+                query_len,
+            })
+            .collect();
+        let t: usize = chunks.iter().map(|c| c.query_len).sum();
+        let mg = BatchMeta::new(chunks.clone(), LogitsAt::LastToken, &dev).unwrap();
+        let mc = BatchMeta::new(chunks, LogitsAt::LastToken, &cpu).unwrap();
+        for layer in 0..2 {
+            case += 1;
+            let r = |h: usize, seed: u64| {
+                pseudo_random((t, h * 128), 1.0, seed)
+                    .reshape((t, h, 128))
+                    .unwrap()
+            };
+            let (q, k, v) = (
+                r(heads, case * 3),
+                r(kv_heads, case * 3 + 1),
+                r(kv_heads, case * 3 + 2),
+            );
+            let want = c.forward(layer, &q, &k, &v, &mc).unwrap();
+            let got = g
+                .forward(
+                    layer,
+                    &q.to_device(&dev).unwrap(),
+                    &k.to_device(&dev).unwrap(),
+                    &v.to_device(&dev).unwrap(),
+                    &mg,
+                )
+                .unwrap();
+            let e = rel_l2(&got, &want);
+            assert!(
+                e < 1e-2,
+                "{spec} {label} GQA {heads}/{kv_heads} step {i} layer {layer}: rel. L2 error {e}"
+            );
+        }
+        let next: Vec<(u64, usize)> = step.iter().map(|&(s, c, q)| (s, c + q + 1)).collect();
+        g.prepare_next(&next).unwrap();
+    }
+}
+
 /// The `vattention` backend on the GPU (VMM cache, write + prefill + decode
-/// kernels) against its CPU twin, step by step over a batch-spec table:
-/// prompts of mixed lengths, a chunked prompt continuing at an offset, a
-/// one-token prompt, decodes next to prompt chunks, sequences finishing and
-/// their slots reused; GQA 4, 7 and 8; per-layer regions and the megacache;
-/// overlapped and synchronous mapping; both prefill tile sizes.
+/// kernels) against its CPU twin over the batch-spec table; GQA 4, 7 and 8;
+/// per-layer regions and the megacache; overlapped and synchronous mapping;
+/// both prefill tile sizes.
 #[test]
 fn vattention_gpu_matches_cpu_twin() {
-    use vpod_attention::{AttnConfig, BackendOptions, BatchMeta, create_backend};
-    let (dev, cpu) = (gpu(), Device::Cpu);
-    // (seq, context_len, query_len) per step; a seq missing from a later step is released.
-    // (The CPU twin is a plain loop: lengths stay in the hundreds.)
-    let steps: &[&[(u64, usize, usize)]] = &[
-        &[(1, 0, 300), (2, 0, 700), (3, 0, 1)],
-        &[(1, 300, 200), (2, 700, 1), (3, 1, 1)],
-        &[(1, 500, 1), (2, 701, 1), (4, 0, 260)],
-        &[(1, 501, 1), (4, 260, 1), (5, 0, 130)],
-    ];
-    let mut case = 0u64;
     // VPOD_QUICK (the compute-sanitizer runs): the first shape and layout only.
     let quick = std::env::var_os("VPOD_QUICK").is_some();
     let shapes: &[(usize, usize)] = if quick {
@@ -388,7 +472,7 @@ fn vattention_gpu_matches_cpu_twin() {
     } else {
         &[(32, 8), (56, 8), (32, 4)]
     };
-    for &(heads, kv_heads) in shapes {
+    for &shape in shapes {
         for (megacache, mapping, warps) in [
             (false, vpod_kvcache::Mapping::Overlapped, "8"),
             (true, vpod_kvcache::Mapping::Sync, "4"),
@@ -399,74 +483,48 @@ fn vattention_gpu_matches_cpu_twin() {
             // SAFETY: the tests run with --test-threads=1 on the GPU machine;
             // nothing else reads the environment concurrently.
             unsafe { std::env::set_var("VPOD_PREFILL_WARPS", warps) };
-            let cfg = AttnConfig {
-                num_layers: 2,
-                num_heads: heads,
-                num_kv_heads: kv_heads,
-                head_dim: 128,
-                max_seq_len: 4096,
-                dtype: DType::BF16,
-            };
-            let opts = BackendOptions {
+            let opts = vpod_attention::BackendOptions {
                 max_seqs: 4,
                 megacache,
                 mapping,
                 ..Default::default()
             };
-            let mut g = create_backend("vattention", &cfg, &dev, &opts).unwrap();
-            let mut c = create_backend("vattention", &cfg, &cpu, &opts).unwrap();
-            let mut live: Vec<u64> = vec![];
-            for (i, step) in steps.iter().enumerate() {
-                for s in live.iter().filter(|s| !step.iter().any(|x| x.0 == **s)) {
-                    g.release(*s);
-                    c.release(*s);
-                }
-                live = step.iter().map(|x| x.0).collect();
-                let chunks: Vec<SeqChunk> = step
-                    .iter()
-                    .map(|&(seq_id, context_len, query_len)| SeqChunk {
-                        seq_id,
-                        context_len,
-                        query_len,
-                    })
-                    .collect();
-                let t: usize = chunks.iter().map(|c| c.query_len).sum();
-                let mg = BatchMeta::new(chunks.clone(), LogitsAt::LastToken, &dev).unwrap();
-                let mc = BatchMeta::new(chunks, LogitsAt::LastToken, &cpu).unwrap();
-                for layer in 0..2 {
-                    case += 1;
-                    let r = |h: usize, seed: u64| {
-                        pseudo_random((t, h * 128), 1.0, seed)
-                            .reshape((t, h, 128))
-                            .unwrap()
-                    };
-                    let (q, k, v) = (
-                        r(heads, case * 3),
-                        r(kv_heads, case * 3 + 1),
-                        r(kv_heads, case * 3 + 2),
-                    );
-                    let want = c.forward(layer, &q, &k, &v, &mc).unwrap();
-                    let got = g
-                        .forward(
-                            layer,
-                            &q.to_device(&dev).unwrap(),
-                            &k.to_device(&dev).unwrap(),
-                            &v.to_device(&dev).unwrap(),
-                            &mg,
-                        )
-                        .unwrap();
-                    let e = rel_l2(&got, &want);
-                    assert!(
-                        e < 1e-2,
-                        "GQA {heads}/{kv_heads} megacache {megacache} step {i} layer {layer}: rel. L2 error {e}"
-                    );
-                }
-                let next: Vec<(u64, usize)> = step.iter().map(|&(s, c, q)| (s, c + q + 1)).collect();
-                g.prepare_next(&next).unwrap();
-            }
+            let label = format!("megacache {megacache}, {warps} prefill warps");
+            check_against_twin("vattention", shape, &opts, TWIN_STEPS, false, &label);
         }
     }
     unsafe { std::env::remove_var("VPOD_PREFILL_WARPS") };
+}
+
+/// The `paged` backend on the GPU (paged K/V write, paged prefill, vLLM
+/// v0.2.7's decode v1 and v2 + reduce) against its CPU twin over the
+/// batch-spec table with scrambled block tables, block sizes 16 to 128,
+/// GQA 4, 7 and 8 (v2 for the decodes past 512 tokens, v1 below).
+#[test]
+fn paged_gpu_matches_cpu_twin() {
+    let quick = std::env::var_os("VPOD_QUICK").is_some();
+    let shapes: &[(usize, usize)] = if quick {
+        &[(32, 8)]
+    } else {
+        &[(32, 8), (56, 8), (32, 4)]
+    };
+    for &shape in shapes {
+        // Every block size for Llama-3-8B heads; the smallest and largest for the others.
+        let blocks: &[usize] = if quick || shape != (32, 8) {
+            &[16, 128]
+        } else {
+            &[16, 32, 64, 128]
+        };
+        for &bs in blocks {
+            let opts = vpod_attention::BackendOptions {
+                block_size: bs,
+                max_seqs: 24,
+                ..Default::default()
+            };
+            let label = format!("block {bs}");
+            check_against_twin("paged", shape, &opts, TWIN_STEPS, true, &label);
+        }
+    }
 }
 
 /// The VMM cache refuses a page size the GPU cannot map, and tears down cleanly.

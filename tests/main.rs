@@ -10,6 +10,7 @@ mod common;
 mod bad_input;
 mod compare;
 mod conformance;
+mod demo;
 mod engine;
 #[cfg(feature = "cuda")]
 mod gpu;

@@ -37,6 +37,8 @@ pub mod linear;
 mod meta;
 pub mod ops;
 mod paged;
+#[cfg(feature = "cuda")]
+mod paged_gpu;
 mod reference;
 mod vattention;
 #[cfg(feature = "cuda")]
@@ -46,7 +48,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use error::{AttnError, Result};
 pub use meta::{BatchMeta, LogitsAt, SeqChunk};
-pub use paged::PagedBackend;
+pub use paged::{PagedBackend, paged_use_v1};
 pub use reference::ReferenceBackend;
 pub use vattention::{TWIN_SMS, VirtualBackend, decode_splits};
 pub use vpod_kvcache::{KvManager, SeqId};

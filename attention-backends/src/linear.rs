@@ -1,7 +1,7 @@
 //! The model's projections: `x [T, K] · w [N, K]^T`, with the epilogues a
 //! decoder layer needs fused in (residual add; SiLU-gated product).
 //!
-//! On a CUDA device in bf16 with at most [`GEMV_MAX_ROWS`] rows (decode
+//! On a CUDA device in bf16 with at most [`GEMV_DEFAULT_ROWS`] rows (decode
 //! steps) they run our `gemv_bf16` kernel, which streams each weight row
 //! once at close to the memory bandwidth and fuses the epilogue; otherwise
 //! (CPU, prefill, other dtypes) candle's matmul and element-wise ops compute
@@ -16,6 +16,26 @@ use crate::Result;
 
 /// Most rows (tokens) the GEMV kernel takes at once.
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Rows up to which the projections use the GEMV kernel by default. Each
+/// lane re-reads the M rows of x for every weight vector, so past a few
+/// rows the kernel is load-bound: Llama-3-8B decode at batch 8 (H200, 1K
+/// context) took 17.8 ms per step with it and 10.7 ms with cuBLAS, batch 4
+/// 10.4 ms either way (`results/2026-11-21-h200-paged/gemv-rows-*.log`).
+pub const GEMV_DEFAULT_ROWS: usize = 4;
+
+/// Rows up to which the projections use the GEMV kernel rather than
+/// candle's matmul (cuBLAS): [`GEMV_DEFAULT_ROWS`], or `VPOD_GEMV_ROWS=N`
+/// (at most [`GEMV_MAX_ROWS`]; measuring where the kernel pays off).
+fn gemv_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("VPOD_GEMV_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(GEMV_DEFAULT_ROWS, |n: usize| n.min(GEMV_MAX_ROWS))
+    })
+}
 
 /// `x · w^T`: `x [T, K]`, `w [N, K]` -> `[T, N]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -52,7 +72,7 @@ fn use_gemv(x: &Tensor, w: &Tensor) -> bool {
         && x.dtype() == DType::BF16
         && w.dtype() == DType::BF16
         && w.is_contiguous()
-        && matches!(x.dims(), [t, k] if *t <= GEMV_MAX_ROWS && k.is_multiple_of(8) && w.dim(1).ok() == Some(*k))
+        && matches!(x.dims(), [t, k] if *t <= gemv_rows() && k.is_multiple_of(8) && w.dim(1).ok() == Some(*k))
 }
 
 /// Runs the GEMV op itself on any device: on the CPU this is the kernel's

@@ -182,19 +182,19 @@ pub(crate) mod cuda {
         candle_core::Error::Cuda(e.to_string().into())
     }
 
-    /// The kernel `name` on `dev`, loading its fatbin on first use.
-    pub fn function(dev: &CudaDevice, name: &'static str) -> candle_core::Result<CudaFunction> {
+    /// The kernel `name` on `dev`, loading its module's fatbin on first use.
+    pub fn function(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
         let kernel = vpod_kernels::kernel(name)
             .ok_or_else(|| err(format!("kernel {name} is not compiled into this build")))?;
         let mut modules = MODULES.get_or_init(Default::default).lock().map_err(err)?;
-        let module = match modules.get(&(dev.id(), name)) {
+        let module = match modules.get(&(dev.id(), kernel.name)) {
             Some(m) => m.clone(),
             None => {
                 let ctx = dev.cuda_stream().context().clone();
                 let m = ctx
                     .load_module(Ptx::from_binary(kernel.fatbin.to_vec()))
                     .map_err(err)?;
-                modules.insert((dev.id(), name), m.clone());
+                modules.insert((dev.id(), kernel.name), m.clone());
                 m
             }
         };
@@ -205,7 +205,7 @@ pub(crate) mod cuda {
     /// the default 48 KiB a launch must ask for).
     pub fn function_with_smem(
         dev: &CudaDevice,
-        name: &'static str,
+        name: &str,
         smem: usize,
     ) -> candle_core::Result<CudaFunction> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;

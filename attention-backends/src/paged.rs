@@ -3,9 +3,10 @@
 //!
 //! Its CPU twin reads keys block by block through the table (one tile per
 //! block) and, for contexts past 512 tokens, in partitions of 512 merged at
-//! the end, as vLLM's v2 kernel and its reduce kernel do. The CUDA kernels
-//! come with the PagedAttention milestone; until then the backend says that
-//! it cannot run on a GPU.
+//! the end, as vLLM's v2 kernel and its reduce kernel do. On a CUDA device
+//! the cache tensors live on the GPU and `paged_gpu.rs` runs the kernels:
+//! vLLM v0.2.7's decode v1/v2 (`kernels/src/paged_decode.cuh`) and a paged
+//! FlashAttention-2-style prefill for prompt chunks.
 
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use vpod_kvcache::{KvManager, PagedCache, PagedLayout};
@@ -17,6 +18,14 @@ use crate::{AttentionBackend, AttnConfig, AttnError, BackendOptions, BatchMeta, 
 /// vLLM v2's partition size.
 const PARTITION: usize = 512;
 
+/// vLLM v0.2.7's choice of decode kernel: v1 (one thread block per head and
+/// sequence over the whole context) unless the longest context exceeds 8192
+/// tokens or it spans several partitions with at most 512 (sequence, head)
+/// blocks; then v2 (partitions of 512 and a reduce kernel).
+pub fn paged_use_v1(max_context: usize, decodes: usize, heads: usize) -> bool {
+    max_context <= 8192 && (max_context.div_ceil(PARTITION) == 1 || decodes * heads > 512)
+}
+
 #[derive(Debug)]
 pub struct PagedBackend {
     cfg: AttnConfig,
@@ -24,6 +33,9 @@ pub struct PagedBackend {
     scale: f32,
     /// `[T]` i64 slot of each token of the current step, built at layer 0.
     slots: Option<Tensor>,
+    /// The step's block tables and work lists on the GPU (CUDA device only).
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::paged_gpu::PagedPlan>,
 }
 
 impl PagedBackend {
@@ -58,16 +70,31 @@ impl PagedBackend {
             cache,
             scale,
             slots: None,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
     pub fn unsupported_reasons(cfg: &AttnConfig, device: &Device, opts: &BackendOptions) -> Vec<String> {
         let mut r = Vec::new();
-        if !device.is_cpu() {
-            r.push(
-                "the paged CUDA kernels are not built yet (PagedAttention milestone); use --device cpu"
-                    .into(),
-            );
+        if device.is_cuda() {
+            if !cfg!(feature = "cuda") {
+                r.push("this build has no CUDA support (build with --features cuda)".into());
+            }
+            if cfg.dtype != candle_core::DType::BF16 {
+                r.push(format!(
+                    "the CUDA kernels are bf16 only (got {:?}; use --dtype bf16)",
+                    cfg.dtype
+                ));
+            }
+            if cfg.head_dim != 128 {
+                r.push(format!(
+                    "the CUDA kernels need head_dim 128 (got {})",
+                    cfg.head_dim
+                ));
+            }
+        } else if !device.is_cpu() {
+            r.push("only CPU and CUDA devices are supported".into());
         }
         if !vpod_kvcache::BLOCK_SIZES.contains(&opts.block_size) {
             r.push(format!(
@@ -120,6 +147,15 @@ impl AttentionBackend for PagedBackend {
     ) -> Result<Tensor> {
         if layer == 0 || self.slots.is_none() {
             self.slots = Some(prepare(&mut self.cache, meta, q.device())?);
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(dev) = q.device() {
+                self.gpu = Some(crate::paged_gpu::PagedPlan::new(
+                    dev,
+                    &self.cache,
+                    meta,
+                    self.cfg.num_heads,
+                )?);
+            }
         }
         let Some(slots) = self.slots.as_ref() else {
             unreachable!("built above")
@@ -143,6 +179,18 @@ impl AttentionBackend for PagedBackend {
                 is_value: true,
             },
         )?;
+        #[cfg(feature = "cuda")]
+        if let Some(plan) = &self.gpu {
+            let op = crate::paged_gpu::GpuPaged {
+                plan,
+                block_size: layout.block_size,
+                heads: self.cfg.num_heads,
+                kv_heads: self.cfg.num_kv_heads,
+                scale: self.scale,
+            };
+            let q = q.contiguous()?;
+            return Ok(q.apply_op3_no_bwd(self.cache.k(layer), self.cache.v(layer), &op)?);
+        }
         let op = PagedAttention {
             layout,
             seqs: meta
@@ -261,5 +309,19 @@ impl CustomOp3 for PagedAttention {
             _ => candle_core::bail!("paged-attention: q and the caches must share one of f32, bf16, f16"),
         };
         Ok((out, lq.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paged_use_v1;
+
+    #[test]
+    fn vllm_decode_kernel_choice() {
+        assert!(paged_use_v1(512, 1, 32), "one partition: v1");
+        assert!(!paged_use_v1(513, 1, 32), "two partitions, 32 blocks: v2");
+        assert!(paged_use_v1(4096, 17, 32), "17 x 32 > 512 blocks: v1");
+        assert!(!paged_use_v1(4096, 16, 32), "16 x 32 = 512 blocks: v2");
+        assert!(!paged_use_v1(8193, 64, 32), "past 8192 tokens: always v2");
     }
 }

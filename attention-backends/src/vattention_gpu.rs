@@ -18,7 +18,7 @@ use crate::{BatchMeta, Result};
 
 /// Dynamic shared memory of the prefill kernel (slot_prefill.cuh): the
 /// query tile and 2 stages of 64-key K and V tiles.
-const fn prefill_smem(warps: usize) -> usize {
+pub(crate) const fn prefill_smem(warps: usize) -> usize {
     16 * warps * 256 + 2 * 2 * 64 * 256
 }
 /// Up to this many splits the decode kernel merges them itself; with more,
@@ -36,7 +36,10 @@ fn prefill_warps() -> usize {
     }
 }
 
-fn upload<T: DeviceRepr + Copy + Default + 'static>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+pub(crate) fn upload<T: DeviceRepr + Copy + Default + 'static>(
+    dev: &CudaDevice,
+    v: &[T],
+) -> Result<CudaSlice<T>> {
     // Never an empty buffer: kernels that do not run still get an argument.
     let v: Vec<T> = if v.is_empty() {
         vec![T::default()]

@@ -60,6 +60,16 @@ pub struct CompareOptions {
 }
 
 /// Deterministic prompt ids in `[1, vocab)`.
+/// Sampling of the timed workloads: greedy, and each request runs to its
+/// planned length even past an end-of-sequence token (as vLLM's benchmarks
+/// do with `ignore_eos`), so that every backend does the same work.
+fn timed_sampling() -> SamplingParams {
+    SamplingParams {
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
 fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..len)
         .map(|i| 1 + ((i * 2654435761 + salt * 40503) % (vocab - 1).max(1)) as u32)
@@ -190,7 +200,7 @@ fn decode_sweep(
                 .map(|i| Request {
                     prompt: prompt(c, vocab, i),
                     max_tokens: tokens,
-                    sampling: SamplingParams::default(),
+                    sampling: timed_sampling(),
                     arrival_ms: 0.0,
                 })
                 .collect();
@@ -250,14 +260,14 @@ fn hybrid_sweep(
                     .map(|i| Request {
                         prompt: prompt(c, vocab, i),
                         max_tokens: steps_needed + 2,
-                        sampling: SamplingParams::default(),
+                        sampling: timed_sampling(),
                         arrival_ms: 0.0,
                     })
                     .collect();
                 reqs.push(Request {
                     prompt: prompt(prefill_len, vocab, 99),
                     max_tokens: 1,
-                    sampling: SamplingParams::default(),
+                    sampling: timed_sampling(),
                     arrival_ms: 0.0,
                 });
                 let cfg = SchedulerConfig {
@@ -364,7 +374,7 @@ fn serve(e: &mut Engine, trace: &[(usize, usize, f64)]) -> Result<Value> {
         .map(|(i, &(p, o, at))| Request {
             prompt: prompt(p.min(max), vocab, i),
             max_tokens: o,
-            sampling: SamplingParams::default(),
+            sampling: timed_sampling(),
             arrival_ms: at,
         })
         .collect();
@@ -405,7 +415,7 @@ fn memory(e: &mut Engine, requests: usize, prompt_len: usize, max_tokens: usize)
         .map(|i| Request {
             prompt: prompt(prompt_len, vocab, i),
             max_tokens,
-            sampling: SamplingParams::default(),
+            sampling: timed_sampling(),
             arrival_ms: 0.0,
         })
         .collect();

@@ -156,6 +156,7 @@ struct Live {
     tokens: Vec<u32>,
     prompt_len: usize,
     max_tokens: usize,
+    ignore_eos: bool,
     sampler: Sampler,
     times: Vec<f64>,
     preemptions: usize,
@@ -334,6 +335,7 @@ impl Engine {
                 tokens: r.prompt.clone(),
                 prompt_len: r.prompt.len(),
                 max_tokens: r.max_tokens,
+                ignore_eos: r.sampling.ignore_eos,
                 sampler: Sampler::new(r.sampling),
                 times: vec![],
                 preemptions: 0,
@@ -441,7 +443,7 @@ impl Engine {
                     continue;
                 }
                 let next = l.sampler.sample(&logits.get(row)?.to_vec1::<f32>()?);
-                let reason = if self.model.is_eos(next) {
+                let reason = if self.model.is_eos(next) && !l.ignore_eos {
                     Some(FinishReason::Eos)
                 } else {
                     l.tokens.push(next);

@@ -107,8 +107,10 @@ pub struct CompareArgs {
 /// Which model, where it runs, how attention is computed.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A preset (yi-6b, llama3-8b, yi-34b), a Hub repo id (owner/name) or a local directory.
-    #[arg(long)]
+    /// A preset (yi-6b, llama3-8b, yi-34b), a Hub repo id (owner/name) or a
+    /// local directory; `demo` (the default) is the tiny Llama trained on
+    /// Jules Verne that ships in the repo (demo/tiny-verne).
+    #[arg(long, default_value = "demo")]
     pub model: String,
     /// Hub revision (branch, tag or commit).
     #[arg(long, default_value = "main")]
@@ -237,6 +239,10 @@ pub struct GenerateArgs {
     pub top_k: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Generate --max-tokens tokens even past an end-of-sequence token
+    /// (benchmarks, synthetic weights).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Args)]
@@ -304,7 +310,7 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
             format!("{} (synthetic)", p.alias),
         )
     } else {
-        let source = ModelSource::parse(&a.model, &a.revision)?;
+        let source = ModelSource::parse(&demo_or(&a.model)?, &a.revision)?;
         let files = fetch_model_files(&source, &HubOptions::from_env())?;
         let cfg = vpod_models::LlamaConfig::from_file(&files.config)?;
         check_fits(
@@ -329,6 +335,25 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
         dtype,
         load_ms,
     })
+}
+
+/// Where the demo checkpoint was at build time (the repo's demo/tiny-verne).
+pub const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/tiny-verne");
+
+/// `demo` names the shipped demo checkpoint; anything else is passed through.
+fn demo_or(model: &str) -> anyhow::Result<String> {
+    if model != "demo" {
+        return Ok(model.to_string());
+    }
+    let dir = std::path::Path::new(DEMO_DIR);
+    if !dir.join("config.json").is_file() {
+        bail!(
+            "the demo checkpoint is not at {} (this binary was built from a checkout that has it); \
+             give --model with a preset, a Hub repo id or a local directory",
+            dir.display()
+        );
+    }
+    Ok(dir.to_string_lossy().into_owned())
 }
 
 /// `n` pseudo-random ids in `[0, vocab)` after BOS, reproducible from `seed`.
@@ -374,6 +399,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         top_p: a.top_p,
         top_k: a.top_k,
         seed: a.seed,
+        ignore_eos: a.ignore_eos,
     };
     // Stream text only when there is a tokenizer and no JSON was asked for.
     let tok = if a.model.json {
@@ -563,6 +589,7 @@ fn generate_batch(a: &GenerateArgs, s: &mut Session, texts: &[String]) -> anyhow
         top_p: a.top_p,
         top_k: a.top_k,
         seed: a.seed,
+        ignore_eos: a.ignore_eos,
     };
     let tok = s.engine.model.tokenizer()?.clone();
     let requests = texts

@@ -15,6 +15,9 @@ pub struct SamplingParams {
     /// Keep the `top_k` most likely tokens (0 = off).
     pub top_k: usize,
     pub seed: u64,
+    /// Keep generating past an end-of-sequence token (benchmarks with
+    /// synthetic weights, whose greedy output may hit EOS at any step).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -24,6 +27,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: 42,
+            ignore_eos: false,
         }
     }
 }
@@ -114,6 +118,7 @@ mod tests {
             top_p: 1.0,
             top_k: 1,
             seed: 7,
+            ..Default::default()
         };
         assert_eq!(Sampler::new(p).sample(&logits), argmax(&logits));
         let p = SamplingParams {
@@ -121,6 +126,7 @@ mod tests {
             top_p: 0.9,
             top_k: 0,
             seed: 7,
+            ..Default::default()
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p);
@@ -144,6 +150,7 @@ mod tests {
             top_p: 0.9,
             top_k: 0,
             seed: 1,
+            ..Default::default()
         });
         assert!((0..200).all(|_| s.sample(&logits) == 42));
     }

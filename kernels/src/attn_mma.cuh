@@ -44,6 +44,10 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
     const int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+// The same with `bytes` (0 ..= 16) bytes read and the rest zero-filled.
+__device__ __forceinline__ void cp_async16_n(uint32_t dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -109,6 +113,27 @@ __device__ __forceinline__ void pv_16(float o[16][4], const uint32_t pa[4], uint
     for (int dn = 0; dn < 8; ++dn) {
         uint32_t b0, b1, b2, b3;
         ldsm_x4_t(v_tile + tile_off(key0 + (m % 2) * 8 + lane % 8, 2 * dn + m / 2), b0, b1, b2, b3);
+        mma_bf16(o[2 * dn], pa, b0, b1);
+        mma_bf16(o[2 * dn + 1], pa, b2, b3);
+    }
+}
+
+// Byte offset of chunk c (8 keys) of dimension row d in a V tile stored by
+// dimension ([128][64 keys], 128-byte rows), swizzled like tile_off.
+__device__ __forceinline__ uint32_t vdim_off(int d, int c) {
+    return static_cast<uint32_t>(d * 128 + ((c ^ (d & 7)) << 4));
+}
+
+// pv_16 for a V tile stored by dimension (vdim_off): the rows of an 8 x 8
+// matrix are dimensions (B's columns), so a plain ldmatrix gives the B
+// fragments, as qk_16 does with keys.
+__device__ __forceinline__ void pv_16_by_dim(float o[16][4], const uint32_t pa[4], uint32_t v_tile, int key0,
+                                             int lane) {
+    const int m = lane / 8;
+#pragma unroll
+    for (int dn = 0; dn < 8; ++dn) {
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4(v_tile + vdim_off(16 * dn + (m / 2) * 8 + lane % 8, key0 / 8 + (m % 2)), b0, b1, b2, b3);
         mma_bf16(o[2 * dn], pa, b0, b1);
         mma_bf16(o[2 * dn + 1], pa, b2, b3);
     }

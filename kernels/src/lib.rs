@@ -31,6 +31,20 @@
 //! slot_decode_combine_bf16(const float* part_o, const float* part_ml, const int* q_rows, bf16* out,
 //!                          int heads, int splits)
 //!     grid batch * heads, 128 threads: out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p.
+//! paged_decode_v{1,2}_b{16,32,64,128}_bf16(float* exp_sums, float* max_logits, bf16* out, const bf16* q,
+//!                          const int* q_rows, const bf16* k_cache, const bf16* v_cache, const int* block_tables,
+//!                          const int* context_lens, int max_blocks, int heads, int kv_heads, float scale)
+//!     vLLM v0.2.7's algorithm (paged_decode.cuh). v1: grid (heads, batch), out = rows q_rows of [rows, heads,
+//!     128]; v2: grid (heads, batch, max_partitions of 512 tokens), out = tmp_out [batch, heads, max_partitions,
+//!     128] with exp_sums / max_logits [batch, heads, max_partitions]; 128 threads; dynamic smem 4 *
+//!     max(tokens, 256) bytes (tokens: the padded context for v1, 512 for v2).
+//! paged_decode_reduce_bf16(bf16* out, const float* exp_sums, const float* max_logits, const bf16* tmp_out,
+//!                          const int* q_rows, const int* context_lens, int heads, int max_partitions)
+//!     grid (heads, batch), 128 threads, 8 * max_partitions bytes of dynamic smem.
+//! paged_prefill_bf16(const bf16* q, bf16* out, const bf16* k_cache, const bf16* v_cache, const int* work,
+//!                    const int* q_start, const int* ctx_len, const int* q_len, const int* block_tables,
+//!                    int max_blocks, int heads, int group, int kv_heads, int block_log2, float scale)
+//!     slot_prefill_w8's tiles over the paged layout; chunk c's block table is row c of block_tables.
 //! slot_prefill_w{4,8}_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, const int* work,
 //!                          const int* q_start, const int* ctx_len, const int* q_len, const int* slots,
 //!                          int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale)
@@ -41,8 +55,10 @@
 /// One compiled kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernel {
-    /// The `extern "C"` symbol, also the `.cu` file's stem.
+    /// The `.cu` file's stem (one module).
     pub name: &'static str,
+    /// Its `extern "C"` kernels (usually just `name`).
+    pub symbols: &'static [&'static str],
     pub doc: &'static str,
     /// Fatbin image for `cuModuleLoadData`.
     pub fatbin: &'static [u8],
@@ -50,9 +66,9 @@ pub struct Kernel {
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
-/// The compiled kernel called `name`, if this build has it.
-pub fn kernel(name: &str) -> Option<&'static Kernel> {
-    KERNELS.iter().find(|k| k.name == name)
+/// The compiled module holding the kernel `symbol`, if this build has it.
+pub fn kernel(symbol: &str) -> Option<&'static Kernel> {
+    KERNELS.iter().find(|k| k.symbols.contains(&symbol))
 }
 
 /// Whether this build was made with the `cuda` feature.

@@ -1,5 +1,5 @@
 // FlashAttention-2-style causal prefill over the per-slot (vAttention)
-// layout, for a batch of query chunks at arbitrary offsets: chunk c has
+// layout (or, through another KV source, vLLM's paged one), for a batch of query chunks at arbitrary offsets: chunk c has
 // q_len[c] query rows (packed rows q_start[c] ..) at positions ctx[c] ..
 // of its sequence, whose keys 0 .. ctx[c] + q_len[c] - 1 (the earlier
 // context and the chunk's own rows, written before) are in slot slots[c].
@@ -29,12 +29,30 @@ struct PrefillShape {
     static constexpr int SMEM = Q_BYTES + STAGES * STAGE_BYTES;
 };
 
-template <int WARPS, int STAGES>
-__device__ __forceinline__ void slot_prefill_tile(
-    const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ k_base,
-    const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
-    const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len, const int32_t* __restrict__ slots,
-    int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale) {
+// Where a chunk's keys and values come from: `load(k_tile, v_tile, t0,
+// n_keys)` issues the cp.async copies of keys t0 .. t0 + 63 (zeros from
+// n_keys on); `V_BY_DIM` says whether the V tile is stored by key ([64][128],
+// read with ldmatrix.trans) or by dimension ([128][64], plain ldmatrix).
+
+// The per-slot (vAttention) layout: rows base + position * pos_stride.
+template <int THREADS>
+struct SlotKv {
+    static constexpr bool V_BY_DIM = false;
+    const __nv_bfloat16* k;
+    const __nv_bfloat16* v;
+    int64_t pos_stride;
+    __device__ __forceinline__ void load(uint32_t ks, uint32_t vs, int t0, int n_keys) const {
+        auto valid = [&](int r) { return t0 + r < n_keys; };
+        load_tile<PF_TILE_N, THREADS>(ks, [&](int r) { return k + (size_t)(t0 + r) * pos_stride; }, valid);
+        load_tile<PF_TILE_N, THREADS>(vs, [&](int r) { return v + (size_t)(t0 + r) * pos_stride; }, valid);
+    }
+};
+
+template <int WARPS, int STAGES, typename MakeKv>
+__device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
+                                             const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
+                                             const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
+                                             int heads, int group, float scale, MakeKv make_kv) {
     using S = PrefillShape<WARPS, STAGES>;
     extern __shared__ __align__(128) uint8_t smem[];
     const int head = blockIdx.y, kvh = head / group;
@@ -51,15 +69,11 @@ __device__ __forceinline__ void slot_prefill_tile(
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
     cp_async_commit();
-    const size_t slot_off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
-    const __nv_bfloat16* kb = k_base + slot_off;
-    const __nv_bfloat16* vb = v_base + slot_off;
+    const auto kv = make_kv(chunk, kvh);
+    using Kv = decltype(kv);
     auto load = [&](int tile, int stage) {
-        const int t0 = tile * PF_TILE_N;
-        const uint32_t ks = kv0 + stage * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
-        auto valid = [&](int r) { return t0 + r < n_keys; };
-        load_tile<PF_TILE_N, S::THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
-        load_tile<PF_TILE_N, S::THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
+        const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
+        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -125,7 +139,10 @@ __device__ __forceinline__ void slot_prefill_tile(
         for (int j = 0; j < 4; ++j) {
             uint32_t pa[4];
             p_to_a(pa, s[2 * j], s[2 * j + 1]);
-            pv_16(o, pa, vs, 16 * j, lane);
+            if constexpr (Kv::V_BY_DIM)
+                pv_16_by_dim(o, pa, vs, 16 * j, lane);
+            else
+                pv_16(o, pa, vs, 16 * j, lane);
         }
     }
     cp_async_wait<0>();

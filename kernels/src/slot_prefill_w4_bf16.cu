@@ -6,6 +6,8 @@ extern "C" __global__ void __launch_bounds__(4 * 32)
                          const __nv_bfloat16* v_base, const int32_t* work, const int32_t* q_start,
                          const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
                          int64_t slot_stride, int64_t pos_stride, float scale) {
-    slot_prefill_tile<4, 2>(q, out, k_base, v_base, work, q_start, ctx_len, q_len, slots, heads, group,
-                               slot_stride, pos_stride, scale);
+    prefill_tile<4, 2>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, [=](int chunk, int kvh) {
+        const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+        return SlotKv<4 * 32>{k_base + off, v_base + off, pos_stride};
+    });
 }

@@ -1,18 +1,24 @@
-//! GPU benchmarks of the vAttention path (`--features cuda`, run on the GPU
-//! machine by `scripts/gpu-run.sh`). Each subcommand prints a table and
-//! writes JSON (and an SVG for `spikes`) into `--out`:
+//! GPU benchmarks of the vAttention and PagedAttention paths (`--features
+//! cuda`, run on the GPU machine by `scripts/gpu-run.sh`). Each subcommand
+//! prints a table and writes JSON (and an SVG for `spikes` and `e2e`) into
+//! `--out`:
 //!
-//! - `decode`:  the split-KV decode kernel over the VMM cache, one layer,
-//!   16K context, batch 1..32, the three models' head shapes: achieved
-//!   bandwidth (K/V bytes read / time) against the 3.0 TB/s copy ceiling;
-//! - `prefill`: the causal prefill kernel, a 16K prompt and a 1024-token
-//!   chunk at offsets 4K and 12K: TFLOP/s (both query-tile sizes);
+//! - `decode`:  one layer's decode attention, 16K context, batch 1..32, the
+//!   three models' head shapes, per backend (`vattention`'s split-KV kernel
+//!   over the VMM cache, `paged:16` / `paged:128`'s vLLM v0.2.7 kernels):
+//!   achieved bandwidth (K/V bytes read / time) against the 3.0 TB/s copy
+//!   ceiling, and paged / vattention latency ratios (the vAttention paper's
+//!   figure 9b);
+//! - `prefill`: the causal prefill kernels, a 16K prompt and a 1024-token
+//!   chunk at offsets 4K and 12K: TFLOP/s (both query-tile sizes of ours,
+//!   and the paged prefill);
 //! - `map`:     time to map N page groups of 2 MiB (per-layer regions vs
 //!   megacache) through the CUDA VMM API: GB/s;
 //! - `spikes`:  Llama-3-8B synthetic, batch 4, decoding across many page
 //!   boundaries: per-step latency with synchronous and overlapped mapping;
-//! - `e2e`:     Llama-3-8B synthetic decode throughput at a 16K context,
-//!   batch 1..16, next to the memory floor.
+//! - `e2e`:     decode throughput of synthetic Yi-6B / Llama-3-8B / Yi-34B
+//!   at a 16K context per request, batch 1..32 as the GPU's memory allows,
+//!   per backend, next to the memory floor (the paper's figure 9a).
 
 use std::time::Instant;
 
@@ -29,7 +35,7 @@ use vpod_kvcache::Mapping;
 const COPY_TBPS: f64 = 3.0;
 
 #[derive(Parser, Debug)]
-#[command(about = "GPU benchmarks of the vAttention path")]
+#[command(about = "GPU benchmarks of the vAttention and PagedAttention paths")]
 struct Args {
     #[command(subcommand)]
     what: What,
@@ -48,8 +54,14 @@ enum What {
         context: usize,
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
         batch: Vec<usize>,
+        /// Backends to compare (the first is the baseline of the ratios' denominator).
+        #[arg(long, value_delimiter = ',', default_value = "vattention,paged:16,paged:128")]
+        backends: Vec<String>,
     },
-    Prefill,
+    Prefill {
+        #[arg(long, value_delimiter = ',', default_value = "vattention,paged:16,paged:128")]
+        backends: Vec<String>,
+    },
     Map,
     Spikes {
         #[arg(long, default_value_t = 512)]
@@ -58,8 +70,16 @@ enum What {
     E2e {
         #[arg(long, default_value_t = 16384)]
         context: usize,
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
         batch: Vec<usize>,
+        /// Model presets (synthetic weights).
+        #[arg(long, value_delimiter = ',', default_value = "yi-6b,llama3-8b")]
+        models: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "vattention,paged:16,paged:128")]
+        backends: Vec<String>,
+        /// Tokens generated per request (the median decode step is reported).
+        #[arg(long, default_value_t = 256)]
+        tokens: usize,
     },
 }
 
@@ -106,8 +126,9 @@ fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result
     Ok(v[v.len() / 2])
 }
 
-/// A 2-layer `vattention` backend with these head counts, room for `seqs` x `max_len`.
+/// A 2-layer backend `spec` with these head counts, room for `seqs` x `max_len`.
 fn backend(
+    spec: &str,
     heads: usize,
     kv_heads: usize,
     seqs: usize,
@@ -126,7 +147,7 @@ fn backend(
         max_seqs: seqs,
         ..Default::default()
     };
-    Ok(create_backend("vattention", &cfg, dev, &opts)?)
+    Ok(create_backend(spec, &cfg, dev, &opts)?)
 }
 
 /// A step's metadata and random q, k, v for it.
@@ -175,59 +196,92 @@ fn time_layer(
     })
 }
 
-fn decode(context: usize, batches: &[usize], iters: usize) -> Result<Vec<Value>> {
+fn decode(context: usize, batches: &[usize], backends: &[String], iters: usize) -> Result<Vec<Value>> {
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
-        "| model heads | batch | us / layer | K/V TB/s | % of {COPY_TBPS} TB/s |\n|---|---|---|---|---|"
+        "| backend | model heads | batch | us / layer | K/V TB/s | % of {COPY_TBPS} TB/s |\n|---|---|---|---|---|---|"
     );
-    for &(model, heads, kvh) in SHAPES {
-        for &bsz in batches {
-            let mut b = backend(heads, kvh, bsz, context + 64, &dev)?;
-            for s in 0..bsz as u64 {
-                step(
-                    b.as_mut(),
-                    vec![SeqChunk {
+    for spec in backends {
+        for &(model, heads, kvh) in SHAPES {
+            for &bsz in batches {
+                let mut b = backend(spec, heads, kvh, bsz, context + 64, &dev)?;
+                for s in 0..bsz as u64 {
+                    step(
+                        b.as_mut(),
+                        vec![SeqChunk {
+                            seq_id: s,
+                            context_len: 0,
+                            query_len: context,
+                        }],
+                        heads,
+                        kvh,
+                        &dev,
+                    )?;
+                }
+                let chunks: Vec<SeqChunk> = (0..bsz as u64)
+                    .map(|s| SeqChunk {
                         seq_id: s,
-                        context_len: 0,
-                        query_len: context,
-                    }],
-                    heads,
-                    kvh,
-                    &dev,
-                )?;
+                        context_len: context,
+                        query_len: 1,
+                    })
+                    .collect();
+                let secs = time_layer(b.as_mut(), chunks, heads, kvh, &dev, iters)?;
+                let bytes = (bsz * (context + 1) * kvh * 128 * 2 * 2) as f64;
+                let tbps = bytes / secs / 1e12;
+                println!(
+                    "| {spec} | {model} {heads}/{kvh} | {bsz} | {:.1} | {tbps:.2} | {:.0} |",
+                    secs * 1e6,
+                    tbps / COPY_TBPS * 100.0
+                );
+                rows.push(
+                    json!({"backend": spec, "model": model, "heads": heads, "kv_heads": kvh, "batch": bsz,
+                    "context": context, "us_per_layer": secs * 1e6, "kv_bytes": bytes, "tb_per_s": tbps,
+                    "what": "one layer's attention call: K/V write + decode kernels"}),
+                );
             }
-            let chunks: Vec<SeqChunk> = (0..bsz as u64)
-                .map(|s| SeqChunk {
-                    seq_id: s,
-                    context_len: context,
-                    query_len: 1,
-                })
-                .collect();
-            let secs = time_layer(b.as_mut(), chunks, heads, kvh, &dev, iters)?;
-            let bytes = (bsz * (context + 1) * kvh * 128 * 2 * 2) as f64;
-            let tbps = bytes / secs / 1e12;
-            println!(
-                "| {model} {heads}/{kvh} | {bsz} | {:.1} | {tbps:.2} | {:.0} |",
-                secs * 1e6,
-                tbps / COPY_TBPS * 100.0
-            );
-            rows.push(
-                json!({"model": model, "heads": heads, "kv_heads": kvh, "batch": bsz, "context": context,
-                "us_per_layer": secs * 1e6, "kv_bytes": bytes, "tb_per_s": tbps,
-                "what": "one layer's attention call: K/V write + split-KV decode + combine"}),
-            );
+        }
+    }
+    // The paper's figure 9b: latency of each backend relative to the first.
+    if backends.len() > 1 {
+        let us = |spec: &str, model: &str, bsz: usize| {
+            rows.iter()
+                .find(|r| r["backend"] == spec && r["model"] == model && r["batch"] == bsz)
+                .and_then(|r| r["us_per_layer"].as_f64())
+                .unwrap_or(f64::NAN)
+        };
+        let base = &backends[0];
+        print!("\n| model | batch | {base} us |");
+        for other in &backends[1..] {
+            print!(" {other} us | {other} / {base} |");
+        }
+        println!("\n|---|---|---|{}", "---|---|".repeat(backends.len() - 1));
+        for &(model, _, _) in SHAPES {
+            for &bsz in batches {
+                let b0 = us(base, model, bsz);
+                print!("| {model} | {bsz} | {b0:.1} |");
+                for other in &backends[1..] {
+                    let o = us(other, model, bsz);
+                    print!(" {o:.1} | {:.2} |", o / b0);
+                }
+                println!();
+            }
         }
     }
     Ok(rows)
 }
 
-fn prefill(iters: usize) -> Result<Vec<Value>> {
+fn prefill(backends: &[String], iters: usize) -> Result<Vec<Value>> {
     let dev = gpu()?;
     let (heads, kvh) = (32, 8);
     let mut rows = vec![];
-    println!("| case | query tile | ms / layer | TFLOP/s |\n|---|---|---|---|");
-    for warps in ["8", "4"] {
+    println!("| backend | case | query tile | ms / layer | TFLOP/s |\n|---|---|---|---|---|");
+    // Our per-slot kernel in both tile sizes; the paged kernel has 128-row tiles.
+    let runs = backends.iter().flat_map(|b| {
+        let warps: &[&str] = if b == "vattention" { &["8", "4"] } else { &["8"] };
+        warps.iter().map(move |w| (b.as_str(), *w))
+    });
+    for (spec, warps) in runs {
         // SAFETY: single-threaded here; read by the backend when it plans a step.
         unsafe { std::env::set_var("VPOD_PREFILL_WARPS", warps) };
         for (name, ctx, ql) in [
@@ -235,7 +289,7 @@ fn prefill(iters: usize) -> Result<Vec<Value>> {
             ("1024 chunk at 4K", 4096, 1024),
             ("1024 chunk at 12K", 12288, 1024),
         ] {
-            let mut b = backend(heads, kvh, 1, 16384 + 64, &dev)?;
+            let mut b = backend(spec, heads, kvh, 1, 16384 + 64, &dev)?;
             let mut done = 0;
             while done < ctx {
                 let n = (ctx - done).min(4096);
@@ -269,12 +323,12 @@ fn prefill(iters: usize) -> Result<Vec<Value>> {
             let flops = 4.0 * 128.0 * heads as f64 * pairs;
             let tf = flops / secs / 1e12;
             println!(
-                "| {name} | {} rows | {:.3} | {tf:.0} |",
+                "| {spec} | {name} | {} rows | {:.3} | {tf:.0} |",
                 16 * warps.parse::<usize>()?,
                 secs * 1e3
             );
             rows.push(
-                json!({"case": name, "context": ctx, "query_len": ql, "heads": heads, "kv_heads": kvh,
+                json!({"backend": spec, "case": name, "context": ctx, "query_len": ql, "heads": heads, "kv_heads": kvh,
                 "query_tile": 16 * warps.parse::<usize>()?, "ms_per_layer": secs * 1e3, "tflop_per_s": tf,
                 "what": "one layer's attention call incl. the K/V write of the chunk"}),
             );
@@ -396,7 +450,10 @@ fn spikes(steps: usize) -> Result<Vec<Value>> {
                 .map(|i| Request {
                     prompt: (0..1000 + 9 * i).map(|t| (t * 7 % 1000) as u32 + 10).collect(),
                     max_tokens: steps,
-                    sampling: SamplingParams::default(),
+                    sampling: SamplingParams {
+                        ignore_eos: true,
+                        ..Default::default()
+                    },
                     arrival_ms: 0.0,
                 })
                 .collect();
@@ -429,60 +486,59 @@ fn spikes(steps: usize) -> Result<Vec<Value>> {
             );
             rows.push(json!({"layout": layout, "mapping": mode, "decode_steps": ms.len(), "p50_ms": p50, "p99_ms": p99,
                 "max_ms": max, "p99_over_p50": p99 / p50, "step_ms": ms}));
-            traces.push((format!("{layout}, {mode}"), ms));
+            let pts = ms.iter().enumerate().map(|(i, &y)| (i as f64, y)).collect();
+            traces.push((format!("{layout}, {mode}"), pts));
         }
     }
-    svg_traces(
+    svg_lines(
         &traces,
         "Llama-3-8B synthetic, batch 4: decode step latency (ms) per step",
+        "decode step",
         "spikes.svg",
     )?;
     Ok(rows)
 }
 
-/// A minimal SVG line chart of several traces (no plotting dependency).
-fn svg_traces(traces: &[(String, Vec<f64>)], title: &str, name: &str) -> Result<()> {
+/// A minimal SVG line chart (no plotting dependency): one polyline per
+/// (label, points), x and y axes from 0 to the data's maxima.
+fn svg_lines(series: &[(String, Vec<(f64, f64)>)], title: &str, xlabel: &str, name: &str) -> Result<()> {
     let (w, h, pad) = (900.0, 420.0, 50.0);
-    let n = traces.iter().map(|t| t.1.len()).max().unwrap_or(1).max(2) as f64;
-    let ymax = traces
-        .iter()
-        .flat_map(|t| t.1.iter().copied())
-        .fold(0.0, f64::max)
-        * 1.1;
-    let colors = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c"];
+    let all = || series.iter().flat_map(|t| t.1.iter().copied());
+    let xmax = all().map(|p| p.0).fold(1.0, f64::max);
+    let ymax = all().map(|p| p.1).fold(0.0, f64::max) * 1.1;
+    let colors = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
     let mut s = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\
          <rect width='100%' height='100%' fill='white'/><text x='{pad}' y='20'>{title}</text>\
          <line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='black'/><line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='black'/>\
-         <text x='5' y='{pad}'>{ymax:.1}</text><text x='5' y='{}'>0</text><text x='{}' y='{}'>step</text>",
+         <text x='5' y='{pad}'>{ymax:.1}</text><text x='5' y='{}'>0</text><text x='{}' y='{}'>{xlabel} (0 .. {xmax})</text>",
         h - pad,
         w - pad,
         h - pad,
         h - pad,
         h - pad,
-        w / 2.0,
+        w / 2.0 - 60.0,
         h - 15.0
     );
-    for (i, (label, ys)) in traces.iter().enumerate() {
-        let pts: Vec<String> = ys
+    for (i, (label, pts)) in series.iter().enumerate() {
+        let xy: Vec<String> = pts
             .iter()
-            .enumerate()
             .map(|(x, y)| {
                 format!(
                     "{:.1},{:.1}",
-                    pad + x as f64 / (n - 1.0) * (w - 2.0 * pad),
+                    pad + x / xmax * (w - 2.0 * pad),
                     h - pad - y / ymax * (h - 2.0 * pad)
                 )
             })
             .collect();
         let c = colors[i % colors.len()];
         s += &format!(
-            "<polyline fill='none' stroke='{c}' stroke-width='1' points='{}'/>",
-            pts.join(" ")
+            "<polyline fill='none' stroke='{c}' stroke-width='1.5' points='{}'/>",
+            xy.join(" ")
         );
         s += &format!(
             "<text x='{}' y='{}' fill='{c}'>{label}</text>",
-            w - 260.0,
+            w - 300.0,
             40.0 + 16.0 * i as f64
         );
     }
@@ -491,60 +547,218 @@ fn svg_traces(traces: &[(String, Vec<f64>)], title: &str, name: &str) -> Result<
     Ok(())
 }
 
-fn e2e(context: usize, batches: &[usize]) -> Result<Vec<Value>> {
+/// Bytes of a preset's bf16 weights (embedding, untied LM head, per layer
+/// QKV / O / gate-up-down projections and two norms, final norm).
+fn weight_bytes(p: &vpod_models::Preset) -> f64 {
+    let d = p.hidden / p.heads;
+    let layer = p.hidden * (p.hidden + 2 * p.kv_heads * d)
+        + p.hidden * p.hidden
+        + 3 * p.hidden * p.ffn
+        + 2 * p.hidden;
+    2.0 * (2 * p.vocab * p.hidden + p.layers * layer + p.hidden) as f64
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory(_: &Device) -> Result<(usize, usize)> {
+    bail!("GPU memory queries need a CUDA build (--features cuda)")
+}
+
+/// Free and total GPU memory in bytes.
+#[cfg(feature = "cuda")]
+fn gpu_memory(dev: &Device) -> Result<(usize, usize)> {
+    let Device::Cuda(d) = dev else {
+        bail!("not a CUDA device")
+    };
+    // Stream-ordered frees return memory at a synchronisation.
+    dev.synchronize()?;
+    let ctx = d.cuda_stream().context().clone();
+    ctx.bind_to_thread()?;
+    Ok(ctx.mem_get_info()?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn copy_bandwidth(_: &Device) -> Result<f64> {
+    bail!("the copy bandwidth needs a CUDA build (--features cuda)")
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second) of a
+/// 2 GiB `cuMemcpyDtoD`: the memory ceiling of this GPU for the e2e floors.
+/// (candle's copy kernel reaches only ~2.5 TB/s on an H200.)
+#[cfg(feature = "cuda")]
+fn copy_bandwidth(dev: &Device) -> Result<f64> {
+    let Device::Cuda(d) = dev else {
+        bail!("not a CUDA device")
+    };
+    let stream = d.cuda_stream();
+    let n = 2usize << 30;
+    let src = stream.alloc_zeros::<u8>(n)?;
+    let mut dst = stream.alloc_zeros::<u8>(n)?;
+    let secs = time(dev, 5, || {
+        stream.memcpy_dtod(&src, &mut dst)?;
+        Ok(())
+    })?;
+    Ok(2.0 * n as f64 / secs)
+}
+
+fn e2e(
+    context: usize,
+    batches: &[usize],
+    models: &[String],
+    backends: &[String],
+    tokens: usize,
+) -> Result<Vec<Value>> {
     use vpod_cli::engine::{Engine, Request};
     use vpod_cli::sampler::SamplingParams;
     use vpod_cli::scheduler::{Policy, SchedulerConfig};
     let dev = gpu()?;
-    let model = std::sync::Arc::new(synthetic_llama(&dev, context + 256)?);
-    let weights = 16.06e9; // Llama-3-8B bf16 weights (DESIGN.md)
-    let kv_per_token = 32.0 * 2.0 * 8.0 * 128.0 * 2.0;
-    let mut rows = vec![];
-    println!("| batch | tok/s | ms / step | floor ms | % of floor |\n|---|---|---|---|---|");
-    for &bsz in batches {
-        let opts = BackendOptions {
-            max_seqs: bsz,
-            kv_memory: Some(
-                (bsz as f64 * (context + 128) as f64 * kv_per_token * 1.05) as usize + (256 << 20),
-            ),
-            ..Default::default()
-        };
-        let mut e = Engine::with_options(model.clone(), "vattention", &opts)?;
-        let reqs: Vec<Request> = (0..bsz)
-            .map(|i| Request {
-                prompt: (0..context)
-                    .map(|t| ((t * 31 + i * 7) % 30000) as u32 + 10)
-                    .collect(),
-                max_tokens: 32,
-                sampling: SamplingParams::default(),
-                arrival_ms: 0.0,
-            })
-            .collect();
-        let sched = SchedulerConfig {
-            policy: Policy::PrefillFirst,
-            chunk_size: context,
-            max_seqs: bsz,
-        };
-        let out = e.run_batch(&reqs, sched, &mut |_, _| Ok(()))?;
-        let ms: Vec<f64> = out
-            .steps
-            .iter()
-            .filter(|s| s.decodes == bsz && s.prefill_chunks == 0)
-            .map(|s| s.ms)
-            .collect();
-        let step_ms = percentile(&ms, 0.5);
-        let floor_ms =
-            (weights + bsz as f64 * (context + 16) as f64 * kv_per_token) / (COPY_TBPS * 1e12) * 1e3;
-        let tps = bsz as f64 / step_ms * 1e3;
-        println!(
-            "| {bsz} | {tps:.1} | {step_ms:.2} | {floor_ms:.2} | {:.0} |",
-            floor_ms / step_ms * 100.0
-        );
-        rows.push(
-            json!({"batch": bsz, "context": context, "decode_tokens_per_s": tps, "median_step_ms": step_ms,
-            "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0}),
-        );
+    let copy = copy_bandwidth(&dev)?;
+    println!(
+        "{}: measured copy bandwidth {:.2} TB/s (the floors below use it)\n",
+        gpu_name(),
+        copy / 1e12
+    );
+    let mut rows = vec![json!({"copy_bandwidth_tb_per_s": copy / 1e12})];
+    let mut series = vec![];
+    println!(
+        "| model | backend | batch | tok/s | ms / step | floor ms | % of floor | prefill s |\n|---|---|---|---|---|---|---|---|"
+    );
+    for name in models {
+        let mut p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
+        p.max_position_embeddings = p.max_position_embeddings.max(context + tokens + 64);
+        let model = std::sync::Arc::new(vpod_models::load_synthetic(
+            &p,
+            DType::BF16,
+            &dev,
+            0,
+            &mut |_, _| {},
+        )?);
+        let weights = weight_bytes(&p);
+        let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
+        for spec in backends {
+            let mut pts = vec![];
+            for &bsz in batches {
+                // Each sequence's tokens rounded up to whole 2 MiB pages of a K or V
+                // region (the virtual cache's unit; the paged cache's blocks are finer),
+                // plus the schedulers' 1 % reserve.
+                let page_tokens = (2usize << 20) / (p.kv_heads * (p.hidden / p.heads) * 2);
+                let per_seq = (context + tokens + 64).div_ceil(page_tokens) * page_tokens;
+                let kv = (bsz as f64 * per_seq as f64 * kv_per_token * 1.02) as usize + (256 << 20);
+                // Room for the cache and the prefill's activations (a 16K-token
+                // forward pass: ~2.5 GB for an 8B model), else the point is skipped.
+                let (free, _) = gpu_memory(&dev)?;
+                let activations = (context as f64 * (p.ffn * 6 + p.hidden * 12) as f64 * 1.3) as usize;
+                if kv + activations > free {
+                    println!(
+                        "| {name} | {spec} | {bsz} | skipped: needs {:.1} GB of KV + ~{:.1} GB of activations, {:.1} GB free | | | | |",
+                        kv as f64 / 1e9,
+                        activations as f64 / 1e9,
+                        free as f64 / 1e9
+                    );
+                    rows.push(
+                        json!({"model": name, "backend": spec, "batch": bsz, "context": context,
+                        "skipped": "GPU memory", "kv_bytes": kv, "free_bytes": free}),
+                    );
+                    continue;
+                }
+                let opts = BackendOptions {
+                    max_seqs: bsz,
+                    kv_memory: Some(kv),
+                    ..Default::default()
+                };
+                let mut e = Engine::with_options(model.clone(), spec, &opts)?;
+                let reqs: Vec<Request> = (0..bsz)
+                    .map(|i| Request {
+                        prompt: (0..context)
+                            .map(|t| ((t * 31 + i * 7) % 30000) as u32 + 10)
+                            .collect(),
+                        max_tokens: tokens,
+                        sampling: SamplingParams {
+                            ignore_eos: true,
+                            ..Default::default()
+                        },
+                        arrival_ms: 0.0,
+                    })
+                    .collect();
+                let sched = SchedulerConfig {
+                    policy: Policy::PrefillFirst,
+                    chunk_size: context,
+                    max_seqs: bsz,
+                };
+                let out = e.run_batch(&reqs, sched, &mut |_, _| Ok(()))?;
+                let ms: Vec<f64> = out
+                    .steps
+                    .iter()
+                    .filter(|s| s.decodes == bsz && s.prefill_chunks == 0)
+                    .map(|s| s.ms)
+                    .collect();
+                if ms.is_empty() {
+                    println!(
+                        "| {name} | {spec} | {bsz} | no step decoded all {bsz} requests at once | | | | |"
+                    );
+                    rows.push(
+                        json!({"model": name, "backend": spec, "batch": bsz, "context": context,
+                        "skipped": "no step with the whole batch decoding"}),
+                    );
+                    continue;
+                }
+                let prefill_s: f64 = out
+                    .steps
+                    .iter()
+                    .filter(|s| s.prefill_chunks > 0)
+                    .map(|s| s.ms)
+                    .sum::<f64>()
+                    / 1e3;
+                let step_ms = percentile(&ms, 0.5);
+                let floor_ms =
+                    (weights + bsz as f64 * (context + tokens / 2) as f64 * kv_per_token) / copy * 1e3;
+                let tps = bsz as f64 / step_ms * 1e3;
+                println!(
+                    "| {name} | {spec} | {bsz} | {tps:.1} | {step_ms:.2} | {floor_ms:.2} | {:.0} | {prefill_s:.1} |",
+                    floor_ms / step_ms * 100.0
+                );
+                rows.push(json!({"model": name, "backend": spec, "batch": bsz, "context": context,
+                    "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
+                    "median_step_ms": step_ms, "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0,
+                    "prefill_s": prefill_s}));
+                pts.push((bsz as f64, tps));
+            }
+            series.push((format!("{name} {spec}"), pts));
+        }
     }
+    // The paper's figure 9a: throughput relative to the first backend.
+    if backends.len() > 1 {
+        let tps = |m: &str, b: &str, n: usize| {
+            rows.iter()
+                .find(|r| r["model"] == m && r["backend"] == b && r["batch"] == n)
+                .and_then(|r| r["decode_tokens_per_s"].as_f64())
+        };
+        let base = &backends[0];
+        println!(
+            "\n| model | batch | {} |\n|---|---|{}",
+            backends[1..]
+                .iter()
+                .map(|o| format!("{base} / {o}"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(backends.len() - 1)
+        );
+        for m in models {
+            for &n in batches {
+                let Some(t0) = tps(m, base, n) else { continue };
+                let cells: Vec<String> = backends[1..]
+                    .iter()
+                    .map(|o| tps(m, o, n).map_or("-".into(), |t| format!("{:.2}x", t0 / t)))
+                    .collect();
+                println!("| {m} | {n} | {} |", cells.join(" | "));
+            }
+        }
+    }
+    svg_lines(
+        &series,
+        &format!("decode throughput (tokens/s) at {context} tokens of context per request"),
+        "batch size",
+        "e2e.svg",
+    )?;
     Ok(rows)
 }
 
@@ -554,11 +768,21 @@ fn main() -> Result<()> {
     unsafe { std::env::set_var("VPOD_BENCH_OUT", &args.out) };
     std::fs::create_dir_all(&args.out)?;
     let (name, rows) = match &args.what {
-        What::Decode { context, batch } => ("decode", decode(*context, batch, args.iters)?),
-        What::Prefill => ("prefill", prefill(args.iters)?),
+        What::Decode {
+            context,
+            batch,
+            backends,
+        } => ("decode", decode(*context, batch, backends, args.iters)?),
+        What::Prefill { backends } => ("prefill", prefill(backends, args.iters)?),
         What::Map => ("map", map(args.iters)?),
         What::Spikes { steps } => ("spikes", spikes(*steps)?),
-        What::E2e { context, batch } => ("e2e", e2e(*context, batch)?),
+        What::E2e {
+            context,
+            batch,
+            models,
+            backends,
+            tokens,
+        } => ("e2e", e2e(*context, batch, models, backends, *tokens)?),
     };
     let record = json!({"benchmark": name, "gpu": gpu_name(), "date": std::env::var("VPOD_DATE").unwrap_or_default(),
         "command": std::env::args().collect::<Vec<_>>().join(" "), "results": rows});
