@@ -20,6 +20,7 @@ fn options(fault: Option<(&str, f32)>) -> CompareOptions {
         },
         cache: BackendOptions::default(),
         fault: fault.map(|(b, f)| (b.to_string(), f)),
+        check_agreement: true,
     }
 }
 
@@ -134,6 +135,7 @@ fn hybrid_sweep_measures_mixed_steps() {
         },
         cache: BackendOptions::default(),
         fault: None,
+        check_agreement: true,
     };
     let rows = compare(&model, &o, &mut |_| {}).unwrap();
     for r in rows.as_array().unwrap() {
@@ -159,6 +161,7 @@ fn serve_replays_a_trace_with_arrivals() {
         workload: Workload::Serve { trace },
         cache: BackendOptions::default(),
         fault: None,
+        check_agreement: true,
     };
     let rows = compare(&model, &o, &mut |_| {}).unwrap();
     for r in rows.as_array().unwrap() {
@@ -206,4 +209,47 @@ fn serve_replays_a_trace_with_arrivals() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["backends"][1]["results"]["generated_tokens"], 12);
+}
+
+#[test]
+fn bench_measures_one_backend_with_percentiles() {
+    let m = fixture("tiny-llama3-gqa4");
+    let args = [
+        "bench",
+        "--model",
+        m.to_str().unwrap(),
+        "--backend",
+        "paged:16",
+        "--workload",
+        "decode-sweep",
+        "--batches",
+        "2",
+        "--contexts",
+        "8",
+        "--tokens",
+        "6",
+        "--json",
+    ];
+    let out = cli(&args, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["tool"], "vpod cli bench");
+    let row = &r["backends"][0];
+    assert_eq!(row["backend"], "paged:16");
+    let c = &row["results"][0];
+    assert_eq!(
+        c["decode_steps"], 5,
+        "6 tokens: 1 from the prefill, 5 decode steps: {c}"
+    );
+    let p = &c["step_ms_percentiles"];
+    assert!(p["p99"].as_f64().unwrap() >= p["p50"].as_f64().unwrap());
+    let out = cli(
+        &["bench", "--model", m.to_str().unwrap(), "--backend", "nope"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown attention backend 'nope'") && err.contains("vattention"),
+        "{err}"
+    );
 }

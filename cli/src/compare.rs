@@ -57,6 +57,9 @@ pub struct CompareOptions {
     pub cache: BackendOptions,
     /// Fault injection for tests: (backend spec, softmax-scale factor).
     pub fault: Option<(String, f32)>,
+    /// Check the backends' agreement before timing (`compare`); `bench`
+    /// measures one backend and skips it.
+    pub check_agreement: bool,
 }
 
 /// Deterministic prompt ids in `[1, vocab)`.
@@ -121,6 +124,12 @@ pub fn compare(
     let mut reference: Option<Vec<Vec<u32>>> = None;
     let mut rows = Vec::new();
     for spec in &o.backends {
+        if !o.check_agreement {
+            let mut e = engine(model, spec, o)?;
+            let results = run(&mut e, &o.workload, spec, progress)?;
+            rows.push(json!({ "backend": spec, "agrees": Value::Null, "results": results }));
+            continue;
+        }
         // The agreement check runs with the default (ample) KV budget, so
         // that a tight --kv-memory for the memory workload does not refuse it.
         let ample = CompareOptions {
@@ -147,28 +156,41 @@ pub fn compare(
             continue;
         }
         let mut e = engine(model, spec, o)?;
-        let results = match &o.workload {
-            Workload::DecodeSweep {
-                batches,
-                contexts,
-                tokens,
-            } => decode_sweep(&mut e, batches, contexts, *tokens, spec, progress)?,
-            Workload::HybridSweep {
-                chunks,
-                batches,
-                contexts,
-                prefill_len,
-            } => hybrid_sweep(&mut e, chunks, batches, contexts, *prefill_len, spec, progress)?,
-            Workload::Serve { trace } => serve(&mut e, trace)?,
-            Workload::Memory {
-                requests,
-                prompt_len,
-                max_tokens,
-            } => memory(&mut e, *requests, *prompt_len, *max_tokens)?,
-        };
+        let results = run(&mut e, &o.workload, spec, progress)?;
         rows.push(json!({ "backend": spec, "agrees": true, "results": results }));
     }
     Ok(Value::Array(rows))
+}
+
+fn run(e: &mut Engine, w: &Workload, spec: &str, progress: &mut dyn FnMut(&str)) -> Result<Value> {
+    match w {
+        Workload::DecodeSweep {
+            batches,
+            contexts,
+            tokens,
+        } => decode_sweep(e, batches, contexts, *tokens, spec, progress),
+        Workload::HybridSweep {
+            chunks,
+            batches,
+            contexts,
+            prefill_len,
+        } => hybrid_sweep(e, chunks, batches, contexts, *prefill_len, spec, progress),
+        Workload::Serve { trace } => serve(e, trace),
+        Workload::Memory {
+            requests,
+            prompt_len,
+            max_tokens,
+        } => memory(e, *requests, *prompt_len, *max_tokens),
+    }
+}
+
+/// p50 / p90 / p99 of `v` (nulls when empty).
+fn spread(v: impl Iterator<Item = f64>) -> Value {
+    let mut v: Vec<f64> = v.collect();
+    if v.is_empty() {
+        return json!({"p50": null, "p90": null, "p99": null});
+    }
+    json!({"p50": percentile(&mut v, 0.5), "p90": percentile(&mut v, 0.9), "p99": percentile(&mut v, 0.99)})
 }
 
 fn first_difference(want: &[Vec<u32>], got: &[Vec<u32>]) -> Option<String> {
@@ -231,6 +253,8 @@ fn decode_sweep(
                 "decode_tokens_per_s": if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 },
                 "step_ms": step,
                 "attention_ms_per_step": attn,
+                "step_ms_percentiles": spread(decode.iter().map(|s| s.ms)),
+                "attention_ms_percentiles": spread(decode.iter().map(|s| s.attention_ms)),
                 "preemptions": out.requests.iter().map(|r| r.preemptions).sum::<usize>(),
             }));
             progress(&format!("{spec}: batch {b}, context {c}"));
@@ -293,6 +317,8 @@ fn hybrid_sweep(
                     "hybrid_steps": hybrid.len(),
                     "attention_ms_per_step": attn,
                     "step_ms": step,
+                    "step_ms_percentiles": spread(hybrid.iter().map(|s| s.ms)),
+                    "attention_ms_percentiles": spread(hybrid.iter().map(|s| s.attention_ms)),
                 }));
                 progress(&format!("{spec}: chunk {p}, batch {b}, context {c}"));
             }
@@ -455,11 +481,12 @@ pub fn table(rows: &Value) -> String {
             Value::Array(cells) if cells.first().is_some_and(|c| c.get("chunk").is_some()) => {
                 for c in cells {
                     out += &format!(
-                        "{backend:<12} chunk {:>5} + {:>3} decodes ctx {:>6}  step {:>8.3} ms  attention {:>8.3} ms/step ({} steps)\n",
+                        "{backend:<12} chunk {:>5} + {:>3} decodes ctx {:>6}  step {:>8.3} ms (p99 {:>8.3})  attention {:>8.3} ms/step ({} steps)\n",
                         c["chunk"],
                         c["batch"],
                         c["context"],
                         c["step_ms"].as_f64().unwrap_or(0.0),
+                        c["step_ms_percentiles"]["p99"].as_f64().unwrap_or(0.0),
                         c["attention_ms_per_step"].as_f64().unwrap_or(0.0),
                         c["hybrid_steps"]
                     );
@@ -468,11 +495,12 @@ pub fn table(rows: &Value) -> String {
             Value::Array(cells) => {
                 for c in cells {
                     out += &format!(
-                        "{backend:<12} batch {:>3} ctx {:>6}  {:>9.1} tok/s  step {:>8.3} ms  attention {:>8.3} ms/step\n",
+                        "{backend:<12} batch {:>3} ctx {:>6}  {:>9.1} tok/s  step {:>8.3} ms (p99 {:>8.3})  attention {:>8.3} ms/step\n",
                         c["batch"],
                         c["context"],
                         c["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
                         c["step_ms"].as_f64().unwrap_or(0.0),
+                        c["step_ms_percentiles"]["p99"].as_f64().unwrap_or(0.0),
                         c["attention_ms_per_step"].as_f64().unwrap_or(0.0)
                     );
                 }

@@ -52,6 +52,9 @@ pub enum Command {
     /// The same workload on several backends (same inputs, same KV budget),
     /// checked for agreement before anything is timed.
     Compare(CompareArgs),
+    /// One backend on the same workloads as `compare` (decode-sweep,
+    /// hybrid-sweep, serve, memory), with p50 / p90 / p99 of the step times.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +69,22 @@ pub struct CompareArgs {
         default_value = "reference,paged:16,paged:128,vattention,pod"
     )]
     pub backends: Vec<String>,
+    #[command(flatten)]
+    pub work: WorkloadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model, device, dtype, cache options and the backend to measure.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub work: WorkloadArgs,
+}
+
+/// The workload of `compare` and `bench`.
+#[derive(Debug, Args)]
+pub struct WorkloadArgs {
     #[arg(long, default_value = "decode-sweep", value_parser = ["decode-sweep", "hybrid-sweep", "serve", "memory"])]
     pub workload: String,
     /// hybrid-sweep: prefill chunk sizes.
@@ -99,7 +118,7 @@ pub struct CompareArgs {
     /// serve: a CSV trace, `prompt_tokens,output_tokens[,arrival_ms]` per line, instead.
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    /// Directory for compare.json.
+    /// Directory for the JSON report (compare.json / bench.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -262,7 +281,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate(a),
         Command::Perplexity(a) => perplexity(a),
-        Command::Compare(a) => compare(a),
+        Command::Compare(a) => run_workload(&a.model, &a.backends, &a.work, true),
+        Command::Bench(a) => run_workload(&a.model, std::slice::from_ref(&a.model.backend), &a.work, false),
     }
 }
 
@@ -465,17 +485,23 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn compare(a: CompareArgs) -> anyhow::Result<()> {
-    if a.backends.is_empty() {
+/// `compare` (several backends, agreement first) and `bench` (one backend).
+fn run_workload(
+    m: &ModelArgs,
+    backends: &[String],
+    a: &WorkloadArgs,
+    compare_backends: bool,
+) -> anyhow::Result<()> {
+    if backends.is_empty() {
         bail!("--backends is empty");
     }
-    let s = open_session(&a.model)?;
+    let s = open_session(m)?;
     let model = s.engine.model.clone();
-    let cache = a.model.backend_options();
+    let cache = m.backend_options();
     // Every backend must exist and be able to run here; say which cannot and why.
     let attn = model.model.attn_config(model.config.max_position_embeddings);
     let mut problems = Vec::new();
-    for spec in &a.backends {
+    for spec in backends {
         match vpod_attention::backend_info(spec) {
             Err(_) => problems.push(format!("'{spec}' is not a backend")),
             Ok(info) => {
@@ -502,7 +528,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
     }
     let workload = match a.workload.as_str() {
         "memory" => {
-            if a.model.kv_memory.is_none() {
+            if m.kv_memory.is_none() {
                 bail!("the memory workload needs --kv-memory (the budget every backend gets)");
             }
             compare::Workload::Memory {
@@ -535,34 +561,36 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         },
     };
     let opts = compare::CompareOptions {
-        backends: a.backends.clone(),
+        backends: backends.to_vec(),
         workload,
         cache,
         fault: None,
+        check_agreement: compare_backends,
     };
     let bar = indicatif::ProgressBar::new_spinner();
     let rows = compare::compare(&model, &opts, &mut |m| bar.set_message(m.to_string()));
     bar.finish_and_clear();
     let rows = rows?;
+    let tool = if compare_backends { "compare" } else { "bench" };
     let report = json!({
-        "tool": "vpod cli compare",
+        "tool": format!("vpod cli {tool}"),
         "version": env!("CARGO_PKG_VERSION"),
         "model": s.model_name,
         "device": s.device,
         "dtype": format!("{:?}", s.dtype).to_lowercase(),
         "workload": a.workload,
-        "kv_memory": a.model.kv_memory,
-        "block_size": a.model.block_size,
-        "page_size": a.model.page_size,
+        "kv_memory": m.kv_memory,
+        "block_size": m.block_size,
+        "page_size": m.page_size,
         "backends": rows,
     });
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = dir.join("compare.json");
+        let path = dir.join(format!("{tool}.json"));
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
         eprintln!("wrote {}", path.display());
     }
-    if a.model.json {
+    if m.json {
         println!("{report}");
     } else {
         print!("{}", compare::table(&report["backends"]));
@@ -575,7 +603,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
     {
         bail!(
             "a backend disagreed with {} (see above); its numbers were not taken",
-            a.backends[0]
+            backends[0]
         );
     }
     Ok(())
