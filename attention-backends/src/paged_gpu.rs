@@ -9,7 +9,7 @@
 
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Shape};
 use half::bf16;
 use vpod_kvcache::PagedCache;
 
@@ -162,23 +162,11 @@ impl CustomOp3 for GpuPaged<'_> {
         sv: &CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let cerr = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
             candle_core::Error::Cuda(e.to_string().into())
         };
-        for s in [sq, sk, sv] {
-            if s.dtype() != DType::BF16 {
-                candle_core::bail!("paged-gpu: q and the caches must be bf16");
-            }
-        }
         let p = self.plan;
-        if !lq.is_contiguous() || lq.shape().dims() != [p.tokens, self.heads, HEAD_DIM] {
-            candle_core::bail!(
-                "paged-gpu: q must be contiguous [{}, {}, {HEAD_DIM}]",
-                p.tokens,
-                self.heads
-            );
-        }
+        crate::vattention_gpu::check_inputs("paged-gpu", [sq, sk, sv], lq, p.tokens, self.heads)?;
         if !lk.is_contiguous() || !lv.is_contiguous() || lk.shape().elem_count() != lv.shape().elem_count() {
             candle_core::bail!("paged-gpu: the K and V caches must be contiguous tensors of one size");
         }

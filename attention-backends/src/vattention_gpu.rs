@@ -49,6 +49,26 @@ pub(crate) fn upload<T: DeviceRepr + Copy + Default + 'static>(
     Ok(dev.clone_htod(&v)?)
 }
 
+/// The checks both GPU attention ops start with: three bf16 inputs and a
+/// contiguous `q [tokens, heads, 128]`.
+pub(crate) fn check_inputs(
+    op: &str,
+    inputs: [&CudaStorage; 3],
+    lq: &Layout,
+    tokens: usize,
+    heads: usize,
+) -> candle_core::Result<()> {
+    use candle_core::backend::BackendStorage;
+    if inputs.iter().any(|s| s.dtype() != DType::BF16) {
+        candle_core::bail!("{op}: q and the K/V inputs must be bf16");
+    }
+    let d = crate::decode::DECODE_HEAD_DIM;
+    if !lq.is_contiguous() || lq.shape().dims() != [tokens, heads, d] {
+        candle_core::bail!("{op}: q must be contiguous [{tokens}, {heads}, {d}]");
+    }
+    Ok(())
+}
+
 /// A step's addressing on the device, shared by all layers.
 #[derive(Debug)]
 pub(crate) struct StepPlan {
@@ -177,24 +197,12 @@ impl CustomOp3 for GpuAttention<'_> {
         sv: &CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let cerr = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
             candle_core::Error::Cuda(e.to_string().into())
         };
-        for s in [sq, sk, sv] {
-            if s.dtype() != DType::BF16 {
-                candle_core::bail!("vattention-gpu: q, k and v must be bf16");
-            }
-        }
         let d = crate::decode::DECODE_HEAD_DIM;
         let p = self.plan;
-        if !lq.is_contiguous() || lq.shape().dims() != [p.tokens, self.heads, d] {
-            candle_core::bail!(
-                "vattention-gpu: q must be contiguous [{}, {}, {d}]",
-                p.tokens,
-                self.heads
-            );
-        }
+        check_inputs("vattention-gpu", [sq, sk, sv], lq, p.tokens, self.heads)?;
         let dev = sq.device.clone();
         let stream = dev.cuda_stream();
         let row_elems = (self.kv_heads * d) as i32;
