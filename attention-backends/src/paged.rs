@@ -16,7 +16,7 @@ use crate::ops::{KvLayout, write_kv};
 use crate::{AttentionBackend, AttnConfig, AttnError, BackendOptions, BatchMeta, Result, SeqId};
 
 /// vLLM v2's partition size.
-const PARTITION: usize = 512;
+pub(crate) const PARTITION: usize = 512;
 
 /// vLLM v0.2.7's choice of decode kernel: v1 (one thread block per head and
 /// sequence over the whole context) unless the longest context exceeds 8192
@@ -87,7 +87,7 @@ impl PagedBackend {
                     cfg.dtype
                 ));
             }
-            if cfg.head_dim != 128 {
+            if cfg.head_dim != crate::decode::DECODE_HEAD_DIM {
                 r.push(format!(
                     "the CUDA kernels need head_dim 128 (got {})",
                     cfg.head_dim

@@ -13,14 +13,13 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Shape};
 use half::bf16;
 use vpod_kvcache::PagedCache;
 
-use crate::vattention_gpu::{prefill_smem, upload};
+use crate::decode::DECODE_HEAD_DIM as HEAD_DIM;
+use crate::paged::PARTITION;
+use crate::vattention_gpu::{Chunks, DeviceChunks, prefill_smem, upload};
 use crate::{BatchMeta, Result};
 
-const HEAD_DIM: usize = 128;
-/// vLLM v2's partition.
-const PARTITION: usize = 512;
-/// Query rows per prefill tile (the 8-warp kernel).
-const PREFILL_ROWS: usize = 128;
+/// Warps of the paged prefill kernel (16 query rows each).
+const PREFILL_WARPS: usize = 8;
 
 /// Flattens block tables into `[rows, width]` int32 (zero-padded), width >= 1.
 fn table_rows<'a>(tables: impl Iterator<Item = &'a [u32]> + Clone) -> (Vec<i32>, usize) {
@@ -37,12 +36,8 @@ fn table_rows<'a>(tables: impl Iterator<Item = &'a [u32]> + Clone) -> (Vec<i32>,
 #[derive(Debug)]
 pub(crate) struct PagedPlan {
     tokens: usize,
-    // Prompt chunks (query_len > 1).
-    n_work: usize,
-    work: CudaSlice<i32>,
-    q_start: CudaSlice<i32>,
-    ctx: CudaSlice<i32>,
-    q_len: CudaSlice<i32>,
+    // Prompt chunks (query_len > 1) and their block tables.
+    chunks: DeviceChunks,
     chunk_tables: CudaSlice<i32>,
     chunk_width: usize,
     // Decode tokens.
@@ -66,29 +61,19 @@ impl PagedPlan {
                 .block_table(seq)
                 .ok_or(vpod_kvcache::KvCacheError::UnknownSequence { seq })
         };
-        let (mut work, mut q_start, mut ctx, mut q_len, mut chunk_tables) =
-            (vec![], vec![], vec![], vec![], vec![]);
+        let (mut chunks, mut chunk_tables) = (Chunks::default(), vec![]);
         let (mut dec_rows, mut dec_lens, mut dec_tables) = (vec![], vec![], vec![]);
         for (i, s) in meta.seqs().iter().enumerate() {
-            let start = meta.query_range(i).start as i32;
+            let start = meta.query_range(i).start;
             if s.query_len == 1 {
-                dec_rows.push(start);
+                dec_rows.push(start as i32);
                 dec_lens.push(s.seq_len() as i32);
                 dec_tables.push(table(s.seq_id)?);
             } else {
-                let c = q_start.len() as i32;
-                q_start.push(start);
-                ctx.push(s.context_len as i32);
-                q_len.push(s.query_len as i32);
+                chunks.push(start, s.context_len, s.query_len, 16 * PREFILL_WARPS);
                 chunk_tables.push(table(s.seq_id)?);
-                for j0 in (0..s.query_len).step_by(PREFILL_ROWS) {
-                    work.push((c, j0 as i32, s.context_len + s.query_len.min(j0 + PREFILL_ROWS)));
-                }
             }
         }
-        // Heaviest query tiles first: the causal tail evens out.
-        work.sort_by_key(|w| std::cmp::Reverse(w.2));
-        let work_flat: Vec<i32> = work.iter().flat_map(|w| [w.0, w.1]).collect();
         let (chunk_flat, chunk_width) = table_rows(chunk_tables.iter().copied());
         let (dec_flat, dec_width) = table_rows(dec_tables.iter().copied());
         let n_dec = dec_rows.len();
@@ -102,11 +87,7 @@ impl PagedPlan {
         };
         Ok(Self {
             tokens: meta.num_tokens(),
-            n_work: work.len(),
-            work: upload(dev, &work_flat)?,
-            q_start: upload(dev, &q_start)?,
-            ctx: upload(dev, &ctx)?,
-            q_len: upload(dev, &q_len)?,
+            chunks: chunks.upload(dev)?,
             chunk_tables: upload(dev, &chunk_flat)?,
             chunk_width,
             n_dec,
@@ -180,24 +161,21 @@ impl CustomOp3 for GpuPaged<'_> {
         let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * HEAD_DIM) }?;
         let (heads, kv_heads) = (self.heads as i32, self.kv_heads as i32);
         // 1. Prompt chunks.
-        if p.n_work > 0 {
-            let smem = prefill_smem(8);
+        if p.chunks.n_work > 0 {
+            let smem = prefill_smem(PREFILL_WARPS);
             let f = crate::ops::cuda::function_with_smem(&dev, "paged_prefill_bf16", smem)?;
             let cfg = LaunchConfig {
-                grid_dim: (p.n_work as u32, self.heads as u32, 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
+                block_dim: (32 * PREFILL_WARPS as u32, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             let (width, group) = (p.chunk_width as i32, heads / kv_heads);
             let block_log2 = self.block_size.trailing_zeros() as i32;
             let mut b = stream.launch_builder(&f);
             b.arg(&q).arg(&mut out).arg(&k).arg(&v);
-            b.arg(&p.work)
-                .arg(&p.q_start)
-                .arg(&p.ctx)
-                .arg(&p.q_len)
-                .arg(&p.chunk_tables)
-                .arg(&width);
+            let c = &p.chunks;
+            b.arg(&c.work).arg(&c.q_start).arg(&c.ctx).arg(&c.q_len);
+            b.arg(&p.chunk_tables).arg(&width);
             b.arg(&heads)
                 .arg(&group)
                 .arg(&kv_heads)

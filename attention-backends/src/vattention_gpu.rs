@@ -69,17 +69,62 @@ pub(crate) fn check_inputs(
     Ok(())
 }
 
+/// A step's prompt chunks as the prefill kernels take them (slot and paged
+/// alike): per chunk its first packed row, context and length, and one
+/// work item (chunk, first query row) per tile of `rows` query rows.
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    q_start: Vec<i32>,
+    ctx: Vec<i32>,
+    q_len: Vec<i32>,
+    /// (chunk, first query row, keys the tile's last row sees)
+    work: Vec<(i32, i32, usize)>,
+}
+
+impl Chunks {
+    pub(crate) fn push(&mut self, start: usize, context_len: usize, query_len: usize, rows: usize) {
+        let c = self.q_start.len() as i32;
+        self.q_start.push(start as i32);
+        self.ctx.push(context_len as i32);
+        self.q_len.push(query_len as i32);
+        for j0 in (0..query_len).step_by(rows) {
+            self.work
+                .push((c, j0 as i32, context_len + query_len.min(j0 + rows)));
+        }
+    }
+
+    /// On the device, the work items heaviest first (the causal tail evens out).
+    pub(crate) fn upload(mut self, dev: &CudaDevice) -> Result<DeviceChunks> {
+        self.work.sort_by_key(|w| std::cmp::Reverse(w.2));
+        let work: Vec<i32> = self.work.iter().flat_map(|w| [w.0, w.1]).collect();
+        Ok(DeviceChunks {
+            n_work: self.work.len(),
+            work: upload(dev, &work)?,
+            q_start: upload(dev, &self.q_start)?,
+            ctx: upload(dev, &self.ctx)?,
+            q_len: upload(dev, &self.q_len)?,
+        })
+    }
+}
+
+/// [`Chunks`] on the device (the prefill kernels' `work, q_start, ctx_len, q_len`).
+#[derive(Debug)]
+pub(crate) struct DeviceChunks {
+    pub n_work: usize,
+    pub work: CudaSlice<i32>,
+    pub q_start: CudaSlice<i32>,
+    pub ctx: CudaSlice<i32>,
+    pub q_len: CudaSlice<i32>,
+}
+
 /// A step's addressing on the device, shared by all layers.
 #[derive(Debug)]
 pub(crate) struct StepPlan {
     tokens: usize,
     write_rows: CudaSlice<i64>,
-    n_work: usize,
     prefill_warps: usize,
-    work: CudaSlice<i32>,
-    q_start: CudaSlice<i32>,
-    ctx: CudaSlice<i32>,
-    q_len: CudaSlice<i32>,
+    chunks: DeviceChunks,
+    /// The slot of each prompt chunk.
     slots: CudaSlice<i32>,
     n_dec: usize,
     splits: usize,
@@ -106,7 +151,7 @@ impl StepPlan {
         let warps = prefill_warps();
         let bm = 16 * warps;
         let mut write_rows = Vec::with_capacity(meta.num_tokens());
-        let (mut work, mut q_start, mut ctx, mut q_len, mut slots) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut chunks, mut slots) = (Chunks::default(), vec![]);
         let (mut dec_rows, mut dec_slots, mut dec_lens) = (vec![], vec![], vec![]);
         for (i, s) in meta.seqs().iter().enumerate() {
             let slot = cache
@@ -121,19 +166,10 @@ impl StepPlan {
                 dec_slots.push(slot as i32);
                 dec_lens.push(s.seq_len() as i32);
             } else {
-                let c = q_start.len() as i32;
-                q_start.push(start as i32);
-                ctx.push(s.context_len as i32);
-                q_len.push(s.query_len as i32);
+                chunks.push(start, s.context_len, s.query_len, bm);
                 slots.push(slot as i32);
-                for j0 in (0..s.query_len).step_by(bm) {
-                    work.push((c, j0 as i32, s.context_len + s.query_len.min(j0 + bm)));
-                }
             }
         }
-        // Heaviest query tiles first: the causal tail evens out.
-        work.sort_by_key(|w| std::cmp::Reverse(w.2));
-        let work_flat: Vec<i32> = work.iter().flat_map(|w| [w.0, w.1]).collect();
         let n_dec = dec_rows.len();
         let max_len = dec_lens.iter().copied().max().unwrap_or(1) as usize;
         let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms);
@@ -141,12 +177,8 @@ impl StepPlan {
         Ok(Self {
             tokens: meta.num_tokens(),
             write_rows: upload(dev, &write_rows)?,
-            n_work: work.len(),
             prefill_warps: warps,
-            work: upload(dev, &work_flat)?,
-            q_start: upload(dev, &q_start)?,
-            ctx: upload(dev, &ctx)?,
-            q_len: upload(dev, &q_len)?,
+            chunks: chunks.upload(dev)?,
             slots: upload(dev, &slots)?,
             n_dec,
             splits,
@@ -236,7 +268,7 @@ impl CustomOp3 for GpuAttention<'_> {
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let (ss, ps) = (self.k.slot_stride as i64, self.k.pos_stride as i64);
         // 2. Prompt chunks.
-        if p.n_work > 0 {
+        if p.chunks.n_work > 0 {
             let (name, smem) = if p.prefill_warps == 4 {
                 ("slot_prefill_w4_bf16", prefill_smem(4))
             } else {
@@ -244,16 +276,17 @@ impl CustomOp3 for GpuAttention<'_> {
             };
             let f = crate::ops::cuda::function_with_smem(&dev, name, smem)?;
             let cfg = LaunchConfig {
-                grid_dim: (p.n_work as u32, self.heads as u32, 1),
+                grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
                 block_dim: (32 * p.prefill_warps as u32, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             let mut b = stream.launch_builder(&f);
             b.arg(&q).arg(&mut out).arg(&self.k.base).arg(&self.v.base);
-            b.arg(&p.work)
-                .arg(&p.q_start)
-                .arg(&p.ctx)
-                .arg(&p.q_len)
+            let c = &p.chunks;
+            b.arg(&c.work)
+                .arg(&c.q_start)
+                .arg(&c.ctx)
+                .arg(&c.q_len)
                 .arg(&p.slots);
             b.arg(&heads).arg(&group).arg(&ss).arg(&ps).arg(&self.scale);
             // SAFETY: work items index the chunk arrays; every key a tile reads is
