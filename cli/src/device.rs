@@ -86,11 +86,13 @@ pub struct GpuInfo {
     pub total_bytes: usize,
 }
 
-/// `None` on the CPU.
+/// `None` on the CPU. Synchronises the device first: memory freed on its
+/// stream (stream-ordered frees) only counts as free after that.
 pub fn gpu_info(device: &Device) -> anyhow::Result<Option<GpuInfo>> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
+            device.synchronize()?;
             let stream = d.cuda_stream();
             let ctx = stream.context();
             let (free_bytes, total_bytes) = ctx.mem_get_info().context("cuMemGetInfo")?;

@@ -424,10 +424,49 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-fn spikes(steps: usize) -> Result<Vec<Value>> {
-    use vpod_cli::engine::{Engine, Request};
+/// Runs the prompts as one batch (`prefill-first`, `chunk` prompt tokens a
+/// step, every request generating `tokens` tokens past any EOS) and returns
+/// the times of the decode steps in which the whole batch decoded, with the
+/// run's records.
+fn decode_run(
+    e: &mut vpod_cli::engine::Engine,
+    prompts: Vec<Vec<u32>>,
+    tokens: usize,
+    chunk: usize,
+) -> Result<(Vec<f64>, vpod_cli::engine::BatchOutput)> {
+    use vpod_cli::engine::Request;
     use vpod_cli::sampler::SamplingParams;
     use vpod_cli::scheduler::{Policy, SchedulerConfig};
+    let n = prompts.len();
+    let reqs: Vec<Request> = prompts
+        .into_iter()
+        .map(|prompt| Request {
+            prompt,
+            max_tokens: tokens,
+            sampling: SamplingParams {
+                ignore_eos: true,
+                ..Default::default()
+            },
+            arrival_ms: 0.0,
+        })
+        .collect();
+    let sched = SchedulerConfig {
+        policy: Policy::PrefillFirst,
+        chunk_size: chunk,
+        max_seqs: n,
+    };
+    let out = e.run_batch(&reqs, sched, &mut |_, _| Ok(()))?;
+    let ms = out
+        .steps
+        .iter()
+        .filter(|s| s.decodes == n && s.prefill_chunks == 0)
+        .map(|s| s.ms)
+        .collect();
+    Ok((ms, out))
+}
+
+fn spikes(steps: usize) -> Result<Vec<Value>> {
+    use vpod_cli::engine::Engine;
     let dev = gpu()?;
     let model = std::sync::Arc::new(synthetic_llama(&dev, 8192)?);
     let mut rows = vec![];
@@ -446,29 +485,10 @@ fn spikes(steps: usize) -> Result<Vec<Value>> {
             };
             let mut e = Engine::with_options(model.clone(), "vattention", &opts)?;
             // Staggered lengths: the four sequences cross page boundaries at different steps.
-            let reqs: Vec<Request> = (0..4)
-                .map(|i| Request {
-                    prompt: (0..1000 + 9 * i).map(|t| (t * 7 % 1000) as u32 + 10).collect(),
-                    max_tokens: steps,
-                    sampling: SamplingParams {
-                        ignore_eos: true,
-                        ..Default::default()
-                    },
-                    arrival_ms: 0.0,
-                })
+            let prompts = (0..4)
+                .map(|i| (0..1000 + 9 * i).map(|t| (t * 7 % 1000) as u32 + 10).collect())
                 .collect();
-            let sched = SchedulerConfig {
-                policy: Policy::PrefillFirst,
-                chunk_size: 8192,
-                max_seqs: 4,
-            };
-            let out = e.run_batch(&reqs, sched, &mut |_, _| Ok(()))?;
-            let ms: Vec<f64> = out
-                .steps
-                .iter()
-                .filter(|s| s.decodes == 4 && s.prefill_chunks == 0)
-                .map(|s| s.ms)
-                .collect();
+            let (ms, _) = decode_run(&mut e, prompts, steps, 8192)?;
             if ms.len() < 10 {
                 bail!("too few decode steps ({})", ms.len());
             }
@@ -559,24 +579,6 @@ fn weight_bytes(p: &vpod_models::Preset) -> f64 {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_memory(_: &Device) -> Result<(usize, usize)> {
-    bail!("GPU memory queries need a CUDA build (--features cuda)")
-}
-
-/// Free and total GPU memory in bytes.
-#[cfg(feature = "cuda")]
-fn gpu_memory(dev: &Device) -> Result<(usize, usize)> {
-    let Device::Cuda(d) = dev else {
-        bail!("not a CUDA device")
-    };
-    // Stream-ordered frees return memory at a synchronisation.
-    dev.synchronize()?;
-    let ctx = d.cuda_stream().context().clone();
-    ctx.bind_to_thread()?;
-    Ok(ctx.mem_get_info()?)
-}
-
-#[cfg(not(feature = "cuda"))]
 fn copy_bandwidth(_: &Device) -> Result<f64> {
     bail!("the copy bandwidth needs a CUDA build (--features cuda)")
 }
@@ -607,9 +609,7 @@ fn e2e(
     backends: &[String],
     tokens: usize,
 ) -> Result<Vec<Value>> {
-    use vpod_cli::engine::{Engine, Request};
-    use vpod_cli::sampler::SamplingParams;
-    use vpod_cli::scheduler::{Policy, SchedulerConfig};
+    use vpod_cli::engine::Engine;
     let dev = gpu()?;
     let copy = copy_bandwidth(&dev)?;
     println!(
@@ -645,7 +645,7 @@ fn e2e(
                 let kv = (bsz as f64 * per_seq as f64 * kv_per_token * 1.02) as usize + (256 << 20);
                 // Room for the cache and the prefill's activations (a 16K-token
                 // forward pass: ~2.5 GB for an 8B model), else the point is skipped.
-                let (free, _) = gpu_memory(&dev)?;
+                let free = vpod_cli::device::gpu_info(&dev)?.map_or(0, |g| g.free_bytes);
                 let activations = (context as f64 * (p.ffn * 6 + p.hidden * 12) as f64 * 1.3) as usize;
                 if kv + activations > free {
                     println!(
@@ -666,31 +666,14 @@ fn e2e(
                     ..Default::default()
                 };
                 let mut e = Engine::with_options(model.clone(), spec, &opts)?;
-                let reqs: Vec<Request> = (0..bsz)
-                    .map(|i| Request {
-                        prompt: (0..context)
+                let prompts = (0..bsz)
+                    .map(|i| {
+                        (0..context)
                             .map(|t| ((t * 31 + i * 7) % 30000) as u32 + 10)
-                            .collect(),
-                        max_tokens: tokens,
-                        sampling: SamplingParams {
-                            ignore_eos: true,
-                            ..Default::default()
-                        },
-                        arrival_ms: 0.0,
+                            .collect()
                     })
                     .collect();
-                let sched = SchedulerConfig {
-                    policy: Policy::PrefillFirst,
-                    chunk_size: context,
-                    max_seqs: bsz,
-                };
-                let out = e.run_batch(&reqs, sched, &mut |_, _| Ok(()))?;
-                let ms: Vec<f64> = out
-                    .steps
-                    .iter()
-                    .filter(|s| s.decodes == bsz && s.prefill_chunks == 0)
-                    .map(|s| s.ms)
-                    .collect();
+                let (ms, out) = decode_run(&mut e, prompts, tokens, context)?;
                 if ms.is_empty() {
                     println!(
                         "| {name} | {spec} | {bsz} | no step decoded all {bsz} requests at once | | | | |"
