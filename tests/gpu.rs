@@ -374,6 +374,21 @@ const TWIN_STEPS: &[&[(u64, usize, usize)]] = &[
     &[(1, 501, 1), (4, 260, 1), (5, 0, 130)],
 ];
 
+/// Whether `VPOD_QUICK` is set (the compute-sanitizer runs), and the
+/// (heads, KV heads) shapes the twin tests run: Llama-3-8B's only when
+/// quick, else also Yi-34B's (GQA 7) and Yi-6B's (GQA 8).
+fn twin_shapes() -> (bool, &'static [(usize, usize)]) {
+    let quick = std::env::var_os("VPOD_QUICK").is_some();
+    (
+        quick,
+        if quick {
+            &[(32, 8)]
+        } else {
+            &[(32, 8), (56, 8), (32, 4)]
+        },
+    )
+}
+
 /// Runs `steps` through backend `spec` on the GPU and on the CPU with the
 /// same random q/k/v per layer; every output within 1e-2 relative L2.
 /// `scramble` first admits and frees throwaway sequences on the GPU backend
@@ -466,12 +481,7 @@ fn check_against_twin(
 #[test]
 fn vattention_gpu_matches_cpu_twin() {
     // VPOD_QUICK (the compute-sanitizer runs): the first shape and layout only.
-    let quick = std::env::var_os("VPOD_QUICK").is_some();
-    let shapes: &[(usize, usize)] = if quick {
-        &[(32, 8)]
-    } else {
-        &[(32, 8), (56, 8), (32, 4)]
-    };
+    let (quick, shapes) = twin_shapes();
     for &shape in shapes {
         for (megacache, mapping, warps) in [
             (false, vpod_kvcache::Mapping::Overlapped, "8"),
@@ -502,12 +512,7 @@ fn vattention_gpu_matches_cpu_twin() {
 /// GQA 4, 7 and 8 (v2 for the decodes past 512 tokens, v1 below).
 #[test]
 fn paged_gpu_matches_cpu_twin() {
-    let quick = std::env::var_os("VPOD_QUICK").is_some();
-    let shapes: &[(usize, usize)] = if quick {
-        &[(32, 8)]
-    } else {
-        &[(32, 8), (56, 8), (32, 4)]
-    };
+    let (quick, shapes) = twin_shapes();
     for &shape in shapes {
         // Every block size for Llama-3-8B heads; the smallest and largest for the others.
         let blocks: &[usize] = if quick || shape != (32, 8) {

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use vpod_attention::BackendOptions;
 use vpod_models::LoadedModel;
 
-use crate::engine::{Engine, Request, Result};
+use crate::engine::{BatchOutput, Engine, Request, Result};
 use crate::sampler::SamplingParams;
 use crate::scheduler::{Policy, SchedulerConfig};
 
@@ -206,6 +206,15 @@ fn first_difference(want: &[Vec<u32>], got: &[Vec<u32>]) -> Option<String> {
     None
 }
 
+/// `run_batch` with the attention calls timed (device-synchronised), so
+/// that each step record carries its attention time.
+fn profiled_run(e: &mut Engine, reqs: &[Request], cfg: SchedulerConfig) -> Result<BatchOutput> {
+    e.profile_attention = true;
+    let out = e.run_batch(reqs, cfg, &mut |_, _| Ok(()));
+    e.profile_attention = false;
+    out
+}
+
 fn decode_sweep(
     e: &mut Engine,
     batches: &[usize],
@@ -231,10 +240,7 @@ fn decode_sweep(
                 chunk_size: (b * c).max(b + 1),
                 max_seqs: b,
             };
-            e.profile_attention = true;
-            let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()));
-            e.profile_attention = false;
-            let out = out?;
+            let out = profiled_run(e, &reqs, cfg)?;
             let decode: Vec<_> = out
                 .steps
                 .iter()
@@ -299,10 +305,7 @@ fn hybrid_sweep(
                     chunk_size: b + p,
                     max_seqs: b + 1,
                 };
-                e.profile_attention = true;
-                let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()));
-                e.profile_attention = false;
-                let out = out?;
+                let out = profiled_run(e, &reqs, cfg)?;
                 let hybrid: Vec<_> = out
                     .steps
                     .iter()
