@@ -156,7 +156,6 @@ struct Live {
     tokens: Vec<u32>,
     prompt_len: usize,
     max_tokens: usize,
-    ignore_eos: bool,
     sampler: Sampler,
     times: Vec<f64>,
     preemptions: usize,
@@ -335,7 +334,6 @@ impl Engine {
                 tokens: r.prompt.clone(),
                 prompt_len: r.prompt.len(),
                 max_tokens: r.max_tokens,
-                ignore_eos: r.sampling.ignore_eos,
                 sampler: Sampler::new(r.sampling),
                 times: vec![],
                 preemptions: 0,
@@ -443,7 +441,7 @@ impl Engine {
                     continue;
                 }
                 let next = l.sampler.sample(&logits.get(row)?.to_vec1::<f32>()?);
-                let reason = if self.model.is_eos(next) && !l.ignore_eos {
+                let reason = if self.model.is_eos(next) && !l.sampler.params().ignore_eos {
                     Some(FinishReason::Eos)
                 } else {
                     l.tokens.push(next);
