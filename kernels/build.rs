@@ -59,23 +59,30 @@ const KERNELS: &[(&str, &str)] = &[
         "paged_prefill_bf16",
         "causal FlashAttention-2-style prefill over vLLM's paged layout, bf16, head_dim 128, 128-row query tiles",
     ),
+    (
+        "pod_bf16",
+        "POD-Attention: a hybrid batch's prefill tiles and decode splits in one launch, SM-aware block roles",
+    ),
 ];
 
 /// Files with several kernels: (file stem, its `extern "C"` symbols).
-const SYMBOLS: &[(&str, &[&str])] = &[(
-    "paged_decode_bf16",
-    &[
-        "paged_decode_v1_b16_bf16",
-        "paged_decode_v2_b16_bf16",
-        "paged_decode_v1_b32_bf16",
-        "paged_decode_v2_b32_bf16",
-        "paged_decode_v1_b64_bf16",
-        "paged_decode_v2_b64_bf16",
-        "paged_decode_v1_b128_bf16",
-        "paged_decode_v2_b128_bf16",
-        "paged_decode_reduce_bf16",
-    ],
-)];
+const SYMBOLS: &[(&str, &[&str])] = &[
+    (
+        "paged_decode_bf16",
+        &[
+            "paged_decode_v1_b16_bf16",
+            "paged_decode_v2_b16_bf16",
+            "paged_decode_v1_b32_bf16",
+            "paged_decode_v2_b32_bf16",
+            "paged_decode_v1_b64_bf16",
+            "paged_decode_v2_b64_bf16",
+            "paged_decode_v1_b128_bf16",
+            "paged_decode_v2_b128_bf16",
+            "paged_decode_reduce_bf16",
+        ],
+    ),
+    ("pod_bf16", &["pod_bf16", "pod_nsmid"]),
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

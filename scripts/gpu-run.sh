@@ -12,7 +12,9 @@
 #   bash scripts/gpu-run.sh                  everything
 #   bash scripts/gpu-run.sh --quick          no ncu breakdown, no 16 GB checkpoint, no vpod-bench
 #   bash scripts/gpu-run.sh STAGE...         only these: tests sanitize smoke decode ncu ckpt kernels serve,
-#                                            or fig9b (decode kernels per backend) / fig9a (end to end per backend)
+#                                            or fig9b (decode kernels per backend) / fig9a (end to end per backend),
+#                                            or pod (POD kernel tests + sanitizer + backend agreement),
+#                                            podsweep (the hybrid attention sweep), podserve (Sarathi + POD end to end)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
@@ -42,9 +44,28 @@ if want tests; then
     step gpu-tests "$B/integration" gpu:: --test-threads=1 --nocapture
 fi
 if want sanitize; then
-    SAN="gpu::paged gpu::slot gpu::vattention gpu::vmm"
+    SAN="gpu::paged gpu::slot gpu::vattention gpu::vmm gpu::pod"
     step memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" $SAN --test-threads=1
     step racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" $SAN --test-threads=1
+fi
+if want pod; then
+    step pod-tests "$B/integration" gpu::pod gpu::fixtures --test-threads=1 --nocapture
+    step pod-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    step pod-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    # Hybrid steps end to end: pod (planner), pod:fused and pod:streams must give vattention's greedy tokens.
+    step pod-agree "$B/cli" compare --model tests/fixtures/tiny-llama3-gqa4 --device cuda \
+        --backends vattention,pod,pod:fused,pod:streams --workload serve --requests 12 --prompt-len 400 --max-tokens 48
+    for f in pod-tests pod-memcheck pod-racecheck pod-agree; do tail -n 12 "$OUT/$f.log"; done
+fi
+if want podsweep; then
+    # shellcheck disable=SC2086
+    step vb-hybrid "$B/vpod-bench" hybrid --out "$OUT" ${HYBRID_ARGS:-}
+    cat "$OUT/vb-hybrid.log"
+fi
+if want podserve; then
+    # shellcheck disable=SC2086
+    step vb-serve "$B/vpod-bench" serve --out "$OUT" ${SERVE_ARGS:-}
+    cat "$OUT/vb-serve.log"
 fi
 if want smoke; then
     step smoke "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --prompt "Alice was beginning to" --max-tokens 24 --json

@@ -199,7 +199,7 @@ fn gemv_matches_cpu_twin() {
 /// (tolerances of the CUDA issue: >= 95 %, within 2 %).
 #[test]
 fn fixtures_match_transformers_in_bf16_on_gpu() {
-    for backend in ["reference", "vattention", "paged:16", "paged:128"] {
+    for backend in ["reference", "vattention", "paged:16", "paged:128", "pod"] {
         fixtures_parity(backend);
     }
 }
@@ -504,6 +504,59 @@ fn vattention_gpu_matches_cpu_twin() {
         }
     }
     unsafe { std::env::remove_var("VPOD_PREFILL_WARPS") };
+}
+
+/// The hybrid steps of the POD tests: (seq, context_len, query_len) per
+/// step (a sequence missing from a step is released). Prompts first (plain
+/// prefill kernel), then many decodes next to one short chunk, a chunk
+/// continuing at an offset among the decodes, one long chunk next to one
+/// decode (whose 18 splits are past the in-kernel merge: the combine kernel
+/// runs after the POD kernel), and a decode-only step.
+fn pod_steps() -> Vec<Vec<(u64, usize, usize)>> {
+    let len = |s: u64| 50 + 37 * s as usize;
+    let decodes = |extra: usize| (2..10u64).map(move |s| (s, len(s) + extra, 1));
+    let mut s0 = vec![(1, 0, 1100)];
+    s0.extend((2..10u64).map(|s| (s, 0, len(s))));
+    let mut s1 = vec![(1, 1100, 1), (10, 0, 200)];
+    s1.extend(decodes(0));
+    let mut s2 = vec![(10, 200, 300), (1, 1101, 1)];
+    s2.extend(decodes(1));
+    let s3 = vec![(1, 1102, 1), (11, 0, 700)];
+    let s4 = vec![(1, 1103, 1), (11, 700, 1)];
+    vec![s0, s1, s2, s3, s4]
+}
+
+/// The `pod` backend on the GPU against its CPU twin: the fused kernel
+/// under both block-role policies (the paper's per-SM tickets, one
+/// resident prefill block per SM), the two-stream path and the planner's
+/// choice, GQA 4, 7 and 8.
+#[test]
+fn pod_gpu_matches_cpu_twin() {
+    let (quick, shapes) = twin_shapes();
+    let steps = pod_steps();
+    let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
+    let runs: &[(&str, &str)] = if quick {
+        &[("pod:fused", "1")]
+    } else {
+        &[
+            ("pod:fused", "1"),
+            ("pod:fused", "0"),
+            ("pod:streams", "1"),
+            ("pod", "1"),
+        ]
+    };
+    for &shape in shapes {
+        for &(spec, policy) in runs {
+            // SAFETY: the tests run with --test-threads=1 on the GPU machine.
+            unsafe { std::env::set_var("VPOD_POD_POLICY", policy) };
+            let opts = vpod_attention::BackendOptions {
+                max_seqs: 14,
+                ..Default::default()
+            };
+            check_against_twin(spec, shape, &opts, &steps, true, &format!("policy {policy}"));
+        }
+    }
+    unsafe { std::env::remove_var("VPOD_POD_POLICY") };
 }
 
 /// The `paged` backend on the GPU (paged K/V write, paged prefill, vLLM

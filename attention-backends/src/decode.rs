@@ -220,7 +220,7 @@ impl CustomOp3 for SlotDecode {
             scale: self.scale,
         };
         // SAFETY: slot_decode() checked shapes, slots and lengths against the cache.
-        unsafe { cuda::launch(&dev, &launch, &mut out) }?;
+        unsafe { cuda::launch(&dev, &launch, &mut out, None) }?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             lq.shape().clone(),
@@ -232,8 +232,10 @@ impl CustomOp3 for SlotDecode {
 /// tensors) and the `vattention` backend (the VMM cache).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
+    use std::ffi::c_void;
+
     use candle_core::cuda_backend::CudaDevice;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, result, sys};
     use half::bf16;
 
     use super::DECODE_HEAD_DIM;
@@ -270,52 +272,116 @@ pub(crate) mod cuda {
     }
 
     /// Runs the split kernel (and the combine kernel when `counters` is
-    /// `None`), writing rows `q_rows` of `out`.
+    /// `None`), writing rows `q_rows` of `out`, on the device's stream or on
+    /// `stream` (a raw stream of the same context: the two-stream path).
     ///
     /// # Safety
     /// Every key below `seq_lens[b]` of slot `slots[b]` must be readable
     /// device memory, and the buffers must have the sizes documented on
-    /// [`DecodeLaunch`].
+    /// [`DecodeLaunch`]; on another stream, the caller orders it after the
+    /// writes of `q`, the cache and the buffers, and `out`'s readers after it.
     pub(crate) unsafe fn launch(
         dev: &CudaDevice,
         l: &DecodeLaunch<'_>,
         out: &mut CudaSlice<bf16>,
+        stream: Option<sys::CUstream>,
     ) -> candle_core::Result<()> {
-        let stream = dev.cuda_stream();
-        let (heads, group, splits) = (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
+        let main = dev.cuda_stream();
+        main.context().bind_to_thread().map_err(err)?;
+        let on = stream.unwrap_or_else(|| main.cu_stream());
+        // Device addresses (cudarc's guards are no-ops with one cudarc stream).
+        let ptr = |s: &CudaSlice<i32>| s.device_ptr(&main).0;
+        let fptr = |s: &CudaSlice<f32>| s.device_ptr(&main).0;
+        let mut q = l.q.device_ptr(&main).0;
+        let (mut q_rows, mut slots, mut lens) = (ptr(l.q_rows), ptr(l.slots), ptr(l.seq_lens));
+        let (mut part_o, mut part_ml) = (fptr(l.part_o), fptr(l.part_ml));
+        let mut counters = l.counters.map_or(0, ptr);
+        let mut out_ptr = out.device_ptr(&main).0;
+        let (mut k, mut v) = (l.k, l.v);
+        let (mut heads, mut group, mut splits) =
+            (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
+        let (mut ss, mut ps, mut scale) = (l.slot_stride, l.pos_stride, l.scale);
         let f = crate::ops::cuda::function_with_smem(dev, "slot_decode_bf16", DECODE_SMEM)?;
-        let cfg = LaunchConfig {
-            grid_dim: (l.splits as u32, l.kv_heads as u32, l.batch as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: DECODE_SMEM as u32,
-        };
-        let no_counters = 0u64;
-        let mut b = stream.launch_builder(&f);
-        b.arg(l.q).arg(l.q_rows).arg(&l.k).arg(&l.v);
-        b.arg(l.slots).arg(l.seq_lens).arg(l.part_o).arg(l.part_ml);
-        match l.counters {
-            Some(c) => b.arg(c),
-            None => b.arg(&no_counters),
-        };
-        b.arg(&mut *out);
-        b.arg(&heads).arg(&group).arg(&l.slot_stride).arg(&l.pos_stride);
-        b.arg(&splits).arg(&l.scale);
-        // SAFETY: the caller vouches for the memory (see above).
-        unsafe { b.launch(cfg) }.map_err(err)?;
+        let mut args = [
+            (&raw mut q).cast::<c_void>(),
+            (&raw mut q_rows).cast(),
+            (&raw mut k).cast(),
+            (&raw mut v).cast(),
+            (&raw mut slots).cast(),
+            (&raw mut lens).cast(),
+            (&raw mut part_o).cast(),
+            (&raw mut part_ml).cast(),
+            (&raw mut counters).cast(),
+            (&raw mut out_ptr).cast(),
+            (&raw mut heads).cast(),
+            (&raw mut group).cast(),
+            (&raw mut ss).cast(),
+            (&raw mut ps).cast(),
+            (&raw mut splits).cast(),
+            (&raw mut scale).cast(),
+        ];
+        let grid = (l.splits as u32, l.kv_heads as u32, l.batch as u32);
+        // SAFETY: the arguments match the kernel's signature (lib.rs of vpod-kernels);
+        // the caller vouches for the memory (see above).
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (128, 1, 1),
+                DECODE_SMEM as u32,
+                on,
+                &mut args,
+            )
+        }
+        .map_err(err)?;
         if l.counters.is_none() {
-            let f = crate::ops::cuda::function(dev, "slot_decode_combine_bf16")?;
-            let cfg = LaunchConfig {
-                grid_dim: ((l.batch * l.heads) as u32, 1, 1),
-                block_dim: (DECODE_HEAD_DIM as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(l.part_o).arg(l.part_ml).arg(l.q_rows).arg(&mut *out);
-            b.arg(&heads).arg(&splits);
-            // SAFETY: reads the partials written above; writes rows q_rows of out.
-            unsafe { b.launch(cfg) }.map_err(err)?;
+            // SAFETY: the partials were written above, in stream order.
+            unsafe { combine(dev, l, out, stream) }?;
         }
         Ok(())
+    }
+
+    /// The combine kernel alone: merges the partials of `l` into rows `q_rows` of `out`.
+    ///
+    /// # Safety
+    /// The split kernel (or the POD kernel) wrote every partial, in stream order.
+    pub(crate) unsafe fn combine(
+        dev: &CudaDevice,
+        l: &DecodeLaunch<'_>,
+        out: &mut CudaSlice<bf16>,
+        stream: Option<sys::CUstream>,
+    ) -> candle_core::Result<()> {
+        let main = dev.cuda_stream();
+        main.context().bind_to_thread().map_err(err)?;
+        let on = stream.unwrap_or_else(|| main.cu_stream());
+        let mut part_o = l.part_o.device_ptr(&main).0;
+        let mut part_ml = l.part_ml.device_ptr(&main).0;
+        let mut q_rows = l.q_rows.device_ptr(&main).0;
+        let mut out_ptr = out.device_ptr(&main).0;
+        let (mut heads, mut splits) = (l.heads as i32, l.splits as i32);
+        let f = crate::ops::cuda::function(dev, "slot_decode_combine_bf16")?;
+        let mut args = [
+            (&raw mut part_o).cast::<c_void>(),
+            (&raw mut part_ml).cast(),
+            (&raw mut q_rows).cast(),
+            (&raw mut out_ptr).cast(),
+            (&raw mut heads).cast(),
+            (&raw mut splits).cast(),
+        ];
+        let grid = ((l.batch * l.heads) as u32, 1, 1);
+        // SAFETY: the arguments match slot_decode_combine_bf16; reads the partials,
+        // writes rows q_rows of out.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (DECODE_HEAD_DIM as u32, 1, 1),
+                0,
+                on,
+                &mut args,
+            )
+        }
+        .map_err(err)
     }
 }
 

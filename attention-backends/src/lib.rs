@@ -50,7 +50,9 @@ pub use error::{AttnError, Result};
 pub use meta::{BatchMeta, LogitsAt, SeqChunk};
 pub use paged::{PagedBackend, paged_use_v1};
 pub use reference::ReferenceBackend;
-pub use vattention::{TWIN_SMS, VirtualBackend, decode_splits};
+pub use vattention::{
+    POD_MIN_SHARE, TWIN_SMS, VirtualBackend, decode_splits, plan_pod_step, pod_step_halves,
+};
 pub use vpod_kvcache::{KvManager, SeqId};
 
 /// The attention geometry of a model, as the backends and caches need it.
@@ -113,6 +115,40 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn prepare_next(&mut self, _next: &[(SeqId, usize)]) -> Result<()> {
         Ok(())
     }
+
+    /// How the last step's attention ran, when the backend chooses per step
+    /// (the `pod` backend on a GPU: fused, or serial and why); for the
+    /// engine's step records.
+    fn step_path(&self) -> Option<String> {
+        None
+    }
+}
+
+/// How the `pod` backend runs a hybrid step on the GPU (`pod:MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodMode {
+    /// The fused kernel where the planner predicts a gain, else serial (`pod`).
+    #[default]
+    Auto,
+    /// Always the fused kernel (`pod:fused`).
+    Fused,
+    /// The prefill kernel, then the decode kernel (`pod:serial`, = `vattention`).
+    Serial,
+    /// The prefill and decode kernels on two CUDA streams (`pod:streams`).
+    Streams,
+}
+
+impl PodMode {
+    const NAMES: [(&'static str, PodMode); 4] = [
+        ("auto", PodMode::Auto),
+        ("fused", PodMode::Fused),
+        ("serial", PodMode::Serial),
+        ("streams", PodMode::Streams),
+    ];
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        Self::NAMES.iter().find(|(n, _)| *n == s).map(|(_, m)| *m)
+    }
 }
 
 /// Knobs of the cache-owning backends.
@@ -135,6 +171,8 @@ pub struct BackendOptions {
     /// paged / vattention / pod twins, so that a test can check that a
     /// wrong backend is caught. Never set in normal use.
     pub fault_scale: Option<f32>,
+    /// The `pod` backend's GPU path (`pod:MODE` sets it).
+    pub pod_mode: PodMode,
 }
 
 impl Default for BackendOptions {
@@ -147,6 +185,7 @@ impl Default for BackendOptions {
             megacache: false,
             mapping: vpod_kvcache::Mapping::Overlapped,
             fault_scale: None,
+            pod_mode: PodMode::Auto,
         }
     }
 }
@@ -239,23 +278,35 @@ pub const BACKENDS: &[BackendInfo] = &[
     },
     BackendInfo {
         name: "pod",
-        description: "POD-Attention: a hybrid batch's prefill chunks and decodes in one call, over the virtual cache",
+        description: "POD-Attention: a hybrid batch's prefill chunks and decodes in one fused kernel, over the virtual cache (pod:fused|serial|streams force a GPU path)",
         check: |c, d, o| VirtualBackend::unsupported_reasons("pod", c, d, o),
         build: |cfg, dev, o| Ok(Box::new(VirtualBackend::new("pod", cfg.clone(), dev, o)?)),
     },
 ];
 
-/// Splits `name[:block_size]` (e.g. `paged:128`).
-fn parse_name(spec: &str) -> Result<(&str, Option<usize>)> {
+/// A backend spec's variant: `paged:N`'s block size, `pod:MODE`'s mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Variant {
+    BlockSize(usize),
+    Pod(PodMode),
+}
+
+/// Splits `name[:variant]` (e.g. `paged:128`, `pod:fused`).
+fn parse_name(spec: &str) -> Result<(&str, Option<Variant>)> {
+    let unknown = || AttnError::UnknownBackend {
+        name: spec.to_string(),
+        known: backend_names(),
+    };
     match spec.split_once(':') {
         None => Ok((spec, None)),
-        Some((name, n)) => match n.parse::<usize>() {
-            Ok(n) if name == "paged" => Ok((name, Some(n))),
-            _ => Err(AttnError::UnknownBackend {
-                name: spec.to_string(),
-                known: backend_names(),
-            }),
-        },
+        Some((name @ "paged", n)) => n
+            .parse::<usize>()
+            .map(|n| (name, Some(Variant::BlockSize(n))))
+            .map_err(|_| unknown()),
+        Some((name @ "pod", m)) => PodMode::parse(m)
+            .map(|m| (name, Some(Variant::Pod(m))))
+            .ok_or_else(unknown),
+        Some(_) => Err(unknown()),
     }
 }
 
@@ -276,7 +327,7 @@ pub fn backend_names() -> String {
     BACKENDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
 }
 
-/// Builds backend `spec` (`name` or `paged:N`) for this model and device, or
+/// Builds backend `spec` (`name`, `paged:N` or `pod:MODE`) for this model and device, or
 /// says why it cannot run.
 pub fn create_backend(
     spec: &str,
@@ -286,8 +337,10 @@ pub fn create_backend(
 ) -> Result<Box<dyn AttentionBackend>> {
     let info = backend_info(spec)?;
     let mut opts = opts.clone();
-    if let (_, Some(bs)) = parse_name(spec)? {
-        opts.block_size = bs;
+    match parse_name(spec)?.1 {
+        Some(Variant::BlockSize(bs)) => opts.block_size = bs,
+        Some(Variant::Pod(m)) => opts.pod_mode = m,
+        None => {}
     }
     let reasons = (info.check)(cfg, device, &opts);
     if !reasons.is_empty() {
@@ -297,4 +350,37 @@ pub fn create_backend(
         });
     }
     (info.build)(cfg, device, &opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pod:MODE` picks the POD path, other suffixes are refused with the known names.
+    #[test]
+    fn pod_modes_parse() {
+        assert_eq!(parse_name("pod").unwrap(), ("pod", None));
+        assert_eq!(
+            parse_name("pod:streams").unwrap(),
+            ("pod", Some(Variant::Pod(PodMode::Streams)))
+        );
+        assert_eq!(
+            parse_name("paged:32").unwrap(),
+            ("paged", Some(Variant::BlockSize(32)))
+        );
+        for bad in ["pod:fast", "vattention:fused", "paged:x"] {
+            let e = parse_name(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("paged, vattention, pod"), "{e}");
+        }
+        let cfg = AttnConfig {
+            num_layers: 1,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            max_seq_len: 64,
+            dtype: DType::F32,
+        };
+        let b = create_backend("pod:serial", &cfg, &Device::Cpu, &BackendOptions::default()).unwrap();
+        assert_eq!(b.name(), "pod");
+    }
 }

@@ -8,10 +8,13 @@
 //! `vattention` runs a step as two calls (prefill chunks, then decodes: the
 //! serial pair); `pod` computes a hybrid batch in one call.
 //!
-//! On a CUDA device `vattention` keeps the cache in GPU virtual memory
+//! On a CUDA device both keep the cache in GPU virtual memory
 //! (`VirtualCache::on_cuda`: CUDA VMM, pages mapped ahead on the mapper
-//! thread) and runs our kernels (see `vattention_gpu.rs`); `pod` on a GPU
-//! comes with the POD milestone and says so.
+//! thread) and run our kernels (see `vattention_gpu.rs`): `vattention` the
+//! prefill kernel then the decode kernel; `pod` the fused POD kernel for a
+//! hybrid step where [`plan_pod_step`] predicts a gain (the serial pair
+//! otherwise, with the reason in [`AttentionBackend::step_path`]), the
+//! plain kernels for prefill-only and decode-only steps.
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use vpod_kvcache::{Kv, KvManager, VirtualCache, VirtualConfig};
@@ -28,6 +31,61 @@ const DECODE_TILE: usize = 64;
 const DECODE_BLOCKS_PER_SM: usize = 2;
 /// SMs the CPU twin plans for (the H100's), so that it splits as the kernel does there.
 pub const TWIN_SMS: usize = 132;
+
+/// Our prefill kernel's rate on the H100 (a 1K chunk over 4K-12K of
+/// context: 273-297 TFLOP/s, results/2026-11-21-h100-vattention) and our
+/// decode kernel's (2.8 TB/s at batch >= 8): what [`plan_pod_step`] weighs
+/// a hybrid step's halves with. Only their ratio matters.
+const PREFILL_FLOP_PER_S: f64 = 2.9e14;
+const DECODE_BYTES_PER_S: f64 = 2.8e12;
+/// The `pod` backend fuses a hybrid step when its smaller half is at least
+/// this share of the predicted serial time (below, the fused kernel cannot
+/// gain enough to pay for its scheduling; see the POD results' sweep).
+pub const POD_MIN_SHARE: f64 = 0.1;
+
+/// A hybrid step's two halves as our kernels' predicted times in ms
+/// (prefill FLOPs and decode K/V bytes over the rates above); `None`
+/// unless the step has both prompt chunks and decodes.
+pub fn pod_step_halves(meta: &BatchMeta, cfg: &AttnConfig) -> Option<(f64, f64)> {
+    let (mut flops, mut bytes) = (0f64, 0f64);
+    let d = cfg.head_dim as f64;
+    let row = (cfg.num_kv_heads * cfg.head_dim * cfg.dtype.size_in_bytes()) as f64;
+    for s in meta.seqs() {
+        let (ctx, ql) = (s.context_len as f64, s.query_len as f64);
+        if s.query_len > 1 {
+            flops += 4.0 * d * cfg.num_heads as f64 * (ql * ctx + ql * (ql + 1.0) / 2.0);
+        } else {
+            bytes += 2.0 * (ctx + 1.0) * row;
+        }
+    }
+    let (tp, td) = (flops / PREFILL_FLOP_PER_S * 1e3, bytes / DECODE_BYTES_PER_S * 1e3);
+    (tp > 0.0 && td > 0.0).then_some((tp, td))
+}
+
+/// The `pod` backend's choice for a hybrid step: fuse (`true`) or run the
+/// serial pair, and a note saying why (see [`pod_step_halves`]).
+pub fn plan_pod_step(meta: &BatchMeta, cfg: &AttnConfig) -> (bool, String) {
+    let Some((tp, td)) = pod_step_halves(meta, cfg) else {
+        let prefill = meta.seqs().iter().any(|s| s.query_len > 1);
+        let only = if prefill { "prefill" } else { "decode" };
+        return (false, format!("{only} only: plain kernel"));
+    };
+    let share = tp.min(td) / (tp + td);
+    let fused = share >= POD_MIN_SHARE;
+    let verdict = if fused {
+        "fused".to_string()
+    } else {
+        format!(
+            "serial: the smaller half is {:.0} % < {:.0} %",
+            share * 100.0,
+            POD_MIN_SHARE * 100.0
+        )
+    };
+    (
+        fused,
+        format!("{verdict} (predicted prefill {tp:.3} ms, decode {td:.3} ms)"),
+    )
+}
 
 /// Split count of a decode launch over `sms` SMs: as many (sequence x KV
 /// head x split) blocks as fit on the GPU at once, never more (a partial
@@ -50,13 +108,16 @@ pub struct VirtualBackend {
     gpu: Option<Gpu>,
 }
 
-/// GPU state: the device, its SM count, and the current step's plan.
+/// GPU state: the device, its SM count, the current step's plan and how
+/// it runs, and (`pod` only) the POD kernel's state and mode.
 #[cfg(feature = "cuda")]
 #[derive(Debug)]
 struct Gpu {
     dev: candle_core::cuda_backend::CudaDevice,
     sms: usize,
     plan: Option<crate::vattention_gpu::StepPlan>,
+    pod: Option<(crate::PodMode, crate::vattention_gpu::PodState)>,
+    path_note: Option<String>,
 }
 
 impl VirtualBackend {
@@ -89,6 +150,10 @@ impl VirtualBackend {
                 .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| AttnError::Candle(candle_core::Error::Cuda(e.to_string().into())))?;
             let cache = VirtualCache::on_cuda(vcfg, ctx)?;
+            let pod = match name {
+                "pod" => Some((opts.pod_mode, crate::vattention_gpu::PodState::new(dev)?)),
+                _ => None,
+            };
             return Ok(Self {
                 name,
                 cfg,
@@ -98,6 +163,8 @@ impl VirtualBackend {
                     dev: dev.clone(),
                     sms: sms.max(1) as usize,
                     plan: None,
+                    pod,
+                    path_note: None,
                 }),
             });
         }
@@ -120,13 +187,9 @@ impl VirtualBackend {
         let mut r = Vec::new();
         if device.is_cuda() {
             if !cfg!(feature = "cuda") {
-                r.push("this build has no CUDA support (build with --features cuda)".into());
-            }
-            if name == "pod" {
-                r.push(
-                    "the POD fused kernel is not built yet (POD milestone); use `vattention` on the GPU"
-                        .into(),
-                );
+                r.push(format!(
+                    "this build has no CUDA support for `{name}` (build with --features cuda)"
+                ));
             }
             if cfg.dtype != candle_core::DType::BF16 {
                 r.push(format!(
@@ -273,14 +336,36 @@ impl AttentionBackend for VirtualBackend {
             }
             let plan = match &mut gpu.plan {
                 Some(plan) => plan,
-                none => none.insert(crate::vattention_gpu::StepPlan::new(
-                    &gpu.dev,
-                    &self.cache,
-                    meta,
-                    self.cfg.num_heads,
-                    self.cfg.num_kv_heads,
-                    gpu.sms,
-                )?),
+                none => {
+                    use crate::PodMode;
+                    use crate::vattention_gpu::GpuPath;
+                    // `VPOD_POD_MODE` (benchmarks) overrides the spec's mode.
+                    let env = std::env::var("VPOD_POD_MODE")
+                        .ok()
+                        .and_then(|m| PodMode::parse(&m));
+                    let (path, note) = match gpu.pod.as_ref().map(|p| env.unwrap_or(p.0)) {
+                        None => (GpuPath::Serial, None),
+                        Some(PodMode::Serial) => (GpuPath::Serial, Some("serial (pod:serial)".to_string())),
+                        Some(PodMode::Streams) => {
+                            (GpuPath::Streams, Some("two streams (pod:streams)".to_string()))
+                        }
+                        Some(PodMode::Fused) => (GpuPath::Fused, Some("fused (pod:fused)".to_string())),
+                        Some(PodMode::Auto) => {
+                            let (fused, note) = plan_pod_step(meta, &self.cfg);
+                            (if fused { GpuPath::Fused } else { GpuPath::Serial }, Some(note))
+                        }
+                    };
+                    gpu.path_note = note;
+                    none.insert(crate::vattention_gpu::StepPlan::new(
+                        &gpu.dev,
+                        &self.cache,
+                        meta,
+                        self.cfg.num_heads,
+                        self.cfg.num_kv_heads,
+                        gpu.sms,
+                        path,
+                    )?)
+                }
             };
             let op = crate::vattention_gpu::GpuAttention {
                 plan,
@@ -289,6 +374,7 @@ impl AttentionBackend for VirtualBackend {
                 heads: self.cfg.num_heads,
                 kv_heads: self.cfg.num_kv_heads,
                 scale: self.scale,
+                pod: gpu.pod.as_ref().map(|p| &p.1),
             };
             let dense = |t: &Tensor| -> Result<Tensor> {
                 Ok(if t.stride()[1..] == [self.cfg.head_dim, 1] {
@@ -325,6 +411,14 @@ impl AttentionBackend for VirtualBackend {
             self.cache.map_ahead(seq, len)?;
         }
         Ok(())
+    }
+
+    fn step_path(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.path_note.clone();
+        }
+        None
     }
 }
 
@@ -405,5 +499,59 @@ impl CustomOp1 for VirtualAttention<'_> {
             _ => candle_core::bail!("virtual-attention: q must be f32, bf16 or f16"),
         };
         Ok((out, l.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LogitsAt, SeqChunk};
+
+    fn step(seqs: &[(usize, usize)]) -> BatchMeta {
+        let chunks = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, &(context_len, query_len))| SeqChunk {
+                seq_id: i as u64,
+                context_len,
+                query_len,
+            })
+            .collect();
+        BatchMeta::new(chunks, LogitsAt::LastToken, &Device::Cpu).unwrap()
+    }
+
+    /// The planner fuses balanced hybrid steps, keeps lopsided ones serial
+    /// (saying why) and leaves single-kind steps to the plain kernels.
+    #[test]
+    fn pod_planner_weighs_the_halves() {
+        let cfg = AttnConfig {
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            max_seq_len: 32768,
+            dtype: candle_core::DType::BF16,
+        };
+        // A 1K chunk at 12K next to 26 decodes at 16K: ~0.74 ms vs ~0.62 ms.
+        let mut balanced = vec![(12288, 1024)];
+        balanced.extend(std::iter::repeat_n((16384, 1), 26));
+        let (fused, note) = plan_pod_step(&step(&balanced), &cfg);
+        assert!(fused, "{note}");
+        let (tp, td) = pod_step_halves(&step(&balanced), &cfg).unwrap();
+        assert!((tp / td - 1.2).abs() < 0.1, "{tp} {td}");
+        // A 2K chunk at 12K next to one short decode: serial, with the share in the note.
+        let (fused, note) = plan_pod_step(&step(&[(12288, 2048), (100, 1)]), &cfg);
+        assert!(
+            !fused && note.starts_with("serial: the smaller half is 0 %"),
+            "{note}"
+        );
+        assert_eq!(
+            plan_pod_step(&step(&[(0, 64)]), &cfg).1,
+            "prefill only: plain kernel"
+        );
+        assert_eq!(
+            plan_pod_step(&step(&[(9, 1), (3, 1)]), &cfg).1,
+            "decode only: plain kernel"
+        );
     }
 }

@@ -7,9 +7,17 @@
 //! whose last block per sequence and KV head merges the splits), each filling its own
 //! rows of the output. No block tables: kernels get the layer's base
 //! address and the slot / position strides.
+//!
+//! The `pod` backend's hybrid steps take one of three paths ([`GpuPath`]):
+//! the same two kernels one after the other (serial), the two on two CUDA
+//! streams, or the POD kernel (`pod_bf16`: both in one launch, prefill and
+//! decode blocks side by side on every SM, see `kernels/src/pod_bf16.cu`).
 
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, sys,
+};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape};
 use half::bf16;
 use vpod_kvcache::{SlotView, VirtualCache};
@@ -28,11 +36,125 @@ pub(crate) const fn prefill_smem(warps: usize) -> usize {
 const FUSED_MERGE_MAX_SPLITS: usize = 16;
 
 /// Query-tile rows of the prefill kernel: 128 (8 warps) unless
-/// `VPOD_PREFILL_WARPS=4` asks for the 64-row variant (benchmarks).
-fn prefill_warps() -> usize {
+/// `VPOD_PREFILL_WARPS=4` asks for the 64-row variant (benchmarks). The
+/// POD kernel always uses the 64-row tile (see `pod_bf16.cu`).
+fn prefill_warps(path: GpuPath) -> usize {
+    if path == GpuPath::Fused {
+        return POD_WARPS;
+    }
     match std::env::var("VPOD_PREFILL_WARPS").ok().as_deref() {
         Some("4") => 4,
         _ => 8,
+    }
+}
+
+/// Warps of a POD kernel block (either role).
+const POD_WARPS: usize = 4;
+/// Dynamic shared memory of a POD block: the larger of the two roles' (the decode split's 96 KiB).
+const POD_SMEM: usize = crate::decode::cuda::DECODE_SMEM;
+
+/// How a step's prefill chunks and decodes run on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GpuPath {
+    /// The prefill kernel, then the decode kernel, on the device's stream.
+    Serial,
+    /// The POD kernel: both in one launch.
+    Fused,
+    /// The prefill kernel on the device's stream, the decode kernel on a second one.
+    Streams,
+}
+
+/// How the POD kernel's blocks pick their kind (`VPOD_POD_POLICY`; see
+/// `pod_bf16.cu`): 1 (default) keeps one prefill block resident per SM,
+/// 0 is the paper's per-SM ticket ratio.
+fn pod_policy() -> i32 {
+    match std::env::var("VPOD_POD_POLICY").ok().as_deref() {
+        Some("0") => 0,
+        _ => 1,
+    }
+}
+
+/// `p : d` with `p + d <= 8`, both >= 1, closest to `n_pre : n_dec` (the
+/// ticket policy's per-SM ratio).
+fn small_ratio(n_pre: usize, n_dec: usize) -> (i32, i32) {
+    let r = n_pre as f64 / (n_pre + n_dec).max(1) as f64;
+    let mut best = (1, 1);
+    for total in 2..=8 {
+        for p in 1..total {
+            let e = (p as f64 / total as f64 - r).abs();
+            let b = best.0 as f64 / (best.0 + best.1) as f64;
+            if e < (b - r).abs() {
+                best = (p, total - p);
+            }
+        }
+    }
+    best
+}
+
+/// State the POD path keeps across steps: the kernel's scheduling counters
+/// (sized by the SM-id range `%nsmid`, zeroed once; the kernel's last block
+/// re-zeroes them) and the second stream of the two-stream path.
+#[derive(Debug)]
+pub(crate) struct PodState {
+    sched: CudaSlice<i32>,
+    nsm: i32,
+    side: SideStream,
+}
+
+/// A raw second stream and two events (cudarc's own streams would switch
+/// the context to per-buffer event tracking, which would order the second
+/// stream's kernels after the first's).
+#[derive(Debug)]
+struct SideStream {
+    stream: sys::CUstream,
+    fork: sys::CUevent,
+    join: sys::CUevent,
+}
+
+// SAFETY: the raw handles are only used from the backend's owner, one step at a time.
+unsafe impl Send for SideStream {}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        // SAFETY: created in PodState::new, used by no one else; errors at teardown are ignored.
+        unsafe {
+            let _ = cudarc::driver::result::event::destroy(self.fork);
+            let _ = cudarc::driver::result::event::destroy(self.join);
+            let _ = cudarc::driver::result::stream::destroy(self.stream);
+        }
+    }
+}
+
+impl PodState {
+    pub(crate) fn new(dev: &CudaDevice) -> Result<Self> {
+        let cerr = |e: cudarc::driver::DriverError| {
+            crate::AttnError::Candle(candle_core::Error::Cuda(e.to_string().into()))
+        };
+        let f = crate::ops::cuda::function(dev, "pod_nsmid")?;
+        let mut n = dev.alloc_zeros::<i32>(1)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut n);
+        // SAFETY: one thread writes one int.
+        unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(cerr)?;
+        let nsm = dev.clone_dtoh(&n)?[0].max(1);
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        // Plain handle creation on the current context (bound by the calls above).
+        let side = {
+            SideStream {
+                stream: cudarc::driver::result::stream::create(
+                    cudarc::driver::result::stream::StreamKind::NonBlocking,
+                )
+                .map_err(cerr)?,
+                fork: cudarc::driver::result::event::create(flags).map_err(cerr)?,
+                join: cudarc::driver::result::event::create(flags).map_err(cerr)?,
+            }
+        };
+        Ok(Self {
+            sched: dev.alloc_zeros::<i32>(3 + 2 * nsm as usize)?,
+            nsm,
+            side,
+        })
     }
 }
 
@@ -120,6 +242,7 @@ pub(crate) struct DeviceChunks {
 /// A step's addressing on the device, shared by all layers.
 #[derive(Debug)]
 pub(crate) struct StepPlan {
+    pub path: GpuPath,
     tokens: usize,
     write_rows: CudaSlice<i64>,
     prefill_warps: usize,
@@ -145,10 +268,11 @@ impl StepPlan {
         heads: usize,
         kv_heads: usize,
         sms: usize,
+        path: GpuPath,
     ) -> Result<Self> {
         let view = cache.view(0, vpod_kvcache::Kv::K);
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
-        let warps = prefill_warps();
+        let warps = prefill_warps(path);
         let bm = 16 * warps;
         let mut write_rows = Vec::with_capacity(meta.num_tokens());
         let (mut chunks, mut slots) = (Chunks::default(), vec![]);
@@ -175,6 +299,7 @@ impl StepPlan {
         let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms);
         let parts = (n_dec * heads * splits).max(1);
         Ok(Self {
+            path,
             tokens: meta.num_tokens(),
             write_rows: upload(dev, &write_rows)?,
             prefill_warps: warps,
@@ -201,6 +326,145 @@ pub(crate) struct GpuAttention<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub scale: f32,
+    /// The POD path's state (the `pod` backend only).
+    pub pod: Option<&'a PodState>,
+}
+
+impl GpuAttention<'_> {
+    /// The causal prefill kernel over the step's prompt chunks.
+    fn launch_prefill(
+        &self,
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        out: &mut CudaSlice<bf16>,
+    ) -> candle_core::Result<()> {
+        let p = self.plan;
+        let (name, smem) = if p.prefill_warps == 4 {
+            ("slot_prefill_w4_bf16", prefill_smem(4))
+        } else {
+            ("slot_prefill_w8_bf16", prefill_smem(8))
+        };
+        let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
+            block_dim: (32 * p.prefill_warps as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
+        let (ss, ps) = (self.k.slot_stride as i64, self.k.pos_stride as i64);
+        b.arg(q).arg(out).arg(&self.k.base).arg(&self.v.base);
+        let c = &p.chunks;
+        b.arg(&c.work)
+            .arg(&c.q_start)
+            .arg(&c.ctx)
+            .arg(&c.q_len)
+            .arg(&p.slots);
+        b.arg(&heads).arg(&group).arg(&ss).arg(&ps).arg(&self.scale);
+        // SAFETY: work items index the chunk arrays; every key a tile reads is
+        // below its chunk's ctx + q_len, all mapped and written.
+        unsafe { b.launch(cfg) }.map_err(derr)?;
+        Ok(())
+    }
+
+    /// The split-KV decode of the step's decode tokens, merged by the
+    /// kernel's last block per (decode, KV head) or by the combine kernel
+    /// (beyond `FUSED_MERGE_MAX_SPLITS`).
+    fn decode_launch<'b>(&'b self, q: &'b CudaView<'b, bf16>) -> crate::decode::cuda::DecodeLaunch<'b> {
+        let p = self.plan;
+        crate::decode::cuda::DecodeLaunch {
+            q,
+            q_rows: &p.dec_rows,
+            k: self.k.base,
+            v: self.v.base,
+            slots: &p.dec_slots,
+            seq_lens: &p.dec_lens,
+            part_o: &p.part_o,
+            part_ml: &p.part_ml,
+            counters: (p.splits <= FUSED_MERGE_MAX_SPLITS).then_some(&p.counters),
+            batch: p.n_dec,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            slot_stride: self.k.slot_stride as i64,
+            pos_stride: self.k.pos_stride as i64,
+            splits: p.splits,
+            scale: self.scale,
+        }
+    }
+
+    /// The POD kernel over the whole hybrid batch (and the combine kernel
+    /// when the decode splits are too many for the in-kernel merge).
+    fn launch_pod(
+        &self,
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        out: &mut CudaSlice<bf16>,
+        pod: &PodState,
+    ) -> candle_core::Result<()> {
+        let p = self.plan;
+        let f = crate::ops::cuda::function_with_smem(dev, "pod_bf16", POD_SMEM)?;
+        let n_pre = p.chunks.n_work * self.heads;
+        let n_dec = p.splits * self.kv_heads * p.n_dec;
+        let cfg = LaunchConfig {
+            grid_dim: ((n_pre + n_dec) as u32, 1, 1),
+            block_dim: (32 * POD_WARPS as u32, 1, 1),
+            shared_mem_bytes: POD_SMEM as u32,
+        };
+        let policy = pod_policy();
+        let (rp, rd) = if policy == 0 {
+            small_ratio(n_pre, n_dec)
+        } else {
+            (1, 1)
+        };
+        let fused_merge = p.splits <= FUSED_MERGE_MAX_SPLITS;
+        let no_counters = 0u64;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
+        let (ss, ps) = (self.k.slot_stride as i64, self.k.pos_stride as i64);
+        let c = &p.chunks;
+        let (n_work, kv_heads, splits, n_decodes) = (
+            c.n_work as i32,
+            self.kv_heads as i32,
+            p.splits as i32,
+            p.n_dec as i32,
+        );
+        b.arg(q).arg(&mut *out).arg(&self.k.base).arg(&self.v.base);
+        b.arg(&heads).arg(&group).arg(&ss).arg(&ps).arg(&self.scale);
+        b.arg(&c.work)
+            .arg(&c.q_start)
+            .arg(&c.ctx)
+            .arg(&c.q_len)
+            .arg(&p.slots)
+            .arg(&n_work);
+        b.arg(&p.dec_rows)
+            .arg(&p.dec_slots)
+            .arg(&p.dec_lens)
+            .arg(&p.part_o)
+            .arg(&p.part_ml);
+        if fused_merge {
+            b.arg(&p.counters);
+        } else {
+            b.arg(&no_counters);
+        }
+        b.arg(&kv_heads).arg(&splits).arg(&n_decodes);
+        b.arg(&pod.sched).arg(&pod.nsm).arg(&policy).arg(&rp).arg(&rd);
+        // SAFETY: the prefill items index the chunk arrays and the decode items the
+        // decode arrays (sizes from the plan); keys read are mapped and written; the
+        // scheduling counters hold 3 + 2 * nsm ints, zero between launches.
+        unsafe { b.launch(cfg) }.map_err(derr)?;
+        if !fused_merge {
+            // Only the combine kernel: the splits were computed above.
+            // SAFETY: reads the partials the POD kernel wrote; writes the decode rows.
+            unsafe { crate::decode::cuda::combine(dev, &self.decode_launch(q), out, None) }?;
+        }
+        Ok(())
+    }
+}
+
+fn derr(e: cudarc::driver::DriverError) -> candle_core::Error {
+    candle_core::Error::Cuda(e.to_string().into())
 }
 
 impl CustomOp3 for GpuAttention<'_> {
@@ -229,9 +493,7 @@ impl CustomOp3 for GpuAttention<'_> {
         sv: &CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let cerr = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-            candle_core::Error::Cuda(e.to_string().into())
-        };
+        let cerr = |e: cudarc::driver::DriverError| candle_core::Error::Cuda(e.to_string().into());
         let d = crate::decode::DECODE_HEAD_DIM;
         let p = self.plan;
         check_inputs("vattention-gpu", [sq, sk, sv], lq, p.tokens, self.heads)?;
@@ -265,59 +527,43 @@ impl CustomOp3 for GpuAttention<'_> {
         // SAFETY: the prefill and decode kernels below write every row of `out`
         // (each token is in exactly one prompt chunk or is one decode).
         let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * d) }?;
-        let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
-        let (ss, ps) = (self.k.slot_stride as i64, self.k.pos_stride as i64);
-        // 2. Prompt chunks.
-        if p.chunks.n_work > 0 {
-            let (name, smem) = if p.prefill_warps == 4 {
-                ("slot_prefill_w4_bf16", prefill_smem(4))
-            } else {
-                ("slot_prefill_w8_bf16", prefill_smem(8))
-            };
-            let f = crate::ops::cuda::function_with_smem(&dev, name, smem)?;
-            let cfg = LaunchConfig {
-                grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
-                block_dim: (32 * p.prefill_warps as u32, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(&q).arg(&mut out).arg(&self.k.base).arg(&self.v.base);
-            let c = &p.chunks;
-            b.arg(&c.work)
-                .arg(&c.q_start)
-                .arg(&c.ctx)
-                .arg(&c.q_len)
-                .arg(&p.slots);
-            b.arg(&heads).arg(&group).arg(&ss).arg(&ps).arg(&self.scale);
-            // SAFETY: work items index the chunk arrays; every key a tile reads is
-            // below its chunk's ctx + q_len, all mapped and written.
-            unsafe { b.launch(cfg) }.map_err(cerr)?;
-        }
-        // 3. Decode tokens: split-KV, merged by the kernel's last block per
-        // (decode, KV head) or by the combine kernel (FUSED_MERGE_MAX_SPLITS).
-        if p.n_dec > 0 {
-            let launch = crate::decode::cuda::DecodeLaunch {
-                q: &q,
-                q_rows: &p.dec_rows,
-                k: self.k.base,
-                v: self.v.base,
-                slots: &p.dec_slots,
-                seq_lens: &p.dec_lens,
-                part_o: &p.part_o,
-                part_ml: &p.part_ml,
-                counters: (p.splits <= FUSED_MERGE_MAX_SPLITS).then_some(&p.counters),
-                batch: p.n_dec,
-                heads: self.heads,
-                kv_heads: self.kv_heads,
-                slot_stride: ss,
-                pos_stride: ps,
-                splits: p.splits,
-                scale: self.scale,
-            };
-            // SAFETY: keys below each decode's length are mapped and written; the
-            // plan's partials hold n_dec * heads * splits entries and its counters
-            // n_dec * kv_heads (zero between launches; stream-ordered reuse by the layers).
-            unsafe { crate::decode::cuda::launch(&dev, &launch, &mut out) }?;
+        let hybrid = p.chunks.n_work > 0 && p.n_dec > 0;
+        match (p.path, self.pod) {
+            (GpuPath::Fused, Some(pod)) if hybrid => self.launch_pod(&dev, &q, &mut out, pod)?,
+            (GpuPath::Streams, Some(pod)) if hybrid => {
+                let main = stream.cu_stream();
+                let side = &pod.side;
+                // SAFETY: events and the side stream belong to this context; the side
+                // stream starts after everything queued so far (K/V writes, `out`'s
+                // allocation) and the main stream continues after it.
+                unsafe {
+                    use cudarc::driver::result::{event, stream as st};
+                    event::record(side.fork, main).map_err(cerr)?;
+                    st::wait_event(
+                        side.stream,
+                        side.fork,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                    .map_err(cerr)?;
+                    self.launch_prefill(&dev, &q, &mut out)?;
+                    crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, Some(side.stream))?;
+                    event::record(side.join, side.stream).map_err(cerr)?;
+                    st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                        .map_err(cerr)?;
+                }
+            }
+            _ => {
+                // 2. Prompt chunks, then 3. decode tokens.
+                if p.chunks.n_work > 0 {
+                    self.launch_prefill(&dev, &q, &mut out)?;
+                }
+                if p.n_dec > 0 {
+                    // SAFETY: keys below each decode's length are mapped and written; the
+                    // plan's partials hold n_dec * heads * splits entries and its counters
+                    // n_dec * kv_heads (zero between launches; stream-ordered reuse by the layers).
+                    unsafe { crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, None) }?;
+                }
+            }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), lq.shape().clone()))
     }

@@ -141,6 +141,10 @@ pub struct StepRecord {
     pub prefill_tokens: usize,
     pub preempted: usize,
     pub ms: f64,
+    /// How the backend ran the step's attention, when it chooses per step
+    /// (`pod` on a GPU: fused, or serial and why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_path: Option<String>,
 }
 
 /// The outputs of [`Engine::run_batch`], in request order, and its steps.
@@ -497,6 +501,7 @@ impl Engine {
                     .sum(),
                 preempted: preempted.len(),
                 ms: t0.elapsed().as_secs_f64() * 1e3,
+                attention_path: self.backend.step_path(),
             });
         }
         Ok(())

@@ -184,7 +184,7 @@ impl ModelArgs {
             } else {
                 vpod_kvcache::Mapping::Overlapped
             },
-            fault_scale: None,
+            ..Default::default()
         }
     }
 }

@@ -11,5 +11,5 @@ extern "C" __global__ void __launch_bounds__(8 * 32)
         const int64_t head_off = (int64_t)kvh * ATT_HEAD_DIM << block_log2;
         return PagedKv<8 * 32>{k_cache + head_off, v_cache + head_off, block_tables + (int64_t)chunk * max_blocks,
                                ((int64_t)kv_heads * ATT_HEAD_DIM) << block_log2, block_log2};
-    });
+    }, blockIdx.x, blockIdx.y);
 }

@@ -28,14 +28,18 @@ constexpr int DEC_STAGES = 3;
 constexpr int DEC_STAGE_BYTES = 2 * DEC_TILE * ATT_ROW_BYTES;
 constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 
+// One split of one (sequence b, KV head kvh), run by DEC_WARPS warps (threads
+// 0 .. 127 of the block) that meet at `sync()` (__syncthreads in the plain
+// kernel, a named barrier of those 128 threads in the POD kernel).
+template <typename Sync>
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
     const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
     __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
-    float scale) {
+    float scale, int split, int kvh, int b, int kv_heads, Sync sync) {
+    constexpr int THREADS = DEC_WARPS * 32;
     extern __shared__ __align__(128) uint8_t smem[];
-    const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int seq_len = seq_lens[b];
     const int per_split = (seq_len + splits - 1) / splits;
@@ -82,7 +86,7 @@ __device__ __forceinline__ void slot_decode_split(
     }
     for (int i = 0; i < ntiles; ++i) {
         cp_async_wait<DEC_STAGES - 2>();
-        __syncthreads();
+        sync();
         if (i + DEC_STAGES - 1 < ntiles) load(i + DEC_STAGES - 1, (i + DEC_STAGES - 1) % DEC_STAGES);
         cp_async_commit();
         const uint32_t ks = smem0 + (i % DEC_STAGES) * DEC_STAGE_BYTES, vs = ks + DEC_TILE * ATT_ROW_BYTES;
@@ -100,7 +104,7 @@ __device__ __forceinline__ void slot_decode_split(
         pv_16(o, pa, vs, warp * 16, lane);
     }
     cp_async_wait<0>();
-    __syncthreads();
+    sync();
 
     // Merge the warps: (m, l) and o per warp and row in shared memory.
     float* sm = reinterpret_cast<float*>(smem);  // [DEC_WARPS][16]
@@ -120,8 +124,8 @@ __device__ __forceinline__ void slot_decode_split(
             so[(warp * 16 + row) * ATT_HEAD_DIM + 8 * d + 2 * t + 1] = o[d][2 * r + 1];
         }
     }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < group * ATT_HEAD_DIM; idx += blockDim.x) {
+    sync();
+    for (int idx = threadIdx.x; idx < group * ATT_HEAD_DIM; idx += THREADS) {
         const int row = idx / ATT_HEAD_DIM, d = idx % ATT_HEAD_DIM;
         float big = -INFINITY;
         for (int w = 0; w < DEC_WARPS; ++w) big = fmaxf(big, sm[w * 16 + row]);
@@ -144,9 +148,9 @@ __device__ __forceinline__ void slot_decode_split(
     // Fused combine: the last block of this (sequence, KV head) merges.
     __shared__ bool last;
     __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&counters[b * gridDim.y + kvh], 1) == splits - 1;
-    __syncthreads();
+    sync();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[b * kv_heads + kvh], 1) == splits - 1;
+    sync();
     if (!last) return;
     __threadfence();
     // Split weights 2^(m_p - M) per row in shared memory (the pipeline's
@@ -155,9 +159,9 @@ __device__ __forceinline__ void slot_decode_split(
     float* wts = reinterpret_cast<float*>(smem);  // [group][splits]
     float* inv = wts + group * splits;            // [group]: 1 / sum_p w_p l_p
     const size_t h0 = (size_t)b * heads + (size_t)kvh * group;
-    for (int i = threadIdx.x; i < group * splits; i += blockDim.x)
+    for (int i = threadIdx.x; i < group * splits; i += THREADS)
         wts[i] = __ldcg(&part_ml[((h0 + i / splits) * splits + i % splits) * 2]);
-    __syncthreads();
+    sync();
     if (threadIdx.x < group) {
         const int row = threadIdx.x;
         float big = -INFINITY;
@@ -171,8 +175,8 @@ __device__ __forceinline__ void slot_decode_split(
         }
         inv[row] = 1.f / lsum;
     }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < group * ATT_HEAD_DIM; idx += blockDim.x) {
+    sync();
+    for (int idx = threadIdx.x; idx < group * ATT_HEAD_DIM; idx += THREADS) {
         const int row = idx / ATT_HEAD_DIM, d = idx % ATT_HEAD_DIM;
         const float* po = part_o + (h0 + row) * splits * ATT_HEAD_DIM + d;
         float acc = 0.f;
@@ -180,7 +184,7 @@ __device__ __forceinline__ void slot_decode_split(
         for (int p = 0; p < splits; ++p) acc += wts[row * splits + p] * __ldcg(po + (size_t)p * ATT_HEAD_DIM);
         out[((size_t)q_rows[b] * heads + (size_t)kvh * group + row) * ATT_HEAD_DIM + d] = __float2bfloat16(acc * inv[row]);
     }
-    if (threadIdx.x == 0) counters[b * gridDim.y + kvh] = 0;  // ready for the next launch
+    if (threadIdx.x == 0) counters[b * kv_heads + kvh] = 0;  // ready for the next launch
 }
 
 // One block per (decode, head), one thread per dim; writes packed row q_rows[b].

@@ -9,6 +9,7 @@
 //   K, V:     base + slot * slot_stride + position * pos_stride (+ kv_head * 128)
 //   work:     (chunk, first query row) per query tile, heaviest first
 //   grid:     (work items, heads); block: WARPS warps, a tile of 16 * WARPS query rows
+//             (the POD kernel passes its own work item and head instead of blockIdx)
 //
 // Each warp owns 16 query rows (Q kept in registers as A fragments) and the
 // whole key tile: S = Q K^T (16 x 64) and O += P V on tensor cores, online
@@ -52,11 +53,12 @@ template <int WARPS, int STAGES, typename MakeKv>
 __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                              const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                              const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
-                                             int heads, int group, float scale, MakeKv make_kv) {
+                                             int heads, int group, float scale, MakeKv make_kv, int item,
+                                             int head) {
     using S = PrefillShape<WARPS, STAGES>;
     extern __shared__ __align__(128) uint8_t smem[];
-    const int head = blockIdx.y, kvh = head / group;
-    const int chunk = work[2 * blockIdx.x], j0 = work[2 * blockIdx.x + 1];
+    const int kvh = head / group;
+    const int chunk = work[2 * item], j0 = work[2 * item + 1];
     const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float qk_scale = scale * ATT_LOG2E;

@@ -9,5 +9,5 @@ extern "C" __global__ void __launch_bounds__(4 * 32)
     prefill_tile<4, 2>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, [=](int chunk, int kvh) {
         const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
         return SlotKv<4 * 32>{k_base + off, v_base + off, pos_stride};
-    });
+    }, blockIdx.x, blockIdx.y);
 }

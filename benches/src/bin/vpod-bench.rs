@@ -18,7 +18,17 @@
 //!   boundaries: per-step latency with synchronous and overlapped mapping;
 //! - `e2e`:     decode throughput of synthetic Yi-6B / Llama-3-8B / Yi-34B
 //!   at a 16K context per request, batch 1..32 as the GPU's memory allows,
-//!   per backend, next to the memory floor (the paper's figure 9a).
+//!   per backend, next to the memory floor (the paper's figure 9a);
+//! - `hybrid`:  one layer's attention of hybrid batches (a prefill chunk of
+//!   512 / 1024 / 2048 tokens at 4K..12K of its prompt next to a decode batch
+//!   sized to fill an 80 GB GPU at 4K..16K of context), Llama-3-8B and Yi-6B
+//!   heads: the POD kernel (both block-role policies) and the planner's
+//!   choice against the serial pair (both prefill tiles: the best is the
+//!   baseline) and two CUDA streams (the POD-Attention paper's sweep);
+//! - `serve`:   offline serving of 16K-token requests on synthetic weights:
+//!   requests per minute for `prefill-first` + `vattention`, `hybrid` +
+//!   `vattention` and `hybrid` + `pod`, and with `--rate` Poisson arrivals
+//!   (online) TTFT and time between tokens.
 
 use std::time::Instant;
 
@@ -80,6 +90,44 @@ enum What {
         /// Tokens generated per request (the median decode step is reported).
         #[arg(long, default_value_t = 256)]
         tokens: usize,
+    },
+    Hybrid {
+        #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
+        models: Vec<String>,
+        /// Prefill chunk sizes.
+        #[arg(long, value_delimiter = ',', default_value = "512,1024,2048")]
+        chunks: Vec<usize>,
+        /// Prompt tokens already in the cache before the chunk.
+        #[arg(long, value_delimiter = ',', default_value = "4096,8192,12288")]
+        positions: Vec<usize>,
+        /// Context of every decode.
+        #[arg(long, value_delimiter = ',', default_value = "4096,8192,16384")]
+        contexts: Vec<usize>,
+        /// GPU memory the decode batch is sized to fill (weights + KV of the whole model).
+        #[arg(long, default_value_t = 80.0)]
+        memory_gb: f64,
+    },
+    Serve {
+        #[arg(long, value_delimiter = ',', default_value = "yi-6b,llama3-8b")]
+        models: Vec<String>,
+        #[arg(long, default_value_t = 32)]
+        requests: usize,
+        /// Prompt tokens per request.
+        #[arg(long, default_value_t = 16384 - 512)]
+        prompt: usize,
+        /// Generated tokens per request.
+        #[arg(long, default_value_t = 512)]
+        output: usize,
+        /// Poisson arrivals per second (0: all at once, the offline run).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// (scheduler/backend) runs.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "prefill-first/vattention,hybrid/vattention,hybrid/pod"
+        )]
+        runs: Vec<String>,
     },
 }
 
@@ -745,6 +793,281 @@ fn e2e(
     Ok(rows)
 }
 
+/// How each variant of the `hybrid` sweep runs a step: (name, pod mode,
+/// block-role policy, prefill warps of the serial kernels).
+const HYBRID_VARIANTS: &[(&str, &str, &str, &str)] = &[
+    ("serial", "serial", "1", "8"),
+    ("serial-64", "serial", "1", "4"),
+    ("streams", "streams", "1", "8"),
+    ("pod", "fused", "1", "8"),
+    ("pod-ticket", "fused", "0", "8"),
+    ("auto", "auto", "1", "8"),
+];
+
+fn hybrid(
+    models: &[String],
+    chunks: &[usize],
+    positions: &[usize],
+    contexts: &[usize],
+    memory_gb: f64,
+    iters: usize,
+) -> Result<Vec<Value>> {
+    let dev = gpu()?;
+    let mut rows = vec![];
+    print!("| model | chunk @ pos | decodes x ctx | smaller half |");
+    for v in HYBRID_VARIANTS {
+        print!(" {} us |", v.0);
+    }
+    println!(" pod / best serial | auto / best serial | streams / best serial | planner |");
+    println!("|{}", "---|".repeat(4 + HYBRID_VARIANTS.len() + 4));
+    let max_pos = positions.iter().max().copied().unwrap_or(0) + chunks.iter().max().copied().unwrap_or(0);
+    for name in models {
+        let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
+        let (heads, kvh) = (p.heads, p.kv_heads);
+        // The decode batch of a full model on `memory_gb`: 90 % for weights + KV.
+        let kv_per_token = (p.layers * 2 * kvh * 128 * 2) as f64;
+        let kv_tokens = ((memory_gb * 0.9e9 - weight_bytes(&p)) / kv_per_token).max(0.0);
+        for &ctx in contexts {
+            let batch = ((kv_tokens / ctx as f64) as usize).clamp(1, 256);
+            let max_len = ctx.max(max_pos) + 64;
+            let mut b = backend("pod", heads, kvh, batch + positions.len(), max_len, &dev)?;
+            // The decodes' context, 8 prompts a step.
+            for group in (0..batch as u64).collect::<Vec<_>>().chunks(8) {
+                let prompts = group
+                    .iter()
+                    .map(|&s| SeqChunk {
+                        seq_id: s,
+                        context_len: 0,
+                        query_len: ctx,
+                    })
+                    .collect();
+                step(b.as_mut(), prompts, heads, kvh, &dev)?;
+            }
+            // One prompt per chunk position, filled up to it.
+            for (i, &pos) in positions.iter().enumerate() {
+                let mut done = 0;
+                while done < pos {
+                    let n = (pos - done).min(4096);
+                    let c = SeqChunk {
+                        seq_id: 10_000 + i as u64,
+                        context_len: done,
+                        query_len: n,
+                    };
+                    step(b.as_mut(), vec![c], heads, kvh, &dev)?;
+                    done += n;
+                }
+            }
+            for &chunk in chunks {
+                for (i, &pos) in positions.iter().enumerate() {
+                    let mut seqs = vec![SeqChunk {
+                        seq_id: 10_000 + i as u64,
+                        context_len: pos,
+                        query_len: chunk,
+                    }];
+                    seqs.extend((0..batch as u64).map(|s| SeqChunk {
+                        seq_id: s,
+                        context_len: ctx,
+                        query_len: 1,
+                    }));
+                    let meta = BatchMeta::new(seqs.clone(), LogitsAt::LastToken, &Device::Cpu)?;
+                    let cfg = AttnConfig {
+                        num_layers: 2,
+                        num_heads: heads,
+                        num_kv_heads: kvh,
+                        head_dim: 128,
+                        max_seq_len: max_len,
+                        dtype: DType::BF16,
+                    };
+                    let (fused, note) = vpod_attention::plan_pod_step(&meta, &cfg);
+                    let mut us = serde_json::Map::new();
+                    for &(v, mode, policy, warps) in HYBRID_VARIANTS {
+                        // SAFETY: single-threaded here; read when the backend plans a step.
+                        unsafe {
+                            std::env::set_var("VPOD_POD_MODE", mode);
+                            std::env::set_var("VPOD_POD_POLICY", policy);
+                            std::env::set_var("VPOD_PREFILL_WARPS", warps);
+                        }
+                        let secs = time_layer(b.as_mut(), seqs.clone(), heads, kvh, &dev, iters)?;
+                        us.insert(v.into(), json!(secs * 1e6));
+                    }
+                    let t = |v: &str| us[v].as_f64().unwrap_or(f64::NAN);
+                    let best_serial = t("serial").min(t("serial-64"));
+                    let share = note_share(&meta, &cfg);
+                    print!(
+                        "| {name} | {chunk} @ {pos} | {batch} x {ctx} | {:.0} % |",
+                        share * 100.0
+                    );
+                    for v in HYBRID_VARIANTS {
+                        print!(" {:.0} |", t(v.0));
+                    }
+                    println!(
+                        " {:.2} | {:.2} | {:.2} | {} |",
+                        best_serial / t("pod"),
+                        best_serial / t("auto"),
+                        best_serial / t("streams"),
+                        if fused { "fused" } else { "serial" }
+                    );
+                    rows.push(json!({"model": name, "heads": heads, "kv_heads": kvh, "chunk": chunk,
+                        "position": pos, "decodes": batch, "decode_context": ctx, "us_per_layer": us,
+                        "best_serial_us": best_serial, "pod_speedup": best_serial / t("pod"),
+                        "auto_speedup": best_serial / t("auto"), "streams_speedup": best_serial / t("streams"),
+                        "planner": note, "planner_fused": fused, "smaller_half_share": share,
+                        "what": "one layer's attention call (K/V write + attention kernels), median of rounds"}));
+                }
+            }
+        }
+    }
+    for k in ["VPOD_POD_MODE", "VPOD_POD_POLICY", "VPOD_PREFILL_WARPS"] {
+        unsafe { std::env::remove_var(k) };
+    }
+    // The summary the targets are stated in.
+    let speed = |key: &str| -> Vec<f64> { rows.iter().filter_map(|r| r[key].as_f64()).collect() };
+    let mut summary = serde_json::Map::new();
+    for key in ["pod_speedup", "auto_speedup", "streams_speedup"] {
+        let v = speed(key);
+        if v.is_empty() {
+            continue;
+        }
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let geo = (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp();
+        let max = v.iter().copied().fold(f64::MIN, f64::max);
+        let min = v.iter().copied().fold(f64::MAX, f64::min);
+        let slower = v.iter().filter(|&&x| x < 1.0 / 1.03).count();
+        println!(
+            "{key}: mean {mean:.3}x (geomean {geo:.3}x), max {max:.2}x, min {min:.2}x, {slower} of {} cases > 3 % slower than the best serial pair",
+            v.len()
+        );
+        summary.insert(
+            key.into(),
+            json!({"mean": mean, "geomean": geo, "max": max, "min": min, "cases": v.len(), "slower_than_3pct": slower}),
+        );
+    }
+    rows.push(json!({"summary": summary}));
+    Ok(rows)
+}
+
+/// The smaller half's share of the predicted serial time (as the planner computes it).
+fn note_share(meta: &BatchMeta, cfg: &AttnConfig) -> f64 {
+    vpod_attention::pod_step_halves(meta, cfg).map_or(0.0, |(tp, td)| tp.min(td) / (tp + td))
+}
+
+fn serve(
+    models: &[String],
+    requests: usize,
+    prompt: usize,
+    output: usize,
+    rate: f64,
+    runs: &[String],
+) -> Result<Vec<Value>> {
+    use vpod_cli::engine::{Engine, Request};
+    use vpod_cli::sampler::SamplingParams;
+    use vpod_cli::scheduler::{Policy, SchedulerConfig};
+    let dev = gpu()?;
+    let mut rows = vec![];
+    println!(
+        "| model | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for name in models {
+        let mut p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
+        p.max_position_embeddings = p.max_position_embeddings.max(prompt + output + 64);
+        // The POD paper's chunk sizes: Yi-6B 512, Llama-3-8B 1024.
+        let chunk = if name == "yi-6b" { 512 } else { 1024 };
+        let model = std::sync::Arc::new(vpod_models::load_synthetic(
+            &p,
+            DType::BF16,
+            &dev,
+            0,
+            &mut |_, _| {},
+        )?);
+        // KV for every request at once (pages rounded up) if the GPU holds it, else what is free.
+        let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
+        let free = vpod_cli::device::gpu_info(&dev)?.map_or(0, |g| g.free_bytes);
+        let want = (requests as f64 * (prompt + output + 2048) as f64 * kv_per_token) as usize;
+        let kv = want.min(free.saturating_sub(6 << 30));
+        for run in runs {
+            let (sched, spec) = run
+                .split_once('/')
+                .with_context(|| format!("run {run}: expected scheduler/backend"))?;
+            let policy = match sched {
+                "prefill-first" => Policy::PrefillFirst,
+                "hybrid" => Policy::Hybrid { one_prefill: false },
+                other => bail!("unknown scheduler {other}"),
+            };
+            let opts = BackendOptions {
+                max_seqs: requests,
+                kv_memory: Some(kv),
+                ..Default::default()
+            };
+            let mut e = Engine::with_options(model.clone(), spec, &opts)?;
+            let trace = vpod_cli::compare::synthetic_trace(requests, prompt, output, rate, 7);
+            let vocab = p.vocab;
+            let reqs: Vec<Request> = trace
+                .iter()
+                .enumerate()
+                .map(|(i, _)| Request {
+                    prompt: (0..prompt)
+                        .map(|t| ((t * 31 + i * 7) % (vocab - 20)) as u32 + 10)
+                        .collect(),
+                    max_tokens: output,
+                    sampling: SamplingParams {
+                        ignore_eos: true,
+                        ..Default::default()
+                    },
+                    arrival_ms: trace[i].2,
+                })
+                .collect();
+            let cfg = SchedulerConfig {
+                policy,
+                chunk_size: chunk,
+                max_seqs: requests,
+            };
+            let t = Instant::now();
+            let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?;
+            let wall = t.elapsed().as_secs_f64();
+            let generated: usize = out.requests.iter().map(|r| r.tokens.len()).sum();
+            let ttft: Vec<f64> = out.requests.iter().map(|r| r.ttft_ms).collect();
+            let tbt: Vec<f64> = out
+                .requests
+                .iter()
+                .flat_map(|r| r.tbt_ms.iter().copied())
+                .collect();
+            let hybrid_steps = out
+                .steps
+                .iter()
+                .filter(|s| s.prefill_chunks > 0 && s.decodes > 0)
+                .count();
+            let fused = out
+                .steps
+                .iter()
+                .filter(|s| {
+                    s.attention_path
+                        .as_deref()
+                        .is_some_and(|p| p.starts_with("fused"))
+                })
+                .count();
+            let rpm = requests as f64 / wall * 60.0;
+            println!(
+                "| {name} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid |",
+                generated as f64 / wall,
+                percentile(&ttft, 0.5),
+                percentile(&ttft, 0.99),
+                percentile(&tbt, 0.5),
+                percentile(&tbt, 0.99)
+            );
+            rows.push(
+                json!({"model": name, "scheduler": sched, "backend": spec, "chunk": chunk,
+                "requests": requests, "prompt": prompt, "output": output, "rate_per_s": rate, "wall_s": wall,
+                "requests_per_min": rpm, "tokens_per_s": generated as f64 / wall,
+                "ttft_ms_p50": percentile(&ttft, 0.5), "ttft_ms_p99": percentile(&ttft, 0.99),
+                "tbt_ms_p50": percentile(&tbt, 0.5), "tbt_ms_p99": percentile(&tbt, 0.99),
+                "steps": out.steps.len(), "hybrid_steps": hybrid_steps, "fused_steps": fused,
+                "preemptions": out.requests.iter().map(|r| r.preemptions).sum::<usize>(), "kv_bytes": kv}),
+            );
+        }
+    }
+    Ok(rows)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     // SAFETY: before any thread is started.
@@ -766,6 +1089,24 @@ fn main() -> Result<()> {
             backends,
             tokens,
         } => ("e2e", e2e(*context, batch, models, backends, *tokens)?),
+        What::Hybrid {
+            models,
+            chunks,
+            positions,
+            contexts,
+            memory_gb,
+        } => (
+            "hybrid",
+            hybrid(models, chunks, positions, contexts, *memory_gb, args.iters)?,
+        ),
+        What::Serve {
+            models,
+            requests,
+            prompt,
+            output,
+            rate,
+            runs,
+        } => ("serve", serve(models, *requests, *prompt, *output, *rate, runs)?),
     };
     let record = json!({"benchmark": name, "gpu": gpu_name(), "date": std::env::var("VPOD_DATE").unwrap_or_default(),
         "command": std::env::args().collect::<Vec<_>>().join(" "), "results": rows});

@@ -1,0 +1,130 @@
+// POD-Attention over the per-slot (vAttention) layout: the prefill chunks and
+// the decode tokens of a hybrid batch in ONE launch, prefill and decode
+// thread blocks running side by side on every SM (compute-bound query tiles
+// on the tensor cores next to bandwidth-bound decode splits).
+//
+//   grid:   1-D, n_pre + n_dec blocks of 4 warps, 96 KiB dynamic smem
+//   n_pre = n_work x heads prefill items: the 64-row query tile `work[w]`
+//           of slot_prefill_w4 for head h, item w * heads + h (heaviest first)
+//   n_dec = splits x kv_heads x decodes decode items: slot_decode's split
+//           (split, kv head, decode)
+//
+// Blocks per SM on the H100 / H200: both roles need ~220 registers per
+// thread (the query fragments and the 16 x 128 f32 accumulator of a warp),
+// so 65536 registers hold 2 blocks of 128 threads, one more would spill;
+// shared memory (2 x 97 of 228 KiB) would allow 2 as well. The 128-row
+// (8-warp) prefill tile is not used here: at ~217 registers its 256 threads
+// fill an SM's register file alone, leaving no room for a decode block.
+//
+// Thread 0 of each block picks its kind from the SM it landed on, then takes
+// the next item of that kind from a global counter (the other kind when its
+// own has none left: every block gets exactly one item):
+//   policy 0 (the paper's): a ticket from the SM's counter; tickets
+//            t mod (ratio_p + ratio_d) < ratio_p do prefill, so every SM runs
+//            the global prefill:decode ratio of blocks over time;
+//   policy 1 (resident):    prefill while fewer than ratio_p prefill blocks
+//            are resident on the SM (counted up at start, down at the end),
+//            decode otherwise, so the mix of blocks *running together* on an
+//            SM is the target one (with 2 blocks per SM and ratio_p 1: one of
+//            each while both kinds last).
+//
+// sched (ints, zero before the first launch, allocated once):
+//   [0] prefill items taken, [1] decode items taken, [2] blocks finished,
+//   [3, 3 + nsm) tickets per SM, [3 + nsm, 3 + 2 nsm) resident prefill blocks
+//   per SM; nsm = %nsmid (SM ids are not dense on every part). The last block
+//   to finish zeroes [0..3) and the tickets (the resident counts return to 0
+//   by themselves), so no per-launch memset or allocation is needed.
+#include "slot_decode.cuh"
+#include "slot_prefill.cuh"
+
+constexpr int POD_WARPS = 4;
+static_assert(POD_WARPS == DEC_WARPS && PrefillShape<POD_WARPS, 2>::SMEM <= DEC_SMEM, "prefill and decode roles share the block's smem");
+
+__device__ __forceinline__ int pod_smid() {
+    int id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    return id;
+}
+
+// The SM-id range of this GPU, for sizing `sched` (one thread).
+extern "C" __global__ void pod_nsmid(int* out) {
+    int n;
+    asm volatile("mov.u32 %0, %%nsmid;" : "=r"(n));
+    *out = n;
+}
+
+extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, 2)
+    pod_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const __nv_bfloat16* k_base, const __nv_bfloat16* v_base,
+             int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale,
+             // prefill chunks (slot_prefill_w4's arguments)
+             const int32_t* work, const int32_t* q_start, const int32_t* ctx_len, const int32_t* q_len,
+             const int32_t* slots, int n_work,
+             // decodes (slot_decode's arguments)
+             const int32_t* dec_rows, const int32_t* dec_slots, const int32_t* dec_lens, float* part_o,
+             float* part_ml, int* counters, int kv_heads, int splits, int n_decodes,
+             // scheduling
+             int* sched, int nsm, int policy, int ratio_p, int ratio_d) {
+    __shared__ int s_item;  // >= 0: prefill item; < 0: decode item -1 - s_item
+    const int n_pre = n_work * heads, n_dec = splits * kv_heads * n_decodes;
+    int* tickets = sched + 3;
+    int* resident = sched + 3 + nsm;
+    int sm = 0;
+    bool held = false;  // this block counts in resident[sm]
+    if (threadIdx.x == 0) {
+        sm = pod_smid() % nsm;
+        bool pre;
+        if (policy == 0) {
+            pre = atomicAdd(&tickets[sm], 1) % (ratio_p + ratio_d) < ratio_p;
+        } else {
+            pre = atomicAdd(&resident[sm], 1) < ratio_p;
+            held = pre;
+            if (!pre) atomicSub(&resident[sm], 1);
+        }
+        int item = -1;
+        if (pre) {
+            item = atomicAdd(&sched[0], 1);
+            if (item >= n_pre) pre = false;
+        }
+        if (!pre) {
+            item = atomicAdd(&sched[1], 1);
+            if (item >= n_dec) {
+                pre = true;
+                item = atomicAdd(&sched[0], 1);
+            }
+        }
+        if (held && !pre) {
+            atomicSub(&resident[sm], 1);
+            held = false;
+        }
+        s_item = pre ? item : -1 - item;
+    }
+    __syncthreads();
+    const int item = s_item;
+    if (item >= 0) {
+        const int w = item / heads, head = item % heads;
+        prefill_tile<POD_WARPS, 2>(
+            q, out, work, q_start, ctx_len, q_len, heads, group, scale,
+            [=](int chunk, int kvh) {
+                const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+                return SlotKv<POD_WARPS * 32>{k_base + off, v_base + off, pos_stride};
+            },
+            w, head);
+        __syncthreads();  // the block's work is done before it stops counting as resident
+    } else {
+        const int d = -1 - item;
+        const int split = d % splits, kvh = (d / splits) % kv_heads, b = d / (splits * kv_heads);
+        slot_decode_split(q, dec_rows, k_base, v_base, dec_slots, dec_lens, part_o, part_ml, counters, out, heads,
+                          group, slot_stride, pos_stride, splits, scale, split, kvh, b, kv_heads,
+                          [] { __syncthreads(); });
+    }
+    if (threadIdx.x != 0) return;
+    if (held) atomicSub(&resident[sm], 1);
+    __threadfence();
+    if (atomicAdd(&sched[2], 1) == (int)gridDim.x - 1) {
+        // Every other block has finished its counter updates: ready the next launch.
+        sched[0] = sched[1] = 0;
+        for (int i = 0; i < nsm; ++i) tickets[i] = 0;
+        __threadfence();
+        sched[2] = 0;
+    }
+}
