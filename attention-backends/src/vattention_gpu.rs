@@ -74,6 +74,17 @@ fn pod_policy() -> i32 {
     }
 }
 
+/// Decode splits of a fused step: as many as `VPOD_POD_SPLIT_WAVES` (default
+/// 4) waves of decode blocks would need (the serial decode launch sizes its
+/// splits to one wave).
+fn pod_split_waves() -> usize {
+    std::env::var("VPOD_POD_SPLIT_WAVES")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .filter(|&w| w >= 1)
+        .unwrap_or(4)
+}
+
 /// `p : d` with `p + d <= 8`, both >= 1, closest to `n_pre : n_dec` (the
 /// ticket policy's per-SM ratio).
 fn small_ratio(n_pre: usize, n_dec: usize) -> (i32, i32) {
@@ -296,7 +307,14 @@ impl StepPlan {
         }
         let n_dec = dec_rows.len();
         let max_len = dec_lens.iter().copied().max().unwrap_or(1) as usize;
-        let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms);
+        // The POD kernel hands out its items dynamically: finer decode splits
+        // (several waves' worth) keep its tail short; a plain launch wants one wave.
+        let waves = if path == GpuPath::Fused {
+            pod_split_waves()
+        } else {
+            1
+        };
+        let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms * waves);
         let parts = (n_dec * heads * splits).max(1);
         Ok(Self {
             path,

@@ -794,14 +794,15 @@ fn e2e(
 }
 
 /// How each variant of the `hybrid` sweep runs a step: (name, pod mode,
-/// block-role policy, prefill warps of the serial kernels).
-const HYBRID_VARIANTS: &[(&str, &str, &str, &str)] = &[
-    ("serial", "serial", "1", "8"),
-    ("serial-64", "serial", "1", "4"),
-    ("streams", "streams", "1", "8"),
-    ("pod", "fused", "1", "8"),
-    ("pod-ticket", "fused", "0", "8"),
-    ("auto", "auto", "1", "8"),
+/// block-role policy, prefill warps of the serial kernels, decode split waves of the POD kernel).
+const HYBRID_VARIANTS: &[(&str, &str, &str, &str, &str)] = &[
+    ("serial", "serial", "1", "8", "4"),
+    ("serial-64", "serial", "1", "4", "4"),
+    ("streams", "streams", "1", "8", "4"),
+    ("pod", "fused", "1", "8", "4"),
+    ("pod-1wave", "fused", "1", "8", "1"),
+    ("pod-ticket", "fused", "0", "8", "4"),
+    ("auto", "auto", "1", "8", "4"),
 ];
 
 fn hybrid(
@@ -880,12 +881,13 @@ fn hybrid(
                     };
                     let (fused, note) = vpod_attention::plan_pod_step(&meta, &cfg);
                     let mut us = serde_json::Map::new();
-                    for &(v, mode, policy, warps) in HYBRID_VARIANTS {
+                    for &(v, mode, policy, warps, waves) in HYBRID_VARIANTS {
                         // SAFETY: single-threaded here; read when the backend plans a step.
                         unsafe {
                             std::env::set_var("VPOD_POD_MODE", mode);
                             std::env::set_var("VPOD_POD_POLICY", policy);
                             std::env::set_var("VPOD_PREFILL_WARPS", warps);
+                            std::env::set_var("VPOD_POD_SPLIT_WAVES", waves);
                         }
                         let secs = time_layer(b.as_mut(), seqs.clone(), heads, kvh, &dev, iters)?;
                         us.insert(v.into(), json!(secs * 1e6));
@@ -917,7 +919,12 @@ fn hybrid(
             }
         }
     }
-    for k in ["VPOD_POD_MODE", "VPOD_POD_POLICY", "VPOD_PREFILL_WARPS"] {
+    for k in [
+        "VPOD_POD_MODE",
+        "VPOD_POD_POLICY",
+        "VPOD_PREFILL_WARPS",
+        "VPOD_POD_SPLIT_WAVES",
+    ] {
         unsafe { std::env::remove_var(k) };
     }
     // The summary the targets are stated in.
