@@ -27,8 +27,8 @@
 //! per-sequence KV store: the oracle every other backend is tested
 //! against), `paged` (vLLM's block tables; `paged:N` picks the block size),
 //! `vattention` (contiguous per-slot K/V in a virtual cache) and `pod` (the
-//! same cache, a hybrid batch in one call). The last three run as CPU twins
-//! of their kernels until the CUDA milestones add the kernels.
+//! same cache, a hybrid batch in one call; `pod:fused|serial|streams` force
+//! its GPU path). On a CPU the last three run as twins of their CUDA kernels.
 
 pub mod decode;
 mod error;
