@@ -235,7 +235,9 @@ pub(crate) mod cuda {
     use std::ffi::c_void;
 
     use candle_core::cuda_backend::CudaDevice;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, result, sys};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaStream, CudaView, DevicePtr, result, sys,
+    };
     use half::bf16;
 
     use super::DECODE_HEAD_DIM;
@@ -271,6 +273,18 @@ pub(crate) mod cuda {
         candle_core::Error::Cuda(e.to_string().into())
     }
 
+    /// The device's stream (its context bound to this thread, for raw
+    /// launches) and the stream to launch on: `stream`, else that one.
+    fn streams(
+        dev: &CudaDevice,
+        stream: Option<sys::CUstream>,
+    ) -> candle_core::Result<(std::sync::Arc<CudaStream>, sys::CUstream)> {
+        let main = dev.cuda_stream();
+        main.context().bind_to_thread().map_err(err)?;
+        let on = stream.unwrap_or_else(|| main.cu_stream());
+        Ok((main, on))
+    }
+
     /// Runs the split kernel (and the combine kernel when `counters` is
     /// `None`), writing rows `q_rows` of `out`, on the device's stream or on
     /// `stream` (a raw stream of the same context: the two-stream path).
@@ -286,9 +300,7 @@ pub(crate) mod cuda {
         out: &mut CudaSlice<bf16>,
         stream: Option<sys::CUstream>,
     ) -> candle_core::Result<()> {
-        let main = dev.cuda_stream();
-        main.context().bind_to_thread().map_err(err)?;
-        let on = stream.unwrap_or_else(|| main.cu_stream());
+        let (main, on) = streams(dev, stream)?;
         // Device addresses (cudarc's guards are no-ops with one cudarc stream).
         let ptr = |s: &CudaSlice<i32>| s.device_ptr(&main).0;
         let fptr = |s: &CudaSlice<f32>| s.device_ptr(&main).0;
@@ -351,9 +363,7 @@ pub(crate) mod cuda {
         out: &mut CudaSlice<bf16>,
         stream: Option<sys::CUstream>,
     ) -> candle_core::Result<()> {
-        let main = dev.cuda_stream();
-        main.context().bind_to_thread().map_err(err)?;
-        let on = stream.unwrap_or_else(|| main.cu_stream());
+        let (main, on) = streams(dev, stream)?;
         let mut part_o = l.part_o.device_ptr(&main).0;
         let mut part_ml = l.part_ml.device_ptr(&main).0;
         let mut q_rows = l.q_rows.device_ptr(&main).0;

@@ -617,6 +617,18 @@ fn svg_lines(series: &[(String, Vec<(f64, f64)>)], title: &str, xlabel: &str, na
 
 /// Bytes of a preset's bf16 weights (embedding, untied LM head, per layer
 /// QKV / O / gate-up-down projections and two norms, final norm).
+/// Preset `name` with room for `max_len` positions, as a synthetic bf16 model on `dev`.
+fn synthetic(
+    name: &str,
+    max_len: usize,
+    dev: &Device,
+) -> Result<(vpod_models::Preset, std::sync::Arc<vpod_models::LoadedModel>)> {
+    let mut p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
+    p.max_position_embeddings = p.max_position_embeddings.max(max_len);
+    let model = vpod_models::load_synthetic(&p, DType::BF16, dev, 0, &mut |_, _| {})?;
+    Ok((p, std::sync::Arc::new(model)))
+}
+
 fn weight_bytes(p: &vpod_models::Preset) -> f64 {
     let d = p.hidden / p.heads;
     let layer = p.hidden * (p.hidden + 2 * p.kv_heads * d)
@@ -671,15 +683,7 @@ fn e2e(
         "| model | backend | batch | tok/s | ms / step | floor ms | % of floor | prefill s |\n|---|---|---|---|---|---|---|---|"
     );
     for name in models {
-        let mut p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
-        p.max_position_embeddings = p.max_position_embeddings.max(context + tokens + 64);
-        let model = std::sync::Arc::new(vpod_models::load_synthetic(
-            &p,
-            DType::BF16,
-            &dev,
-            0,
-            &mut |_, _| {},
-        )?);
+        let (p, model) = synthetic(name, context + tokens + 64, &dev)?;
         let weights = weight_bytes(&p);
         let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
         for spec in backends {
@@ -975,17 +979,9 @@ fn serve(
         "| model | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps |\n|---|---|---|---|---|---|---|---|---|"
     );
     for name in models {
-        let mut p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
-        p.max_position_embeddings = p.max_position_embeddings.max(prompt + output + 64);
+        let (p, model) = synthetic(name, prompt + output + 64, &dev)?;
         // The POD paper's chunk sizes: Yi-6B 512, Llama-3-8B 1024.
         let chunk = if name == "yi-6b" { 512 } else { 1024 };
-        let model = std::sync::Arc::new(vpod_models::load_synthetic(
-            &p,
-            DType::BF16,
-            &dev,
-            0,
-            &mut |_, _| {},
-        )?);
         // KV for every request at once (pages rounded up) if the GPU holds it, else what is free.
         let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
         let free = vpod_cli::device::gpu_info(&dev)?.map_or(0, |g| g.free_bytes);
