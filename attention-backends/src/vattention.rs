@@ -343,8 +343,12 @@ impl AttentionBackend for VirtualBackend {
                     let env = std::env::var("VPOD_POD_MODE")
                         .ok()
                         .and_then(|m| PodMode::parse(&m));
-                    let (path, note) = match gpu.pod.as_ref().map(|p| env.unwrap_or(p.0)) {
+                    let mode = gpu.pod.as_ref().map(|p| env.unwrap_or(p.0));
+                    // A step with one kind only runs the plain kernels whatever the mode.
+                    let single = pod_step_halves(meta, &self.cfg).is_none();
+                    let (path, note) = match mode {
                         None => (GpuPath::Serial, None),
+                        Some(_) if single => (GpuPath::Serial, Some(plan_pod_step(meta, &self.cfg).1)),
                         Some(PodMode::Serial) => (GpuPath::Serial, Some("serial (pod:serial)".to_string())),
                         Some(PodMode::Streams) => {
                             (GpuPath::Streams, Some("two streams (pod:streams)".to_string()))

@@ -147,7 +147,12 @@ impl PodState {
         let mut b = stream.launch_builder(&f);
         b.arg(&mut n);
         // SAFETY: one thread writes one int.
-        unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(cerr)?;
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(one) }.map_err(cerr)?;
         let nsm = dev.clone_dtoh(&n)?[0].max(1);
         let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         // Plain handle creation on the current context (bound by the calls above).

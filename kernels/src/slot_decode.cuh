@@ -28,9 +28,9 @@ constexpr int DEC_STAGES = 3;
 constexpr int DEC_STAGE_BYTES = 2 * DEC_TILE * ATT_ROW_BYTES;
 constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 
-// One split of one (sequence b, KV head kvh), run by DEC_WARPS warps (threads
-// 0 .. 127 of the block) that meet at `sync()` (__syncthreads in the plain
-// kernel, a named barrier of those 128 threads in the POD kernel).
+// One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
+// a 128-thread block that meet at `sync()` (__syncthreads in both the plain
+// and the POD kernel; a kernel with more warps would pass a named barrier).
 template <typename Sync>
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
