@@ -269,9 +269,7 @@ pub(crate) mod cuda {
         pub scale: f32,
     }
 
-    fn err(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> candle_core::Error {
-        candle_core::Error::Cuda(e.to_string().into())
-    }
+    use crate::ops::cuda::err;
 
     /// The device's stream (its context bound to this thread, for raw
     /// launches) and the stream to launch on: `stream`, else that one.

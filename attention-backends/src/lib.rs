@@ -204,6 +204,48 @@ impl BackendOptions {
     }
 }
 
+/// Why backend `name`'s kernels cannot run on `device` (none on a CPU,
+/// where its twin runs): this build's CUDA support, bf16, head_dim 128 and,
+/// with `max_group`, the most query heads per KV head the kernels serve.
+pub(crate) fn device_reasons(
+    name: &str,
+    cfg: &AttnConfig,
+    device: &Device,
+    max_group: Option<usize>,
+) -> Vec<String> {
+    let mut r = Vec::new();
+    if device.is_cuda() {
+        if !cfg!(feature = "cuda") {
+            r.push(format!(
+                "this build has no CUDA support for `{name}` (build with --features cuda)"
+            ));
+        }
+        if cfg.dtype != DType::BF16 {
+            r.push(format!(
+                "the CUDA kernels are bf16 only (got {:?}; use --dtype bf16)",
+                cfg.dtype
+            ));
+        }
+        if cfg.head_dim != decode::DECODE_HEAD_DIM {
+            r.push(format!(
+                "the CUDA kernels need head_dim 128 (got {})",
+                cfg.head_dim
+            ));
+        }
+        if let Some(g) = max_group
+            && cfg.num_kv_heads > 0
+            && cfg.num_heads / cfg.num_kv_heads > g
+        {
+            r.push(format!(
+                "the CUDA kernels serve at most {g} query heads per KV head"
+            ));
+        }
+    } else if !device.is_cpu() {
+        r.push("only CPU and CUDA devices are supported".into());
+    }
+    r
+}
+
 /// Makes room in `kv` for every sequence of the step: admits a new sequence
 /// (context 0), grows a known one to its `seq_len`. A scheduler usually did
 /// this already; then it is a no-op.

@@ -285,7 +285,7 @@ mod cuda {
             .arg(&epi);
         // SAFETY: dims() checked M <= 8, K % 8 == 0 (16-byte rows), contiguity
         // and the weight's row count; y holds m * out elements.
-        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(e.to_string().into()))?;
+        unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))
     }
 }

@@ -178,7 +178,8 @@ pub(crate) mod cuda {
     type ModuleCache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
     static MODULES: OnceLock<ModuleCache> = OnceLock::new();
 
-    fn err(e: impl std::fmt::Display) -> candle_core::Error {
+    /// A CUDA driver (or any) error as a candle error.
+    pub(crate) fn err(e: impl std::fmt::Display) -> candle_core::Error {
         candle_core::Error::Cuda(e.to_string().into())
     }
 

@@ -76,26 +76,7 @@ impl PagedBackend {
     }
 
     pub fn unsupported_reasons(cfg: &AttnConfig, device: &Device, opts: &BackendOptions) -> Vec<String> {
-        let mut r = Vec::new();
-        if device.is_cuda() {
-            if !cfg!(feature = "cuda") {
-                r.push("this build has no CUDA support (build with --features cuda)".into());
-            }
-            if cfg.dtype != candle_core::DType::BF16 {
-                r.push(format!(
-                    "the CUDA kernels are bf16 only (got {:?}; use --dtype bf16)",
-                    cfg.dtype
-                ));
-            }
-            if cfg.head_dim != crate::decode::DECODE_HEAD_DIM {
-                r.push(format!(
-                    "the CUDA kernels need head_dim 128 (got {})",
-                    cfg.head_dim
-                ));
-            }
-        } else if !device.is_cpu() {
-            r.push("only CPU and CUDA devices are supported".into());
-        }
+        let mut r = crate::device_reasons("paged", cfg, device, None);
         if !vpod_kvcache::BLOCK_SIZES.contains(&opts.block_size) {
             r.push(format!(
                 "block size {} is not one of {:?}",

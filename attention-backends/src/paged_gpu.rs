@@ -14,6 +14,7 @@ use half::bf16;
 use vpod_kvcache::PagedCache;
 
 use crate::decode::DECODE_HEAD_DIM as HEAD_DIM;
+use crate::ops::cuda::err;
 use crate::paged::PARTITION;
 use crate::vattention_gpu::{Chunks, DeviceChunks, prefill_smem, upload};
 use crate::{BatchMeta, Result};
@@ -143,9 +144,6 @@ impl CustomOp3 for GpuPaged<'_> {
         sv: &CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let cerr = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-            candle_core::Error::Cuda(e.to_string().into())
-        };
         let p = self.plan;
         crate::vattention_gpu::check_inputs("paged-gpu", [sq, sk, sv], lq, p.tokens, self.heads)?;
         if !lk.is_contiguous() || !lv.is_contiguous() || lk.shape().elem_count() != lv.shape().elem_count() {
@@ -184,7 +182,7 @@ impl CustomOp3 for GpuPaged<'_> {
             // SAFETY: work items index the chunk arrays; every key a tile reads is
             // below its chunk's ctx + q_len, in blocks of its table (make_room +
             // the K/V write ran first).
-            unsafe { b.launch(cfg) }.map_err(cerr)?;
+            unsafe { b.launch(cfg) }.map_err(err)?;
         }
         // 2. Decode tokens.
         if p.n_dec > 0 {
@@ -224,7 +222,7 @@ impl CustomOp3 for GpuPaged<'_> {
                 .arg(&self.scale);
             // SAFETY: the tables cover every decode's context_len keys (written);
             // v2's partials hold n_dec * heads * partitions entries.
-            unsafe { b.launch(cfg) }.map_err(cerr)?;
+            unsafe { b.launch(cfg) }.map_err(err)?;
             if !p.v1 {
                 let smem = 8 * p.partitions;
                 let f = crate::ops::cuda::function_with_smem(&dev, "paged_decode_reduce_bf16", smem)?;
@@ -244,7 +242,7 @@ impl CustomOp3 for GpuPaged<'_> {
                     .arg(&heads)
                     .arg(&parts);
                 // SAFETY: reads the partitions v2 wrote (stream order), writes the decode rows.
-                unsafe { b.launch(cfg) }.map_err(cerr)?;
+                unsafe { b.launch(cfg) }.map_err(err)?;
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), lq.shape().clone()))

@@ -148,7 +148,7 @@ impl VirtualBackend {
             let ctx = dev.cuda_stream().context().clone();
             let sms = ctx
                 .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .map_err(|e| AttnError::Candle(candle_core::Error::Cuda(e.to_string().into())))?;
+                .map_err(crate::ops::cuda::err)?;
             let cache = VirtualCache::on_cuda(vcfg, ctx)?;
             let pod = match name {
                 "pod" => Some((opts.pod_mode, crate::vattention_gpu::PodState::new(dev)?)),
@@ -184,31 +184,7 @@ impl VirtualBackend {
         device: &Device,
         opts: &BackendOptions,
     ) -> Vec<String> {
-        let mut r = Vec::new();
-        if device.is_cuda() {
-            if !cfg!(feature = "cuda") {
-                r.push(format!(
-                    "this build has no CUDA support for `{name}` (build with --features cuda)"
-                ));
-            }
-            if cfg.dtype != candle_core::DType::BF16 {
-                r.push(format!(
-                    "the CUDA kernels are bf16 only (got {:?}; use --dtype bf16)",
-                    cfg.dtype
-                ));
-            }
-            if cfg.head_dim != crate::decode::DECODE_HEAD_DIM {
-                r.push(format!(
-                    "the CUDA kernels need head_dim 128 (got {})",
-                    cfg.head_dim
-                ));
-            }
-            if cfg.num_kv_heads > 0 && cfg.num_heads / cfg.num_kv_heads > 16 {
-                r.push("the CUDA kernels serve at most 16 query heads per KV head".into());
-            }
-        } else if !device.is_cpu() {
-            r.push("only CPU and CUDA devices are supported".into());
-        }
+        let mut r = crate::device_reasons(name, cfg, device, Some(crate::decode::DECODE_MAX_GROUP));
         if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             r.push("query heads are not a multiple of key/value heads".into());
         }

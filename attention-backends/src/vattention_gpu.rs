@@ -22,6 +22,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape};
 use half::bf16;
 use vpod_kvcache::{SlotView, VirtualCache};
 
+use crate::ops::cuda::err;
 use crate::{BatchMeta, Result};
 
 /// Dynamic shared memory of the prefill kernel (slot_prefill.cuh): the
@@ -138,9 +139,6 @@ impl Drop for SideStream {
 
 impl PodState {
     pub(crate) fn new(dev: &CudaDevice) -> Result<Self> {
-        let cerr = |e: cudarc::driver::DriverError| {
-            crate::AttnError::Candle(candle_core::Error::Cuda(e.to_string().into()))
-        };
         let f = crate::ops::cuda::function(dev, "pod_nsmid")?;
         let mut n = dev.alloc_zeros::<i32>(1)?;
         let stream = dev.cuda_stream();
@@ -152,7 +150,7 @@ impl PodState {
             block_dim: (1, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { b.launch(one) }.map_err(cerr)?;
+        unsafe { b.launch(one) }.map_err(err)?;
         let nsm = dev.clone_dtoh(&n)?[0].max(1);
         let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         // Plain handle creation on the current context (bound by the calls above).
@@ -161,9 +159,9 @@ impl PodState {
                 stream: cudarc::driver::result::stream::create(
                     cudarc::driver::result::stream::StreamKind::NonBlocking,
                 )
-                .map_err(cerr)?,
-                fork: cudarc::driver::result::event::create(flags).map_err(cerr)?,
-                join: cudarc::driver::result::event::create(flags).map_err(cerr)?,
+                .map_err(err)?,
+                fork: cudarc::driver::result::event::create(flags).map_err(err)?,
+                join: cudarc::driver::result::event::create(flags).map_err(err)?,
             }
         };
         Ok(Self {
@@ -387,7 +385,7 @@ impl GpuAttention<'_> {
         b.arg(&heads).arg(&group).arg(&ss).arg(&ps).arg(&self.scale);
         // SAFETY: work items index the chunk arrays; every key a tile reads is
         // below its chunk's ctx + q_len, all mapped and written.
-        unsafe { b.launch(cfg) }.map_err(derr)?;
+        unsafe { b.launch(cfg) }.map_err(err)?;
         Ok(())
     }
 
@@ -476,7 +474,7 @@ impl GpuAttention<'_> {
         // SAFETY: the prefill items index the chunk arrays and the decode items the
         // decode arrays (sizes from the plan); keys read are mapped and written; the
         // scheduling counters hold 3 + 2 * nsm ints, zero between launches.
-        unsafe { b.launch(cfg) }.map_err(derr)?;
+        unsafe { b.launch(cfg) }.map_err(err)?;
         if !fused_merge {
             // Only the combine kernel: the splits were computed above.
             // SAFETY: reads the partials the POD kernel wrote; writes the decode rows.
@@ -484,10 +482,6 @@ impl GpuAttention<'_> {
         }
         Ok(())
     }
-}
-
-fn derr(e: cudarc::driver::DriverError) -> candle_core::Error {
-    candle_core::Error::Cuda(e.to_string().into())
 }
 
 impl CustomOp3 for GpuAttention<'_> {
@@ -516,7 +510,6 @@ impl CustomOp3 for GpuAttention<'_> {
         sv: &CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let cerr = |e: cudarc::driver::DriverError| candle_core::Error::Cuda(e.to_string().into());
         let d = crate::decode::DECODE_HEAD_DIM;
         let p = self.plan;
         check_inputs("vattention-gpu", [sq, sk, sv], lq, p.tokens, self.heads)?;
@@ -545,7 +538,7 @@ impl CustomOp3 for GpuAttention<'_> {
                 .arg(&row_elems);
             // SAFETY: every write row lies in a page mapped for its sequence (make_room +
             // fence ran first); src holds T rows of row_elems at src_stride.
-            unsafe { b.launch(cfg) }.map_err(cerr)?;
+            unsafe { b.launch(cfg) }.map_err(err)?;
         }
         // SAFETY: the prefill and decode kernels below write every row of `out`
         // (each token is in exactly one prompt chunk or is one decode).
@@ -561,18 +554,18 @@ impl CustomOp3 for GpuAttention<'_> {
                 // allocation) and the main stream continues after it.
                 unsafe {
                     use cudarc::driver::result::{event, stream as st};
-                    event::record(side.fork, main).map_err(cerr)?;
+                    event::record(side.fork, main).map_err(err)?;
                     st::wait_event(
                         side.stream,
                         side.fork,
                         sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                     )
-                    .map_err(cerr)?;
+                    .map_err(err)?;
                     self.launch_prefill(&dev, &q, &mut out)?;
                     crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, Some(side.stream))?;
-                    event::record(side.join, side.stream).map_err(cerr)?;
+                    event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-                        .map_err(cerr)?;
+                        .map_err(err)?;
                 }
             }
             _ => {
