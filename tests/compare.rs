@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use vpod_attention::BackendOptions;
-use vpod_cli::compare::{CompareOptions, Workload, compare, table};
+use vpod_cli::compare::{CompareOptions, Workload, compare, progress_steps, table};
 
 use crate::common::*;
 
@@ -137,7 +137,9 @@ fn hybrid_sweep_measures_mixed_steps() {
         fault: None,
         check_agreement: true,
     };
-    let rows = compare(&model, &o, &mut |_| {}).unwrap();
+    let mut ticks = 0;
+    let rows = compare(&model, &o, &mut |_| ticks += 1).unwrap();
+    assert_eq!(ticks, progress_steps(&o), "the progress bar's length");
     for r in rows.as_array().unwrap() {
         assert_eq!(r["agrees"], true);
         let c = &r["results"][0];
@@ -229,9 +231,26 @@ fn bench_measures_one_backend_with_percentiles() {
         "--tokens",
         "6",
         "--json",
+        "--out",
     ];
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("run");
+    let mut args = args.to_vec();
+    args.push(d.to_str().unwrap());
     let out = cli(&args, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // --out: the JSON and the figure, as PNG and SVG.
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(saved["workload"], "decode-sweep");
+    assert!(saved["command"].as_array().unwrap().iter().any(|a| a == "--out"));
+    assert!(
+        std::fs::read(d.join("decode-sweep.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
+    let svg = std::fs::read_to_string(d.join("decode-sweep.svg")).unwrap();
+    assert!(svg.contains("paged:16") && svg.contains("batch size"));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["tool"], "vpod cli bench");
     let row = &r["backends"][0];

@@ -115,7 +115,9 @@ fn agreement_run(e: &mut Engine) -> Result<Vec<Vec<u32>>> {
         .collect())
 }
 
-/// Runs the comparison; `progress(message)` is called as cells complete.
+/// Runs the comparison; `progress(message)` is called as each agreement
+/// check and each cell completes ([`progress_steps`] times in all when every
+/// backend agrees).
 pub fn compare(
     model: &Arc<LoadedModel>,
     o: &CompareOptions,
@@ -175,13 +177,39 @@ fn run(e: &mut Engine, w: &Workload, spec: &str, progress: &mut dyn FnMut(&str))
             contexts,
             prefill_len,
         } => hybrid_sweep(e, chunks, batches, contexts, *prefill_len, spec, progress),
-        Workload::Serve { trace } => serve(e, trace),
+        Workload::Serve { trace } => {
+            let r = serve(e, trace)?;
+            progress(&format!("{spec}: {} requests served", trace.len()));
+            Ok(r)
+        }
         Workload::Memory {
             requests,
             prompt_len,
             max_tokens,
-        } => memory(e, *requests, *prompt_len, *max_tokens),
+        } => {
+            let r = memory(e, *requests, *prompt_len, *max_tokens)?;
+            progress(&format!("{spec}: memory run"));
+            Ok(r)
+        }
     }
+}
+
+/// How many times [`compare`] calls `progress`: one agreement check (when
+/// on) and one per measured cell, for each backend.
+pub fn progress_steps(o: &CompareOptions) -> usize {
+    let cells = match &o.workload {
+        Workload::DecodeSweep {
+            batches, contexts, ..
+        } => batches.len() * contexts.len(),
+        Workload::HybridSweep {
+            chunks,
+            batches,
+            contexts,
+            ..
+        } => chunks.len() * batches.len() * contexts.len(),
+        Workload::Serve { .. } | Workload::Memory { .. } => 1,
+    };
+    o.backends.len() * (cells + usize::from(o.check_agreement))
 }
 
 /// p50 / p90 / p99 of `v` (nulls when empty).
@@ -284,12 +312,15 @@ fn hybrid_sweep(
         for &b in batches {
             for &c in contexts {
                 // b decoding requests (admitted first), then one long prompt
-                // prefilled p tokens a step while they decode.
-                let steps_needed = prefill_len.div_ceil(p) + 1;
+                // prefilled p tokens a step while they decode. A step's budget
+                // is b + p tokens and decodes take at most b of it, so every
+                // prompt (the decoders' own, then the long one) is prefilled
+                // within `steps` steps: the decoders must still be running then.
+                let steps = (b * c + prefill_len).div_ceil(p) + 1;
                 let mut reqs: Vec<Request> = (0..b)
                     .map(|i| Request {
                         prompt: prompt(c, vocab, i),
-                        max_tokens: steps_needed + 2,
+                        max_tokens: steps + 2,
                         sampling: timed_sampling(),
                         arrival_ms: 0.0,
                     })
@@ -311,8 +342,20 @@ fn hybrid_sweep(
                     .iter()
                     .filter(|s| s.decodes == b && s.prefill_tokens > 0 && s.prefill_chunks == 1)
                     .collect();
-                let attn = hybrid.iter().map(|s| s.attention_ms).sum::<f64>() / hybrid.len().max(1) as f64;
-                let step = hybrid.iter().map(|s| s.ms).sum::<f64>() / hybrid.len().max(1) as f64;
+                // Means over the hybrid steps (null when none ran).
+                let mean = |f: fn(&&crate::engine::StepRecord) -> f64| {
+                    (!hybrid.is_empty()).then(|| hybrid.iter().map(f).sum::<f64>() / hybrid.len() as f64)
+                };
+                let attn = mean(|s| s.attention_ms);
+                let step = mean(|s| s.ms);
+                // How the backend ran them (`pod` on a GPU: fused or serial, and why).
+                let mut paths = serde_json::Map::new();
+                for s in &hybrid {
+                    if let Some(p) = &s.attention_path {
+                        let n = paths.entry(p.clone()).or_insert(json!(0));
+                        *n = json!(n.as_u64().unwrap_or(0) + 1);
+                    }
+                }
                 cells.push(json!({
                     "chunk": p,
                     "batch": b,
@@ -322,6 +365,7 @@ fn hybrid_sweep(
                     "step_ms": step,
                     "step_ms_percentiles": spread(hybrid.iter().map(|s| s.ms)),
                     "attention_ms_percentiles": spread(hybrid.iter().map(|s| s.attention_ms)),
+                    "attention_paths": paths,
                 }));
                 progress(&format!("{spec}: chunk {p}, batch {b}, context {c}"));
             }
@@ -483,6 +527,13 @@ pub fn table(rows: &Value) -> String {
         match &row["results"] {
             Value::Array(cells) if cells.first().is_some_and(|c| c.get("chunk").is_some()) => {
                 for c in cells {
+                    if c["hybrid_steps"] == 0 {
+                        out += &format!(
+                            "{backend:<12} chunk {:>5} + {:>3} decodes ctx {:>6}  no hybrid step of this shape ran\n",
+                            c["chunk"], c["batch"], c["context"]
+                        );
+                        continue;
+                    }
                     out += &format!(
                         "{backend:<12} chunk {:>5} + {:>3} decodes ctx {:>6}  step {:>8.3} ms (p99 {:>8.3})  attention {:>8.3} ms/step ({} steps)\n",
                         c["chunk"],

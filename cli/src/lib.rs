@@ -10,6 +10,7 @@
 pub mod compare;
 pub mod device;
 pub mod engine;
+pub mod plot;
 pub mod sampler;
 pub mod scheduler;
 
@@ -567,8 +568,21 @@ fn run_workload(
         fault: None,
         check_agreement: compare_backends,
     };
-    let bar = indicatif::ProgressBar::new_spinner();
-    let rows = compare::compare(&model, &opts, &mut |m| bar.set_message(m.to_string()));
+    // One tick per agreement check and per measured cell (drawn on stderr
+    // when it is a terminal; nothing otherwise).
+    let bar = indicatif::ProgressBar::new(compare::progress_steps(&opts) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar.set_message(format!("{}: agreement", backends[0]));
+    let rows = compare::compare(&model, &opts, &mut |m| {
+        bar.inc(1);
+        bar.set_message(m.to_string());
+    });
     bar.finish_and_clear();
     let rows = rows?;
     let tool = if compare_backends { "compare" } else { "bench" };
@@ -579,6 +593,9 @@ fn run_workload(
         "device": s.device,
         "dtype": format!("{:?}", s.dtype).to_lowercase(),
         "workload": a.workload,
+        "command": std::env::args().skip(1).collect::<Vec<_>>(),
+        "git_commit": option_env!("VPOD_GIT_COMMIT"),
+        "candle_version": option_env!("VPOD_CANDLE_VERSION"),
         "kv_memory": m.kv_memory,
         "block_size": m.block_size,
         "page_size": m.page_size,
@@ -587,8 +604,12 @@ fn run_workload(
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("{tool}.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+        for f in plot::write_figures(&report, dir)? {
+            eprintln!("wrote {}", f.display());
+        }
     }
     if m.json {
         println!("{report}");
