@@ -63,7 +63,16 @@ fn a_broken_backend_is_caught_not_timed() {
         broken["results"].is_null(),
         "a disagreeing backend must not be timed"
     );
-    assert!(broken["disagreement"].as_str().unwrap().contains("request"));
+    let why = broken["disagreement"].as_str().unwrap();
+    assert!(
+        why.contains("request") && why.contains("teacher-forced logits differ"),
+        "{why}"
+    );
+    let a = &broken["agreement"];
+    assert!(
+        a["max_logit_diff_of_range"].as_f64().unwrap() > a["tolerance"].as_f64().unwrap(),
+        "{a}"
+    );
     assert!(table(&rows).contains("paged:16     DISAGREES"));
     let others_ok = rows
         .as_array()

@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use candle_core::{D, DType, Tensor};
 use serde_json::{Value, json};
 use vpod_attention::BackendOptions;
 use vpod_models::LoadedModel;
@@ -89,15 +90,23 @@ fn engine(model: &Arc<LoadedModel>, spec: &str, o: &CompareOptions) -> Result<En
     Engine::with_options(model.clone(), spec, &cache)
 }
 
-/// Greedy tokens of three fixed requests (short, medium, chunked-prefill long).
-fn agreement_run(e: &mut Engine) -> Result<Vec<Vec<u32>>> {
+/// The agreement check's three fixed prompts (short, medium, chunked-prefill long).
+fn agreement_prompts(e: &Engine) -> Vec<Vec<u32>> {
     let vocab = e.model.config.vocab_size;
     let max = e.max_seq_len();
-    let reqs: Vec<Request> = [5usize, 17, 40]
+    [5usize, 17, 40]
         .iter()
         .enumerate()
-        .map(|(i, &n)| Request {
-            prompt: prompt(n.min(max - 17), vocab, i),
+        .map(|(i, &n)| prompt(n.min(max - 17), vocab, i))
+        .collect()
+}
+
+/// Greedy tokens of the agreement prompts, 16 each.
+fn agreement_run(e: &mut Engine) -> Result<Vec<Vec<u32>>> {
+    let reqs: Vec<Request> = agreement_prompts(e)
+        .into_iter()
+        .map(|p| Request {
+            prompt: p,
             max_tokens: 16,
             sampling: SamplingParams::default(),
             arrival_ms: 0.0,
@@ -115,6 +124,39 @@ fn agreement_run(e: &mut Engine) -> Result<Vec<Vec<u32>>> {
         .collect())
 }
 
+/// Largest logit difference a backend may show against the first one, as a
+/// fraction of the reference row's logit range, in the model's dtype: f32
+/// kernels agree to rounding; bf16/f16 activations round at every layer, so
+/// two correct kernels summing in different orders drift further apart.
+fn logit_tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F32 { 1e-3 } else { 5e-2 }
+}
+
+/// Teacher-forced logits of every agreement sequence (prompt + the first
+/// backend's greedy tokens), prefilled in chunks of 16.
+fn forced(e: &mut Engine, seqs: &[Vec<u32>]) -> Result<Vec<Tensor>> {
+    seqs.iter().map(|s| e.forced_logits(s, 16)).collect()
+}
+
+/// (largest logit difference / the reference row's range, fraction of
+/// positions with the same top-1) over all sequences.
+fn logit_agreement(want: &[Tensor], got: &[Tensor]) -> Result<(f64, f64)> {
+    let (mut worst, mut same, mut rows) = (0f64, 0usize, 0usize);
+    for (w, g) in want.iter().zip(got) {
+        let diff = (w - g)?.abs()?.max(D::Minus1)?;
+        let range = (w.max(D::Minus1)? - w.min(D::Minus1)?)?;
+        let ratio = diff.div(&range)?.max(0)?.to_scalar::<f32>()?;
+        worst = worst.max(ratio as f64);
+        let (a, b) = (
+            w.argmax(D::Minus1)?.to_vec1::<u32>()?,
+            g.argmax(D::Minus1)?.to_vec1::<u32>()?,
+        );
+        same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        rows += a.len();
+    }
+    Ok((worst, same as f64 / rows.max(1) as f64))
+}
+
 /// Runs the comparison; `progress(message)` is called as each agreement
 /// check and each cell completes ([`progress_steps`] times in all when every
 /// backend agrees).
@@ -124,6 +166,10 @@ pub fn compare(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Value> {
     let mut reference: Option<Vec<Vec<u32>>> = None;
+    // The first backend's teacher-forced logits, made when a backend's greedy
+    // tokens first differ: (sequences, logits).
+    let mut reference_logits: Option<(Vec<Vec<u32>>, Vec<Tensor>)> = None;
+    let tolerance = logit_tolerance(model.model.dtype());
     let mut rows = Vec::new();
     for spec in &o.backends {
         if !o.check_agreement {
@@ -141,25 +187,64 @@ pub fn compare(
             },
             ..o.clone()
         };
-        let tokens = agreement_run(&mut engine(model, spec, &ample)?)?;
-        let disagreement = match &reference {
+        let mut candidate = engine(model, spec, &ample)?;
+        let tokens = agreement_run(&mut candidate)?;
+        let (disagreement, agreement) = match &reference {
             None => {
                 reference = Some(tokens);
-                None
+                (None, json!({ "greedy_tokens": "reference" }))
             }
-            Some(r) => first_difference(r, &tokens),
+            Some(r) => match first_difference(r, &tokens) {
+                None => (None, json!({ "greedy_tokens": "identical" })),
+                // Greedy tokens part at a near tie unless the logits say
+                // otherwise: compare them, teacher-forced on the first
+                // backend's sequences, within the dtype's tolerance.
+                Some(d) => {
+                    if reference_logits.is_none() {
+                        let mut first = engine(model, &o.backends[0], &ample)?;
+                        let seqs: Vec<Vec<u32>> = agreement_prompts(&first)
+                            .into_iter()
+                            .zip(r)
+                            .map(|(p, t)| [p, t.clone()].concat())
+                            .collect();
+                        let logits = forced(&mut first, &seqs)?;
+                        reference_logits = Some((seqs, logits));
+                    }
+                    let (seqs, want) = reference_logits.as_ref().expect("made above");
+                    let got = forced(&mut candidate, seqs)?;
+                    let (worst, top1) = logit_agreement(want, &got)?;
+                    let a = json!({
+                        "greedy_tokens": d,
+                        "max_logit_diff_of_range": worst,
+                        "tolerance": tolerance,
+                        "teacher_forced_top1": top1,
+                    });
+                    if worst <= tolerance {
+                        (None, a)
+                    } else {
+                        let why = format!(
+                            "{d}; teacher-forced logits differ by {:.2} % of their range (tolerance {:.2} %), top-1 {:.1} %",
+                            worst * 100.0,
+                            tolerance * 100.0,
+                            top1 * 100.0
+                        );
+                        (Some(why), a)
+                    }
+                }
+            },
         };
+        drop(candidate);
         progress(&format!(
             "{spec}: agreement {}",
             if disagreement.is_none() { "ok" } else { "FAILED" }
         ));
         if let Some(d) = disagreement {
-            rows.push(json!({ "backend": spec, "agrees": false, "disagreement": d, "results": Value::Null }));
+            rows.push(json!({ "backend": spec, "agrees": false, "disagreement": d, "agreement": agreement, "results": Value::Null }));
             continue;
         }
         let mut e = engine(model, spec, o)?;
         let results = run(&mut e, &o.workload, spec, progress)?;
-        rows.push(json!({ "backend": spec, "agrees": true, "results": results }));
+        rows.push(json!({ "backend": spec, "agrees": true, "agreement": agreement, "results": results }));
     }
     Ok(Value::Array(rows))
 }
@@ -524,6 +609,14 @@ pub fn table(rows: &Value) -> String {
             );
             continue;
         }
+        if let Some(w) = row["agreement"]["max_logit_diff_of_range"].as_f64() {
+            out += &format!(
+                "{backend:<12} greedy tokens part at a near tie ({}); teacher-forced logits within {:.2} % of their range (tolerance {:.2} %)\n",
+                row["agreement"]["greedy_tokens"].as_str().unwrap_or("?"),
+                w * 100.0,
+                row["agreement"]["tolerance"].as_f64().unwrap_or(0.0) * 100.0
+            );
+        }
         match &row["results"] {
             Value::Array(cells) if cells.first().is_some_and(|c| c.get("chunk").is_some()) => {
                 for c in cells {
@@ -584,4 +677,23 @@ pub fn table(rows: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn logit_agreement_is_relative_to_the_row_range() {
+        let d = Device::Cpu;
+        let want = Tensor::new(&[[0f32, 10.0, 5.0], [1.0, 2.0, 3.0]], &d).unwrap();
+        // Row 0 off by 0.5 of a range of 10; row 1 top-1 moves.
+        let got = Tensor::new(&[[0f32, 9.5, 5.0], [1.0, 3.1, 3.0]], &d).unwrap();
+        let (worst, top1) = logit_agreement(&[want.clone()], &[got]).unwrap();
+        assert!((worst - 0.55).abs() < 1e-6, "row 1: 1.1 of a range of 2: {worst}");
+        assert_eq!(top1, 0.5);
+        assert_eq!(logit_agreement(&[want.clone()], &[want]).unwrap(), (0.0, 1.0));
+        assert!(logit_tolerance(DType::BF16) > logit_tolerance(DType::F32));
+    }
 }

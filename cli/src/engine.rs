@@ -615,6 +615,40 @@ impl Engine {
         })
     }
 
+    /// Teacher-forced f32 logits `[ids.len(), vocab]` of `ids` (one sequence,
+    /// prefilled `chunk` tokens a step through the KV cache, then released).
+    pub fn forced_logits(&mut self, ids: &[u32], chunk: usize) -> Result<Tensor> {
+        if ids.len() > self.max_seq_len {
+            return Err(EngineError::PromptTooLong {
+                prompt: ids.len(),
+                limit: self.max_seq_len,
+                note: "",
+            });
+        }
+        let seq = self.new_seq();
+        let mut rows = Vec::new();
+        let mut run = || -> Result<()> {
+            let mut context_len = 0;
+            for part in ids.chunks(chunk.max(1)) {
+                let c = SeqChunk {
+                    seq_id: seq,
+                    context_len,
+                    query_len: part.len(),
+                };
+                rows.push(
+                    self.step(vec![c], part, LogitsAt::AllTokens)?
+                        .to_dtype(DType::F32)?,
+                );
+                context_len += part.len();
+            }
+            Ok(())
+        };
+        let r = run();
+        self.release(seq);
+        r?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
     /// Sum of NLL over `window[1..]` and the count of predicted tokens.
     fn score_window(
         &mut self,
