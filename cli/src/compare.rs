@@ -690,10 +690,13 @@ mod tests {
         let want = Tensor::new(&[[0f32, 10.0, 5.0], [1.0, 2.0, 3.0]], &d).unwrap();
         // Row 0 off by 0.5 of a range of 10; row 1 top-1 moves.
         let got = Tensor::new(&[[0f32, 9.5, 5.0], [1.0, 3.1, 3.0]], &d).unwrap();
-        let (worst, top1) = logit_agreement(&[want.clone()], &[got]).unwrap();
+        let (worst, top1) = logit_agreement(std::slice::from_ref(&want), &[got]).unwrap();
         assert!((worst - 0.55).abs() < 1e-6, "row 1: 1.1 of a range of 2: {worst}");
         assert_eq!(top1, 0.5);
-        assert_eq!(logit_agreement(&[want.clone()], &[want]).unwrap(), (0.0, 1.0));
+        assert_eq!(
+            logit_agreement(std::slice::from_ref(&want), std::slice::from_ref(&want)).unwrap(),
+            (0.0, 1.0)
+        );
         assert!(logit_tolerance(DType::BF16) > logit_tolerance(DType::F32));
     }
 }
