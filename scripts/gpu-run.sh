@@ -14,7 +14,8 @@
 #   bash scripts/gpu-run.sh STAGE...         only these: tests sanitize smoke decode ncu ckpt kernels serve,
 #                                            or fig9b (decode kernels per backend) / fig9a (end to end per backend),
 #                                            or pod (POD kernel tests + sanitizer + backend agreement),
-#                                            podsweep (the hybrid attention sweep), podserve (Sarathi + POD end to end)
+#                                            podsweep (the hybrid attention sweep), podserve (Sarathi + POD end to end),
+#                                            compare (cli compare's four workloads on a synthetic full-size model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
@@ -66,6 +67,26 @@ if want podserve; then
     # shellcheck disable=SC2086
     step vb-serve "$B/vpod-bench" serve --out "$OUT" ${SERVE_ARGS:-}
     cat "$OUT/vb-serve.log"
+fi
+# cli compare on a full-size synthetic model (the README's compare figures): decode-sweep,
+# hybrid-sweep, serve and memory, each into $OUT/compare-<workload>/ (JSON, PNG, SVG).
+# CMP_MODEL (default llama3-8b), CMP_BACKENDS, CMP_KV (the KV budget every backend gets).
+if want compare; then
+    M=${CMP_MODEL:-llama3-8b}; BK=${CMP_BACKENDS:-vattention,paged:16,pod}; KV=${CMP_KV:-40GiB}
+    cmp() { # workload, KV budget, args...
+        local w=$1 kv=$2; shift 2
+        step "compare-$w" timeout 560 "$B/cli" compare --model "$M" --synthetic --device cuda --kv-memory "$kv" \
+            --workload "$w" --out "$OUT/compare-$w" "$@"
+        cat "$OUT/compare-$w.log"
+    }
+    # shellcheck disable=SC2086
+    cmp decode-sweep "$KV" --backends "$BK" --batches 1,8,32 --contexts 2048,8192 --tokens 64 ${CMP_DECODE_ARGS:-}
+    # shellcheck disable=SC2086
+    cmp hybrid-sweep "$KV" --backends "$BK" --chunks 512,1024,2048 --batches 8 --contexts 4096,8192 --prefill-len 4096 ${CMP_HYBRID_ARGS:-}
+    # shellcheck disable=SC2086
+    cmp serve "$KV" --backends "$BK" --requests 32 --prompt-len 2048 --max-tokens 128 ${CMP_SERVE_ARGS:-}
+    # shellcheck disable=SC2086
+    cmp memory "${CMP_MEM_KV:-8GiB}" --backends vattention,paged:16,paged:128 --requests 64 --prompt-len 2048 --max-tokens 256 ${CMP_MEMORY_ARGS:-}
 fi
 if want smoke; then
     step smoke "$B/cli" generate --model tests/fixtures/tiny-llama3-gqa4 --device cuda --prompt "Alice was beginning to" --max-tokens 24 --json

@@ -348,9 +348,11 @@ fn decode_sweep(
                     arrival_ms: 0.0,
                 })
                 .collect();
+            // Every prompt is prefilled (whole, up to 8K tokens a step) before
+            // the first decode step, so each decode step holds all b requests.
             let cfg = SchedulerConfig {
-                policy: Policy::Hybrid { one_prefill: false },
-                chunk_size: (b * c).max(b + 1),
+                policy: Policy::PrefillFirst,
+                chunk_size: c.max(8192),
                 max_seqs: b,
             };
             let out = profiled_run(e, &reqs, cfg)?;
