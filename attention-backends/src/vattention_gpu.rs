@@ -25,10 +25,11 @@ use vpod_kvcache::{SlotView, VirtualCache};
 use crate::ops::cuda::err;
 use crate::{BatchMeta, Result};
 
-/// Dynamic shared memory of the prefill kernel (slot_prefill.cuh): the
-/// query tile and 2 stages of 64-key K and V tiles.
+/// Dynamic shared memory of the prefill kernel (slot_prefill.cuh's
+/// `PrefillShape::SMEM`): the query tile, 2 stages of 64-key K and V tiles,
+/// and 1 KiB to start the stages on a 1024-byte boundary (wgmma's swizzle).
 pub(crate) const fn prefill_smem(warps: usize) -> usize {
-    16 * warps * 256 + 2 * 2 * 64 * 256
+    16 * warps * 256 + 2 * 2 * 64 * 256 + 1024
 }
 /// Up to this many splits the decode kernel merges them itself; with more,
 /// one merging block per (decode, KV head) is a serial tail (H100, 16K

@@ -16,8 +16,15 @@
 // softmax in f32 (log2 domain), K/V tiles of 64 keys through a STAGES-deep
 // cp.async pipeline shared by the warps. Masking only on tiles that cross
 // the diagonal.
+//
+// Compiled for sm_90a (ATT_WGMMA) with a KV source that stores its tiles in
+// the wg layout (SlotKv), each warpgroup (4 warps, 64 query rows) runs
+// S = Q K^T and O += P V as warpgroup MMAs (wgmma, B from shared memory
+// through descriptors) instead of per-warp mma.sync; the tile loop, masking
+// and online softmax are the same (wgmma.cuh).
 #pragma once
 #include "attn_mma.cuh"
+#include "wgmma.cuh"
 
 constexpr int PF_TILE_N = 64;
 
@@ -27,25 +34,49 @@ struct PrefillShape {
     static constexpr int THREADS = 32 * WARPS;
     static constexpr int Q_BYTES = BM * ATT_ROW_BYTES;
     static constexpr int STAGE_BYTES = 2 * PF_TILE_N * ATT_ROW_BYTES;
-    static constexpr int SMEM = Q_BYTES + STAGES * STAGE_BYTES;
+    // + 1 KiB: the K/V stages start at the next 1024-byte boundary (the wg
+    // layout's swizzle atoms).
+    static constexpr int SMEM = Q_BYTES + STAGES * STAGE_BYTES + 1024;
 };
+
+// Copies `ROWS` K/V rows to a wg-layout tile (wgmma.cuh), as load_tile does.
+template <int ROWS, int THREADS, typename Src, typename Valid>
+__device__ __forceinline__ void load_tile_wg(uint32_t tile, Src src, Valid valid) {
+    static_assert(ROWS * ATT_ROW_CHUNKS % THREADS == 0, "whole chunks per thread");
+#pragma unroll
+    for (int j = 0; j < ROWS * ATT_ROW_CHUNKS / THREADS; ++j) {
+        const int i = threadIdx.x + j * THREADS;
+        const int r = i / ATT_ROW_CHUNKS, c = i % ATT_ROW_CHUNKS;
+        const bool ok = valid(r);
+        cp_async16(tile + wg_off<ROWS>(r, c), src(ok ? r : 0) + c * 8, ok);
+    }
+}
 
 // Where a chunk's keys and values come from: `load(k_tile, v_tile, t0,
 // n_keys)` issues the cp.async copies of keys t0 .. t0 + 63 (zeros from
 // n_keys on); `V_BY_DIM` says whether the V tile is stored by key ([64][128],
-// read with ldmatrix.trans) or by dimension ([128][64], plain ldmatrix).
+// read with ldmatrix.trans) or by dimension ([128][64], plain ldmatrix);
+// `WG` says that both tiles are in the wg layout, for wgmma.
 
 // The per-slot (vAttention) layout: rows base + position * pos_stride.
 template <int THREADS>
 struct SlotKv {
     static constexpr bool V_BY_DIM = false;
+    static constexpr bool WG = ATT_WGMMA;
     const __nv_bfloat16* k;
     const __nv_bfloat16* v;
     int64_t pos_stride;
     __device__ __forceinline__ void load(uint32_t ks, uint32_t vs, int t0, int n_keys) const {
         auto valid = [&](int r) { return t0 + r < n_keys; };
-        load_tile<PF_TILE_N, THREADS>(ks, [&](int r) { return k + (size_t)(t0 + r) * pos_stride; }, valid);
-        load_tile<PF_TILE_N, THREADS>(vs, [&](int r) { return v + (size_t)(t0 + r) * pos_stride; }, valid);
+        auto krow = [&](int r) { return k + (size_t)(t0 + r) * pos_stride; };
+        auto vrow = [&](int r) { return v + (size_t)(t0 + r) * pos_stride; };
+        if constexpr (WG) {
+            load_tile_wg<PF_TILE_N, THREADS>(ks, krow, valid);
+            load_tile_wg<PF_TILE_N, THREADS>(vs, vrow, valid);
+        } else {
+            load_tile<PF_TILE_N, THREADS>(ks, krow, valid);
+            load_tile<PF_TILE_N, THREADS>(vs, vrow, valid);
+        }
     }
 };
 
@@ -66,13 +97,14 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     const int n_keys = ctx + min(ql, j0 + S::BM);
     const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
 
-    const uint32_t qsm = smem_addr(smem), kv0 = qsm + S::Q_BYTES;
+    const auto kv = make_kv(chunk, kvh);
+    using Kv = decltype(kv);
+    constexpr bool WG = Kv::WG && WARPS % 4 == 0;
+    const uint32_t qsm = smem_addr(smem), kv0 = (qsm + S::Q_BYTES + 1023) & ~1023u;
     load_tile<S::BM, S::THREADS>(
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
     cp_async_commit();
-    const auto kv = make_kv(chunk, kvh);
-    using Kv = decltype(kv);
     auto load = [&](int tile, int stage) {
         const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
         kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
@@ -100,18 +132,31 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     RowState st;
     // Row g (+ 8) of this warp sees keys <= lim0 (+ 8).
     const int lim0 = ctx + j0 + warp * 16 + g;
+    // wgmma: a warpgroup's 64 rows see keys <= lim_wg.
+    const int lim_wg = ctx + j0 + (warp / 4) * 64 + 63;
     for (int i = 0; i < ntiles; ++i) {
         cp_async_wait<STAGES - 2>();
+        if constexpr (WG) fence_proxy_async();
         __syncthreads();
         if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
         const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
         const int t0 = i * PF_TILE_N;
-        // This warp's rows see no key of the tile: nothing to do (their
-        // state is unchanged by an all -inf tile).
-        if (t0 > lim0 - g + 15) continue;
+        // This warp's (warpgroup's) rows see no key of the tile: nothing to
+        // do (their state is unchanged by an all -inf tile).
+        if (WG ? t0 > lim_wg : t0 > lim0 - g + 15) continue;
         float s[8][4] = {};
-        {
+        if constexpr (WG) {
+            wg_fence_operands<32>(&s[0][0]);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk)
+                wgmma_qk_m64n64k16(&s[0][0], qa[kk], wg_desc(ks + (kk / 4) * PF_TILE_N * 128 + (kk % 4) * 32, 16, 1024),
+                                   kk);
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_operands<32>(&s[0][0]);
+        } else {
             const int m = lane / 8;
 #pragma unroll
             for (int kk = 0; kk < 8; ++kk) {
@@ -137,14 +182,28 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
                 for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
         }
         online_softmax<8>(st, s, o);
+        if constexpr (WG) {
+            uint32_t pa[4][4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            uint32_t pa[4];
-            p_to_a(pa, s[2 * j], s[2 * j + 1]);
-            if constexpr (Kv::V_BY_DIM)
-                pv_16_by_dim(o, pa, vs, 16 * j, lane);
-            else
-                pv_16(o, pa, vs, 16 * j, lane);
+            for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
+            wg_fence_operands<64>(&o[0][0]);
+            wg_fence();
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs + j * 16 * 128, PF_TILE_N * 128, 1024), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_operands<64>(&o[0][0]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                uint32_t pa[4];
+                p_to_a(pa, s[2 * j], s[2 * j + 1]);
+                if constexpr (Kv::V_BY_DIM)
+                    pv_16_by_dim(o, pa, vs, 16 * j, lane);
+                else
+                    pv_16(o, pa, vs, 16 * j, lane);
+            }
         }
     }
     cp_async_wait<0>();
