@@ -70,11 +70,14 @@ if want podserve; then
 fi
 # cli compare on a full-size synthetic model (the README's compare figures): decode-sweep,
 # hybrid-sweep, serve and memory, each into $OUT/compare-<workload>/ (JSON, PNG, SVG).
-# CMP_MODEL (default llama3-8b), CMP_BACKENDS, CMP_KV (the KV budget every backend gets).
+# CMP_MODEL (default llama3-8b), CMP_BACKENDS, CMP_KV (the KV budget every backend gets),
+# CMP_WORKLOADS (a subset of the four, space-separated).
 if want compare; then
     M=${CMP_MODEL:-llama3-8b}; BK=${CMP_BACKENDS:-vattention,paged:16,pod}; KV=${CMP_KV:-40GiB}
+    CMP_WORKLOADS=" ${CMP_WORKLOADS:-decode-sweep hybrid-sweep serve memory} "
     cmp() { # workload, KV budget, args...
         local w=$1 kv=$2; shift 2
+        [[ "$CMP_WORKLOADS" == *" $w "* ]] || return 0
         step "compare-$w" timeout 560 "$B/cli" compare --model "$M" --synthetic --device cuda --kv-memory "$kv" \
             --workload "$w" --out "$OUT/compare-$w" "$@"
         cat "$OUT/compare-$w.log"
