@@ -281,3 +281,40 @@ fn bench_measures_one_backend_with_percentiles() {
         "{err}"
     );
 }
+
+#[test]
+fn vattention_gets_a_slot_per_concurrent_request_and_workloads_must_fit_the_context() {
+    let model = Arc::new(load_dir(&fixture("tiny-llama3-gqa4")).unwrap());
+    // 8 decodes + the prefilling prompt: 9 sequences, more than the default 8 slots.
+    let o = CompareOptions {
+        backends: vec!["vattention".into()],
+        workload: Workload::HybridSweep {
+            chunks: vec![8],
+            batches: vec![8],
+            contexts: vec![8],
+            prefill_len: 16,
+        },
+        cache: BackendOptions {
+            kv_memory: Some(256 << 20),
+            ..Default::default()
+        },
+        fault: None,
+        check_agreement: false,
+    };
+    let rows = compare(&model, &o, &mut |_| {}).unwrap();
+    assert_eq!(rows[0]["results"][0]["hybrid_steps"], 2, "{rows}");
+
+    let o = CompareOptions {
+        workload: Workload::DecodeSweep {
+            batches: vec![1],
+            contexts: vec![510],
+            tokens: 8,
+        },
+        ..o
+    };
+    let err = compare(&model, &o, &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("518 tokens, more than the model's 512-token context"),
+        "{err}"
+    );
+}

@@ -80,14 +80,88 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The most sequences a workload runs at once: the virtual cache gets that
+/// many slots (vAttention reserves virtual memory for the serving system's
+/// largest batch), so that only the KV budget limits admission.
+fn concurrency(w: &Workload) -> usize {
+    match w {
+        Workload::DecodeSweep { batches, .. } => batches.iter().copied().max().unwrap_or(1),
+        Workload::HybridSweep { batches, .. } => batches.iter().copied().max().unwrap_or(0) + 1,
+        Workload::Serve { .. } => SERVE_MAX_SEQS,
+        Workload::Memory { requests, .. } => *requests,
+    }
+}
+
+/// Concurrent requests of the `serve` workload's scheduler.
+const SERVE_MAX_SEQS: usize = 64;
+
+/// Checks that every request of the workload fits the model's context
+/// (a request cut short by the context would measure nothing).
+fn check_fits_context(w: &Workload, max: usize) -> Result<()> {
+    let too_long = |what: String, n: usize| {
+        Err(crate::engine::EngineError::BadWorkload(format!(
+            "{what} = {n} tokens, more than the model's {max}-token context"
+        )))
+    };
+    match w {
+        Workload::DecodeSweep { contexts, tokens, .. } => {
+            let c = contexts.iter().copied().max().unwrap_or(0);
+            if c + tokens > max {
+                return too_long(
+                    format!("decode-sweep: context {c} + {tokens} generated"),
+                    c + tokens,
+                );
+            }
+        }
+        Workload::HybridSweep {
+            chunks,
+            batches,
+            contexts,
+            prefill_len,
+        } => {
+            if *prefill_len > max {
+                return too_long("hybrid-sweep: --prefill-len".into(), *prefill_len);
+            }
+            for &p in chunks {
+                for &b in batches {
+                    for &c in contexts {
+                        let n = c + hybrid_decode_tokens(b, c, p, *prefill_len);
+                        if n > max {
+                            return too_long(
+                                format!(
+                                    "hybrid-sweep: chunk {p}, {b} decodes at context {c}: the decodes must outlive the prefills, context + generated"
+                                ),
+                                n,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Workload::Serve { .. } | Workload::Memory { .. } => {}
+    }
+    Ok(())
+}
+
+/// Tokens each decoding request of a hybrid-sweep cell generates: b
+/// decoders (admitted first), then one prompt of `prefill_len` prefilled p
+/// tokens a step while they decode. A step's budget is b + p tokens and
+/// decodes take at most b of it, so every prompt (the decoders' own, then
+/// the long one) is prefilled within `steps` steps: the decoders must still
+/// be running then.
+fn hybrid_decode_tokens(b: usize, c: usize, p: usize, prefill_len: usize) -> usize {
+    (b * c + prefill_len).div_ceil(p.max(1)) + 3
+}
+
+/// Backend `spec` for the workload: the KV budget is fixed first (the
+/// default one, if none was given, is sized by the configured `max_seqs`),
+/// then the virtual cache gets a slot per concurrent request.
 fn engine(model: &Arc<LoadedModel>, spec: &str, o: &CompareOptions) -> Result<Engine> {
     let mut cache = o.cache.clone();
-    if let Some((b, f)) = &o.fault
-        && b == spec
-    {
-        cache.fault_scale = Some(*f);
-    }
-    Engine::with_options(model.clone(), spec, &cache)
+    let attn = model.model.attn_config(model.config.max_position_embeddings);
+    cache.kv_memory = Some(cache.kv_budget_bytes(&attn));
+    cache.max_seqs = cache.max_seqs.max(concurrency(&o.workload));
+    build(model, spec, cache, o)
 }
 
 /// The agreement check's three fixed prompts (short, medium, chunked-prefill long).
@@ -99,6 +173,27 @@ fn agreement_prompts(e: &Engine) -> Vec<Vec<u32>> {
         .enumerate()
         .map(|(i, &n)| prompt(n.min(max - 17), vocab, i))
         .collect()
+}
+
+/// Backend `spec` for the agreement check: the cache options as given
+/// (three short requests).
+fn agreement_engine(model: &Arc<LoadedModel>, spec: &str, o: &CompareOptions) -> Result<Engine> {
+    build(model, spec, o.cache.clone(), o)
+}
+
+/// Backend `spec` with `cache`, and the test's fault if it names `spec`.
+fn build(
+    model: &Arc<LoadedModel>,
+    spec: &str,
+    mut cache: BackendOptions,
+    o: &CompareOptions,
+) -> Result<Engine> {
+    if let Some((b, f)) = &o.fault
+        && b == spec
+    {
+        cache.fault_scale = Some(*f);
+    }
+    Engine::with_options(model.clone(), spec, &cache)
 }
 
 /// Greedy tokens of the agreement prompts, 16 each.
@@ -165,6 +260,7 @@ pub fn compare(
     o: &CompareOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Value> {
+    check_fits_context(&o.workload, model.config.max_position_embeddings)?;
     let mut reference: Option<Vec<Vec<u32>>> = None;
     // The first backend's teacher-forced logits, made when a backend's greedy
     // tokens first differ: (sequences, logits).
@@ -187,7 +283,7 @@ pub fn compare(
             },
             ..o.clone()
         };
-        let mut candidate = engine(model, spec, &ample)?;
+        let mut candidate = agreement_engine(model, spec, &ample)?;
         let tokens = agreement_run(&mut candidate)?;
         let (disagreement, agreement) = match &reference {
             None => {
@@ -201,7 +297,7 @@ pub fn compare(
                 // backend's sequences, within the dtype's tolerance.
                 Some(d) => {
                     if reference_logits.is_none() {
-                        let mut first = engine(model, &o.backends[0], &ample)?;
+                        let mut first = agreement_engine(model, &o.backends[0], &ample)?;
                         let seqs: Vec<Vec<u32>> = agreement_prompts(&first)
                             .into_iter()
                             .zip(r)
@@ -399,15 +495,11 @@ fn hybrid_sweep(
         for &b in batches {
             for &c in contexts {
                 // b decoding requests (admitted first), then one long prompt
-                // prefilled p tokens a step while they decode. A step's budget
-                // is b + p tokens and decodes take at most b of it, so every
-                // prompt (the decoders' own, then the long one) is prefilled
-                // within `steps` steps: the decoders must still be running then.
-                let steps = (b * c + prefill_len).div_ceil(p) + 1;
+                // prefilled p tokens a step while they decode.
                 let mut reqs: Vec<Request> = (0..b)
                     .map(|i| Request {
                         prompt: prompt(c, vocab, i),
-                        max_tokens: steps + 2,
+                        max_tokens: hybrid_decode_tokens(b, c, p, prefill_len),
                         sampling: timed_sampling(),
                         arrival_ms: 0.0,
                     })
@@ -541,7 +633,7 @@ fn serve(e: &mut Engine, trace: &[(usize, usize, f64)]) -> Result<Value> {
     let cfg = SchedulerConfig {
         policy: Policy::Hybrid { one_prefill: false },
         chunk_size: 512,
-        max_seqs: 64,
+        max_seqs: SERVE_MAX_SEQS,
     };
     let t = std::time::Instant::now();
     let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?;

@@ -41,6 +41,8 @@ pub enum EngineError {
         total: usize,
         usable: usize,
     },
+    #[error("{0}")]
+    BadWorkload(String),
     #[error("the scheduler made no progress with {waiting} waiting and {running} running sequences")]
     Stalled { waiting: usize, running: usize },
     #[error(transparent)]
