@@ -66,186 +66,19 @@ struct SlotKv {
     const __nv_bfloat16* k;
     const __nv_bfloat16* v;
     int64_t pos_stride;
-    // One tile of keys (K) or values (V) t0 .. t0 + 63, zeros from n_keys on.
-    __device__ __forceinline__ void load_rows(uint32_t tile, const __nv_bfloat16* base, int t0, int n_keys) const {
-        auto valid = [&](int r) { return t0 + r < n_keys; };
-        auto row = [&](int r) { return base + (size_t)(t0 + r) * pos_stride; };
-        if constexpr (WG)
-            load_tile_wg<PF_TILE_N, THREADS>(tile, row, valid);
-        else
-            load_tile<PF_TILE_N, THREADS>(tile, row, valid);
-    }
     __device__ __forceinline__ void load(uint32_t ks, uint32_t vs, int t0, int n_keys) const {
-        load_rows(ks, k, t0, n_keys);
-        load_rows(vs, v, t0, n_keys);
+        auto valid = [&](int r) { return t0 + r < n_keys; };
+        auto krow = [&](int r) { return k + (size_t)(t0 + r) * pos_stride; };
+        auto vrow = [&](int r) { return v + (size_t)(t0 + r) * pos_stride; };
+        if constexpr (WG) {
+            load_tile_wg<PF_TILE_N, THREADS>(ks, krow, valid);
+            load_tile_wg<PF_TILE_N, THREADS>(vs, vrow, valid);
+        } else {
+            load_tile<PF_TILE_N, THREADS>(ks, krow, valid);
+            load_tile<PF_TILE_N, THREADS>(vs, vrow, valid);
+        }
     }
 };
-
-// The Hopper tile (ATT_WGMMA, a KV source with WG tiles): each warpgroup
-// owns 64 query rows; Q stays in shared memory (wgmma's A from a
-// descriptor, so no Q registers), K and V come in rings of two tiles each,
-// and the loop overlaps the softmax of tile i with the tensor cores
-// (FlashAttention-3's intra-warpgroup pipelining):
-//   issue S_i = Q K_i^T; issue O += P_{i-1} V_{i-1}; wait for S_i;
-//   softmax(S_i) -> P_i (the tensor cores run P_{i-1} V_{i-1} meanwhile);
-//   wait for the PV; O *= alpha_i.
-// Loads: group G_i (K_{i+1}, V_i) is issued at the top of iteration i, once
-// G_{i-1} (K_i, V_{i-1}) has landed and every warpgroup is done with
-// K_{i-1} (S_{i-1}) and V_{i-2} (P_{i-2} V_{i-2}), whose buffers they reuse.
-// Fully masked tiles of a warpgroup are computed (P = 0): at most one per
-// 128-row tile on the diagonal.
-template <int WARPS, typename MakeKv>
-__device__ __forceinline__ void prefill_tile_wg(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
-                                                const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
-                                                const int32_t* __restrict__ ctx_len,
-                                                const int32_t* __restrict__ q_len, int heads, int group, float scale,
-                                                MakeKv make_kv, int item, int head) {
-    using S = PrefillShape<WARPS, 2>;
-    constexpr int KV_TILE = PF_TILE_N * ATT_ROW_BYTES;  // 16 KiB
-    extern __shared__ __align__(128) uint8_t smem[];
-    const int kvh = head / group;
-    const int chunk = work[2 * item], j0 = work[2 * item + 1];
-    const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, wg = warp / 4;
-    const float qk_scale = scale * ATT_LOG2E;
-    const int n_keys = ctx + min(ql, j0 + S::BM);
-    const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
-    const auto kv = make_kv(chunk, kvh);
-
-    // Q (wg layout, BM rows), then K ring [2], then V ring [2]: all on
-    // 1024-byte boundaries (S::SMEM has the slack).
-    const uint32_t qsm = (smem_addr(smem) + 1023) & ~1023u;
-    const uint32_t kbuf = qsm + S::Q_BYTES, vbuf = kbuf + 2 * KV_TILE;
-    load_tile_wg<S::BM, S::THREADS>(
-        qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
-        [&](int r) { return j0 + r < ql; });
-    kv.load_rows(kbuf, kv.k, 0, n_keys);
-    cp_async_commit();
-    auto issue_loads = [&](int i) {  // G_i: K_{i+1} and V_i
-        if (i + 1 < ntiles) kv.load_rows(kbuf + ((i + 1) & 1) * KV_TILE, kv.k, (i + 1) * PF_TILE_N, n_keys);
-        kv.load_rows(vbuf + (i & 1) * KV_TILE, kv.v, i * PF_TILE_N, n_keys);
-        cp_async_commit();
-    };
-    issue_loads(0);
-
-    float o[16][4];
-#pragma unroll
-    for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    RowState st;
-    const int lim0 = ctx + j0 + warp * 16 + g;  // row g (+ 8) of this warp sees keys <= lim0 (+ 8)
-    // This warpgroup's rows of Q, 16 dims per k-step.
-    auto q_desc = [&](int kk) {
-        return wg_desc(qsm + (kk / 4) * S::BM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
-    };
-    auto qk = [&](float (&s)[8][4], int i) {
-        const uint32_t ks = kbuf + (i & 1) * KV_TILE;
-        wg_fence_operands<32>(&s[0][0]);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk)
-            wgmma_qk_ss_m64n64k16(&s[0][0], q_desc(kk), wg_desc(ks + (kk / 4) * KV_TILE / 2 + (kk % 4) * 32, 16, 1024),
-                                  kk);
-        wg_commit();
-    };
-    auto pv = [&](const uint32_t (&pa)[4][4], int i) {
-        const uint32_t vs = vbuf + (i & 1) * KV_TILE;
-        wg_fence_operands<64>(&o[0][0]);
-        wg_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs + j * 16 * 128, KV_TILE / 2, 1024), 1);
-        wg_commit();
-    };
-    // Scale and mask S_i, fold it into the row state: S := P (f32), alpha per row.
-    auto softmax = [&](float (&s)[8][4], int i, float (&alpha)[2]) {
-        const int t0 = i * PF_TILE_N;
-        if (t0 + PF_TILE_N - 1 > lim0 - g) {
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    s[n][e] = t0 + n * 8 + 2 * t + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale : -INFINITY;
-        } else {
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-            mx = quad_max(mx);
-            const float m_new = fmaxf(st.m[r], mx);
-            const float base = m_new == -INFINITY ? 0.f : m_new;
-            alpha[r] = exp2f(st.m[r] - base);
-            float sum = 0.f;
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                s[n][2 * r] = exp2f(s[n][2 * r] - base);
-                s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
-                sum += s[n][2 * r] + s[n][2 * r + 1];
-            }
-            st.l[r] = st.l[r] * alpha[r] + sum;
-            st.m[r] = m_new;
-        }
-    };
-
-    // Tile 0: Q and K_0 are the oldest group.
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-    float s[8][4] = {};
-    float alpha[2];
-    uint32_t pa[4][4];
-    qk(s, 0);
-    wg_wait<0>();
-    wg_fence_operands<32>(&s[0][0]);
-    softmax(s, 0, alpha);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
-    for (int i = 1; i < ntiles; ++i) {
-        cp_async_wait<0>();  // G_{i-1}: K_i, V_{i-1}
-        fence_proxy_async();
-        __syncthreads();
-        issue_loads(i);
-        qk(s, i);
-        pv(pa, i - 1);
-        wg_wait<1>();  // S_i is in; P_{i-1} V_{i-1} may still run
-        wg_fence_operands<32>(&s[0][0]);
-        softmax(s, i, alpha);
-        wg_wait<0>();
-        wg_fence_operands<64>(&o[0][0]);
-#pragma unroll
-        for (int d = 0; d < 16; ++d) {
-            o[d][0] *= alpha[0];
-            o[d][1] *= alpha[0];
-            o[d][2] *= alpha[1];
-            o[d][3] *= alpha[1];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
-    }
-    cp_async_wait<0>();  // V_{last}
-    fence_proxy_async();
-    __syncthreads();
-    pv(pa, ntiles - 1);
-    wg_wait<0>();
-    wg_fence_operands<64>(&o[0][0]);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int j = j0 + warp * 16 + g + 8 * r;
-        const float l = quad_sum(st.l[r]);
-        if (j >= ql) continue;
-        const float inv = 1.f / l;
-        __nv_bfloat16* orow = out + ((size_t)(qs + j) * heads + head) * ATT_HEAD_DIM;
-#pragma unroll
-        for (int d = 0; d < 16; ++d)
-            *reinterpret_cast<__nv_bfloat162*>(orow + 8 * d + 2 * t) =
-                __floats2bfloat162_rn(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
-    }
-}
 
 template <int WARPS, int STAGES, typename MakeKv>
 __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
@@ -253,10 +86,6 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
                                              const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
                                              int heads, int group, float scale, MakeKv make_kv, int item,
                                              int head) {
-    if constexpr (decltype(make_kv(0, 0))::WG && WARPS % 4 == 0) {
-        prefill_tile_wg<WARPS>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, make_kv, item, head);
-        return;
-    }
     using S = PrefillShape<WARPS, STAGES>;
     extern __shared__ __align__(128) uint8_t smem[];
     const int kvh = head / group;
@@ -270,7 +99,8 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
 
     const auto kv = make_kv(chunk, kvh);
     using Kv = decltype(kv);
-    const uint32_t qsm = smem_addr(smem), kv0 = qsm + S::Q_BYTES;
+    constexpr bool WG = Kv::WG && WARPS % 4 == 0;
+    const uint32_t qsm = smem_addr(smem), kv0 = (qsm + S::Q_BYTES + 1023) & ~1023u;
     load_tile<S::BM, S::THREADS>(
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
@@ -302,18 +132,31 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     RowState st;
     // Row g (+ 8) of this warp sees keys <= lim0 (+ 8).
     const int lim0 = ctx + j0 + warp * 16 + g;
+    // wgmma: a warpgroup's 64 rows see keys <= lim_wg.
+    const int lim_wg = ctx + j0 + (warp / 4) * 64 + 63;
     for (int i = 0; i < ntiles; ++i) {
         cp_async_wait<STAGES - 2>();
+        if constexpr (WG) fence_proxy_async();
         __syncthreads();
         if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
         const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
         const int t0 = i * PF_TILE_N;
-        // This warp's rows see no key of the tile: nothing to do (their
-        // state is unchanged by an all -inf tile).
-        if (t0 > lim0 - g + 15) continue;
+        // This warp's (warpgroup's) rows see no key of the tile: nothing to
+        // do (their state is unchanged by an all -inf tile).
+        if (WG ? t0 > lim_wg : t0 > lim0 - g + 15) continue;
         float s[8][4] = {};
-        {
+        if constexpr (WG) {
+            wg_fence_operands<32>(&s[0][0]);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk)
+                wgmma_qk_m64n64k16(&s[0][0], qa[kk], wg_desc(ks + (kk / 4) * PF_TILE_N * 128 + (kk % 4) * 32, 16, 1024),
+                                   kk);
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_operands<32>(&s[0][0]);
+        } else {
             const int m = lane / 8;
 #pragma unroll
             for (int kk = 0; kk < 8; ++kk) {
@@ -339,14 +182,28 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
                 for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
         }
         online_softmax<8>(st, s, o);
+        if constexpr (WG) {
+            uint32_t pa[4][4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            uint32_t pa[4];
-            p_to_a(pa, s[2 * j], s[2 * j + 1]);
-            if constexpr (Kv::V_BY_DIM)
-                pv_16_by_dim(o, pa, vs, 16 * j, lane);
-            else
-                pv_16(o, pa, vs, 16 * j, lane);
+            for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
+            wg_fence_operands<64>(&o[0][0]);
+            wg_fence();
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs + j * 16 * 128, PF_TILE_N * 128, 1024), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_operands<64>(&o[0][0]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                uint32_t pa[4];
+                p_to_a(pa, s[2 * j], s[2 * j + 1]);
+                if constexpr (Kv::V_BY_DIM)
+                    pv_16_by_dim(o, pa, vs, 16 * j, lane);
+                else
+                    pv_16(o, pa, vs, 16 * j, lane);
+            }
         }
     }
     cp_async_wait<0>();
