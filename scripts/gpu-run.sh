@@ -85,7 +85,7 @@ if want compare; then
     # shellcheck disable=SC2086
     cmp decode-sweep "$KV" --backends "$BK" --batches 1,8,32 --contexts 1024,4096 --tokens 64 ${CMP_DECODE_ARGS:-}
     # shellcheck disable=SC2086
-    cmp hybrid-sweep "$KV" --backends "$BK" --chunks 512,1024,2048 --batches 8,32 --contexts 2048,4096 --prefill-len 4096 ${CMP_HYBRID_ARGS:-}
+    cmp hybrid-sweep "$KV" --backends "$BK" --chunks 512,1024,2048 --batches 16 --contexts 2048,4096 --prefill-len 4096 ${CMP_HYBRID_ARGS:-}
     # shellcheck disable=SC2086
     cmp serve "$KV" --backends "$BK" --requests 32 --prompt-len 2048 --max-tokens 128 ${CMP_SERVE_ARGS:-}
     # shellcheck disable=SC2086
