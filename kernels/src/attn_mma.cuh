@@ -79,19 +79,25 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Copies `rows` K/V rows (16 chunks each) to a swizzled tile with `threads`
-// threads; row r comes from `src(r)` (a row pointer) when `valid(r)`, else
-// zeros. Rows past the sequence are never read.
-template <int ROWS, int THREADS, typename Src, typename Valid>
-__device__ __forceinline__ void load_tile(uint32_t tile, Src src, Valid valid) {
+// Copies `rows` K/V rows (16 chunks each) to a tile with `threads` threads;
+// row r comes from `src(r)` (a row pointer) when `valid(r)`, else zeros, and
+// chunk c of row r goes to byte `off(r, c)` of the tile. Rows past the
+// sequence are never read.
+template <int ROWS, int THREADS, typename Src, typename Valid, typename Off>
+__device__ __forceinline__ void load_tile_at(uint32_t tile, Src src, Valid valid, Off off) {
     static_assert(ROWS * ATT_ROW_CHUNKS % THREADS == 0, "whole chunks per thread");
 #pragma unroll
     for (int j = 0; j < ROWS * ATT_ROW_CHUNKS / THREADS; ++j) {
         const int i = threadIdx.x + j * THREADS;
         const int r = i / ATT_ROW_CHUNKS, c = i % ATT_ROW_CHUNKS;
         const bool ok = valid(r);
-        cp_async16(tile + tile_off(r, c), src(ok ? r : 0) + c * 8, ok);
+        cp_async16(tile + off(r, c), src(ok ? r : 0) + c * 8, ok);
     }
+}
+// load_tile_at into the swizzled layout of tile_off.
+template <int ROWS, int THREADS, typename Src, typename Valid>
+__device__ __forceinline__ void load_tile(uint32_t tile, Src src, Valid valid) {
+    load_tile_at<ROWS, THREADS>(tile, src, valid, [](int r, int c) { return tile_off(r, c); });
 }
 
 // S[16 x 16] (two n-tiles of 8 keys) += Q(16 x 128, A fragments) K[key0 .. key0+16)^T.

@@ -39,17 +39,10 @@ struct PrefillShape {
     static constexpr int SMEM = Q_BYTES + STAGES * STAGE_BYTES + 1024;
 };
 
-// Copies `ROWS` K/V rows to a wg-layout tile (wgmma.cuh), as load_tile does.
+// load_tile_at into the wg layout (wgmma.cuh).
 template <int ROWS, int THREADS, typename Src, typename Valid>
 __device__ __forceinline__ void load_tile_wg(uint32_t tile, Src src, Valid valid) {
-    static_assert(ROWS * ATT_ROW_CHUNKS % THREADS == 0, "whole chunks per thread");
-#pragma unroll
-    for (int j = 0; j < ROWS * ATT_ROW_CHUNKS / THREADS; ++j) {
-        const int i = threadIdx.x + j * THREADS;
-        const int r = i / ATT_ROW_CHUNKS, c = i % ATT_ROW_CHUNKS;
-        const bool ok = valid(r);
-        cp_async16(tile + wg_off<ROWS>(r, c), src(ok ? r : 0) + c * 8, ok);
-    }
+    load_tile_at<ROWS, THREADS>(tile, src, valid, [](int r, int c) { return wg_off<ROWS>(r, c); });
 }
 
 // Where a chunk's keys and values come from: `load(k_tile, v_tile, t0,
