@@ -318,3 +318,32 @@ fn vattention_gets_a_slot_per_concurrent_request_and_workloads_must_fit_the_cont
         "{err}"
     );
 }
+
+#[test]
+fn forced_logits_batched_like_serving_match_one_prefill() {
+    use vpod_cli::engine::Engine;
+    let model = Arc::new(load_dir(&fixture("tiny-llama3-gqa4")).unwrap());
+    let vocab = model.config.vocab_size as u32;
+    let seqs: Vec<Vec<u32>> = [30usize, 9]
+        .iter()
+        .map(|&n| {
+            (0..n as u32)
+                .map(|t| 1 + (t * 7 + n as u32) % (vocab - 1))
+                .collect()
+        })
+        .collect();
+    let mut e = Engine::new(model.clone(), "reference").unwrap();
+    // Prompts of 20 and 5 tokens in chunks of 8, the rest fed as decodes, both in the same steps.
+    let got = e.forced_logits(&seqs, &[20, 5], 8).unwrap();
+    for (s, g) in seqs.iter().zip(&got) {
+        assert_eq!(g.dims(), &[s.len(), vocab as usize]);
+        let one = e
+            .forced_logits(std::slice::from_ref(s), &[s.len()], 1 << 10)
+            .unwrap();
+        let diff = (g - &one[0]).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(
+            diff.to_scalar::<f32>().unwrap() < 1e-3,
+            "rows in the wrong order?"
+        );
+    }
+}

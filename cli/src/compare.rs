@@ -145,12 +145,14 @@ fn check_fits_context(w: &Workload, max: usize) -> Result<()> {
 
 /// Tokens each decoding request of a hybrid-sweep cell generates: b
 /// decoders (admitted first), then one prompt of `prefill_len` prefilled p
-/// tokens a step while they decode. A step's budget is b + p tokens and
-/// decodes take at most b of it, so every prompt (the decoders' own, then
-/// the long one) is prefilled within `steps` steps: the decoders must still
-/// be running then.
+/// tokens a step while they decode. A step holds one prefill chunk of at
+/// least p tokens (budget b + p, decodes take at most b), so every prompt
+/// (the decoders' own, then the long one) is prefilled within
+/// b * ceil(c / p) + ceil(prefill_len / p) steps: the decoders must still be
+/// running then.
 fn hybrid_decode_tokens(b: usize, c: usize, p: usize, prefill_len: usize) -> usize {
-    (b * c + prefill_len).div_ceil(p.max(1)) + 3
+    let p = p.max(1);
+    b * c.div_ceil(p) + prefill_len.div_ceil(p) + 3
 }
 
 /// Backend `spec` for the workload: the KV budget is fixed first (the
@@ -228,20 +230,38 @@ fn logit_tolerance(dtype: DType) -> f64 {
 }
 
 /// Teacher-forced logits of every agreement sequence (prompt + the first
-/// backend's greedy tokens), prefilled in chunks of 16.
-fn forced(e: &mut Engine, seqs: &[Vec<u32>]) -> Result<Vec<Tensor>> {
-    seqs.iter().map(|s| e.forced_logits(s, 16)).collect()
+/// backend's greedy tokens): the prompts prefilled in chunks of 16 and the
+/// generated tokens fed as decodes, all sequences in the same steps (the
+/// kinds of step the greedy run made: prefill, hybrid, batched decode).
+fn forced(e: &mut Engine, seqs: &[Vec<u32>], prompt_lens: &[usize]) -> Result<Vec<Tensor>> {
+    e.forced_logits(seqs, prompt_lens, 16)
 }
 
+/// The agreement sequences, their prompt lengths, and the first backend's
+/// teacher-forced logits of them.
+type ForcedRun = (Vec<Vec<u32>>, Vec<usize>, Vec<Tensor>);
+
+/// Positions with the same top-1 that a backend needs, besides the logit
+/// tolerance, when its greedy tokens part from the first backend's.
+const MIN_TOP1: f64 = 0.9;
+
 /// (largest logit difference / the reference row's range, fraction of
-/// positions with the same top-1) over all sequences.
+/// positions with the same top-1) over all sequences; a non-finite logit
+/// of the candidate makes the difference infinite.
 fn logit_agreement(want: &[Tensor], got: &[Tensor]) -> Result<(f64, f64)> {
     let (mut worst, mut same, mut rows) = (0f64, 0usize, 0usize);
     for (w, g) in want.iter().zip(got) {
+        if !g.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            worst = f64::INFINITY;
+        }
         let diff = (w - g)?.abs()?.max(D::Minus1)?;
         let range = (w.max(D::Minus1)? - w.min(D::Minus1)?)?;
         let ratio = diff.div(&range)?.max(0)?.to_scalar::<f32>()?;
-        worst = worst.max(ratio as f64);
+        worst = if ratio.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(ratio as f64)
+        };
         let (a, b) = (
             w.argmax(D::Minus1)?.to_vec1::<u32>()?,
             g.argmax(D::Minus1)?.to_vec1::<u32>()?,
@@ -264,7 +284,7 @@ pub fn compare(
     let mut reference: Option<Vec<Vec<u32>>> = None;
     // The first backend's teacher-forced logits, made when a backend's greedy
     // tokens first differ: (sequences, logits).
-    let mut reference_logits: Option<(Vec<Vec<u32>>, Vec<Tensor>)> = None;
+    let mut reference_logits: Option<ForcedRun> = None;
     let tolerance = logit_tolerance(model.model.dtype());
     let mut rows = Vec::new();
     for spec in &o.backends {
@@ -298,16 +318,18 @@ pub fn compare(
                 Some(d) => {
                     if reference_logits.is_none() {
                         let mut first = agreement_engine(model, &o.backends[0], &ample)?;
-                        let seqs: Vec<Vec<u32>> = agreement_prompts(&first)
+                        let prompts = agreement_prompts(&first);
+                        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+                        let seqs: Vec<Vec<u32>> = prompts
                             .into_iter()
                             .zip(r)
                             .map(|(p, t)| [p, t.clone()].concat())
                             .collect();
-                        let logits = forced(&mut first, &seqs)?;
-                        reference_logits = Some((seqs, logits));
+                        let logits = forced(&mut first, &seqs, &lens)?;
+                        reference_logits = Some((seqs, lens, logits));
                     }
-                    let (seqs, want) = reference_logits.as_ref().expect("made above");
-                    let got = forced(&mut candidate, seqs)?;
+                    let (seqs, lens, want) = reference_logits.as_ref().expect("made above");
+                    let got = forced(&mut candidate, seqs, lens)?;
                     let (worst, top1) = logit_agreement(want, &got)?;
                     let a = json!({
                         "greedy_tokens": d,
@@ -315,14 +337,15 @@ pub fn compare(
                         "tolerance": tolerance,
                         "teacher_forced_top1": top1,
                     });
-                    if worst <= tolerance {
+                    if worst <= tolerance && top1 >= MIN_TOP1 {
                         (None, a)
                     } else {
                         let why = format!(
-                            "{d}; teacher-forced logits differ by {:.2} % of their range (tolerance {:.2} %), top-1 {:.1} %",
+                            "{d}; teacher-forced logits differ by {:.2} % of their range (tolerance {:.2} %), the same top-1 at {:.1} % of positions (at least {:.0} % needed)",
                             worst * 100.0,
                             tolerance * 100.0,
-                            top1 * 100.0
+                            top1 * 100.0,
+                            MIN_TOP1 * 100.0
                         );
                         (Some(why), a)
                     }
@@ -460,14 +483,16 @@ fn decode_sweep(
             let (n, ms): (usize, f64) = decode
                 .iter()
                 .fold((0, 0.0), |(n, t), s| (n + s.decodes, t + s.ms));
-            let attn = decode.iter().map(|s| s.attention_ms).sum::<f64>() / decode.len().max(1) as f64;
-            let step = ms / decode.len().max(1) as f64;
+            // Means over the decode steps (null when none ran).
+            let some = !decode.is_empty();
+            let attn = some.then(|| decode.iter().map(|s| s.attention_ms).sum::<f64>() / decode.len() as f64);
+            let step = some.then(|| ms / decode.len() as f64);
             cells.push(json!({
                 "batch": b,
                 "context": c,
                 "generated": tokens,
                 "decode_steps": decode.len(),
-                "decode_tokens_per_s": if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 },
+                "decode_tokens_per_s": (ms > 0.0).then(|| n as f64 / (ms / 1e3)),
                 "step_ms": step,
                 "attention_ms_per_step": attn,
                 "step_ms_percentiles": spread(decode.iter().map(|s| s.ms)),
@@ -735,6 +760,13 @@ pub fn table(rows: &Value) -> String {
             }
             Value::Array(cells) => {
                 for c in cells {
+                    if c["decode_steps"] == 0 {
+                        out += &format!(
+                            "{backend:<12} batch {:>3} ctx {:>6}  no decode step ran (--tokens 1?)\n",
+                            c["batch"], c["context"]
+                        );
+                        continue;
+                    }
                     out += &format!(
                         "{backend:<12} batch {:>3} ctx {:>6}  {:>9.1} tok/s  step {:>8.3} ms (p99 {:>8.3})  attention {:>8.3} ms/step\n",
                         c["batch"],
@@ -792,5 +824,14 @@ mod tests {
             (0.0, 1.0)
         );
         assert!(logit_tolerance(DType::BF16) > logit_tolerance(DType::F32));
+        // A candidate with a NaN logit never agrees.
+        let nan = Tensor::new(&[[0f32, f32::NAN, 5.0], [1.0, 2.0, 3.0]], &d).unwrap();
+        let (worst, _) = logit_agreement(std::slice::from_ref(&want), &[nan]).unwrap();
+        assert!(worst.is_infinite());
+        assert_eq!(
+            hybrid_decode_tokens(16, 256, 2048, 4096),
+            16 + 2 + 3,
+            "one chunk a step"
+        );
     }
 }

@@ -617,38 +617,74 @@ impl Engine {
         })
     }
 
-    /// Teacher-forced f32 logits `[ids.len(), vocab]` of `ids` (one sequence,
-    /// prefilled `chunk` tokens a step through the KV cache, then released).
-    pub fn forced_logits(&mut self, ids: &[u32], chunk: usize) -> Result<Tensor> {
-        if ids.len() > self.max_seq_len {
+    /// Teacher-forced f32 logits of several sequences run together as a
+    /// server would run them: sequence i's first `prompt_lens[i]` tokens are
+    /// prefilled up to `chunk` tokens a step, the rest fed one token a step
+    /// (decodes), all sequences in the same packed steps, so that prefill,
+    /// decode and hybrid steps (decodes beside prefill chunks) all run.
+    /// Returns `[seqs[i].len(), vocab]` per sequence; the sequences are
+    /// released afterwards.
+    pub fn forced_logits(
+        &mut self,
+        seqs: &[Vec<u32>],
+        prompt_lens: &[usize],
+        chunk: usize,
+    ) -> Result<Vec<Tensor>> {
+        if let Some(s) = seqs.iter().find(|s| s.len() > self.max_seq_len) {
             return Err(EngineError::PromptTooLong {
-                prompt: ids.len(),
+                prompt: s.len(),
                 limit: self.max_seq_len,
                 note: "",
             });
         }
-        let seq = self.new_seq();
-        let mut rows = Vec::new();
+        let ids: Vec<SeqId> = seqs.iter().map(|_| self.new_seq()).collect();
+        let mut rows: Vec<Vec<Tensor>> = vec![Vec::new(); seqs.len()];
         let mut run = || -> Result<()> {
-            let mut context_len = 0;
-            for part in ids.chunks(chunk.max(1)) {
-                let c = SeqChunk {
-                    seq_id: seq,
-                    context_len,
-                    query_len: part.len(),
-                };
-                rows.push(
-                    self.step(vec![c], part, LogitsAt::AllTokens)?
-                        .to_dtype(DType::F32)?,
-                );
-                context_len += part.len();
+            let mut done = vec![0usize; seqs.len()];
+            while done.iter().zip(seqs).any(|(d, s)| d < &s.len()) {
+                let (mut chunks, mut tokens) = (Vec::new(), Vec::new());
+                for (i, s) in seqs.iter().enumerate() {
+                    let d = done[i];
+                    if d == s.len() {
+                        continue;
+                    }
+                    let n = if d < prompt_lens[i] {
+                        (prompt_lens[i] - d).min(chunk.max(1))
+                    } else {
+                        1
+                    };
+                    chunks.push((
+                        i,
+                        SeqChunk {
+                            seq_id: ids[i],
+                            context_len: d,
+                            query_len: n,
+                        },
+                    ));
+                    tokens.extend_from_slice(&s[d..d + n]);
+                    done[i] += n;
+                }
+                let logits = self
+                    .step(
+                        chunks.iter().map(|(_, c)| *c).collect(),
+                        &tokens,
+                        LogitsAt::AllTokens,
+                    )?
+                    .to_dtype(DType::F32)?;
+                let mut row = 0;
+                for (i, c) in &chunks {
+                    rows[*i].push(logits.narrow(0, row, c.query_len)?);
+                    row += c.query_len;
+                }
             }
             Ok(())
         };
         let r = run();
-        self.release(seq);
+        for id in ids {
+            self.release(id);
+        }
         r?;
-        Ok(Tensor::cat(&rows, 0)?)
+        rows.iter().map(|r| Ok(Tensor::cat(r, 0)?)).collect()
     }
 
     /// Sum of NLL over `window[1..]` and the count of predicted tokens.

@@ -607,8 +607,10 @@ fn run_workload(
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
-        for f in plot::write_figures(&report, dir)? {
-            eprintln!("wrote {}", f.display());
+        // A figure that cannot be drawn must not hide the measurements.
+        match plot::write_figures(&report, dir) {
+            Ok(files) => files.iter().for_each(|f| eprintln!("wrote {}", f.display())),
+            Err(e) => eprintln!("warning: no figure written: {e:#}"),
         }
     }
     if m.json {

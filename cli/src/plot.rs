@@ -13,7 +13,7 @@
 //! `epaint_default_fonts`), so no system font library is needed.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::OnceLock;
 
 use anyhow::{Context, anyhow};
 use plotters::coord::Shift;
@@ -62,13 +62,15 @@ const COLORS: [RGBColor; 8] = [
 const FONT: &str = "sans-serif";
 
 fn register_font() -> anyhow::Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT)
-            .map_err(|_| anyhow!("the built-in plot font did not load"));
+    static LOADED: OnceLock<bool> = OnceLock::new();
+    let ok = *LOADED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).is_ok()
     });
-    result
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("the built-in plot font did not load"))
+    }
 }
 
 /// `4096` -> `4K`, `1536` -> `1.5K`, `12` -> `12`.

@@ -17,9 +17,9 @@
 // columns); O += P V takes B from V rows with ldmatrix.trans; P goes from C
 // fragments to A fragments in registers (the FlashAttention-2 register reuse).
 //
-// The Hopper version (wgmma + TMA, sm_90a) replaces these helpers and the
-// inner loops of the kernels, not the kernels' work split, addressing or
-// softmax bookkeeping.
+// On sm_90a the prefill tile replaces the mma.sync inner loops with
+// warpgroup MMAs (wgmma.cuh); the work split, addressing and softmax
+// bookkeeping stay the same.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>

@@ -48,7 +48,7 @@
 //! slot_prefill_w{4,8}_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, const int* work,
 //!                          const int* q_start, const int* ctx_len, const int* q_len, const int* slots,
 //!                          int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale)
-//!     grid (work items, heads), 32 * {4,8} threads, 80 / 96 KiB dynamic smem; work = (chunk, first
+//!     grid (work items, heads), 32 * {4,8} threads, 81 / 97 KiB dynamic smem (1 KiB to align the K/V stages); work = (chunk, first
 //!     query row) per 16 * {4,8}-row query tile; causal over keys 0 ..= ctx_len + j of the chunk's slot.
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,

@@ -92,7 +92,8 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
 
     const auto kv = make_kv(chunk, kvh);
     using Kv = decltype(kv);
-    constexpr bool WG = Kv::WG && WARPS % 4 == 0;
+    static_assert(!Kv::WG || WARPS % 4 == 0, "wg-layout tiles need whole warpgroups (the mma.sync path reads tile_off)");
+    constexpr bool WG = Kv::WG;
     const uint32_t qsm = smem_addr(smem), kv0 = (qsm + S::Q_BYTES + 1023) & ~1023u;
     load_tile<S::BM, S::THREADS>(
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },

@@ -1024,11 +1024,13 @@ fn serve(
                 chunk_size: chunk,
                 max_seqs: requests,
             };
-            // Warm-up (untimed): two short requests through prefill, hybrid
-            // and decode steps, so that the first timed run does not pay for
-            // first-use costs (PTX JIT of candle's kernels, cuBLAS handles,
-            // the allocator). Without it the first run of a fresh machine
-            // lost half its throughput.
+            // Warm-up (untimed): two short requests through prefill and
+            // decode steps (hybrid ones too under `hybrid`), so that the
+            // first timed run does not pay for first-use costs (PTX JIT of
+            // candle's kernels, cuBLAS handles, the allocator). Without it
+            // the first run of a fresh machine lost half its throughput.
+            // (The virtual cache keeps the warm-up's pages mapped for reuse:
+            // a few 2 MiB page groups the timed run does not map again.)
             let warm: Vec<Request> = reqs[..2.min(reqs.len())]
                 .iter()
                 .map(|r| Request {
