@@ -414,14 +414,7 @@ mod tests {
             let e = parse_name(bad).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("paged, vattention, pod"), "{e}");
         }
-        let cfg = AttnConfig {
-            num_layers: 1,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
-            max_seq_len: 64,
-            dtype: DType::F32,
-        };
+        let cfg = reference::tests::cfg();
         let b = create_backend("pod:serial", &cfg, &Device::Cpu, &BackendOptions::default()).unwrap();
         assert_eq!(b.name(), "pod");
     }

@@ -212,11 +212,12 @@ pub fn attend_causal(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{LogitsAt, SeqChunk};
 
-    fn cfg() -> AttnConfig {
+    /// A small f32 attention shape (4 heads, GQA 2, head_dim 8) for unit tests.
+    pub(crate) fn cfg() -> AttnConfig {
         AttnConfig {
             num_layers: 1,
             num_heads: 4,

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use vpod_attention::BackendOptions;
 use vpod_models::LoadedModel;
 
-use crate::engine::{BatchOutput, Engine, Request, Result};
+use crate::engine::{BatchOutput, Engine, Request, Result, StepRecord};
 use crate::sampler::SamplingParams;
 use crate::scheduler::{Policy, SchedulerConfig};
 
@@ -416,6 +416,11 @@ pub fn progress_steps(o: &CompareOptions) -> usize {
     o.backends.len() * (cells + usize::from(o.check_agreement))
 }
 
+/// The mean of `f` over `steps` (None, written as null, when no step ran).
+fn mean(steps: &[&StepRecord], f: impl Fn(&StepRecord) -> f64) -> Option<f64> {
+    (!steps.is_empty()).then(|| steps.iter().map(|s| f(s)).sum::<f64>() / steps.len() as f64)
+}
+
 /// p50 / p90 / p99 of `v` (nulls when empty).
 fn spread(v: impl Iterator<Item = f64>) -> Value {
     let mut v: Vec<f64> = v.collect();
@@ -483,10 +488,8 @@ fn decode_sweep(
             let (n, ms): (usize, f64) = decode
                 .iter()
                 .fold((0, 0.0), |(n, t), s| (n + s.decodes, t + s.ms));
-            // Means over the decode steps (null when none ran).
-            let some = !decode.is_empty();
-            let attn = some.then(|| decode.iter().map(|s| s.attention_ms).sum::<f64>() / decode.len() as f64);
-            let step = some.then(|| ms / decode.len() as f64);
+            let attn = mean(&decode, |s| s.attention_ms);
+            let step = mean(&decode, |s| s.ms);
             cells.push(json!({
                 "batch": b,
                 "context": c,
@@ -547,11 +550,8 @@ fn hybrid_sweep(
                     .filter(|s| s.decodes == b && s.prefill_tokens > 0 && s.prefill_chunks == 1)
                     .collect();
                 // Means over the hybrid steps (null when none ran).
-                let mean = |f: fn(&&crate::engine::StepRecord) -> f64| {
-                    (!hybrid.is_empty()).then(|| hybrid.iter().map(f).sum::<f64>() / hybrid.len() as f64)
-                };
-                let attn = mean(|s| s.attention_ms);
-                let step = mean(|s| s.ms);
+                let attn = mean(&hybrid, |s| s.attention_ms);
+                let step = mean(&hybrid, |s| s.ms);
                 // How the backend ran them (`pod` on a GPU: fused or serial, and why).
                 let mut paths = serde_json::Map::new();
                 for s in &hybrid {

@@ -314,20 +314,8 @@ pub fn write_figures(report: &Value, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
         let size = figure_size(&f);
         let png = dir.join(format!("{}.png", f.name));
         let svg = dir.join(format!("{}.svg", f.name));
-        {
-            let root = BitMapBackend::new(&png, size).into_drawing_area();
-            draw(&root, &f).with_context(|| format!("drawing {}", png.display()))?;
-            root.present()
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("writing {}", png.display()))?;
-        }
-        {
-            let root = SVGBackend::new(&svg, size).into_drawing_area();
-            draw(&root, &f).with_context(|| format!("drawing {}", svg.display()))?;
-            root.present()
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("writing {}", svg.display()))?;
-        }
+        save(BitMapBackend::new(&png, size).into_drawing_area(), &f, &png)?;
+        save(SVGBackend::new(&svg, size).into_drawing_area(), &f, &svg)?;
         written.extend([png, svg]);
     }
     Ok(written)
@@ -335,6 +323,14 @@ pub fn write_figures(report: &Value, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
 
 /// Title line and legend line above the panels.
 const TITLE_H: u32 = 64;
+
+/// Draws `f` on `root` and writes it to `path` (the backend's file).
+fn save<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, f: &Figure, path: &Path) -> anyhow::Result<()> {
+    draw(&root, f).with_context(|| format!("drawing {}", path.display()))?;
+    root.present()
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("writing {}", path.display()))
+}
 
 fn panel_size(p: &Panel) -> (u32, u32) {
     let per_category = match p.kind {
