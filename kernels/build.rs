@@ -81,7 +81,7 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "paged_decode_reduce_bf16",
         ],
     ),
-    ("pod_bf16", &["pod_bf16", "pod_nsmid"]),
+    ("pod_bf16", &["pod_bf16", "pod3_bf16", "pod_nsmid"]),
 ];
 
 fn main() {

@@ -528,40 +528,54 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
     vec![s0, s1, s2, s3, s4]
 }
 
-/// The `pod` backend on the GPU against its CPU twin: the fused kernel
-/// under both block-role policies (one resident prefill block per SM, the
-/// paper's per-SM tickets), the two-stream path and the planner's choice on
-/// Llama-3-8B's heads; the fused kernel on GQA 7 and 8 too.
+/// The `pod` backend on the GPU against its CPU twin: both fused kernels
+/// (2 blocks per SM; 3 per SM with one or two resident prefill blocks) under
+/// both block-role policies (resident prefill blocks per SM, the paper's
+/// per-SM tickets), the two-stream path and the planner's choice on
+/// Llama-3-8B's heads; the fused kernels on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
+    const ENV: [&str; 3] = ["VPOD_POD_POLICY", "VPOD_POD_BLOCKS", "VPOD_POD_RESIDENT"];
     let (quick, shapes) = twin_shapes();
-    let runs: &[(&str, &str)] = if quick {
-        &[("pod:fused", "1")]
+    let runs: &[(&str, [&str; 3])] = if quick {
+        &[("pod:fused", ["1", "2", "1"]), ("pod:fused", ["1", "3", "2"])]
     } else {
         &[
-            ("pod:fused", "1"),
-            ("pod:fused", "0"),
-            ("pod:streams", "1"),
-            ("pod", "1"),
+            ("pod:fused", ["1", "2", "1"]),
+            ("pod:fused", ["1", "3", "2"]),
+            ("pod:fused", ["1", "3", "1"]),
+            ("pod:fused", ["0", "2", "1"]),
+            ("pod:fused", ["0", "3", "1"]),
+            ("pod:streams", ["1", "2", "1"]),
+            ("pod", ["1", "2", "1"]),
         ]
     };
     for (i, &shape) in shapes.iter().enumerate() {
-        for (j, &(spec, policy)) in runs.iter().enumerate() {
+        for (j, &(spec, env)) in runs.iter().enumerate() {
+            // Other head shapes: the default fused kernel only.
             if i > 0 && j > 0 {
                 continue;
             }
-            let steps = pod_steps(if i == 0 && j == 0 { 1100 } else { 300 });
+            let steps = pod_steps(if i == 0 && j < 2 { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
-            // SAFETY: the tests run with --test-threads=1 on the GPU machine.
-            unsafe { std::env::set_var("VPOD_POD_POLICY", policy) };
+            for (k, v) in ENV.iter().zip(env) {
+                // SAFETY: the tests run with --test-threads=1 on the GPU machine.
+                unsafe { std::env::set_var(k, v) };
+            }
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 14,
                 ..Default::default()
             };
-            check_against_twin(spec, shape, &opts, &steps, true, &format!("policy {policy}"));
+            let label = format!(
+                "policy {}, {} blocks per SM, {} resident prefill",
+                env[0], env[1], env[2]
+            );
+            check_against_twin(spec, shape, &opts, &steps, true, &label);
         }
     }
-    unsafe { std::env::remove_var("VPOD_POD_POLICY") };
+    for k in ENV {
+        unsafe { std::env::remove_var(k) };
+    }
 }
 
 /// The `paged` backend on the GPU (paged K/V write, paged prefill, vLLM

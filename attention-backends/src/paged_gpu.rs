@@ -16,7 +16,7 @@ use vpod_kvcache::PagedCache;
 use crate::decode::DECODE_HEAD_DIM as HEAD_DIM;
 use crate::ops::cuda::err;
 use crate::paged::PARTITION;
-use crate::vattention_gpu::{Chunks, DeviceChunks, prefill_smem, upload};
+use crate::vattention_gpu::{Chunks, DeviceChunks, PREFILL_SMEM, upload};
 use crate::{BatchMeta, Result};
 
 /// Warps of the paged prefill kernel (16 query rows each).
@@ -160,7 +160,7 @@ impl CustomOp3 for GpuPaged<'_> {
         let (heads, kv_heads) = (self.heads as i32, self.kv_heads as i32);
         // 1. Prompt chunks.
         if p.chunks.n_work > 0 {
-            let smem = prefill_smem(PREFILL_WARPS);
+            let smem = PREFILL_SMEM;
             let f = crate::ops::cuda::function_with_smem(&dev, "paged_prefill_bf16", smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),

@@ -25,12 +25,11 @@ use vpod_kvcache::{SlotView, VirtualCache};
 use crate::ops::cuda::err;
 use crate::{BatchMeta, Result};
 
-/// Dynamic shared memory of the prefill kernel (slot_prefill.cuh's
-/// `PrefillShape::SMEM`): the query tile, 2 stages of 64-key K and V tiles,
-/// and 1 KiB to start the stages on a 1024-byte boundary (wgmma's swizzle).
-pub(crate) const fn prefill_smem(warps: usize) -> usize {
-    16 * warps * 256 + 2 * 2 * 64 * 256 + 1024
-}
+/// Dynamic shared memory of the prefill kernels (slot_prefill.cuh's
+/// `PrefillShape::SMEM`, either tile): 2 stages of 64-key K and V tiles (the
+/// query tile passes through the second) and 1 KiB to start the stages on a
+/// 1024-byte boundary (wgmma's swizzle).
+pub(crate) const PREFILL_SMEM: usize = 2 * 2 * 64 * 256 + 1024;
 /// Up to this many splits the decode kernel merges them itself; with more,
 /// one merging block per (decode, KV head) is a serial tail (H100, 16K
 /// context, batch 1: 37 us fused vs 28 + 6 us with the combine kernel at 33
@@ -52,8 +51,24 @@ fn prefill_warps(path: GpuPath) -> usize {
 
 /// Warps of a POD kernel block (either role).
 const POD_WARPS: usize = 4;
-/// Dynamic shared memory of a POD block: the larger of the two roles' (the decode split's 96 KiB).
-const POD_SMEM: usize = crate::decode::cuda::DECODE_SMEM;
+
+/// Which POD kernel runs a fused step (`pod_bf16.cu`, "Blocks per SM"):
+/// (kernel, dynamic shared memory, blocks per SM). `pod_bf16` holds 2
+/// blocks per SM (its decode role on the 3-stage pipeline, 96 KiB);
+/// `pod3_bf16` (`VPOD_POD_BLOCKS=3`) holds 3 (168 registers per thread, a
+/// 2-stage decode pipeline, 65 KiB).
+fn pod_kernel() -> (&'static str, usize, i32) {
+    match pod_env("VPOD_POD_BLOCKS") {
+        Some(3) => ("pod3_bf16", PREFILL_SMEM.max(2 * 2 * 64 * 256), 3),
+        _ => ("pod_bf16", PREFILL_SMEM.max(crate::decode::cuda::DECODE_SMEM), 2),
+    }
+}
+
+/// A small integer setting of the POD path from the environment (benchmarks
+/// sweep them; the defaults are the measured best).
+fn pod_env(var: &str) -> Option<i32> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
 
 /// How a step's prefill chunks and decodes run on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,13 +82,23 @@ pub(crate) enum GpuPath {
 }
 
 /// How the POD kernel's blocks pick their kind (`VPOD_POD_POLICY`; see
-/// `pod_bf16.cu`): 1 (default) keeps one prefill block resident per SM,
-/// 0 is the paper's per-SM ticket ratio.
+/// `pod_bf16.cu`): 1 (default) keeps a fixed number of prefill blocks
+/// resident per SM ([`pod_resident_prefill`]), 0 is the paper's per-SM
+/// ticket ratio.
 fn pod_policy() -> i32 {
-    match std::env::var("VPOD_POD_POLICY").ok().as_deref() {
-        Some("0") => 0,
+    match pod_env("VPOD_POD_POLICY") {
+        Some(0) => 0,
         _ => 1,
     }
+}
+
+/// Prefill blocks the resident policy keeps on an SM
+/// (`VPOD_POD_RESIDENT`, 1 ..= blocks per SM - 1; default 1): the other
+/// blocks run decode splits while both kinds last.
+fn pod_resident_prefill(blocks_per_sm: i32) -> i32 {
+    pod_env("VPOD_POD_RESIDENT")
+        .unwrap_or(1)
+        .clamp(1, blocks_per_sm - 1)
 }
 
 /// Decode splits of a fused step: as many as `VPOD_POD_SPLIT_WAVES` (default
@@ -362,9 +387,9 @@ impl GpuAttention<'_> {
     ) -> candle_core::Result<()> {
         let p = self.plan;
         let (name, smem) = if p.prefill_warps == 4 {
-            ("slot_prefill_w4_bf16", prefill_smem(4))
+            ("slot_prefill_w4_bf16", PREFILL_SMEM)
         } else {
-            ("slot_prefill_w8_bf16", prefill_smem(8))
+            ("slot_prefill_w8_bf16", PREFILL_SMEM)
         };
         let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
         let cfg = LaunchConfig {
@@ -425,19 +450,21 @@ impl GpuAttention<'_> {
         pod: &PodState,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let f = crate::ops::cuda::function_with_smem(dev, "pod_bf16", POD_SMEM)?;
+        let (kernel, smem, per_sm) = pod_kernel();
+        let f = crate::ops::cuda::function_with_smem(dev, kernel, smem)?;
         let n_pre = p.chunks.n_work * self.heads;
         let n_dec = p.splits * self.kv_heads * p.n_dec;
         let cfg = LaunchConfig {
             grid_dim: ((n_pre + n_dec) as u32, 1, 1),
             block_dim: (32 * POD_WARPS as u32, 1, 1),
-            shared_mem_bytes: POD_SMEM as u32,
+            shared_mem_bytes: smem as u32,
         };
         let policy = pod_policy();
         let (rp, rd) = if policy == 0 {
             small_ratio(n_pre, n_dec)
         } else {
-            (1, 1)
+            let rp = pod_resident_prefill(per_sm);
+            (rp, per_sm - rp)
         };
         let fused_merge = p.splits <= FUSED_MERGE_MAX_SPLITS;
         let no_counters = 0u64;

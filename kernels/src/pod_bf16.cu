@@ -3,18 +3,25 @@
 // thread blocks running side by side on every SM (compute-bound query tiles
 // on the tensor cores next to bandwidth-bound decode splits).
 //
-//   grid:   1-D, n_pre + n_dec blocks of 4 warps, 96 KiB dynamic smem
+//   grid:   1-D, n_pre + n_dec blocks of 4 warps, POD_SMEM<..> dynamic smem
 //   n_pre = n_work x heads prefill items: the 64-row query tile `work[w]`
 //           of slot_prefill_w4 for head h, item w * heads + h (heaviest first)
 //   n_dec = splits x kv_heads x decodes decode items: slot_decode's split
 //           (split, kv head, decode)
 //
-// Blocks per SM on the H100 / H200: both roles need ~220 registers per
-// thread (the query fragments and the 16 x 128 f32 accumulator of a warp),
-// so 65536 registers hold 2 blocks of 128 threads, one more would spill;
-// shared memory (2 x 97 of 228 KiB) would allow 2 as well. The 128-row
-// (8-warp) prefill tile is not used here: at ~217 registers its 256 threads
-// fill an SM's register file alone, leaving no room for a decode block.
+// Blocks per SM on the H100 / H200, two variants (the host picks one):
+//   pod_bf16:  2 blocks of 128 threads. Both roles need ~220 registers per
+//              thread (the query fragments and the 16 x 128 f32 accumulator
+//              of a warp); the decode role keeps its 3-stage pipeline (96 KiB).
+//   pod3_bf16: 3 blocks, capped at 168 registers per thread, the decode role
+//              on a 2-stage pipeline (64 KiB) and the prefill role's Q passing
+//              through a stage buffer (65 KiB), so 3 x 66 KiB fit in 228 KiB.
+//              With the resident policy's ratio_p = 2, an SM runs two 64-row
+//              query tiles (whose warpgroups hide each other's softmax behind
+//              their MMAs, as in a plain prefill launch) next to a decode split.
+// Four blocks per SM would need tiles under 128 registers (the accumulators
+// alone take 96) and 56-KiB blocks. The 128-row (8-warp) prefill tile is not
+// used here: at ~217 registers its 256 threads fill an SM's register file.
 //
 // Thread 0 of each block picks its kind from the SM it landed on, then takes
 // the next item of that kind from a global counter (the other kind when its
@@ -38,7 +45,14 @@
 #include "slot_prefill.cuh"
 
 constexpr int POD_WARPS = 4;
-static_assert(POD_WARPS == DEC_WARPS && PrefillShape<POD_WARPS, 2>::SMEM <= DEC_SMEM, "prefill and decode roles share the block's smem");
+static_assert(POD_WARPS == DEC_WARPS, "prefill and decode roles share the block");
+// Dynamic shared memory of a POD block whose decode role has DSTAGES stages.
+template <int DSTAGES>
+constexpr int pod_smem() {
+    return PrefillShape<POD_WARPS, 2>::SMEM > DSTAGES * DEC_STAGE_BYTES ? PrefillShape<POD_WARPS, 2>::SMEM
+                                                                         : DSTAGES * DEC_STAGE_BYTES;
+}
+static_assert(3 * (pod_smem<2>() + 1024 + 128) <= 228 * 1024, "pod3_bf16: 3 blocks per SM");
 
 __device__ __forceinline__ int pod_smid() {
     int id;
@@ -53,17 +67,23 @@ extern "C" __global__ void pod_nsmid(int* out) {
     *out = n;
 }
 
-extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, 2)
-    pod_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const __nv_bfloat16* k_base, const __nv_bfloat16* v_base,
-             int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale,
-             // prefill chunks (slot_prefill_w4's arguments)
-             const int32_t* work, const int32_t* q_start, const int32_t* ctx_len, const int32_t* q_len,
-             const int32_t* slots, int n_work,
-             // decodes (slot_decode's arguments)
-             const int32_t* dec_rows, const int32_t* dec_slots, const int32_t* dec_lens, float* part_o,
-             float* part_ml, int* counters, int kv_heads, int splits, int n_decodes,
-             // scheduling
-             int* sched, int nsm, int policy, int ratio_p, int ratio_d) {
+// The kernel's arguments (both entry points take the same).
+#define POD_PARAMS                                                                                                  \
+    const __nv_bfloat16 *q, __nv_bfloat16 *out, const __nv_bfloat16 *k_base, const __nv_bfloat16 *v_base, int heads, \
+        int group, int64_t slot_stride, int64_t pos_stride, float scale,                                            \
+        /* prefill chunks (slot_prefill_w4's arguments) */                                                          \
+        const int32_t *work, const int32_t *q_start, const int32_t *ctx_len, const int32_t *q_len,                  \
+        const int32_t *slots, int n_work, /* decodes (slot_decode's arguments) */                                   \
+        const int32_t *dec_rows, const int32_t *dec_slots, const int32_t *dec_lens, float *part_o, float *part_ml,  \
+        int *counters, int kv_heads, int splits, int n_decodes, /* scheduling */                                    \
+        int *sched, int nsm, int policy, int ratio_p, int ratio_d
+#define POD_ARGS                                                                                                \
+    q, out, k_base, v_base, heads, group, slot_stride, pos_stride, scale, work, q_start, ctx_len, q_len, slots, \
+        n_work, dec_rows, dec_slots, dec_lens, part_o, part_ml, counters, kv_heads, splits, n_decodes, sched, nsm, \
+        policy, ratio_p, ratio_d
+
+template <int DSTAGES>
+__device__ __forceinline__ void pod_body(POD_PARAMS) {
     __shared__ int s_item;  // >= 0: prefill item; < 0: decode item -1 - s_item
     const int n_pre = n_work * heads, n_dec = splits * kv_heads * n_decodes;
     int* tickets = sched + 3;
@@ -113,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, 2)
     } else {
         const int d = -1 - item;
         const int split = d % splits, kvh = (d / splits) % kv_heads, b = d / (splits * kv_heads);
-        slot_decode_split(q, dec_rows, k_base, v_base, dec_slots, dec_lens, part_o, part_ml, counters, out, heads,
+        slot_decode_split<DSTAGES>(q, dec_rows, k_base, v_base, dec_slots, dec_lens, part_o, part_ml, counters, out, heads,
                           group, slot_stride, pos_stride, splits, scale, split, kvh, b, kv_heads,
                           [] { __syncthreads(); });
     }
@@ -128,3 +148,11 @@ extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, 2)
         sched[2] = 0;
     }
 }
+
+// The two entry points (see "Blocks per SM" above); same arguments.
+#define POD_ENTRY(NAME, BLOCKS_PER_SM, DSTAGES)                                                            \
+    extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, BLOCKS_PER_SM) NAME(POD_PARAMS) { \
+        pod_body<DSTAGES>(POD_ARGS);                                                                   \
+    }
+POD_ENTRY(pod_bf16, 2, DEC_STAGES)
+POD_ENTRY(pod3_bf16, 3, 2)

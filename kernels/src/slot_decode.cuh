@@ -11,7 +11,8 @@
 // all `group` (<= 16) query heads of that KV head as the 16 rows of an MMA
 // tile (padded with zeros), so each K/V row is read once for the whole
 // group, on tensor cores. Keys come in tiles of 64 through a 3-stage cp.async
-// pipeline (64 KiB in flight per block); each warp takes 16 keys of a tile
+// pipeline (64 KiB in flight per block; the POD kernel's 3-per-SM variant
+// uses 2 stages); each warp takes 16 keys of a tile
 // and keeps its own online softmax; the warps merge in shared memory and
 // write the split's (m, l, o) to the partial buffers, merged with log-sum-exp
 // weights (log2 domain):
@@ -30,8 +31,10 @@ constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 
 // One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
 // a 128-thread block that meet at `sync()` (__syncthreads in both the plain
-// and the POD kernel; a kernel with more warps would pass a named barrier).
-template <typename Sync>
+// and the POD kernel; a kernel with more warps would pass a named barrier),
+// through a STAGES-deep pipeline (STAGES * DEC_STAGE_BYTES of shared memory;
+// the warps' merge needs 33 KiB of it).
+template <int STAGES, typename Sync>
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
     const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
@@ -39,6 +42,7 @@ __device__ __forceinline__ void slot_decode_split(
     __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
     float scale, int split, int kvh, int b, int kv_heads, Sync sync) {
     constexpr int THREADS = DEC_WARPS * 32;
+    static_assert(STAGES >= 2 && STAGES * DEC_STAGE_BYTES >= DEC_WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
     extern __shared__ __align__(128) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int seq_len = seq_lens[b];
@@ -80,16 +84,16 @@ __device__ __forceinline__ void slot_decode_split(
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     RowState st;
 #pragma unroll
-    for (int s = 0; s < DEC_STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
         if (s < ntiles) load(s, s);
         cp_async_commit();
     }
     for (int i = 0; i < ntiles; ++i) {
-        cp_async_wait<DEC_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         sync();
-        if (i + DEC_STAGES - 1 < ntiles) load(i + DEC_STAGES - 1, (i + DEC_STAGES - 1) % DEC_STAGES);
+        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
-        const uint32_t ks = smem0 + (i % DEC_STAGES) * DEC_STAGE_BYTES, vs = ks + DEC_TILE * ATT_ROW_BYTES;
+        const uint32_t ks = smem0 + (i % STAGES) * DEC_STAGE_BYTES, vs = ks + DEC_TILE * ATT_ROW_BYTES;
         float s[2][4] = {};
         qk_16(s, qa, ks, warp * 16, lane);
         const int key0 = start + i * DEC_TILE + warp * 16;

@@ -6,7 +6,7 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
                      const __nv_bfloat16* v_base, const int32_t* slots, const int32_t* seq_lens, float* part_o,
                      float* part_ml, int* counters, __nv_bfloat16* out, int heads, int group, int64_t slot_stride,
                      int64_t pos_stride, int splits, float scale) {
-    slot_decode_split(q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group,
+    slot_decode_split<DEC_STAGES>(q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group,
                       slot_stride, pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y,
                       [] { __syncthreads(); });
 }

@@ -34,9 +34,12 @@ struct PrefillShape {
     static constexpr int THREADS = 32 * WARPS;
     static constexpr int Q_BYTES = BM * ATT_ROW_BYTES;
     static constexpr int STAGE_BYTES = 2 * PF_TILE_N * ATT_ROW_BYTES;
-    // + 1 KiB: the K/V stages start at the next 1024-byte boundary (the wg
-    // layout's swizzle atoms).
-    static constexpr int SMEM = Q_BYTES + STAGES * STAGE_BYTES + 1024;
+    // Q has no buffer of its own: it comes in through the last stage's,
+    // which its first K/V tile fills only once Q is in registers. + 1 KiB:
+    // the stages start at the next 1024-byte boundary (the wg layout's
+    // swizzle atoms).
+    static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;
+    static_assert(Q_BYTES <= STAGE_BYTES && STAGES >= 2, "Q goes through a stage buffer");
 };
 
 // load_tile_at into the wg layout (wgmma.cuh).
@@ -94,7 +97,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     using Kv = decltype(kv);
     static_assert(!Kv::WG || WARPS % 4 == 0, "wg-layout tiles need whole warpgroups (the mma.sync path reads tile_off)");
     constexpr bool WG = Kv::WG;
-    const uint32_t qsm = smem_addr(smem), kv0 = (qsm + S::Q_BYTES + 1023) & ~1023u;
+    const uint32_t kv0 = (smem_addr(smem) + 1023) & ~1023u, qsm = kv0 + (STAGES - 1) * S::STAGE_BYTES;
     load_tile<S::BM, S::THREADS>(
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
@@ -108,7 +111,8 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
         if (s < ntiles) load(s, s);
         cp_async_commit();
     }
-    // Q (the oldest group) is in: its A fragments to registers.
+    // Q (the oldest group) is in: its A fragments to registers, read before
+    // the loop's first barrier, after which tile STAGES - 1 overwrites it.
     cp_async_wait<STAGES - 1>();
     __syncthreads();
     uint32_t qa[8][4];

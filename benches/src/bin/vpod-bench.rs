@@ -128,6 +128,11 @@ enum What {
             default_value = "prefill-first/vattention,hybrid/vattention,hybrid/pod"
         )]
         runs: Vec<String>,
+        /// Time every attention call (device-synchronised around each, which
+        /// costs ~1 ms a step): the JSON then splits each kind of step's time
+        /// into attention and the rest.
+        #[arg(long)]
+        profile_attention: bool,
     },
 }
 
@@ -797,16 +802,28 @@ fn e2e(
     Ok(rows)
 }
 
-/// How each variant of the `hybrid` sweep runs a step: (name, pod mode,
-/// block-role policy, prefill warps of the serial kernels, decode split waves of the POD kernel).
-const HYBRID_VARIANTS: &[(&str, &str, &str, &str, &str)] = &[
-    ("serial", "serial", "1", "8", "4"),
-    ("serial-64", "serial", "1", "4", "4"),
-    ("streams", "streams", "1", "8", "4"),
-    ("pod", "fused", "1", "8", "4"),
-    ("pod-1wave", "fused", "1", "8", "1"),
-    ("pod-ticket", "fused", "0", "8", "4"),
-    ("auto", "auto", "1", "8", "4"),
+/// How each variant of the `hybrid` sweep runs a step: the environment the
+/// `pod` backend reads when it plans one (`VPOD_POD_MODE`, `VPOD_POD_POLICY`,
+/// `VPOD_PREFILL_WARPS` of the serial kernels, `VPOD_POD_SPLIT_WAVES`,
+/// `VPOD_POD_BLOCKS` per SM, `VPOD_POD_RESIDENT` prefill blocks per SM).
+/// Every variant but the serial ones gets a speedup over the best serial pair.
+const HYBRID_VARIANTS: &[(&str, [&str; 6])] = &[
+    ("serial", ["serial", "1", "8", "4", "2", "1"]),
+    ("serial-64", ["serial", "1", "4", "4", "2", "1"]),
+    ("streams", ["streams", "1", "8", "4", "2", "1"]),
+    ("pod", ["fused", "1", "8", "4", "2", "1"]),
+    ("pod3-p1", ["fused", "1", "8", "4", "3", "1"]),
+    ("pod3-p2", ["fused", "1", "8", "4", "3", "2"]),
+    ("pod3-ticket", ["fused", "0", "8", "4", "3", "1"]),
+    ("auto", ["auto", "1", "8", "4", "2", "1"]),
+];
+const HYBRID_ENV: [&str; 6] = [
+    "VPOD_POD_MODE",
+    "VPOD_POD_POLICY",
+    "VPOD_PREFILL_WARPS",
+    "VPOD_POD_SPLIT_WAVES",
+    "VPOD_POD_BLOCKS",
+    "VPOD_POD_RESIDENT",
 ];
 
 fn hybrid(
@@ -823,8 +840,16 @@ fn hybrid(
     for v in HYBRID_VARIANTS {
         print!(" {} us |", v.0);
     }
-    println!(" pod / best serial | auto / best serial | streams / best serial | planner |");
-    println!("|{}", "---|".repeat(4 + HYBRID_VARIANTS.len() + 4));
+    let fast: Vec<&str> = HYBRID_VARIANTS
+        .iter()
+        .map(|v| v.0)
+        .filter(|v| !v.starts_with("serial"))
+        .collect();
+    for v in &fast {
+        print!(" {v} / best serial |");
+    }
+    println!(" planner |");
+    println!("|{}", "---|".repeat(4 + HYBRID_VARIANTS.len() + fast.len() + 1));
     let max_pos = positions.iter().max().copied().unwrap_or(0) + chunks.iter().max().copied().unwrap_or(0);
     for name in models {
         let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
@@ -885,16 +910,13 @@ fn hybrid(
                     };
                     let (fused, note) = vpod_attention::plan_pod_step(&meta, &cfg);
                     let mut us = serde_json::Map::new();
-                    for &(v, mode, policy, warps, waves) in HYBRID_VARIANTS {
-                        // SAFETY: single-threaded here; read when the backend plans a step.
-                        unsafe {
-                            std::env::set_var("VPOD_POD_MODE", mode);
-                            std::env::set_var("VPOD_POD_POLICY", policy);
-                            std::env::set_var("VPOD_PREFILL_WARPS", warps);
-                            std::env::set_var("VPOD_POD_SPLIT_WAVES", waves);
+                    for (v, env) in HYBRID_VARIANTS {
+                        for (k, val) in HYBRID_ENV.iter().zip(env) {
+                            // SAFETY: single-threaded here; read when the backend plans a step.
+                            unsafe { std::env::set_var(k, val) };
                         }
                         let secs = time_layer(b.as_mut(), seqs.clone(), heads, kvh, &dev, iters)?;
-                        us.insert(v.into(), json!(secs * 1e6));
+                        us.insert((*v).into(), json!(secs * 1e6));
                     }
                     let t = |v: &str| us[v].as_f64().unwrap_or(f64::NAN);
                     let best_serial = t("serial").min(t("serial-64"));
@@ -906,35 +928,33 @@ fn hybrid(
                     for v in HYBRID_VARIANTS {
                         print!(" {:.0} |", t(v.0));
                     }
-                    println!(
-                        " {:.2} | {:.2} | {:.2} | {} |",
-                        best_serial / t("pod"),
-                        best_serial / t("auto"),
-                        best_serial / t("streams"),
-                        if fused { "fused" } else { "serial" }
-                    );
+                    let mut speedup = serde_json::Map::new();
+                    for v in &fast {
+                        print!(" {:.2} |", best_serial / t(v));
+                        speedup.insert((*v).into(), json!(best_serial / t(v)));
+                    }
+                    println!(" {} |", if fused { "fused" } else { "serial" });
                     rows.push(json!({"model": name, "heads": heads, "kv_heads": kvh, "chunk": chunk,
                         "position": pos, "decodes": batch, "decode_context": ctx, "us_per_layer": us,
-                        "best_serial_us": best_serial, "pod_speedup": best_serial / t("pod"),
-                        "auto_speedup": best_serial / t("auto"), "streams_speedup": best_serial / t("streams"),
+                        "best_serial_us": best_serial, "speedup_over_best_serial": speedup,
                         "planner": note, "planner_fused": fused, "smaller_half_share": share,
                         "what": "one layer's attention call (K/V write + attention kernels), median of rounds"}));
                 }
             }
         }
     }
-    for k in [
-        "VPOD_POD_MODE",
-        "VPOD_POD_POLICY",
-        "VPOD_PREFILL_WARPS",
-        "VPOD_POD_SPLIT_WAVES",
-    ] {
+    for k in HYBRID_ENV {
+        // SAFETY: single-threaded here.
         unsafe { std::env::remove_var(k) };
     }
     // The summary the targets are stated in.
-    let speed = |key: &str| -> Vec<f64> { rows.iter().filter_map(|r| r[key].as_f64()).collect() };
+    let speed = |key: &str| -> Vec<f64> {
+        rows.iter()
+            .filter_map(|r| r["speedup_over_best_serial"][key].as_f64())
+            .collect()
+    };
     let mut summary = serde_json::Map::new();
-    for key in ["pod_speedup", "auto_speedup", "streams_speedup"] {
+    for key in fast {
         let v = speed(key);
         if v.is_empty() {
             continue;
@@ -969,6 +989,7 @@ fn serve(
     output: usize,
     rate: f64,
     runs: &[String],
+    profile_attention: bool,
 ) -> Result<Vec<Value>> {
     use vpod_cli::engine::{Engine, Request};
     use vpod_cli::sampler::SamplingParams;
@@ -976,7 +997,7 @@ fn serve(
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
-        "| model | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps |\n|---|---|---|---|---|---|---|---|---|"
+        "| model | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps | s in hybrid / decode-only / prefill-only steps |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for name in models {
         let (p, model) = synthetic(name, prompt + output + 64, &dev)?;
@@ -1041,6 +1062,7 @@ fn serve(
                 })
                 .collect();
             e.run_batch(&warm, cfg, &mut |_, _| Ok(()))?;
+            e.profile_attention = profile_attention;
             let t = Instant::now();
             let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?;
             let wall = t.elapsed().as_secs_f64();
@@ -1065,14 +1087,57 @@ fn serve(
                         .is_some_and(|p| p.starts_with("fused"))
                 })
                 .count();
+            // Where the wall time went, by kind of step (the steps end on the
+            // logits' copy to the host, so their times are the GPU's).
+            type Step = vpod_cli::engine::StepRecord;
+            type Kind<'a> = (&'a str, &'a dyn Fn(&Step) -> bool);
+            let sum = |f: &dyn Fn(&Step) -> bool, t: &dyn Fn(&Step) -> f64| -> f64 {
+                out.steps.iter().filter(|s| f(s)).map(t).sum()
+            };
+            let kinds: [Kind; 3] = [
+                ("hybrid", &|s| s.prefill_chunks > 0 && s.decodes > 0),
+                ("decode", &|s| s.prefill_chunks == 0),
+                ("prefill", &|s| s.decodes == 0),
+            ];
+            let [hybrid_ms, decode_ms, prefill_ms] = kinds.map(|(_, f)| sum(f, &|s| s.ms));
+            let mut by_kind = serde_json::Map::new();
+            for (kind, f) in kinds {
+                let mut k =
+                    json!({"steps": out.steps.iter().filter(|s| f(s)).count(), "s": sum(f, &|s| s.ms) / 1e3});
+                if profile_attention {
+                    k["attention_s"] = json!(sum(f, &|s| s.attention_ms) / 1e3);
+                }
+                by_kind.insert(kind.into(), k);
+            }
+            // Every step (the runs of one model share the schedule, so step i
+            // of two backends is the same batch): decodes, prefill tokens, ms,
+            // attention ms (when profiled), fused (pod).
+            let steps: Vec<Value> = out
+                .steps
+                .iter()
+                .map(|s| {
+                    json!([
+                        s.decodes,
+                        s.prefill_tokens,
+                        (s.ms * 1e3).round() / 1e3,
+                        (s.attention_ms * 1e3).round() / 1e3,
+                        s.attention_path
+                            .as_deref()
+                            .is_some_and(|p| p.starts_with("fused"))
+                    ])
+                })
+                .collect();
             let rpm = requests as f64 / wall * 60.0;
             println!(
-                "| {name} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid |",
+                "| {name} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid | {:.0} / {:.0} / {:.0} |",
                 generated as f64 / wall,
                 percentile(&ttft, 0.5),
                 percentile(&ttft, 0.99),
                 percentile(&tbt, 0.5),
-                percentile(&tbt, 0.99)
+                percentile(&tbt, 0.99),
+                hybrid_ms / 1e3,
+                decode_ms / 1e3,
+                prefill_ms / 1e3,
             );
             rows.push(
                 json!({"model": name, "scheduler": sched, "backend": spec, "chunk": chunk,
@@ -1081,6 +1146,8 @@ fn serve(
                 "ttft_ms_p50": percentile(&ttft, 0.5), "ttft_ms_p99": percentile(&ttft, 0.99),
                 "tbt_ms_p50": percentile(&tbt, 0.5), "tbt_ms_p99": percentile(&tbt, 0.99),
                 "steps": out.steps.len(), "hybrid_steps": hybrid_steps, "fused_steps": fused,
+                "by_step_kind": by_kind, "profile_attention": profile_attention,
+                "step_columns": ["decodes", "prefill_tokens", "ms", "attention_ms", "fused"], "steps_detail": steps,
                 "preemptions": out.requests.iter().map(|r| r.preemptions).sum::<usize>(), "kv_bytes": kv}),
             );
         }
@@ -1126,7 +1193,19 @@ fn main() -> Result<()> {
             output,
             rate,
             runs,
-        } => ("serve", serve(models, *requests, *prompt, *output, *rate, runs)?),
+            profile_attention,
+        } => (
+            "serve",
+            serve(
+                models,
+                *requests,
+                *prompt,
+                *output,
+                *rate,
+                runs,
+                *profile_attention,
+            )?,
+        ),
     };
     let record = json!({"benchmark": name, "gpu": gpu_name(), "date": std::env::var("VPOD_DATE").unwrap_or_default(),
         "command": std::env::args().collect::<Vec<_>>().join(" "), "results": rows});
