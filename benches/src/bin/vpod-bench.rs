@@ -25,6 +25,10 @@
 //!   heads: the POD kernel (both block-role policies) and the planner's
 //!   choice against the serial pair (both prefill tiles: the best is the
 //!   baseline) and two CUDA streams (the POD-Attention paper's sweep);
+//! - `layer`:   the rest of a decoder layer (norms, projections, RoPE, MLP;
+//!   everything but the attention call) at the token counts of prefill
+//!   chunks and hybrid steps, per op: time, TFLOP/s of the projections
+//!   against the bf16 matmul ceiling, GB/s of the rest;
 //! - `serve`:   offline serving of 16K-token requests on synthetic weights:
 //!   requests per minute for `prefill-first` + `vattention`, `hybrid` +
 //!   `vattention` and `hybrid` + `pod`, and with `--rate` Poisson arrivals
@@ -106,6 +110,13 @@ enum What {
         /// GPU memory the decode batch is sized to fill (weights + KV of the whole model).
         #[arg(long, default_value_t = 80.0)]
         memory_gb: f64,
+    },
+    Layer {
+        #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
+        models: Vec<String>,
+        /// Tokens in the step (rows of every projection).
+        #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,16384")]
+        tokens: Vec<usize>,
     },
     Serve {
         #[arg(long, value_delimiter = ',', default_value = "yi-6b,llama3-8b")]
@@ -982,6 +993,144 @@ fn note_share(meta: &BatchMeta, cfg: &AttnConfig) -> f64 {
     vpod_attention::pod_step_halves(meta, cfg).map_or(0.0, |(tp, td)| tp.min(td) / (tp + td))
 }
 
+/// bf16 matmul ceiling of the H100 used for the percentages (DESIGN.md).
+const MATMUL_TFLOPS: f64 = 791.0;
+
+/// Everything of a decoder layer but the attention call, op by op, as
+/// `Llama::forward` runs it (the same functions on random weights of the
+/// preset's shapes), at each token count; and the ops queued back to back.
+fn layer(models: &[String], tokens: &[usize], iters: usize) -> Result<Vec<Value>> {
+    use vpod_attention::linear::{linear, linear_add, linear_swiglu};
+    let dev = gpu()?;
+    let mut rows = vec![];
+    println!(
+        "| model | tokens | op | us | TFLOP/s | % of {MATMUL_TFLOPS:.0} | GB/s |\n|---|---|---|---|---|---|---|"
+    );
+    for name in models {
+        let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
+        let (h, d, f) = (p.hidden, p.hidden / p.heads, p.ffn);
+        let (qd, kvd) = (p.heads * d, p.kv_heads * d);
+        let w2 = |n: usize, k: usize| -> Result<Tensor> {
+            Ok((Tensor::randn(0f32, 1.0, (n, k), &dev)? * 0.02)?.to_dtype(DType::BF16)?)
+        };
+        let (qkv_w, o_w, gu_w, down_w) = (w2(qd + 2 * kvd, h)?, w2(h, qd)?, w2(2 * f, h)?, w2(h, f)?);
+        let norm_w = Tensor::ones(h, DType::BF16, &dev)?;
+        let table = |n: usize| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, (n, d / 2), &dev)?.to_dtype(DType::BF16)?)
+        };
+        for &t in tokens {
+            let x = w2(t, h)?;
+            let a = w2(t, qd)?;
+            let g = w2(t, f)?;
+            let (cos, sin) = (table(t)?, table(t)?);
+            let qkv = linear(&x, &qkv_w)?;
+            let rope = || -> Result<Tensor> {
+                let qk = qkv
+                    .narrow(1, 0, qd + kvd)?
+                    .reshape((1, t, p.heads + p.kv_heads, d))?;
+                Ok(candle_nn::rotary_emb::rope_thd(&qk.contiguous()?, &cos, &sin)?)
+            };
+            let gemm = |n: usize, k: usize| 2.0 * (t * n * k) as f64;
+            let act = (t * h * 2) as f64;
+            // (op, FLOPs, bytes moved, the op)
+            type Op<'a> = (&'a str, f64, f64, Box<dyn Fn() -> Result<Tensor> + 'a>);
+            let ops: Vec<Op> = vec![
+                (
+                    "attn_norm",
+                    0.0,
+                    2.0 * act,
+                    Box::new(|| Ok(candle_nn::ops::rms_norm(&x, &norm_w, 1e-5)?)),
+                ),
+                (
+                    "qkv",
+                    gemm(qd + 2 * kvd, h),
+                    0.0,
+                    Box::new(|| Ok(linear(&x, &qkv_w)?)),
+                ),
+                (
+                    "rope (q, k)",
+                    0.0,
+                    4.0 * (t * (qd + kvd) * 2) as f64,
+                    Box::new(rope),
+                ),
+                (
+                    "o + residual",
+                    gemm(h, qd),
+                    0.0,
+                    Box::new(|| Ok(linear_add(&a, &o_w, &x)?)),
+                ),
+                (
+                    "mlp_norm",
+                    0.0,
+                    2.0 * act,
+                    Box::new(|| Ok(candle_nn::ops::rms_norm(&x, &norm_w, 1e-5)?)),
+                ),
+                (
+                    "gate_up + SiLU gate",
+                    gemm(2 * f, h),
+                    0.0,
+                    Box::new(|| Ok(linear_swiglu(&x, &gu_w)?)),
+                ),
+                (
+                    "down + residual",
+                    gemm(h, f),
+                    0.0,
+                    Box::new(|| Ok(linear_add(&g, &down_w, &x)?)),
+                ),
+            ];
+            let mut total = 0.0;
+            for (op, flops, bytes, run) in &ops {
+                let s = time(&dev, iters, || run().map(drop))?;
+                total += s;
+                let tf = flops / s / 1e12;
+                println!(
+                    "| {name} | {t} | {op} | {:.1} | {} | {} | {} |",
+                    s * 1e6,
+                    if *flops > 0.0 {
+                        format!("{tf:.0}")
+                    } else {
+                        "".into()
+                    },
+                    if *flops > 0.0 {
+                        format!("{:.0} %", tf / MATMUL_TFLOPS * 100.0)
+                    } else {
+                        "".into()
+                    },
+                    if *bytes > 0.0 {
+                        format!("{:.0}", bytes / s / 1e9)
+                    } else {
+                        "".into()
+                    },
+                );
+                rows.push(json!({"model": name, "tokens": t, "op": op, "us": s * 1e6, "flops": flops, "bytes": bytes}));
+            }
+            let chain = time(&dev, iters, || {
+                for (_, _, _, run) in &ops {
+                    run()?;
+                }
+                Ok(())
+            })?;
+            let flops: f64 = ops.iter().map(|o| o.1).sum();
+            println!(
+                "| {name} | {t} | sum of the ops / queued back to back | {:.1} / {:.1} | {:.0} | | |",
+                total * 1e6,
+                chain * 1e6,
+                flops / chain / 1e12
+            );
+            println!(
+                "| {name} | {t} | x {} layers | {:.2} ms | | | |",
+                p.layers,
+                chain * p.layers as f64 * 1e3
+            );
+            rows.push(
+                json!({"model": name, "tokens": t, "op": "chain", "us": chain * 1e6, "flops": flops,
+                "layers": p.layers, "ms_all_layers": chain * p.layers as f64 * 1e3}),
+            );
+        }
+    }
+    Ok(rows)
+}
+
 fn serve(
     models: &[String],
     requests: usize,
@@ -1186,6 +1335,7 @@ fn main() -> Result<()> {
             "hybrid",
             hybrid(models, chunks, positions, contexts, *memory_gb, args.iters)?,
         ),
+        What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters)?),
         What::Serve {
             models,
             requests,
