@@ -15,6 +15,7 @@
 #                                            or fig9b (decode kernels per backend) / fig9a (end to end per backend),
 #                                            or pod (POD kernel tests + sanitizer + backend agreement),
 #                                            podsweep (the hybrid attention sweep), podserve (Sarathi + POD end to end),
+#                                            layer (a decoder layer but attention, op by op),
 #                                            compare (cli compare's four workloads on a synthetic full-size model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,10 @@ if want podsweep; then
     # shellcheck disable=SC2086
     step vb-hybrid "$B/vpod-bench" hybrid --out "$OUT" ${HYBRID_ARGS:-}
     cat "$OUT/vb-hybrid.log"
+fi
+if want layer; then
+    step vb-layer "$B/vpod-bench" layer --iters 10 --out "$OUT"
+    cat "$OUT/vb-layer.log"
 fi
 if want podserve; then
     # shellcheck disable=SC2086
