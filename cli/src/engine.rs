@@ -439,6 +439,13 @@ impl Engine {
             // candle's `to_vec1` of a row view brings its entire storage over,
             // 16 MB a row at batch 32 with a 128K vocabulary.
             let logits = logits.to_vec2::<f32>()?;
+            if logits.len() != chunks.len() {
+                return Err(EngineError::Candle(candle_core::Error::Msg(format!(
+                    "the model returned {} logit rows for a step of {} sequences",
+                    logits.len(),
+                    chunks.len()
+                ))));
+            }
             let now = start.elapsed().as_secs_f64() * 1e3;
             let mut finished_now = 0;
             for (row, c) in chunks.iter().enumerate() {

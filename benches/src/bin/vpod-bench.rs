@@ -110,6 +110,10 @@ enum What {
         /// GPU memory the decode batch is sized to fill (weights + KV of the whole model).
         #[arg(long, default_value_t = 80.0)]
         memory_gb: f64,
+        /// Decode batch sizes to run instead of the memory-filling one (e.g.
+        /// `4,8,16`: a few long decodes, as in a serving run's hybrid steps).
+        #[arg(long, value_delimiter = ',')]
+        decodes: Vec<usize>,
     },
     Layer {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -843,6 +847,7 @@ fn hybrid(
     positions: &[usize],
     contexts: &[usize],
     memory_gb: f64,
+    decodes: &[usize],
     iters: usize,
 ) -> Result<Vec<Value>> {
     let dev = gpu()?;
@@ -868,8 +873,19 @@ fn hybrid(
         // The decode batch of a full model on `memory_gb`: 90 % for weights + KV.
         let kv_per_token = (p.layers * 2 * kvh * 128 * 2) as f64;
         let kv_tokens = ((memory_gb * 0.9e9 - weight_bytes(&p)) / kv_per_token).max(0.0);
-        for &ctx in contexts {
-            let batch = ((kv_tokens / ctx as f64) as usize).clamp(1, 256);
+        let cells: Vec<(usize, usize)> = contexts
+            .iter()
+            .flat_map(|&ctx| {
+                let fill = ((kv_tokens / ctx as f64) as usize).clamp(1, 256);
+                let batches = if decodes.is_empty() {
+                    vec![fill]
+                } else {
+                    decodes.to_vec()
+                };
+                batches.into_iter().map(move |b| (ctx, b))
+            })
+            .collect();
+        for (ctx, batch) in cells {
             let max_len = ctx.max(max_pos) + 64;
             let mut b = backend("pod", heads, kvh, batch + positions.len(), max_len, &dev)?;
             // The decodes' context, 8 prompts a step.
@@ -1331,9 +1347,12 @@ fn main() -> Result<()> {
             positions,
             contexts,
             memory_gb,
+            decodes,
         } => (
             "hybrid",
-            hybrid(models, chunks, positions, contexts, *memory_gb, args.iters)?,
+            hybrid(
+                models, chunks, positions, contexts, *memory_gb, decodes, args.iters,
+            )?,
         ),
         What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters)?),
         What::Serve {
