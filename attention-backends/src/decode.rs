@@ -242,8 +242,10 @@ pub(crate) mod cuda {
 
     use super::DECODE_HEAD_DIM;
 
-    /// Dynamic shared memory of `slot_decode_bf16`: 3 stages of 64-key K and V tiles.
-    pub const DECODE_SMEM: usize = 3 * 2 * 64 * 256;
+    /// One pipeline stage of a decode split: a 64-key K and V tile (slot_decode.cuh's `DEC_STAGE_BYTES`).
+    pub const DECODE_STAGE_BYTES: usize = 2 * 64 * 256;
+    /// Dynamic shared memory of `slot_decode_bf16`: 3 stages.
+    pub const DECODE_SMEM: usize = 3 * DECODE_STAGE_BYTES;
 
     /// What the split-KV decode reads and writes: `q` rows `q_rows[b]`, K/V
     /// rows at `k` / `v` + `slots[b] * slot_stride + position * pos_stride`

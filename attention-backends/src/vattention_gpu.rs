@@ -59,7 +59,11 @@ const POD_WARPS: usize = 4;
 /// 2-stage decode pipeline, 65 KiB).
 fn pod_kernel() -> (&'static str, usize, i32) {
     match pod_env("VPOD_POD_BLOCKS") {
-        Some(3) => ("pod3_bf16", PREFILL_SMEM.max(2 * 2 * 64 * 256), 3),
+        Some(3) => (
+            "pod3_bf16",
+            PREFILL_SMEM.max(2 * crate::decode::cuda::DECODE_STAGE_BYTES),
+            3,
+        ),
         _ => ("pod_bf16", PREFILL_SMEM.max(crate::decode::cuda::DECODE_SMEM), 2),
     }
 }
