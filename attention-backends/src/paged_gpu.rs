@@ -160,12 +160,11 @@ impl CustomOp3 for GpuPaged<'_> {
         let (heads, kv_heads) = (self.heads as i32, self.kv_heads as i32);
         // 1. Prompt chunks.
         if p.chunks.n_work > 0 {
-            let smem = PREFILL_SMEM;
-            let f = crate::ops::cuda::function_with_smem(&dev, "paged_prefill_bf16", smem)?;
+            let f = crate::ops::cuda::function_with_smem(&dev, "paged_prefill_bf16", PREFILL_SMEM)?;
             let cfg = LaunchConfig {
                 grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
                 block_dim: (32 * PREFILL_WARPS as u32, 1, 1),
-                shared_mem_bytes: smem as u32,
+                shared_mem_bytes: PREFILL_SMEM as u32,
             };
             let (width, group) = (p.chunk_width as i32, heads / kv_heads);
             let block_log2 = self.block_size.trailing_zeros() as i32;

@@ -390,16 +390,16 @@ impl GpuAttention<'_> {
         out: &mut CudaSlice<bf16>,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let (name, smem) = if p.prefill_warps == 4 {
-            ("slot_prefill_w4_bf16", PREFILL_SMEM)
+        let name = if p.prefill_warps == 4 {
+            "slot_prefill_w4_bf16"
         } else {
-            ("slot_prefill_w8_bf16", PREFILL_SMEM)
+            "slot_prefill_w8_bf16"
         };
-        let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
+        let f = crate::ops::cuda::function_with_smem(dev, name, PREFILL_SMEM)?;
         let cfg = LaunchConfig {
             grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
             block_dim: (32 * p.prefill_warps as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
+            shared_mem_bytes: PREFILL_SMEM as u32,
         };
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);

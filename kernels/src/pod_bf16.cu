@@ -3,7 +3,7 @@
 // thread blocks running side by side on every SM (compute-bound query tiles
 // on the tensor cores next to bandwidth-bound decode splits).
 //
-//   grid:   1-D, n_pre + n_dec blocks of 4 warps, POD_SMEM<..> dynamic smem
+//   grid:   1-D, n_pre + n_dec blocks of 4 warps, pod_smem<DSTAGES>() dynamic smem
 //   n_pre = n_work x heads prefill items: the 64-row query tile `work[w]`
 //           of slot_prefill_w4 for head h, item w * heads + h (heaviest first)
 //   n_dec = splits x kv_heads x decodes decode items: slot_decode's split
