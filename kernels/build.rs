@@ -36,6 +36,10 @@ const KERNELS: &[(&str, &str)] = &[
         "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues",
     ),
     (
+        "swiglu_bf16",
+        "the MLP's SiLU gate over a [rows, 2F] gate/up product, bf16, transformers' roundings",
+    ),
+    (
         "slot_decode_bf16",
         "split-KV decode over the per-slot layout on tensor cores, bf16, head_dim 128, GQA group <= 16",
     ),

@@ -194,6 +194,40 @@ fn gemv_matches_cpu_twin() {
     }
 }
 
+/// The MLP's one-pass SiLU gate kernel against its CPU twin (the same
+/// roundings; __expf vs exp may move a rounding by an ulp), on Llama-3-8B's
+/// and Yi-6B's FFN widths and a small odd row count.
+#[test]
+fn silu_gate_matches_cpu_twin() {
+    use vpod_attention::linear::silu_gate;
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    for (t, f) in [(1024, 14336), (7, 11008), (3, 8)] {
+        let gu = pseudo_random((t, 2 * f), 4.0, 5);
+        let want = silu_gate(&gu).unwrap().to_dtype(DType::F32).unwrap();
+        let got = silu_gate(&gu.to_device(&dev).unwrap())
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let (a, b) = (
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let bad = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| (*x - *y).abs() > 0.02 * y.abs().max(0.1))
+            .count();
+        assert_eq!(
+            bad,
+            0,
+            "t {t} f {f}: {bad} of {} outputs differ by more than 2 %",
+            a.len()
+        );
+    }
+}
+
 /// bf16 on the GPU vs transformers' fp32: per-position top-1 agreement
 /// (prompt and perplexity text, ~200 positions per fixture) and perplexity
 /// (tolerances of the CUDA issue: >= 95 %, within 2 %).

@@ -63,7 +63,63 @@ pub fn linear_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let f = w.dim(0)? / 2;
     let gu = x.matmul(&w.t()?)?;
+    if gu.dtype() == DType::BF16 && f.is_multiple_of(8) {
+        return silu_gate(&gu);
+    }
     Ok((gu.narrow(1, 0, f)?.silu()? * gu.narrow(1, f, f)?)?)
+}
+
+/// `silu(gu[:, ..F]) * gu[:, F..]` for `gu [T, 2F]` bf16 (`F % 8 == 0`), in
+/// one pass with transformers' roundings: our `swiglu_bf16` kernel on a
+/// GPU, its twin on the CPU. candle's `silu` and `mul` over the two strided
+/// halves of a 1024 x 28672 product took as long as the matmul itself
+/// (Llama-3-8B's gate/up at 341 TFLOP/s with them, the QKV product at 712:
+/// `results/2026-11-21-h100-pod3`, `vpod-bench layer`).
+pub fn silu_gate(gu: &Tensor) -> Result<Tensor> {
+    Ok(gu.contiguous()?.apply_op1_no_bwd(&SiluGate)?)
+}
+
+struct SiluGate;
+
+/// (rows, F) of a gate/up product.
+fn gate_dims(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    let (t, n) = l.shape().dims2()?;
+    if !n.is_multiple_of(16) || !l.is_contiguous() || !l.start_offset().is_multiple_of(8) {
+        candle_core::bail!(
+            "silu_gate: [{t}, {n}] needs a contiguous, 16-byte aligned bf16 [T, 2F] with F % 8 == 0"
+        );
+    }
+    Ok((t, n / 2))
+}
+
+impl candle_core::CustomOp1 for SiluGate {
+    fn name(&self) -> &'static str {
+        "silu-gate-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, f) = gate_dims(l)?;
+        let gu = bf16_slice(s, l)?;
+        let y = gu
+            .chunks_exact(2 * f)
+            .flat_map(|row| {
+                row[..f].iter().zip(&row[f..]).map(|(g, u)| {
+                    let g = g.to_f32();
+                    bf16::from_f32(round(g / (1.0 + (-g).exp())) * u.to_f32())
+                })
+            })
+            .collect();
+        Ok((CpuStorage::BF16(y), Shape::from((t, f))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::silu_gate(s, l)
+    }
 }
 
 fn use_gemv(x: &Tensor, w: &Tensor) -> bool {
@@ -234,7 +290,31 @@ mod cuda {
     use candle_core::{CudaStorage, Layout, Shape};
     use half::bf16;
 
-    use super::{Epilogue, dims};
+    use super::{Epilogue, dims, gate_dims};
+
+    pub fn silu_gate(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (t, f) = gate_dims(l)?;
+        let dev = s.device.clone();
+        let gu = s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
+        // SAFETY: every element of y is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<bf16>(t * f) }?;
+        let func = crate::ops::cuda::function(&dev, "swiglu_bf16")?;
+        const THREADS: u32 = 256;
+        let threads = (t * f / 8) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(THREADS).max(1), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ti, fi) = (t as i32, f as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&gu).arg(&mut y).arg(&ti).arg(&fi);
+        // SAFETY: gate_dims checked a contiguous [t, 2f] with f % 8 == 0 starting
+        // 16-byte aligned; y holds t * f elements.
+        unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((t, f))))
+    }
 
     pub fn gemv(
         epi: i32,
@@ -312,6 +392,27 @@ mod tests {
         assert!(close(&gemv(&x, &w, Some(&r), false)?, &linear_add(&x, &w, &r)?)? < 3e-2);
         assert!(close(&gemv(&x, &w, None, true)?, &linear_swiglu(&x, &w)?)? < 2e-2);
         assert!(gemv(&x.narrow(1, 0, 60)?, &w.narrow(1, 0, 60)?, None, false).is_err());
+        Ok(())
+    }
+
+    /// The one-pass SiLU gate matches candle's silu and mul over the halves
+    /// (in f32, rounded as transformers rounds); bad shapes are refused.
+    #[test]
+    fn silu_gate_matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let gu = (Tensor::randn(0f32, 3.0, (5, 48), &dev)?).to_dtype(DType::BF16)?;
+        let want = {
+            let g = gu.narrow(1, 0, 24)?.to_dtype(DType::F32)?;
+            let s = g.silu()?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            (s * gu.narrow(1, 24, 24)?.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?
+        };
+        let got = silu_gate(&gu)?;
+        let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff <= 1e-2, "{diff}");
+        assert!(silu_gate(&gu.narrow(1, 0, 40)?).is_err());
         Ok(())
     }
 }

@@ -21,6 +21,8 @@
 //! gemv_bf16(const bf16* w, const bf16* x, const bf16* residual, bf16* y, int M, int N, int K, int epi)
 //!     y [M, N] = x [M, K] . w [N, K]^T, M <= 8, K % 8 == 0; epi 1 adds residual [M, N];
 //!     epi 2: w = [gate; up] with 2N rows, y = silu(x gate^T) * (x up^T).
+//! swiglu_bf16(const bf16* gu, bf16* y, int rows, int F)
+//!     y [rows, F] = silu(gu[:, :F]) * gu[:, F:] (gu = x . [gate; up]^T, [rows, 2F]), F % 8 == 0, 8 outputs a thread.
 //! slot_decode_bf16(const bf16* q, const int* q_rows, const bf16* k_base, const bf16* v_base, const int* slots,
 //!                  const int* seq_lens, float* part_o, float* part_ml, int* counters, bf16* out, int heads,
 //!                  int group, int64_t slot_stride, int64_t pos_stride, int splits, float scale)
