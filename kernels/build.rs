@@ -45,7 +45,7 @@ const KERNELS: &[(&str, &str)] = &[
     ),
     (
         "slot_prefill_w4_bf16",
-        "causal FlashAttention-2-style prefill over the per-slot layout, bf16, head_dim 128, 64-row query tiles",
+        "causal FlashAttention-2-style prefill over the per-slot layout, bf16, head_dim 128, 64-row query tiles (w4p: softmax overlapped with wgmma)",
     ),
     (
         "slot_prefill_w8_bf16",
@@ -85,7 +85,11 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "paged_decode_reduce_bf16",
         ],
     ),
-    ("pod_bf16", &["pod_bf16", "pod3_bf16", "pod_nsmid"]),
+    ("pod_bf16", &["pod_bf16", "pod3_bf16", "podp_bf16", "pod_nsmid"]),
+    (
+        "slot_prefill_w4_bf16",
+        &["slot_prefill_w4_bf16", "slot_prefill_w4p_bf16"],
+    ),
 ];
 
 fn main() {

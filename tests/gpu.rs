@@ -517,27 +517,33 @@ fn vattention_gpu_matches_cpu_twin() {
     // VPOD_QUICK (the compute-sanitizer runs): the first shape and layout only.
     let (quick, shapes) = twin_shapes();
     for &shape in shapes {
-        for (megacache, mapping, warps) in [
-            (false, vpod_kvcache::Mapping::Overlapped, "8"),
-            (true, vpod_kvcache::Mapping::Sync, "4"),
+        for (n, (megacache, mapping, warps, pipe)) in [
+            (false, vpod_kvcache::Mapping::Overlapped, "8", "0"),
+            (false, vpod_kvcache::Mapping::Overlapped, "4", "1"),
+            (true, vpod_kvcache::Mapping::Sync, "4", "0"),
         ]
         .into_iter()
-        .take(if quick { 1 } else { 2 })
+        .enumerate()
         {
+            if quick && n == 2 {
+                continue;
+            }
             // SAFETY: the tests run with --test-threads=1 on the GPU machine;
             // nothing else reads the environment concurrently.
             unsafe { std::env::set_var("VPOD_PREFILL_WARPS", warps) };
+            unsafe { std::env::set_var("VPOD_PREFILL_PIPE", pipe) };
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 4,
                 megacache,
                 mapping,
                 ..Default::default()
             };
-            let label = format!("megacache {megacache}, {warps} prefill warps");
+            let label = format!("megacache {megacache}, {warps} prefill warps, pipelined {pipe}");
             check_against_twin("vattention", shape, &opts, TWIN_STEPS, false, &label);
         }
     }
     unsafe { std::env::remove_var("VPOD_PREFILL_WARPS") };
+    unsafe { std::env::remove_var("VPOD_PREFILL_PIPE") };
 }
 
 /// The hybrid steps of the POD tests: (seq, context_len, query_len) per
@@ -565,32 +571,43 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
 /// The `pod` backend on the GPU against its CPU twin: both fused kernels
 /// (2 blocks per SM; 3 per SM with one or two resident prefill blocks) under
 /// both block-role policies (resident prefill blocks per SM, the paper's
-/// per-SM tickets), the two-stream path and the planner's choice on
-/// Llama-3-8B's heads; the fused kernels on GQA 7 and 8 too.
+/// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the two-stream
+/// path and the planner's choice on Llama-3-8B's heads; the 2-per-SM fused
+/// kernels on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
-    const ENV: [&str; 3] = ["VPOD_POD_POLICY", "VPOD_POD_BLOCKS", "VPOD_POD_RESIDENT"];
+    const ENV: [&str; 4] = [
+        "VPOD_POD_POLICY",
+        "VPOD_POD_BLOCKS",
+        "VPOD_POD_RESIDENT",
+        "VPOD_PREFILL_PIPE",
+    ];
     let (quick, shapes) = twin_shapes();
-    let runs: &[(&str, [&str; 3])] = if quick {
-        &[("pod:fused", ["1", "2", "1"]), ("pod:fused", ["1", "3", "2"])]
+    let runs: &[(&str, [&str; 4])] = if quick {
+        &[
+            ("pod:fused", ["1", "2", "1", "0"]),
+            ("pod:fused", ["1", "2", "1", "1"]),
+            ("pod:fused", ["1", "3", "2", "0"]),
+        ]
     } else {
         &[
-            ("pod:fused", ["1", "2", "1"]),
-            ("pod:fused", ["1", "3", "2"]),
-            ("pod:fused", ["1", "3", "1"]),
-            ("pod:fused", ["0", "2", "1"]),
-            ("pod:fused", ["0", "3", "1"]),
-            ("pod:streams", ["1", "2", "1"]),
-            ("pod", ["1", "2", "1"]),
+            ("pod:fused", ["1", "2", "1", "0"]),
+            ("pod:fused", ["1", "2", "1", "1"]),
+            ("pod:fused", ["1", "3", "2", "0"]),
+            ("pod:fused", ["1", "3", "1", "0"]),
+            ("pod:fused", ["0", "2", "1", "0"]),
+            ("pod:fused", ["0", "3", "1", "0"]),
+            ("pod:streams", ["1", "2", "1", "0"]),
+            ("pod", ["1", "2", "1", "0"]),
         ]
     };
     for (i, &shape) in shapes.iter().enumerate() {
         for (j, &(spec, env)) in runs.iter().enumerate() {
-            // Other head shapes: the default fused kernel only.
-            if i > 0 && j > 0 {
+            // Other head shapes: the 2-per-SM fused kernels only.
+            if i > 0 && j > 1 {
                 continue;
             }
-            let steps = pod_steps(if i == 0 && j < 2 { 1100 } else { 300 });
+            let steps = pod_steps(if i == 0 && j < 3 { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
             for (k, v) in ENV.iter().zip(env) {
                 // SAFETY: the tests run with --test-threads=1 on the GPU machine.
@@ -601,8 +618,8 @@ fn pod_gpu_matches_cpu_twin() {
                 ..Default::default()
             };
             let label = format!(
-                "policy {}, {} blocks per SM, {} resident prefill",
-                env[0], env[1], env[2]
+                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}",
+                env[0], env[1], env[2], env[3]
             );
             check_against_twin(spec, shape, &opts, &steps, true, &label);
         }

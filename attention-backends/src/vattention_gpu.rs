@@ -30,6 +30,9 @@ use crate::{BatchMeta, Result};
 /// query tile passes through the second) and 1 KiB to start the stages on a
 /// 1024-byte boundary (wgmma's swizzle).
 pub(crate) const PREFILL_SMEM: usize = 2 * 2 * 64 * 256 + 1024;
+/// The same for the pipelined 64-row tile (`prefill_tile_pipelined`: the
+/// previous tile's V holds a third stage).
+const PREFILL_PIPE_SMEM: usize = 3 * 2 * 64 * 256 + 1024;
 /// Up to this many splits the decode kernel merges them itself; with more,
 /// one merging block per (decode, KV head) is a serial tail (H100, 16K
 /// context, batch 1: 37 us fused vs 28 + 6 us with the combine kernel at 33
@@ -49,6 +52,13 @@ fn prefill_warps(path: GpuPath) -> usize {
     }
 }
 
+/// Whether the 64-row prefill tiles overlap their softmax with the tensor
+/// cores (`prefill_tile_pipelined`: `slot_prefill_w4p_bf16` for the plain
+/// 64-row launch, `podp_bf16` for the POD kernel): `VPOD_PREFILL_PIPE=1`.
+fn prefill_pipe() -> bool {
+    pod_env("VPOD_PREFILL_PIPE") == Some(1)
+}
+
 /// Warps of a POD kernel block (either role).
 const POD_WARPS: usize = 4;
 
@@ -56,9 +66,15 @@ const POD_WARPS: usize = 4;
 /// (kernel, dynamic shared memory, blocks per SM). `pod_bf16` holds 2
 /// blocks per SM (its decode role on the 3-stage pipeline, 96 KiB);
 /// `pod3_bf16` (`VPOD_POD_BLOCKS=3`) holds 3 (168 registers per thread, a
-/// 2-stage decode pipeline, 65 KiB).
+/// 2-stage decode pipeline, 65 KiB); `podp_bf16` (`VPOD_PREFILL_PIPE=1`)
+/// holds 2 with the pipelined prefill tile (97 KiB).
 fn pod_kernel() -> (&'static str, usize, i32) {
     match pod_env("VPOD_POD_BLOCKS") {
+        _ if prefill_pipe() => (
+            "podp_bf16",
+            PREFILL_PIPE_SMEM.max(crate::decode::cuda::DECODE_SMEM),
+            2,
+        ),
         Some(3) => (
             "pod3_bf16",
             PREFILL_SMEM.max(2 * crate::decode::cuda::DECODE_STAGE_BYTES),
@@ -390,16 +406,16 @@ impl GpuAttention<'_> {
         out: &mut CudaSlice<bf16>,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let name = if p.prefill_warps == 4 {
-            "slot_prefill_w4_bf16"
-        } else {
-            "slot_prefill_w8_bf16"
+        let (name, smem) = match p.prefill_warps {
+            4 if prefill_pipe() => ("slot_prefill_w4p_bf16", PREFILL_PIPE_SMEM),
+            4 => ("slot_prefill_w4_bf16", PREFILL_SMEM),
+            _ => ("slot_prefill_w8_bf16", PREFILL_SMEM),
         };
-        let f = crate::ops::cuda::function_with_smem(dev, name, PREFILL_SMEM)?;
+        let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
         let cfg = LaunchConfig {
             grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
             block_dim: (32 * p.prefill_warps as u32, 1, 1),
-            shared_mem_bytes: PREFILL_SMEM as u32,
+            shared_mem_bytes: smem as u32,
         };
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);

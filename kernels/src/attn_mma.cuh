@@ -171,9 +171,12 @@ struct RowState {
 };
 
 // Folds S n-tiles (2 * NT of them, rows g and g + 8, already scaled and
-// masked with -inf) into the state: new max, rescale O, S := P.
+// masked with -inf) into the state: new max, S := P, and the factor O must
+// be scaled by (alpha[r] for row r), which the caller applies: at once
+// (online_softmax), or once an asynchronous MMA still accumulating into O
+// has finished (the pipelined prefill tile).
 template <int NT>
-__device__ __forceinline__ void online_softmax(RowState& st, float s[][4], float o[16][4]) {
+__device__ __forceinline__ void online_softmax_deferred(RowState& st, float s[][4], float alpha[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -183,7 +186,7 @@ __device__ __forceinline__ void online_softmax(RowState& st, float s[][4], float
         const float m_new = fmaxf(st.m[r], mx);
         // A row that has seen no key yet keeps exponent base 0 (no inf - inf).
         const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(st.m[r] - base);
+        alpha[r] = exp2f(st.m[r] - base);
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
@@ -191,12 +194,25 @@ __device__ __forceinline__ void online_softmax(RowState& st, float s[][4], float
             s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
             sum += s[n][2 * r] + s[n][2 * r + 1];
         }
-        st.l[r] = st.l[r] * alpha + sum;
+        st.l[r] = st.l[r] * alpha[r] + sum;
         st.m[r] = m_new;
+    }
+}
+
+__device__ __forceinline__ void rescale_o(float o[16][4], const float alpha[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int d = 0; d < 16; ++d) {
-            o[d][2 * r] *= alpha;
-            o[d][2 * r + 1] *= alpha;
+            o[d][2 * r] *= alpha[r];
+            o[d][2 * r + 1] *= alpha[r];
         }
-    }
+}
+
+// online_softmax_deferred, then O's rescale.
+template <int NT>
+__device__ __forceinline__ void online_softmax(RowState& st, float s[][4], float o[16][4]) {
+    float alpha[2];
+    online_softmax_deferred<NT>(st, s, alpha);
+    rescale_o(o, alpha);
 }

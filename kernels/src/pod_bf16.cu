@@ -46,13 +46,15 @@
 
 constexpr int POD_WARPS = 4;
 static_assert(POD_WARPS == DEC_WARPS, "prefill and decode roles share the block");
-// Dynamic shared memory of a POD block whose decode role has DSTAGES stages.
-template <int DSTAGES>
+// Dynamic shared memory of a POD block whose decode role has DSTAGES stages
+// and prefill role PSTAGES.
+template <int DSTAGES, int PSTAGES = 2>
 constexpr int pod_smem() {
-    return PrefillShape<POD_WARPS, 2>::SMEM > DSTAGES * DEC_STAGE_BYTES ? PrefillShape<POD_WARPS, 2>::SMEM
-                                                                         : DSTAGES * DEC_STAGE_BYTES;
+    return PrefillShape<POD_WARPS, PSTAGES>::SMEM > DSTAGES * DEC_STAGE_BYTES ? PrefillShape<POD_WARPS, PSTAGES>::SMEM
+                                                                               : DSTAGES * DEC_STAGE_BYTES;
 }
 static_assert(3 * (pod_smem<2>() + 1024 + 128) <= 228 * 1024, "pod3_bf16: 3 blocks per SM");
+static_assert(2 * (pod_smem<DEC_STAGES, 3>() + 1024 + 128) <= 228 * 1024, "podp_bf16: 2 blocks per SM");
 
 __device__ __forceinline__ int pod_smid() {
     int id;
@@ -82,7 +84,9 @@ extern "C" __global__ void pod_nsmid(int* out) {
         n_work, dec_rows, dec_slots, dec_lens, part_o, part_ml, counters, kv_heads, splits, n_decodes, sched, nsm, \
         policy, ratio_p, ratio_d
 
-template <int DSTAGES>
+// DSTAGES: the decode role's pipeline; PIPE: the prefill role runs
+// prefill_tile_pipelined<3> (else prefill_tile<4, 2>).
+template <int DSTAGES, bool PIPE>
 __device__ __forceinline__ void pod_body(POD_PARAMS) {
     __shared__ int s_item;  // >= 0: prefill item; < 0: decode item -1 - s_item
     const int n_pre = n_work * heads, n_dec = splits * kv_heads * n_decodes;
@@ -122,13 +126,14 @@ __device__ __forceinline__ void pod_body(POD_PARAMS) {
     const int item = s_item;
     if (item >= 0) {
         const int w = item / heads, head = item % heads;
-        prefill_tile<POD_WARPS, 2>(
-            q, out, work, q_start, ctx_len, q_len, heads, group, scale,
-            [=](int chunk, int kvh) {
-                const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
-                return SlotKv<POD_WARPS * 32>{k_base + off, v_base + off, pos_stride};
-            },
-            w, head);
+        auto kv = [=](int chunk, int kvh) {
+            const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+            return SlotKv<POD_WARPS * 32>{k_base + off, v_base + off, pos_stride};
+        };
+        if constexpr (PIPE)
+            prefill_tile_pipelined<3>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, kv, w, head);
+        else
+            prefill_tile<POD_WARPS, 2>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, kv, w, head);
         __syncthreads();  // the block's work is done before it stops counting as resident
     } else {
         const int d = -1 - item;
@@ -150,9 +155,10 @@ __device__ __forceinline__ void pod_body(POD_PARAMS) {
 }
 
 // The two entry points (see "Blocks per SM" above); same arguments.
-#define POD_ENTRY(NAME, BLOCKS_PER_SM, DSTAGES)                                                            \
+#define POD_ENTRY(NAME, BLOCKS_PER_SM, DSTAGES, PIPE)                                                    \
     extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, BLOCKS_PER_SM) NAME(POD_PARAMS) { \
-        pod_body<DSTAGES>(POD_ARGS);                                                                   \
+        pod_body<DSTAGES, PIPE>(POD_ARGS);                                                             \
     }
-POD_ENTRY(pod_bf16, 2, DEC_STAGES)
-POD_ENTRY(pod3_bf16, 3, 2)
+POD_ENTRY(pod_bf16, 2, DEC_STAGES, false)
+POD_ENTRY(pod3_bf16, 3, 2, false)
+POD_ENTRY(podp_bf16, 2, DEC_STAGES, true)

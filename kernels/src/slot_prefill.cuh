@@ -76,6 +76,25 @@ struct SlotKv {
     }
 };
 
+// A warp's 16 query rows (row0 .. row0 + 15 of the chunk starting at packed
+// row qs; rows >= ql are padding) normalised into `out`.
+__device__ __forceinline__ void store_rows(__nv_bfloat16* __restrict__ out, const float o[16][4], const RowState& st,
+                                           int qs, int row0, int ql, int heads, int head, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = row0 + g + 8 * r;
+        const float l = quad_sum(st.l[r]);
+        if (j >= ql) continue;
+        const float inv = 1.f / l;
+        __nv_bfloat16* orow = out + ((size_t)(qs + j) * heads + head) * ATT_HEAD_DIM;
+#pragma unroll
+        for (int d = 0; d < 16; ++d)
+            *reinterpret_cast<__nv_bfloat162*>(orow + 8 * d + 2 * t) =
+                __floats2bfloat162_rn(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
+    }
+}
+
 template <int WARPS, int STAGES, typename MakeKv>
 __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                              const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
@@ -205,16 +224,169 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
         }
     }
     cp_async_wait<0>();
+    store_rows(out, o, st, qs, j0 + warp * 16, ql, heads, head, lane);
+}
+
+// prefill_tile for ONE warpgroup (4 warps, 64 query rows) with wgmma, its
+// softmax overlapped with the tensor cores (FlashAttention-3's intra-warpgroup
+// pipelining): iteration i issues S_i = Q K_i^T and O += P_{i-1} V_{i-1}
+// together, waits for S_i only, runs tile i's softmax while the P V product
+// is still on the tensor cores, then waits for it and rescales O. A lone
+// warpgroup on an SM (the POD kernel's prefill role next to a decode block)
+// otherwise leaves the tensor cores idle during every softmax.
+//
+// V_{i-1} stays in its stage until the next iteration, so a tile is loaded
+// STAGES - 2 tiles ahead (STAGES >= 3 keeps prefill_tile<4, STAGES - 1>'s
+// prefetch distance). Same arguments and results as prefill_tile<4, STAGES>.
+// Without wgmma (not sm_90a) prefill_tile_pipelined runs prefill_tile<4, STAGES - 1>.
+template <int STAGES, typename MakeKv>
+__device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* __restrict__ q,
+                                                       __nv_bfloat16* __restrict__ out,
+                                                       const int32_t* __restrict__ work,
+                                                       const int32_t* __restrict__ q_start,
+                                                       const int32_t* __restrict__ ctx_len,
+                                                       const int32_t* __restrict__ q_len, int heads, int group,
+                                                       float scale, MakeKv make_kv, int item, int head) {
+    using S = PrefillShape<4, STAGES>;
+    static_assert(STAGES >= 3, "V of the previous tile holds a stage");
+    extern __shared__ __align__(128) uint8_t smem[];
+    const int kvh = head / group;
+    const int chunk = work[2 * item], j0 = work[2 * item + 1];
+    const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const float qk_scale = scale * ATT_LOG2E;
+    const int n_keys = ctx + min(ql, j0 + S::BM);
+    const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
+
+    const auto kv = make_kv(chunk, kvh);
+    static_assert(decltype(kv)::WG, "wgmma tiles only");
+    const uint32_t kv0 = (smem_addr(smem) + 1023) & ~1023u, qsm = kv0 + (STAGES - 1) * S::STAGE_BYTES;
+    load_tile<S::BM, S::THREADS>(
+        qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
+        [&](int r) { return j0 + r < ql; });
+    cp_async_commit();
+    auto load = [&](int tile, int stage) {
+        const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
+        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
+    };
+    constexpr int AHEAD = STAGES - 2;  // tiles loaded before the loop
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int j = j0 + warp * 16 + g + 8 * r;
-        const float l = quad_sum(st.l[r]);
-        if (j >= ql) continue;
-        const float inv = 1.f / l;
-        __nv_bfloat16* orow = out + ((size_t)(qs + j) * heads + head) * ATT_HEAD_DIM;
-#pragma unroll
-        for (int d = 0; d < 16; ++d)
-            *reinterpret_cast<__nv_bfloat162*>(orow + 8 * d + 2 * t) =
-                __floats2bfloat162_rn(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
+    for (int s = 0; s < AHEAD; ++s) {
+        if (s < ntiles) load(s, s);
+        cp_async_commit();
     }
+    // Q (the oldest group) to registers; the last stage it passed through
+    // is first refilled after the barrier of iteration 1.
+    cp_async_wait<AHEAD>();
+    __syncthreads();
+    uint32_t qa[8][4];
+    {
+        const int m = lane / 8;
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk)
+            ldsm_x4(qsm + tile_off(warp * 16 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2), qa[kk][0], qa[kk][1],
+                    qa[kk][2], qa[kk][3]);
+    }
+
+    float o[16][4];
+#pragma unroll
+    for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    RowState st;
+    const int lim0 = ctx + j0 + warp * 16 + g;
+    uint32_t pa[4][4];      // P of the previous tile (A fragments)
+    uint32_t vs_prev = 0;  // its V tile
+    auto pv = [&] {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs_prev + j * 16 * 128, PF_TILE_N * 128, 1024), 1);
+        wg_commit();
+    };
+    // Tile i is in, and every warp is past the wait for P_{i-2} V_{i-2}:
+    // the stage of tile i - 2 is free for tile i + AHEAD.
+    auto next_tile = [&](int i) {
+        cp_async_wait<AHEAD - 1>();
+        fence_proxy_async();
+        __syncthreads();
+        if (i + AHEAD < ntiles) load(i + AHEAD, (i + AHEAD) % STAGES);
+        cp_async_commit();
+        return kv0 + (i % STAGES) * S::STAGE_BYTES;
+    };
+    auto qk = [&](float s[8][4], uint32_t ks) {
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk)
+            wgmma_qk_m64n64k16(&s[0][0], qa[kk], wg_desc(ks + (kk / 4) * PF_TILE_N * 128 + (kk % 4) * 32, 16, 1024),
+                               kk);
+        wg_commit();
+    };
+    // Scale and mask S_i, fold it into the softmax state, alpha for O.
+    auto softmax = [&](float s[8][4], int i, float alpha[2]) {
+        const int t0 = i * PF_TILE_N;
+        if (t0 + PF_TILE_N - 1 > lim0 - g) {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    s[n][e] = t0 + n * 8 + 2 * (lane % 4) + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale
+                                                                                         : -INFINITY;
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
+        }
+        online_softmax_deferred<8>(st, s, alpha);
+    };
+    {  // tile 0: nothing to overlap with yet (O is zero: no rescale)
+        float s[8][4], alpha[2];
+        const uint32_t ks = next_tile(0);
+        wg_fence_operands<32>(&s[0][0]);
+        wg_fence();
+        qk(s, ks);
+        wg_wait<0>();
+        wg_fence_operands<32>(&s[0][0]);
+        softmax(s, 0, alpha);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
+        vs_prev = ks + PF_TILE_N * ATT_ROW_BYTES;
+    }
+    for (int i = 1; i < ntiles; ++i) {
+        const uint32_t ks = next_tile(i);
+        float s[8][4], alpha[2];
+        wg_fence_operands<32>(&s[0][0]);
+        wg_fence_operands<64>(&o[0][0]);
+        wg_fence();
+        qk(s, ks);
+        pv();
+        wg_wait<1>();  // S_i is in; P_{i-1} V_{i-1} may still run
+        wg_fence_operands<32>(&s[0][0]);
+        softmax(s, i, alpha);
+        wg_wait<0>();
+        wg_fence_operands<64>(&o[0][0]);
+        rescale_o(o, alpha);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
+        vs_prev = ks + PF_TILE_N * ATT_ROW_BYTES;
+    }
+    wg_fence_operands<64>(&o[0][0]);
+    wg_fence();
+    pv();
+    wg_wait<0>();
+    wg_fence_operands<64>(&o[0][0]);
+    cp_async_wait<0>();
+    store_rows(out, o, st, qs, j0 + warp * 16, ql, heads, head, lane);
+}
+
+template <int STAGES, typename MakeKv>
+__device__ __forceinline__ void prefill_tile_pipelined(const __nv_bfloat16* __restrict__ q,
+                                                       __nv_bfloat16* __restrict__ out,
+                                                       const int32_t* __restrict__ work,
+                                                       const int32_t* __restrict__ q_start,
+                                                       const int32_t* __restrict__ ctx_len,
+                                                       const int32_t* __restrict__ q_len, int heads, int group,
+                                                       float scale, MakeKv make_kv, int item, int head) {
+    if constexpr (ATT_WGMMA)
+        prefill_tile_pipelined_wg<STAGES>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, make_kv, item,
+                                          head);
+    else
+        prefill_tile<4, STAGES - 1>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, make_kv, item, head);
 }

@@ -820,25 +820,29 @@ fn e2e(
 /// How each variant of the `hybrid` sweep runs a step: the environment the
 /// `pod` backend reads when it plans one (`VPOD_POD_MODE`, `VPOD_POD_POLICY`,
 /// `VPOD_PREFILL_WARPS` of the serial kernels, `VPOD_POD_SPLIT_WAVES`,
-/// `VPOD_POD_BLOCKS` per SM, `VPOD_POD_RESIDENT` prefill blocks per SM).
-/// Every variant but the serial ones gets a speedup over the best serial pair.
-const HYBRID_VARIANTS: &[(&str, [&str; 6])] = &[
-    ("serial", ["serial", "1", "8", "4", "2", "1"]),
-    ("serial-64", ["serial", "1", "4", "4", "2", "1"]),
-    ("streams", ["streams", "1", "8", "4", "2", "1"]),
-    ("pod", ["fused", "1", "8", "4", "2", "1"]),
-    ("pod3-p1", ["fused", "1", "8", "4", "3", "1"]),
-    ("pod3-p2", ["fused", "1", "8", "4", "3", "2"]),
-    ("pod3-ticket", ["fused", "0", "8", "4", "3", "1"]),
-    ("auto", ["auto", "1", "8", "4", "2", "1"]),
+/// `VPOD_POD_BLOCKS` per SM, `VPOD_POD_RESIDENT` prefill blocks per SM,
+/// `VPOD_PREFILL_PIPE`: the 64-row prefill tiles overlap their softmax with
+/// the tensor cores). Every variant but the serial ones gets a speedup over
+/// the best serial pair.
+const HYBRID_VARIANTS: &[(&str, [&str; 7])] = &[
+    ("serial", ["serial", "1", "8", "4", "2", "1", "0"]),
+    ("serial-64", ["serial", "1", "4", "4", "2", "1", "0"]),
+    ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1"]),
+    ("streams", ["streams", "1", "8", "4", "2", "1", "0"]),
+    ("pod", ["fused", "1", "8", "4", "2", "1", "0"]),
+    ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0"]),
+    ("podp", ["fused", "1", "8", "4", "2", "1", "1"]),
+    ("podp-sw1", ["fused", "1", "8", "1", "2", "1", "1"]),
+    ("auto", ["auto", "1", "8", "4", "2", "1", "0"]),
 ];
-const HYBRID_ENV: [&str; 6] = [
+const HYBRID_ENV: [&str; 7] = [
     "VPOD_POD_MODE",
     "VPOD_POD_POLICY",
     "VPOD_PREFILL_WARPS",
     "VPOD_POD_SPLIT_WAVES",
     "VPOD_POD_BLOCKS",
     "VPOD_POD_RESIDENT",
+    "VPOD_PREFILL_PIPE",
 ];
 
 fn hybrid(
@@ -864,8 +868,8 @@ fn hybrid(
     for v in &fast {
         print!(" {v} / best serial |");
     }
-    println!(" planner |");
-    println!("|{}", "---|".repeat(4 + HYBRID_VARIANTS.len() + fast.len() + 1));
+    println!(" prefill alone us | decode alone us | perfect overlap x | planner |");
+    println!("|{}", "---|".repeat(4 + HYBRID_VARIANTS.len() + fast.len() + 4));
     let max_pos = positions.iter().max().copied().unwrap_or(0) + chunks.iter().max().copied().unwrap_or(0);
     for name in models {
         let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
@@ -945,8 +949,25 @@ fn hybrid(
                         let secs = time_layer(b.as_mut(), seqs.clone(), heads, kvh, &dev, iters)?;
                         us.insert((*v).into(), json!(secs * 1e6));
                     }
+                    // Each half alone (the plain kernels; the prefill's faster
+                    // tile): perfect overlap would take the longer of the two.
+                    let (pre, dec) = seqs.split_at(1);
+                    let (mut prefill_us, mut decode_us) = (f64::INFINITY, f64::INFINITY);
+                    for serial in ["serial", "serial-64p"] {
+                        let env = HYBRID_VARIANTS.iter().find(|v| v.0 == serial).map(|v| v.1);
+                        for (k, val) in HYBRID_ENV.iter().zip(env.unwrap_or_default()) {
+                            // SAFETY: as above.
+                            unsafe { std::env::set_var(k, val) };
+                        }
+                        let secs = time_layer(b.as_mut(), pre.to_vec(), heads, kvh, &dev, iters)?;
+                        prefill_us = prefill_us.min(1e6 * secs);
+                        if serial == "serial" {
+                            decode_us = 1e6 * time_layer(b.as_mut(), dec.to_vec(), heads, kvh, &dev, iters)?;
+                        }
+                    }
                     let t = |v: &str| us[v].as_f64().unwrap_or(f64::NAN);
-                    let best_serial = t("serial").min(t("serial-64"));
+                    let best_serial = t("serial").min(t("serial-64")).min(t("serial-64p"));
+                    let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
                     print!(
                         "| {name} | {chunk} @ {pos} | {batch} x {ctx} | {:.0} % |",
@@ -960,9 +981,14 @@ fn hybrid(
                         print!(" {:.2} |", best_serial / t(v));
                         speedup.insert((*v).into(), json!(best_serial / t(v)));
                     }
-                    println!(" {} |", if fused { "fused" } else { "serial" });
+                    println!(
+                        " {prefill_us:.0} | {decode_us:.0} | {ideal:.2} | {} |",
+                        if fused { "fused" } else { "serial" }
+                    );
                     rows.push(json!({"model": name, "heads": heads, "kv_heads": kvh, "chunk": chunk,
                         "position": pos, "decodes": batch, "decode_context": ctx, "us_per_layer": us,
+                        "prefill_alone_us": prefill_us, "decode_alone_us": decode_us,
+                        "perfect_overlap_speedup": ideal,
                         "best_serial_us": best_serial, "speedup_over_best_serial": speedup,
                         "planner": note, "planner_fused": fused, "smaller_half_share": share,
                         "what": "one layer's attention call (K/V write + attention kernels), median of rounds"}));
@@ -998,6 +1024,18 @@ fn hybrid(
         summary.insert(
             key.into(),
             json!({"mean": mean, "geomean": geo, "max": max, "min": min, "cases": v.len(), "slower_than_3pct": slower}),
+        );
+    }
+    let ideal: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["perfect_overlap_speedup"].as_f64())
+        .collect();
+    if !ideal.is_empty() {
+        let mean = ideal.iter().sum::<f64>() / ideal.len() as f64;
+        println!("perfect overlap (best serial / the longer half alone): mean {mean:.3}x");
+        summary.insert(
+            "perfect_overlap".into(),
+            json!({"mean": mean, "cases": ideal.len()}),
         );
     }
     rows.push(json!({"summary": summary}));
