@@ -85,7 +85,10 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "paged_decode_reduce_bf16",
         ],
     ),
-    ("pod_bf16", &["pod_bf16", "pod3_bf16", "podp_bf16", "pod_nsmid"]),
+    (
+        "pod_bf16",
+        &["pod_bf16", "pod3_bf16", "podp_bf16", "pod_ws_bf16", "pod_nsmid"],
+    ),
     (
         "slot_prefill_w4_bf16",
         &["slot_prefill_w4_bf16", "slot_prefill_w4p_bf16"],

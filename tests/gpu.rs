@@ -571,9 +571,10 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
 /// The `pod` backend on the GPU against its CPU twin: both fused kernels
 /// (2 blocks per SM; 3 per SM with one or two resident prefill blocks) under
 /// both block-role policies (resident prefill blocks per SM, the paper's
-/// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the two-stream
-/// path and the planner's choice on Llama-3-8B's heads; the 2-per-SM fused
-/// kernels on GQA 7 and 8 too.
+/// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the
+/// two-warpgroup persistent kernel (`pod_ws_bf16`, `VPOD_POD_BLOCKS=1`), the
+/// two-stream path and the planner's choice on Llama-3-8B's heads; `pod_bf16`,
+/// `podp_bf16` and `pod_ws_bf16` on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
     const ENV: [&str; 4] = [
@@ -587,12 +588,14 @@ fn pod_gpu_matches_cpu_twin() {
         &[
             ("pod:fused", ["1", "2", "1", "0"]),
             ("pod:fused", ["1", "2", "1", "1"]),
+            ("pod:fused", ["1", "1", "1", "0"]),
             ("pod:fused", ["1", "3", "2", "0"]),
         ]
     } else {
         &[
             ("pod:fused", ["1", "2", "1", "0"]),
             ("pod:fused", ["1", "2", "1", "1"]),
+            ("pod:fused", ["1", "1", "1", "0"]),
             ("pod:fused", ["1", "3", "2", "0"]),
             ("pod:fused", ["1", "3", "1", "0"]),
             ("pod:fused", ["0", "2", "1", "0"]),
@@ -603,11 +606,11 @@ fn pod_gpu_matches_cpu_twin() {
     };
     for (i, &shape) in shapes.iter().enumerate() {
         for (j, &(spec, env)) in runs.iter().enumerate() {
-            // Other head shapes: the 2-per-SM fused kernels only.
-            if i > 0 && j > 1 {
+            // Other head shapes: pod_bf16, podp_bf16 and pod_ws_bf16 only.
+            if i > 0 && j > 2 {
                 continue;
             }
-            let steps = pod_steps(if i == 0 && j < 3 { 1100 } else { 300 });
+            let steps = pod_steps(if i == 0 && j < 4 { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
             for (k, v) in ENV.iter().zip(env) {
                 // SAFETY: the tests run with --test-threads=1 on the GPU machine.

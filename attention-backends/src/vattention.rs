@@ -42,6 +42,47 @@ const DECODE_BYTES_PER_S: f64 = 2.8e12;
 /// this share of the predicted serial time (below, the fused kernel cannot
 /// gain enough to pay for its scheduling; see the POD results' sweep).
 pub const POD_MIN_SHARE: f64 = 0.1;
+/// From this predicted prefill : decode ratio up, a fused step runs two
+/// prefill tiles per SM next to one decode split ([`PodKernel::TwoToOne`]);
+/// below, one of each ([`PodKernel::OneToOne`]). Above [`POD_STREAMS_ABOVE`]
+/// (a long chunk next to a few short decodes) the two-stream pair is faster
+/// than either kernel. Both from the 66-case sweep in
+/// results/2026-11-21-h100-pod-planner (where the ratio predicted the
+/// measured one within ~15 %).
+pub const POD_TWO_TO_ONE_FROM: f64 = 0.4;
+pub const POD_STREAMS_ABOVE: f64 = 3.0;
+
+/// The POD kernel a fused step runs (`kernels/src/pod_bf16.cu`): how the
+/// blocks on an SM split between the roles while both kinds of work last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodKernel {
+    /// `podp_bf16`: 2 blocks per SM, one pipelined 64-row prefill tile next
+    /// to one 3-stage decode split (decode-heavy steps).
+    OneToOne,
+    /// `pod3_bf16`: 3 blocks per SM, two 64-row prefill tiles next to one
+    /// 2-stage decode split.
+    TwoToOne,
+}
+
+/// How the `pod` backend runs a hybrid step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPath {
+    /// The prefill kernel, then the decode kernel.
+    Serial,
+    /// The two kernels on two CUDA streams.
+    Streams,
+    /// One POD kernel launch.
+    Fused(PodKernel),
+}
+
+/// The fused kernel for a step whose halves are predicted to take `tp` and `td`.
+pub fn pod_kernel_for(tp: f64, td: f64) -> PodKernel {
+    if tp >= POD_TWO_TO_ONE_FROM * td {
+        PodKernel::TwoToOne
+    } else {
+        PodKernel::OneToOne
+    }
+}
 
 /// A hybrid step's two halves as our kernels' predicted times in ms
 /// (prefill FLOPs and decode K/V bytes over the rates above); `None`
@@ -62,27 +103,40 @@ pub fn pod_step_halves(meta: &BatchMeta, cfg: &AttnConfig) -> Option<(f64, f64)>
     (tp > 0.0 && td > 0.0).then_some((tp, td))
 }
 
-/// The `pod` backend's choice for a hybrid step: fuse (`true`) or run the
-/// serial pair, and a note saying why (see [`pod_step_halves`]).
-pub fn plan_pod_step(meta: &BatchMeta, cfg: &AttnConfig) -> (bool, String) {
+/// The `pod` backend's choice for a hybrid step (see [`PodPath`]) and a note
+/// saying why (see [`pod_step_halves`]). Single-kind steps run the plain
+/// kernels (`Serial`).
+pub fn plan_pod_step(meta: &BatchMeta, cfg: &AttnConfig) -> (PodPath, String) {
     let Some((tp, td)) = pod_step_halves(meta, cfg) else {
         let prefill = meta.seqs().iter().any(|s| s.query_len > 1);
         let only = if prefill { "prefill" } else { "decode" };
-        return (false, format!("{only} only: plain kernel"));
+        return (PodPath::Serial, format!("{only} only: plain kernel"));
     };
     let share = tp.min(td) / (tp + td);
-    let fused = share >= POD_MIN_SHARE;
-    let verdict = if fused {
-        "fused".to_string()
-    } else {
-        format!(
-            "serial: the smaller half is {:.0} % < {:.0} %",
-            share * 100.0,
-            POD_MIN_SHARE * 100.0
+    let (path, verdict) = if share < POD_MIN_SHARE {
+        (
+            PodPath::Serial,
+            format!(
+                "serial: the smaller half is {:.0} % < {:.0} %",
+                share * 100.0,
+                POD_MIN_SHARE * 100.0
+            ),
         )
+    } else if tp > POD_STREAMS_ABOVE * td {
+        (
+            PodPath::Streams,
+            format!("two streams: the prefill half is {:.1}x the decode half", tp / td),
+        )
+    } else {
+        let k = pod_kernel_for(tp, td);
+        let blocks = match k {
+            PodKernel::OneToOne => "1 prefill : 1 decode",
+            PodKernel::TwoToOne => "2 prefill : 1 decode",
+        };
+        (PodPath::Fused(k), format!("fused, {blocks} blocks per SM"))
     };
     (
-        fused,
+        path,
         format!("{verdict} (predicted prefill {tp:.3} ms, decode {td:.3} ms)"),
     )
 }
@@ -329,10 +383,20 @@ impl AttentionBackend for VirtualBackend {
                         Some(PodMode::Streams) => {
                             (GpuPath::Streams, Some("two streams (pod:streams)".to_string()))
                         }
-                        Some(PodMode::Fused) => (GpuPath::Fused, Some("fused (pod:fused)".to_string())),
+                        Some(PodMode::Fused) => {
+                            // The kernel still suits the step's halves.
+                            let k = pod_step_halves(meta, &self.cfg)
+                                .map_or(PodKernel::OneToOne, |(tp, td)| pod_kernel_for(tp, td));
+                            (GpuPath::Fused(k), Some("fused (pod:fused)".to_string()))
+                        }
                         Some(PodMode::Auto) => {
-                            let (fused, note) = plan_pod_step(meta, &self.cfg);
-                            (if fused { GpuPath::Fused } else { GpuPath::Serial }, Some(note))
+                            let (path, note) = plan_pod_step(meta, &self.cfg);
+                            let path = match path {
+                                PodPath::Serial => GpuPath::Serial,
+                                PodPath::Streams => GpuPath::Streams,
+                                PodPath::Fused(k) => GpuPath::Fused(k),
+                            };
+                            (path, Some(note))
                         }
                     };
                     gpu.path_note = note;
@@ -515,14 +579,25 @@ mod tests {
         // A 1K chunk at 12K next to 26 decodes at 16K: ~0.58 ms vs ~0.62 ms.
         let mut balanced = vec![(12288, 1024)];
         balanced.extend(std::iter::repeat_n((16384, 1), 26));
-        let (fused, note) = plan_pod_step(&step(&balanced), &cfg);
-        assert!(fused, "{note}");
+        let (path, note) = plan_pod_step(&step(&balanced), &cfg);
+        assert_eq!(path, PodPath::Fused(PodKernel::TwoToOne), "{note}");
+        assert!(note.starts_with("fused, 2 prefill : 1 decode"), "{note}");
         let (tp, td) = pod_step_halves(&step(&balanced), &cfg).unwrap();
         assert!((tp / td - 0.94).abs() < 0.1, "{tp} {td}");
+        // A 512 chunk at 4K next to 52 decodes at 8K: decode-heavy, one of each per SM.
+        let mut heavy = vec![(4096, 512)];
+        heavy.extend(std::iter::repeat_n((8192, 1), 52));
+        let (path, note) = plan_pod_step(&step(&heavy), &cfg);
+        assert_eq!(path, PodPath::Fused(PodKernel::OneToOne), "{note}");
+        // A 1K chunk at 8K next to 4 decodes at 16K: prefill-heavy, two streams.
+        let mut light = vec![(8192, 1024)];
+        light.extend(std::iter::repeat_n((16384, 1), 4));
+        let (path, note) = plan_pod_step(&step(&light), &cfg);
+        assert_eq!(path, PodPath::Streams, "{note}");
         // A 2K chunk at 12K next to one short decode: serial, with the share in the note.
-        let (fused, note) = plan_pod_step(&step(&[(12288, 2048), (100, 1)]), &cfg);
+        let (path, note) = plan_pod_step(&step(&[(12288, 2048), (100, 1)]), &cfg);
         assert!(
-            !fused && note.starts_with("serial: the smaller half is 0 %"),
+            path == PodPath::Serial && note.starts_with("serial: the smaller half is 0 %"),
             "{note}"
         );
         assert_eq!(

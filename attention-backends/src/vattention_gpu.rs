@@ -39,46 +39,63 @@ const PREFILL_PIPE_SMEM: usize = 3 * 2 * 64 * 256 + 1024;
 /// splits), so the combine kernel merges.
 const FUSED_MERGE_MAX_SPLITS: usize = 16;
 
-/// Query-tile rows of the prefill kernel: 128 (8 warps) unless
-/// `VPOD_PREFILL_WARPS=4` asks for the 64-row variant (benchmarks). The
-/// POD kernel always uses the 64-row tile (see `pod_bf16.cu`).
+/// Query-tile rows of the prefill kernel: 64 (4 warps; pipelined, see
+/// [`prefill_pipe`]) unless `VPOD_PREFILL_WARPS=8` asks for the 128-row
+/// variant (benchmarks). The POD kernels always use the 64-row tile.
 fn prefill_warps(path: GpuPath) -> usize {
-    if path == GpuPath::Fused {
+    if matches!(path, GpuPath::Fused(_)) {
         return POD_WARPS;
     }
     match std::env::var("VPOD_PREFILL_WARPS").ok().as_deref() {
-        Some("4") => 4,
-        _ => 8,
+        Some("8") => 8,
+        _ => 4,
     }
 }
 
 /// Whether the 64-row prefill tiles overlap their softmax with the tensor
 /// cores (`prefill_tile_pipelined`: `slot_prefill_w4p_bf16` for the plain
-/// 64-row launch, `podp_bf16` for the POD kernel): `VPOD_PREFILL_PIPE=1`.
+/// 64-row launch, `podp_bf16` for the 2-per-SM POD kernel): yes unless
+/// `VPOD_PREFILL_PIPE=0` (benchmarks). The pipelined 64-row tile is the
+/// fastest prefill we have (results/2026-11-21-h100-pod-planner: faster
+/// than the 128-row tile in 65 of 66 hybrid cases).
 fn prefill_pipe() -> bool {
-    pod_env("VPOD_PREFILL_PIPE") == Some(1)
+    pod_env("VPOD_PREFILL_PIPE") != Some(0)
 }
 
-/// Warps of a POD kernel block (either role).
+/// Warps of a POD kernel block (either role; pod_ws_bf16's block has two such groups).
 const POD_WARPS: usize = 4;
+/// pod_ws_bf16's dynamic shared memory: `POD_WS_PART0 + POD_WS_PART1`
+/// (pod_bf16.cu).
+const POD_WS_SMEM: usize = PREFILL_PIPE_SMEM + 4 * 2 * 64 * 256;
 
 /// Which POD kernel runs a fused step (`pod_bf16.cu`, "Blocks per SM"):
-/// (kernel, dynamic shared memory, blocks per SM). `pod_bf16` holds 2
-/// blocks per SM (its decode role on the 3-stage pipeline, 96 KiB);
-/// `pod3_bf16` (`VPOD_POD_BLOCKS=3`) holds 3 (168 registers per thread, a
-/// 2-stage decode pipeline, 65 KiB); `podp_bf16` (`VPOD_PREFILL_PIPE=1`)
-/// holds 2 with the pipelined prefill tile (97 KiB).
-fn pod_kernel() -> (&'static str, usize, i32) {
-    match pod_env("VPOD_POD_BLOCKS") {
+/// (kernel, dynamic shared memory, blocks per SM). The planner's choice
+/// ([`crate::PodKernel`]): `podp_bf16` (one to one: 2 blocks per SM, the
+/// pipelined prefill tile, a 3-stage decode pipeline, 97 KiB) or
+/// `pod3_bf16` (two to one: 3 blocks per SM, 168 registers per thread, a
+/// 2-stage decode pipeline, 65 KiB). `VPOD_POD_BLOCKS` (benchmarks)
+/// overrides it: 2 (`podp_bf16`, or `pod_bf16` with `VPOD_PREFILL_PIPE=0`),
+/// 3 (`pod3_bf16`) or 1 (`pod_ws_bf16`: one block of two warpgroups per SM,
+/// each a persistent worker, prefill-first and decode-first, with an uneven
+/// split of the shared memory: a 97-KiB part for a pipelined prefill tile, a
+/// 128-KiB part for a 4-stage decode split; 225 KiB).
+fn pod_kernel(k: crate::PodKernel) -> (&'static str, usize, i32) {
+    let blocks = match (pod_env("VPOD_POD_BLOCKS"), k) {
+        (Some(b @ 1..=3), _) => b,
+        (_, crate::PodKernel::OneToOne) => 2,
+        (_, crate::PodKernel::TwoToOne) => 3,
+    };
+    match blocks {
+        1 => ("pod_ws_bf16", POD_WS_SMEM, 1),
+        3 => (
+            "pod3_bf16",
+            PREFILL_SMEM.max(2 * crate::decode::cuda::DECODE_STAGE_BYTES),
+            3,
+        ),
         _ if prefill_pipe() => (
             "podp_bf16",
             PREFILL_PIPE_SMEM.max(crate::decode::cuda::DECODE_SMEM),
             2,
-        ),
-        Some(3) => (
-            "pod3_bf16",
-            PREFILL_SMEM.max(2 * crate::decode::cuda::DECODE_STAGE_BYTES),
-            3,
         ),
         _ => ("pod_bf16", PREFILL_SMEM.max(crate::decode::cuda::DECODE_SMEM), 2),
     }
@@ -96,7 +113,7 @@ pub(crate) enum GpuPath {
     /// The prefill kernel, then the decode kernel, on the device's stream.
     Serial,
     /// The POD kernel: both in one launch.
-    Fused,
+    Fused(crate::PodKernel),
     /// The prefill kernel on the device's stream, the decode kernel on a second one.
     Streams,
 }
@@ -113,12 +130,11 @@ fn pod_policy() -> i32 {
 }
 
 /// Prefill blocks the resident policy keeps on an SM
-/// (`VPOD_POD_RESIDENT`, 1 ..= blocks per SM - 1; default 1): the other
-/// blocks run decode splits while both kinds last.
+/// (`VPOD_POD_RESIDENT`, 1 ..= blocks per SM - 1; default blocks per SM - 1:
+/// 1 of 2, 2 of 3): the other block runs decode splits while both kinds last.
 fn pod_resident_prefill(blocks_per_sm: i32) -> i32 {
-    pod_env("VPOD_POD_RESIDENT")
-        .unwrap_or(1)
-        .clamp(1, blocks_per_sm - 1)
+    let most = (blocks_per_sm - 1).max(1);
+    pod_env("VPOD_POD_RESIDENT").unwrap_or(most).clamp(1, most)
 }
 
 /// Decode splits of a fused step: as many as `VPOD_POD_SPLIT_WAVES` (default
@@ -303,6 +319,8 @@ pub(crate) struct DeviceChunks {
 #[derive(Debug)]
 pub(crate) struct StepPlan {
     pub path: GpuPath,
+    /// The device's SM count (pod_ws_bf16's grid).
+    sms: usize,
     tokens: usize,
     write_rows: CudaSlice<i64>,
     prefill_warps: usize,
@@ -358,7 +376,7 @@ impl StepPlan {
         let max_len = dec_lens.iter().copied().max().unwrap_or(1) as usize;
         // The POD kernel hands out its items dynamically: finer decode splits
         // (several waves' worth) keep its tail short; a plain launch wants one wave.
-        let waves = if path == GpuPath::Fused {
+        let waves = if matches!(path, GpuPath::Fused(_)) {
             pod_split_waves()
         } else {
             1
@@ -367,6 +385,7 @@ impl StepPlan {
         let parts = (n_dec * heads * splits).max(1);
         Ok(Self {
             path,
+            sms,
             tokens: meta.num_tokens(),
             write_rows: upload(dev, &write_rows)?,
             prefill_warps: warps,
@@ -468,19 +487,29 @@ impl GpuAttention<'_> {
         q: &CudaView<'_, bf16>,
         out: &mut CudaSlice<bf16>,
         pod: &PodState,
+        k: crate::PodKernel,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let (kernel, smem, per_sm) = pod_kernel();
+        let (kernel, smem, per_sm) = pod_kernel(k);
         let f = crate::ops::cuda::function_with_smem(dev, kernel, smem)?;
         let n_pre = p.chunks.n_work * self.heads;
         let n_dec = p.splits * self.kv_heads * p.n_dec;
+        // pod_ws_bf16: one persistent block of two warpgroups per SM; the
+        // others: one block per item.
+        let (blocks, warps) = if per_sm == 1 {
+            ((n_pre + n_dec).min(p.sms), 2 * POD_WARPS)
+        } else {
+            (n_pre + n_dec, POD_WARPS)
+        };
         let cfg = LaunchConfig {
-            grid_dim: ((n_pre + n_dec) as u32, 1, 1),
-            block_dim: (32 * POD_WARPS as u32, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let policy = pod_policy();
-        let (rp, rd) = if policy == 0 {
+        let (rp, rd) = if per_sm == 1 {
+            (1, 1) // unused by pod_ws_bf16
+        } else if policy == 0 {
             small_ratio(n_pre, n_dec)
         } else {
             let rp = pod_resident_prefill(per_sm);
@@ -593,7 +622,7 @@ impl CustomOp3 for GpuAttention<'_> {
         let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * d) }?;
         let hybrid = p.chunks.n_work > 0 && p.n_dec > 0;
         match (p.path, self.pod) {
-            (GpuPath::Fused, Some(pod)) if hybrid => self.launch_pod(&dev, &q, &mut out, pod)?,
+            (GpuPath::Fused(k), Some(pod)) if hybrid => self.launch_pod(&dev, &q, &mut out, pod, k)?,
             (GpuPath::Streams, Some(pod)) if hybrid => {
                 let main = stream.cu_stream();
                 let side = &pod.side;

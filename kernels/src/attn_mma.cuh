@@ -88,12 +88,31 @@ __device__ __forceinline__ void load_tile_at(uint32_t tile, Src src, Valid valid
     static_assert(ROWS * ATT_ROW_CHUNKS % THREADS == 0, "whole chunks per thread");
 #pragma unroll
     for (int j = 0; j < ROWS * ATT_ROW_CHUNKS / THREADS; ++j) {
-        const int i = threadIdx.x + j * THREADS;
+        const int i = threadIdx.x % THREADS + j * THREADS;
         const int r = i / ATT_ROW_CHUNKS, c = i % ATT_ROW_CHUNKS;
         const bool ok = valid(r);
         cp_async16(tile + off(r, c), src(ok ? r : 0) + c * 8, ok);
     }
 }
+// Where a tile's threads work together: their shared memory and their
+// barrier. A kernel whose block is one such group passes WholeBlock (the
+// dynamic shared memory, __syncthreads); pod_ws_bf16 runs one per warpgroup
+// (WarpGroupPart: its part of the shared memory, a named barrier). The tile
+// code indexes its threads by threadIdx.x % THREADS.
+struct WholeBlock {
+    __device__ __forceinline__ uint8_t* region() const {
+        extern __shared__ __align__(128) uint8_t smem[];
+        return smem;
+    }
+    __device__ __forceinline__ void sync() const { __syncthreads(); }
+};
+struct WarpGroupPart {
+    uint8_t* base;
+    int barrier;  // 1 + the warpgroup (0 is __syncthreads')
+    __device__ __forceinline__ uint8_t* region() const { return base; }
+    __device__ __forceinline__ void sync() const { asm volatile("bar.sync %0, 128;\n" ::"r"(barrier) : "memory"); }
+};
+
 // load_tile_at into the swizzled layout of tile_off.
 template <int ROWS, int THREADS, typename Src, typename Valid>
 __device__ __forceinline__ void load_tile(uint32_t tile, Src src, Valid valid) {

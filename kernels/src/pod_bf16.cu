@@ -140,7 +140,7 @@ __device__ __forceinline__ void pod_body(POD_PARAMS) {
         const int split = d % splits, kvh = (d / splits) % kv_heads, b = d / (splits * kv_heads);
         slot_decode_split<DSTAGES>(q, dec_rows, k_base, v_base, dec_slots, dec_lens, part_o, part_ml, counters, out, heads,
                           group, slot_stride, pos_stride, splits, scale, split, kvh, b, kv_heads,
-                          [] { __syncthreads(); });
+                          WholeBlock{});
     }
     if (threadIdx.x != 0) return;
     if (held) atomicSub(&resident[sm], 1);
@@ -162,3 +162,80 @@ __device__ __forceinline__ void pod_body(POD_PARAMS) {
 POD_ENTRY(pod_bf16, 2, DEC_STAGES, false)
 POD_ENTRY(pod3_bf16, 3, 2, false)
 POD_ENTRY(podp_bf16, 2, DEC_STAGES, true)
+
+// pod_ws_bf16: one block of TWO warpgroups per SM (256 threads, 225 KiB),
+// each warpgroup a persistent worker with its own part of the shared memory
+// and its own named barrier. Warpgroup 0 takes prefill items first, 1 decode
+// items first; each takes the other kind once its own runs out. So while
+// both kinds last an SM runs one 64-row query tile (the pipelined tile,
+// which keeps the tensor cores busy through its softmax) next to one decode
+// split, and the decode split gets the bigger part: 4 stages, 96 KiB of K/V
+// in flight (the 2-blocks-per-SM kernels give a decode block 3 stages, 64
+// KiB in flight, half of what a plain decode launch keeps per SM). With the
+// blocks of the 1-role kernels all the same size, only a block holding both
+// roles can split an SM's shared memory unevenly.
+//   part 0: PrefillShape<4, 3>::SMEM (a pipelined prefill tile, or a 3-stage decode split)
+//   part 1: 4 decode stages (a 4-stage decode split, or a pipelined prefill tile)
+// grid: min(SMs, items) blocks; sched as above ([2] counts finished
+// warpgroups; the policy / ratio arguments are unused).
+constexpr int POD_WS_PART0 = PrefillShape<POD_WARPS, 3>::SMEM;
+constexpr int POD_WS_PART1 = 4 * DEC_STAGE_BYTES;
+static_assert(POD_WS_PART1 >= PrefillShape<POD_WARPS, 3>::SMEM && POD_WS_PART0 >= 3 * DEC_STAGE_BYTES,
+              "either part runs either role");
+static_assert(POD_WS_PART0 + POD_WS_PART1 + 1024 + 128 <= 228 * 1024, "one block per SM");
+static_assert(POD_WS_PART0 % 1024 == 0, "part 1 starts on a 1024-byte boundary");
+
+extern "C" __global__ void __launch_bounds__(2 * POD_WARPS * 32, 1) pod_ws_bf16(POD_PARAMS) {
+    uint8_t* smem = WholeBlock{}.region();
+    __shared__ int s_item[2];  // per warpgroup: >= 0 prefill item, < 0 decode item -1 - s_item, INT_MIN done
+    const int wg = threadIdx.x / (POD_WARPS * 32);
+    const WarpGroupPart part{smem + (wg == 0 ? 0 : POD_WS_PART0), 1 + wg};
+    const int n_pre = n_work * heads, n_dec = splits * kv_heads * n_decodes;
+    auto kv = [=](int chunk, int kvh) {
+        const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+        return SlotKv<POD_WARPS * 32>{k_base + off, v_base + off, pos_stride};
+    };
+    for (;;) {
+        if (threadIdx.x % (POD_WARPS * 32) == 0) {
+            int item = INT_MIN;
+            for (int k = 0; k < 2 && item == INT_MIN; ++k) {
+                if ((wg + k) % 2 == 0) {
+                    const int p = atomicAdd(&sched[0], 1);
+                    if (p < n_pre) item = p;
+                } else {
+                    const int d = atomicAdd(&sched[1], 1);
+                    if (d < n_dec) item = -1 - d;
+                }
+            }
+            s_item[wg] = item;
+        }
+        part.sync();
+        const int item = s_item[wg];
+        part.sync();  // read by all before thread 0 writes the next one
+        if (item == INT_MIN) break;
+        if (item >= 0) {
+            prefill_tile_pipelined<3>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, kv, item / heads,
+                                      item % heads, part);
+        } else {
+            const int d = -1 - item;
+            const int split = d % splits, kvh = (d / splits) % kv_heads, b = d / (splits * kv_heads);
+            if (wg == 0)
+                slot_decode_split<3>(q, dec_rows, k_base, v_base, dec_slots, dec_lens, part_o, part_ml, counters, out,
+                                     heads, group, slot_stride, pos_stride, splits, scale, split, kvh, b, kv_heads,
+                                     part);
+            else
+                slot_decode_split<4>(q, dec_rows, k_base, v_base, dec_slots, dec_lens, part_o, part_ml, counters, out,
+                                     heads, group, slot_stride, pos_stride, splits, scale, split, kvh, b, kv_heads,
+                                     part);
+        }
+        part.sync();  // the part's shared memory is free again
+    }
+    if (threadIdx.x % (POD_WARPS * 32) != 0) return;
+    __threadfence();
+    if (atomicAdd(&sched[2], 1) == 2 * (int)gridDim.x - 1) {
+        // Every other warpgroup has taken its last item: ready the next launch.
+        sched[0] = sched[1] = 0;
+        __threadfence();
+        sched[2] = 0;
+    }
+}

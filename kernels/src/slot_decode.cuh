@@ -30,21 +30,24 @@ constexpr int DEC_STAGE_BYTES = 2 * DEC_TILE * ATT_ROW_BYTES;
 constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 
 // One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
-// a 128-thread block that meet at `sync()` (__syncthreads in both the plain
-// and the POD kernel; a kernel with more warps would pass a named barrier),
+// a 128-thread group that meet at `ctx.sync()` in the shared memory of
+// `ctx.region()` (WholeBlock in the plain and the 1-role POD kernels; a
+// warpgroup's WarpGroupPart in pod_ws_bf16),
 // through a STAGES-deep pipeline (STAGES * DEC_STAGE_BYTES of shared memory;
 // the warps' merge needs 33 KiB of it).
-template <int STAGES, typename Sync>
+template <int STAGES, typename Ctx>
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
     const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
     __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
-    float scale, int split, int kvh, int b, int kv_heads, Sync sync) {
+    float scale, int split, int kvh, int b, int kv_heads, Ctx ctx) {
     constexpr int THREADS = DEC_WARPS * 32;
     static_assert(STAGES >= 2 && STAGES * DEC_STAGE_BYTES >= DEC_WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
-    extern __shared__ __align__(128) uint8_t smem[];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    uint8_t* smem = ctx.region();
+    auto sync = [&] { ctx.sync(); };
+    const int tid = threadIdx.x % THREADS;
+    const int warp = tid / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int seq_len = seq_lens[b];
     const int per_split = (seq_len + splits - 1) / splits;
     const int start = min(seq_len, split * per_split);
@@ -129,7 +132,7 @@ __device__ __forceinline__ void slot_decode_split(
         }
     }
     sync();
-    for (int idx = threadIdx.x; idx < group * ATT_HEAD_DIM; idx += THREADS) {
+    for (int idx = tid; idx < group * ATT_HEAD_DIM; idx += THREADS) {
         const int row = idx / ATT_HEAD_DIM, d = idx % ATT_HEAD_DIM;
         float big = -INFINITY;
         for (int w = 0; w < DEC_WARPS; ++w) big = fmaxf(big, sm[w * 16 + row]);
@@ -150,10 +153,11 @@ __device__ __forceinline__ void slot_decode_split(
     }
     if (counters == nullptr) return;
     // Fused combine: the last block of this (sequence, KV head) merges.
-    __shared__ bool last;
+    __shared__ bool last_of[2];  // per thread group (pod_ws_bf16 runs two)
+    bool& last = last_of[threadIdx.x / THREADS % 2];
     __threadfence();
     sync();
-    if (threadIdx.x == 0) last = atomicAdd(&counters[b * kv_heads + kvh], 1) == splits - 1;
+    if (tid == 0) last = atomicAdd(&counters[b * kv_heads + kvh], 1) == splits - 1;
     sync();
     if (!last) return;
     __threadfence();
@@ -163,11 +167,11 @@ __device__ __forceinline__ void slot_decode_split(
     float* wts = reinterpret_cast<float*>(smem);  // [group][splits]
     float* inv = wts + group * splits;            // [group]: 1 / sum_p w_p l_p
     const size_t h0 = (size_t)b * heads + (size_t)kvh * group;
-    for (int i = threadIdx.x; i < group * splits; i += THREADS)
+    for (int i = tid; i < group * splits; i += THREADS)
         wts[i] = __ldcg(&part_ml[((h0 + i / splits) * splits + i % splits) * 2]);
     sync();
-    if (threadIdx.x < group) {
-        const int row = threadIdx.x;
+    if (tid < group) {
+        const int row = tid;
         float big = -INFINITY;
         for (int p = 0; p < splits; ++p) big = fmaxf(big, wts[row * splits + p]);
         float lsum = 0.f;
@@ -180,7 +184,7 @@ __device__ __forceinline__ void slot_decode_split(
         inv[row] = 1.f / lsum;
     }
     sync();
-    for (int idx = threadIdx.x; idx < group * ATT_HEAD_DIM; idx += THREADS) {
+    for (int idx = tid; idx < group * ATT_HEAD_DIM; idx += THREADS) {
         const int row = idx / ATT_HEAD_DIM, d = idx % ATT_HEAD_DIM;
         const float* po = part_o + (h0 + row) * splits * ATT_HEAD_DIM + d;
         float acc = 0.f;
@@ -188,7 +192,7 @@ __device__ __forceinline__ void slot_decode_split(
         for (int p = 0; p < splits; ++p) acc += wts[row * splits + p] * __ldcg(po + (size_t)p * ATT_HEAD_DIM);
         out[((size_t)q_rows[b] * heads + (size_t)kvh * group + row) * ATT_HEAD_DIM + d] = __float2bfloat16(acc * inv[row]);
     }
-    if (threadIdx.x == 0) counters[b * kv_heads + kvh] = 0;  // ready for the next launch
+    if (tid == 0) counters[b * kv_heads + kvh] = 0;  // ready for the next launch
 }
 
 // One block per (decode, head), one thread per dim; writes packed row q_rows[b].

@@ -8,5 +8,5 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
                      int64_t pos_stride, int splits, float scale) {
     slot_decode_split<DEC_STAGES>(q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group,
                       slot_stride, pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y,
-                      [] { __syncthreads(); });
+                      WholeBlock{});
 }

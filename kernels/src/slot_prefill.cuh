@@ -95,18 +95,18 @@ __device__ __forceinline__ void store_rows(__nv_bfloat16* __restrict__ out, cons
     }
 }
 
-template <int WARPS, int STAGES, typename MakeKv>
+template <int WARPS, int STAGES, typename MakeKv, typename Ctx = WholeBlock>
 __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                              const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                              const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
                                              int heads, int group, float scale, MakeKv make_kv, int item,
-                                             int head) {
+                                             int head, Ctx grp = {}) {
     using S = PrefillShape<WARPS, STAGES>;
-    extern __shared__ __align__(128) uint8_t smem[];
+    uint8_t* smem = grp.region();
     const int kvh = head / group;
     const int chunk = work[2 * item], j0 = work[2 * item + 1];
     const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32 % WARPS, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float qk_scale = scale * ATT_LOG2E;
     // Keys the tile's last real row sees.
     const int n_keys = ctx + min(ql, j0 + S::BM);
@@ -133,7 +133,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     // Q (the oldest group) is in: its A fragments to registers, read before
     // the loop's first barrier, after which tile STAGES - 1 overwrites it.
     cp_async_wait<STAGES - 1>();
-    __syncthreads();
+    grp.sync();
     uint32_t qa[8][4];
     {
         const int m = lane / 8;
@@ -154,7 +154,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     for (int i = 0; i < ntiles; ++i) {
         cp_async_wait<STAGES - 2>();
         if constexpr (WG) fence_proxy_async();
-        __syncthreads();
+        grp.sync();
         if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
         const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
@@ -239,21 +239,21 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
 // STAGES - 2 tiles ahead (STAGES >= 3 keeps prefill_tile<4, STAGES - 1>'s
 // prefetch distance). Same arguments and results as prefill_tile<4, STAGES>.
 // Without wgmma (not sm_90a) prefill_tile_pipelined runs prefill_tile<4, STAGES - 1>.
-template <int STAGES, typename MakeKv>
+template <int STAGES, typename MakeKv, typename Ctx>
 __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* __restrict__ q,
                                                        __nv_bfloat16* __restrict__ out,
                                                        const int32_t* __restrict__ work,
                                                        const int32_t* __restrict__ q_start,
                                                        const int32_t* __restrict__ ctx_len,
                                                        const int32_t* __restrict__ q_len, int heads, int group,
-                                                       float scale, MakeKv make_kv, int item, int head) {
+                                                       float scale, MakeKv make_kv, int item, int head, Ctx grp) {
     using S = PrefillShape<4, STAGES>;
     static_assert(STAGES >= 3, "V of the previous tile holds a stage");
-    extern __shared__ __align__(128) uint8_t smem[];
+    uint8_t* smem = grp.region();
     const int kvh = head / group;
     const int chunk = work[2 * item], j0 = work[2 * item + 1];
     const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, g = lane / 4;
     const float qk_scale = scale * ATT_LOG2E;
     const int n_keys = ctx + min(ql, j0 + S::BM);
     const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
@@ -278,7 +278,7 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     // Q (the oldest group) to registers; the last stage it passed through
     // is first refilled after the barrier of iteration 1.
     cp_async_wait<AHEAD>();
-    __syncthreads();
+    grp.sync();
     uint32_t qa[8][4];
     {
         const int m = lane / 8;
@@ -306,7 +306,7 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     auto next_tile = [&](int i) {
         cp_async_wait<AHEAD - 1>();
         fence_proxy_async();
-        __syncthreads();
+        grp.sync();
         if (i + AHEAD < ntiles) load(i + AHEAD, (i + AHEAD) % STAGES);
         cp_async_commit();
         return kv0 + (i % STAGES) * S::STAGE_BYTES;
@@ -376,17 +376,18 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     store_rows(out, o, st, qs, j0 + warp * 16, ql, heads, head, lane);
 }
 
-template <int STAGES, typename MakeKv>
+template <int STAGES, typename MakeKv, typename Ctx = WholeBlock>
 __device__ __forceinline__ void prefill_tile_pipelined(const __nv_bfloat16* __restrict__ q,
                                                        __nv_bfloat16* __restrict__ out,
                                                        const int32_t* __restrict__ work,
                                                        const int32_t* __restrict__ q_start,
                                                        const int32_t* __restrict__ ctx_len,
                                                        const int32_t* __restrict__ q_len, int heads, int group,
-                                                       float scale, MakeKv make_kv, int item, int head) {
+                                                       float scale, MakeKv make_kv, int item, int head, Ctx grp = {}) {
     if constexpr (ATT_WGMMA)
         prefill_tile_pipelined_wg<STAGES>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, make_kv, item,
-                                          head);
+                                          head, grp);
     else
-        prefill_tile<4, STAGES - 1>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, make_kv, item, head);
+        prefill_tile<4, STAGES - 1>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, make_kv, item, head,
+                                    grp);
 }
