@@ -36,9 +36,12 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 use vpod_attention::{
     AttentionBackend, AttnConfig, BackendOptions, BatchMeta, LogitsAt, SeqChunk, create_backend,
@@ -114,6 +117,12 @@ enum What {
         /// `4,8,16`: a few long decodes, as in a serving run's hybrid steps).
         #[arg(long, value_delimiter = ',')]
         decodes: Vec<usize>,
+        /// Variants to time (default: the serial pairs, `streams`, `pod`,
+        /// `podp`, `pod3-p2`, `auto`; others: `pod-sw1`, `podp-sw1`,
+        /// `pod-ws`, `pod3-p2-sw1`, `pod3-ticket`); at least one `serial*`
+        /// one, the baseline.
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
     },
     Layer {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -824,13 +833,14 @@ fn e2e(
 /// `VPOD_POD_RESIDENT` prefill blocks per SM,
 /// `VPOD_PREFILL_PIPE`: the 64-row prefill tiles overlap their softmax with
 /// the tensor cores; empty: the default, so `auto` is what the `pod` backend
-/// does). Every variant but the serial ones gets a speedup over the best
-/// serial pair.
+/// does). `streams` pairs the fastest kernels (the pipelined 64-row prefill,
+/// the decode kernel). Every variant but the serial ones gets a speedup over
+/// the best serial pair.
 const HYBRID_VARIANTS: &[(&str, [&str; 7])] = &[
     ("serial", ["serial", "1", "8", "4", "2", "1", "0"]),
     ("serial-64", ["serial", "1", "4", "4", "2", "1", "0"]),
     ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1"]),
-    ("streams", ["streams", "1", "8", "4", "2", "1", "0"]),
+    ("streams", ["streams", "1", "4", "4", "2", "1", "1"]),
     ("pod", ["fused", "1", "8", "4", "2", "1", "0"]),
     ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0"]),
     ("podp", ["fused", "1", "8", "4", "2", "1", "1"]),
@@ -840,6 +850,19 @@ const HYBRID_VARIANTS: &[(&str, [&str; 7])] = &[
     ("pod3-p2-sw1", ["fused", "1", "8", "1", "3", "2", "0"]),
     ("pod3-ticket", ["fused", "0", "8", "4", "3", "2", "0"]),
     ("auto", ["auto", "", "", "", "", "", ""]),
+];
+/// The variants `vpod-bench hybrid` times unless `--variants` names others:
+/// the serial pairs, two streams, each POD kernel's best settings and the
+/// planner (the rest lost in results/2026-11-21-h100-pod-planner).
+const HYBRID_DEFAULT: &[&str] = &[
+    "serial",
+    "serial-64",
+    "serial-64p",
+    "streams",
+    "pod",
+    "podp",
+    "pod3-p2",
+    "auto",
 ];
 const HYBRID_ENV: [&str; 7] = [
     "VPOD_POD_MODE",
@@ -873,15 +896,40 @@ fn hybrid(
     contexts: &[usize],
     memory_gb: f64,
     decodes: &[usize],
+    variants: &[String],
     iters: usize,
 ) -> Result<Vec<Value>> {
+    let variants: Vec<(&str, [&str; 7])> = if variants.is_empty() {
+        HYBRID_VARIANTS
+            .iter()
+            .filter(|v| HYBRID_DEFAULT.contains(&v.0))
+            .copied()
+            .collect()
+    } else {
+        let mut picked = vec![];
+        for name in variants {
+            let v = HYBRID_VARIANTS.iter().find(|v| v.0 == name).with_context(|| {
+                let known: Vec<_> = HYBRID_VARIANTS.iter().map(|v| v.0).collect();
+                format!("unknown variant {name} (known: {})", known.join(", "))
+            })?;
+            ensure!(!picked.contains(v), "variant {name} given twice");
+            picked.push(*v);
+        }
+        picked
+    };
+    ensure!(
+        variants.iter().any(|v| v.0.starts_with("serial")),
+        "--variants needs a serial one (the baseline)"
+    );
+    let variants = &variants[..];
+    let mut rng = StdRng::seed_from_u64(7);
     let dev = gpu()?;
     let mut rows = vec![];
     print!("| model | chunk @ pos | decodes x ctx | smaller half |");
-    for v in HYBRID_VARIANTS {
+    for v in variants {
         print!(" {} us |", v.0);
     }
-    let fast: Vec<&str> = HYBRID_VARIANTS
+    let fast: Vec<&str> = variants
         .iter()
         .map(|v| v.0)
         .filter(|v| !v.starts_with("serial"))
@@ -890,7 +938,7 @@ fn hybrid(
         print!(" {v} / best serial |");
     }
     println!(" prefill alone us | decode alone us | perfect overlap x | planner |");
-    println!("|{}", "---|".repeat(4 + HYBRID_VARIANTS.len() + fast.len() + 4));
+    println!("|{}", "---|".repeat(4 + variants.len() + fast.len() + 4));
     let max_pos = positions.iter().max().copied().unwrap_or(0) + chunks.iter().max().copied().unwrap_or(0);
     for name in models {
         let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
@@ -962,14 +1010,17 @@ fn hybrid(
                     };
                     let (path, note) = vpod_attention::plan_pod_step(&meta, &cfg);
                     let fused = matches!(path, vpod_attention::PodPath::Fused(_));
-                    // Rounds of every variant in turn, the median round per
-                    // variant: the GPU's clocks drift under a long run, and timing
-                    // each variant's rounds back to back favoured the early ones
-                    // by up to 5 % (results/2026-11-21-h100-pod-planner).
+                    // Rounds of every variant, each round in a fresh random order,
+                    // the median round per variant: the GPU's clocks drift under a
+                    // long run (its power cap), and a fixed order favoured some
+                    // variants by up to 8 % (results/2026-11-21-h100-pod-planner).
                     let (qkv_meta, [q, k, v]) = inputs(seqs.clone(), heads, kvh, &dev)?;
-                    let mut rounds = vec![Vec::with_capacity(5); HYBRID_VARIANTS.len()];
+                    let mut rounds = vec![Vec::with_capacity(5); variants.len()];
+                    let mut order: Vec<usize> = (0..variants.len()).collect();
                     for round in 0..6 {
-                        for (i, (_, env)) in HYBRID_VARIANTS.iter().enumerate() {
+                        order.shuffle(&mut rng);
+                        for &i in &order {
+                            let env = &variants[i].1;
                             set_hybrid_env(env);
                             // Layer 0 plans the step under this variant's settings.
                             b.forward(0, &q, &k, &v, &qkv_meta)?;
@@ -987,7 +1038,7 @@ fn hybrid(
                         }
                     }
                     let mut us = serde_json::Map::new();
-                    for ((v, _), mut r) in HYBRID_VARIANTS.iter().zip(rounds) {
+                    for ((v, _), mut r) in variants.iter().zip(rounds) {
                         r.sort_by(f64::total_cmp);
                         us.insert((*v).into(), json!(r[r.len() / 2] * 1e6));
                     }
@@ -1005,7 +1056,7 @@ fn hybrid(
                             decode_us = 1e6 * time_layer(b.as_mut(), dec.to_vec(), heads, kvh, &dev, iters)?;
                         }
                     }
-                    let t = |v: &str| us[v].as_f64().unwrap_or(f64::NAN);
+                    let t = |v: &str| us.get(v).and_then(Value::as_f64).unwrap_or(f64::NAN);
                     let best_serial = t("serial").min(t("serial-64")).min(t("serial-64p"));
                     let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
@@ -1013,7 +1064,7 @@ fn hybrid(
                         "| {name} | {chunk} @ {pos} | {batch} x {ctx} | {:.0} % |",
                         share * 100.0
                     );
-                    for v in HYBRID_VARIANTS {
+                    for v in variants {
                         print!(" {:.0} |", t(v.0));
                     }
                     let mut speedup = serde_json::Map::new();
@@ -1433,10 +1484,11 @@ fn main() -> Result<()> {
             contexts,
             memory_gb,
             decodes,
+            variants,
         } => (
             "hybrid",
             hybrid(
-                models, chunks, positions, contexts, *memory_gb, decodes, args.iters,
+                models, chunks, positions, contexts, *memory_gb, decodes, variants, args.iters,
             )?,
         ),
         What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters)?),
