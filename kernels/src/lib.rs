@@ -52,16 +52,21 @@
 //!                          int heads, int group, int64_t slot_stride, int64_t pos_stride, float scale)
 //!     grid (work items, heads), 32 * {4,8} threads, 65 KiB dynamic smem (1 KiB to align the K/V stages; Q passes through a stage); work = (chunk, first
 //!     query row) per 16 * {4,8}-row query tile; causal over keys 0 ..= ctx_len + j of the chunk's slot.
+//! slot_prefill_w4p_bf16(the same arguments)
+//!     slot_prefill_w4 with the softmax of key tile i overlapped with the PV wgmma of tile i-1
+//!     (prefill_tile_pipelined<3>), 97 KiB dynamic smem (3 K/V stages).
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,
 //!          const int* dec_slots, const int* dec_lens, float* part_o, float* part_ml, int* counters,
 //!          int kv_heads, int splits, int n_decodes, int* sched, int nsm, int policy, int ratio_p, int ratio_d)
-//! pod3_bf16(the same arguments)
+//! podp_bf16, pod3_bf16, pod_ws_bf16(the same arguments)
 //!     1-D grid of n_work * heads + splits * kv_heads * n_decodes blocks, 128 threads, 96 KiB dynamic smem
-//!     (pod3: 65 KiB, 3 blocks per SM, 2-stage decode pipeline):
+//!     (podp: 97 KiB, the pipelined prefill tile; pod3: 65 KiB, 3 blocks per SM, 2-stage decode pipeline):
 //!     each block runs one slot_prefill_w4 tile or one slot_decode split, picked by the SM it runs on
 //!     (pod_bf16.cu); sched holds 3 + 2 * nsm ints, zero before the first launch (the kernel re-zeroes them).
+//!     pod_ws_bf16: min(SMs, items) persistent blocks of 256 threads, 225 KiB dynamic smem; each
+//!     warpgroup takes items (prefill-first / decode-first) until both kinds run out; policy and ratios unused.
 //! pod_nsmid(int* out)
 //!     one thread: out = %nsmid (the SM-id range pod_bf16's sched is sized by).
 //! ```

@@ -889,6 +889,7 @@ fn set_hybrid_env(values: &[&str; 7]) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn hybrid(
     models: &[String],
     chunks: &[usize],
