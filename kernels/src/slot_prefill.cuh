@@ -76,6 +76,16 @@ struct SlotKv {
     }
 };
 
+// A warp's 16 rows of the Q tile at `qsm` (swizzled like the K/V tiles)
+// as mma A fragments (qa[kk]: columns 16 kk .. 16 kk + 15).
+__device__ __forceinline__ void q_fragments(uint32_t qsm, int warp, int lane, uint32_t (&qa)[8][4]) {
+    const int m = lane / 8;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+        ldsm_x4(qsm + tile_off(warp * 16 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2), qa[kk][0], qa[kk][1], qa[kk][2],
+                qa[kk][3]);
+}
+
 // A warp's 16 query rows (row0 .. row0 + 15 of the chunk starting at packed
 // row qs; rows >= ql are padding) normalised into `out`.
 __device__ __forceinline__ void store_rows(__nv_bfloat16* __restrict__ out, const float o[16][4], const RowState& st,
@@ -135,14 +145,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     cp_async_wait<STAGES - 1>();
     grp.sync();
     uint32_t qa[8][4];
-    {
-        const int m = lane / 8;
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk)
-            ldsm_x4(qsm + tile_off(warp * 16 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2), qa[kk][0], qa[kk][1],
-                    qa[kk][2], qa[kk][3]);
-    }
-
+    q_fragments(qsm, warp, lane, qa);
     float o[16][4];
 #pragma unroll
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -280,14 +283,7 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     cp_async_wait<AHEAD>();
     grp.sync();
     uint32_t qa[8][4];
-    {
-        const int m = lane / 8;
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk)
-            ldsm_x4(qsm + tile_off(warp * 16 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2), qa[kk][0], qa[kk][1],
-                    qa[kk][2], qa[kk][3]);
-    }
-
+    q_fragments(qsm, warp, lane, qa);
     float o[16][4];
 #pragma unroll
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
