@@ -87,11 +87,23 @@ const SYMBOLS: &[(&str, &[&str])] = &[
     ),
     (
         "pod_bf16",
-        &["pod_bf16", "pod3_bf16", "podp_bf16", "pod_ws_bf16", "pod_nsmid"],
+        &[
+            "pod_bf16",
+            "pod3_bf16",
+            "podp_bf16",
+            "pod3_tma_bf16",
+            "podp_tma_bf16",
+            "pod_ws_bf16",
+            "pod_nsmid",
+        ],
     ),
     (
         "slot_prefill_w4_bf16",
-        &["slot_prefill_w4_bf16", "slot_prefill_w4p_bf16"],
+        &[
+            "slot_prefill_w4_bf16",
+            "slot_prefill_w4p_bf16",
+            "slot_prefill_w4t_bf16",
+        ],
     ),
 ];
 

@@ -511,39 +511,42 @@ fn check_against_twin(
 /// The `vattention` backend on the GPU (VMM cache, write + prefill + decode
 /// kernels) against its CPU twin over the batch-spec table; GQA 4, 7 and 8;
 /// per-layer regions and the megacache; overlapped and synchronous mapping;
-/// both prefill tile sizes.
+/// every prefill tile (128 rows; 64 rows pipelined, with and without TMA loads; 64 rows for the megacache).
 #[test]
 fn vattention_gpu_matches_cpu_twin() {
     // VPOD_QUICK (the compute-sanitizer runs): the first shape and layout only.
     let (quick, shapes) = twin_shapes();
     for &shape in shapes {
-        for (n, (megacache, mapping, warps, pipe)) in [
-            (false, vpod_kvcache::Mapping::Overlapped, "8", "0"),
-            (false, vpod_kvcache::Mapping::Overlapped, "4", "1"),
-            (true, vpod_kvcache::Mapping::Sync, "4", "0"),
+        for (n, (megacache, mapping, warps, pipe, tma)) in [
+            (false, vpod_kvcache::Mapping::Overlapped, "8", "0", "0"),
+            (false, vpod_kvcache::Mapping::Overlapped, "4", "1", "1"),
+            (false, vpod_kvcache::Mapping::Overlapped, "4", "1", "0"),
+            (true, vpod_kvcache::Mapping::Sync, "4", "0", "0"),
         ]
         .into_iter()
         .enumerate()
         {
-            if quick && n == 2 {
+            if quick && n == 3 {
                 continue;
             }
             // SAFETY: the tests run with --test-threads=1 on the GPU machine;
             // nothing else reads the environment concurrently.
             unsafe { std::env::set_var("VPOD_PREFILL_WARPS", warps) };
             unsafe { std::env::set_var("VPOD_PREFILL_PIPE", pipe) };
+            unsafe { std::env::set_var("VPOD_PREFILL_TMA", tma) };
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 4,
                 megacache,
                 mapping,
                 ..Default::default()
             };
-            let label = format!("megacache {megacache}, {warps} prefill warps, pipelined {pipe}");
+            let label = format!("megacache {megacache}, {warps} prefill warps, pipelined {pipe}, TMA {tma}");
             check_against_twin("vattention", shape, &opts, TWIN_STEPS, false, &label);
         }
     }
     unsafe { std::env::remove_var("VPOD_PREFILL_WARPS") };
     unsafe { std::env::remove_var("VPOD_PREFILL_PIPE") };
+    unsafe { std::env::remove_var("VPOD_PREFILL_TMA") };
 }
 
 /// The hybrid steps of the POD tests: (seq, context_len, query_len) per
@@ -571,37 +574,41 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
 /// The `pod` backend on the GPU against its CPU twin: both fused kernels
 /// (2 blocks per SM; 3 per SM with one or two resident prefill blocks) under
 /// both block-role policies (resident prefill blocks per SM, the paper's
-/// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the
-/// two-warpgroup persistent kernel (`pod_ws_bf16`, `VPOD_POD_BLOCKS=1`), the
-/// two-stream path and the planner's choice on Llama-3-8B's heads; `pod_bf16`,
-/// `podp_bf16` and `pod_ws_bf16` on GQA 7 and 8 too.
+/// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the TMA
+/// entries (`podp_tma_bf16`, `pod3_tma_bf16`), the two-warpgroup persistent
+/// kernel (`pod_ws_bf16`, `VPOD_POD_BLOCKS=1`), the two-stream path and the
+/// planner's choice on Llama-3-8B's heads; `pod_bf16`, `podp_tma_bf16` and
+/// `pod_ws_bf16` on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
-    const ENV: [&str; 4] = [
+    const ENV: [&str; 5] = [
         "VPOD_POD_POLICY",
         "VPOD_POD_BLOCKS",
         "VPOD_POD_RESIDENT",
         "VPOD_PREFILL_PIPE",
+        "VPOD_PREFILL_TMA",
     ];
     let (quick, shapes) = twin_shapes();
-    let runs: &[(&str, [&str; 4])] = if quick {
+    let runs: &[(&str, [&str; 5])] = if quick {
         &[
-            ("pod:fused", ["1", "2", "1", "0"]),
-            ("pod:fused", ["1", "2", "1", "1"]),
-            ("pod:fused", ["1", "1", "1", "0"]),
-            ("pod:fused", ["1", "3", "2", "0"]),
+            ("pod:fused", ["1", "2", "1", "0", "0"]),
+            ("pod:fused", ["1", "2", "1", "1", "1"]),
+            ("pod:fused", ["1", "1", "1", "0", "0"]),
+            ("pod:fused", ["1", "3", "2", "0", "1"]),
         ]
     } else {
         &[
-            ("pod:fused", ["1", "2", "1", "0"]),
-            ("pod:fused", ["1", "2", "1", "1"]),
-            ("pod:fused", ["1", "1", "1", "0"]),
-            ("pod:fused", ["1", "3", "2", "0"]),
-            ("pod:fused", ["1", "3", "1", "0"]),
-            ("pod:fused", ["0", "2", "1", "0"]),
-            ("pod:fused", ["0", "3", "1", "0"]),
-            ("pod:streams", ["1", "2", "1", "0"]),
-            ("pod", ["1", "2", "1", "0"]),
+            ("pod:fused", ["1", "2", "1", "0", "0"]),
+            ("pod:fused", ["1", "2", "1", "1", "1"]),
+            ("pod:fused", ["1", "1", "1", "0", "0"]),
+            ("pod:fused", ["1", "3", "2", "0", "1"]),
+            ("pod:fused", ["1", "2", "1", "1", "0"]),
+            ("pod:fused", ["1", "3", "2", "0", "0"]),
+            ("pod:fused", ["1", "3", "1", "0", "1"]),
+            ("pod:fused", ["0", "2", "1", "0", "0"]),
+            ("pod:fused", ["0", "3", "1", "0", "1"]),
+            ("pod:streams", ["1", "2", "1", "1", "1"]),
+            ("pod", ["1", "2", "1", "1", "1"]),
         ]
     };
     for (i, &shape) in shapes.iter().enumerate() {
@@ -623,8 +630,8 @@ fn pod_gpu_matches_cpu_twin() {
                 ..Default::default()
             };
             let label = format!(
-                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}",
-                env[0], env[1], env[2], env[3]
+                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}",
+                env[0], env[1], env[2], env[3], env[4]
             );
             check_against_twin(spec, shape, &opts, &steps, true, &label);
         }

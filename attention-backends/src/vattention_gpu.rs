@@ -62,6 +62,69 @@ fn prefill_pipe() -> bool {
     pod_env("VPOD_PREFILL_PIPE") != Some(0)
 }
 
+/// A CUtensorMap as a kernel argument (`TmaMap` in kernels/src/tma.cuh).
+#[repr(C, align(128))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TmaArg([u64; 16]);
+
+// SAFETY: plain bytes, passed by value as the kernel's `const __grid_constant__ TmaMap`.
+unsafe impl DeviceRepr for TmaArg {}
+
+/// Whether the pipelined 64-row prefill tiles load their K/V with TMA
+/// (`slot_prefill_w4t_bf16`, `podp_tma_bf16`, `pod3_tma_bf16`;
+/// kernels/src/tma.cuh): on compute capability 9.0
+/// (the sm_90a cubin) when every page of the cache holds a multiple of 64
+/// rows (a 64-row box then never reaches an unmapped page), unless
+/// `VPOD_PREFILL_TMA=0` (benchmarks). The cache's geometry
+/// `[max_len, slots]` when it does.
+fn prefill_tma(dev: &CudaDevice, cache: &VirtualCache) -> Option<[u64; 2]> {
+    use sys::CUdevice_attribute::*;
+    if pod_env("VPOD_PREFILL_TMA") == Some(0) || !cache.tokens_per_page().is_multiple_of(64) {
+        return None;
+    }
+    let ctx = dev.cuda_stream().context().clone();
+    let major = ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).ok()?;
+    let minor = ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).ok()?;
+    let c = cache.config();
+    ((major, minor) == (9, 0)).then_some([c.max_len as u64, c.max_seqs as u64])
+}
+
+/// The tensor map of one layer's K or V for `slot_prefill_w4t_bf16`: dims
+/// (kv_heads * 128, max_len, slots), 64 x 64 boxes, 128-byte swizzle.
+fn tensor_map(view: &SlotView, kv_heads: usize, [max_len, slots]: [u64; 2]) -> candle_core::Result<TmaArg> {
+    use sys::*;
+    let dims: [u64; 3] = [(kv_heads * crate::decode::DECODE_HEAD_DIM) as u64, max_len, slots];
+    let strides: [u64; 2] = [view.pos_stride as u64 * 2, view.slot_stride as u64 * 2];
+    let boxes: [u32; 3] = [64, 64, 1];
+    let elem: [u32; 3] = [1, 1, 1];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    // SAFETY: the arrays outlive the call, which only writes `map`; base and
+    // strides are 16-byte multiples (bf16 rows of kv_heads * 128).
+    unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            view.base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(err)?;
+    }
+    // SAFETY: initialised by the call above (or zeroed).
+    let map = unsafe { map.assume_init() };
+    let mut words = [0u64; 16];
+    words.copy_from_slice(&map.opaque[..16]);
+    Ok(TmaArg(words))
+}
+
 /// Warps of a POD kernel block (either role; pod_ws_bf16's block has two such groups).
 const POD_WARPS: usize = 4;
 /// pod_ws_bf16's dynamic shared memory: `POD_WS_PART0 + POD_WS_PART1`
@@ -73,13 +136,14 @@ const POD_WS_SMEM: usize = PREFILL_PIPE_SMEM + 4 * 2 * 64 * 256;
 /// ([`crate::PodKernel`]): `podp_bf16` (one to one: 2 blocks per SM, the
 /// pipelined prefill tile, a 3-stage decode pipeline, 97 KiB) or
 /// `pod3_bf16` (two to one: 3 blocks per SM, 168 registers per thread, a
-/// 2-stage decode pipeline, 65 KiB). `VPOD_POD_BLOCKS` (benchmarks)
+/// 2-stage decode pipeline, 65 KiB), as their `_tma` entries when `tma`
+/// (the prefill role loads by TMA, [`prefill_tma`]). `VPOD_POD_BLOCKS` (benchmarks)
 /// overrides it: 2 (`podp_bf16`, or `pod_bf16` with `VPOD_PREFILL_PIPE=0`),
 /// 3 (`pod3_bf16`) or 1 (`pod_ws_bf16`: one block of two warpgroups per SM,
 /// each a persistent worker, prefill-first and decode-first, with an uneven
 /// split of the shared memory: a 97-KiB part for a pipelined prefill tile, a
 /// 128-KiB part for a 4-stage decode split; 225 KiB).
-fn pod_kernel(k: crate::PodKernel) -> (&'static str, usize, i32) {
+fn pod_kernel(k: crate::PodKernel, tma: bool) -> (&'static str, usize, i32) {
     let blocks = match (pod_env("VPOD_POD_BLOCKS"), k) {
         (Some(b @ 1..=3), _) => b,
         (_, crate::PodKernel::OneToOne) => 2,
@@ -88,12 +152,12 @@ fn pod_kernel(k: crate::PodKernel) -> (&'static str, usize, i32) {
     match blocks {
         1 => ("pod_ws_bf16", POD_WS_SMEM, 1),
         3 => (
-            "pod3_bf16",
+            if tma { "pod3_tma_bf16" } else { "pod3_bf16" },
             PREFILL_SMEM.max(2 * crate::decode::cuda::DECODE_STAGE_BYTES),
             3,
         ),
         _ if prefill_pipe() => (
-            "podp_bf16",
+            if tma { "podp_tma_bf16" } else { "podp_bf16" },
             PREFILL_PIPE_SMEM.max(crate::decode::cuda::DECODE_SMEM),
             2,
         ),
@@ -324,6 +388,8 @@ pub(crate) struct StepPlan {
     tokens: usize,
     write_rows: CudaSlice<i64>,
     prefill_warps: usize,
+    /// The cache's `[max_len, slots]` when the prefill loads by TMA ([`prefill_tma`]).
+    tma: Option<[u64; 2]>,
     chunks: DeviceChunks,
     /// The slot of each prompt chunk.
     slots: CudaSlice<i32>,
@@ -389,6 +455,7 @@ impl StepPlan {
             tokens: meta.num_tokens(),
             write_rows: upload(dev, &write_rows)?,
             prefill_warps: warps,
+            tma: prefill_tma(dev, cache),
             chunks: chunks.upload(dev)?,
             slots: upload(dev, &slots)?,
             n_dec,
@@ -425,6 +492,34 @@ impl GpuAttention<'_> {
         out: &mut CudaSlice<bf16>,
     ) -> candle_core::Result<()> {
         let p = self.plan;
+        let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
+        if let (4, true, Some(dims)) = (p.prefill_warps, prefill_pipe(), p.tma) {
+            let (kmap, vmap) = (
+                tensor_map(&self.k, self.kv_heads, dims)?,
+                tensor_map(&self.v, self.kv_heads, dims)?,
+            );
+            let f = crate::ops::cuda::function_with_smem(dev, "slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM)?;
+            let cfg = LaunchConfig {
+                grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
+                block_dim: (32 * 4, 1, 1),
+                shared_mem_bytes: PREFILL_PIPE_SMEM as u32,
+            };
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let c = &p.chunks;
+            b.arg(q).arg(out);
+            b.arg(&c.work)
+                .arg(&c.q_start)
+                .arg(&c.ctx)
+                .arg(&c.q_len)
+                .arg(&p.slots);
+            b.arg(&heads).arg(&group).arg(&self.scale).arg(&kmap).arg(&vmap);
+            // SAFETY: as below; the tensor maps cover this layer's K and V
+            // (every slot up to max_len), and a box starting below a chunk's
+            // last key stays in its mapped pages (prefill_tma).
+            unsafe { b.launch(cfg) }.map_err(err)?;
+            return Ok(());
+        }
         let (name, smem) = match p.prefill_warps {
             4 if prefill_pipe() => ("slot_prefill_w4p_bf16", PREFILL_PIPE_SMEM),
             4 => ("slot_prefill_w4_bf16", PREFILL_SMEM),
@@ -438,7 +533,6 @@ impl GpuAttention<'_> {
         };
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let (ss, ps) = (self.k.slot_stride as i64, self.k.pos_stride as i64);
         b.arg(q).arg(out).arg(&self.k.base).arg(&self.v.base);
         let c = &p.chunks;
@@ -490,7 +584,15 @@ impl GpuAttention<'_> {
         k: crate::PodKernel,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let (kernel, smem, per_sm) = pod_kernel(k);
+        let (kernel, smem, per_sm) = pod_kernel(k, p.tma.is_some());
+        // The layer's tensor maps (read by the *_tma kernels only).
+        let (kmap, vmap) = match p.tma {
+            Some(dims) => (
+                tensor_map(&self.k, self.kv_heads, dims)?,
+                tensor_map(&self.v, self.kv_heads, dims)?,
+            ),
+            None => (TmaArg([0; 16]), TmaArg([0; 16])),
+        };
         let f = crate::ops::cuda::function_with_smem(dev, kernel, smem)?;
         let n_pre = p.chunks.n_work * self.heads;
         let n_dec = p.splits * self.kv_heads * p.n_dec;
@@ -548,6 +650,7 @@ impl GpuAttention<'_> {
         }
         b.arg(&kv_heads).arg(&splits).arg(&n_decodes);
         b.arg(&pod.sched).arg(&pod.nsm).arg(&policy).arg(&rp).arg(&rd);
+        b.arg(&kmap).arg(&vmap);
         // SAFETY: the prefill items index the chunk arrays and the decode items the
         // decode arrays (sizes from the plan); keys read are mapped and written; the
         // scheduling counters hold 3 + 2 * nsm ints, zero between launches.

@@ -18,6 +18,7 @@
 template <int THREADS>
 struct PagedKv {
     static constexpr bool V_BY_DIM = true;
+    static constexpr bool TMA = false;
     static constexpr bool WG = false;
     const __nv_bfloat16* k;  // cache + kv_head * 128 * BLOCK
     const __nv_bfloat16* v;

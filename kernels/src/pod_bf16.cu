@@ -43,6 +43,7 @@
 //   by themselves), so no per-launch memset or allocation is needed.
 #include "slot_decode.cuh"
 #include "slot_prefill.cuh"
+#include "tma.cuh"
 
 constexpr int POD_WARPS = 4;
 static_assert(POD_WARPS == DEC_WARPS, "prefill and decode roles share the block");
@@ -69,7 +70,8 @@ extern "C" __global__ void pod_nsmid(int* out) {
     *out = n;
 }
 
-// The kernel's arguments (both entry points take the same).
+// The kernel's arguments (every entry point takes the same: POD_PARAMS and
+// the K and V tensor maps of the layer, used by the *_tma entries only).
 #define POD_PARAMS                                                                                                  \
     const __nv_bfloat16 *q, __nv_bfloat16 *out, const __nv_bfloat16 *k_base, const __nv_bfloat16 *v_base, int heads, \
         int group, int64_t slot_stride, int64_t pos_stride, float scale,                                            \
@@ -83,18 +85,23 @@ extern "C" __global__ void pod_nsmid(int* out) {
     q, out, k_base, v_base, heads, group, slot_stride, pos_stride, scale, work, q_start, ctx_len, q_len, slots, \
         n_work, dec_rows, dec_slots, dec_lens, part_o, part_ml, counters, kv_heads, splits, n_decodes, sched, nsm, \
         policy, ratio_p, ratio_d
+#define POD_MAPS const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap
 
 // DSTAGES: the decode role's pipeline; PIPE: the prefill role runs
-// prefill_tile_pipelined<3> (else prefill_tile<4, 2>).
-template <int DSTAGES, bool PIPE>
-__device__ __forceinline__ void pod_body(POD_PARAMS) {
+// prefill_tile_pipelined<3> (else prefill_tile<4, 2>); TMA: its K/V tiles
+// come by TMA through kmap / vmap (tma.cuh; sm_90a, else cp.async).
+template <int DSTAGES, bool PIPE, bool TMA>
+__device__ __forceinline__ void pod_body(POD_PARAMS, const TmaMap& kmap, const TmaMap& vmap) {
+    constexpr bool USE_TMA = TMA && ATT_WGMMA;
     __shared__ int s_item;  // >= 0: prefill item; < 0: decode item -1 - s_item
+    __shared__ __align__(8) uint64_t bars[USE_TMA ? 3 : 1];
     const int n_pre = n_work * heads, n_dec = splits * kv_heads * n_decodes;
     int* tickets = sched + 3;
     int* resident = sched + 3 + nsm;
     int sm = 0;
     bool held = false;  // this block counts in resident[sm]
     if (threadIdx.x == 0) {
+        if constexpr (USE_TMA) TmaSlotKv::init(smem_addr(bars), 3);  // the barrier below orders it
         sm = pod_smid() % nsm;
         bool pre;
         if (policy == 0) {
@@ -126,9 +133,13 @@ __device__ __forceinline__ void pod_body(POD_PARAMS) {
     const int item = s_item;
     if (item >= 0) {
         const int w = item / heads, head = item % heads;
-        auto kv = [=](int chunk, int kvh) {
-            const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
-            return SlotKv<POD_WARPS * 32>{k_base + off, v_base + off, pos_stride};
+        auto kv = [&](int chunk, int kvh) {
+            if constexpr (USE_TMA) {
+                return TmaSlotKv{&kmap, &vmap, kvh * ATT_HEAD_DIM, slots[chunk], smem_addr(bars)};
+            } else {
+                const size_t off = (size_t)slots[chunk] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+                return SlotKv<POD_WARPS * 32>{k_base + off, v_base + off, pos_stride};
+            }
         };
         if constexpr (PIPE)
             prefill_tile_pipelined<3>(q, out, work, q_start, ctx_len, q_len, heads, group, scale, kv, w, head);
@@ -155,13 +166,17 @@ __device__ __forceinline__ void pod_body(POD_PARAMS) {
 }
 
 // The two entry points (see "Blocks per SM" above); same arguments.
-#define POD_ENTRY(NAME, BLOCKS_PER_SM, DSTAGES, PIPE)                                                    \
-    extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, BLOCKS_PER_SM) NAME(POD_PARAMS) { \
-        pod_body<DSTAGES, PIPE>(POD_ARGS);                                                             \
+#define POD_ENTRY(NAME, BLOCKS_PER_SM, DSTAGES, PIPE, TMA)                                                         \
+    extern "C" __global__ void __launch_bounds__(POD_WARPS * 32, BLOCKS_PER_SM) NAME(POD_PARAMS, POD_MAPS) { \
+        pod_body<DSTAGES, PIPE, TMA>(POD_ARGS, kmap, vmap);                                                      \
     }
-POD_ENTRY(pod_bf16, 2, DEC_STAGES, false)
-POD_ENTRY(pod3_bf16, 3, 2, false)
-POD_ENTRY(podp_bf16, 2, DEC_STAGES, true)
+POD_ENTRY(pod_bf16, 2, DEC_STAGES, false, false)
+POD_ENTRY(pod3_bf16, 3, 2, false, false)
+POD_ENTRY(podp_bf16, 2, DEC_STAGES, true, false)
+// The same with the prefill role's K/V tiles loaded by TMA (the host picks
+// them on compute capability 9.0, see tma.cuh).
+POD_ENTRY(pod3_tma_bf16, 3, 2, false, true)
+POD_ENTRY(podp_tma_bf16, 2, DEC_STAGES, true, true)
 
 // pod_ws_bf16: one block of TWO warpgroups per SM (256 threads, 225 KiB),
 // each warpgroup a persistent worker with its own part of the shared memory
@@ -185,7 +200,7 @@ static_assert(POD_WS_PART1 >= PrefillShape<POD_WARPS, 3>::SMEM && POD_WS_PART0 >
 static_assert(POD_WS_PART0 + POD_WS_PART1 + 1024 + 128 <= 228 * 1024, "one block per SM");
 static_assert(POD_WS_PART0 % 1024 == 0, "part 1 starts on a 1024-byte boundary");
 
-extern "C" __global__ void __launch_bounds__(2 * POD_WARPS * 32, 1) pod_ws_bf16(POD_PARAMS) {
+extern "C" __global__ void __launch_bounds__(2 * POD_WARPS * 32, 1) pod_ws_bf16(POD_PARAMS, POD_MAPS) {
     uint8_t* smem = WholeBlock{}.region();
     __shared__ int s_item[2];  // per warpgroup: >= 0 prefill item, < 0 decode item -1 - s_item, INT_MIN done
     const int wg = threadIdx.x / (POD_WARPS * 32);

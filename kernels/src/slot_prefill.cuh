@@ -59,6 +59,7 @@ template <int THREADS>
 struct SlotKv {
     static constexpr bool V_BY_DIM = false;
     static constexpr bool WG = ATT_WGMMA;
+    static constexpr bool TMA = false;
     const __nv_bfloat16* k;
     const __nv_bfloat16* v;
     int64_t pos_stride;
@@ -131,9 +132,13 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
     cp_async_commit();
+    static_assert(!Kv::TMA || WG, "TMA loads the wg layout");
     auto load = [&](int tile, int stage) {
         const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
-        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
+        if constexpr (Kv::TMA)
+            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
+        else
+            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -156,12 +161,13 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     const int lim_wg = ctx + j0 + (warp / 4) * 64 + 63;
     for (int i = 0; i < ntiles; ++i) {
         cp_async_wait<STAGES - 2>();
+        const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
+        const int t0 = i * PF_TILE_N;
+        if constexpr (Kv::TMA) kv.wait(vs, t0, n_keys, i % STAGES, i / STAGES, threadIdx.x % S::THREADS, S::THREADS);
         if constexpr (WG) fence_proxy_async();
         grp.sync();
         if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
-        const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
-        const int t0 = i * PF_TILE_N;
         // This warp's (warpgroup's) rows see no key of the tile: nothing to
         // do (their state is unchanged by an all -inf tile).
         if (WG ? t0 > lim_wg : t0 > lim0 - g + 15) continue;
@@ -262,15 +268,21 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
 
     const auto kv = make_kv(chunk, kvh);
-    static_assert(decltype(kv)::WG, "wgmma tiles only");
+    using Kv = decltype(kv);
+    static_assert(Kv::WG, "wgmma tiles only");
     const uint32_t kv0 = (smem_addr(smem) + 1023) & ~1023u, qsm = kv0 + (STAGES - 1) * S::STAGE_BYTES;
     load_tile<S::BM, S::THREADS>(
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
     cp_async_commit();
+    // cp.async sources join the commit groups; TMA ones complete on the
+    // stage's mbarrier (tma.cuh), the groups then hold only Q.
     auto load = [&](int tile, int stage) {
         const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
-        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
+        if constexpr (Kv::TMA)
+            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
+        else
+            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
     };
     constexpr int AHEAD = STAGES - 2;  // tiles loaded before the loop
 #pragma unroll
@@ -301,11 +313,15 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     // the stage of tile i - 2 is free for tile i + AHEAD.
     auto next_tile = [&](int i) {
         cp_async_wait<AHEAD - 1>();
+        const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES;
+        if constexpr (Kv::TMA)
+            kv.wait(ks + PF_TILE_N * ATT_ROW_BYTES, i * PF_TILE_N, n_keys, i % STAGES, i / STAGES,
+                    threadIdx.x % S::THREADS, S::THREADS);
         fence_proxy_async();
         grp.sync();
         if (i + AHEAD < ntiles) load(i + AHEAD, (i + AHEAD) % STAGES);
         cp_async_commit();
-        return kv0 + (i % STAGES) * S::STAGE_BYTES;
+        return ks;
     };
     auto qk = [&](float s[8][4], uint32_t ks) {
 #pragma unroll

@@ -119,7 +119,8 @@ enum What {
         decodes: Vec<usize>,
         /// Variants to time (default: the serial pairs, `streams`, `pod`,
         /// `podp`, `pod3-p2`, `auto`; others: `pod-sw1`, `podp-sw1`,
-        /// `pod-ws`, `pod3-p2-sw1`, `pod3-ticket`); at least one `serial*`
+        /// `pod-ws`, `pod3-p2-sw1`, `pod3-ticket`, `podp-nt` and `pod3-nt`
+        /// (no TMA)); at least one `serial*`
         /// one, the baseline.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
@@ -353,14 +354,33 @@ fn prefill(backends: &[String], iters: usize) -> Result<Vec<Value>> {
     let (heads, kvh) = (32, 8);
     let mut rows = vec![];
     println!("| backend | case | query tile | ms / layer | TFLOP/s |\n|---|---|---|---|---|");
-    // Our per-slot kernel in both tile sizes; the paged kernel has 128-row tiles.
+    // Our per-slot kernel's tiles: 128 rows, 64 rows, 64 rows with the
+    // softmax overlapped (pipelined), the same with TMA loads (the default on
+    // an H100); the paged kernel has 128-row tiles.
+    // (VPOD_PREFILL_WARPS, VPOD_PREFILL_PIPE, VPOD_PREFILL_TMA, label)
+    const TILES: [(&str, &str, &str, &str); 4] = [
+        ("8", "0", "0", "128 rows"),
+        ("4", "0", "0", "64 rows"),
+        ("4", "1", "0", "64 rows pipelined"),
+        ("4", "1", "1", "64 rows pipelined, TMA"),
+    ];
     let runs = backends.iter().flat_map(|b| {
-        let warps: &[&str] = if b == "vattention" { &["8", "4"] } else { &["8"] };
-        warps.iter().map(move |w| (b.as_str(), *w))
+        let tiles = if b == "vattention" {
+            &TILES[..]
+        } else {
+            &TILES[..1]
+        };
+        tiles.iter().map(move |t| (b.as_str(), *t))
     });
-    for (spec, warps) in runs {
-        // SAFETY: single-threaded here; read by the backend when it plans a step.
-        unsafe { std::env::set_var("VPOD_PREFILL_WARPS", warps) };
+    for (spec, (warps, pipe, tma, tile)) in runs {
+        for (k, v) in [
+            ("VPOD_PREFILL_WARPS", warps),
+            ("VPOD_PREFILL_PIPE", pipe),
+            ("VPOD_PREFILL_TMA", tma),
+        ] {
+            // SAFETY: single-threaded here; read by the backend when it plans a step.
+            unsafe { std::env::set_var(k, v) };
+        }
         for (name, ctx, ql) in [
             ("16K causal prompt", 0usize, 16384usize),
             ("1024 chunk at 4K", 4096, 1024),
@@ -399,19 +419,18 @@ fn prefill(backends: &[String], iters: usize) -> Result<Vec<Value>> {
             let pairs = (ql * ctx + ql * (ql + 1) / 2) as f64;
             let flops = 4.0 * 128.0 * heads as f64 * pairs;
             let tf = flops / secs / 1e12;
-            println!(
-                "| {spec} | {name} | {} rows | {:.3} | {tf:.0} |",
-                16 * warps.parse::<usize>()?,
-                secs * 1e3
-            );
+            println!("| {spec} | {name} | {tile} | {:.3} | {tf:.0} |", secs * 1e3);
             rows.push(
                 json!({"backend": spec, "case": name, "context": ctx, "query_len": ql, "heads": heads, "kv_heads": kvh,
-                "query_tile": 16 * warps.parse::<usize>()?, "ms_per_layer": secs * 1e3, "tflop_per_s": tf,
+                "query_tile": 16 * warps.parse::<usize>()?, "tile": tile, "ms_per_layer": secs * 1e3, "tflop_per_s": tf,
                 "what": "one layer's attention call incl. the K/V write of the chunk"}),
             );
         }
     }
-    unsafe { std::env::remove_var("VPOD_PREFILL_WARPS") };
+    for k in ["VPOD_PREFILL_WARPS", "VPOD_PREFILL_PIPE", "VPOD_PREFILL_TMA"] {
+        // SAFETY: single-threaded here.
+        unsafe { std::env::remove_var(k) };
+    }
     Ok(rows)
 }
 
@@ -832,24 +851,28 @@ fn e2e(
 /// `VPOD_POD_BLOCKS` per SM (1: the two-warpgroup `pod_ws_bf16`),
 /// `VPOD_POD_RESIDENT` prefill blocks per SM,
 /// `VPOD_PREFILL_PIPE`: the 64-row prefill tiles overlap their softmax with
-/// the tensor cores; empty: the default, so `auto` is what the `pod` backend
-/// does). `streams` pairs the fastest kernels (the pipelined 64-row prefill,
-/// the decode kernel). Every variant but the serial ones gets a speedup over
+/// the tensor cores, `VPOD_PREFILL_TMA`: the plain pipelined tile loads K/V
+/// by TMA; empty: the default, so `auto` is what the `pod` backend does).
+/// `streams` pairs the fastest kernels (the pipelined 64-row prefill with
+/// TMA, the decode kernel). Every variant but the serial ones gets a speedup over
 /// the best serial pair.
-const HYBRID_VARIANTS: &[(&str, [&str; 7])] = &[
-    ("serial", ["serial", "1", "8", "4", "2", "1", "0"]),
-    ("serial-64", ["serial", "1", "4", "4", "2", "1", "0"]),
-    ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1"]),
-    ("streams", ["streams", "1", "4", "4", "2", "1", "1"]),
-    ("pod", ["fused", "1", "8", "4", "2", "1", "0"]),
-    ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0"]),
-    ("podp", ["fused", "1", "8", "4", "2", "1", "1"]),
-    ("podp-sw1", ["fused", "1", "8", "1", "2", "1", "1"]),
-    ("pod-ws", ["fused", "1", "8", "4", "1", "1", "0"]),
-    ("pod3-p2", ["fused", "1", "8", "4", "3", "2", "0"]),
-    ("pod3-p2-sw1", ["fused", "1", "8", "1", "3", "2", "0"]),
-    ("pod3-ticket", ["fused", "0", "8", "4", "3", "2", "0"]),
-    ("auto", ["auto", "", "", "", "", "", ""]),
+const HYBRID_VARIANTS: &[(&str, [&str; 8])] = &[
+    ("serial", ["serial", "1", "8", "4", "2", "1", "0", "0"]),
+    ("serial-64", ["serial", "1", "4", "4", "2", "1", "0", "0"]),
+    ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1", "0"]),
+    ("serial-64t", ["serial", "1", "4", "4", "2", "1", "1", "1"]),
+    ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1"]),
+    ("pod", ["fused", "1", "8", "4", "2", "1", "0", "0"]),
+    ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0", "0"]),
+    ("podp", ["fused", "1", "8", "4", "2", "1", "1", "1"]),
+    ("podp-nt", ["fused", "1", "8", "4", "2", "1", "1", "0"]),
+    ("podp-sw1", ["fused", "1", "8", "1", "2", "1", "1", "1"]),
+    ("pod-ws", ["fused", "1", "8", "4", "1", "1", "0", "0"]),
+    ("pod3-p2", ["fused", "1", "8", "4", "3", "2", "0", "1"]),
+    ("pod3-nt", ["fused", "1", "8", "4", "3", "2", "0", "0"]),
+    ("pod3-p2-sw1", ["fused", "1", "8", "1", "3", "2", "0", "1"]),
+    ("pod3-ticket", ["fused", "0", "8", "4", "3", "2", "0", "1"]),
+    ("auto", ["auto", "", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
 /// the serial pairs, two streams, each POD kernel's best settings and the
@@ -858,13 +881,15 @@ const HYBRID_DEFAULT: &[&str] = &[
     "serial",
     "serial-64",
     "serial-64p",
+    "serial-64t",
+    "pod3-nt",
     "streams",
     "pod",
     "podp",
     "pod3-p2",
     "auto",
 ];
-const HYBRID_ENV: [&str; 7] = [
+const HYBRID_ENV: [&str; 8] = [
     "VPOD_POD_MODE",
     "VPOD_POD_POLICY",
     "VPOD_PREFILL_WARPS",
@@ -872,10 +897,11 @@ const HYBRID_ENV: [&str; 7] = [
     "VPOD_POD_BLOCKS",
     "VPOD_POD_RESIDENT",
     "VPOD_PREFILL_PIPE",
+    "VPOD_PREFILL_TMA",
 ];
 
 /// A variant's settings into the environment (an empty value: the default).
-fn set_hybrid_env(values: &[&str; 7]) {
+fn set_hybrid_env(values: &[&str; 8]) {
     for (k, val) in HYBRID_ENV.iter().zip(values) {
         // SAFETY: vpod-bench is single-threaded here; the backend reads these
         // when it plans a step.
@@ -900,7 +926,7 @@ fn hybrid(
     variants: &[String],
     iters: usize,
 ) -> Result<Vec<Value>> {
-    let variants: Vec<(&str, [&str; 7])> = if variants.is_empty() {
+    let variants: Vec<(&str, [&str; 8])> = if variants.is_empty() {
         HYBRID_VARIANTS
             .iter()
             .filter(|v| HYBRID_DEFAULT.contains(&v.0))
@@ -1047,7 +1073,7 @@ fn hybrid(
                     // tile): perfect overlap would take the longer of the two.
                     let (pre, dec) = seqs.split_at(1);
                     let (mut prefill_us, mut decode_us) = (f64::INFINITY, f64::INFINITY);
-                    for serial in ["serial", "serial-64p"] {
+                    for serial in ["serial", "serial-64p", "serial-64t"] {
                         if let Some(v) = HYBRID_VARIANTS.iter().find(|v| v.0 == serial) {
                             set_hybrid_env(&v.1);
                         }
@@ -1058,7 +1084,10 @@ fn hybrid(
                         }
                     }
                     let t = |v: &str| us.get(v).and_then(Value::as_f64).unwrap_or(f64::NAN);
-                    let best_serial = t("serial").min(t("serial-64")).min(t("serial-64p"));
+                    let best_serial = t("serial")
+                        .min(t("serial-64"))
+                        .min(t("serial-64p"))
+                        .min(t("serial-64t"));
                     let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
                     print!(
