@@ -2,7 +2,8 @@
 //! step's addressing (K/V write rows, prefill work list, decode list); per
 //! layer, one candle custom op over (q, new k, new v) that writes the new
 //! rows into the VMM-backed slots (`slot_write_kv_bf16`), runs the causal
-//! prefill kernel over the step's prompt chunks (`slot_prefill_w{4,8}_bf16`)
+//! prefill kernel over the step's prompt chunks (`slot_prefill_w4t_bf16` on
+//! an H100: K/V by TMA; else `slot_prefill_w{4p,4,8}_bf16`)
 //! and the split-KV decode kernel over the decode tokens (`slot_decode_bf16`,
 //! whose last block per sequence and KV head merges the splits), each filling its own
 //! rows of the output. No block tables: kernels get the layer's base
@@ -57,7 +58,8 @@ fn prefill_warps(path: GpuPath) -> usize {
 /// 64-row launch, `podp_bf16` for the 2-per-SM POD kernel): yes unless
 /// `VPOD_PREFILL_PIPE=0` (benchmarks). The pipelined 64-row tile is the
 /// fastest prefill we have (results/2026-11-21-h100-pod-planner: faster
-/// than the 128-row tile in 65 of 66 hybrid cases).
+/// than the 128-row tile in all 54 sweep cases; with TMA loads, see
+/// [`prefill_tma`], another 9-14 %: results/2026-11-21-h100-tma).
 fn prefill_pipe() -> bool {
     pod_env("VPOD_PREFILL_PIPE") != Some(0)
 }

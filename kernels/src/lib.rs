@@ -55,12 +55,19 @@
 //! slot_prefill_w4p_bf16(the same arguments)
 //!     slot_prefill_w4 with the softmax of key tile i overlapped with the PV wgmma of tile i-1
 //!     (prefill_tile_pipelined<3>), 97 KiB dynamic smem (3 K/V stages).
+//! slot_prefill_w4t_bf16(const bf16* q, bf16* out, const int* work, const int* q_start, const int* ctx_len,
+//!                       const int* q_len, const int* slots, int heads, int group, float scale,
+//!                       __grid_constant__ TmaMap kmap, __grid_constant__ TmaMap vmap)
+//!     slot_prefill_w4p with K/V tiles by TMA (sm_90a): kmap / vmap are CUtensorMaps of the layer's K and V,
+//!     dims (kv_heads * 128, max_len, slots), 64 x 64 boxes, 128-byte swizzle (tma.cuh).
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,
 //!          const int* dec_slots, const int* dec_lens, float* part_o, float* part_ml, int* counters,
-//!          int kv_heads, int splits, int n_decodes, int* sched, int nsm, int policy, int ratio_p, int ratio_d)
-//! podp_bf16, pod3_bf16, pod_ws_bf16(the same arguments)
+//!          int kv_heads, int splits, int n_decodes, int* sched, int nsm, int policy, int ratio_p, int ratio_d,
+//!          __grid_constant__ TmaMap kmap, __grid_constant__ TmaMap vmap)
+//! podp_bf16, pod3_bf16, podp_tma_bf16, pod3_tma_bf16, pod_ws_bf16(the same arguments)
+//!     kmap / vmap: read by the _tma entries only (as slot_prefill_w4t's).
 //!     1-D grid of n_work * heads + splits * kv_heads * n_decodes blocks, 128 threads, 96 KiB dynamic smem
 //!     (podp: 97 KiB, the pipelined prefill tile; pod3: 65 KiB, 3 blocks per SM, 2-stage decode pipeline):
 //!     each block runs one slot_prefill_w4 tile or one slot_decode split, picked by the SM it runs on
