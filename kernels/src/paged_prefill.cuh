@@ -18,14 +18,14 @@
 template <int THREADS>
 struct PagedKv {
     static constexpr bool V_BY_DIM = true;
-    static constexpr bool TMA = false;
     static constexpr bool WG = false;
     const __nv_bfloat16* k;  // cache + kv_head * 128 * BLOCK
     const __nv_bfloat16* v;
     const int32_t* table;    // the chunk's block table
     int64_t block_stride;    // kv_heads * 128 * BLOCK elements
     int block_log2;
-    __device__ __forceinline__ void load(uint32_t ks, uint32_t vs, int t0, int n_keys) const {
+    __device__ __forceinline__ void wait(uint32_t, int, int, int, int, int, int) const {}
+    __device__ __forceinline__ void load(uint32_t ks, uint32_t vs, int t0, int n_keys, int /*stage*/) const {
         const int bs = 1 << block_log2;
         static_assert(PF_TILE_N * ATT_ROW_CHUNKS % THREADS == 0, "whole chunks per thread");
 #pragma unroll

@@ -49,8 +49,12 @@ __device__ __forceinline__ void load_tile_wg(uint32_t tile, Src src, Valid valid
 }
 
 // Where a chunk's keys and values come from: `load(k_tile, v_tile, t0,
-// n_keys)` issues the cp.async copies of keys t0 .. t0 + 63 (zeros from
-// n_keys on); `V_BY_DIM` says whether the V tile is stored by key ([64][128],
+// n_keys, stage)` issues the copies of keys t0 .. t0 + 63 into the pipeline
+// stage `stage` (zeros from n_keys on); `wait(v_tile, t0, n_keys, stage, use,
+// tid, threads)`, called by every thread once the tile's commit group is in
+// and before the block's barrier, completes what the commit groups do not
+// cover (nothing for cp.async sources; the mbarrier of a TMA source,
+// tma.cuh); `V_BY_DIM` says whether the V tile is stored by key ([64][128],
 // read with ldmatrix.trans) or by dimension ([128][64], plain ldmatrix);
 // `WG` says that both tiles are in the wg layout, for wgmma.
 
@@ -59,11 +63,11 @@ template <int THREADS>
 struct SlotKv {
     static constexpr bool V_BY_DIM = false;
     static constexpr bool WG = ATT_WGMMA;
-    static constexpr bool TMA = false;
     const __nv_bfloat16* k;
     const __nv_bfloat16* v;
     int64_t pos_stride;
-    __device__ __forceinline__ void load(uint32_t ks, uint32_t vs, int t0, int n_keys) const {
+    __device__ __forceinline__ void wait(uint32_t, int, int, int, int, int, int) const {}
+    __device__ __forceinline__ void load(uint32_t ks, uint32_t vs, int t0, int n_keys, int /*stage*/) const {
         auto valid = [&](int r) { return t0 + r < n_keys; };
         auto krow = [&](int r) { return k + (size_t)(t0 + r) * pos_stride; };
         auto vrow = [&](int r) { return v + (size_t)(t0 + r) * pos_stride; };
@@ -85,6 +89,24 @@ __device__ __forceinline__ void q_fragments(uint32_t qsm, int warp, int lane, ui
     for (int kk = 0; kk < 8; ++kk)
         ldsm_x4(qsm + tile_off(warp * 16 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2), qa[kk][0], qa[kk][1], qa[kk][2],
                 qa[kk][3]);
+}
+
+// A warp's 16 x 64 score tile (keys t0 .. t0 + 63) scaled by qk_scale, the
+// keys past each row's last (lim0 for row g, lim0 + 8 for row g + 8) at
+// -inf; a tile below the diagonal for all 16 rows skips the compares.
+__device__ __forceinline__ void scale_mask(float s[8][4], int t0, int lim0, int lane, float qk_scale) {
+    if (t0 + PF_TILE_N - 1 > lim0 - lane / 4) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                s[n][e] = t0 + n * 8 + 2 * (lane % 4) + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale : -INFINITY;
+    } else {
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
+    }
 }
 
 // A warp's 16 query rows (row0 .. row0 + 15 of the chunk starting at packed
@@ -117,7 +139,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
     const int kvh = head / group;
     const int chunk = work[2 * item], j0 = work[2 * item + 1];
     const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
-    const int warp = threadIdx.x / 32 % WARPS, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32 % WARPS, lane = threadIdx.x % 32, g = lane / 4;
     const float qk_scale = scale * ATT_LOG2E;
     // Keys the tile's last real row sees.
     const int n_keys = ctx + min(ql, j0 + S::BM);
@@ -132,13 +154,9 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
     cp_async_commit();
-    static_assert(!Kv::TMA || WG, "TMA loads the wg layout");
     auto load = [&](int tile, int stage) {
         const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
-        if constexpr (Kv::TMA)
-            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
-        else
-            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
+        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -163,7 +181,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
         cp_async_wait<STAGES - 2>();
         const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
         const int t0 = i * PF_TILE_N;
-        if constexpr (Kv::TMA) kv.wait(vs, t0, n_keys, i % STAGES, i / STAGES, threadIdx.x % S::THREADS, S::THREADS);
+        kv.wait(vs, t0, n_keys, i % STAGES, i / STAGES, threadIdx.x % S::THREADS, S::THREADS);
         if constexpr (WG) fence_proxy_async();
         grp.sync();
         if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
@@ -195,18 +213,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
                 }
             }
         }
-        if (t0 + PF_TILE_N - 1 > lim0 - g) {
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    s[n][e] = t0 + n * 8 + 2 * t + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale : -INFINITY;
-        } else {
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
-        }
+        scale_mask(s, t0, lim0, lane, qk_scale);
         online_softmax<8>(st, s, o);
         if constexpr (WG) {
             uint32_t pa[4][4];
@@ -275,14 +282,9 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
         qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
         [&](int r) { return j0 + r < ql; });
     cp_async_commit();
-    // cp.async sources join the commit groups; TMA ones complete on the
-    // stage's mbarrier (tma.cuh), the groups then hold only Q.
     auto load = [&](int tile, int stage) {
         const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
-        if constexpr (Kv::TMA)
-            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
-        else
-            kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys);
+        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
     };
     constexpr int AHEAD = STAGES - 2;  // tiles loaded before the loop
 #pragma unroll
@@ -314,9 +316,8 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     auto next_tile = [&](int i) {
         cp_async_wait<AHEAD - 1>();
         const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES;
-        if constexpr (Kv::TMA)
-            kv.wait(ks + PF_TILE_N * ATT_ROW_BYTES, i * PF_TILE_N, n_keys, i % STAGES, i / STAGES,
-                    threadIdx.x % S::THREADS, S::THREADS);
+        kv.wait(ks + PF_TILE_N * ATT_ROW_BYTES, i * PF_TILE_N, n_keys, i % STAGES, i / STAGES,
+                threadIdx.x % S::THREADS, S::THREADS);
         fence_proxy_async();
         grp.sync();
         if (i + AHEAD < ntiles) load(i + AHEAD, (i + AHEAD) % STAGES);
@@ -333,19 +334,7 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     // Scale and mask S_i, fold it into the softmax state, alpha for O.
     auto softmax = [&](float s[8][4], int i, float alpha[2]) {
         const int t0 = i * PF_TILE_N;
-        if (t0 + PF_TILE_N - 1 > lim0 - g) {
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    s[n][e] = t0 + n * 8 + 2 * (lane % 4) + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale
-                                                                                         : -INFINITY;
-        } else {
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
-        }
+        scale_mask(s, t0, lim0, lane, qk_scale);
         online_softmax_deferred<8>(st, s, alpha);
     };
     {  // tile 0: nothing to overlap with yet (O is zero: no rescale)

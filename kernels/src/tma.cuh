@@ -66,7 +66,6 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TmaMap* map, uin
 struct TmaSlotKv {
     static constexpr bool V_BY_DIM = false;
     static constexpr bool WG = true;
-    static constexpr bool TMA = true;
     static constexpr uint32_t TILE_BYTES = 2 * 64 * 128 * 2;  // K and V, 64 keys x 128 dims, bf16
     const TmaMap* kmap;
     const TmaMap* vmap;
