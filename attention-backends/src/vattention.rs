@@ -368,7 +368,6 @@ impl AttentionBackend for VirtualBackend {
                 Some(plan) => plan,
                 none => {
                     use crate::PodMode;
-                    use crate::vattention_gpu::GpuPath;
                     // `VPOD_POD_MODE` (benchmarks) overrides the spec's mode.
                     let env = std::env::var("VPOD_POD_MODE")
                         .ok()
@@ -377,25 +376,20 @@ impl AttentionBackend for VirtualBackend {
                     // A step with one kind only runs the plain kernels whatever the mode.
                     let single = pod_step_halves(meta, &self.cfg).is_none();
                     let (path, note) = match mode {
-                        None => (GpuPath::Serial, None),
-                        Some(_) if single => (GpuPath::Serial, Some(plan_pod_step(meta, &self.cfg).1)),
-                        Some(PodMode::Serial) => (GpuPath::Serial, Some("serial (pod:serial)".to_string())),
+                        None => (PodPath::Serial, None),
+                        Some(_) if single => (PodPath::Serial, Some(plan_pod_step(meta, &self.cfg).1)),
+                        Some(PodMode::Serial) => (PodPath::Serial, Some("serial (pod:serial)".to_string())),
                         Some(PodMode::Streams) => {
-                            (GpuPath::Streams, Some("two streams (pod:streams)".to_string()))
+                            (PodPath::Streams, Some("two streams (pod:streams)".to_string()))
                         }
                         Some(PodMode::Fused) => {
                             // The kernel still suits the step's halves.
                             let k = pod_step_halves(meta, &self.cfg)
                                 .map_or(PodKernel::OneToOne, |(tp, td)| pod_kernel_for(tp, td));
-                            (GpuPath::Fused(k), Some("fused (pod:fused)".to_string()))
+                            (PodPath::Fused(k), Some("fused (pod:fused)".to_string()))
                         }
                         Some(PodMode::Auto) => {
                             let (path, note) = plan_pod_step(meta, &self.cfg);
-                            let path = match path {
-                                PodPath::Serial => GpuPath::Serial,
-                                PodPath::Streams => GpuPath::Streams,
-                                PodPath::Fused(k) => GpuPath::Fused(k),
-                            };
                             (path, Some(note))
                         }
                     };

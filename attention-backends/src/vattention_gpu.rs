@@ -9,7 +9,7 @@
 //! rows of the output. No block tables: kernels get the layer's base
 //! address and the slot / position strides.
 //!
-//! The `pod` backend's hybrid steps take one of three paths ([`GpuPath`]):
+//! The `pod` backend's hybrid steps take one of three paths ([`PodPath`]):
 //! the same two kernels one after the other (serial), the two on two CUDA
 //! streams, or the POD kernel (`pod_bf16`: both in one launch, prefill and
 //! decode blocks side by side on every SM, see `kernels/src/pod_bf16.cu`).
@@ -24,7 +24,7 @@ use half::bf16;
 use vpod_kvcache::{SlotView, VirtualCache};
 
 use crate::ops::cuda::err;
-use crate::{BatchMeta, Result};
+use crate::{BatchMeta, PodPath, Result};
 
 /// Dynamic shared memory of the prefill kernels (slot_prefill.cuh's
 /// `PrefillShape::SMEM`, either tile): 2 stages of 64-key K and V tiles (the
@@ -43,8 +43,8 @@ const FUSED_MERGE_MAX_SPLITS: usize = 16;
 /// Query-tile rows of the prefill kernel: 64 (4 warps; pipelined, see
 /// [`prefill_pipe`]) unless `VPOD_PREFILL_WARPS=8` asks for the 128-row
 /// variant (benchmarks). The POD kernels always use the 64-row tile.
-fn prefill_warps(path: GpuPath) -> usize {
-    if matches!(path, GpuPath::Fused(_)) {
+fn prefill_warps(path: PodPath) -> usize {
+    if matches!(path, PodPath::Fused(_)) {
         return POD_WARPS;
     }
     match std::env::var("VPOD_PREFILL_WARPS").ok().as_deref() {
@@ -171,17 +171,6 @@ fn pod_kernel(k: crate::PodKernel, tma: bool) -> (&'static str, usize, i32) {
 /// sweep them; the defaults are the measured best).
 fn pod_env(var: &str) -> Option<i32> {
     std::env::var(var).ok().and_then(|v| v.parse().ok())
-}
-
-/// How a step's prefill chunks and decodes run on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GpuPath {
-    /// The prefill kernel, then the decode kernel, on the device's stream.
-    Serial,
-    /// The POD kernel: both in one launch.
-    Fused(crate::PodKernel),
-    /// The prefill kernel on the device's stream, the decode kernel on a second one.
-    Streams,
 }
 
 /// How the POD kernel's blocks pick their kind (`VPOD_POD_POLICY`; see
@@ -384,7 +373,7 @@ pub(crate) struct DeviceChunks {
 /// A step's addressing on the device, shared by all layers.
 #[derive(Debug)]
 pub(crate) struct StepPlan {
-    pub path: GpuPath,
+    pub path: PodPath,
     /// The device's SM count (pod_ws_bf16's grid).
     sms: usize,
     tokens: usize,
@@ -414,7 +403,7 @@ impl StepPlan {
         heads: usize,
         kv_heads: usize,
         sms: usize,
-        path: GpuPath,
+        path: PodPath,
     ) -> Result<Self> {
         let view = cache.view(0, vpod_kvcache::Kv::K);
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
@@ -444,7 +433,7 @@ impl StepPlan {
         let max_len = dec_lens.iter().copied().max().unwrap_or(1) as usize;
         // The POD kernel hands out its items dynamically: finer decode splits
         // (several waves' worth) keep its tail short; a plain launch wants one wave.
-        let waves = if matches!(path, GpuPath::Fused(_)) {
+        let waves = if matches!(path, PodPath::Fused(_)) {
             pod_split_waves()
         } else {
             1
@@ -727,8 +716,8 @@ impl CustomOp3 for GpuAttention<'_> {
         let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * d) }?;
         let hybrid = p.chunks.n_work > 0 && p.n_dec > 0;
         match (p.path, self.pod) {
-            (GpuPath::Fused(k), Some(pod)) if hybrid => self.launch_pod(&dev, &q, &mut out, pod, k)?,
-            (GpuPath::Streams, Some(pod)) if hybrid => {
+            (PodPath::Fused(k), Some(pod)) if hybrid => self.launch_pod(&dev, &q, &mut out, pod, k)?,
+            (PodPath::Streams, Some(pod)) if hybrid => {
                 let main = stream.cu_stream();
                 let side = &pod.side;
                 // SAFETY: events and the side stream belong to this context; the side
