@@ -40,6 +40,14 @@ const KERNELS: &[(&str, &str)] = &[
         "the MLP's SiLU gate over a [rows, 2F] gate/up product, bf16, transformers' roundings",
     ),
     (
+        "rope_qk_bf16",
+        "RoPE on the q and k heads of the fused QKV projection's output in one pass, bf16, transformers' roundings",
+    ),
+    (
+        "argmax_f32",
+        "greedy sampling: the first maximum of each logits row, f32 (the CPU argmax's ties and NaNs)",
+    ),
+    (
         "slot_decode_bf16",
         "split-KV decode over the per-slot layout on tensor cores, bf16, head_dim 128, GQA group <= 16",
     ),

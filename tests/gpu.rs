@@ -194,6 +194,73 @@ fn gemv_matches_cpu_twin() {
     }
 }
 
+/// RoPE straight out of the QKV projection on the device equals its CPU twin
+/// bit for bit (the same bf16 roundings, no FMA across them), for Llama-3-8B's
+/// and Yi-6B's head counts and a small odd token count, q and k contiguous.
+#[test]
+fn rope_qk_matches_cpu_twin() {
+    use vpod_attention::rope::rope_qk;
+    for (t, heads, kv) in [(1024, 32, 8), (77, 32, 4), (3, 4, 2)] {
+        let d = 128;
+        let qkv = pseudo_random((t, (heads + 2 * kv) * d), 3.0, 21);
+        let cos = pseudo_random((t, d / 2), 1.0, 22);
+        let sin = pseudo_random((t, d / 2), 1.0, 23);
+        let (wq, wk) = rope_qk(&qkv, &cos, &sin, heads, kv).unwrap();
+        let g = |x: &Tensor| x.to_device(&gpu()).unwrap();
+        let (q, k) = rope_qk(&g(&qkv), &g(&cos), &g(&sin), heads, kv).unwrap();
+        assert!(q.is_contiguous() && k.is_contiguous());
+        let bits = |x: &Tensor| {
+            x.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(bits(&q), bits(&wq), "q: t {t} heads {heads}");
+        assert_eq!(bits(&k), bits(&wk), "k: t {t} kv {kv}");
+    }
+}
+
+/// Greedy sampling on the device picks exactly the CPU argmax's token: rows
+/// of bf16-rounded logits (many exact ties), a planted tie (the first wins),
+/// NaNs (never win; element 0 NaN gives 0), an all -inf row, and Llama-3's,
+/// Yi's and a small odd vocabulary.
+#[test]
+fn argmax_rows_matches_cpu_twin() {
+    use vpod_attention::sample::argmax_rows;
+    for (rows, n) in [(33, 128_256), (5, 64_000), (4, 7)] {
+        let mut x = pseudo_random((rows, n), 8.0, 11)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let row = |r: usize| r * n;
+        // Row 0: the maximum twice, late then early (the early one wins).
+        x[row(0) + n - 1] = 100.0;
+        x[row(0) + n / 2] = 100.0;
+        // Row 1: NaNs around a maximum; row 2: element 0 NaN; row 3: all -inf.
+        x[row(1) + n / 3] = 50.0;
+        x[row(1) + n / 3 + 1] = f32::NAN;
+        x[row(1)] = 1.0;
+        x[row(1) + 1] = f32::NAN;
+        x[row(2)] = f32::NAN;
+        x[row(3)..row(4)].fill(f32::NEG_INFINITY);
+        let t = Tensor::from_vec(x, (rows, n), &Device::Cpu).unwrap();
+        let want = argmax_rows(&t).unwrap().to_vec1::<u32>().unwrap();
+        let got = argmax_rows(&t.to_device(&gpu()).unwrap())
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(got, want, "rows {rows} vocab {n}");
+        assert_eq!(want[..4], [(n / 2) as u32, (n / 3) as u32, 0, 0], "vocab {n}");
+    }
+}
+
 /// The MLP's one-pass SiLU gate kernel against its CPU twin (the same
 /// roundings; __expf vs exp may move a rounding by an ulp), on Llama-3-8B's
 /// and Yi-6B's FFN widths and a small odd row count.

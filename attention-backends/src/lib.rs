@@ -40,6 +40,8 @@ mod paged;
 #[cfg(feature = "cuda")]
 mod paged_gpu;
 mod reference;
+pub mod rope;
+pub mod sample;
 mod vattention;
 #[cfg(feature = "cuda")]
 mod vattention_gpu;

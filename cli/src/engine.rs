@@ -143,6 +143,14 @@ pub struct StepRecord {
     pub prefill_tokens: usize,
     pub preempted: usize,
     pub ms: f64,
+    /// Of `ms`: queuing the step's forward and preparing the next step's KV
+    /// pages (the device computes meanwhile) ...
+    pub queued_ms: f64,
+    /// ... waiting for the step's tokens (or logits) to reach the host ...
+    pub wait_ms: f64,
+    /// ... and the host alone (scheduling, sampling, bookkeeping), while the
+    /// device has nothing queued.
+    pub host_ms: f64,
     /// How the backend ran the step's attention, when it chooses per step
     /// (`pod` on a GPU: fused, or serial and why).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,6 +186,34 @@ struct Run {
     /// Requests not arrived yet, by arrival time.
     pending: std::collections::VecDeque<(f64, SeqState)>,
     start: Instant,
+}
+
+/// A step's results on the host: every row's greedy token, picked on the
+/// logits' device (4 bytes a row come over), or, when some request samples,
+/// the logits themselves (a 128K vocabulary is 0.5 MB a row).
+enum Picked {
+    Tokens(Vec<u32>),
+    Logits(Vec<Vec<f32>>),
+}
+
+impl Picked {
+    /// One copy to the host (this waits for the step). A row at a time
+    /// would copy the whole tensor per row: candle's `to_vec1` of a row view
+    /// brings its entire storage over.
+    fn new(logits: &Tensor, all_greedy: bool) -> Result<Self> {
+        Ok(if all_greedy {
+            Self::Tokens(vpod_attention::sample::argmax_rows(logits)?.to_vec1::<u32>()?)
+        } else {
+            Self::Logits(logits.to_vec2::<f32>()?)
+        })
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Self::Tokens(t) => t.len(),
+            Self::Logits(l) => l.len(),
+        }
+    }
 }
 
 /// A model (shareable between engines) plus one attention backend.
@@ -416,6 +452,7 @@ impl Engine {
                         .copied()
                 })
                 .collect();
+            let t_queue = Instant::now();
             let logits = self.step(chunks.clone(), &tokens, LogitsAt::LastToken)?;
             // While the GPU runs this step: each sequence's length after the
             // next one (a decode, or the next prompt chunk), so that a
@@ -434,15 +471,21 @@ impl Engine {
                 })
                 .collect();
             self.backend.prepare_next(&next)?;
-            // One copy of the step's logits to the host (this waits for the
-            // step). A row at a time would copy the whole tensor per row:
-            // candle's `to_vec1` of a row view brings its entire storage over,
-            // 16 MB a row at batch 32 with a 128K vocabulary.
-            let logits = logits.to_vec2::<f32>()?;
-            if logits.len() != chunks.len() {
+            let t_wait = Instant::now();
+            let picked = Picked::new(
+                &logits,
+                chunks
+                    .iter()
+                    .all(|c| live.get(&c.seq_id).is_none_or(|l| l.sampler.is_greedy())),
+            )?;
+            let (queued_ms, wait_ms) = (
+                (t_wait - t_queue).as_secs_f64() * 1e3,
+                t_wait.elapsed().as_secs_f64() * 1e3,
+            );
+            if picked.rows() != chunks.len() {
                 return Err(EngineError::Candle(candle_core::Error::Msg(format!(
                     "the model returned {} logit rows for a step of {} sequences",
-                    logits.len(),
+                    picked.rows(),
                     chunks.len()
                 ))));
             }
@@ -458,7 +501,10 @@ impl Engine {
                     scheduler.advance(c.seq_id, c.query_len, false);
                     continue;
                 }
-                let next = l.sampler.sample(&logits[row]);
+                let next = match &picked {
+                    Picked::Tokens(t) => t[row],
+                    Picked::Logits(rows) => l.sampler.sample(&rows[row]),
+                };
                 let reason = if self.model.is_eos(next) && !l.sampler.params().ignore_eos {
                     Some(FinishReason::Eos)
                 } else {
@@ -497,6 +543,7 @@ impl Engine {
                 }
             }
             let attention_ms = std::mem::take(&mut self.attention_time).as_secs_f64() * 1e3;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
             steps.push(StepRecord {
                 running: scheduler.running.len() + finished_now,
                 attention_ms,
@@ -514,7 +561,10 @@ impl Engine {
                     .map(|c| c.query_len)
                     .sum(),
                 preempted: preempted.len(),
-                ms: t0.elapsed().as_secs_f64() * 1e3,
+                ms,
+                queued_ms,
+                wait_ms,
+                host_ms: ms - queued_ms - wait_ms,
                 attention_path: self.backend.step_path(),
             });
         }

@@ -4,6 +4,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+pub use vpod_attention::sample::argmax;
 
 /// Sampling settings of one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,9 +51,15 @@ impl Sampler {
         &self.params
     }
 
+    /// Temperature 0: the token is the [`argmax`] of the logits (which the
+    /// engine may then take on the device, see `vpod_attention::sample`).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0
+    }
+
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 {
+        if self.is_greedy() {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
@@ -91,17 +98,6 @@ impl Sampler {
         }
         cands[probs.len() - 1].0
     }
-}
-
-/// Index of the largest logit; the first one on ties (as torch.argmax).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

@@ -23,6 +23,13 @@
 //!     epi 2: w = [gate; up] with 2N rows, y = silu(x gate^T) * (x up^T).
 //! swiglu_bf16(const bf16* gu, bf16* y, int rows, int F)
 //!     y [rows, F] = silu(gu[:, :F]) * gu[:, F:] (gu = x . [gate; up]^T, [rows, 2F]), F % 8 == 0, 8 outputs a thread.
+//! rope_qk_bf16(const bf16* qkv, const bf16* cos, const bf16* sin, bf16* out, int T, int heads, int kv_heads,
+//!              int d, int64_t row)
+//!     qkv [T, row] (q heads, k heads, v heads), cos/sin [T, d/2] -> out = q [T, heads, d] then k [T, kv_heads, d],
+//!     rotated (non-interleaved halves); d % 16 == 0, 16-byte aligned rows; 8 pairs a thread.
+//! argmax_f32(const float* logits, uint32_t* out, int n)
+//!     grid rows, 1024 threads: out[r] = first index of the maximum of logits row r ([rows, n]); NaNs never
+//!     win; a row whose element 0 is NaN gives 0 (the CPU argmax's strict `>` scan).
 //! slot_decode_bf16(const bf16* q, const int* q_rows, const bf16* k_base, const bf16* v_base, const int* slots,
 //!                  const int* seq_lens, float* part_o, float* part_ml, int* counters, bf16* out, int heads,
 //!                  int group, int64_t slot_stride, int64_t pos_stride, int splits, float scale)

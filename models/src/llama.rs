@@ -13,6 +13,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use vpod_attention::linear::{linear, linear_add, linear_swiglu};
+use vpod_attention::rope::rope_qk;
 use vpod_attention::{AttentionStep, AttnConfig};
 
 use crate::config::LlamaConfig;
@@ -62,10 +63,29 @@ impl Rope {
         })
     }
 
-    /// Rotates `x: [T, heads, head_dim]` by each token's position (`[T]` u32).
-    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.unsqueeze(0)?.contiguous()?; // [1, T, heads, head_dim]
-        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+    /// Rotates the q and k heads of `qkv [T, (heads + 2 kv_heads) head_dim]`
+    /// by each token's angles (`cos`, `sin`: this step's rows of the tables):
+    /// `(q [T, heads, head_dim], k [T, kv_heads, head_dim])`. In bf16 one
+    /// pass that leaves both contiguous ([`rope_qk`]); otherwise candle's
+    /// `rope_thd` over the copied-out columns.
+    fn apply(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let d = 2 * cos.dim(1)?;
+        if qkv.dtype() == DType::BF16 && d.is_multiple_of(16) {
+            return Ok(rope_qk(qkv, cos, sin, heads, kv_heads)?);
+        }
+        let t = qkv.dim(0)?;
+        let qk = qkv
+            .narrow(1, 0, (heads + kv_heads) * d)?
+            .reshape((1, t, heads + kv_heads, d))?;
+        let qk = candle_nn::rotary_emb::rope_thd(&qk.contiguous()?, cos, sin)?.squeeze(0)?;
+        Ok((qk.narrow(1, 0, heads)?, qk.narrow(1, heads, kv_heads)?))
     }
 }
 
@@ -225,13 +245,7 @@ impl Llama {
         for (i, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let qkv = linear(&h, &l.qkv)?; // [T, (heads + 2 * kv_heads) * head_dim]
-            // RoPE on q and k together, one kernel; q, k, v stay views (no copy for one token).
-            let qk = qkv
-                .narrow(1, 0, qd + kvd)?
-                .reshape((t, c.num_heads + c.num_kv_heads, c.head_dim))?;
-            let qk = self.rope.apply(&qk, &cos, &sin)?;
-            let q = qk.narrow(1, 0, c.num_heads)?;
-            let k = qk.narrow(1, c.num_heads, c.num_kv_heads)?;
+            let (q, k) = self.rope.apply(&qkv, &cos, &sin, c.num_heads, c.num_kv_heads)?;
             let v = qkv
                 .narrow(1, qd + kvd, kvd)?
                 .reshape((t, c.num_kv_heads, c.head_dim))?;

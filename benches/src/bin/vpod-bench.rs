@@ -1183,6 +1183,7 @@ const MATMUL_TFLOPS: f64 = 791.0;
 /// preset's shapes), at each token count; and the ops queued back to back.
 fn layer(models: &[String], tokens: &[usize], iters: usize) -> Result<Vec<Value>> {
     use vpod_attention::linear::{linear, linear_add, linear_swiglu};
+    use vpod_attention::rope::rope_qk;
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
@@ -1206,12 +1207,8 @@ fn layer(models: &[String], tokens: &[usize], iters: usize) -> Result<Vec<Value>
             let g = w2(t, f)?;
             let (cos, sin) = (table(t)?, table(t)?);
             let qkv = linear(&x, &qkv_w)?;
-            let rope = || -> Result<Tensor> {
-                let qk = qkv
-                    .narrow(1, 0, qd + kvd)?
-                    .reshape((1, t, p.heads + p.kv_heads, d))?;
-                Ok(candle_nn::rotary_emb::rope_thd(&qk.contiguous()?, &cos, &sin)?)
-            };
+            // As Llama::forward: q and k rotated out of qkv in one pass.
+            let rope = || -> Result<Tensor> { Ok(rope_qk(&qkv, &cos, &sin, p.heads, p.kv_heads)?.0) };
             let gemm = |n: usize, k: usize| 2.0 * (t * n * k) as f64;
             let act = (t * h * 2) as f64;
             // (op, FLOPs, bytes moved, the op)
@@ -1232,7 +1229,7 @@ fn layer(models: &[String], tokens: &[usize], iters: usize) -> Result<Vec<Value>
                 (
                     "rope (q, k)",
                     0.0,
-                    4.0 * (t * (qd + kvd) * 2) as f64,
+                    2.0 * (t * (qd + kvd) * 2) as f64,
                     Box::new(rope),
                 ),
                 (
@@ -1328,7 +1325,7 @@ fn serve(
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
-        "| model | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps | s in hybrid / decode-only / prefill-only steps |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| model | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps | s in hybrid / decode-only / prefill-only steps | host-only ms a step |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for name in models {
         let (p, model) = synthetic(name, prompt + output + 64, &dev)?;
@@ -1419,7 +1416,8 @@ fn serve(
                 })
                 .count();
             // Where the wall time went, by kind of step (the steps end on the
-            // logits' copy to the host, so their times are the GPU's).
+            // results' copy to the host, so their times are the GPU's plus
+            // the host's `host_ms`).
             type Step = vpod_cli::engine::StepRecord;
             type Kind<'a> = (&'a str, &'a dyn Fn(&Step) -> bool);
             let sum = |f: &dyn Fn(&Step) -> bool, t: &dyn Fn(&Step) -> f64| -> f64 {
@@ -1433,8 +1431,10 @@ fn serve(
             let [hybrid_ms, decode_ms, prefill_ms] = kinds.map(|(_, f)| sum(f, &|s| s.ms));
             let mut by_kind = serde_json::Map::new();
             for (kind, f) in kinds {
-                let mut k =
-                    json!({"steps": out.steps.iter().filter(|s| f(s)).count(), "s": sum(f, &|s| s.ms) / 1e3});
+                // host_s: the host alone, nothing queued on the device
+                // (scheduling, sampling); wait_s: blocked on the results.
+                let mut k = json!({"steps": out.steps.iter().filter(|s| f(s)).count(), "s": sum(f, &|s| s.ms) / 1e3,
+                    "host_s": sum(f, &|s| s.host_ms) / 1e3, "wait_s": sum(f, &|s| s.wait_ms) / 1e3});
                 if profile_attention {
                     k["attention_s"] = json!(sum(f, &|s| s.attention_ms) / 1e3);
                 }
@@ -1442,7 +1442,9 @@ fn serve(
             }
             // Every step (the runs of one model share the schedule, so step i
             // of two backends is the same batch): decodes, prefill tokens, ms,
-            // attention ms (when profiled), fused (pod).
+            // attention ms (when profiled), fused (pod), then the step's ms
+            // split as StepRecord splits it: queued, waiting, host alone.
+            let r3 = |x: f64| (x * 1e3).round() / 1e3;
             let steps: Vec<Value> = out
                 .steps
                 .iter()
@@ -1450,17 +1452,20 @@ fn serve(
                     json!([
                         s.decodes,
                         s.prefill_tokens,
-                        (s.ms * 1e3).round() / 1e3,
-                        (s.attention_ms * 1e3).round() / 1e3,
+                        r3(s.ms),
+                        r3(s.attention_ms),
                         s.attention_path
                             .as_deref()
-                            .is_some_and(|p| p.starts_with("fused"))
+                            .is_some_and(|p| p.starts_with("fused")),
+                        r3(s.queued_ms),
+                        r3(s.wait_ms),
+                        r3(s.host_ms)
                     ])
                 })
                 .collect();
             let rpm = requests as f64 / wall * 60.0;
             println!(
-                "| {name} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid | {:.0} / {:.0} / {:.0} |",
+                "| {name} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid | {:.0} / {:.0} / {:.0} | {:.2} |",
                 generated as f64 / wall,
                 percentile(&ttft, 0.5),
                 percentile(&ttft, 0.99),
@@ -1469,6 +1474,7 @@ fn serve(
                 hybrid_ms / 1e3,
                 decode_ms / 1e3,
                 prefill_ms / 1e3,
+                out.steps.iter().map(|s| s.host_ms).sum::<f64>() / out.steps.len().max(1) as f64,
             );
             rows.push(
                 json!({"model": name, "scheduler": sched, "backend": spec, "chunk": chunk,
@@ -1478,7 +1484,7 @@ fn serve(
                 "tbt_ms_p50": percentile(&tbt, 0.5), "tbt_ms_p99": percentile(&tbt, 0.99),
                 "steps": out.steps.len(), "hybrid_steps": hybrid_steps, "fused_steps": fused,
                 "by_step_kind": by_kind, "profile_attention": profile_attention,
-                "step_columns": ["decodes", "prefill_tokens", "ms", "attention_ms", "fused"], "steps_detail": steps,
+                "step_columns": ["decodes", "prefill_tokens", "ms", "attention_ms", "fused", "queued_ms", "wait_ms", "host_ms"], "steps_detail": steps,
                 "preemptions": out.requests.iter().map(|r| r.preemptions).sum::<usize>(), "kv_bytes": kv}),
             );
         }
