@@ -443,7 +443,7 @@ fn first_difference(want: &[Vec<u32>], got: &[Vec<u32>]) -> Option<String> {
     None
 }
 
-/// `run_batch` with the attention calls timed (device-synchronised), so
+/// `run_batch` with the attention calls timed (timing events on a GPU), so
 /// that each step record carries its attention time.
 fn profiled_run(e: &mut Engine, reqs: &[Request], cfg: SchedulerConfig) -> Result<BatchOutput> {
     e.profile_attention = true;

@@ -136,7 +136,8 @@ pub struct RequestOutput {
 pub struct StepRecord {
     /// Sequences admitted (running) during the step.
     pub running: usize,
-    /// Time in attention calls, when [`Engine::profile_attention`] is on.
+    /// Time in attention calls, when [`Engine::profile_attention`] is on (on
+    /// a GPU: the device's time between events around each call).
     pub attention_ms: f64,
     pub decodes: usize,
     pub prefill_chunks: usize,
@@ -224,18 +225,51 @@ pub struct Engine {
     next_seq: SeqId,
     /// Longest sequence a request may reach (the model's context).
     max_seq_len: usize,
-    /// Time attention calls (synchronising the device after each) and put
-    /// the total in each [`StepRecord`].
+    /// Time attention calls and put the total in each [`StepRecord`] (on a
+    /// GPU with timing events, without synchronising the device).
     pub profile_attention: bool,
-    attention_time: Duration,
+    attention_time: AttentionTimes,
 }
 
-/// Forwards to a backend and adds up the time its calls take.
+/// Forwards to a backend and adds up the time its calls take: on a CUDA
+/// device by a pair of timing events around each call on the device's
+/// stream (nothing waits; [`AttentionTimes::take_ms`] reads them once the
+/// step's results are on the host), elsewhere by the host clock.
 #[derive(Debug)]
 struct Timed<'a> {
     inner: &'a mut dyn AttentionBackend,
     device: candle_core::Device,
-    spent: &'a mut Duration,
+    times: &'a mut AttentionTimes,
+}
+
+/// The attention time of the step in flight.
+#[derive(Debug, Default)]
+struct AttentionTimes {
+    host: Duration,
+    #[cfg(feature = "cuda")]
+    events: Vec<(
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    )>,
+}
+
+impl AttentionTimes {
+    /// The step's total in ms (waits for its events: call after the step's
+    /// results have arrived, when they are all complete), and resets.
+    fn take_ms(&mut self) -> Result<f64> {
+        #[allow(unused_mut)]
+        let mut ms = std::mem::take(&mut self.host).as_secs_f64() * 1e3;
+        #[cfg(feature = "cuda")]
+        for (a, b) in self.events.drain(..) {
+            ms += a.elapsed_ms(&b).map_err(cuda_err)? as f64;
+        }
+        Ok(ms)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_err(e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Candle(candle_core::Error::Msg(format!("CUDA event: {e:?}")))
 }
 
 impl AttentionBackend for Timed<'_> {
@@ -251,11 +285,25 @@ impl AttentionBackend for Timed<'_> {
         v: &Tensor,
         meta: &BatchMeta,
     ) -> vpod_attention::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = &self.device {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            let stream = dev.cuda_stream();
+            let event = || {
+                stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| candle_core::Error::Msg(format!("CUDA event: {e:?}")))
+            };
+            let start = event()?;
+            let out = self.inner.forward(layer, q, k, v, meta)?;
+            self.times.events.push((start, event()?));
+            return Ok(out);
+        }
         self.device.synchronize()?;
         let t = Instant::now();
         let out = self.inner.forward(layer, q, k, v, meta)?;
         self.device.synchronize()?;
-        *self.spent += t.elapsed();
+        self.times.host += t.elapsed();
         Ok(out)
     }
 
@@ -286,7 +334,7 @@ impl Engine {
             next_seq: 0,
             max_seq_len,
             profile_attention: false,
-            attention_time: Duration::ZERO,
+            attention_time: AttentionTimes::default(),
         })
     }
 
@@ -309,7 +357,7 @@ impl Engine {
             let mut timed = Timed {
                 inner: self.backend.as_mut(),
                 device,
-                spent: &mut self.attention_time,
+                times: &mut self.attention_time,
             };
             let mut attn = AttentionStep::new(&mut timed, &meta);
             return Ok(self.model.model.forward(&tokens, &mut attn)?);
@@ -542,7 +590,7 @@ impl Engine {
                     }
                 }
             }
-            let attention_ms = std::mem::take(&mut self.attention_time).as_secs_f64() * 1e3;
+            let attention_ms = self.attention_time.take_ms()?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             steps.push(StepRecord {
                 running: scheduler.running.len() + finished_now,

@@ -153,9 +153,9 @@ enum What {
             default_value = "prefill-first/vattention,hybrid/vattention,hybrid/pod"
         )]
         runs: Vec<String>,
-        /// Time every attention call (device-synchronised around each, which
-        /// costs ~1 ms a step): the JSON then splits each kind of step's time
-        /// into attention and the rest.
+        /// Time every attention call (CUDA timing events around each, read
+        /// after the step; nothing is synchronised): the JSON then splits
+        /// each kind of step's time into attention and the rest.
         #[arg(long)]
         profile_attention: bool,
     },
