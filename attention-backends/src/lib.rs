@@ -53,8 +53,9 @@ pub use meta::{BatchMeta, LogitsAt, SeqChunk};
 pub use paged::{PagedBackend, paged_use_v1};
 pub use reference::ReferenceBackend;
 pub use vattention::{
-    POD_MIN_SHARE, POD_STREAMS_ABOVE, POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend,
-    decode_splits, plan_pod_step, pod_kernel_for, pod_step_halves,
+    POD_FEW_DECODES_SPLIT_WAVES, POD_FEW_SPLITS_UP_TO, POD_MIN_SHARE, POD_SPLIT_WAVES, POD_STREAMS_ABOVE,
+    POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, plan_pod_step,
+    pod_kernel_for, pod_split_waves_for, pod_step_halves,
 };
 pub use vpod_kvcache::{KvManager, SeqId};
 

@@ -52,6 +52,36 @@ pub const POD_MIN_SHARE: f64 = 0.1;
 pub const POD_TWO_TO_ONE_FROM: f64 = 0.4;
 pub const POD_STREAMS_ABOVE: f64 = 3.0;
 
+/// Waves' worth of decode splits a fused step hands out ([`pod_split_waves_for`]):
+/// finer splits than a plain decode launch's one wave keep the fused
+/// kernel's tail short and fill the gaps around the prefill tiles ...
+pub const POD_SPLIT_WAVES: usize = 4;
+/// ... except for a few long decodes next to a shorter prefill half, where
+/// finer splits only add partials to merge.
+pub const POD_FEW_DECODES_SPLIT_WAVES: usize = 2;
+/// See [`pod_split_waves_for`].
+pub const POD_FEW_SPLITS_UP_TO: f64 = 1.5;
+
+/// Decode split waves of a fused step whose halves are predicted to take
+/// `tp` and `td` ms, with `decodes` decodes of `kv_heads` KV heads on `sms`
+/// SMs: [`POD_FEW_DECODES_SPLIT_WAVES`] when the decode half is the longer
+/// one and there is at most one (decode, KV head) pair per two SMs, else
+/// [`POD_SPLIT_WAVES`]. "Longer" is on the predicted times, which put the
+/// prefill half ~25 % above the measured one in these steps: the decode half
+/// counts as the longer one up to `tp` = [`POD_FEW_SPLITS_UP_TO`] x `td`.
+/// Measured in results/2026-11-21-h100-engine: with <= 64 pairs, 2 waves
+/// made the 2:1 kernel 4-8 % faster wherever the measured prefill half was
+/// at most ~1.1x the decode half (Yi-6B's serving steps: 16 decodes x 4 KV
+/// heads next to a 512-token chunk, 1.27x -> 1.33x over serial), equal at
+/// 1.26x, and 1-7 % slower from 1.45x; with 208+ pairs within noise.
+pub fn pod_split_waves_for(tp: f64, td: f64, decodes: usize, kv_heads: usize, sms: usize) -> usize {
+    if tp <= POD_FEW_SPLITS_UP_TO * td && 2 * decodes * kv_heads <= sms {
+        POD_FEW_DECODES_SPLIT_WAVES
+    } else {
+        POD_SPLIT_WAVES
+    }
+}
+
 /// The POD kernel a fused step runs (`kernels/src/pod_bf16.cu`): how the
 /// blocks on an SM split between the roles while both kinds of work last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,15 +423,31 @@ impl AttentionBackend for VirtualBackend {
                             (path, Some(note))
                         }
                     };
-                    gpu.path_note = note;
+                    // Decode split waves: one for a plain decode launch; for a
+                    // fused one `VPOD_POD_SPLIT_WAVES` (benchmarks) or the rule.
+                    let waves = match path {
+                        PodPath::Fused(_) => {
+                            crate::vattention_gpu::pod_split_waves_env().unwrap_or_else(|| {
+                                let decodes = meta.seqs().iter().filter(|s| s.query_len == 1).count();
+                                pod_step_halves(meta, &self.cfg).map_or(POD_SPLIT_WAVES, |(tp, td)| {
+                                    pod_split_waves_for(tp, td, decodes, self.cfg.num_kv_heads, gpu.sms)
+                                })
+                            })
+                        }
+                        _ => 1,
+                    };
+                    gpu.path_note = note.map(|n| match waves {
+                        1 | POD_SPLIT_WAVES => n,
+                        w => format!("{n}; decode splits for {w} waves"),
+                    });
                     none.insert(crate::vattention_gpu::StepPlan::new(
                         &gpu.dev,
                         &self.cache,
                         meta,
-                        self.cfg.num_heads,
-                        self.cfg.num_kv_heads,
+                        &self.cfg,
                         gpu.sms,
                         path,
+                        waves,
                     )?)
                 }
             };
@@ -556,6 +602,24 @@ mod tests {
             })
             .collect();
         BatchMeta::new(chunks, LogitsAt::LastToken, &Device::Cpu).unwrap()
+    }
+
+    /// Fewer, longer decode splits only for a few decodes next to a shorter
+    /// prefill half (Yi-6B's serving steps: 16 decodes x 4 KV heads).
+    #[test]
+    fn split_waves_for_few_long_decodes() {
+        assert_eq!(
+            pod_split_waves_for(0.16, 0.20, 16, 4, 132),
+            POD_FEW_DECODES_SPLIT_WAVES
+        );
+        assert_eq!(
+            pod_split_waves_for(0.24, 0.20, 16, 4, 132),
+            POD_FEW_DECODES_SPLIT_WAVES
+        );
+        // The prefill half clearly longer: finer splits fill the gaps around its tiles.
+        assert_eq!(pod_split_waves_for(0.40, 0.20, 16, 4, 132), POD_SPLIT_WAVES);
+        // Llama-3-8B's 26 decodes x 8 KV heads: many pairs.
+        assert_eq!(pod_split_waves_for(0.30, 0.60, 26, 8, 132), POD_SPLIT_WAVES);
     }
 
     /// The planner fuses balanced hybrid steps, keeps lopsided ones serial

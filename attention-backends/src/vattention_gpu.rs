@@ -192,15 +192,14 @@ fn pod_resident_prefill(blocks_per_sm: i32) -> i32 {
     pod_env("VPOD_POD_RESIDENT").unwrap_or(most).clamp(1, most)
 }
 
-/// Decode splits of a fused step: as many as `VPOD_POD_SPLIT_WAVES` (default
-/// 4) waves of decode blocks would need (the serial decode launch sizes its
-/// splits to one wave).
-fn pod_split_waves() -> usize {
+/// `VPOD_POD_SPLIT_WAVES` (benchmarks): the decode splits of a fused step
+/// for this many waves of decode blocks, instead of
+/// [`crate::pod_split_waves_for`]'s choice.
+pub(crate) fn pod_split_waves_env() -> Option<usize> {
     std::env::var("VPOD_POD_SPLIT_WAVES")
         .ok()
         .and_then(|w| w.parse().ok())
         .filter(|&w| w >= 1)
-        .unwrap_or(4)
 }
 
 /// `p : d` with `p + d <= 8`, both >= 1, closest to `n_pre : n_dec` (the
@@ -400,11 +399,12 @@ impl StepPlan {
         dev: &CudaDevice,
         cache: &VirtualCache,
         meta: &BatchMeta,
-        heads: usize,
-        kv_heads: usize,
+        cfg: &crate::AttnConfig,
         sms: usize,
         path: PodPath,
+        waves: usize,
     ) -> Result<Self> {
+        let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let view = cache.view(0, vpod_kvcache::Kv::K);
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
         let warps = prefill_warps(path);
@@ -432,12 +432,7 @@ impl StepPlan {
         let n_dec = dec_rows.len();
         let max_len = dec_lens.iter().copied().max().unwrap_or(1) as usize;
         // The POD kernel hands out its items dynamically: finer decode splits
-        // (several waves' worth) keep its tail short; a plain launch wants one wave.
-        let waves = if matches!(path, PodPath::Fused(_)) {
-            pod_split_waves()
-        } else {
-            1
-        };
+        // (`waves` waves' worth) keep its tail short; a plain launch wants one wave.
         let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms * waves);
         let parts = (n_dec * heads * splits).max(1);
         Ok(Self {

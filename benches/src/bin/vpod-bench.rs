@@ -120,7 +120,8 @@ enum What {
         /// Variants to time (default: the serial pairs, `streams`, `pod`,
         /// `podp`, `pod3-p2`, `auto`; others: `pod-sw1`, `podp-sw1`,
         /// `pod-ws`, `pod3-p2-sw1`, `pod3-ticket`, `podp-nt` and `pod3-nt`
-        /// (no TMA)); at least one `serial*`
+        /// (no TMA), `pod3-p1` (1 prefill : 2 decode blocks per SM),
+        /// `pod3-p1-sw2`, `pod3-p2-sw2` (2 waves of decode splits)); at least one `serial*`
         /// one, the baseline.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
@@ -872,6 +873,10 @@ const HYBRID_VARIANTS: &[(&str, [&str; 8])] = &[
     ("pod3-nt", ["fused", "1", "8", "4", "3", "2", "0", "0"]),
     ("pod3-p2-sw1", ["fused", "1", "8", "1", "3", "2", "0", "1"]),
     ("pod3-ticket", ["fused", "0", "8", "4", "3", "2", "0", "1"]),
+    // One prefill and two decode blocks per SM (for decode-heavy steps).
+    ("pod3-p1", ["fused", "1", "8", "4", "3", "1", "0", "1"]),
+    ("pod3-p1-sw2", ["fused", "1", "8", "2", "3", "1", "0", "1"]),
+    ("pod3-p2-sw2", ["fused", "1", "8", "2", "3", "2", "0", "1"]),
     ("auto", ["auto", "", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
