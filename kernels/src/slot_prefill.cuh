@@ -128,6 +128,68 @@ __device__ __forceinline__ void store_rows(__nv_bfloat16* __restrict__ out, cons
     }
 }
 
+// A prefill work item as both tile functions start it: its chunk's geometry,
+// its K/V source, the K/V stages (1024-aligned in the group's region) with Q's
+// buffer in the last one, Q issued by cp.async as the oldest committed group,
+// and the K/V tile loads.
+template <typename S, int STAGES, typename Kv>
+struct PrefillItem {
+    int qs, ctx, ql, j0;
+    int n_keys;  // keys the tile's last real row sees
+    int ntiles;
+    Kv kv;
+    uint32_t kv0, qsm;
+    __device__ __forceinline__ void load(int tile, int stage) const {
+        const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
+        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
+    }
+    // K/V tiles 0 .. N - 1 into stages 0 .. N - 1, a cp.async group each.
+    template <int N>
+    __device__ __forceinline__ void prefetch() const {
+#pragma unroll
+        for (int s = 0; s < N; ++s) {
+            if (s < ntiles) load(s, s);
+            cp_async_commit();
+        }
+    }
+};
+
+template <typename S, int STAGES, typename MakeKv>
+__device__ __forceinline__ auto prefill_item(const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ work,
+                                             const int32_t* __restrict__ q_start,
+                                             const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
+                                             int heads, int group, MakeKv make_kv, int item, int head,
+                                             uint8_t* smem) {
+    const int kvh = head / group;
+    const int chunk = work[2 * item], j0 = work[2 * item + 1];
+    const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
+    const int n_keys = ctx + min(ql, j0 + S::BM);
+    const uint32_t kv0 = (smem_addr(smem) + 1023) & ~1023u;
+    const PrefillItem<S, STAGES, decltype(make_kv(chunk, kvh))> it{
+        qs, ctx, ql, j0, n_keys, (n_keys + PF_TILE_N - 1) / PF_TILE_N, make_kv(chunk, kvh), kv0,
+        kv0 + (STAGES - 1) * S::STAGE_BYTES};
+    load_tile<S::BM, S::THREADS>(
+        it.qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
+        [&](int r) { return j0 + r < ql; });
+    cp_async_commit();
+    return it;
+}
+
+// The warpgroup's wgmma products of a 64-row tile, issued only (the callers
+// fence, commit and wait): S (64 x 64) = Q K^T from Q's A fragments and the K
+// tile at ks; O (64 x 128) += P V from P's A fragments and the V tile at vs.
+__device__ __forceinline__ void wg_issue_qk(float s[8][4], const uint32_t qa[8][4], uint32_t ks) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+        wgmma_qk_m64n64k16(&s[0][0], qa[kk], wg_desc(ks + (kk / 4) * PF_TILE_N * 128 + (kk % 4) * 32, 16, 1024), kk);
+}
+
+__device__ __forceinline__ void wg_issue_pv(float o[16][4], const uint32_t pa[4][4], uint32_t vs) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs + j * 16 * 128, PF_TILE_N * 128, 1024), 1);
+}
+
 template <int WARPS, int STAGES, typename MakeKv, typename Ctx = WholeBlock>
 __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                              const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
@@ -135,56 +197,36 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
                                              int heads, int group, float scale, MakeKv make_kv, int item,
                                              int head, Ctx grp = {}) {
     using S = PrefillShape<WARPS, STAGES>;
-    uint8_t* smem = grp.region();
-    const int kvh = head / group;
-    const int chunk = work[2 * item], j0 = work[2 * item + 1];
-    const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
+    const auto it =
+        prefill_item<S, STAGES>(q, work, q_start, ctx_len, q_len, heads, group, make_kv, item, head, grp.region());
     const int warp = threadIdx.x / 32 % WARPS, lane = threadIdx.x % 32, g = lane / 4;
     const float qk_scale = scale * ATT_LOG2E;
-    // Keys the tile's last real row sees.
-    const int n_keys = ctx + min(ql, j0 + S::BM);
-    const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
-
-    const auto kv = make_kv(chunk, kvh);
-    using Kv = decltype(kv);
+    using Kv = decltype(it.kv);
     static_assert(!Kv::WG || WARPS % 4 == 0, "wg-layout tiles need whole warpgroups (the mma.sync path reads tile_off)");
     constexpr bool WG = Kv::WG;
-    const uint32_t kv0 = (smem_addr(smem) + 1023) & ~1023u, qsm = kv0 + (STAGES - 1) * S::STAGE_BYTES;
-    load_tile<S::BM, S::THREADS>(
-        qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
-        [&](int r) { return j0 + r < ql; });
-    cp_async_commit();
-    auto load = [&](int tile, int stage) {
-        const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
-        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
-    };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ntiles) load(s, s);
-        cp_async_commit();
-    }
+    it.template prefetch<STAGES - 1>();
     // Q (the oldest group) is in: its A fragments to registers, read before
     // the loop's first barrier, after which tile STAGES - 1 overwrites it.
     cp_async_wait<STAGES - 1>();
     grp.sync();
     uint32_t qa[8][4];
-    q_fragments(qsm, warp, lane, qa);
+    q_fragments(it.qsm, warp, lane, qa);
     float o[16][4];
 #pragma unroll
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     RowState st;
     // Row g (+ 8) of this warp sees keys <= lim0 (+ 8).
-    const int lim0 = ctx + j0 + warp * 16 + g;
+    const int lim0 = it.ctx + it.j0 + warp * 16 + g;
     // wgmma: a warpgroup's 64 rows see keys <= lim_wg.
-    const int lim_wg = ctx + j0 + (warp / 4) * 64 + 63;
-    for (int i = 0; i < ntiles; ++i) {
+    const int lim_wg = it.ctx + it.j0 + (warp / 4) * 64 + 63;
+    for (int i = 0; i < it.ntiles; ++i) {
         cp_async_wait<STAGES - 2>();
-        const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
+        const uint32_t ks = it.kv0 + (i % STAGES) * S::STAGE_BYTES, vs = ks + PF_TILE_N * ATT_ROW_BYTES;
         const int t0 = i * PF_TILE_N;
-        kv.wait(vs, t0, n_keys, i % STAGES, i / STAGES, threadIdx.x % S::THREADS, S::THREADS);
+        it.kv.wait(vs, t0, it.n_keys, i % STAGES, i / STAGES, threadIdx.x % S::THREADS, S::THREADS);
         if constexpr (WG) fence_proxy_async();
         grp.sync();
-        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
+        if (i + STAGES - 1 < it.ntiles) it.load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
         // This warp's (warpgroup's) rows see no key of the tile: nothing to
         // do (their state is unchanged by an all -inf tile).
@@ -193,10 +235,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
         if constexpr (WG) {
             wg_fence_operands<32>(&s[0][0]);
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk)
-                wgmma_qk_m64n64k16(&s[0][0], qa[kk], wg_desc(ks + (kk / 4) * PF_TILE_N * 128 + (kk % 4) * 32, 16, 1024),
-                                   kk);
+            wg_issue_qk(s, qa, ks);
             wg_commit();
             wg_wait<0>();
             wg_fence_operands<32>(&s[0][0]);
@@ -221,9 +260,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
             for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
             wg_fence_operands<64>(&o[0][0]);
             wg_fence();
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs + j * 16 * 128, PF_TILE_N * 128, 1024), 1);
+            wg_issue_pv(o, pa, vs);
             wg_commit();
             wg_wait<0>();
             wg_fence_operands<64>(&o[0][0]);
@@ -240,7 +277,7 @@ __device__ __forceinline__ void prefill_tile(const __nv_bfloat16* __restrict__ q
         }
     }
     cp_async_wait<0>();
-    store_rows(out, o, st, qs, j0 + warp * 16, ql, heads, head, lane);
+    store_rows(out, o, st, it.qs, it.j0 + warp * 16, it.ql, heads, head, lane);
 }
 
 // prefill_tile for ONE warpgroup (4 warps, 64 query rows) with wgmma, its
@@ -265,70 +302,45 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
                                                        float scale, MakeKv make_kv, int item, int head, Ctx grp) {
     using S = PrefillShape<4, STAGES>;
     static_assert(STAGES >= 3, "V of the previous tile holds a stage");
-    uint8_t* smem = grp.region();
-    const int kvh = head / group;
-    const int chunk = work[2 * item], j0 = work[2 * item + 1];
-    const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
+    const auto it =
+        prefill_item<S, STAGES>(q, work, q_start, ctx_len, q_len, heads, group, make_kv, item, head, grp.region());
     const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, g = lane / 4;
     const float qk_scale = scale * ATT_LOG2E;
-    const int n_keys = ctx + min(ql, j0 + S::BM);
-    const int ntiles = (n_keys + PF_TILE_N - 1) / PF_TILE_N;
-
-    const auto kv = make_kv(chunk, kvh);
-    using Kv = decltype(kv);
-    static_assert(Kv::WG, "wgmma tiles only");
-    const uint32_t kv0 = (smem_addr(smem) + 1023) & ~1023u, qsm = kv0 + (STAGES - 1) * S::STAGE_BYTES;
-    load_tile<S::BM, S::THREADS>(
-        qsm, [&](int r) { return q + ((size_t)(qs + j0 + r) * heads + head) * ATT_HEAD_DIM; },
-        [&](int r) { return j0 + r < ql; });
-    cp_async_commit();
-    auto load = [&](int tile, int stage) {
-        const uint32_t ks = kv0 + stage * S::STAGE_BYTES;
-        kv.load(ks, ks + PF_TILE_N * ATT_ROW_BYTES, tile * PF_TILE_N, n_keys, stage);
-    };
+    static_assert(decltype(it.kv)::WG, "wgmma tiles only");
     constexpr int AHEAD = STAGES - 2;  // tiles loaded before the loop
-#pragma unroll
-    for (int s = 0; s < AHEAD; ++s) {
-        if (s < ntiles) load(s, s);
-        cp_async_commit();
-    }
+    it.template prefetch<AHEAD>();
     // Q (the oldest group) to registers; the last stage it passed through
     // is first refilled after the barrier of iteration 1.
     cp_async_wait<AHEAD>();
     grp.sync();
     uint32_t qa[8][4];
-    q_fragments(qsm, warp, lane, qa);
+    q_fragments(it.qsm, warp, lane, qa);
     float o[16][4];
 #pragma unroll
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     RowState st;
-    const int lim0 = ctx + j0 + warp * 16 + g;
+    const int lim0 = it.ctx + it.j0 + warp * 16 + g;
     uint32_t pa[4][4];      // P of the previous tile (A fragments)
     uint32_t vs_prev = 0;  // its V tile
     auto pv = [&] {
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs_prev + j * 16 * 128, PF_TILE_N * 128, 1024), 1);
+        wg_issue_pv(o, pa, vs_prev);
         wg_commit();
     };
     // Tile i is in, and every warp is past the wait for P_{i-2} V_{i-2}:
     // the stage of tile i - 2 is free for tile i + AHEAD.
     auto next_tile = [&](int i) {
         cp_async_wait<AHEAD - 1>();
-        const uint32_t ks = kv0 + (i % STAGES) * S::STAGE_BYTES;
-        kv.wait(ks + PF_TILE_N * ATT_ROW_BYTES, i * PF_TILE_N, n_keys, i % STAGES, i / STAGES,
+        const uint32_t ks = it.kv0 + (i % STAGES) * S::STAGE_BYTES;
+        it.kv.wait(ks + PF_TILE_N * ATT_ROW_BYTES, i * PF_TILE_N, it.n_keys, i % STAGES, i / STAGES,
                 threadIdx.x % S::THREADS, S::THREADS);
         fence_proxy_async();
         grp.sync();
-        if (i + AHEAD < ntiles) load(i + AHEAD, (i + AHEAD) % STAGES);
+        if (i + AHEAD < it.ntiles) it.load(i + AHEAD, (i + AHEAD) % STAGES);
         cp_async_commit();
         return ks;
     };
     auto qk = [&](float s[8][4], uint32_t ks) {
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk)
-            wgmma_qk_m64n64k16(&s[0][0], qa[kk], wg_desc(ks + (kk / 4) * PF_TILE_N * 128 + (kk % 4) * 32, 16, 1024),
-                               kk);
+        wg_issue_qk(s, qa, ks);
         wg_commit();
     };
     // Scale and mask S_i, fold it into the softmax state, alpha for O.
@@ -350,7 +362,7 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
         for (int j = 0; j < 4; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
         vs_prev = ks + PF_TILE_N * ATT_ROW_BYTES;
     }
-    for (int i = 1; i < ntiles; ++i) {
+    for (int i = 1; i < it.ntiles; ++i) {
         const uint32_t ks = next_tile(i);
         float s[8][4], alpha[2];
         wg_fence_operands<32>(&s[0][0]);
@@ -374,7 +386,7 @@ __device__ __forceinline__ void prefill_tile_pipelined_wg(const __nv_bfloat16* _
     wg_wait<0>();
     wg_fence_operands<64>(&o[0][0]);
     cp_async_wait<0>();
-    store_rows(out, o, st, qs, j0 + warp * 16, ql, heads, head, lane);
+    store_rows(out, o, st, it.qs, it.j0 + warp * 16, it.ql, heads, head, lane);
 }
 
 template <int STAGES, typename MakeKv, typename Ctx = WholeBlock>
