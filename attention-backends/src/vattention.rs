@@ -403,8 +403,10 @@ impl AttentionBackend for VirtualBackend {
                         .ok()
                         .and_then(|m| PodMode::parse(&m));
                     let mode = gpu.pod.as_ref().map(|p| env.unwrap_or(p.0));
-                    // A step with one kind only runs the plain kernels whatever the mode.
-                    let single = pod_step_halves(meta, &self.cfg).is_none();
+                    // The step's two halves, predicted (`None`: one kind only,
+                    // which runs the plain kernels whatever the mode).
+                    let halves = pod_step_halves(meta, &self.cfg);
+                    let single = halves.is_none();
                     let (path, note) = match mode {
                         None => (PodPath::Serial, None),
                         Some(_) if single => (PodPath::Serial, Some(plan_pod_step(meta, &self.cfg).1)),
@@ -414,8 +416,7 @@ impl AttentionBackend for VirtualBackend {
                         }
                         Some(PodMode::Fused) => {
                             // The kernel still suits the step's halves.
-                            let k = pod_step_halves(meta, &self.cfg)
-                                .map_or(PodKernel::OneToOne, |(tp, td)| pod_kernel_for(tp, td));
+                            let k = halves.map_or(PodKernel::OneToOne, |(tp, td)| pod_kernel_for(tp, td));
                             (PodPath::Fused(k), Some("fused (pod:fused)".to_string()))
                         }
                         Some(PodMode::Auto) => {
@@ -429,7 +430,7 @@ impl AttentionBackend for VirtualBackend {
                         PodPath::Fused(_) => {
                             crate::vattention_gpu::pod_split_waves_env().unwrap_or_else(|| {
                                 let decodes = meta.seqs().iter().filter(|s| s.query_len == 1).count();
-                                pod_step_halves(meta, &self.cfg).map_or(POD_SPLIT_WAVES, |(tp, td)| {
+                                halves.map_or(POD_SPLIT_WAVES, |(tp, td)| {
                                     pod_split_waves_for(tp, td, decodes, self.cfg.num_kv_heads, gpu.sms)
                                 })
                             })

@@ -261,15 +261,15 @@ impl AttentionTimes {
         let mut ms = std::mem::take(&mut self.host).as_secs_f64() * 1e3;
         #[cfg(feature = "cuda")]
         for (a, b) in self.events.drain(..) {
-            ms += a.elapsed_ms(&b).map_err(cuda_err)? as f64;
+            ms += a.elapsed_ms(&b).map_err(event_err)? as f64;
         }
         Ok(ms)
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_err(e: impl std::fmt::Debug) -> EngineError {
-    EngineError::Candle(candle_core::Error::Msg(format!("CUDA event: {e:?}")))
+fn event_err(e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("CUDA event: {e:?}"))
 }
 
 impl AttentionBackend for Timed<'_> {
@@ -292,7 +292,7 @@ impl AttentionBackend for Timed<'_> {
             let event = || {
                 stream
                     .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(|e| candle_core::Error::Msg(format!("CUDA event: {e:?}")))
+                    .map_err(event_err)
             };
             let start = event()?;
             let out = self.inner.forward(layer, q, k, v, meta)?;
