@@ -31,8 +31,10 @@
 //!   against the bf16 matmul ceiling, GB/s of the rest;
 //! - `serve`:   offline serving of 16K-token requests on synthetic weights:
 //!   requests per minute for `prefill-first` + `vattention`, `hybrid` +
-//!   `vattention` and `hybrid` + `pod`, and with `--rate` Poisson arrivals
-//!   (online) TTFT and time between tokens.
+//!   `vattention` and `hybrid` + `pod` (one workload, or one per
+//!   prefill:decode ratio with `--pd-ratios`), each run against Sarathi-Serve
+//!   with the serial pair, and with `--rate` Poisson arrivals (online) TTFT
+//!   and time between tokens.
 
 use std::time::Instant;
 
@@ -144,6 +146,15 @@ enum What {
         /// Generated tokens per request.
         #[arg(long, default_value_t = 512)]
         output: usize,
+        /// Prefill:decode ratios (the POD paper's offline runs sweep them):
+        /// each ratio r is one workload of `--request-tokens` tokens a
+        /// request, prompt = tokens x r / (r + 1) (rounded), the rest
+        /// generated. Replaces `--prompt` / `--output` when given.
+        #[arg(long, value_delimiter = ',')]
+        pd_ratios: Vec<f64>,
+        /// Prompt + generated tokens of a request under `--pd-ratios`.
+        #[arg(long, default_value_t = 16384)]
+        request_tokens: usize,
         /// Poisson arrivals per second (0: all at once, the offline run).
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
@@ -1315,11 +1326,37 @@ fn layer(models: &[String], tokens: &[usize], iters: usize) -> Result<Vec<Value>
     Ok(rows)
 }
 
+/// The (prompt, generated) tokens of each `serve` workload: one per
+/// prefill:decode ratio when ratios are given, else `--prompt` / `--output`.
+fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Result<Vec<(usize, usize)>> {
+    if ratios.is_empty() {
+        ensure!(
+            prompt > 0 && output > 0,
+            "--prompt and --output must be at least 1"
+        );
+        return Ok(vec![(prompt, output)]);
+    }
+    ratios
+        .iter()
+        .map(|&r| {
+            ensure!(
+                r.is_finite() && r > 0.0,
+                "--pd-ratios: {r} is not a positive number"
+            );
+            let p = (tokens as f64 * r / (r + 1.0)).round() as usize;
+            ensure!(
+                p > 0 && p < tokens,
+                "--pd-ratios {r}: {tokens} tokens a request leave no prompt or no generated token"
+            );
+            Ok((p, tokens - p))
+        })
+        .collect()
+}
+
 fn serve(
     models: &[String],
     requests: usize,
-    prompt: usize,
-    output: usize,
+    workloads: &[(usize, usize)],
     rate: f64,
     runs: &[String],
     profile_attention: bool,
@@ -1330,158 +1367,161 @@ fn serve(
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
-        "| model | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps | s in hybrid / decode-only / prefill-only steps | host-only ms a step |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| model | P:D | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps | s in hybrid / decode-only / prefill-only steps | host-only ms a step |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
+    let longest = workloads.iter().map(|(p, o)| p + o).max().unwrap_or(0);
     for name in models {
-        let (p, model) = synthetic(name, prompt + output + 64, &dev)?;
+        let (p, model) = synthetic(name, longest + 64, &dev)?;
         // The POD paper's chunk sizes: Yi-6B 512, Llama-3-8B 1024.
         let chunk = if name == "yi-6b" { 512 } else { 1024 };
-        // KV for every request at once (pages rounded up) if the GPU holds it, else what is free.
-        let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
-        let free = vpod_cli::device::gpu_info(&dev)?.map_or(0, |g| g.free_bytes);
-        let want = (requests as f64 * (prompt + output + 2048) as f64 * kv_per_token) as usize;
-        let kv = want.min(free.saturating_sub(6 << 30));
-        for run in runs {
-            let (sched, spec) = run
-                .split_once('/')
-                .with_context(|| format!("run {run}: expected scheduler/backend"))?;
-            let policy = match sched {
-                "prefill-first" => Policy::PrefillFirst,
-                "hybrid" => Policy::Hybrid { one_prefill: false },
-                other => bail!("unknown scheduler {other}"),
-            };
-            let opts = BackendOptions {
-                max_seqs: requests,
-                kv_memory: Some(kv),
-                ..Default::default()
-            };
-            let mut e = Engine::with_options(model.clone(), spec, &opts)?;
-            let trace = vpod_cli::compare::synthetic_trace(requests, prompt, output, rate, 7);
-            let vocab = p.vocab;
-            let reqs: Vec<Request> = trace
-                .iter()
-                .enumerate()
-                .map(|(i, _)| Request {
-                    prompt: (0..prompt)
-                        .map(|t| ((t * 31 + i * 7) % (vocab - 20)) as u32 + 10)
-                        .collect(),
-                    max_tokens: output,
-                    sampling: SamplingParams {
-                        ignore_eos: true,
-                        ..Default::default()
-                    },
-                    arrival_ms: trace[i].2,
-                })
-                .collect();
-            let cfg = SchedulerConfig {
-                policy,
-                chunk_size: chunk,
-                max_seqs: requests,
-            };
-            // Warm-up (untimed): two short requests through prefill and
-            // decode steps (hybrid ones too under `hybrid`), so that the
-            // first timed run does not pay for first-use costs (PTX JIT of
-            // candle's kernels, cuBLAS handles, the allocator). Without it
-            // the first run of a fresh machine lost half its throughput.
-            // (The virtual cache keeps the warm-up's pages mapped for reuse:
-            // a few 2 MiB page groups the timed run does not map again.)
-            let warm: Vec<Request> = reqs[..2.min(reqs.len())]
-                .iter()
-                .map(|r| Request {
-                    prompt: r.prompt[..(2 * chunk).min(r.prompt.len())].to_vec(),
-                    max_tokens: 8,
-                    arrival_ms: 0.0,
-                    ..r.clone()
-                })
-                .collect();
-            e.run_batch(&warm, cfg, &mut |_, _| Ok(()))?;
-            e.profile_attention = profile_attention;
-            let t = Instant::now();
-            let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?;
-            let wall = t.elapsed().as_secs_f64();
-            let generated: usize = out.requests.iter().map(|r| r.tokens.len()).sum();
-            let ttft: Vec<f64> = out.requests.iter().map(|r| r.ttft_ms).collect();
-            let tbt: Vec<f64> = out
-                .requests
-                .iter()
-                .flat_map(|r| r.tbt_ms.iter().copied())
-                .collect();
-            let hybrid_steps = out
-                .steps
-                .iter()
-                .filter(|s| s.prefill_chunks > 0 && s.decodes > 0)
-                .count();
-            let fused = out
-                .steps
-                .iter()
-                .filter(|s| {
-                    s.attention_path
-                        .as_deref()
-                        .is_some_and(|p| p.starts_with("fused"))
-                })
-                .count();
-            // Where the wall time went, by kind of step (the steps end on the
-            // results' copy to the host, so their times are the GPU's plus
-            // the host's `host_ms`).
-            type Step = vpod_cli::engine::StepRecord;
-            type Kind<'a> = (&'a str, &'a dyn Fn(&Step) -> bool);
-            let sum = |f: &dyn Fn(&Step) -> bool, t: &dyn Fn(&Step) -> f64| -> f64 {
-                out.steps.iter().filter(|s| f(s)).map(t).sum()
-            };
-            let kinds: [Kind; 3] = [
-                ("hybrid", &|s| s.prefill_chunks > 0 && s.decodes > 0),
-                ("decode", &|s| s.prefill_chunks == 0),
-                ("prefill", &|s| s.decodes == 0),
-            ];
-            let [hybrid_ms, decode_ms, prefill_ms] = kinds.map(|(_, f)| sum(f, &|s| s.ms));
-            let mut by_kind = serde_json::Map::new();
-            for (kind, f) in kinds {
-                // host_s: the host alone, nothing queued on the device
-                // (scheduling, sampling); wait_s: blocked on the results.
-                let mut k = json!({"steps": out.steps.iter().filter(|s| f(s)).count(), "s": sum(f, &|s| s.ms) / 1e3,
-                    "host_s": sum(f, &|s| s.host_ms) / 1e3, "wait_s": sum(f, &|s| s.wait_ms) / 1e3});
-                if profile_attention {
-                    k["attention_s"] = json!(sum(f, &|s| s.attention_ms) / 1e3);
-                }
-                by_kind.insert(kind.into(), k);
-            }
-            // Every step (the runs of one model share the schedule, so step i
-            // of two backends is the same batch): decodes, prefill tokens, ms,
-            // attention ms (when profiled), fused (pod), then the step's ms
-            // split as StepRecord splits it: queued, waiting, host alone.
-            let r3 = |x: f64| (x * 1e3).round() / 1e3;
-            let steps: Vec<Value> = out
-                .steps
-                .iter()
-                .map(|s| {
-                    json!([
-                        s.decodes,
-                        s.prefill_tokens,
-                        r3(s.ms),
-                        r3(s.attention_ms),
+        for &(prompt, output) in workloads {
+            let pd = format!("{prompt}:{output}");
+            // KV for every request at once (pages rounded up) if the GPU holds it, else what is free.
+            let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
+            let free = vpod_cli::device::gpu_info(&dev)?.map_or(0, |g| g.free_bytes);
+            let want = (requests as f64 * (prompt + output + 2048) as f64 * kv_per_token) as usize;
+            let kv = want.min(free.saturating_sub(6 << 30));
+            for run in runs {
+                let (sched, spec) = run
+                    .split_once('/')
+                    .with_context(|| format!("run {run}: expected scheduler/backend"))?;
+                let policy = match sched {
+                    "prefill-first" => Policy::PrefillFirst,
+                    "hybrid" => Policy::Hybrid { one_prefill: false },
+                    other => bail!("unknown scheduler {other}"),
+                };
+                let opts = BackendOptions {
+                    max_seqs: requests,
+                    kv_memory: Some(kv),
+                    ..Default::default()
+                };
+                let mut e = Engine::with_options(model.clone(), spec, &opts)?;
+                let trace = vpod_cli::compare::synthetic_trace(requests, prompt, output, rate, 7);
+                let vocab = p.vocab;
+                let reqs: Vec<Request> = trace
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| Request {
+                        prompt: (0..prompt)
+                            .map(|t| ((t * 31 + i * 7) % (vocab - 20)) as u32 + 10)
+                            .collect(),
+                        max_tokens: output,
+                        sampling: SamplingParams {
+                            ignore_eos: true,
+                            ..Default::default()
+                        },
+                        arrival_ms: trace[i].2,
+                    })
+                    .collect();
+                let cfg = SchedulerConfig {
+                    policy,
+                    chunk_size: chunk,
+                    max_seqs: requests,
+                };
+                // Warm-up (untimed): two short requests through prefill and
+                // decode steps (hybrid ones too under `hybrid`), so that the
+                // first timed run does not pay for first-use costs (PTX JIT of
+                // candle's kernels, cuBLAS handles, the allocator). Without it
+                // the first run of a fresh machine lost half its throughput.
+                // (The virtual cache keeps the warm-up's pages mapped for reuse:
+                // a few 2 MiB page groups the timed run does not map again.)
+                let warm: Vec<Request> = reqs[..2.min(reqs.len())]
+                    .iter()
+                    .map(|r| Request {
+                        prompt: r.prompt[..(2 * chunk).min(r.prompt.len())].to_vec(),
+                        max_tokens: 8,
+                        arrival_ms: 0.0,
+                        ..r.clone()
+                    })
+                    .collect();
+                e.run_batch(&warm, cfg, &mut |_, _| Ok(()))?;
+                e.profile_attention = profile_attention;
+                let t = Instant::now();
+                let out = e.run_batch(&reqs, cfg, &mut |_, _| Ok(()))?;
+                let wall = t.elapsed().as_secs_f64();
+                let generated: usize = out.requests.iter().map(|r| r.tokens.len()).sum();
+                let ttft: Vec<f64> = out.requests.iter().map(|r| r.ttft_ms).collect();
+                let tbt: Vec<f64> = out
+                    .requests
+                    .iter()
+                    .flat_map(|r| r.tbt_ms.iter().copied())
+                    .collect();
+                let hybrid_steps = out
+                    .steps
+                    .iter()
+                    .filter(|s| s.prefill_chunks > 0 && s.decodes > 0)
+                    .count();
+                let fused = out
+                    .steps
+                    .iter()
+                    .filter(|s| {
                         s.attention_path
                             .as_deref()
-                            .is_some_and(|p| p.starts_with("fused")),
-                        r3(s.queued_ms),
-                        r3(s.wait_ms),
-                        r3(s.host_ms)
-                    ])
-                })
-                .collect();
-            let rpm = requests as f64 / wall * 60.0;
-            println!(
-                "| {name} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid | {:.0} / {:.0} / {:.0} | {:.2} |",
-                generated as f64 / wall,
-                percentile(&ttft, 0.5),
-                percentile(&ttft, 0.99),
-                percentile(&tbt, 0.5),
-                percentile(&tbt, 0.99),
-                hybrid_ms / 1e3,
-                decode_ms / 1e3,
-                prefill_ms / 1e3,
-                out.steps.iter().map(|s| s.host_ms).sum::<f64>() / out.steps.len().max(1) as f64,
-            );
-            rows.push(
+                            .is_some_and(|p| p.starts_with("fused"))
+                    })
+                    .count();
+                // Where the wall time went, by kind of step (the steps end on the
+                // results' copy to the host, so their times are the GPU's plus
+                // the host's `host_ms`).
+                type Step = vpod_cli::engine::StepRecord;
+                type Kind<'a> = (&'a str, &'a dyn Fn(&Step) -> bool);
+                let sum = |f: &dyn Fn(&Step) -> bool, t: &dyn Fn(&Step) -> f64| -> f64 {
+                    out.steps.iter().filter(|s| f(s)).map(t).sum()
+                };
+                let kinds: [Kind; 3] = [
+                    ("hybrid", &|s| s.prefill_chunks > 0 && s.decodes > 0),
+                    ("decode", &|s| s.prefill_chunks == 0),
+                    ("prefill", &|s| s.decodes == 0),
+                ];
+                let [hybrid_ms, decode_ms, prefill_ms] = kinds.map(|(_, f)| sum(f, &|s| s.ms));
+                let mut by_kind = serde_json::Map::new();
+                for (kind, f) in kinds {
+                    // host_s: the host alone, nothing queued on the device
+                    // (scheduling, sampling); wait_s: blocked on the results.
+                    let mut k = json!({"steps": out.steps.iter().filter(|s| f(s)).count(), "s": sum(f, &|s| s.ms) / 1e3,
+                    "host_s": sum(f, &|s| s.host_ms) / 1e3, "wait_s": sum(f, &|s| s.wait_ms) / 1e3});
+                    if profile_attention {
+                        k["attention_s"] = json!(sum(f, &|s| s.attention_ms) / 1e3);
+                    }
+                    by_kind.insert(kind.into(), k);
+                }
+                // Every step (the runs of one model share the schedule, so step i
+                // of two backends is the same batch): decodes, prefill tokens, ms,
+                // attention ms (when profiled), fused (pod), then the step's ms
+                // split as StepRecord splits it: queued, waiting, host alone.
+                let r3 = |x: f64| (x * 1e3).round() / 1e3;
+                let steps: Vec<Value> = out
+                    .steps
+                    .iter()
+                    .map(|s| {
+                        json!([
+                            s.decodes,
+                            s.prefill_tokens,
+                            r3(s.ms),
+                            r3(s.attention_ms),
+                            s.attention_path
+                                .as_deref()
+                                .is_some_and(|p| p.starts_with("fused")),
+                            r3(s.queued_ms),
+                            r3(s.wait_ms),
+                            r3(s.host_ms)
+                        ])
+                    })
+                    .collect();
+                let rpm = requests as f64 / wall * 60.0;
+                println!(
+                    "| {name} | {pd} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid | {:.0} / {:.0} / {:.0} | {:.2} |",
+                    generated as f64 / wall,
+                    percentile(&ttft, 0.5),
+                    percentile(&ttft, 0.99),
+                    percentile(&tbt, 0.5),
+                    percentile(&tbt, 0.99),
+                    hybrid_ms / 1e3,
+                    decode_ms / 1e3,
+                    prefill_ms / 1e3,
+                    out.steps.iter().map(|s| s.host_ms).sum::<f64>() / out.steps.len().max(1) as f64,
+                );
+                rows.push(
                 json!({"model": name, "scheduler": sched, "backend": spec, "chunk": chunk,
                 "requests": requests, "prompt": prompt, "output": output, "rate_per_s": rate, "wall_s": wall,
                 "requests_per_min": rpm, "tokens_per_s": generated as f64 / wall,
@@ -1492,9 +1532,56 @@ fn serve(
                 "step_columns": ["decodes", "prefill_tokens", "ms", "attention_ms", "fused", "queued_ms", "wait_ms", "host_ms"], "steps_detail": steps,
                 "preemptions": out.requests.iter().map(|r| r.preemptions).sum::<usize>(), "kv_bytes": kv}),
             );
+            }
         }
     }
+    serve_summary(&rows);
     Ok(rows)
+}
+
+/// One line per (model, workload) with more than one run: each run's
+/// requests per minute against the `hybrid/vattention` run (Sarathi-Serve
+/// with the serial attention pair), the POD paper's comparison.
+fn serve_summary(rows: &[Value]) {
+    let key = |r: &Value| (r["model"].clone(), r["prompt"].clone(), r["output"].clone());
+    let mut seen = vec![];
+    for r in rows {
+        let k = key(r);
+        if seen.contains(&k) {
+            continue;
+        }
+        seen.push(k.clone());
+        let same: Vec<&Value> = rows.iter().filter(|x| key(x) == k).collect();
+        let Some(base) = same
+            .iter()
+            .find(|x| x["scheduler"] == "hybrid" && x["backend"] == "vattention")
+            .and_then(|x| x["requests_per_min"].as_f64())
+        else {
+            continue;
+        };
+        let others: Vec<String> = same
+            .iter()
+            .filter(|x| !(x["scheduler"] == "hybrid" && x["backend"] == "vattention"))
+            .filter_map(|x| {
+                let rpm = x["requests_per_min"].as_f64()?;
+                Some(format!(
+                    "{}/{} {:+.1} %",
+                    x["scheduler"].as_str()?,
+                    x["backend"].as_str()?,
+                    (rpm / base - 1.0) * 100.0
+                ))
+            })
+            .collect();
+        if !others.is_empty() {
+            println!(
+                "{} {}+{} tokens: over hybrid/vattention ({base:.2} requests/min): {}",
+                r["model"].as_str().unwrap_or("?"),
+                r["prompt"],
+                r["output"],
+                others.join(", ")
+            );
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -1538,6 +1625,8 @@ fn main() -> Result<()> {
             requests,
             prompt,
             output,
+            pd_ratios,
+            request_tokens,
             rate,
             runs,
             profile_attention,
@@ -1546,8 +1635,7 @@ fn main() -> Result<()> {
             serve(
                 models,
                 *requests,
-                *prompt,
-                *output,
+                &workloads(*prompt, *output, pd_ratios, *request_tokens)?,
                 *rate,
                 runs,
                 *profile_attention,
@@ -1559,4 +1647,22 @@ fn main() -> Result<()> {
     let path = vpod_benches::write_json(&format!("{name}.json"), &[record])?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workloads;
+
+    #[test]
+    fn pd_ratios_split_the_request_tokens() {
+        assert_eq!(workloads(100, 7, &[], 16384).unwrap(), vec![(100, 7)]);
+        assert_eq!(
+            workloads(0, 0, &[31.0, 50.0, 100.0], 16384).unwrap(),
+            vec![(15872, 512), (16063, 321), (16222, 162)]
+        );
+        assert!(workloads(0, 0, &[0.0], 16384).is_err());
+        assert!(workloads(0, 0, &[f64::NAN], 16384).is_err());
+        assert!(workloads(0, 0, &[1e9], 16384).is_err(), "no generated token left");
+        assert!(workloads(0, 5, &[], 16384).is_err());
+    }
 }
