@@ -8,9 +8,13 @@
    order), and the energy per request they imply.
 3. power/: the 100 ms samples of `nvidia-smi --query-gpu` during the two timed
    runs: how often the SW power cap held the clock down.
+4. ncu/: Nsight Compute counters of the serial pair's kernels and the fused
+   kernel at one serving step shape (Llama-3-8B, chunk 1024 at 1K / 9K / 15K,
+   26 decodes of 16K), mean over the profiled launches.
 """
 
 import collections
+import csv
 import json
 import os
 
@@ -99,9 +103,31 @@ def power_cap():
               f"| {sum(x[2] for x in s) / len(s):.0f} | {100 * sum(x[3] for x in s) / len(s):.0f} % |")
 
 
+def ncu():
+    print("\nncu/ (Llama-3-8B heads, chunk 1024 next to 26 decodes of 16K; one layer)")
+    print("| chunk at | kernel | us | DRAM read MB | DRAM TB/s | DRAM % of peak | L2 MB | SM % of peak | SM MHz |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for pos in (1024, 9216, 15360):
+        with open(os.path.join(HERE, "ncu", f"ncu-{pos}.csv")) as f:
+            rows = list(csv.DictReader(f))
+        kernels = collections.defaultdict(lambda: collections.defaultdict(list))
+        for r in rows:
+            kernels[r["Kernel Name"]][r["Metric Name"]].append(float(r["Metric Value"].replace(",", "")))
+        for name, m in kernels.items():
+            def mean(metric):
+                return sum(m[metric]) / len(m[metric])
+            us = mean("gpu__time_duration.sum") / 1e3
+            read = mean("dram__bytes_read.sum")
+            print(f"| {pos} | {name} | {us:.0f} | {read / 1e6:.0f} | {read / us / 1e6:.2f} "
+                  f"| {mean('dram__throughput.avg.pct_of_peak_sustained_elapsed'):.0f} "
+                  f"| {mean('lts__t_bytes.sum') / 1e6:.0f} | {mean('sm__throughput.avg.pct_of_peak_sustained_elapsed'):.0f} "
+                  f"| {mean('sm__cycles_elapsed.avg.per_second') / 1e6:.0f} |")
+
+
 if __name__ == "__main__":
     for model in ("llama3-8b", "yi-6b"):
         runs = load(f"serve-{model}.json")
         step_ratios(runs)
         dmon(runs, f"dmon-{model}.log")
     power_cap()
+    ncu()

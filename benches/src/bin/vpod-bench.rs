@@ -1466,7 +1466,8 @@ fn serve(
                 type Step = vpod_cli::engine::StepRecord;
                 type Kind<'a> = (&'a str, &'a dyn Fn(&Step) -> bool);
                 let sum = |f: &dyn Fn(&Step) -> bool, t: &dyn Fn(&Step) -> f64| -> f64 {
-                    out.steps.iter().filter(|s| f(s)).map(t).sum()
+                    // (a fold from +0.0: an empty float sum is -0.0, printed "-0")
+                    out.steps.iter().filter(|s| f(s)).map(t).fold(0.0, |a, b| a + b)
                 };
                 let kinds: [Kind; 3] = [
                     ("hybrid", &|s| s.prefill_chunks > 0 && s.decodes > 0),
