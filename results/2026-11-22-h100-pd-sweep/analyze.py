@@ -10,7 +10,8 @@
    runs: how often the SW power cap held the clock down.
 4. ncu/: Nsight Compute counters of the serial pair's kernels and the fused
    kernel at one serving step shape (Llama-3-8B, chunk 1024 at 1K / 9K / 15K,
-   26 decodes of 16K), mean over the profiled launches.
+   26 decodes of 16K), mean over the profiled launches; then, from a second
+   call, how busy L2, L1 and the tensor pipe were.
 """
 
 import collections
@@ -124,6 +125,28 @@ def ncu():
                   f"| {mean('sm__cycles_elapsed.avg.per_second') / 1e6:.0f} |")
 
 
+def ncu_pipes():
+    """The second ncu call: how busy L2, L1 and the tensor pipe were."""
+    cols = [
+        ("lts__throughput.avg.pct_of_peak_sustained_elapsed", "L2 % of peak"),
+        ("lts__t_sectors.avg.pct_of_peak_sustained_elapsed", "L2 sectors % of peak"),
+        ("lts__t_sector_hit_rate.pct", "L2 hit %"),
+        ("l1tex__throughput.avg.pct_of_peak_sustained_elapsed", "L1 % of peak"),
+        ("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed", "tensor pipe % active"),
+    ]
+    print("\n| chunk at | kernel | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for pos in (1024, 9216, 15360):
+        kernels = collections.defaultdict(lambda: collections.defaultdict(list))
+        for part in ("l2", "tensor"):
+            with open(os.path.join(HERE, "ncu", f"ncu-{part}-{pos}.csv")) as f:
+                for r in csv.DictReader(f):
+                    kernels[r["Kernel Name"]][r["Metric Name"]].append(float(r["Metric Value"].replace(",", "")))
+        for name, m in kernels.items():
+            vals = " | ".join(f"{sum(m[c]) / len(m[c]):.0f}" for c, _ in cols)
+            print(f"| {pos} | {name} | {vals} |")
+
+
 if __name__ == "__main__":
     for model in ("llama3-8b", "yi-6b"):
         runs = load(f"serve-{model}.json")
@@ -131,3 +154,4 @@ if __name__ == "__main__":
         dmon(runs, f"dmon-{model}.log")
     power_cap()
     ncu()
+    ncu_pipes()
