@@ -1,24 +1,28 @@
 //! GPU benchmarks of the vAttention and PagedAttention paths (`--features
 //! cuda`, run on the GPU machine by `scripts/gpu-run.sh`). Each subcommand
 //! prints a table and writes JSON (and an SVG for `spikes` and `e2e`) into
-//! `--out`:
+//! `--out`. Every run first measures this GPU's two ceilings (device-to-device
+//! copy bandwidth and the bf16 matmul rate, `Ceilings`); the tables'
+//! percentages divide by them, and the JSON records them with the GPU's name.
 //!
 //! - `decode`:  one layer's decode attention, 16K context, batch 1..32, the
 //!   three models' head shapes, per backend (`vattention`'s split-KV kernel
 //!   over the VMM cache, `paged:16` / `paged:128`'s vLLM v0.2.7 kernels):
-//!   achieved bandwidth (K/V bytes read / time) against the 3.0 TB/s copy
+//!   achieved bandwidth (K/V bytes read / time) against the measured copy
 //!   ceiling, and paged / vattention latency ratios (the vAttention paper's
 //!   figure 9b);
 //! - `prefill`: the causal prefill kernels, a 16K prompt and a 1024-token
-//!   chunk at offsets 4K and 12K: TFLOP/s (both query-tile sizes of ours,
-//!   and the paged prefill);
+//!   chunk at offsets 4K and 12K, Llama-3-8B and Yi-6B heads: TFLOP/s
+//!   against the measured matmul ceiling (each query tile of ours, and the
+//!   paged prefill);
 //! - `map`:     time to map N page groups of 2 MiB (per-layer regions vs
 //!   megacache) through the CUDA VMM API: GB/s;
 //! - `spikes`:  Llama-3-8B synthetic, batch 4, decoding across many page
 //!   boundaries: per-step latency with synchronous and overlapped mapping;
 //! - `e2e`:     decode throughput of synthetic Yi-6B / Llama-3-8B / Yi-34B
 //!   at a 16K context per request, batch 1..32 as the GPU's memory allows,
-//!   per backend, next to the memory floor (the paper's figure 9a);
+//!   per backend, next to the memory floor (the paper's figure 9a); a short
+//!   warm-up run before each timed one, timed apart (first-use costs);
 //! - `hybrid`:  one layer's attention of hybrid batches (a prefill chunk of
 //!   512 / 1024 / 2048 tokens at 4K..12K of its prompt next to a decode batch
 //!   sized to fill an 80 GB GPU at 4K..16K of context), Llama-3-8B and Yi-6B
@@ -50,9 +54,6 @@ use vpod_attention::{
 };
 use vpod_kvcache::Mapping;
 
-/// Copy bandwidth ceiling of the H100 used for the percentages (DESIGN.md).
-const COPY_TBPS: f64 = 3.0;
-
 #[derive(Parser, Debug)]
 #[command(about = "GPU benchmarks of the vAttention and PagedAttention paths")]
 struct Args {
@@ -80,6 +81,9 @@ enum What {
     Prefill {
         #[arg(long, value_delimiter = ',', default_value = "vattention,paged:16,paged:128")]
         backends: Vec<String>,
+        /// Head shapes (q / KV heads) of these models.
+        #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
+        models: Vec<String>,
     },
     Map,
     Spikes {
@@ -99,6 +103,11 @@ enum What {
         /// Tokens generated per request (the median decode step is reported).
         #[arg(long, default_value_t = 256)]
         tokens: usize,
+        /// Time every attention call (CUDA events, read after the step): the
+        /// JSON's per-step records then split the prefill into attention and
+        /// the rest (the decode steps pay for the events too).
+        #[arg(long)]
+        profile_attention: bool,
     },
     Hybrid {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -179,14 +188,81 @@ fn gpu() -> Result<Device> {
     Device::new_cuda(0).context("a CUDA device (build with --features cuda)")
 }
 
-fn gpu_name() -> String {
-    std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name", "--format=csv,noheader"])
-        .output()
+/// The GPU's name as the driver gives it (empty if it cannot be read).
+fn gpu_name(dev: &Device) -> String {
+    vpod_cli::device::gpu_info(dev)
         .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.lines().next().unwrap_or("").trim().to_string())
+        .flatten()
+        .map(|g| g.name)
         .unwrap_or_default()
+}
+
+/// The two ceilings every table is read against, measured on this GPU at
+/// the start of the run (never a datasheet or another GPU's numbers: the
+/// H100 constants this replaced were 25-40 % off on an H200).
+#[derive(Debug, Clone)]
+struct Ceilings {
+    gpu: String,
+    /// Device-to-device copy, bytes read + written per second ([`copy_bandwidth`]).
+    copy_bytes_per_s: f64,
+    /// bf16 matrix product through candle (cuBLAS), FLOP/s ([`matmul_rate`]).
+    matmul_flop_per_s: f64,
+    /// Wall time of the measurement. As the run's first GPU work it also
+    /// pays the process's first use of cuBLAS and of the candle kernel
+    /// modules it touches (loading them JIT-compiles their PTX).
+    measured_in_s: f64,
+}
+
+impl Ceilings {
+    fn measure(dev: &Device) -> Result<Self> {
+        let t = Instant::now();
+        let mut c = Self {
+            gpu: gpu_name(dev),
+            copy_bytes_per_s: copy_bandwidth(dev).context("measuring the copy bandwidth")?,
+            matmul_flop_per_s: matmul_rate(dev).context("measuring the bf16 matmul rate")?,
+            measured_in_s: 0.0,
+        };
+        c.measured_in_s = t.elapsed().as_secs_f64();
+        println!(
+            "{}: measured ceilings: copy {:.2} TB/s (cuMemcpyDtoD of 2 GiB, read + write), bf16 matmul {:.0} TFLOP/s ({MATMUL_N}^3, random data); {:.2} s with first use\n",
+            c.gpu,
+            c.tbps(),
+            c.tflops(),
+            c.measured_in_s
+        );
+        Ok(c)
+    }
+
+    fn tbps(&self) -> f64 {
+        self.copy_bytes_per_s / 1e12
+    }
+
+    fn tflops(&self) -> f64 {
+        self.matmul_flop_per_s / 1e12
+    }
+
+    fn json(&self) -> Value {
+        json!({"copy_tb_per_s": self.tbps(), "matmul_tflop_per_s": self.tflops(), "measured_in_s": self.measured_in_s,
+            "copy": "cuMemcpyDtoD of 2 GiB, (read + written bytes) / time, median of 5 rounds of 5",
+            "matmul": format!("candle bf16 matmul (cuBLAS) {MATMUL_N} x {MATMUL_N} x {MATMUL_N} on N(0, 1) data, 2 n^3 / time, median of 5 rounds of 10")})
+    }
+}
+
+/// Side of the square bf16 product the matmul ceiling is measured with:
+/// large enough that cuBLAS runs at its peak (1.1 TFLOP, ~1.4 ms a product).
+const MATMUL_N: usize = 8192;
+
+/// bf16 matmul rate (FLOP/s) of an `MATMUL_N`^3 product on random data
+/// (zeros ran 13 % faster on an H200: METHOD.md), warmed up, median round.
+fn matmul_rate(dev: &Device) -> Result<f64> {
+    let n = MATMUL_N;
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(DType::BF16)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(DType::BF16)?;
+    let secs = time(dev, 10, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / secs)
 }
 
 fn rand(shape: (usize, usize, usize), dev: &Device) -> Result<Tensor> {
@@ -286,11 +362,18 @@ fn time_layer(
     })
 }
 
-fn decode(context: usize, batches: &[usize], backends: &[String], iters: usize) -> Result<Vec<Value>> {
+fn decode(
+    context: usize,
+    batches: &[usize],
+    backends: &[String],
+    iters: usize,
+    ceil: &Ceilings,
+) -> Result<Vec<Value>> {
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
-        "| backend | model heads | batch | us / layer | K/V TB/s | % of {COPY_TBPS} TB/s |\n|---|---|---|---|---|---|"
+        "| backend | model heads | batch | us / layer | K/V TB/s | % of {:.2} TB/s |\n|---|---|---|---|---|---|",
+        ceil.tbps()
     );
     for spec in backends {
         for &(model, heads, kvh) in SHAPES {
@@ -322,11 +405,12 @@ fn decode(context: usize, batches: &[usize], backends: &[String], iters: usize) 
                 println!(
                     "| {spec} | {model} {heads}/{kvh} | {bsz} | {:.1} | {tbps:.2} | {:.0} |",
                     secs * 1e6,
-                    tbps / COPY_TBPS * 100.0
+                    tbps / ceil.tbps() * 100.0
                 );
                 rows.push(
                     json!({"backend": spec, "model": model, "heads": heads, "kv_heads": kvh, "batch": bsz,
                     "context": context, "us_per_layer": secs * 1e6, "kv_bytes": bytes, "tb_per_s": tbps,
+                    "percent_of_copy": tbps / ceil.tbps() * 100.0,
                     "what": "one layer's attention call: K/V write + decode kernels"}),
                 );
             }
@@ -361,11 +445,21 @@ fn decode(context: usize, batches: &[usize], backends: &[String], iters: usize) 
     Ok(rows)
 }
 
-fn prefill(backends: &[String], iters: usize) -> Result<Vec<Value>> {
+fn prefill(models: &[String], backends: &[String], iters: usize, ceil: &Ceilings) -> Result<Vec<Value>> {
     let dev = gpu()?;
-    let (heads, kvh) = (32, 8);
+    let mut shapes = vec![];
+    for m in models {
+        let &shape = SHAPES.iter().find(|s| s.0 == m).with_context(|| {
+            let known: Vec<_> = SHAPES.iter().map(|s| s.0).collect();
+            format!("prefill: unknown model {m} (known: {})", known.join(", "))
+        })?;
+        shapes.push(shape);
+    }
     let mut rows = vec![];
-    println!("| backend | case | query tile | ms / layer | TFLOP/s |\n|---|---|---|---|---|");
+    println!(
+        "| backend | heads | case | query tile | ms / layer | TFLOP/s | % of {:.0} |\n|---|---|---|---|---|---|---|",
+        ceil.tflops()
+    );
     // Our per-slot kernel's tiles: 128 rows, 64 rows, 64 rows with the
     // softmax overlapped (pipelined), the same with TMA loads (the default on
     // an H100); the paged kernel has 128-row tiles.
@@ -384,7 +478,9 @@ fn prefill(backends: &[String], iters: usize) -> Result<Vec<Value>> {
         };
         tiles.iter().map(move |t| (b.as_str(), *t))
     });
-    for (spec, (warps, pipe, tma, tile)) in runs {
+    for ((spec, (warps, pipe, tma, tile)), &(model, heads, kvh)) in
+        runs.flat_map(|r| shapes.iter().map(move |s| (r, s)))
+    {
         for (k, v) in [
             ("VPOD_PREFILL_WARPS", warps),
             ("VPOD_PREFILL_PIPE", pipe),
@@ -431,10 +527,15 @@ fn prefill(backends: &[String], iters: usize) -> Result<Vec<Value>> {
             let pairs = (ql * ctx + ql * (ql + 1) / 2) as f64;
             let flops = 4.0 * 128.0 * heads as f64 * pairs;
             let tf = flops / secs / 1e12;
-            println!("| {spec} | {name} | {tile} | {:.3} | {tf:.0} |", secs * 1e3);
+            println!(
+                "| {spec} | {model} {heads}/{kvh} | {name} | {tile} | {:.3} | {tf:.0} | {:.0} |",
+                secs * 1e3,
+                tf / ceil.tflops() * 100.0
+            );
             rows.push(
-                json!({"backend": spec, "case": name, "context": ctx, "query_len": ql, "heads": heads, "kv_heads": kvh,
-                "query_tile": 16 * warps.parse::<usize>()?, "tile": tile, "ms_per_layer": secs * 1e3, "tflop_per_s": tf,
+                json!({"backend": spec, "model": model, "case": name, "context": ctx, "query_len": ql, "heads": heads,
+                "kv_heads": kvh, "query_tile": 16 * warps.parse::<usize>()?, "tile": tile, "ms_per_layer": secs * 1e3,
+                "tflop_per_s": tf, "percent_of_matmul": tf / ceil.tflops() * 100.0,
                 "what": "one layer's attention call incl. the K/V write of the chunk"}),
             );
         }
@@ -722,25 +823,27 @@ fn copy_bandwidth(dev: &Device) -> Result<f64> {
     Ok(2.0 * n as f64 / secs)
 }
 
+/// `e2e`'s untimed warm-up before each timed run: this many prompt tokens
+/// per request, and generated tokens.
+const E2E_WARMUP: (usize, usize) = (256, 4);
+
+#[allow(clippy::too_many_arguments)]
 fn e2e(
     context: usize,
     batches: &[usize],
     models: &[String],
     backends: &[String],
     tokens: usize,
+    profile_attention: bool,
+    ceil: &Ceilings,
 ) -> Result<Vec<Value>> {
     use vpod_cli::engine::Engine;
     let dev = gpu()?;
-    let copy = copy_bandwidth(&dev)?;
-    println!(
-        "{}: measured copy bandwidth {:.2} TB/s (the floors below use it)\n",
-        gpu_name(),
-        copy / 1e12
-    );
+    let copy = ceil.copy_bytes_per_s;
     let mut rows = vec![json!({"copy_bandwidth_tb_per_s": copy / 1e12})];
     let mut series = vec![];
     println!(
-        "| model | backend | batch | tok/s | ms / step | floor ms | % of floor | prefill s |\n|---|---|---|---|---|---|---|---|"
+        "| model | backend | batch | tok/s | ms / step | floor ms | % of floor | prefill s | warm-up s |\n|---|---|---|---|---|---|---|---|---|"
     );
     for name in models {
         let (p, model) = synthetic(name, context + tokens + 64, &dev)?;
@@ -761,7 +864,7 @@ fn e2e(
                 let activations = (context as f64 * (p.ffn * 6 + p.hidden * 12) as f64 * 1.3) as usize;
                 if kv + activations > free {
                     println!(
-                        "| {name} | {spec} | {bsz} | skipped: needs {:.1} GB of KV + ~{:.1} GB of activations, {:.1} GB free | | | | |",
+                        "| {name} | {spec} | {bsz} | skipped: needs {:.1} GB of KV + ~{:.1} GB of activations, {:.1} GB free | | | | | |",
                         kv as f64 / 1e9,
                         activations as f64 / 1e9,
                         free as f64 / 1e9
@@ -778,17 +881,27 @@ fn e2e(
                     ..Default::default()
                 };
                 let mut e = Engine::with_options(model.clone(), spec, &opts)?;
-                let prompts = (0..bsz)
-                    .map(|i| {
-                        (0..context)
-                            .map(|t| ((t * 31 + i * 7) % 30000) as u32 + 10)
-                            .collect()
-                    })
-                    .collect();
-                let (ms, out) = decode_run(&mut e, prompts, tokens, context)?;
+                let prompts = |len: usize| {
+                    (0..bsz)
+                        .map(|i| (0..len).map(|t| ((t * 31 + i * 7) % 30000) as u32 + 10).collect())
+                        .collect::<Vec<Vec<u32>>>()
+                };
+                // Warm-up (timed apart, not in the results' prefill or decode):
+                // the first forward pass of a process loads candle's kernel
+                // modules, which ship as PTX that the driver compiles at load
+                // (seconds, once per process unless its JIT cache holds them),
+                // and creates the cuBLAS handles; without it that cost landed
+                // in the first run's prefill (results/2026-12-03-h200-prefill-baseline).
+                // The requests it leaves keep one page group per slot mapped
+                // (deferred reclamation): 1 of the 16+ a 16K request maps.
+                let t = Instant::now();
+                let (_, warm) = decode_run(&mut e, prompts(E2E_WARMUP.0), E2E_WARMUP.1, context)?;
+                let warmup_s = t.elapsed().as_secs_f64();
+                e.profile_attention = profile_attention;
+                let (ms, out) = decode_run(&mut e, prompts(context), tokens, context)?;
                 if ms.is_empty() {
                     println!(
-                        "| {name} | {spec} | {bsz} | no step decoded all {bsz} requests at once | | | | |"
+                        "| {name} | {spec} | {bsz} | no step decoded all {bsz} requests at once | | | | | |"
                     );
                     rows.push(
                         json!({"model": name, "backend": spec, "batch": bsz, "context": context,
@@ -803,18 +916,41 @@ fn e2e(
                     .map(|s| s.ms)
                     .sum::<f64>()
                     / 1e3;
+                // Where each prefill step's time went (StepRecord's split; the
+                // attention calls' device time with --profile-attention).
+                let r3 = |x: f64| (x * 1e3).round() / 1e3;
+                let breakdown = |o: &vpod_cli::engine::BatchOutput| -> Vec<Value> {
+                    o.steps
+                        .iter()
+                        .filter(|s| s.prefill_chunks > 0)
+                        .map(|s| {
+                            json!([
+                                s.prefill_tokens,
+                                r3(s.ms),
+                                r3(s.queued_ms),
+                                r3(s.wait_ms),
+                                r3(s.host_ms),
+                                r3(s.attention_ms)
+                            ])
+                        })
+                        .collect()
+                };
                 let step_ms = percentile(&ms, 0.5);
                 let floor_ms =
                     (weights + bsz as f64 * (context + tokens / 2) as f64 * kv_per_token) / copy * 1e3;
                 let tps = bsz as f64 / step_ms * 1e3;
                 println!(
-                    "| {name} | {spec} | {bsz} | {tps:.1} | {step_ms:.2} | {floor_ms:.2} | {:.0} | {prefill_s:.1} |",
+                    "| {name} | {spec} | {bsz} | {tps:.1} | {step_ms:.2} | {floor_ms:.2} | {:.0} | {prefill_s:.2} | {warmup_s:.2} |",
                     floor_ms / step_ms * 100.0
                 );
                 rows.push(json!({"model": name, "backend": spec, "batch": bsz, "context": context,
                     "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
                     "median_step_ms": step_ms, "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0,
-                    "prefill_s": prefill_s}));
+                    "prefill_s": prefill_s, "warmup_s": warmup_s,
+                    "warmup": {"prompt": E2E_WARMUP.0, "generated": E2E_WARMUP.1},
+                    "profile_attention": profile_attention,
+                    "step_columns": ["prefill_tokens", "ms", "queued_ms", "wait_ms", "host_ms", "attention_ms"],
+                    "prefill_steps": breakdown(&out), "warmup_prefill_steps": breakdown(&warm)}));
                 pts.push((bsz as f64, tps));
             }
             series.push((format!("{name} {spec}"), pts));
@@ -1191,19 +1327,17 @@ fn note_share(meta: &BatchMeta, cfg: &AttnConfig) -> f64 {
     vpod_attention::pod_step_halves(meta, cfg).map_or(0.0, |(tp, td)| tp.min(td) / (tp + td))
 }
 
-/// bf16 matmul ceiling of the H100 used for the percentages (DESIGN.md).
-const MATMUL_TFLOPS: f64 = 791.0;
-
 /// Everything of a decoder layer but the attention call, op by op, as
 /// `Llama::forward` runs it (the same functions on random weights of the
 /// preset's shapes), at each token count; and the ops queued back to back.
-fn layer(models: &[String], tokens: &[usize], iters: usize) -> Result<Vec<Value>> {
+fn layer(models: &[String], tokens: &[usize], iters: usize, ceil: &Ceilings) -> Result<Vec<Value>> {
     use vpod_attention::linear::{linear, linear_add, linear_swiglu};
     use vpod_attention::rope::rope_qk;
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
-        "| model | tokens | op | us | TFLOP/s | % of {MATMUL_TFLOPS:.0} | GB/s |\n|---|---|---|---|---|---|---|"
+        "| model | tokens | op | us | TFLOP/s | % of {:.0} | GB/s |\n|---|---|---|---|---|---|---|",
+        ceil.tflops()
     );
     for name in models {
         let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
@@ -1287,7 +1421,7 @@ fn layer(models: &[String], tokens: &[usize], iters: usize) -> Result<Vec<Value>
                         "".into()
                     },
                     if *flops > 0.0 {
-                        format!("{:.0} %", tf / MATMUL_TFLOPS * 100.0)
+                        format!("{:.0} %", tf / ceil.tflops() * 100.0)
                     } else {
                         "".into()
                     },
@@ -1590,13 +1724,16 @@ fn main() -> Result<()> {
     // SAFETY: before any thread is started.
     unsafe { std::env::set_var("VPOD_BENCH_OUT", &args.out) };
     std::fs::create_dir_all(&args.out)?;
+    // Once per run, before any benchmark: the tables' percentages and the
+    // e2e floors divide by these, and the JSON records them.
+    let ceil = Ceilings::measure(&gpu()?)?;
     let (name, rows) = match &args.what {
         What::Decode {
             context,
             batch,
             backends,
-        } => ("decode", decode(*context, batch, backends, args.iters)?),
-        What::Prefill { backends } => ("prefill", prefill(backends, args.iters)?),
+        } => ("decode", decode(*context, batch, backends, args.iters, &ceil)?),
+        What::Prefill { backends, models } => ("prefill", prefill(models, backends, args.iters, &ceil)?),
         What::Map => ("map", map(args.iters)?),
         What::Spikes { steps } => ("spikes", spikes(*steps)?),
         What::E2e {
@@ -1605,7 +1742,19 @@ fn main() -> Result<()> {
             models,
             backends,
             tokens,
-        } => ("e2e", e2e(*context, batch, models, backends, *tokens)?),
+            profile_attention,
+        } => (
+            "e2e",
+            e2e(
+                *context,
+                batch,
+                models,
+                backends,
+                *tokens,
+                *profile_attention,
+                &ceil,
+            )?,
+        ),
         What::Hybrid {
             models,
             chunks,
@@ -1620,7 +1769,7 @@ fn main() -> Result<()> {
                 models, chunks, positions, contexts, *memory_gb, decodes, variants, args.iters,
             )?,
         ),
-        What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters)?),
+        What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters, &ceil)?),
         What::Serve {
             models,
             requests,
@@ -1643,7 +1792,8 @@ fn main() -> Result<()> {
             )?,
         ),
     };
-    let record = json!({"benchmark": name, "gpu": gpu_name(), "date": std::env::var("VPOD_DATE").unwrap_or_default(),
+    let record = json!({"benchmark": name, "gpu": ceil.gpu, "ceilings": ceil.json(),
+        "date": std::env::var("VPOD_DATE").unwrap_or_default(),
         "command": std::env::args().collect::<Vec<_>>().join(" "), "results": rows});
     let path = vpod_benches::write_json(&format!("{name}.json"), &[record])?;
     println!("wrote {}", path.display());
