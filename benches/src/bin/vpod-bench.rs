@@ -15,6 +15,10 @@
 //!   chunk at offsets 4K and 12K, Llama-3-8B and Yi-6B heads: TFLOP/s
 //!   against the measured matmul ceiling (each query tile of ours, and the
 //!   paged prefill);
+//! - `jit`:     the driver's JIT compilation of each of candle's kernel
+//!   modules (they ship as PTX): what a process's first forward pass pays
+//!   when the driver's JIT cache does not hold them (run it with
+//!   `CUDA_CACHE_DISABLE=1` to see that cost);
 //! - `map`:     time to map N page groups of 2 MiB (per-layer regions vs
 //!   megacache) through the CUDA VMM API: GB/s;
 //! - `spikes`:  Llama-3-8B synthetic, batch 4, decoding across many page
@@ -86,6 +90,16 @@ enum What {
         models: Vec<String>,
     },
     Map,
+    Jit {
+        /// candle kernel modules to load (default: all but `quantized`, which
+        /// the Llama models never run).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "affine,binary,cast,conv,fill,indexing,reduce,sort,ternary,unary"
+        )]
+        modules: Vec<String>,
+    },
     Spikes {
         #[arg(long, default_value_t = 512)]
         steps: usize,
@@ -544,6 +558,67 @@ fn prefill(models: &[String], backends: &[String], iters: usize, ceil: &Ceilings
         // SAFETY: single-threaded here.
         unsafe { std::env::remove_var(k) };
     }
+    Ok(rows)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn jit(_: &[String]) -> Result<Vec<Value>> {
+    bail!("the JIT benchmark needs a CUDA build (--features cuda)")
+}
+
+/// Loads each named candle kernel module from its PTX as candle does on the
+/// first use of one of its kernels (`CudaDevice::get_or_load_func`: the
+/// driver JIT-compiles the whole module), timing each load. A fresh load
+/// every time, independent of candle's own module cache.
+#[cfg(feature = "cuda")]
+fn jit(modules: &[String]) -> Result<Vec<Value>> {
+    use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+    use candle_core::cuda_backend::kernels as k;
+    let Device::Cuda(dev) = gpu()? else {
+        bail!("no CUDA device")
+    };
+    let ctx = dev.cuda_stream().context().clone();
+    let all = [
+        ("affine", k::AFFINE),
+        ("binary", k::BINARY),
+        ("cast", k::CAST),
+        ("conv", k::CONV),
+        ("fill", k::FILL),
+        ("indexing", k::INDEXING),
+        ("quantized", k::QUANTIZED),
+        ("reduce", k::REDUCE),
+        ("sort", k::SORT),
+        ("ternary", k::TERNARY),
+        ("unary", k::UNARY),
+    ];
+    let cache = std::env::var("CUDA_CACHE_DISABLE").is_ok_and(|v| v == "1");
+    println!(
+        "driver JIT cache {}\n\n| module | PTX KiB | load s |\n|---|---|---|",
+        if cache {
+            "disabled (CUDA_CACHE_DISABLE=1)"
+        } else {
+            "enabled: loads it holds are fast"
+        }
+    );
+    let mut rows = vec![];
+    let mut total = 0.0;
+    for name in modules {
+        let (_, m) = all.iter().find(|(n, _)| n == name).with_context(|| {
+            let known: Vec<_> = all.iter().map(|(n, _)| *n).collect();
+            format!("jit: unknown candle module {name} (known: {})", known.join(", "))
+        })?;
+        let t = Instant::now();
+        let module = ctx
+            .load_module(Ptx::from_src(m.ptx()))
+            .with_context(|| format!("loading candle's {name} module"))?;
+        let secs = t.elapsed().as_secs_f64();
+        drop(module);
+        total += secs;
+        println!("| {name} | {} | {secs:.2} |", m.ptx().len() >> 10);
+        rows.push(json!({"module": name, "ptx_bytes": m.ptx().len(), "load_s": secs}));
+    }
+    println!("| total | | {total:.2} |");
+    rows.push(json!({"total_load_s": total, "jit_cache_disabled": cache}));
     Ok(rows)
 }
 
@@ -1735,6 +1810,7 @@ fn main() -> Result<()> {
         } => ("decode", decode(*context, batch, backends, args.iters, &ceil)?),
         What::Prefill { backends, models } => ("prefill", prefill(models, backends, args.iters, &ceil)?),
         What::Map => ("map", map(args.iters)?),
+        What::Jit { modules } => ("jit", jit(modules)?),
         What::Spikes { steps } => ("spikes", spikes(*steps)?),
         What::E2e {
             context,
