@@ -16,7 +16,7 @@ fn hybrid_packed_batch_equals_separate_runs() {
         let b: Vec<u32> = (20..27).collect(); // sequence B: 7-token prompt
 
         // Alone: A prefills 11, decodes its 12th; B prefills 7.
-        e.step(
+        e.forward(
             vec![SeqChunk {
                 seq_id: 1,
                 context_len: 0,
@@ -27,7 +27,7 @@ fn hybrid_packed_batch_equals_separate_runs() {
         )
         .unwrap();
         let a_alone = e
-            .step(
+            .forward(
                 vec![SeqChunk {
                     seq_id: 1,
                     context_len: 11,
@@ -38,7 +38,7 @@ fn hybrid_packed_batch_equals_separate_runs() {
             )
             .unwrap();
         let b_alone = e
-            .step(
+            .forward(
                 vec![SeqChunk {
                     seq_id: 2,
                     context_len: 0,
@@ -50,7 +50,7 @@ fn hybrid_packed_batch_equals_separate_runs() {
             .unwrap();
 
         // Together: A's prefill alone, then A's decode and B's whole prompt in one packed step.
-        e.step(
+        e.forward(
             vec![SeqChunk {
                 seq_id: 3,
                 context_len: 0,
@@ -62,7 +62,7 @@ fn hybrid_packed_batch_equals_separate_runs() {
         .unwrap();
         let packed_tokens: Vec<u32> = a[11..].iter().chain(&b).copied().collect();
         let both = e
-            .step(
+            .forward(
                 vec![
                     SeqChunk {
                         seq_id: 3,

@@ -336,7 +336,7 @@ fn fixtures_parity(backend: &str) {
                 query_len: ids.len(),
             };
             let got = e
-                .step(vec![chunk], ids, LogitsAt::AllTokens)
+                .forward(vec![chunk], ids, LogitsAt::AllTokens)
                 .unwrap()
                 .to_device(&Device::Cpu)
                 .unwrap();

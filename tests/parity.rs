@@ -32,7 +32,9 @@ fn logits_match_transformers() {
             context_len: 0,
             query_len: r.prompt_ids.len(),
         };
-        let got = e.step(vec![chunk], &r.prompt_ids, LogitsAt::AllTokens).unwrap();
+        let got = e
+            .forward(vec![chunk], &r.prompt_ids, LogitsAt::AllTokens)
+            .unwrap();
         assert_eq!(got.dims(), want.dims(), "{name}");
         let max = max_abs_diff(&got, &want);
         println!("{name}: max |logit - transformers| = {max:.2e}");

@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let mut seq = 0;
     let prefill_ms = median_ms(1, 5, || {
         seq += 1;
-        engine.step(
+        engine.forward(
             vec![SeqChunk {
                 seq_id: seq,
                 context_len: 0,
@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })?;
     seq += 1;
-    engine.step(
+    engine.forward(
         vec![SeqChunk {
             seq_id: seq,
             context_len: 0,
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let mut ctx = n;
     let decode_ms = median_ms(2, args.decode_steps, || {
-        engine.step(
+        engine.forward(
             vec![SeqChunk {
                 seq_id: seq,
                 context_len: ctx,

@@ -1,18 +1,19 @@
-//! The inference engine as a library, and the command line of the `cli`
-//! binary that drives it.
+//! The command line of the `cli` binary, over the engine crate
+//! ([`vpod_engine`], re-exported here as [`engine`]).
 //!
-//! - [`engine::Engine`]: a loaded model plus one attention backend; `step`
-//!   runs one packed batch, `generate` and `score` drive it.
-//! - [`sampler::Sampler`]: greedy / temperature / top-k / top-p.
+//! - [`Cli`] and [`run`]: `cli generate`, `perplexity`, `compare`, `bench`
+//!   and `serve`, each a loop over the engine's verbs.
+//! - [`serve`]: the OpenAI-compatible HTTP server.
 //! - [`device`]: `--device` / `--dtype`, GPU checks.
-//! - [`Cli`] and [`run`]: `cli generate` and `cli perplexity`.
 
 pub mod compare;
 pub mod device;
-pub mod engine;
 pub mod plot;
-pub mod sampler;
-pub mod scheduler;
+pub mod serve;
+
+/// The engine crate, under the paths the binaries and tests use.
+pub use vpod_engine as engine;
+pub use vpod_engine::{sampler, scheduler};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ pub enum Command {
     /// One backend on the same workloads as `compare` (decode-sweep,
     /// hybrid-sweep, serve, memory), with p50 / p90 / p99 of the step times.
     Bench(BenchArgs),
+    /// An OpenAI-compatible HTTP server (completions, chat, streaming, metrics).
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -233,15 +236,8 @@ pub struct GenerateArgs {
     /// A file with one prompt per line, run as one batch.
     #[arg(long)]
     pub prompts_file: Option<PathBuf>,
-    /// Batch scheduling: prefill-first (vLLM v0.2.7) or hybrid (Sarathi-Serve chunked prefills).
-    #[arg(long, default_value = "hybrid", value_parser = ["prefill-first", "hybrid"])]
-    pub scheduler: String,
-    /// Token budget of a step (hybrid) or most prefill tokens of a step (prefill-first).
-    #[arg(long, default_value_t = 512, value_parser = positive)]
-    pub chunk_size: usize,
-    /// Hybrid: at most one prefill chunk per step (as in the POD-Attention paper).
-    #[arg(long)]
-    pub one_prefill: bool,
+    #[command(flatten)]
+    pub sched: SchedulerArgs,
     /// Instead of a text, a prompt of N pseudo-random token ids (seeded by --seed), BOS first.
     #[arg(long)]
     pub prompt_len: Option<usize>,
@@ -265,6 +261,71 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
 }
 
+impl GenerateArgs {
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+/// How the engine batches requests (`generate` with several prompts, `serve`).
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Batch scheduling: prefill-first (vLLM v0.2.7) or hybrid (Sarathi-Serve chunked prefills).
+    #[arg(long, default_value = "hybrid", value_parser = ["prefill-first", "hybrid"])]
+    pub scheduler: String,
+    /// Token budget of a step (hybrid) or most prefill tokens of a step (prefill-first).
+    #[arg(long, default_value_t = 512, value_parser = positive)]
+    pub chunk_size: usize,
+    /// Hybrid: at most one prefill chunk per step (as in the POD-Attention paper).
+    #[arg(long)]
+    pub one_prefill: bool,
+}
+
+impl SchedulerArgs {
+    pub fn config(&self, max_seqs: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            policy: match self.scheduler.as_str() {
+                "prefill-first" => Policy::PrefillFirst,
+                _ => Policy::Hybrid {
+                    one_prefill: self.one_prefill,
+                },
+            },
+            chunk_size: self.chunk_size,
+            max_seqs,
+        }
+    }
+}
+
+/// `cli serve`: the model behind an OpenAI-compatible HTTP API.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sched: SchedulerArgs,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients send in `model` (default: --model as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Requests that may wait beyond the --max-seqs running ones; past that, 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Seconds requests in flight may still run after SIGINT/SIGTERM before they are aborted.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+}
+
 #[derive(Debug, Args)]
 pub struct PerplexityArgs {
     #[command(flatten)]
@@ -284,7 +345,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity(a),
         Command::Compare(a) => run_workload(&a.model, &a.backends, &a.work, true),
         Command::Bench(a) => run_workload(&a.model, std::slice::from_ref(&a.model.backend), &a.work, false),
+        Command::Serve(a) => serve_http(a),
     }
+}
+
+fn serve_http(a: ServeArgs) -> anyhow::Result<()> {
+    if !a.shutdown_timeout.is_finite() || a.shutdown_timeout < 0.0 {
+        bail!(
+            "--shutdown-timeout must be a number of seconds >= 0, got {}",
+            a.shutdown_timeout
+        );
+    }
+    let listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
+        .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+    let mut s = open_session(&a.model)?;
+    s.engine.set_scheduler(a.sched.config(a.model.max_seqs))?;
+    let cfg = serve::ServerConfig {
+        model_name: a
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| a.model.model.clone()),
+        max_in_flight: a.model.max_seqs + a.max_waiting,
+        shutdown_timeout: std::time::Duration::from_secs_f64(a.shutdown_timeout),
+    };
+    eprintln!(
+        "serving {} ({}, backend {} on {}) as `{}`",
+        s.model_name,
+        format!("{:?}", s.dtype).to_lowercase(),
+        s.engine.backend_name(),
+        s.device,
+        cfg.model_name
+    );
+    let server = serve::start(s.engine, cfg, listener, true)?;
+    eprintln!("listening on http://{}", server.addr);
+    server.join()?;
+    eprintln!("stopped");
+    Ok(())
 }
 
 /// A loaded engine and what the JSON reports about it.
@@ -394,8 +490,8 @@ fn synthetic_prompt(n: usize, vocab: usize, bos: Option<u32>, seed: u64) -> Vec<
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    if a.temperature < 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    if let Err(e) = a.sampling().validate() {
+        bail!("{e} (--temperature, --top-p)");
     }
     let mut texts = a.prompt.clone();
     if let Some(f) = &a.prompts_file {
@@ -415,13 +511,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(n)) => synthetic_prompt(n, m.config.vocab_size, m.bos_id, a.seed),
         (None, None) => bail!("give --prompt TEXT or --prompt-len N"),
     };
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        seed: a.seed,
-        ignore_eos: a.ignore_eos,
-    };
+    let sampling = a.sampling();
     // Stream text only when there is a tokenizer and no JSON was asked for.
     let tok = if a.model.json {
         None
@@ -635,13 +725,7 @@ fn run_workload(
 /// Several prompts as one batch through the scheduler; prints each
 /// completion (or one JSON object with per-request metrics).
 fn generate_batch(a: &GenerateArgs, s: &mut Session, texts: &[String]) -> anyhow::Result<()> {
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        seed: a.seed,
-        ignore_eos: a.ignore_eos,
-    };
+    let sampling = a.sampling();
     let tok = s.engine.model.tokenizer()?.clone();
     let requests = texts
         .iter()
@@ -654,17 +738,7 @@ fn generate_batch(a: &GenerateArgs, s: &mut Session, texts: &[String]) -> anyhow
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let policy = match a.scheduler.as_str() {
-        "prefill-first" => Policy::PrefillFirst,
-        _ => Policy::Hybrid {
-            one_prefill: a.one_prefill,
-        },
-    };
-    let cfg = SchedulerConfig {
-        policy,
-        chunk_size: a.chunk_size,
-        max_seqs: a.model.max_seqs,
-    };
+    let cfg = a.sched.config(a.model.max_seqs);
     let out = s.engine.run_batch(&requests, cfg, &mut |_, _| Ok(()))?;
     let wall_ms: f64 = out.steps.iter().map(|st| st.ms).sum();
     let generated: usize = out.requests.iter().map(|r| r.tokens.len()).sum();
@@ -695,8 +769,8 @@ fn generate_batch(a: &GenerateArgs, s: &mut Session, texts: &[String]) -> anyhow
             "backend": s.engine.backend_name(),
             "device": s.device,
             "dtype": format!("{:?}", s.dtype).to_lowercase(),
-            "scheduler": a.scheduler,
-            "chunk_size": a.chunk_size,
+            "scheduler": a.sched.scheduler,
+            "chunk_size": a.sched.chunk_size,
             "requests": reqs,
             "steps": out.steps.len(),
             "generated_tokens": generated,
@@ -715,7 +789,7 @@ fn generate_batch(a: &GenerateArgs, s: &mut Session, texts: &[String]) -> anyhow
             generated as f64 / (wall_ms / 1e3).max(1e-9),
             s.engine.backend_name(),
             s.device,
-            a.scheduler
+            a.sched.scheduler
         );
     }
     Ok(())

@@ -95,6 +95,9 @@ pub struct ModelFiles {
     pub source: ModelSource,
     pub config: PathBuf,
     pub generation_config: Option<PathBuf>,
+    /// `tokenizer_config.json`, when the checkpoint has one (its
+    /// `chat_template` and special tokens).
+    pub tokenizer_config: Option<PathBuf>,
     /// One file, or every shard named by `model.safetensors.index.json`.
     pub weights: Vec<PathBuf>,
     pub tokenizer: TokenizerFile,
@@ -195,6 +198,10 @@ pub fn fetch_model_files(source: &ModelSource, opts: &HubOptions) -> Result<Mode
         true => Some(store.fetch("generation_config.json")?),
         false => None,
     };
+    let tokenizer_config = match files.contains("tokenizer_config.json") {
+        true => Some(store.fetch("tokenizer_config.json")?),
+        false => None,
+    };
     let tokenizer = if files.contains("tokenizer.json") {
         TokenizerFile::Json(store.fetch("tokenizer.json")?)
     } else if files.contains("tokenizer.model") {
@@ -229,6 +236,7 @@ pub fn fetch_model_files(source: &ModelSource, opts: &HubOptions) -> Result<Mode
         source: source.clone(),
         config,
         generation_config,
+        tokenizer_config,
         weights,
         tokenizer,
     })

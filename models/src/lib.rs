@@ -25,7 +25,7 @@ pub use error::{ModelError, Result};
 pub use hub::{HubOptions, ModelFiles, ModelSource, TokenizerFile, fetch_model_files, shard_names};
 pub use llama::Llama;
 pub use presets::{PRESETS, Preset, preset, preset_names};
-pub use tokenizer::{TextTokenizer, TokenStream};
+pub use tokenizer::{Detokenizer, TextTokenizer, TokenStream};
 pub use weights::{SyntheticWeights, TensorSource, Weights};
 
 /// A model ready to run: its config, weights on the device, tokenizer and

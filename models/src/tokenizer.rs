@@ -77,9 +77,7 @@ impl TextTokenizer {
     pub fn stream(&self) -> TokenStream<'_> {
         TokenStream {
             tok: self,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
+            state: Detokenizer::default(),
         }
     }
 }
@@ -87,9 +85,10 @@ impl TextTokenizer {
 /// Incremental detokenization for streaming output. Decodes a small window
 /// of ids (so that multi-token characters and leading-space rules come out
 /// right) and holds text back while it ends in an incomplete UTF-8 sequence.
-#[derive(Debug)]
-pub struct TokenStream<'a> {
-    tok: &'a TextTokenizer,
+/// It owns no tokenizer (each call takes one), so that it can live in a
+/// server's per-request state; [`TokenStream`] pairs it with one.
+#[derive(Debug, Clone, Default)]
+pub struct Detokenizer {
     ids: Vec<u32>,
     /// Start of the decode window.
     prefix: usize,
@@ -97,12 +96,12 @@ pub struct TokenStream<'a> {
     read: usize,
 }
 
-impl TokenStream<'_> {
+impl Detokenizer {
     /// Adds one id; returns newly completed text, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
         if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
             let piece = now[before.len()..].to_string();
             self.prefix = self.read;
@@ -114,10 +113,29 @@ impl TokenStream<'_> {
     }
 
     /// Text still held back (an incomplete character at the end), as decoded now.
-    pub fn finish(&self) -> Result<Option<String>> {
-        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tok.decode(&self.ids[self.prefix..])?;
+    pub fn finish(&self, tok: &TextTokenizer) -> Result<Option<String>> {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
         Ok((now.len() > before.len() && now.is_char_boundary(before.len()))
             .then(|| now[before.len()..].to_string()))
+    }
+}
+
+/// A [`Detokenizer`] bound to its tokenizer.
+#[derive(Debug)]
+pub struct TokenStream<'a> {
+    tok: &'a TextTokenizer,
+    state: Detokenizer,
+}
+
+impl TokenStream<'_> {
+    /// Adds one id; returns newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.state.push(self.tok, id)
+    }
+
+    /// Text still held back (an incomplete character at the end), as decoded now.
+    pub fn finish(&self) -> Result<Option<String>> {
+        self.state.finish(self.tok)
     }
 }

@@ -33,6 +33,23 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Why these values cannot be sampled with, if they cannot: a negative
+    /// or non-finite temperature, `top_p` outside (0, 1].
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
@@ -103,6 +120,27 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validate_refuses_what_cannot_be_sampled_with() {
+        let ok = SamplingParams::default();
+        assert!(ok.validate().is_ok());
+        for (t, p) in [
+            (-0.1, 1.0),
+            (f32::NAN, 1.0),
+            (f32::INFINITY, 1.0),
+            (1.0, 0.0),
+            (1.0, 1.5),
+            (1.0, f32::NAN),
+        ] {
+            let bad = SamplingParams {
+                temperature: t,
+                top_p: p,
+                ..ok
+            };
+            assert!(bad.validate().is_err(), "temperature {t} top_p {p}");
+        }
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -108,6 +108,15 @@ impl Scheduler {
         self.running.retain(|s| s.id != id);
     }
 
+    /// Drops a sequence wherever it is, waiting or running (the caller frees
+    /// its KV). Returns whether it was there.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        let before = self.waiting.len() + self.running.len();
+        self.waiting.retain(|s| s.id != id);
+        self.running.retain(|s| s.id != id);
+        self.waiting.len() + self.running.len() < before
+    }
+
     /// Records that a step computed `n` tokens of `id` and, if it produced
     /// a token, that the sequence grew by one.
     pub fn advance(&mut self, id: SeqId, n: usize, produced: bool) {

@@ -1,0 +1,88 @@
+//! Attention timing for the step records: a backend wrapper that adds up the
+//! time its calls take, on a CUDA device by a pair of timing events around
+//! each call on the device's stream (nothing waits; [`AttentionTimes::take_ms`]
+//! reads them once the step's results are on the host), elsewhere by the
+//! host clock.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use vpod_attention::{AttentionBackend, BatchMeta, SeqId};
+
+/// Forwards to a backend and adds up the time its calls take.
+#[derive(Debug)]
+pub(crate) struct Timed<'a> {
+    pub inner: &'a mut dyn AttentionBackend,
+    pub device: candle_core::Device,
+    pub times: &'a mut AttentionTimes,
+}
+
+/// The attention time of the step in flight.
+#[derive(Debug, Default)]
+pub(crate) struct AttentionTimes {
+    host: Duration,
+    #[cfg(feature = "cuda")]
+    events: Vec<(
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    )>,
+}
+
+impl AttentionTimes {
+    /// The step's total in ms (waits for its events: call after the step's
+    /// results have arrived, when they are all complete), and resets.
+    pub fn take_ms(&mut self) -> candle_core::Result<f64> {
+        #[allow(unused_mut)]
+        let mut ms = std::mem::take(&mut self.host).as_secs_f64() * 1e3;
+        #[cfg(feature = "cuda")]
+        for (a, b) in self.events.drain(..) {
+            ms += a.elapsed_ms(&b).map_err(event_err)? as f64;
+        }
+        Ok(ms)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn event_err(e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("CUDA event: {e:?}"))
+}
+
+impl AttentionBackend for Timed<'_> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn forward(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+    ) -> vpod_attention::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = &self.device {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            let stream = dev.cuda_stream();
+            let event = || {
+                stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(event_err)
+            };
+            let start = event()?;
+            let out = self.inner.forward(layer, q, k, v, meta)?;
+            self.times.events.push((start, event()?));
+            return Ok(out);
+        }
+        self.device.synchronize()?;
+        let t = Instant::now();
+        let out = self.inner.forward(layer, q, k, v, meta)?;
+        self.device.synchronize()?;
+        self.times.host += t.elapsed();
+        Ok(out)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.inner.release(seq)
+    }
+}
