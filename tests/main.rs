@@ -16,4 +16,5 @@ mod engine;
 mod gpu;
 mod hub;
 mod parity;
+mod serve;
 mod tokenizer;

@@ -129,6 +129,25 @@ impl LlamaConfig {
         if raw.attention_bias || raw.mlp_bias {
             return Err(bad("attention or MLP biases are not supported".into()));
         }
+        // Sizes that no model can have (they would fail deep inside a
+        // forward pass, or divide by zero, instead of here).
+        for (name, v) in [
+            ("num_hidden_layers", raw.num_hidden_layers),
+            ("hidden_size", raw.hidden_size),
+            ("intermediate_size", raw.intermediate_size),
+            ("vocab_size", raw.vocab_size),
+            ("max_position_embeddings", raw.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(bad(format!("{name} must be at least 1, got 0")));
+            }
+        }
+        if !(raw.rms_norm_eps.is_finite() && raw.rms_norm_eps > 0.0) {
+            return Err(bad(format!(
+                "rms_norm_eps must be a positive number, got {}",
+                raw.rms_norm_eps
+            )));
+        }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads == 0
             || num_kv_heads == 0
@@ -151,8 +170,10 @@ impl LlamaConfig {
                 )));
             }
         };
-        if !head_dim.is_multiple_of(2) {
-            return Err(bad(format!("head_dim {head_dim} must be even for RoPE")));
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {head_dim} must be even and positive for RoPE"
+            )));
         }
 
         // Newer files nest everything under rope_parameters; older ones have
@@ -164,6 +185,11 @@ impl LlamaConfig {
             }
             None => (raw.rope_theta, raw.rope_scaling.as_ref()),
         };
+        if let Some(t) = rope_theta
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(bad(format!("rope_theta must be a positive number, got {t}")));
+        }
         let rope_scaling = match scaling {
             Some(s) if !s.is_null() => parse_rope_scaling(s).map_err(bad)?,
             _ => None,
@@ -348,5 +374,51 @@ mod tests {
             LlamaConfig::from_json(gpt2),
             Err(ModelError::UnsupportedArchitecture { .. })
         ));
+    }
+
+    #[test]
+    fn refuses_impossible_values() {
+        for (from, to, want) in [
+            (
+                r#""num_hidden_layers": 32"#,
+                r#""num_hidden_layers": 0"#,
+                "num_hidden_layers must be at least 1",
+            ),
+            (
+                r#""vocab_size": 64000"#,
+                r#""vocab_size": 0"#,
+                "vocab_size must be at least 1",
+            ),
+            (
+                r#""rope_theta": 5000000.0"#,
+                r#""rope_theta": -1.0"#,
+                "rope_theta must be a positive number",
+            ),
+            (
+                r#""rope_theta": 5000000.0"#,
+                r#""rope_theta": 0"#,
+                "rope_theta must be a positive number",
+            ),
+            (
+                r#""rms_norm_eps": 1e-05"#,
+                r#""rms_norm_eps": 0"#,
+                "rms_norm_eps must be a positive number",
+            ),
+            (
+                r#""num_key_value_heads": 4"#,
+                r#""num_key_value_heads": 0"#,
+                "num_key_value_heads 0",
+            ),
+            (
+                r#""max_position_embeddings": 4096"#,
+                r#""max_position_embeddings": 0"#,
+                "max_position_embeddings",
+            ),
+        ] {
+            let text = YI_6B_OLD.replace(from, to);
+            assert_ne!(text, YI_6B_OLD);
+            let err = LlamaConfig::from_json(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{to}: {err}");
+        }
     }
 }

@@ -32,6 +32,14 @@ pub enum ModelError {
         file: PathBuf,
     },
     #[error(
+        "tensor '{name}' in {file} holds {dtype} values; weights must be floating point (f32, f16, bf16)"
+    )]
+    NonFloatTensor {
+        name: String,
+        dtype: String,
+        file: PathBuf,
+    },
+    #[error(
         "cannot read safetensors file {path}: {reason} (truncated or corrupt? delete it and download it again)"
     )]
     CorruptWeights { path: PathBuf, reason: String },

@@ -154,6 +154,21 @@ impl TensorSource for Weights {
                 file: f.path.clone(),
             });
         }
+        // Integer or boolean tensors would convert to floats without a word
+        // (quantized checkpoints store packed integers): refuse them.
+        if !matches!(
+            e.dtype,
+            safetensors::Dtype::F16
+                | safetensors::Dtype::BF16
+                | safetensors::Dtype::F32
+                | safetensors::Dtype::F64
+        ) {
+            return Err(ModelError::NonFloatTensor {
+                name: name.into(),
+                dtype: format!("{:?}", e.dtype),
+                file: f.path.clone(),
+            });
+        }
         let (start, end) = (f.data_start + e.range.0, f.data_start + e.range.1);
         let view = TensorView::new(e.dtype, e.shape.clone(), &f.mmap[start..end])
             .map_err(|err| corrupt(&f.path, err))?;

@@ -671,7 +671,7 @@ impl Generation {
     }
 
     fn logprobs_json(&self, lps: &[(String, f32)], text_offset: usize) -> Value {
-        if !self.p.logprobs {
+        if !self.p.logprobs || lps.is_empty() {
             return Value::Null;
         }
         match self.p.kind {
