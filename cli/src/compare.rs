@@ -74,7 +74,7 @@ fn timed_sampling() -> SamplingParams {
     }
 }
 
-fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
+pub(crate) fn trace_prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..len)
         .map(|i| 1 + ((i * 2654435761 + salt * 40503) % (vocab - 1).max(1)) as u32)
         .collect()
@@ -173,7 +173,7 @@ fn agreement_prompts(e: &Engine) -> Vec<Vec<u32>> {
     [5usize, 17, 40]
         .iter()
         .enumerate()
-        .map(|(i, &n)| prompt(n.min(max - 17), vocab, i))
+        .map(|(i, &n)| trace_prompt(n.min(max - 17), vocab, i))
         .collect()
 }
 
@@ -466,7 +466,7 @@ fn decode_sweep(
         for &c in contexts {
             let reqs: Vec<Request> = (0..b)
                 .map(|i| Request {
-                    prompt: prompt(c, vocab, i),
+                    prompt: trace_prompt(c, vocab, i),
                     max_tokens: tokens,
                     sampling: timed_sampling(),
                     arrival_ms: 0.0,
@@ -526,14 +526,14 @@ fn hybrid_sweep(
                 // prefilled p tokens a step while they decode.
                 let mut reqs: Vec<Request> = (0..b)
                     .map(|i| Request {
-                        prompt: prompt(c, vocab, i),
+                        prompt: trace_prompt(c, vocab, i),
                         max_tokens: hybrid_decode_tokens(b, c, p, prefill_len),
                         sampling: timed_sampling(),
                         arrival_ms: 0.0,
                     })
                     .collect();
                 reqs.push(Request {
-                    prompt: prompt(prefill_len, vocab, 99),
+                    prompt: trace_prompt(prefill_len, vocab, 99),
                     max_tokens: 1,
                     sampling: timed_sampling(),
                     arrival_ms: 0.0,
@@ -649,7 +649,7 @@ fn serve(e: &mut Engine, trace: &[(usize, usize, f64)]) -> Result<Value> {
         .iter()
         .enumerate()
         .map(|(i, &(p, o, at))| Request {
-            prompt: prompt(p.min(max), vocab, i),
+            prompt: trace_prompt(p.min(max), vocab, i),
             max_tokens: o,
             sampling: timed_sampling(),
             arrival_ms: at,
@@ -690,7 +690,7 @@ fn memory(e: &mut Engine, requests: usize, prompt_len: usize, max_tokens: usize)
     let vocab = e.model.config.vocab_size;
     let reqs: Vec<Request> = (0..requests)
         .map(|i| Request {
-            prompt: prompt(prompt_len, vocab, i),
+            prompt: trace_prompt(prompt_len, vocab, i),
             max_tokens,
             sampling: timed_sampling(),
             arrival_ms: 0.0,

@@ -8,6 +8,7 @@
 
 pub mod compare;
 pub mod device;
+pub mod http_bench;
 pub mod plot;
 pub mod serve;
 
@@ -82,6 +83,11 @@ pub struct BenchArgs {
     /// Model, device, dtype, cache options and the backend to measure.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Instead of a model in this process, a running OpenAI-compatible server
+    /// (`cli serve`, vLLM, ...): the `serve` workload over HTTP with streaming
+    /// requests; http_bench.json in --out.
+    #[arg(long)]
+    pub url: Option<String>,
     #[command(flatten)]
     pub work: WorkloadArgs,
 }
@@ -344,7 +350,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Compare(a) => run_workload(&a.model, &a.backends, &a.work, true),
-        Command::Bench(a) => run_workload(&a.model, std::slice::from_ref(&a.model.backend), &a.work, false),
+        Command::Bench(a) => match &a.url {
+            Some(url) => {
+                if a.work.workload != "serve" {
+                    bail!(
+                        "--url benchmarks a server with the serve workload, not {}",
+                        a.work.workload
+                    );
+                }
+                http_bench::run(url, &serve_trace(&a.work)?, a.work.out.as_deref())
+            }
+            None => run_workload(&a.model, std::slice::from_ref(&a.model.backend), &a.work, false),
+        },
         Command::Serve(a) => serve_http(a),
     }
 }
@@ -576,6 +593,21 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `serve` workload's requests: `--trace`, or synthetic lengths with
+/// Poisson arrivals at `--rate`.
+fn serve_trace(a: &WorkloadArgs) -> anyhow::Result<Vec<(usize, usize, f64)>> {
+    if !a.rate.is_finite() || a.rate < 0.0 {
+        bail!("--rate must be a number of requests/s >= 0, got {}", a.rate);
+    }
+    Ok(match &a.trace {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+            compare::read_trace(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+        }
+        None => compare::synthetic_trace(a.requests, a.prompt_len, a.max_tokens, a.rate, 42),
+    })
+}
+
 /// `compare` (several backends, agreement first) and `bench` (one backend).
 fn run_workload(
     m: &ModelArgs,
@@ -628,17 +660,9 @@ fn run_workload(
                 max_tokens: a.max_tokens,
             }
         }
-        "serve" => {
-            let trace = match &a.trace {
-                Some(f) => {
-                    let text =
-                        std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-                    compare::read_trace(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
-                }
-                None => compare::synthetic_trace(a.requests, a.prompt_len, a.max_tokens, a.rate, 42),
-            };
-            compare::Workload::Serve { trace }
-        }
+        "serve" => compare::Workload::Serve {
+            trace: serve_trace(a)?,
+        },
         "hybrid-sweep" => compare::Workload::HybridSweep {
             chunks: a.chunks.clone(),
             batches: a.batches.clone(),

@@ -278,6 +278,7 @@ async fn models(State(s): State<Arc<AppState>>) -> axum::Json<Value> {
             "created": s.created,
             "owned_by": "vpod",
             "max_model_len": s.max_context,
+            "vocab_size": s.vocab,
         }],
     }))
 }
