@@ -90,6 +90,16 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     /// The name it is selected by (`--backend NAME`).
     fn name(&self) -> &'static str;
 
+    /// Builds the step's plan from its batch metadata, once per step, before
+    /// the first layer's call (vLLM's metadata builder): cache growth for the
+    /// new tokens, and on a GPU the step's addressing, work lists and (`pod`)
+    /// the choice of kernel. [`AttentionStep::new`] calls it; every
+    /// [`Self::forward`] of the step only executes the plan (a `forward` with
+    /// a `meta` that was not planned plans it first).
+    fn plan_step(&mut self, _meta: &BatchMeta) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes the step's new `k`/`v` of `layer` into the cache after each
     /// sequence's `context_len` cached tokens, then attends every query token
     /// causally over its sequence's first `context_len + i + 1` keys.
@@ -273,8 +283,11 @@ pub struct AttentionStep<'a> {
 }
 
 impl<'a> AttentionStep<'a> {
-    pub fn new(backend: &'a mut dyn AttentionBackend, meta: &'a BatchMeta) -> Self {
-        Self { backend, meta }
+    /// Plans the step on `backend` ([`AttentionBackend::plan_step`]); the
+    /// layers' [`Self::attend`] calls then execute that plan.
+    pub fn new(backend: &'a mut dyn AttentionBackend, meta: &'a BatchMeta) -> Result<Self> {
+        backend.plan_step(meta)?;
+        Ok(Self { backend, meta })
     }
 
     pub fn meta(&self) -> &BatchMeta {

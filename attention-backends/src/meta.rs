@@ -44,6 +44,9 @@ pub struct BatchMeta {
     positions: Tensor,
     /// `[num_seqs]` u32 rows whose logits are wanted, or `None` for all T rows.
     logit_rows: Option<Tensor>,
+    /// Unique per `BatchMeta::new`: a backend's step plan records the step
+    /// it was built for, so that it is never used for another one.
+    id: u64,
 }
 
 impl BatchMeta {
@@ -81,12 +84,19 @@ impl BatchMeta {
             LogitsAt::LastToken => Some(Tensor::from_vec(last_rows, seqs.len(), device)?),
             LogitsAt::AllTokens => None,
         };
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Self {
             seqs,
             query_start,
             positions,
             logit_rows,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// This step's identity (see [`crate::AttentionBackend::plan_step`]).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn seqs(&self) -> &[SeqChunk] {

@@ -31,8 +31,8 @@ pub struct PagedBackend {
     cfg: AttnConfig,
     cache: PagedCache,
     scale: f32,
-    /// `[T]` i64 slot of each token of the current step, built at layer 0.
-    slots: Option<Tensor>,
+    /// `[T]` i64 slot of each token of the planned step, and that step's id.
+    slots: Option<(u64, Tensor)>,
     /// The step's block tables and work lists on the GPU (CUDA device only).
     #[cfg(feature = "cuda")]
     gpu: Option<crate::paged_gpu::PagedPlan>,
@@ -118,6 +118,23 @@ impl AttentionBackend for PagedBackend {
         "paged"
     }
 
+    /// Grows the sequences' block tables for the new tokens and builds the
+    /// step's slot mapping (and, on a GPU, its block tables and work lists).
+    fn plan_step(&mut self, meta: &BatchMeta) -> Result<()> {
+        let device = meta.positions().device().clone();
+        self.slots = Some((meta.id(), prepare(&mut self.cache, meta, &device)?));
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &device {
+            self.gpu = Some(crate::paged_gpu::PagedPlan::new(
+                dev,
+                &self.cache,
+                meta,
+                self.cfg.num_heads,
+            )?);
+        }
+        Ok(())
+    }
+
     fn forward(
         &mut self,
         layer: usize,
@@ -126,20 +143,11 @@ impl AttentionBackend for PagedBackend {
         v: &Tensor,
         meta: &BatchMeta,
     ) -> Result<Tensor> {
-        if layer == 0 || self.slots.is_none() {
-            self.slots = Some(prepare(&mut self.cache, meta, q.device())?);
-            #[cfg(feature = "cuda")]
-            if let Device::Cuda(dev) = q.device() {
-                self.gpu = Some(crate::paged_gpu::PagedPlan::new(
-                    dev,
-                    &self.cache,
-                    meta,
-                    self.cfg.num_heads,
-                )?);
-            }
+        if self.slots.as_ref().is_none_or(|(id, _)| *id != meta.id()) {
+            self.plan_step(meta)?;
         }
-        let Some(slots) = self.slots.as_ref() else {
-            unreachable!("built above")
+        let Some((_, slots)) = self.slots.as_ref() else {
+            unreachable!("planned above")
         };
         let layout = *self.cache.layout();
         write_kv(

@@ -188,6 +188,8 @@ pub struct VirtualBackend {
     cfg: AttnConfig,
     cache: VirtualCache,
     scale: f32,
+    /// The step [`AttentionBackend::plan_step`] last planned.
+    planned: Option<u64>,
     #[cfg(feature = "cuda")]
     gpu: Option<Gpu>,
 }
@@ -243,6 +245,7 @@ impl VirtualBackend {
                 cfg,
                 cache,
                 scale,
+                planned: None,
                 gpu: Some(Gpu {
                     dev: dev.clone(),
                     sms: sms.max(1) as usize,
@@ -257,6 +260,7 @@ impl VirtualBackend {
             cfg,
             cache: VirtualCache::new(vcfg)?,
             scale,
+            planned: None,
             #[cfg(feature = "cuda")]
             gpu: None,
         })
@@ -375,6 +379,70 @@ impl AttentionBackend for VirtualBackend {
         self.name
     }
 
+    /// Grows the sequences for the new tokens and waits for the pages mapped
+    /// for this step; on a GPU, builds the step's addressing and (`pod`)
+    /// picks how its hybrid attention runs.
+    fn plan_step(&mut self, meta: &BatchMeta) -> Result<()> {
+        crate::make_room(&mut self.cache, meta)?;
+        // Pages mapped for this step (here or ahead) must be in place.
+        self.cache.fence()?;
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            gpu.plan = None;
+            use crate::PodMode;
+            // `VPOD_POD_MODE` (benchmarks) overrides the spec's mode.
+            let env = std::env::var("VPOD_POD_MODE")
+                .ok()
+                .and_then(|m| PodMode::parse(&m));
+            let mode = gpu.pod.as_ref().map(|p| env.unwrap_or(p.0));
+            // The step's two halves, predicted (`None`: one kind only,
+            // which runs the plain kernels whatever the mode).
+            let halves = pod_step_halves(meta, &self.cfg);
+            let single = halves.is_none();
+            let (path, note) = match mode {
+                None => (PodPath::Serial, None),
+                Some(_) if single => (PodPath::Serial, Some(plan_pod_step(meta, &self.cfg).1)),
+                Some(PodMode::Serial) => (PodPath::Serial, Some("serial (pod:serial)".to_string())),
+                Some(PodMode::Streams) => (PodPath::Streams, Some("two streams (pod:streams)".to_string())),
+                Some(PodMode::Fused) => {
+                    // The kernel still suits the step's halves.
+                    let k = halves.map_or(PodKernel::OneToOne, |(tp, td)| pod_kernel_for(tp, td));
+                    (PodPath::Fused(k), Some("fused (pod:fused)".to_string()))
+                }
+                Some(PodMode::Auto) => {
+                    let (path, note) = plan_pod_step(meta, &self.cfg);
+                    (path, Some(note))
+                }
+            };
+            // Decode split waves: one for a plain decode launch; for a
+            // fused one `VPOD_POD_SPLIT_WAVES` (benchmarks) or the rule.
+            let waves = match path {
+                PodPath::Fused(_) => crate::vattention_gpu::pod_split_waves_env().unwrap_or_else(|| {
+                    let decodes = meta.seqs().iter().filter(|s| s.query_len == 1).count();
+                    halves.map_or(POD_SPLIT_WAVES, |(tp, td)| {
+                        pod_split_waves_for(tp, td, decodes, self.cfg.num_kv_heads, gpu.sms)
+                    })
+                }),
+                _ => 1,
+            };
+            gpu.path_note = note.map(|n| match waves {
+                1 | POD_SPLIT_WAVES => n,
+                w => format!("{n}; decode splits for {w} waves"),
+            });
+            gpu.plan = Some(crate::vattention_gpu::StepPlan::new(
+                &gpu.dev,
+                &self.cache,
+                meta,
+                &self.cfg,
+                gpu.sms,
+                path,
+                waves,
+            )?);
+        }
+        self.planned = Some(meta.id());
+        Ok(())
+    }
+
     fn forward(
         &mut self,
         layer: usize,
@@ -383,74 +451,13 @@ impl AttentionBackend for VirtualBackend {
         v: &Tensor,
         meta: &BatchMeta,
     ) -> Result<Tensor> {
-        if layer == 0 {
-            crate::make_room(&mut self.cache, meta)?;
-            // Pages mapped for this step (here or ahead) must be in place.
-            self.cache.fence()?;
+        if self.planned != Some(meta.id()) {
+            self.plan_step(meta)?;
         }
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &mut self.gpu {
-            // The step's addressing is planned at layer 0 and shared by the other layers.
-            if layer == 0 {
-                gpu.plan = None;
-            }
-            let plan = match &mut gpu.plan {
-                Some(plan) => plan,
-                none => {
-                    use crate::PodMode;
-                    // `VPOD_POD_MODE` (benchmarks) overrides the spec's mode.
-                    let env = std::env::var("VPOD_POD_MODE")
-                        .ok()
-                        .and_then(|m| PodMode::parse(&m));
-                    let mode = gpu.pod.as_ref().map(|p| env.unwrap_or(p.0));
-                    // The step's two halves, predicted (`None`: one kind only,
-                    // which runs the plain kernels whatever the mode).
-                    let halves = pod_step_halves(meta, &self.cfg);
-                    let single = halves.is_none();
-                    let (path, note) = match mode {
-                        None => (PodPath::Serial, None),
-                        Some(_) if single => (PodPath::Serial, Some(plan_pod_step(meta, &self.cfg).1)),
-                        Some(PodMode::Serial) => (PodPath::Serial, Some("serial (pod:serial)".to_string())),
-                        Some(PodMode::Streams) => {
-                            (PodPath::Streams, Some("two streams (pod:streams)".to_string()))
-                        }
-                        Some(PodMode::Fused) => {
-                            // The kernel still suits the step's halves.
-                            let k = halves.map_or(PodKernel::OneToOne, |(tp, td)| pod_kernel_for(tp, td));
-                            (PodPath::Fused(k), Some("fused (pod:fused)".to_string()))
-                        }
-                        Some(PodMode::Auto) => {
-                            let (path, note) = plan_pod_step(meta, &self.cfg);
-                            (path, Some(note))
-                        }
-                    };
-                    // Decode split waves: one for a plain decode launch; for a
-                    // fused one `VPOD_POD_SPLIT_WAVES` (benchmarks) or the rule.
-                    let waves = match path {
-                        PodPath::Fused(_) => {
-                            crate::vattention_gpu::pod_split_waves_env().unwrap_or_else(|| {
-                                let decodes = meta.seqs().iter().filter(|s| s.query_len == 1).count();
-                                halves.map_or(POD_SPLIT_WAVES, |(tp, td)| {
-                                    pod_split_waves_for(tp, td, decodes, self.cfg.num_kv_heads, gpu.sms)
-                                })
-                            })
-                        }
-                        _ => 1,
-                    };
-                    gpu.path_note = note.map(|n| match waves {
-                        1 | POD_SPLIT_WAVES => n,
-                        w => format!("{n}; decode splits for {w} waves"),
-                    });
-                    none.insert(crate::vattention_gpu::StepPlan::new(
-                        &gpu.dev,
-                        &self.cache,
-                        meta,
-                        &self.cfg,
-                        gpu.sms,
-                        path,
-                        waves,
-                    )?)
-                }
+            let Some(plan) = gpu.plan.as_mut() else {
+                unreachable!("planned above")
             };
             let op = crate::vattention_gpu::GpuAttention {
                 plan,

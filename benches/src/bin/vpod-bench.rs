@@ -1276,7 +1276,8 @@ fn hybrid(
                         for &i in &order {
                             let env = &variants[i].1;
                             set_hybrid_env(env);
-                            // Layer 0 plans the step under this variant's settings.
+                            // Plan the step under this variant's settings.
+                            b.plan_step(&qkv_meta)?;
                             b.forward(0, &q, &k, &v, &qkv_meta)?;
                             b.forward(1, &q, &k, &v, &qkv_meta)?;
                             dev.synchronize()?;

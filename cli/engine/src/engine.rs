@@ -643,10 +643,10 @@ impl Engine {
                 device,
                 times: &mut self.attention_time,
             };
-            let mut attn = AttentionStep::new(&mut timed, &meta);
+            let mut attn = AttentionStep::new(&mut timed, &meta)?;
             return Ok(self.model.model.forward(&tokens, &mut attn)?);
         }
-        let mut attn = AttentionStep::new(self.backend.as_mut(), &meta);
+        let mut attn = AttentionStep::new(self.backend.as_mut(), &meta)?;
         Ok(self.model.model.forward(&tokens, &mut attn)?)
     }
 

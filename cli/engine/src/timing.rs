@@ -52,6 +52,10 @@ impl AttentionBackend for Timed<'_> {
         self.inner.name()
     }
 
+    fn plan_step(&mut self, meta: &BatchMeta) -> vpod_attention::Result<()> {
+        self.inner.plan_step(meta)
+    }
+
     fn forward(
         &mut self,
         layer: usize,
