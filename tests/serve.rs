@@ -566,3 +566,45 @@ fn cli_serve_exits_zero_on_sigterm() {
     err.read_to_string(&mut rest).unwrap();
     assert!(status.success(), "exit {status}: {log}{rest}");
 }
+
+/// The `openai` Python package as the client. CI installs it (`.ci/run`
+/// sets `VPOD_REQUIRE_OPENAI=1`); elsewhere the test says it is skipped.
+#[test]
+fn the_openai_python_client_works() {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var_os("VPOD_REQUIRE_OPENAI").is_none(),
+            "VPOD_REQUIRE_OPENAI is set but `python3 -c 'import openai'` fails"
+        );
+        eprintln!("skipped: the openai Python package is not installed (pip install openai)");
+        return;
+    }
+    let prompts = &PROMPTS[..3];
+    let want: serde_json::Map<String, Value> = prompts
+        .iter()
+        .map(|p| {
+            let out = cli(&["generate", "--prompt", p, "--max-tokens", "20", "--json"], &[]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            (p.to_string(), v["text"].clone())
+        })
+        .collect();
+    let s = server(true, 4, 16);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/openai_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&s.base)
+        .arg(Value::Object(want).to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("ok"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
