@@ -254,3 +254,52 @@ fn block_and_page_sizes_that_do_not_fit() {
     ]);
     assert_contains(&e, &["page size 1000 must be a multiple of 4096 bytes"]);
 }
+
+#[test]
+fn integer_weight_tensors_are_refused() {
+    let t = scratch_copy("tiny-llama3-gqa4");
+    let path = t.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let w = tensors["model.norm.weight"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    tensors.insert("model.norm.weight".into(), w);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    assert_contains(
+        &generate(t.path()),
+        &["model.norm.weight", "U32", "must be floating point"],
+    );
+}
+
+#[test]
+fn impossible_config_values_are_refused() {
+    for (from, to, want) in [
+        (
+            "\"num_hidden_layers\": 2",
+            "\"num_hidden_layers\": 0",
+            "num_hidden_layers must be at least 1",
+        ),
+        (
+            "\"rms_norm_eps\": 1e-05",
+            "\"rms_norm_eps\": -1",
+            "rms_norm_eps must be a positive number",
+        ),
+    ] {
+        let t = scratch_copy("tiny-llama3-gqa4");
+        let p = t.path().join("config.json");
+        let cfg = std::fs::read_to_string(&p).unwrap();
+        assert!(cfg.contains(from), "{from} not in the fixture's config");
+        std::fs::write(&p, cfg.replace(from, to)).unwrap();
+        assert_contains(&generate(t.path()), &[want]);
+    }
+}
+
+#[test]
+fn non_finite_sampling_flags_are_refused() {
+    let e = fails(&["generate", "--prompt", "x", "--temperature", "NaN"]);
+    assert_contains(&e, &["temperature must be a finite number"]);
+    let e = fails(&["generate", "--prompt", "x", "--top-p", "inf"]);
+    assert_contains(&e, &["top_p must be in (0, 1]"]);
+    let e = fails(&["serve", "--port", "0", "--shutdown-timeout=-1"]);
+    assert_contains(&e, &["--shutdown-timeout"]);
+}

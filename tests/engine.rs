@@ -283,3 +283,160 @@ mod batch {
         assert!(err.contains("holds 32 tokens") && err.contains("needs"), "{err}");
     }
 }
+
+/// The online verbs: requests added while others run, abort (KV freed at
+/// once, wherever the request is), stats, and what `add_request` refuses.
+mod online {
+    use vpod_attention::BackendOptions;
+    use vpod_cli::engine::{Engine, EngineError, FinishReason, NewRequest, SchedulerConfig};
+    use vpod_cli::sampler::SamplingParams;
+
+    use crate::common::*;
+
+    fn engine(backend: &str) -> Engine {
+        let opts = BackendOptions {
+            max_seqs: 4,
+            ..Default::default()
+        };
+        let mut e =
+            Engine::with_options(load_dir(&fixture("tiny-llama3-gqa4")).unwrap(), backend, &opts).unwrap();
+        e.set_scheduler(SchedulerConfig {
+            max_seqs: 4,
+            chunk_size: 32,
+            ..Default::default()
+        })
+        .unwrap();
+        e
+    }
+
+    fn request(len: usize, max_tokens: usize) -> NewRequest {
+        NewRequest::new((1..=len as u32).collect(), max_tokens, SamplingParams::default())
+    }
+
+    #[test]
+    fn requests_join_a_running_batch_and_match_running_alone() {
+        for backend in ["reference", "paged:16", "vattention"] {
+            let mut alone = engine(backend);
+            let want = alone
+                .generate(
+                    &(1..=20).collect::<Vec<u32>>(),
+                    10,
+                    SamplingParams::default(),
+                    &mut |_| Ok(()),
+                )
+                .unwrap()
+                .tokens;
+            let mut e = engine(backend);
+            let a = e.add_request(request(20, 10)).unwrap();
+            let mut got = vec![];
+            let mut b = None;
+            while e.has_unfinished() {
+                let out = e.step().unwrap();
+                got.extend(out.tokens.iter().filter(|t| t.id == a).map(|t| t.token));
+                // A second request arrives while the first decodes.
+                if b.is_none() && !got.is_empty() {
+                    b = Some(e.add_request(request(37, 6)).unwrap());
+                }
+                for f in &out.finished {
+                    assert_eq!(f.output.finish_reason, FinishReason::Length);
+                }
+            }
+            assert_eq!(got, want, "{backend}");
+            assert_eq!(e.stats().running + e.stats().waiting, 0);
+        }
+    }
+
+    #[test]
+    fn abort_frees_the_kv_at_once() {
+        let mut e = engine("vattention");
+        let a = e.add_request(request(40, 50)).unwrap();
+        let b = e.add_request(request(10, 50)).unwrap();
+        for _ in 0..4 {
+            e.step().unwrap();
+        }
+        let before = e.stats();
+        assert_eq!(before.running, 2);
+        assert!(before.kv_used_tokens.unwrap() > 0);
+        let out = e.abort(a).unwrap();
+        assert_eq!(out.finish_reason, FinishReason::Aborted);
+        assert!(!out.tokens.is_empty());
+        let after = e.stats();
+        assert_eq!(after.running, 1);
+        assert!(after.kv_used_tokens.unwrap() < before.kv_used_tokens.unwrap());
+        assert!(e.abort(a).is_none(), "a second abort finds nothing");
+        // A waiting request can be aborted too.
+        let c = e.add_request(request(10, 5)).unwrap();
+        assert_eq!(e.abort(c).unwrap().tokens.len(), 0);
+        e.abort(b).unwrap();
+        assert_eq!(e.stats().kv_used_tokens, Some(0));
+        assert!(!e.has_unfinished());
+        assert!(e.step().unwrap().record.is_none(), "nothing to run");
+    }
+
+    #[test]
+    fn add_request_refuses_what_cannot_run() {
+        let mut e = engine("vattention");
+        let vocab = e.model.config.vocab_size as u32;
+        let bad = |e: &mut Engine, r: NewRequest| e.add_request(r).unwrap_err();
+        assert!(matches!(bad(&mut e, request(0, 4)), EngineError::EmptyPrompt));
+        let too_long = request(e.max_seq_len() + 1, 4);
+        assert!(matches!(bad(&mut e, too_long), EngineError::PromptTooLong { .. }));
+        let out_of_vocab = NewRequest::new(vec![1, vocab], 4, SamplingParams::default());
+        assert!(matches!(bad(&mut e, out_of_vocab), EngineError::BadToken { .. }));
+        for (t, p) in [(f32::NAN, 1.0), (-1.0, 1.0), (1.0, 0.0), (f32::INFINITY, 1.0)] {
+            let mut r = request(4, 4);
+            r.sampling.temperature = t;
+            r.sampling.top_p = p;
+            let err = bad(&mut e, r).to_string();
+            assert!(err.contains("bad sampling parameters"), "{err}");
+        }
+        // The scheduler cannot change under running requests.
+        e.add_request(request(4, 4)).unwrap();
+        assert!(matches!(
+            e.set_scheduler(SchedulerConfig::default()),
+            Err(EngineError::Busy(1))
+        ));
+    }
+
+    /// A model whose logits are NaN: the request ends with an error, nothing
+    /// is sampled, and the engine goes on.
+    #[test]
+    fn non_finite_logits_end_the_request_with_an_error() {
+        let tmp = scratch_copy("tiny-llama3-gqa4");
+        let path = tmp.path().join("model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+        let norm = tensors["model.norm.weight"].clone();
+        let nan = (norm.ones_like().unwrap() * f64::NAN)
+            .unwrap()
+            .to_dtype(norm.dtype())
+            .unwrap();
+        tensors.insert("model.norm.weight".into(), nan);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        for sampling in [
+            SamplingParams::default(),
+            SamplingParams {
+                temperature: 0.8,
+                ..Default::default()
+            },
+        ] {
+            let mut e = Engine::new(load_dir(tmp.path()).unwrap(), "vattention").unwrap();
+            let id = e
+                .add_request(NewRequest::new(vec![1, 2, 3], 5, sampling))
+                .unwrap();
+            let out = e.step().unwrap();
+            assert!(out.tokens.is_empty());
+            assert_eq!(out.finished.len(), 1);
+            assert_eq!(out.finished[0].id, id);
+            assert_eq!(out.finished[0].output.finish_reason, FinishReason::Error);
+            assert!(
+                out.finished[0]
+                    .output
+                    .error
+                    .as_deref()
+                    .unwrap()
+                    .contains("not finite")
+            );
+            assert_eq!(e.stats().kv_used_tokens, Some(0));
+        }
+    }
+}
