@@ -16,7 +16,8 @@
 #                                            or pod (POD kernel tests + sanitizer + backend agreement),
 #                                            podsweep (the hybrid attention sweep), podserve (Sarathi + POD end to end),
 #                                            layer (a decoder layer but attention, op by op),
-#                                            compare (cli compare's four workloads on a synthetic full-size model)
+#                                            compare (cli compare's four workloads on a synthetic full-size model),
+#                                            httpserve (cli serve over HTTP vs the same trace in process)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
@@ -72,6 +73,49 @@ if want podserve; then
     # shellcheck disable=SC2086
     step vb-serve "$B/vpod-bench" serve --out "$OUT" ${SERVE_ARGS:-}
     cat "$OUT/vb-serve.log"
+fi
+# cli serve over HTTP (synthetic Llama-3-8B): cli bench --url replays a Poisson trace with streaming
+# requests; the same trace in process (cli bench --workload serve) for the throughput comparison;
+# SIGTERM must stop the server with exit 0. HTTP_BACKENDS, HTTP_ARGS (the trace) override.
+if want httpserve; then
+    HTTP_ARGS=${HTTP_ARGS:---requests 160 --rate 12 --prompt-len 512 --max-tokens 128}
+    ENGINE_ARGS="--model llama3-8b --synthetic --device cuda --max-seqs 64 --chunk-size 512 --kv-memory 40GiB"
+    echo "| backend | HTTP req/s | in-process req/s | HTTP / in-process | TTFT p50/p99 ms (HTTP) | TBT p50/p99 ms (HTTP) | exit on SIGTERM |" > "$OUT/httpserve.md"
+    echo "|---|---|---|---|---|---|---|" >> "$OUT/httpserve.md"
+    for be in ${HTTP_BACKENDS:-pod vattention paged:16}; do
+        tag=${be//:/}
+        # shellcheck disable=SC2086
+        "$B/cli" serve $ENGINE_ARGS --backend "$be" --port 8000 > "$OUT/serve-$tag.log" 2>&1 &
+        pid=$!
+        for _ in $(seq 1 240); do grep -q "listening on" "$OUT/serve-$tag.log" && break; sleep 0.5; done
+        # shellcheck disable=SC2086
+        step "http-$tag" timeout 300 "$B/cli" bench --url http://127.0.0.1:8000 --workload serve $HTTP_ARGS --out "$OUT/http-$tag"
+        kill -TERM $pid; wait $pid; rc=$?
+        # shellcheck disable=SC2086
+        step "inproc-$tag" timeout 300 "$B/cli" bench $ENGINE_ARGS --backend "$be" --workload serve $HTTP_ARGS --json --out "$OUT/inproc-$tag"
+        python3 - "$OUT" "$tag" "$be" "$rc" >> "$OUT/httpserve.md" <<'PY'
+import json, sys
+out, tag, be, rc = sys.argv[1:]
+h = json.load(open(f"{out}/http-{tag}/http_bench.json"))
+b = json.load(open(f"{out}/inproc-{tag}/bench.json"))
+def find(v):
+    if isinstance(v, dict):
+        if "requests_per_min" in v:
+            return v
+        for x in v.values():
+            r = find(x)
+            if r: return r
+    if isinstance(v, list):
+        for x in v:
+            r = find(x)
+            if r: return r
+i = find(b)
+hr, ir = h["requests_per_s"], i["requests_per_min"] / 60
+print(f"| {be} | {hr:.3f} | {ir:.3f} | {hr/ir:.3f} | {h['ttft_ms']['p50']:.1f} / {h['ttft_ms']['p99']:.1f} | "
+      f"{h['tbt_ms']['p50']:.2f} / {h['tbt_ms']['p99']:.2f} | {rc} |")
+PY
+    done
+    cat "$OUT/httpserve.md"
 fi
 # cli compare on a full-size synthetic model (the README's compare figures): decode-sweep,
 # hybrid-sweep, serve and memory, each into $OUT/compare-<workload>/ (JSON, PNG, SVG).

@@ -7,8 +7,9 @@
 //!
 //! Prompts are token ids (the same ones the in-process `serve` workload
 //! uses), generation is greedy with `ignore_eos` so that every request
-//! produces its planned tokens, and `logprobs: 0` makes the server send one
-//! chunk per token (text alone may merge tokens into one chunk), so that
+//! produces its planned tokens, and `return_token_ids` makes the server list
+//! each chunk's token ids (text alone may hold a token back and merge it into
+//! the next chunk, and a model without a tokenizer has no text), so that
 //! each token's arrival is timed.
 
 use std::io::{BufRead, BufReader};
@@ -93,9 +94,13 @@ fn one(agent: &ureq::Agent, url: &str, body: &Value, sent: Instant) -> Sample {
             s.error = Some(e.to_string());
             break;
         }
-        let n = v["choices"][0]["logprobs"]["tokens"]
-            .as_array()
-            .map_or(0, |t| t.len());
+        // Our server (and vLLM's) lists each chunk's ids with
+        // `return_token_ids`; elsewhere a chunk with text counts as one token.
+        let c = &v["choices"][0];
+        let n = match c["token_ids"].as_array() {
+            Some(ids) => ids.len(),
+            None => usize::from(c["text"].as_str().is_some_and(|t| !t.is_empty())),
+        };
         for _ in 0..n {
             match last {
                 None => s.ttft_ms = (now - sent).as_secs_f64() * 1e3,
@@ -133,7 +138,7 @@ pub fn run(base: &str, trace: &[(usize, usize, f64)], out: Option<&std::path::Pa
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
             let body = json!({
                 "model": model, "prompt": crate::compare::trace_prompt(p, vocab, i), "max_tokens": o,
-                "temperature": 0, "ignore_eos": true, "stream": true, "logprobs": 0,
+                "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true,
             });
             let (agent, url, bar) = (&agent, &url, &bar);
             handles.push(scope.spawn(move || {

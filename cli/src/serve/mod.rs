@@ -298,6 +298,9 @@ struct Prepared {
     common: Common,
     max_tokens: usize,
     logprobs: bool,
+    /// Add each chunk's generated ids (`return_token_ids`, and always for a
+    /// model without a tokenizer, whose output has no text).
+    token_ids: bool,
     received: Instant,
 }
 
@@ -315,6 +318,10 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Respon
         Ok(p) => run(s, p).await,
         Err(e) => e.into_response(),
     }
+}
+
+fn return_token_ids(s: &AppState, f: &Fields) -> Result<bool, ApiError> {
+    Ok(f.bool("return_token_ids")?.unwrap_or(false) || s.tokenizer.is_none())
 }
 
 fn check_model(s: &AppState, c: &Common) -> Result<(), ApiError> {
@@ -391,6 +398,7 @@ fn prepare_completion(s: &AppState, body: &[u8], received: Instant) -> Result<Pr
         common,
         max_tokens,
         logprobs,
+        token_ids: return_token_ids(s, &f)?,
         received,
     })
 }
@@ -438,6 +446,7 @@ fn prepare_chat(s: &AppState, body: &[u8], received: Instant) -> Result<Prepared
         common,
         max_tokens,
         logprobs,
+        token_ids: return_token_ids(s, &f)?,
         received,
     })
 }
@@ -560,6 +569,7 @@ async fn run(s: Arc<AppState>, p: Prepared) -> Response {
         rx,
         tokens: 0,
         logprobs: vec![],
+        ids: vec![],
         finish: None,
         error: None,
         _in_flight: in_flight,
@@ -585,6 +595,8 @@ struct Generation {
     tokens: usize,
     /// (token text, logprob) of each token, when asked for.
     logprobs: Vec<(String, f32)>,
+    /// The generated ids.
+    ids: Vec<u32>,
     finish: Option<&'static str>,
     error: Option<String>,
     _in_flight: InFlight,
@@ -594,6 +606,7 @@ struct Generation {
 struct Delta {
     text: String,
     logprobs: Vec<(String, f32)>,
+    ids: Vec<u32>,
 }
 
 impl Generation {
@@ -606,10 +619,13 @@ impl Generation {
         let mut delta = Delta {
             text: String::new(),
             logprobs: vec![],
+            ids: vec![],
         };
         match self.rx.recv().await {
             Some(Event::Token { token, logprob }) => {
                 self.tokens += 1;
+                self.ids.push(token);
+                delta.ids.push(token);
                 if let Some(lp) = logprob {
                     let text = tok.and_then(|t| t.decode(&[token]).ok()).unwrap_or_default();
                     delta.logprobs.push((text.clone(), lp));
@@ -704,12 +720,13 @@ impl Generation {
         &self,
         text: &str,
         lps: &[(String, f32)],
+        ids: &[u32],
         offset: usize,
         finish: Option<&str>,
         first: bool,
     ) -> Value {
         let created = self.state.created;
-        match self.p.kind {
+        let mut v = match self.p.kind {
             Kind::Completion => json!({
                 "id": self.id, "object": "text_completion", "created": created, "model": self.model(),
                 "choices": [{"index": 0, "text": text, "logprobs": self.logprobs_json(lps, offset), "finish_reason": finish}],
@@ -727,7 +744,11 @@ impl Generation {
                     "choices": [{"index": 0, "delta": delta, "logprobs": self.logprobs_json(lps, offset), "finish_reason": finish}],
                 })
             }
+        };
+        if self.p.token_ids {
+            v["choices"][0]["token_ids"] = json!(ids);
         }
+        v
     }
 }
 
@@ -751,6 +772,10 @@ async fn whole_response(mut g: Generation) -> Response {
             "usage": g.usage(),
         }),
     };
+    let mut body = body;
+    if g.p.token_ids {
+        body["choices"][0]["token_ids"] = json!(g.ids);
+    }
     axum::Json(body).into_response()
 }
 
@@ -774,7 +799,7 @@ fn sse_events(g: Generation) -> impl Stream<Item = Result<SseEvent, std::convert
     futures_util::stream::unfold((g, Phase::Start, 0usize), move |(mut g, phase, offset)| async move {
         match phase {
             Phase::Start if g.p.kind == Kind::Chat => {
-                let c = g.chunk("", &[], 0, None, true);
+                let c = g.chunk("", &[], &[], 0, None, true);
                 Some((vec![data(c)], (g, Phase::Tokens, offset)))
             }
             Phase::Start | Phase::Tokens => {
@@ -786,16 +811,16 @@ fn sse_events(g: Generation) -> impl Stream<Item = Result<SseEvent, std::convert
                     events.push(data(json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})));
                     return Some((events, (g, Phase::Tokens, offset)));
                 }
-                if !d.text.is_empty() || !d.logprobs.is_empty() {
-                    events.push(data(g.chunk(&d.text, &d.logprobs, offset, None, false)));
+                if !d.text.is_empty() || !d.logprobs.is_empty() || (g.p.token_ids && !d.ids.is_empty()) {
+                    events.push(data(g.chunk(&d.text, &d.logprobs, &d.ids, offset, None, false)));
                 }
                 let offset = offset + d.text.len();
                 if let Some(f) = g.finish {
-                    let mut last = g.chunk("", &[], offset, Some(f), false);
+                    let mut last = g.chunk("", &[], &[], offset, Some(f), false);
                     last["usage"] = g.usage();
                     events.push(data(last));
                     if g.p.common.include_usage {
-                        let mut u = g.chunk("", &[], offset, None, false);
+                        let mut u = g.chunk("", &[], &[], offset, None, false);
                         u["choices"] = json!([]);
                         u["usage"] = g.usage();
                         events.push(data(u));

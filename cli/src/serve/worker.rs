@@ -92,6 +92,7 @@ pub fn run(mut engine: Engine, commands: Receiver<Command>, metrics: Arc<Metrics
                 }
                 Command::Abort(id) => {
                     if let Some(out) = engine.abort(id) {
+                        metrics.set_engine(engine.stats());
                         metrics.finished(&out);
                     }
                     streams.remove(&id);
