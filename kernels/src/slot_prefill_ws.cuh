@@ -1,0 +1,305 @@
+// Warp-specialized causal prefill over the per-slot (vAttention) cache, sm_90a
+// only: FlashAttention-3's structure (arXiv 2407.08608) on our slot layout.
+// Same work list, chunk arrays and results as slot_prefill.cuh's tiles; a CTA
+// covers 128 query rows of one query head and loads each K/V tile once for
+// all of them.
+//
+//   block:  3 warpgroups (384 threads). Warpgroup 0 is the producer: one
+//           thread issues the TMA loads of K and V tiles (128 keys x 128 dims,
+//           two 64-dim boxes each, tma.cuh's wg layout with 128 rows) into a
+//           STAGES-deep ring; the rest of it idles. Warpgroups 1 and 2 are
+//           consumers, 64 query rows each (rows j0 + 64 c ..), Q in shared
+//           memory (cp.async, wg layout), S = Q K^T with both operands from
+//           shared memory (m64n128k16), O += P V with P from registers.
+//   ring:   per stage a "full" mbarrier for K and one for V (the TMA's bytes
+//           complete them) and an "empty" one for each (every consumer warp
+//           arrives once its wgmma that read the tile has completed: 8
+//           arrivals), so K of tile i + STAGES loads while V of tile i is
+//           still in use.
+//   regs:   setmaxnreg gives the consumers 240 registers a thread and the
+//           producer 24 (S 64 + O 64 + P 32 f32/bf16x2 registers a thread).
+//   grid:   (heads, work items): the heads of one work item run together
+//           (GQA neighbours share their K/V in L2) and the work list is
+//           heaviest first (causal tail).
+//
+// Inside a consumer, iteration i issues S_i = Q K_i^T and O += P_{i-1} V_{i-1}
+// together and runs tile i's softmax while the PV product is still on the
+// tensor cores (intra-warpgroup overlap, as prefill_tile_pipelined_wg).
+//
+// Keys past the work item's last one (n_keys) inside its slot are read as
+// they are (the host checks that a 128-row box never leaves the page of its
+// first row): K there only meets masked scores; V rows there are zeroed in
+// shared memory by consumer 1 before either consumer's PV reads the tile
+// (a 0 probability times a NaN would still be a NaN). Consumer 1 covers every
+// tile of the item (its rows see the furthest keys); consumer 0 may skip the
+// last one (no key of it is visible to its rows), and then never waits for
+// the zeroing.
+#pragma once
+#include "slot_prefill.cuh"
+#include "tma.cuh"
+
+constexpr int WS_BM = 128;       // query rows of a CTA (2 consumers x 64)
+constexpr int WS_BN = 128;       // keys of a K/V tile
+constexpr int WS_THREADS = 384;  // producer warpgroup + 2 consumer warpgroups
+constexpr uint32_t WS_TILE_BYTES = WS_BN * ATT_ROW_BYTES;  // one K or V tile (32 KiB)
+
+template <int STAGES>
+struct WsShape {
+    static constexpr int Q_BYTES = WS_BM * ATT_ROW_BYTES;  // two 64-row wg-layout tiles
+    // + 1 KiB: the tiles start at the next 1024-byte boundary (swizzle atoms).
+    static constexpr int SMEM = Q_BYTES + 2 * STAGES * WS_TILE_BYTES + 1024;
+};
+
+// Named barriers (0 is __syncthreads'): 1 + c: consumer c's 128 threads (Q
+// in); 3: both consumers (the last tile's V rows are zeroed); 4 + c: consumer
+// c may issue its next GEMMs (ping-pong, 256 threads: c waits, the other
+// arrives).
+constexpr int WS_BAR_Q = 1, WS_BAR_ZERO = 3, WS_BAR_TURN = 4;
+
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    WG_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    WG_ASM("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    WG_ASM("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// A warp's 16 x 128 score tile (keys t0 .. t0 + 127) scaled by qk_scale, keys
+// past row g's last (lim0; lim0 + 8 for row g + 8) at -inf; tiles below the
+// diagonal for all 16 rows skip the compares.
+__device__ __forceinline__ void ws_scale_mask(float s[16][4], int t0, int lim0, int lane, float qk_scale) {
+    if (t0 + WS_BN - 1 > lim0 - lane / 4) {
+#pragma unroll
+        for (int n = 0; n < 16; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                s[n][e] = t0 + n * 8 + 2 * (lane % 4) + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale : -INFINITY;
+    } else {
+#pragma unroll
+        for (int n = 0; n < 16; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
+    }
+}
+
+// The ring's shared memory and barriers, as both roles address them.
+template <int STAGES>
+struct WsRing {
+    uint32_t q, k, v;  // Q (2 x 64 rows), K stages, V stages
+    uint32_t bars;     // full K, full V, empty K, empty V: STAGES each
+    __device__ __forceinline__ uint32_t ks(int i) const { return k + (i % STAGES) * WS_TILE_BYTES; }
+    __device__ __forceinline__ uint32_t vs(int i) const { return v + (i % STAGES) * WS_TILE_BYTES; }
+    __device__ __forceinline__ uint32_t full_k(int i) const { return bars + 8 * (i % STAGES); }
+    __device__ __forceinline__ uint32_t full_v(int i) const { return bars + 8 * (STAGES + i % STAGES); }
+    __device__ __forceinline__ uint32_t empty_k(int i) const { return bars + 8 * (2 * STAGES + i % STAGES); }
+    __device__ __forceinline__ uint32_t empty_v(int i) const { return bars + 8 * (3 * STAGES + i % STAGES); }
+    // The parity of tile i's fill of its stage.
+    __device__ __forceinline__ static uint32_t phase(int i) { return (i / STAGES) & 1; }
+};
+
+// The producer thread: K then V of tiles 0 .. ntiles - 1, each into its
+// stage once the consumers released the stage's previous tile.
+template <int STAGES>
+__device__ __forceinline__ void ws_produce(const WsRing<STAGES>& r, const TmaMap* kmap, const TmaMap* vmap, int x0,
+                                           int slot, int ntiles) {
+    for (int i = 0; i < ntiles; ++i) {
+        const int t0 = i * WS_BN;
+        if (i >= STAGES) mbar_wait(r.empty_k(i), WsRing<STAGES>::phase(i - STAGES));
+        mbar_expect_tx(r.full_k(i), WS_TILE_BYTES);
+        tma_load_3d(r.ks(i), kmap, r.full_k(i), x0, t0, slot);
+        tma_load_3d(r.ks(i) + WS_BN * 128, kmap, r.full_k(i), x0 + 64, t0, slot);
+        if (i >= STAGES) mbar_wait(r.empty_v(i), WsRing<STAGES>::phase(i - STAGES));
+        mbar_expect_tx(r.full_v(i), WS_TILE_BYTES);
+        tma_load_3d(r.vs(i), vmap, r.full_v(i), x0, t0, slot);
+        tma_load_3d(r.vs(i) + WS_BN * 128, vmap, r.full_v(i), x0 + 64, t0, slot);
+    }
+}
+
+// S (64 x 128) = Q K_i^T for consumer rows at `qc` (a 64-row wg-layout tile):
+// 8 steps of 16 dims, issued only.
+__device__ __forceinline__ void ws_issue_qk(float s[16][4], uint32_t qc, uint32_t ks) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+        wgmma_ss_m64n128k16(&s[0][0], wg_desc(qc + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024),
+                            wg_desc(ks + (kk / 4) * WS_BN * 128 + (kk % 4) * 32, 16, 1024), kk);
+}
+
+// O (64 x 128) += P (64 x 128 keys, A fragments) V_i: 8 steps of 16 keys.
+__device__ __forceinline__ void ws_issue_pv(float o[16][4], const uint32_t pa[8][4], uint32_t vs) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs + j * 16 * 128, WS_BN * 128, 1024), 1);
+}
+
+// One consumer warpgroup (c = 0, 1) over tiles 0 .. its last of the work item.
+//
+// PINGPONG: the two consumers take turns on the tensor cores (FA3's
+// inter-warpgroup ping-pong): each issue step (QK_0; QK_i + PV_{i-1}; the last
+// PV) waits for the consumer's turn and hands the turn to the other once its
+// GEMMs are issued, so one's softmax runs while the other's GEMMs do.
+// Both consumers take mine + 1 turns: consumer 0, a tile short, takes an
+// empty one; the last turn hands nothing on (nothing would take it).
+template <int STAGES, bool PINGPONG>
+__device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_bfloat16* __restrict__ q,
+                                           __nv_bfloat16* __restrict__ out, int c, int qs, int ctx, int ql, int j0,
+                                           int n_keys, int ntiles, int heads, int head, float qk_scale) {
+    const int tid = threadIdx.x % 128, warp = tid / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const int row0 = j0 + 64 * c;  // this consumer's first query row (of the chunk)
+    const uint32_t qc = r.q + c * 64 * ATT_ROW_BYTES;
+    load_tile_at<64, 128>(
+        qc, [&](int i) { return q + ((size_t)(qs + row0 + i) * heads + head) * ATT_HEAD_DIM; },
+        [&](int i) { return row0 + i < ql; }, [](int i, int ch) { return wg_off<64>(i, ch); });
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    named_sync(WS_BAR_Q + c, 128);
+
+    // Row g (+ 8) of this warp sees keys <= lim0 (+ 8); the warpgroup's
+    // last row keys <= lim_wg: its tiles are those starting at or below it.
+    const int lim0 = ctx + row0 + warp * 16 + g;
+    const int lim_wg = ctx + row0 + 63;
+    const int mine = min(ntiles, lim_wg / WS_BN + 1);
+    // The last tile holds keys past n_keys: consumer 1 zeroes their V rows;
+    // consumer 0 waits for that only if it reads the tile.
+    const bool partial = n_keys % WS_BN != 0;
+    const bool both_last = min(ntiles, (ctx + j0 + 63) / WS_BN + 1) == ntiles;  // consumer 0 reads it too
+    auto wait_v = [&](int i) {
+        mbar_wait(r.full_v(i), WsRing<STAGES>::phase(i));
+        if (!partial || i != ntiles - 1) return;
+        if (c == 1) {
+            const int valid = n_keys - i * WS_BN;
+            // Rows valid .. 127 of both 64-dim halves, 8 16-byte chunks each.
+            for (int e = tid; e < (WS_BN - valid) * 16; e += 128) {
+                const int row = valid + e / 16, half = (e / 8) % 2, chunk = e % 8;
+                const uint32_t a = r.vs(i) + half * WS_BN * 128 + row * 128 + chunk * 16;
+                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
+            }
+            fence_proxy_async();
+        }
+        if (both_last) named_sync(WS_BAR_ZERO, 256);
+    };
+    // Each consumer warp releases a stage once its wgmma reading it is done.
+    auto release = [&](uint32_t bar) {
+        if (lane == 0) mbar_arrive(bar);
+    };
+    const int turns = min(ntiles, (ctx + j0 + 127) / WS_BN + 1) + 1;  // consumer 1's tiles + 1
+    int turn = 0;
+    auto my_turn = [&] {
+        if constexpr (PINGPONG) named_sync(WS_BAR_TURN + c, 256);
+    };
+    auto hand_on = [&] {
+        if constexpr (PINGPONG)
+            if (++turn < turns || c == 0) named_arrive(WS_BAR_TURN + 1 - c, 256);
+    };
+    if constexpr (PINGPONG)
+        if (c == 1) named_arrive(WS_BAR_TURN, 256);  // consumer 0 goes first
+
+    float o[16][4];
+#pragma unroll
+    for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    RowState st;
+    uint32_t pa[8][4];  // P of the previous tile (A fragments)
+    {                   // tile 0: nothing to overlap with yet (O is zero: no rescale)
+        float s[16][4], alpha[2];
+        mbar_wait(r.full_k(0), 0);
+        wg_fence_operands<64>(&s[0][0]);
+        my_turn();
+        wg_fence();
+        ws_issue_qk(s, qc, r.ks(0));
+        wg_commit();
+        hand_on();
+        wg_wait<0>();
+        wg_fence_operands<64>(&s[0][0]);
+        release(r.empty_k(0));
+        ws_scale_mask(s, 0, lim0, lane, qk_scale);
+        online_softmax_deferred<16>(st, s, alpha);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
+    }
+    for (int i = 1; i < mine; ++i) {
+        float s[16][4], alpha[2];
+        mbar_wait(r.full_k(i), WsRing<STAGES>::phase(i));
+        wait_v(i - 1);
+        wg_fence_operands<64>(&s[0][0]);
+        wg_fence_operands<64>(&o[0][0]);
+        my_turn();
+        wg_fence();
+        ws_issue_qk(s, qc, r.ks(i));
+        wg_commit();
+        ws_issue_pv(o, pa, r.vs(i - 1));
+        wg_commit();
+        hand_on();
+        wg_wait<1>();  // S_i is in; P_{i-1} V_{i-1} may still run
+        wg_fence_operands<64>(&s[0][0]);
+        release(r.empty_k(i));
+        ws_scale_mask(s, i * WS_BN, lim0, lane, qk_scale);
+        online_softmax_deferred<16>(st, s, alpha);
+        wg_wait<0>();
+        wg_fence_operands<64>(&o[0][0]);
+        release(r.empty_v(i - 1));
+        rescale_o(o, alpha);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
+    }
+    wait_v(mine - 1);
+    wg_fence_operands<64>(&o[0][0]);
+    my_turn();
+    wg_fence();
+    ws_issue_pv(o, pa, r.vs(mine - 1));
+    wg_commit();
+    hand_on();
+    if (PINGPONG && mine + 1 < turns) {  // consumer 0's empty turn
+        my_turn();
+        hand_on();
+    }
+    wg_wait<0>();
+    wg_fence_operands<64>(&o[0][0]);
+    release(r.empty_v(mine - 1));
+    store_rows(out, o, st, qs, row0 + 16 * warp, ql, heads, head, lane);
+}
+
+template <int STAGES, bool PINGPONG>
+__device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
+                                           const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
+                                           const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
+                                           const int32_t* __restrict__ slots, int heads, int group, float scale,
+                                           const TmaMap* kmap, const TmaMap* vmap) {
+    extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ __align__(8) uint64_t bars[4 * STAGES];
+    const int head = blockIdx.x, item = blockIdx.y;
+    const int chunk = work[2 * item], j0 = work[2 * item + 1];
+    const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
+    const int n_keys = ctx + min(ql, j0 + WS_BM);
+    const int ntiles = (n_keys + WS_BN - 1) / WS_BN;
+    const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
+    const WsRing<STAGES> r{base, base + WsShape<STAGES>::Q_BYTES,
+                           base + WsShape<STAGES>::Q_BYTES + STAGES * WS_TILE_BYTES, smem_addr(bars)};
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(r.full_k(s), 1);
+            mbar_init(r.full_v(s), 1);
+            mbar_init(r.empty_k(s), 8);
+            mbar_init(r.empty_v(s), 8);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+    const int wg = threadIdx.x / 128;
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (threadIdx.x == 0) ws_produce(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
+    } else {
+        setmaxnreg_inc<240>();
+        ws_consume<STAGES, PINGPONG>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head, scale * ATT_LOG2E);
+    }
+}

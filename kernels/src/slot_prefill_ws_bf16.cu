@@ -1,0 +1,16 @@
+// Warp-specialized causal prefill over the per-slot layout (FlashAttention-3's
+// structure, sm_90a): 128 query rows of one head per CTA, a producer warp's
+// TMA ring of 128-key K/V tiles (2 stages), two consumer warpgroups; see
+// slot_prefill_ws.cuh.
+#include "slot_prefill_ws.cuh"
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    slot_prefill_ws_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
+                         const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
+                         float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+#if ATT_WGMMA
+    prefill_ws<2, false>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap);
+#else
+    __trap();  // sm_90a only (the host checks)
+#endif
+}
