@@ -578,42 +578,57 @@ fn check_against_twin(
 /// The `vattention` backend on the GPU (VMM cache, write + prefill + decode
 /// kernels) against its CPU twin over the batch-spec table; GQA 4, 7 and 8;
 /// per-layer regions and the megacache; overlapped and synchronous mapping;
-/// every prefill tile (128 rows; 64 rows pipelined, with and without TMA loads; 64 rows for the megacache).
+/// every prefill kernel (`PrefillKernel`: 128 rows; 64 rows pipelined, with
+/// and without TMA loads; warp-specialized; 64 rows for the megacache). The
+/// table's chunks start at offsets that are no multiple of a key tile, end
+/// inside one (the last tile's rows past the chunk) and leave the
+/// warp-specialized kernel's first consumer a tile short of the second.
 #[test]
 fn vattention_gpu_matches_cpu_twin() {
-    // VPOD_QUICK (the compute-sanitizer runs): the first shape and layout only.
+    use vpod_attention::PrefillKernel;
+    // VPOD_QUICK (the compute-sanitizer runs): the first shape, no megacache.
     let (quick, shapes) = twin_shapes();
     for &shape in shapes {
-        for (n, (megacache, mapping, warps, pipe, tma)) in [
-            (false, vpod_kvcache::Mapping::Overlapped, "8", "0", "0"),
-            (false, vpod_kvcache::Mapping::Overlapped, "4", "1", "1"),
-            (false, vpod_kvcache::Mapping::Overlapped, "4", "1", "0"),
-            (true, vpod_kvcache::Mapping::Sync, "4", "0", "0"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if quick && n == 3 {
+        for (megacache, mapping, kernel) in [
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Ws),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W4p),
+            (true, vpod_kvcache::Mapping::Sync, PrefillKernel::W4),
+        ] {
+            if quick && megacache {
                 continue;
             }
-            // SAFETY: the tests run with --test-threads=1 on the GPU machine;
-            // nothing else reads the environment concurrently.
-            unsafe { std::env::set_var("VPOD_PREFILL_WARPS", warps) };
-            unsafe { std::env::set_var("VPOD_PREFILL_PIPE", pipe) };
-            unsafe { std::env::set_var("VPOD_PREFILL_TMA", tma) };
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 4,
                 megacache,
                 mapping,
+                prefill_kernel: kernel,
                 ..Default::default()
             };
-            let label = format!("megacache {megacache}, {warps} prefill warps, pipelined {pipe}, TMA {tma}");
+            let label = format!("megacache {megacache}, prefill {}", kernel.symbol());
             check_against_twin("vattention", shape, &opts, TWIN_STEPS, false, &label);
         }
     }
-    unsafe { std::env::remove_var("VPOD_PREFILL_WARPS") };
-    unsafe { std::env::remove_var("VPOD_PREFILL_PIPE") };
-    unsafe { std::env::remove_var("VPOD_PREFILL_TMA") };
+}
+
+/// The warp-specialized prefill kernels on whole 128-key tiles (a 512-token
+/// prompt, a 384-token chunk at 512: the 2-stage ring wraps several times)
+/// and a 200-token chunk at 896 (GQA 8; the CPU twin's cost bounds the sizes:
+/// 1024-token chunks took minutes on the GPU machine's CPU).
+#[test]
+fn vattention_ws_prefill_long_chunks() {
+    use vpod_attention::PrefillKernel;
+    let steps: &[&[(u64, usize, usize)]] = &[&[(1, 0, 512)], &[(1, 512, 384)], &[(1, 896, 200)]];
+    for kernel in [PrefillKernel::Ws, PrefillKernel::Wsp] {
+        let opts = vpod_attention::BackendOptions {
+            max_seqs: 2,
+            prefill_kernel: kernel,
+            ..Default::default()
+        };
+        check_against_twin("vattention", (32, 4), &opts, steps, false, kernel.symbol());
+    }
 }
 
 /// The hybrid steps of the POD tests: (seq, context_len, query_len) per

@@ -165,6 +165,59 @@ impl PodMode {
     }
 }
 
+/// The causal prefill kernel of the `vattention` backend (and of the `pod`
+/// backend's steps that do not run fused) over the virtual cache; every
+/// kernel computes the same function. Where the device or the cache's pages
+/// do not allow a kernel's TMA loads, the plan takes the next one down
+/// (`Ws`, `Wsp` -> `Tma64` -> `W4p`) and the step record names the kernel that ran
+/// ([`AttentionBackend::step_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillKernel {
+    /// 128-row query tiles, 8 warps (`slot_prefill_w8_bf16`).
+    W8,
+    /// 64-row query tiles, 4 warps (`slot_prefill_w4_bf16`).
+    W4,
+    /// 64-row tiles with the softmax overlapped with the tensor cores
+    /// (`slot_prefill_w4p_bf16`).
+    W4p,
+    /// `W4p` with its K/V tiles loaded by TMA (`slot_prefill_w4t_bf16`,
+    /// sm_90a, pages of a multiple of 64 rows).
+    #[default]
+    Tma64,
+    /// Warp-specialized (`slot_prefill_ws_bf16`, sm_90a, pages of a multiple
+    /// of 128 rows): a TMA producer warp, a 2-stage ring of 128-key K/V
+    /// tiles, two 64-row consumer warpgroups sharing each tile.
+    Ws,
+    /// `Ws` with its consumers in ping-pong (`slot_prefill_wsp_bf16`): they
+    /// take turns issuing GEMMs, so one's softmax runs under the other's.
+    Wsp,
+}
+
+impl PrefillKernel {
+    /// Every kernel, in the order the benchmarks list them.
+    pub const ALL: [PrefillKernel; 6] = [Self::W8, Self::W4, Self::W4p, Self::Tma64, Self::Ws, Self::Wsp];
+
+    /// The kernel's `extern "C"` symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::W8 => "slot_prefill_w8_bf16",
+            Self::W4 => "slot_prefill_w4_bf16",
+            Self::W4p => "slot_prefill_w4p_bf16",
+            Self::Tma64 => "slot_prefill_w4t_bf16",
+            Self::Ws => "slot_prefill_ws_bf16",
+            Self::Wsp => "slot_prefill_wsp_bf16",
+        }
+    }
+
+    /// Query rows of one work item (one CTA).
+    pub fn rows(self) -> usize {
+        match self {
+            Self::W8 | Self::Ws | Self::Wsp => 128,
+            Self::W4 | Self::W4p | Self::Tma64 => 64,
+        }
+    }
+}
+
 /// Knobs of the cache-owning backends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendOptions {
@@ -187,6 +240,9 @@ pub struct BackendOptions {
     pub fault_scale: Option<f32>,
     /// The `pod` backend's GPU path (`pod:MODE` sets it).
     pub pod_mode: PodMode,
+    /// The plain prefill kernel over the virtual cache (`vattention`, and
+    /// `pod` steps that do not run fused).
+    pub prefill_kernel: PrefillKernel,
 }
 
 impl Default for BackendOptions {
@@ -200,6 +256,7 @@ impl Default for BackendOptions {
             mapping: vpod_kvcache::Mapping::Overlapped,
             fault_scale: None,
             pod_mode: PodMode::Auto,
+            prefill_kernel: PrefillKernel::default(),
         }
     }
 }

@@ -203,6 +203,8 @@ struct Gpu {
     sms: usize,
     plan: Option<crate::vattention_gpu::StepPlan>,
     pod: Option<(crate::PodMode, crate::vattention_gpu::PodState)>,
+    /// The prefill kernel asked for ([`BackendOptions::prefill_kernel`]).
+    prefill: crate::PrefillKernel,
     path_note: Option<String>,
 }
 
@@ -251,6 +253,7 @@ impl VirtualBackend {
                     sms: sms.max(1) as usize,
                     plan: None,
                     pod,
+                    prefill: opts.prefill_kernel,
                     path_note: None,
                 }),
             });
@@ -429,7 +432,7 @@ impl AttentionBackend for VirtualBackend {
                 1 | POD_SPLIT_WAVES => n,
                 w => format!("{n}; decode splits for {w} waves"),
             });
-            gpu.plan = Some(crate::vattention_gpu::StepPlan::new(
+            let plan = crate::vattention_gpu::StepPlan::new(
                 &gpu.dev,
                 &self.cache,
                 meta,
@@ -437,7 +440,17 @@ impl AttentionBackend for VirtualBackend {
                 gpu.sms,
                 path,
                 waves,
-            )?);
+                gpu.prefill,
+            )?;
+            // The record names the prefill kernel a step ran (when not fused).
+            if let Some(k) = plan.prefill_kernel() {
+                let k = format!("prefill {}", k.symbol());
+                gpu.path_note = Some(match gpu.path_note.take() {
+                    Some(n) => format!("{n}; {k}"),
+                    None => k,
+                });
+            }
+            gpu.plan = Some(plan);
         }
         self.planned = Some(meta.id());
         Ok(())

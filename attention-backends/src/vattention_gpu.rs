@@ -2,8 +2,9 @@
 //! step's addressing (K/V write rows, prefill work list, decode list); per
 //! layer, one candle custom op over (q, new k, new v) that writes the new
 //! rows into the VMM-backed slots (`slot_write_kv_bf16`), runs the causal
-//! prefill kernel over the step's prompt chunks (`slot_prefill_w4t_bf16` on
-//! an H100: K/V by TMA; else `slot_prefill_w{4p,4,8}_bf16`)
+//! prefill kernel over the step's prompt chunks (the typed
+//! [`PrefillKernel`]: `slot_prefill_w4t_bf16` by default on an H100/H200,
+//! K/V by TMA; `slot_prefill_ws_bf16`, warp-specialized; `slot_prefill_w{4p,4,8}_bf16`)
 //! and the split-KV decode kernel over the decode tokens (`slot_decode_bf16`,
 //! whose last block per sequence and KV head merges the splits), each filling its own
 //! rows of the output. No block tables: kernels get the layer's base
@@ -24,7 +25,7 @@ use half::bf16;
 use vpod_kvcache::{SlotView, VirtualCache};
 
 use crate::ops::cuda::err;
-use crate::{BatchMeta, PodPath, Result};
+use crate::{BatchMeta, PodPath, PrefillKernel, Result};
 
 /// Dynamic shared memory of the prefill kernels (slot_prefill.cuh's
 /// `PrefillShape::SMEM`, either tile): 2 stages of 64-key K and V tiles (the
@@ -40,23 +41,45 @@ const PREFILL_PIPE_SMEM: usize = 3 * 2 * 64 * 256 + 1024;
 /// splits), so the combine kernel merges.
 const FUSED_MERGE_MAX_SPLITS: usize = 16;
 
-/// Query-tile rows of the prefill kernel: 64 (4 warps; pipelined, see
-/// [`prefill_pipe`]) unless `VPOD_PREFILL_WARPS=8` asks for the 128-row
-/// variant (benchmarks). The POD kernels always use the 64-row tile.
-fn prefill_warps(path: PodPath) -> usize {
-    if matches!(path, PodPath::Fused(_)) {
-        return POD_WARPS;
-    }
-    match std::env::var("VPOD_PREFILL_WARPS").ok().as_deref() {
-        Some("8") => 8,
-        _ => 4,
+/// Dynamic shared memory of `slot_prefill_ws_bf16` (slot_prefill_ws.cuh's
+/// `WsShape<2>::SMEM`): Q (128 rows), 2 stages of 128-key K and V tiles, 1 KiB
+/// of alignment.
+const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
+
+/// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
+/// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
+/// multiple of their box rows (a box then never reaches an unmapped page);
+/// else the next one down (`Ws`, `Wsp` -> `Tma64` -> `W4p`).
+fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
+    let asked = hybrid_sweep_prefill().unwrap_or(asked);
+    let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
+    match asked {
+        k @ (PrefillKernel::Ws | PrefillKernel::Wsp) if tma(128) => k,
+        PrefillKernel::Ws | PrefillKernel::Wsp | PrefillKernel::Tma64 if tma(64) => PrefillKernel::Tma64,
+        PrefillKernel::Ws | PrefillKernel::Wsp | PrefillKernel::Tma64 => PrefillKernel::W4p,
+        k => k,
     }
 }
 
-/// Whether the 64-row prefill tiles overlap their softmax with the tensor
-/// cores (`prefill_tile_pipelined`: `slot_prefill_w4p_bf16` for the plain
-/// 64-row launch, `podp_bf16` for the 2-per-SM POD kernel): yes unless
-/// `VPOD_PREFILL_PIPE=0` (benchmarks). The pipelined 64-row tile is the
+/// The serial prefill kernel of a `vpod-bench hybrid` variant, which still
+/// switches kernels per step through the environment (`VPOD_PREFILL_WARPS`
+/// 8 / 4, `VPOD_PREFILL_PIPE`, `VPOD_PREFILL_TMA`) on one backend; nothing
+/// else sets these (tests and the prefill benchmark use
+/// [`crate::BackendOptions::prefill_kernel`]). To go once the hybrid sweep
+/// builds a backend per variant.
+fn hybrid_sweep_prefill() -> Option<PrefillKernel> {
+    Some(match pod_env("VPOD_PREFILL_WARPS")? {
+        8 => PrefillKernel::W8,
+        _ if pod_env("VPOD_PREFILL_PIPE") == Some(0) => PrefillKernel::W4,
+        _ if pod_env("VPOD_PREFILL_TMA") == Some(0) => PrefillKernel::W4p,
+        _ => PrefillKernel::Tma64,
+    })
+}
+
+/// Whether the POD kernels' 64-row prefill role overlaps its softmax with
+/// the tensor cores (`prefill_tile_pipelined`: `podp_bf16`, the 2-per-SM POD
+/// kernel): yes unless `VPOD_PREFILL_PIPE=0` (benchmarks; the plain prefill
+/// kernel is [`PrefillKernel`], typed). The pipelined 64-row tile is the
 /// fastest prefill we have (results/2026-11-21-h100-pod-planner: faster
 /// than the 128-row tile in all 54 sweep cases; with TMA loads, see
 /// [`prefill_tma`], another 9-14 %: results/2026-11-21-h100-tma).
@@ -72,18 +95,15 @@ pub(crate) struct TmaArg([u64; 16]);
 // SAFETY: plain bytes, passed by value as the kernel's `const __grid_constant__ TmaMap`.
 unsafe impl DeviceRepr for TmaArg {}
 
-/// Whether the pipelined 64-row prefill tiles load their K/V with TMA
-/// (`slot_prefill_w4t_bf16`, `podp_tma_bf16`, `pod3_tma_bf16`;
-/// kernels/src/tma.cuh): on compute capability 9.0
-/// (the sm_90a cubin) when every page of the cache holds a multiple of 64
-/// rows (a 64-row box then never reaches an unmapped page), unless
-/// `VPOD_PREFILL_TMA=0` (benchmarks). The cache's geometry
-/// `[max_len, slots]` when it does.
+/// Whether the prefill kernels may load their K/V with TMA
+/// (`slot_prefill_w4t_bf16`, `slot_prefill_ws_bf16`, `podp_tma_bf16`,
+/// `pod3_tma_bf16`; kernels/src/tma.cuh): on compute capability 9.0 (the
+/// sm_90a cubin). The cache's geometry `[max_len, slots]` when they may
+/// ([`resolve_prefill`] checks the pages; the POD kernels' 64-row boxes also
+/// need pages of a multiple of 64 rows, and `VPOD_PREFILL_TMA=0`, benchmarks,
+/// turns TMA off for them).
 fn prefill_tma(dev: &CudaDevice, cache: &VirtualCache) -> Option<[u64; 2]> {
     use sys::CUdevice_attribute::*;
-    if pod_env("VPOD_PREFILL_TMA") == Some(0) || !cache.tokens_per_page().is_multiple_of(64) {
-        return None;
-    }
     let ctx = dev.cuda_stream().context().clone();
     let major = ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).ok()?;
     let minor = ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).ok()?;
@@ -91,13 +111,19 @@ fn prefill_tma(dev: &CudaDevice, cache: &VirtualCache) -> Option<[u64; 2]> {
     ((major, minor) == (9, 0)).then_some([c.max_len as u64, c.max_seqs as u64])
 }
 
-/// The tensor map of one layer's K or V for `slot_prefill_w4t_bf16`: dims
-/// (kv_heads * 128, max_len, slots), 64 x 64 boxes, 128-byte swizzle.
-fn tensor_map(view: &SlotView, kv_heads: usize, [max_len, slots]: [u64; 2]) -> candle_core::Result<TmaArg> {
+/// The tensor map of one layer's K or V for the TMA prefill kernels: dims
+/// (kv_heads * 128, max_len, slots), boxes of 64 dims x `box_rows` positions,
+/// 128-byte swizzle.
+fn tensor_map(
+    view: &SlotView,
+    kv_heads: usize,
+    [max_len, slots]: [u64; 2],
+    box_rows: u32,
+) -> candle_core::Result<TmaArg> {
     use sys::*;
     let dims: [u64; 3] = [(kv_heads * crate::decode::DECODE_HEAD_DIM) as u64, max_len, slots];
     let strides: [u64; 2] = [view.pos_stride as u64 * 2, view.slot_stride as u64 * 2];
-    let boxes: [u32; 3] = [64, 64, 1];
+    let boxes: [u32; 3] = [64, box_rows, 1];
     let elem: [u32; 3] = [1, 1, 1];
     let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
     // SAFETY: the arrays outlive the call, which only writes `map`; base and
@@ -377,9 +403,12 @@ pub(crate) struct StepPlan {
     sms: usize,
     tokens: usize,
     write_rows: CudaSlice<i64>,
-    prefill_warps: usize,
-    /// The cache's `[max_len, slots]` when the prefill loads by TMA ([`prefill_tma`]).
+    /// The plain prefill kernel ([`resolve_prefill`]).
+    prefill: PrefillKernel,
+    /// The cache's `[max_len, slots]` when the prefill may load by TMA ([`prefill_tma`]).
     tma: Option<[u64; 2]>,
+    /// Whether the POD kernels' prefill role loads by TMA.
+    pod_tma: bool,
     chunks: DeviceChunks,
     /// The slot of each prompt chunk.
     slots: CudaSlice<i32>,
@@ -395,6 +424,13 @@ pub(crate) struct StepPlan {
 }
 
 impl StepPlan {
+    /// The plain prefill kernel this step runs, if it runs one (prompt
+    /// chunks, and not all of them inside the fused POD kernel).
+    pub(crate) fn prefill_kernel(&self) -> Option<PrefillKernel> {
+        let fused = matches!(self.path, PodPath::Fused(_)) && self.n_dec > 0;
+        (self.chunks.n_work > 0 && !fused).then_some(self.prefill)
+    }
+
     pub(crate) fn new(
         dev: &CudaDevice,
         cache: &VirtualCache,
@@ -403,12 +439,19 @@ impl StepPlan {
         sms: usize,
         path: PodPath,
         waves: usize,
+        kernel: PrefillKernel,
     ) -> Result<Self> {
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let view = cache.view(0, vpod_kvcache::Kv::K);
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
-        let warps = prefill_warps(path);
-        let bm = 16 * warps;
+        let tma = prefill_tma(dev, cache);
+        let prefill = resolve_prefill(kernel, tma, cache.tokens_per_page());
+        // Work items of the kernel that runs: the POD kernels' 64-row tile
+        // on the fused path, else the plain kernel's.
+        let bm = match path {
+            PodPath::Fused(_) => 16 * POD_WARPS,
+            _ => prefill.rows(),
+        };
         let mut write_rows = Vec::with_capacity(meta.num_tokens());
         let (mut chunks, mut slots) = (Chunks::default(), vec![]);
         let (mut dec_rows, mut dec_slots, mut dec_lens) = (vec![], vec![], vec![]);
@@ -440,8 +483,11 @@ impl StepPlan {
             sms,
             tokens: meta.num_tokens(),
             write_rows: upload(dev, &write_rows)?,
-            prefill_warps: warps,
-            tma: prefill_tma(dev, cache),
+            prefill,
+            tma,
+            pod_tma: tma.is_some()
+                && cache.tokens_per_page().is_multiple_of(64)
+                && pod_env("VPOD_PREFILL_TMA") != Some(0),
             chunks: chunks.upload(dev)?,
             slots: upload(dev, &slots)?,
             n_dec,
@@ -479,16 +525,33 @@ impl GpuAttention<'_> {
     ) -> candle_core::Result<()> {
         let p = self.plan;
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
-        if let (4, true, Some(dims)) = (p.prefill_warps, prefill_pipe(), p.tma) {
+        let tma = match (p.prefill, p.tma) {
+            (k @ (PrefillKernel::Ws | PrefillKernel::Wsp), Some(dims)) => {
+                Some((k.symbol(), PREFILL_WS_SMEM, 128, 384, dims))
+            }
+            (PrefillKernel::Tma64, Some(dims)) => {
+                Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))
+            }
+            _ => None,
+        };
+        if let Some((name, smem, box_rows, threads, dims)) = tma {
             let (kmap, vmap) = (
-                tensor_map(&self.k, self.kv_heads, dims)?,
-                tensor_map(&self.v, self.kv_heads, dims)?,
+                tensor_map(&self.k, self.kv_heads, dims, box_rows)?,
+                tensor_map(&self.v, self.kv_heads, dims, box_rows)?,
             );
-            let f = crate::ops::cuda::function_with_smem(dev, "slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM)?;
+            let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
+            let (work, heads_u) = (p.chunks.n_work as u32, self.heads as u32);
+            // slot_prefill_ws_bf16: heads fastest (a work item's heads run
+            // together, the work list heaviest first); w4t: (work, heads).
+            let grid_dim = if p.prefill.rows() == 128 {
+                (heads_u, work, 1)
+            } else {
+                (work, heads_u, 1)
+            };
             let cfg = LaunchConfig {
-                grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
-                block_dim: (32 * 4, 1, 1),
-                shared_mem_bytes: PREFILL_PIPE_SMEM as u32,
+                grid_dim,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: smem as u32,
             };
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
@@ -502,19 +565,21 @@ impl GpuAttention<'_> {
             b.arg(&heads).arg(&group).arg(&self.scale).arg(&kmap).arg(&vmap);
             // SAFETY: as below; the tensor maps cover this layer's K and V
             // (every slot up to max_len), and a box starting below a chunk's
-            // last key stays in its mapped pages (prefill_tma).
+            // last key stays in its mapped pages (resolve_prefill); the work
+            // items have the kernel's rows (StepPlan::new).
             unsafe { b.launch(cfg) }.map_err(err)?;
             return Ok(());
         }
-        let (name, smem) = match p.prefill_warps {
-            4 if prefill_pipe() => ("slot_prefill_w4p_bf16", PREFILL_PIPE_SMEM),
-            4 => ("slot_prefill_w4_bf16", PREFILL_SMEM),
-            _ => ("slot_prefill_w8_bf16", PREFILL_SMEM),
+        // (resolve_prefill leaves no TMA kernel here: W4p stands in for them.)
+        let (name, smem, warps) = match p.prefill {
+            PrefillKernel::W8 => ("slot_prefill_w8_bf16", PREFILL_SMEM, 8),
+            PrefillKernel::W4 => ("slot_prefill_w4_bf16", PREFILL_SMEM, 4),
+            _ => ("slot_prefill_w4p_bf16", PREFILL_PIPE_SMEM, 4),
         };
         let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
         let cfg = LaunchConfig {
             grid_dim: (p.chunks.n_work as u32, self.heads as u32, 1),
-            block_dim: (32 * p.prefill_warps as u32, 1, 1),
+            block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let stream = dev.cuda_stream();
@@ -570,12 +635,12 @@ impl GpuAttention<'_> {
         k: crate::PodKernel,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let (kernel, smem, per_sm) = pod_kernel(k, p.tma.is_some());
+        let (kernel, smem, per_sm) = pod_kernel(k, p.pod_tma);
         // The layer's tensor maps (read by the *_tma kernels only).
-        let (kmap, vmap) = match p.tma {
+        let (kmap, vmap) = match p.tma.filter(|_| p.pod_tma) {
             Some(dims) => (
-                tensor_map(&self.k, self.kv_heads, dims)?,
-                tensor_map(&self.v, self.kv_heads, dims)?,
+                tensor_map(&self.k, self.kv_heads, dims, 64)?,
+                tensor_map(&self.v, self.kv_heads, dims, 64)?,
             ),
             None => (TmaArg([0; 16]), TmaArg([0; 16])),
         };

@@ -54,7 +54,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 use vpod_attention::{
-    AttentionBackend, AttnConfig, BackendOptions, BatchMeta, LogitsAt, SeqChunk, create_backend,
+    AttentionBackend, AttnConfig, BackendOptions, BatchMeta, LogitsAt, PrefillKernel, SeqChunk,
+    create_backend,
 };
 use vpod_kvcache::Mapping;
 
@@ -88,6 +89,10 @@ enum What {
         /// Head shapes (q / KV heads) of these models.
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
+        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, ws,
+        /// wsp; the other backends run their own).
+        #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,ws,wsp")]
+        kernels: Vec<String>,
     },
     Map,
     Jit {
@@ -315,6 +320,27 @@ fn backend(
     max_len: usize,
     dev: &Device,
 ) -> Result<Box<dyn AttentionBackend>> {
+    backend_with(
+        spec,
+        heads,
+        kv_heads,
+        seqs,
+        max_len,
+        dev,
+        PrefillKernel::default(),
+    )
+}
+
+/// [`backend`] with this prefill kernel.
+fn backend_with(
+    spec: &str,
+    heads: usize,
+    kv_heads: usize,
+    seqs: usize,
+    max_len: usize,
+    dev: &Device,
+    prefill_kernel: PrefillKernel,
+) -> Result<Box<dyn AttentionBackend>> {
     let cfg = AttnConfig {
         num_layers: 2,
         num_heads: heads,
@@ -325,6 +351,7 @@ fn backend(
     };
     let opts = BackendOptions {
         max_seqs: seqs,
+        prefill_kernel,
         ..Default::default()
     };
     Ok(create_backend(spec, &cfg, dev, &opts)?)
@@ -459,7 +486,26 @@ fn decode(
     Ok(rows)
 }
 
-fn prefill(models: &[String], backends: &[String], iters: usize, ceil: &Ceilings) -> Result<Vec<Value>> {
+/// `--kernels` names of [`PrefillKernel`]s.
+fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
+    Ok(match name {
+        "w8" => PrefillKernel::W8,
+        "w4" => PrefillKernel::W4,
+        "w4p" => PrefillKernel::W4p,
+        "tma64" => PrefillKernel::Tma64,
+        "ws" => PrefillKernel::Ws,
+        "wsp" => PrefillKernel::Wsp,
+        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, ws, wsp)"),
+    })
+}
+
+fn prefill(
+    models: &[String],
+    backends: &[String],
+    kernels: &[String],
+    iters: usize,
+    ceil: &Ceilings,
+) -> Result<Vec<Value>> {
     let dev = gpu()?;
     let mut shapes = vec![];
     for m in models {
@@ -474,41 +520,29 @@ fn prefill(models: &[String], backends: &[String], iters: usize, ceil: &Ceilings
         "| backend | heads | case | query tile | ms / layer | TFLOP/s | % of {:.0} |\n|---|---|---|---|---|---|---|",
         ceil.tflops()
     );
-    // Our per-slot kernel's tiles: 128 rows, 64 rows, 64 rows with the
-    // softmax overlapped (pipelined), the same with TMA loads (the default on
-    // an H100); the paged kernel has 128-row tiles.
-    // (VPOD_PREFILL_WARPS, VPOD_PREFILL_PIPE, VPOD_PREFILL_TMA, label)
-    const TILES: [(&str, &str, &str, &str); 4] = [
-        ("8", "0", "0", "128 rows"),
-        ("4", "0", "0", "64 rows"),
-        ("4", "1", "0", "64 rows pipelined"),
-        ("4", "1", "1", "64 rows pipelined, TMA"),
-    ];
+    // `vattention`'s prefill kernels (typed, BackendOptions::prefill_kernel);
+    // the other backends run their own (one row each).
+    let kernels: Vec<PrefillKernel> = kernels.iter().map(|k| prefill_kernel(k)).collect::<Result<_>>()?;
     let runs = backends.iter().flat_map(|b| {
-        let tiles = if b == "vattention" {
-            &TILES[..]
+        let ks = if b == "vattention" {
+            &kernels[..]
         } else {
-            &TILES[..1]
+            &[PrefillKernel::W8][..]
         };
-        tiles.iter().map(move |t| (b.as_str(), *t))
+        ks.iter().map(move |k| (b.as_str(), *k))
     });
-    for ((spec, (warps, pipe, tma, tile)), &(model, heads, kvh)) in
-        runs.flat_map(|r| shapes.iter().map(move |s| (r, s)))
-    {
-        for (k, v) in [
-            ("VPOD_PREFILL_WARPS", warps),
-            ("VPOD_PREFILL_PIPE", pipe),
-            ("VPOD_PREFILL_TMA", tma),
-        ] {
-            // SAFETY: single-threaded here; read by the backend when it plans a step.
-            unsafe { std::env::set_var(k, v) };
-        }
+    for ((spec, kernel), &(model, heads, kvh)) in runs.flat_map(|r| shapes.iter().map(move |s| (r, s))) {
+        let tile = if spec == "vattention" {
+            kernel.symbol()
+        } else {
+            "128 rows"
+        };
         for (name, ctx, ql) in [
             ("16K causal prompt", 0usize, 16384usize),
             ("1024 chunk at 4K", 4096, 1024),
             ("1024 chunk at 12K", 12288, 1024),
         ] {
-            let mut b = backend(spec, heads, kvh, 1, 16384 + 64, &dev)?;
+            let mut b = backend_with(spec, heads, kvh, 1, 16384 + 64, &dev, kernel)?;
             let mut done = 0;
             while done < ctx {
                 let n = (ctx - done).min(4096);
@@ -548,15 +582,11 @@ fn prefill(models: &[String], backends: &[String], iters: usize, ceil: &Ceilings
             );
             rows.push(
                 json!({"backend": spec, "model": model, "case": name, "context": ctx, "query_len": ql, "heads": heads,
-                "kv_heads": kvh, "query_tile": 16 * warps.parse::<usize>()?, "tile": tile, "ms_per_layer": secs * 1e3,
+                "kv_heads": kvh, "query_tile": kernel.rows(), "tile": tile, "ms_per_layer": secs * 1e3,
                 "tflop_per_s": tf, "percent_of_matmul": tf / ceil.tflops() * 100.0,
                 "what": "one layer's attention call incl. the K/V write of the chunk"}),
             );
         }
-    }
-    for k in ["VPOD_PREFILL_WARPS", "VPOD_PREFILL_PIPE", "VPOD_PREFILL_TMA"] {
-        // SAFETY: single-threaded here.
-        unsafe { std::env::remove_var(k) };
     }
     Ok(rows)
 }
@@ -1809,7 +1839,11 @@ fn main() -> Result<()> {
             batch,
             backends,
         } => ("decode", decode(*context, batch, backends, args.iters, &ceil)?),
-        What::Prefill { backends, models } => ("prefill", prefill(models, backends, args.iters, &ceil)?),
+        What::Prefill {
+            backends,
+            models,
+            kernels,
+        } => ("prefill", prefill(models, backends, kernels, args.iters, &ceil)?),
         What::Map => ("map", map(args.iters)?),
         What::Jit { modules } => ("jit", jit(modules)?),
         What::Spikes { steps } => ("spikes", spikes(*steps)?),
