@@ -398,6 +398,16 @@ mod online {
         ));
     }
 
+    #[test]
+    fn warm_up_leaves_nothing_behind() {
+        let mut e = engine("vattention");
+        e.warm_up().unwrap();
+        assert_eq!(e.stats().kv_used_tokens, Some(0));
+        assert!(!e.has_unfinished());
+        e.add_request(request(4, 4)).unwrap();
+        assert!(matches!(e.warm_up(), Err(EngineError::Busy(1))));
+    }
+
     /// A model whose logits are NaN: the request ends with an error, nothing
     /// is sampled, and the engine goes on.
     #[test]

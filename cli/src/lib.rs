@@ -461,7 +461,20 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
     bar.finish_and_clear();
     device.synchronize()?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
-    let engine = Engine::with_options(loaded, &a.backend, &a.backend_options())?;
+    let mut engine = Engine::with_options(loaded, &a.backend, &a.backend_options())?;
+    if device.is_cuda() {
+        // The first forward pass of a process compiles candle's kernels (the
+        // driver's PTX JIT): do it here, not in the first request's timings.
+        let t = Instant::now();
+        engine.warm_up()?;
+        let s = t.elapsed().as_secs_f64();
+        if s > 2.0 {
+            eprintln!(
+                "note: warming up took {s:.1} s: the driver compiled candle's CUDA kernels \
+                 (cached for later runs in ~/.nv/ComputeCache, or $CUDA_CACHE_PATH)"
+            );
+        }
+    }
     Ok(Session {
         engine,
         model_name,

@@ -650,6 +650,43 @@ impl Engine {
         Ok(self.model.model.forward(&tokens, &mut attn)?)
     }
 
+    /// Runs a short prefill and a decode step on a scratch sequence, then
+    /// frees it, so that everything a step uses is loaded before the first
+    /// request. On a GPU the driver compiles candle's PTX kernels the first
+    /// time each module is used: ~15-22 s on an H200 with a cold compute
+    /// cache (results/2026-12-03-h200-prefill-baseline), which would
+    /// otherwise land on the first request's time to first token. Only
+    /// while no request is in flight.
+    pub fn warm_up(&mut self) -> Result<()> {
+        if self.has_unfinished() {
+            return Err(EngineError::Busy(self.live.len()));
+        }
+        let n = 16.min(self.max_seq_len.saturating_sub(1)).max(1);
+        let vocab = self.model.config.vocab_size.max(2) as u32;
+        let prompt: Vec<u32> = (0..n as u32).map(|i| 1 + i % (vocab - 1)).collect();
+        let seq = self.new_seq();
+        let mut run = || -> Result<()> {
+            let chunk = |context_len, query_len| SeqChunk {
+                seq_id: seq,
+                context_len,
+                query_len,
+            };
+            let logits = self.forward(vec![chunk(0, n)], &prompt, LogitsAt::LastToken)?;
+            // Both ways a step's results come to the host.
+            let Picked::Tokens { ids, .. } = Picked::new(&logits, true)? else {
+                unreachable!("asked for tokens")
+            };
+            Picked::new(&logits, false)?;
+            if n < self.max_seq_len {
+                self.forward(vec![chunk(n, 1)], &ids, LogitsAt::LastToken)?;
+            }
+            Ok(())
+        };
+        let r = run();
+        self.release(seq);
+        r
+    }
+
     /// Refuses, up front, a request that could never fit the KV cache.
     fn check_fits(&mut self, request: usize, needed: usize) -> Result<()> {
         if let Some(kv) = self.backend.kv_manager() {
