@@ -79,13 +79,14 @@ fi
 # SIGTERM must stop the server with exit 0. HTTP_BACKENDS, HTTP_ARGS (the trace) override.
 if want httpserve; then
     HTTP_ARGS=${HTTP_ARGS:---requests 160 --rate 12 --prompt-len 512 --max-tokens 128}
-    ENGINE_ARGS="--model llama3-8b --synthetic --device cuda --max-seqs 64 --chunk-size 512 --kv-memory 40GiB"
+    # The in-process serve workload schedules with a 512-token budget and 64 sequences: the server too.
+    ENGINE_ARGS="--model llama3-8b --synthetic --device cuda --max-seqs 64 --kv-memory 40GiB"
     echo "| backend | HTTP req/s | in-process req/s | HTTP / in-process | TTFT p50/p99 ms (HTTP) | TBT p50/p99 ms (HTTP) | exit on SIGTERM |" > "$OUT/httpserve.md"
     echo "|---|---|---|---|---|---|---|" >> "$OUT/httpserve.md"
     for be in ${HTTP_BACKENDS:-pod vattention paged:16}; do
         tag=${be//:/}
         # shellcheck disable=SC2086
-        "$B/cli" serve $ENGINE_ARGS --backend "$be" --port 8000 > "$OUT/serve-$tag.log" 2>&1 &
+        "$B/cli" serve $ENGINE_ARGS --chunk-size 512 --backend "$be" --port 8000 > "$OUT/serve-$tag.log" 2>&1 &
         pid=$!
         for _ in $(seq 1 240); do grep -q "listening on" "$OUT/serve-$tag.log" && break; sleep 0.5; done
         # shellcheck disable=SC2086
