@@ -68,9 +68,59 @@ pub struct Tiling {
 /// Causal attention of one sequence, f32. `q: [query_len, heads, head_dim]`,
 /// query `i` at position `context_len + i` sees keys `0..=context_len + i`;
 /// head `h` reads KV head `h / (heads / kv_heads)`. Writes `out` in the same
-/// layout as `q`.
+/// layout as `q`. Long chunks are split by query rows over the machine's
+/// cores (each row's arithmetic is the same whatever the split, so the
+/// result is too): the GPU tests compare 16K-token prefills against this.
 #[allow(clippy::too_many_arguments)]
-pub fn attend<R: KvRows>(
+pub fn attend<R: KvRows + Sync>(
+    q: &[f32],
+    rows: &R,
+    context_len: usize,
+    query_len: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    tiling: Tiling,
+    out: &mut [f32],
+) {
+    let row = heads * head_dim;
+    // Enough rows per thread that spawning is noise next to the work.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(query_len / 16)
+        .max(1);
+    let per = query_len.div_ceil(threads);
+    let rows_of = |first: usize, out: &mut [f32]| {
+        let n = out.len() / row;
+        let q = &q[first * row..(first + n) * row];
+        attend_serial(
+            q,
+            rows,
+            context_len + first,
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            tiling,
+            out,
+        )
+    };
+    if threads == 1 {
+        return rows_of(0, &mut out[..query_len * row]);
+    }
+    std::thread::scope(|scope| {
+        for (t, chunk) in out[..query_len * row].chunks_mut(per * row).enumerate() {
+            scope.spawn(move || rows_of(t * per, chunk));
+        }
+    });
+}
+
+/// [`attend`] on the calling thread: query `i` sits at position
+/// `context_len + i` (a part of a chunk passes its first row's position).
+#[allow(clippy::too_many_arguments)]
+fn attend_serial<R: KvRows>(
     q: &[f32],
     rows: &R,
     context_len: usize,
@@ -145,7 +195,7 @@ pub fn attend<R: KvRows>(
 /// storage type `T`), written to the same rows of `out`: the per-sequence
 /// step every CPU twin takes.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_rows<T: Elem, R: KvRows>(
+pub(crate) fn attend_rows<T: Elem, R: KvRows + Sync>(
     q: &[T],
     out: &mut [T],
     start: usize,
