@@ -151,6 +151,25 @@ fn collect_stream(lines: impl Iterator<Item = String>, chat: bool) -> (String, S
     (text, finish, usage)
 }
 
+/// The greedy text `cli generate` gives for `prompt` (the reference the
+/// server's outputs must equal).
+fn cli_generate_text(prompt: &str, max_tokens: usize) -> String {
+    let out = cli(
+        &[
+            "generate",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            &max_tokens.to_string(),
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["text"].as_str().unwrap().to_string()
+}
+
 const PROMPTS: &[&str] = &[
     "Phileas Fogg was",
     "Passepartout",
@@ -166,25 +185,7 @@ const PROMPTS: &[&str] = &[
 fn concurrent_streams_equal_cli_generate() {
     let max_tokens = 20;
     // The reference: `cli generate`, one process per prompt, greedy.
-    let want: Vec<String> = PROMPTS
-        .iter()
-        .map(|p| {
-            let out = cli(
-                &[
-                    "generate",
-                    "--prompt",
-                    p,
-                    "--max-tokens",
-                    &max_tokens.to_string(),
-                    "--json",
-                ],
-                &[],
-            );
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            v["text"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let want: Vec<String> = PROMPTS.iter().map(|p| cli_generate_text(p, max_tokens)).collect();
     let s = server(true, 8, 64);
     let start = Instant::now();
     // 32 requests at once: each prompt twice as a completion, twice as chat.
@@ -614,12 +615,7 @@ fn the_openai_python_client_works() {
     let prompts = &PROMPTS[..3];
     let want: serde_json::Map<String, Value> = prompts
         .iter()
-        .map(|p| {
-            let out = cli(&["generate", "--prompt", p, "--max-tokens", "20", "--json"], &[]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            (p.to_string(), v["text"].clone())
-        })
+        .map(|p| (p.to_string(), Value::from(cli_generate_text(p, 20))))
         .collect();
     let s = server(true, 4, 16);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/openai_client.py");

@@ -634,7 +634,7 @@ pub fn read_trace(text: &str) -> std::result::Result<Vec<(usize, usize, f64)>, S
     Ok(out)
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

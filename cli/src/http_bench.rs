@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use crate::compare::percentile;
+
 /// What one request measured.
 #[derive(Debug, Default, Clone)]
 struct Sample {
@@ -26,15 +28,6 @@ struct Sample {
     e2e_ms: f64,
     tokens: usize,
     error: Option<String>,
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// The server's model name and its vocabulary, from `/v1/models`.
@@ -157,11 +150,10 @@ pub fn run(base: &str, trace: &[(usize, usize, f64)], out: Option<&std::path::Pa
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
     let errors: Vec<&str> = samples.iter().filter_map(|s| s.error.as_deref()).collect();
     let generated: usize = ok.iter().map(|s| s.tokens).sum();
-    let ttft: Vec<f64> = ok.iter().map(|s| s.ttft_ms).collect();
-    let tbt: Vec<f64> = ok.iter().flat_map(|s| s.tbt_ms.iter().copied()).collect();
-    let e2e: Vec<f64> = ok.iter().map(|s| s.e2e_ms).collect();
-    let pct =
-        |v: &[f64]| json!({"p50": percentile(v, 0.5), "p90": percentile(v, 0.9), "p99": percentile(v, 0.99)});
+    let mut ttft: Vec<f64> = ok.iter().map(|s| s.ttft_ms).collect();
+    let mut tbt: Vec<f64> = ok.iter().flat_map(|s| s.tbt_ms.iter().copied()).collect();
+    let mut e2e: Vec<f64> = ok.iter().map(|s| s.e2e_ms).collect();
+    let pct = |v: &mut [f64]| json!({"p50": percentile(v, 0.5), "p90": percentile(v, 0.9), "p99": percentile(v, 0.99)});
     let report = json!({
         "url": base,
         "model": model,
@@ -176,9 +168,9 @@ pub fn run(base: &str, trace: &[(usize, usize, f64)], out: Option<&std::path::Pa
         "requests_per_s": ok.len() as f64 / wall.max(1e-9),
         "requests_per_min": ok.len() as f64 / wall.max(1e-9) * 60.0,
         "output_tokens_per_s": generated as f64 / wall.max(1e-9),
-        "ttft_ms": pct(&ttft),
-        "tbt_ms": pct(&tbt),
-        "e2e_ms": pct(&e2e),
+        "ttft_ms": pct(&mut ttft),
+        "tbt_ms": pct(&mut tbt),
+        "e2e_ms": pct(&mut e2e),
     });
     println!(
         "{} of {} requests in {wall:.2} s: {:.2} requests/s, {:.1} output tokens/s\n\

@@ -381,6 +381,11 @@ impl Engine {
     /// otherwise wait, or be preempted, forever).
     pub fn add_request(&mut self, r: NewRequest) -> Result<RequestId> {
         self.check_request(&r, 0)?;
+        Ok(self.enqueue(r))
+    }
+
+    /// Queues a request that [`Self::check_request`] accepted.
+    pub(crate) fn enqueue(&mut self, r: NewRequest) -> RequestId {
         let id = self.new_seq();
         let now = Instant::now();
         let live = Live {
@@ -399,7 +404,7 @@ impl Engine {
                 id,
                 output: live.output(FinishReason::Length, None),
             });
-            return Ok(id);
+            return id;
         }
         self.scheduler.add(SeqState {
             id,
@@ -407,7 +412,7 @@ impl Engine {
             computed: 0,
         });
         self.live.insert(id, live);
-        Ok(id)
+        id
     }
 
     /// Everything [`Self::add_request`] refuses; `index` names the request

@@ -81,9 +81,12 @@ impl Engine {
         on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
     ) -> Result<BatchOutput> {
         self.set_scheduler(sched)?;
-        let new = |r: &Request| NewRequest::new(r.prompt.clone(), r.max_tokens, r.sampling);
+        // Every request is checked before any runs, then queued as it arrives.
+        let mut new: Vec<Option<NewRequest>> = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
-            self.check_request(&new(r), i)?;
+            let n = NewRequest::new(r.prompt.clone(), r.max_tokens, r.sampling);
+            self.check_request(&n, i)?;
+            new.push(Some(n));
         }
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by(|&a, &b| requests[a].arrival_ms.total_cmp(&requests[b].arrival_ms));
@@ -98,11 +101,13 @@ impl Engine {
                 let now = Instant::now();
                 while let Some(&i) = pending.front().filter(|&&i| at(i) <= now) {
                     pending.pop_front();
-                    let id = self.add_request(NewRequest {
-                        arrival: Some(at(i)),
-                        ..new(&requests[i])
-                    })?;
-                    index.insert(id, i);
+                    if let Some(r) = new[i].take() {
+                        let id = self.enqueue(NewRequest {
+                            arrival: Some(at(i)),
+                            ..r
+                        });
+                        index.insert(id, i);
+                    }
                 }
                 if !self.has_unfinished() {
                     match pending.front() {

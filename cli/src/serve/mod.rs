@@ -567,7 +567,6 @@ async fn run(s: Arc<AppState>, p: Prepared) -> Response {
         },
         out: OutputText::new(p.common.stop.clone()),
         rx,
-        tokens: 0,
         logprobs: vec![],
         ids: vec![],
         finish: None,
@@ -591,11 +590,9 @@ struct Generation {
     rx: mpsc::UnboundedReceiver<Event>,
     guard: AbortOnDrop,
     out: OutputText,
-    /// Tokens received (completion_tokens).
-    tokens: usize,
     /// (token text, logprob) of each token, when asked for.
     logprobs: Vec<(String, f32)>,
-    /// The generated ids.
+    /// The generated ids (their count is `completion_tokens`).
     ids: Vec<u32>,
     finish: Option<&'static str>,
     error: Option<String>,
@@ -623,7 +620,6 @@ impl Generation {
         };
         match self.rx.recv().await {
             Some(Event::Token { token, logprob }) => {
-                self.tokens += 1;
                 self.ids.push(token);
                 delta.ids.push(token);
                 if let Some(lp) = logprob {
@@ -680,7 +676,8 @@ impl Generation {
 
     fn usage(&self) -> Value {
         let prompt = self.p.prompt.len();
-        json!({"prompt_tokens": prompt, "completion_tokens": self.tokens, "total_tokens": prompt + self.tokens})
+        let generated = self.ids.len();
+        json!({"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated})
     }
 
     fn model(&self) -> &str {
