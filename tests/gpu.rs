@@ -497,11 +497,27 @@ fn twin_shapes() -> (bool, &'static [(usize, usize)]) {
 /// virtual cache's slots are reused by the steps' own finishing sequences).
 fn check_against_twin(
     spec: &str,
+    shape: (usize, usize),
+    opts: &vpod_attention::BackendOptions,
+    steps: &[&[(u64, usize, usize)]],
+    scramble: bool,
+    label: &str,
+) {
+    check_against_twin_ramp(spec, shape, opts, steps, scramble, label, 0.0)
+}
+
+/// [`check_against_twin`] with each new K row scaled by `1 + k_ramp * pos /
+/// 1024` (pos: its position in its sequence): with a ramp the scores grow
+/// along the keys, so a row's running max keeps rising tile after tile (the
+/// warp-specialized kernels' lazy rescale then moves it and rescales O).
+fn check_against_twin_ramp(
+    spec: &str,
     (heads, kv_heads): (usize, usize),
     opts: &vpod_attention::BackendOptions,
     steps: &[&[(u64, usize, usize)]],
     scramble: bool,
     label: &str,
+    k_ramp: f32,
 ) {
     use vpod_attention::{AttnConfig, BatchMeta, create_backend};
     let (dev, cpu) = (gpu(), Device::Cpu);
@@ -549,11 +565,25 @@ fn check_against_twin(
                     .reshape((t, h, 128))
                     .unwrap()
             };
-            let (q, k, v) = (
+            let (q, mut k, v) = (
                 r(heads, case * 3),
                 r(kv_heads, case * 3 + 1),
                 r(kv_heads, case * 3 + 2),
             );
+            if k_ramp != 0.0 {
+                let gain: Vec<f32> = step
+                    .iter()
+                    .flat_map(|&(_, ctx, ql)| (ctx..ctx + ql).map(|pos| 1.0 + k_ramp * pos as f32 / 1024.0))
+                    .collect();
+                let gain = Tensor::from_vec(gain, (t, 1, 1), &Device::Cpu).unwrap();
+                k = k
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .broadcast_mul(&gain)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+            }
             let want = c.forward(layer, &q, &k, &v, &mc).unwrap();
             let got = g
                 .forward(
@@ -590,7 +620,6 @@ fn vattention_gpu_matches_cpu_twin() {
     let (quick, shapes) = twin_shapes();
     for &shape in shapes {
         for (megacache, mapping, kernel) in [
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Ws),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64),
@@ -613,21 +642,25 @@ fn vattention_gpu_matches_cpu_twin() {
     }
 }
 
-/// The warp-specialized prefill kernels on whole 128-key tiles (a 512-token
-/// prompt, a 384-token chunk at 512: the 2-stage ring wraps several times)
-/// and a 200-token chunk at 896 (GQA 8; the CPU twin's cost bounds the sizes:
-/// 1024-token chunks took minutes on the GPU machine's CPU).
+/// The warp-specialized prefill kernel on whole 128-key tiles (a 512-token
+/// prompt, a 384-token chunk at 512: the rings wrap several times) and a
+/// 200-token chunk at 896 (GQA 8), with plain random K and with K rows
+/// growing along the sequence (the lazy rescale moves the running max on
+/// later tiles too). The CPU twin's cost bounds the sizes: with 1024-token
+/// chunks this test ran past 3 minutes on the GPU machine's 16 cores
+/// (results/2026-12-03-h200-prefill-ws2).
 #[test]
 fn vattention_ws_prefill_long_chunks() {
     use vpod_attention::PrefillKernel;
     let steps: &[&[(u64, usize, usize)]] = &[&[(1, 0, 512)], &[(1, 512, 384)], &[(1, 896, 200)]];
-    for kernel in [PrefillKernel::Ws, PrefillKernel::Wsp] {
-        let opts = vpod_attention::BackendOptions {
-            max_seqs: 2,
-            prefill_kernel: kernel,
-            ..Default::default()
-        };
-        check_against_twin("vattention", (32, 4), &opts, steps, false, kernel.symbol());
+    let opts = vpod_attention::BackendOptions {
+        max_seqs: 2,
+        prefill_kernel: PrefillKernel::Wsp,
+        ..Default::default()
+    };
+    for ramp in [0.0, 8.0] {
+        let label = format!("{} (K ramp {ramp})", PrefillKernel::Wsp.symbol());
+        check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp);
     }
 }
 

@@ -136,6 +136,13 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn step_path(&self) -> Option<String> {
         None
     }
+
+    /// GPU milliseconds of the plain prefill kernel in the last forward
+    /// that ran one, with [`BackendOptions::time_kernels`] set (waits for
+    /// it); `None` without timing, on the CPU, or where no such kernel ran.
+    fn prefill_kernel_ms(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// How the `pod` backend runs a hybrid step on the GPU (`pod:MODE`).
@@ -169,7 +176,7 @@ impl PodMode {
 /// backend's steps that do not run fused) over the virtual cache; every
 /// kernel computes the same function. Where the device or the cache's pages
 /// do not allow a kernel's TMA loads, the plan takes the next one down
-/// (`Ws`, `Wsp` -> `Tma64` -> `W4p`) and the step record names the kernel that ran
+/// (`Wsp` -> `Tma64` -> `W4p`) and the step record names the kernel that ran
 /// ([`AttentionBackend::step_path`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefillKernel {
@@ -182,20 +189,24 @@ pub enum PrefillKernel {
     W4p,
     /// `W4p` with its K/V tiles loaded by TMA (`slot_prefill_w4t_bf16`,
     /// sm_90a, pages of a multiple of 64 rows).
-    #[default]
     Tma64,
-    /// Warp-specialized (`slot_prefill_ws_bf16`, sm_90a, pages of a multiple
-    /// of 128 rows): a TMA producer warp, a 2-stage ring of 128-key K/V
-    /// tiles, two 64-row consumer warpgroups sharing each tile.
-    Ws,
-    /// `Ws` with its consumers in ping-pong (`slot_prefill_wsp_bf16`): they
-    /// take turns issuing GEMMs, so one's softmax runs under the other's.
+    /// Warp-specialized (`slot_prefill_wsp_bf16`, sm_90a, pages of a
+    /// multiple of 128 rows): a TMA producer warp, a 2-stage ring of 128-key
+    /// K/V tiles, two 64-row consumer warpgroups sharing each tile and taking
+    /// turns issuing GEMMs (ping-pong), so one's softmax runs under the
+    /// other's. The default: 655-658 TFLOP/s on a 16K causal prompt and
+    /// 565-579 on a 1024-token chunk over 4K on an H200, 0.90-0.95x of
+    /// FlashAttention-3 in the same call (results/2026-12-03-h200-prefill-ws2;
+    /// the same without ping-pong lost by 10-20 %:
+    /// results/2026-12-03-h200-prefill-ws; with a 3-stage ring it was no
+    /// faster: -ws2).
+    #[default]
     Wsp,
 }
 
 impl PrefillKernel {
     /// Every kernel, in the order the benchmarks list them.
-    pub const ALL: [PrefillKernel; 6] = [Self::W8, Self::W4, Self::W4p, Self::Tma64, Self::Ws, Self::Wsp];
+    pub const ALL: [PrefillKernel; 5] = [Self::W8, Self::W4, Self::W4p, Self::Tma64, Self::Wsp];
 
     /// The kernel's `extern "C"` symbol.
     pub fn symbol(self) -> &'static str {
@@ -204,7 +215,6 @@ impl PrefillKernel {
             Self::W4 => "slot_prefill_w4_bf16",
             Self::W4p => "slot_prefill_w4p_bf16",
             Self::Tma64 => "slot_prefill_w4t_bf16",
-            Self::Ws => "slot_prefill_ws_bf16",
             Self::Wsp => "slot_prefill_wsp_bf16",
         }
     }
@@ -212,7 +222,7 @@ impl PrefillKernel {
     /// Query rows of one work item (one CTA).
     pub fn rows(self) -> usize {
         match self {
-            Self::W8 | Self::Ws | Self::Wsp => 128,
+            Self::W8 | Self::Wsp => 128,
             Self::W4 | Self::W4p | Self::Tma64 => 64,
         }
     }
@@ -243,6 +253,11 @@ pub struct BackendOptions {
     /// The plain prefill kernel over the virtual cache (`vattention`, and
     /// `pod` steps that do not run fused).
     pub prefill_kernel: PrefillKernel,
+    /// Benchmarks: record CUDA events around the plain prefill kernel of
+    /// each forward, so that [`AttentionBackend::prefill_kernel_ms`] can
+    /// read its GPU time (the GPU `vattention` / `pod` backends; two event
+    /// records a layer).
+    pub time_kernels: bool,
 }
 
 impl Default for BackendOptions {
@@ -257,6 +272,7 @@ impl Default for BackendOptions {
             fault_scale: None,
             pod_mode: PodMode::Auto,
             prefill_kernel: PrefillKernel::default(),
+            time_kernels: false,
         }
     }
 }

@@ -160,6 +160,27 @@ impl InplaceOp3 for KvWrite {
     }
 }
 
+/// Benchmarks: queues a one-thread kernel on `dev`'s stream that spins for
+/// `cycles` SM cycles (kernels/src/gpu_spin.cu), so that launches queued
+/// after it start only once the host has queued them all (no launch latency
+/// inside events recorded around them). A no-op on the CPU.
+pub fn gpu_spin(dev: &candle_core::Device, cycles: u64) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = dev {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        let f = cuda::function(dev, "gpu_spin")?;
+        let cycles = cycles.min(i64::MAX as u64) as i64;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&cycles);
+        // SAFETY: gpu_spin(long long) reads no memory.
+        unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(cuda::err)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (dev, cycles);
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     //! Loading our fatbins (once per device) and launching them.

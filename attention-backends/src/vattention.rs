@@ -206,6 +206,8 @@ struct Gpu {
     /// The prefill kernel asked for ([`BackendOptions::prefill_kernel`]).
     prefill: crate::PrefillKernel,
     path_note: Option<String>,
+    /// [`BackendOptions::time_kernels`].
+    timer: Option<crate::vattention_gpu::KernelTimer>,
 }
 
 impl VirtualBackend {
@@ -255,6 +257,10 @@ impl VirtualBackend {
                     pod,
                     prefill: opts.prefill_kernel,
                     path_note: None,
+                    timer: match opts.time_kernels {
+                        true => Some(crate::vattention_gpu::KernelTimer::new(dev)?),
+                        false => None,
+                    },
                 }),
             });
         }
@@ -472,8 +478,12 @@ impl AttentionBackend for VirtualBackend {
             let Some(plan) = gpu.plan.as_mut() else {
                 unreachable!("planned above")
             };
+            if let Some(t) = &gpu.timer {
+                t.reset();
+            }
             let op = crate::vattention_gpu::GpuAttention {
                 plan,
+                timer: gpu.timer.as_ref(),
                 k: self.cache.view(layer, Kv::K),
                 v: self.cache.view(layer, Kv::V),
                 heads: self.cfg.num_heads,
@@ -522,6 +532,14 @@ impl AttentionBackend for VirtualBackend {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             return gpu.path_note.clone();
+        }
+        None
+    }
+
+    fn prefill_kernel_ms(&self) -> Option<f64> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.timer.as_ref()?.ms();
         }
         None
     }

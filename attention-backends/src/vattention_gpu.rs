@@ -4,7 +4,7 @@
 //! rows into the VMM-backed slots (`slot_write_kv_bf16`), runs the causal
 //! prefill kernel over the step's prompt chunks (the typed
 //! [`PrefillKernel`]: `slot_prefill_w4t_bf16` by default on an H100/H200,
-//! K/V by TMA; `slot_prefill_ws_bf16`, warp-specialized; `slot_prefill_w{4p,4,8}_bf16`)
+//! K/V by TMA; `slot_prefill_wsp_bf16`, warp-specialized; `slot_prefill_w{4p,4,8}_bf16`)
 //! and the split-KV decode kernel over the decode tokens (`slot_decode_bf16`,
 //! whose last block per sequence and KV head merges the splits), each filling its own
 //! rows of the output. No block tables: kernels get the layer's base
@@ -41,22 +41,24 @@ const PREFILL_PIPE_SMEM: usize = 3 * 2 * 64 * 256 + 1024;
 /// splits), so the combine kernel merges.
 const FUSED_MERGE_MAX_SPLITS: usize = 16;
 
-/// Dynamic shared memory of `slot_prefill_ws_bf16` (slot_prefill_ws.cuh's
-/// `WsShape<2>::SMEM`): Q (128 rows), 2 stages of 128-key K and V tiles, 1 KiB
-/// of alignment.
-const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
+/// Dynamic shared memory of the warp-specialized prefill kernels with
+/// `stages` K/V stages (slot_prefill_ws.cuh's `WsShape<STAGES>::SMEM`): Q
+/// (128 rows), the stages' 128-key K and V tiles, 1 KiB of alignment.
+const fn prefill_ws_smem(stages: usize) -> usize {
+    128 * 256 + stages * 2 * 128 * 256 + 1024
+}
 
 /// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
 /// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
 /// multiple of their box rows (a box then never reaches an unmapped page);
-/// else the next one down (`Ws`, `Wsp` -> `Tma64` -> `W4p`).
+/// else the next one down (`Wsp` -> `Tma64` -> `W4p`).
 fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
     let asked = hybrid_sweep_prefill().unwrap_or(asked);
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
     match asked {
-        k @ (PrefillKernel::Ws | PrefillKernel::Wsp) if tma(128) => k,
-        PrefillKernel::Ws | PrefillKernel::Wsp | PrefillKernel::Tma64 if tma(64) => PrefillKernel::Tma64,
-        PrefillKernel::Ws | PrefillKernel::Wsp | PrefillKernel::Tma64 => PrefillKernel::W4p,
+        PrefillKernel::Wsp if tma(128) => PrefillKernel::Wsp,
+        PrefillKernel::Wsp | PrefillKernel::Tma64 if tma(64) => PrefillKernel::Tma64,
+        PrefillKernel::Wsp | PrefillKernel::Tma64 => PrefillKernel::W4p,
         k => k,
     }
 }
@@ -96,7 +98,7 @@ pub(crate) struct TmaArg([u64; 16]);
 unsafe impl DeviceRepr for TmaArg {}
 
 /// Whether the prefill kernels may load their K/V with TMA
-/// (`slot_prefill_w4t_bf16`, `slot_prefill_ws_bf16`, `podp_tma_bf16`,
+/// (`slot_prefill_w4t_bf16`, `slot_prefill_wsp_bf16`, `podp_tma_bf16`,
 /// `pod3_tma_bf16`; kernels/src/tma.cuh): on compute capability 9.0 (the
 /// sm_90a cubin). The cache's geometry `[max_len, slots]` when they may
 /// ([`resolve_prefill`] checks the pages; the POD kernels' 64-row boxes also
@@ -504,8 +506,45 @@ impl StepPlan {
 }
 
 /// One layer's attention over the VMM cache (see the module docs).
+/// CUDA events around the plain prefill kernel of a forward
+/// ([`crate::BackendOptions::time_kernels`]).
+#[derive(Debug)]
+pub(crate) struct KernelTimer {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    /// Whether the last forward recorded them (ran a plain prefill kernel).
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+impl KernelTimer {
+    pub(crate) fn new(dev: &CudaDevice) -> Result<Self> {
+        let ctx = dev.cuda_stream().context().clone();
+        let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        Ok(Self {
+            start: ctx.new_event(timed).map_err(err)?,
+            end: ctx.new_event(timed).map_err(err)?,
+            recorded: false.into(),
+        })
+    }
+
+    /// Called at the start of a forward: nothing timed yet.
+    pub(crate) fn reset(&self) {
+        self.recorded.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The GPU milliseconds between the events (waits for the end event).
+    pub(crate) fn ms(&self) -> Option<f64> {
+        if !self.recorded.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        self.start.elapsed_ms(&self.end).ok().map(f64::from)
+    }
+}
+
 pub(crate) struct GpuAttention<'a> {
     pub plan: &'a StepPlan,
+    /// Events around the plain prefill kernel ([`KernelTimer`]).
+    pub timer: Option<&'a KernelTimer>,
     pub k: SlotView,
     pub v: SlotView,
     pub heads: usize,
@@ -516,6 +555,24 @@ pub(crate) struct GpuAttention<'a> {
 }
 
 impl GpuAttention<'_> {
+    /// [`Self::launch_prefill`] between the timer's events, if timed.
+    fn timed_prefill(
+        &self,
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        out: &mut CudaSlice<bf16>,
+    ) -> candle_core::Result<()> {
+        let Some(t) = self.timer else {
+            return self.launch_prefill(dev, q, out);
+        };
+        let stream = dev.cuda_stream();
+        t.start.record(&stream).map_err(err)?;
+        self.launch_prefill(dev, q, out)?;
+        t.end.record(&stream).map_err(err)?;
+        t.recorded.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The causal prefill kernel over the step's prompt chunks.
     fn launch_prefill(
         &self,
@@ -526,8 +583,8 @@ impl GpuAttention<'_> {
         let p = self.plan;
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let tma = match (p.prefill, p.tma) {
-            (k @ (PrefillKernel::Ws | PrefillKernel::Wsp), Some(dims)) => {
-                Some((k.symbol(), PREFILL_WS_SMEM, 128, 384, dims))
+            (PrefillKernel::Wsp, Some(dims)) => {
+                Some(("slot_prefill_wsp_bf16", prefill_ws_smem(2), 128, 384, dims))
             }
             (PrefillKernel::Tma64, Some(dims)) => {
                 Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))
@@ -541,7 +598,7 @@ impl GpuAttention<'_> {
             );
             let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
             let (work, heads_u) = (p.chunks.n_work as u32, self.heads as u32);
-            // slot_prefill_ws_bf16: heads fastest (a work item's heads run
+            // slot_prefill_wsp*_bf16: heads fastest (a work item's heads run
             // together, the work list heaviest first); w4t: (work, heads).
             let grid_dim = if p.prefill.rows() == 128 {
                 (heads_u, work, 1)
@@ -792,7 +849,7 @@ impl CustomOp3 for GpuAttention<'_> {
                         sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                     )
                     .map_err(err)?;
-                    self.launch_prefill(&dev, &q, &mut out)?;
+                    self.timed_prefill(&dev, &q, &mut out)?;
                     crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, Some(side.stream))?;
                     event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
@@ -802,7 +859,7 @@ impl CustomOp3 for GpuAttention<'_> {
             _ => {
                 // 2. Prompt chunks, then 3. decode tokens.
                 if p.chunks.n_work > 0 {
-                    self.launch_prefill(&dev, &q, &mut out)?;
+                    self.timed_prefill(&dev, &q, &mut out)?;
                 }
                 if p.n_dec > 0 {
                     // SAFETY: keys below each decode's length are mapped and written; the

@@ -74,22 +74,71 @@ __device__ __forceinline__ void setmaxnreg_dec() {
     WG_ASM("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
-// A warp's 16 x 128 score tile (keys t0 .. t0 + 127) scaled by qk_scale, keys
-// past row g's last (lim0; lim0 + 8 for row g + 8) at -inf; tiles below the
-// diagonal for all 16 rows skip the compares.
-__device__ __forceinline__ void ws_scale_mask(float s[16][4], int t0, int lim0, int lane, float qk_scale) {
+// A warp's 16 x 128 score tile (keys t0 .. t0 + 127): keys past row g's last
+// (lim0; lim0 + 8 for row g + 8) at -inf. Only tiles that reach past the
+// warp's first row's last key compare (the test is warp-uniform).
+__device__ __forceinline__ void ws_mask(float s[16][4], int t0, int lim0, int lane) {
     if (t0 + WS_BN - 1 > lim0 - lane / 4) {
 #pragma unroll
         for (int n = 0; n < 16; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                s[n][e] = t0 + n * 8 + 2 * (lane % 4) + (e & 1) <= lim0 + 8 * (e / 2) ? s[n][e] * qk_scale : -INFINITY;
-    } else {
-#pragma unroll
-        for (int n = 0; n < 16; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] *= qk_scale;
+                if (t0 + n * 8 + 2 * (lane % 4) + (e & 1) > lim0 + 8 * (e / 2)) s[n][e] = -INFINITY;
     }
+}
+
+// How far (log2 units) a row's scores may rise above its running max before
+// the max moves: see ws_softmax.
+constexpr float WS_LAZY_LOG2 = 8.f;
+
+// The online softmax of one warp's 16 x 128 raw score tile (two rows a
+// thread), FA3's form with two changes from attn_mma.cuh's
+// online_softmax_deferred:
+//  - the scale is folded into the exponent: p = exp2(s * scale - m * scale),
+//    one FFMA and one MUFU.EX2 an element (m in raw score units);
+//  - lazy rescale: the running max m moves only when a tile raises some row
+//    of the warp by more than WS_LAZY_LOG2 (after the scale), and only then
+//    must O be rescaled (returns true, alpha in `alpha`). With a stale m the
+//    probabilities reach at most 2^8; O and the row sum l share the base, so
+//    O / l is unchanged (the first tile always moves it: m starts at -inf).
+// Max and sum run as 4 independent chains (the fixed-latency dependency waits
+// are the consumers' top stall reason: ncu, results/2026-12-03-h200-prefill-ws2).
+__device__ __forceinline__ bool ws_softmax(RowState& st, float s[16][4], float alpha[2], float scale) {
+    float mx[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float a[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) a[k] = fmaxf(s[k][2 * r], s[k][2 * r + 1]);
+#pragma unroll
+        for (int n = 4; n < 16; ++n) a[n % 4] = fmaxf(a[n % 4], fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+        mx[r] = quad_max(fmaxf(fmaxf(a[0], a[1]), fmaxf(a[2], a[3])));
+    }
+    // -inf - -inf (a row with no key yet) is NaN: not "grown".
+    const bool grow = (mx[0] - st.m[0]) * scale > WS_LAZY_LOG2 || (mx[1] - st.m[1]) * scale > WS_LAZY_LOG2;
+    const bool moved = __any_sync(0xffffffffu, grow);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (moved) {
+            const float m_new = fmaxf(st.m[r], mx[r]);
+            alpha[r] = m_new == -INFINITY ? 1.f : exp2f((st.m[r] - m_new) * scale);
+            st.m[r] = m_new;
+        }
+        // A row that has seen no key yet keeps exponent base 0 (no inf - inf).
+        const float base = st.m[r] == -INFINITY ? 0.f : st.m[r] * scale;
+        float sum[4];
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+            const float p0 = exp2f(fmaf(s[n][2 * r], scale, -base));
+            const float p1 = exp2f(fmaf(s[n][2 * r + 1], scale, -base));
+            s[n][2 * r] = p0;
+            s[n][2 * r + 1] = p1;
+            sum[n % 4] = n < 4 ? p0 + p1 : sum[n % 4] + (p0 + p1);
+        }
+        const float t = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+        st.l[r] = moved ? st.l[r] * alpha[r] + t : st.l[r] + t;
+    }
+    return moved;
 }
 
 // The ring's shared memory and barriers, as both roles address them.
@@ -221,8 +270,8 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
         wg_wait<0>();
         wg_fence_operands<64>(&s[0][0]);
         release(r.empty_k(0));
-        ws_scale_mask(s, 0, lim0, lane, qk_scale);
-        online_softmax_deferred<16>(st, s, alpha);
+        ws_mask(s, 0, lim0, lane);
+        ws_softmax(st, s, alpha, qk_scale);  // moves m (O is zero: nothing to rescale)
 #pragma unroll
         for (int j = 0; j < 8; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
     }
@@ -242,12 +291,12 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
         wg_wait<1>();  // S_i is in; P_{i-1} V_{i-1} may still run
         wg_fence_operands<64>(&s[0][0]);
         release(r.empty_k(i));
-        ws_scale_mask(s, i * WS_BN, lim0, lane, qk_scale);
-        online_softmax_deferred<16>(st, s, alpha);
+        ws_mask(s, i * WS_BN, lim0, lane);
+        const bool moved = ws_softmax(st, s, alpha, qk_scale);
         wg_wait<0>();
         wg_fence_operands<64>(&o[0][0]);
         release(r.empty_v(i - 1));
-        rescale_o(o, alpha);
+        if (moved) rescale_o(o, alpha);
 #pragma unroll
         for (int j = 0; j < 8; ++j) p_to_a(pa[j], s[2 * j], s[2 * j + 1]);
     }

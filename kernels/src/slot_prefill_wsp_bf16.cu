@@ -1,6 +1,8 @@
-// slot_prefill_ws_bf16 with its two consumer warpgroups taking turns on the
-// tensor cores (ping-pong: one's softmax under the other's GEMMs); see
-// slot_prefill_ws.cuh.
+// Warp-specialized causal prefill over the per-slot layout (FlashAttention-3's
+// structure, sm_90a): 128 query rows of one head per CTA, a producer warp's
+// TMA ring of 128-key K/V tiles (2 stages), two consumer warpgroups taking
+// turns on the tensor cores (ping-pong: one's softmax under the other's
+// GEMMs); see slot_prefill_ws.cuh.
 #include "slot_prefill_ws.cuh"
 
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
