@@ -18,3 +18,4 @@ mod hub;
 mod parity;
 mod serve;
 mod tokenizer;
+mod tp;

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 /// setting at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
     #[error(
         "unknown model '{name}': not a preset ({presets}), not a local directory, and not a Hub repo id (owner/name)"
     )]

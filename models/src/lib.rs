@@ -14,6 +14,7 @@ mod llama;
 mod presets;
 mod spm;
 mod tokenizer;
+pub mod tp;
 mod weights;
 
 use std::path::Path;

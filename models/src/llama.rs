@@ -10,6 +10,8 @@
 //!
 //! [`BatchMeta`]: vpod_attention::BatchMeta
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use vpod_attention::linear::{linear, linear_add, linear_swiglu};
@@ -17,6 +19,7 @@ use vpod_attention::rope::rope_qk;
 use vpod_attention::{AttentionStep, AttnConfig};
 
 use crate::config::LlamaConfig;
+use crate::tp::{Communicator, Shard};
 use crate::weights::TensorSource;
 use crate::{ModelError, Result};
 
@@ -116,17 +119,22 @@ fn inverse_frequencies(cfg: &LlamaConfig) -> Vec<f64> {
         .collect()
 }
 
-/// A loaded Llama-family model on one device.
+/// A loaded Llama-family model on one device: the whole model, or one
+/// tensor-parallel rank's slices of it ([`crate::tp`]), whose forward calls
+/// the ranks' collectives.
 #[derive(Debug)]
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Embedding, // [vocab, hidden]
+    embed: Embedding, // [vocab (this rank's slice), hidden]
     layers: Vec<Layer>,
     norm: Tensor,    // [hidden]
-    lm_head: Tensor, // [vocab, hidden]
+    lm_head: Tensor, // [vocab (this rank's slice), hidden]
     rope: Rope,
     dtype: DType,
     device: Device,
+    shard: Shard,
+    /// The ranks' collectives (`None` for the whole model).
+    comm: Option<std::sync::Arc<dyn Communicator>>,
 }
 
 impl Llama {
@@ -138,36 +146,93 @@ impl Llama {
         w: &dyn TensorSource,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        Self::load_shard(cfg, w, None, progress)
+    }
+
+    /// [`Self::load`] of one tensor-parallel rank (`comm`'s rank of its
+    /// world; `None`: the whole model): only the rank's slices are read
+    /// ([`TensorSource::get_slice`]).
+    pub fn load_shard(
+        cfg: &LlamaConfig,
+        w: &dyn TensorSource,
+        comm: Option<std::sync::Arc<dyn Communicator>>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let shard = match &comm {
+            Some(c) => Shard::new(c.rank(), c.world())?,
+            None => Shard::WHOLE,
+        };
+        shard.check(cfg)?;
+        let (h, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let get = |name: String, shape: &[usize]| w.get(&name, shape);
-        let embed_w = get("model.embed_tokens.weight".into(), &[cfg.vocab_size, h])?;
+        // Rows (dim 0) or columns (dim 1) `r` of `name`.
+        let slice = |name: String, shape: &[usize], dim: usize, r: Range<usize>| {
+            if shard.world == 1 {
+                w.get(&name, shape)
+            } else {
+                w.get_slice(&name, shape, dim, r)
+            }
+        };
+        let scaled = |r: Range<usize>, by: usize| r.start * by..r.end * by;
+        let (heads, kv_heads, ffn, vocab) = (
+            shard.heads(cfg),
+            shard.kv_heads(cfg),
+            shard.ffn(cfg),
+            shard.vocab(cfg),
+        );
+        let embed_w = slice(
+            "model.embed_tokens.weight".into(),
+            &[cfg.vocab_size, h],
+            0,
+            vocab.clone(),
+        )?;
         let total = cfg.num_layers + 1;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let qkv = Tensor::cat(
                 &[
-                    get(format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
-                    get(format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
-                    get(format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
+                    slice(
+                        format!("{p}.self_attn.q_proj.weight"),
+                        &[qd, h],
+                        0,
+                        scaled(heads.clone(), hd),
+                    )?,
+                    slice(
+                        format!("{p}.self_attn.k_proj.weight"),
+                        &[kvd, h],
+                        0,
+                        scaled(kv_heads.clone(), hd),
+                    )?,
+                    slice(
+                        format!("{p}.self_attn.v_proj.weight"),
+                        &[kvd, h],
+                        0,
+                        scaled(kv_heads.clone(), hd),
+                    )?,
                 ],
                 0,
             )?;
             let gate_up = Tensor::cat(
                 &[
-                    get(format!("{p}.mlp.gate_proj.weight"), &[f, h])?,
-                    get(format!("{p}.mlp.up_proj.weight"), &[f, h])?,
+                    slice(format!("{p}.mlp.gate_proj.weight"), &[f, h], 0, ffn.clone())?,
+                    slice(format!("{p}.mlp.up_proj.weight"), &[f, h], 0, ffn.clone())?,
                 ],
                 0,
             )?;
             layers.push(Layer {
                 attn_norm: get(format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv,
-                o: get(format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
+                o: slice(
+                    format!("{p}.self_attn.o_proj.weight"),
+                    &[h, qd],
+                    1,
+                    scaled(heads.clone(), hd),
+                )?,
                 mlp_norm: get(format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up,
-                down: get(format!("{p}.mlp.down_proj.weight"), &[h, f])?,
+                down: slice(format!("{p}.mlp.down_proj.weight"), &[h, f], 1, ffn.clone())?,
             });
             progress(i + 1, total);
         }
@@ -175,7 +240,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed_w.clone()
         } else {
-            get("lm_head.weight".into(), &[cfg.vocab_size, h])?
+            slice("lm_head.weight".into(), &[cfg.vocab_size, h], 0, vocab)?
         };
         progress(total, total);
         Ok(Self {
@@ -187,7 +252,14 @@ impl Llama {
             rope: Rope::new(cfg, w.dtype(), w.device())?,
             dtype: w.dtype(),
             device: w.device().clone(),
+            shard,
+            comm,
         })
+    }
+
+    /// Which tensor-parallel slices this model holds.
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -204,11 +276,12 @@ impl Llama {
 
     /// The attention geometry for building a backend; `max_seq_len` is the
     /// longest sequence the backend must hold.
+    /// A tensor-parallel rank's backend holds its own heads only.
     pub fn attn_config(&self, max_seq_len: usize) -> AttnConfig {
         AttnConfig {
             num_layers: self.cfg.num_layers,
-            num_heads: self.cfg.num_heads,
-            num_kv_heads: self.cfg.num_kv_heads,
+            num_heads: self.shard.heads(&self.cfg).len(),
+            num_kv_heads: self.shard.kv_heads(&self.cfg).len(),
             head_dim: self.cfg.head_dim,
             max_seq_len,
             dtype: self.dtype,
@@ -240,26 +313,62 @@ impl Llama {
         let cos = self.rope.cos.index_select(positions, 0)?; // [T, head_dim / 2]
         let sin = self.rope.sin.index_select(positions, 0)?;
         let eps = c.rms_norm_eps as f32;
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let mut x = self.embed.forward(tokens)?; // [T, hidden]
+        // This rank's heads (all of them for the whole model).
+        let (heads, kv_heads) = (self.shard.heads(c).len(), self.shard.kv_heads(c).len());
+        let (qd, kvd) = (heads * c.head_dim, kv_heads * c.head_dim);
+        let mut x = self.embed_tokens(tokens)?; // [T, hidden]
         for (i, l) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let qkv = linear(&h, &l.qkv)?; // [T, (heads + 2 * kv_heads) * head_dim]
-            let (q, k) = self.rope.apply(&qkv, &cos, &sin, c.num_heads, c.num_kv_heads)?;
-            let v = qkv
-                .narrow(1, qd + kvd, kvd)?
-                .reshape((t, c.num_kv_heads, c.head_dim))?;
+            let (q, k) = self.rope.apply(&qkv, &cos, &sin, heads, kv_heads)?;
+            let v = qkv.narrow(1, qd + kvd, kvd)?.reshape((t, kv_heads, c.head_dim))?;
             let a = attn.attend(i, &q, &k, &v)?; // [T, heads, head_dim]
-            x = linear_add(&a.reshape((t, qd))?, &l.o, &x)?;
+            x = self.row_parallel(&a.reshape((t, qd))?, &l.o, &x)?;
             let h = candle_nn::ops::rms_norm(&x, &l.mlp_norm, eps)?;
             let gated = linear_swiglu(&h, &l.gate_up)?; // [T, ffn]
-            x = linear_add(&gated, &l.down, &x)?;
+            x = self.row_parallel(&gated, &l.down, &x)?;
         }
         if let Some(rows) = attn.meta().logit_rows() {
             x = x.index_select(rows, 0)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(linear(&x, &self.lm_head)?.to_dtype(DType::F32)?)
+        let logits = linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
+        match &self.comm {
+            Some(comm) => comm.all_gather(&logits, 1), // [rows, vocab]: the ranks' slices in order
+            None => Ok(logits),
+        }
+    }
+
+    /// `residual + a W^T` where `W`'s columns (and `a`'s) are split over the
+    /// ranks: each rank's partial product, rank 0's with the residual, summed
+    /// by one all-reduce.
+    fn row_parallel(&self, a: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.comm {
+            None => Ok(linear_add(a, w, residual)?),
+            Some(comm) if comm.rank() == 0 => comm.all_reduce_sum(&linear_add(a, w, residual)?),
+            Some(comm) => comm.all_reduce_sum(&linear(a, w)?),
+        }
+    }
+
+    /// The token embeddings `[T, hidden]`: with the vocabulary split over the
+    /// ranks, each rank embeds the tokens of its slice (zero rows for the
+    /// others) and an all-reduce sums them.
+    fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        let Some(comm) = &self.comm else {
+            return Ok(self.embed.forward(tokens)?);
+        };
+        let vocab = self.shard.vocab(&self.cfg);
+        let (lo, hi) = (vocab.start as u32, vocab.end.max(vocab.start + 1) as u32 - 1);
+        let ids = tokens
+            .clamp(lo, hi)?
+            .broadcast_sub(&Tensor::new(lo, tokens.device())?)?;
+        let mine = tokens
+            .ge(lo)?
+            .mul(&tokens.lt(vocab.end as u32)?)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(1)?;
+        let x = self.embed.forward(&ids)?.broadcast_mul(&mine)?;
+        comm.all_reduce_sum(&x)
     }
 }
 

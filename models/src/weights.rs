@@ -118,9 +118,36 @@ impl Weights {
 pub trait TensorSource {
     /// Tensor `name` with exactly `shape`, in [`Self::dtype`] on [`Self::device`].
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// Indices `range` along `dim` (0 or 1) of the 2-D tensor `name`, which
+    /// must have exactly `shape` (a tensor-parallel rank's slice). The
+    /// default loads the whole tensor and narrows it; checkpoints read only
+    /// the slice's bytes.
+    fn get_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        check_slice(name, shape, dim, &range)?;
+        Ok(self
+            .get(name, shape)?
+            .narrow(dim, range.start, range.len())?
+            .contiguous()?)
+    }
     fn contains(&self, name: &str) -> bool;
     fn dtype(&self) -> DType;
     fn device(&self) -> &Device;
+}
+
+/// A slice request a 2-D tensor can serve.
+fn check_slice(name: &str, shape: &[usize], dim: usize, range: &std::ops::Range<usize>) -> Result<()> {
+    if shape.len() != 2 || dim > 1 || range.start >= range.end || range.end > shape[dim] {
+        return Err(ModelError::TensorParallel(format!(
+            "cannot slice {range:?} along dim {dim} of tensor '{name}' of shape {shape:?}"
+        )));
+    }
+    Ok(())
 }
 
 impl TensorSource for Weights {
@@ -177,6 +204,78 @@ impl TensorSource for Weights {
             .map_err(|err| corrupt(&f.path, err))?
             .to_dtype(self.dtype)?;
         release_pages(&f.mmap, start, end);
+        Ok(t)
+    }
+
+    /// Reads only the slice's bytes from the mapped file: rows are one
+    /// contiguous range; columns are gathered row by row on the host.
+    fn get_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        check_slice(name, shape, dim, &range)?;
+        let Some(e) = self.route.get(name) else {
+            return Err(ModelError::MissingTensor {
+                name: name.into(),
+                location: self.location(),
+            });
+        };
+        let f = &self.files[e.file];
+        if e.shape != shape {
+            return Err(ModelError::WrongShape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+                file: f.path.clone(),
+            });
+        }
+        let elem = match e.dtype {
+            safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
+            safetensors::Dtype::F32 => 4,
+            safetensors::Dtype::F64 => 8,
+            _ => {
+                return Err(ModelError::NonFloatTensor {
+                    name: name.into(),
+                    dtype: format!("{:?}", e.dtype),
+                    file: f.path.clone(),
+                });
+            }
+        };
+        let (rows, cols) = (shape[0], shape[1]);
+        let (start, end) = (f.data_start + e.range.0, f.data_start + e.range.1);
+        if end - start != rows * cols * elem {
+            return Err(corrupt(
+                &f.path,
+                format!(
+                    "tensor '{name}' has {} bytes, not {rows} x {cols} x {elem}",
+                    end - start
+                ),
+            ));
+        }
+        let bytes = &f.mmap[start..end];
+        let (data, sliced): (std::borrow::Cow<'_, [u8]>, Vec<usize>) = if dim == 0 {
+            let row = cols * elem;
+            (
+                bytes[range.start * row..range.end * row].into(),
+                vec![range.len(), cols],
+            )
+        } else {
+            let (row, take) = (cols * elem, range.len() * elem);
+            let mut v = Vec::with_capacity(rows * take);
+            for r in 0..rows {
+                let at = r * row + range.start * elem;
+                v.extend_from_slice(&bytes[at..at + take]);
+            }
+            (v.into(), vec![rows, range.len()])
+        };
+        let view = TensorView::new(e.dtype, sliced, &data).map_err(|err| corrupt(&f.path, err))?;
+        let t = view
+            .load(&self.device)
+            .map_err(|err| corrupt(&f.path, err))?
+            .to_dtype(self.dtype)?;
         Ok(t)
     }
 }

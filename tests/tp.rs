@@ -1,0 +1,199 @@
+//! Tensor parallelism's CPU twin (`vpod_models::tp`): N ranks as threads of
+//! one process, each with its slices of the fixture's checkpoint (read from
+//! the safetensors file, slices only), its own KV cache and attention
+//! backend, exchanging partial sums through `LocalComm`'s in-memory
+//! all-reduce; their logits equal the unsharded model's, over a prefill
+//! and decode steps that read the KV cache back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use vpod_attention::{AttentionStep, BatchMeta, LogitsAt, SeqChunk, create_backend};
+use vpod_models::tp::{Communicator, LocalComm, Shard};
+use vpod_models::{Llama, LlamaConfig, ModelError, ModelSource, Weights, fetch_model_files};
+
+use crate::common::{FIXTURES, fixture, offline, reference};
+
+/// The fixture's config and its (sharded) safetensors files.
+fn checkpoint(name: &str) -> (LlamaConfig, Vec<std::path::PathBuf>) {
+    let files = fetch_model_files(
+        &ModelSource::Local(fixture(name)),
+        &offline(std::path::Path::new("/nonexistent")),
+    )
+    .unwrap();
+    (LlamaConfig::from_file(&files.config).unwrap(), files.weights)
+}
+
+/// Logits `[tokens, vocab]` of `prompt` (one prefill of all but its last
+/// 2 tokens, then one decode step each), from every rank of `comm` (its
+/// `None`: the whole model on this thread), through backend `spec`.
+fn run(
+    name: &str,
+    spec: &str,
+    comm: Option<Arc<dyn Communicator>>,
+    prompt: &[u32],
+) -> vpod_models::Result<Tensor> {
+    let (cfg, files) = checkpoint(name);
+    let w = Weights::open(&files, DType::F32, &Device::Cpu)?;
+    let model = Llama::load_shard(&cfg, &w, comm, &mut |_, _| {})?;
+    let attn = model.attn_config(prompt.len() + 8);
+    let mut backend = create_backend(spec, &attn, &Device::Cpu, &Default::default()).unwrap();
+    let n = prompt.len() - 2;
+    let mut rows = vec![];
+    for (ctx, len) in [(0, n), (n, 1), (n + 1, 1)] {
+        let chunk = SeqChunk {
+            seq_id: 7,
+            context_len: ctx,
+            query_len: len,
+        };
+        let meta = BatchMeta::new(vec![chunk], LogitsAt::AllTokens, &Device::Cpu).unwrap();
+        let mut step = AttentionStep::new(backend.as_mut(), &meta).unwrap();
+        let tokens = Tensor::new(&prompt[ctx..ctx + len], &Device::Cpu)?;
+        rows.push(model.forward(&tokens, &mut step)?);
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// The logits of `world` ranks (threads), each checked to be the same.
+fn sharded(name: &str, spec: &str, world: usize, prompt: &[u32]) -> Tensor {
+    let comms = LocalComm::group_with_timeout(world, Duration::from_secs(60));
+    let outs: Vec<Tensor> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let comm: Arc<dyn Communicator> = Arc::new(c.clone());
+                    run(name, spec, Some(comm), prompt).inspect_err(|e| c.abort(&e.to_string()))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    });
+    for (r, o) in outs.iter().enumerate().skip(1) {
+        let d = (o - &outs[0])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            d, 0.0,
+            "{name} TP-{world}: rank {r}'s logits differ from rank 0's by {d}"
+        );
+    }
+    outs.into_iter().next().unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Sharded == unsharded logits on every fixture (GQA 4/7/8) for the ranks
+/// its heads divide (1, 2, 4, 7; a single KV head is replicated), through the
+/// reference backend and the `vattention` backend's CPU twin.
+#[test]
+fn tensor_parallel_logits_equal_unsharded() {
+    let mut checked = 0;
+    for name in FIXTURES {
+        let (cfg, _) = checkpoint(name);
+        let prompt = reference(name).prompt_ids;
+        for spec in ["reference", "vattention"] {
+            let whole = run(name, spec, None, &prompt).unwrap();
+            for world in [1, 2, 4, 7] {
+                if !Shard::unsupported_reasons(&cfg, world).is_empty() {
+                    continue;
+                }
+                let got = sharded(name, spec, world, &prompt);
+                assert_eq!(got.dims(), whole.dims(), "{name} TP-{world} {spec}");
+                let d = max_abs_diff(&got, &whole);
+                println!("{name} {spec} TP-{world}: max |logit - unsharded| = {d:.2e}");
+                assert!(
+                    d < 1e-4,
+                    "{name} {spec} TP-{world}: logits differ from unsharded by {d}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    // GQA 4 and 8 at 1, 2, 4 ranks, GQA 7 (7 heads) at 1 and 7 ranks (a
+    // vocabulary of 384 over 7: the last slice is shorter), two backends.
+    assert_eq!(checked, 16);
+}
+
+/// A rank's slices hold only its share of the weights.
+#[test]
+fn tensor_parallel_ranks_hold_their_slices() {
+    let name = "tiny-yi-gqa8";
+    let (cfg, files) = checkpoint(name);
+    let w = Weights::open(&files, DType::F32, &Device::Cpu).unwrap();
+    let comms = LocalComm::group(4);
+    let model = Llama::load_shard(&cfg, &w, Some(Arc::new(comms[1].clone())), &mut |_, _| {}).unwrap();
+    let a = model.attn_config(64);
+    assert_eq!((a.num_heads, a.num_kv_heads), (cfg.num_heads / 4, 1));
+    let s = model.shard();
+    assert_eq!((s.rank, s.world), (1, 4));
+    assert_eq!(s.vocab(&cfg), 100..200);
+    assert_eq!(s.ffn(&cfg), cfg.intermediate_size / 4..cfg.intermediate_size / 2);
+}
+
+/// Shapes that do not split get a clear error naming the numbers, never a
+/// wrong model; a failing rank releases the others' collectives.
+#[test]
+fn tensor_parallel_refuses_what_does_not_split() {
+    let (cfg, files) = checkpoint("tiny-yi-gqa7");
+    let w = Weights::open(&files, DType::F32, &Device::Cpu).unwrap();
+    let comms = LocalComm::group(2);
+    let err = Llama::load_shard(&cfg, &w, Some(Arc::new(comms[0].clone())), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, ModelError::TensorParallel(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("7 attention heads do not split over 2 ranks"),
+        "{err}"
+    );
+    assert!(Shard::new(2, 2).is_err() && Shard::new(0, 0).is_err());
+
+    // Rank 1 fails before its first collective: rank 0's all-reduce errors out.
+    let comms = LocalComm::group_with_timeout(2, Duration::from_secs(30));
+    comms[1].abort("could not load its weights");
+    let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let e = comms[0].all_reduce_sum(&x).unwrap_err().to_string();
+    assert!(e.contains("could not load its weights"), "{e}");
+}
+
+/// The in-memory collectives: sums in rank order, gathers along a dim.
+#[test]
+fn local_comm_collectives() {
+    let comms = LocalComm::group(3);
+    let outs: Vec<(Tensor, Tensor)> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let r = c.rank() as f32;
+                    let x = Tensor::new(&[[r, 1.0]], &Device::Cpu).unwrap();
+                    let sum = c.all_reduce_sum(&x).unwrap();
+                    let cols = Tensor::full(r, (1, c.rank() + 1), &Device::Cpu).unwrap();
+                    (sum, c.all_gather(&cols, 1).unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (sum, gathered) in outs {
+        assert_eq!(sum.to_vec2::<f32>().unwrap(), vec![vec![3.0, 3.0]]);
+        assert_eq!(
+            gathered.to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 1.0, 1.0, 2.0, 2.0, 2.0]]
+        );
+    }
+}
