@@ -199,7 +199,7 @@ pub enum PrefillKernel {
     /// FlashAttention-3 in the same call (results/2026-12-03-h200-prefill-ws2;
     /// the same without ping-pong lost by 10-20 %:
     /// results/2026-12-03-h200-prefill-ws; with a 3-stage ring it was no
-    /// faster: -ws2).
+    /// faster, with statically strided persistent CTAs 2-4 % slower: -ws2).
     #[default]
     Wsp,
 }
