@@ -21,6 +21,7 @@ fn options(fault: Option<(&str, f32)>) -> CompareOptions {
         cache: BackendOptions::default(),
         fault: fault.map(|(b, f)| (b.to_string(), f)),
         check_agreement: true,
+        ranks: vec![],
     }
 }
 
@@ -145,6 +146,7 @@ fn hybrid_sweep_measures_mixed_steps() {
         cache: BackendOptions::default(),
         fault: None,
         check_agreement: true,
+        ranks: vec![],
     };
     let mut ticks = 0;
     let rows = compare(&model, &o, &mut |_| ticks += 1).unwrap();
@@ -173,6 +175,7 @@ fn serve_replays_a_trace_with_arrivals() {
         cache: BackendOptions::default(),
         fault: None,
         check_agreement: true,
+        ranks: vec![],
     };
     let rows = compare(&model, &o, &mut |_| {}).unwrap();
     for r in rows.as_array().unwrap() {
@@ -300,6 +303,7 @@ fn vattention_gets_a_slot_per_concurrent_request_and_workloads_must_fit_the_cont
         },
         fault: None,
         check_agreement: false,
+        ranks: vec![],
     };
     let rows = compare(&model, &o, &mut |_| {}).unwrap();
     assert_eq!(rows[0]["results"][0]["hybrid_steps"], 2, "{rows}");

@@ -197,3 +197,101 @@ fn local_comm_collectives() {
         );
     }
 }
+
+/// A tensor-parallel engine (rank 0 on the engine's thread, the others on
+/// theirs, each with its own `vattention` KV cache): a batch through
+/// chunked-prefill hybrid steps gives the greedy tokens of transformers and
+/// of the unsharded engine; aborting frees every rank's cache.
+#[test]
+fn tensor_parallel_engine_generates_the_same_tokens() {
+    use vpod_cli::engine::{Engine, Request};
+    use vpod_cli::sampler::SamplingParams;
+    use vpod_cli::scheduler::SchedulerConfig;
+    use vpod_models::load_model_shard;
+    for name in ["tiny-llama3-gqa4", "tiny-yi-gqa8"] {
+        let r = reference(name);
+        let files = fetch_model_files(
+            &ModelSource::Local(fixture(name)),
+            &offline(std::path::Path::new("/nonexistent")),
+        )
+        .unwrap();
+        let requests: Vec<Request> = [
+            r.prompt_ids.clone(),
+            r.prompt_ids[..5].to_vec(),
+            r.prompt_ids[2..].to_vec(),
+        ]
+        .into_iter()
+        .map(|prompt| Request {
+            prompt,
+            max_tokens: 24,
+            sampling: SamplingParams::default(),
+            arrival_ms: 0.0,
+        })
+        .collect();
+        let sched = SchedulerConfig {
+            chunk_size: 4,
+            ..Default::default()
+        };
+        let mut tokens = vec![];
+        for world in [1, 2, 4] {
+            let comms = LocalComm::group_with_timeout(world, Duration::from_secs(60));
+            let mut models: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    let comm: Option<Arc<dyn Communicator>> = (world > 1).then(|| Arc::new(c) as _);
+                    load_model_shard(files.clone(), DType::F32, &Device::Cpu, comm, &mut |_, _| {}).unwrap()
+                })
+                .collect();
+            let rank0 = models.remove(0);
+            let rest = models.into_iter().map(|m| Arc::new(m.model)).collect();
+            let mut e = if world == 1 {
+                Engine::new(rank0, "vattention").unwrap()
+            } else {
+                Engine::with_tensor_parallel(rank0, rest, "vattention", &Default::default()).unwrap()
+            };
+            assert_eq!(e.tensor_parallel(), world);
+            let out = e.run_batch(&requests, sched, &mut |_, _| Ok(())).unwrap();
+            let got: Vec<Vec<u32>> = out.requests.iter().map(|g| g.tokens.clone()).collect();
+            assert_eq!(
+                got[0], r.greedy_new_tokens,
+                "{name} TP-{world}: transformers' greedy tokens"
+            );
+            tokens.push(got);
+        }
+        assert_eq!(tokens[1], tokens[0], "{name}: TP-2 vs TP-1");
+        assert_eq!(tokens[2], tokens[0], "{name}: TP-4 vs TP-1");
+    }
+}
+
+/// `cli generate --tensor-parallel 2` on the CPU prints what one rank does;
+/// a model whose heads do not split gets a clear error before loading.
+#[test]
+fn tensor_parallel_cli_generate() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            "Phileas Fogg was",
+            "--max-tokens",
+            "24",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        crate::common::cli(&args, &[])
+    };
+    let text = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    let one = text(&run(&["--backend", "vattention"]));
+    let two = text(&run(&["--backend", "vattention", "--tensor-parallel", "2"]));
+    assert_eq!(two, one);
+    let bad = run(&["--tensor-parallel", "3"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--tensor-parallel 3: 2 attention heads do not split over 3 ranks"),
+        "{err}"
+    );
+}

@@ -61,6 +61,9 @@ pub struct CompareOptions {
     /// Check the backends' agreement before timing (`compare`); `bench`
     /// measures one backend and skips it.
     pub check_agreement: bool,
+    /// Tensor-parallel ranks 1 .. N-1 beside the model's rank 0 (empty: one
+    /// rank); each backend's engine runs them in turn.
+    pub ranks: Vec<Arc<vpod_models::Llama>>,
 }
 
 /// Deterministic prompt ids in `[1, vocab)`.
@@ -195,7 +198,11 @@ fn build(
     {
         cache.fault_scale = Some(*f);
     }
-    Engine::with_options(model.clone(), spec, &cache)
+    if o.ranks.is_empty() {
+        Engine::with_options(model.clone(), spec, &cache)
+    } else {
+        Engine::with_tensor_parallel(model.clone(), o.ranks.clone(), spec, &cache)
+    }
 }
 
 /// Greedy tokens of the agreement prompts, 16 each.

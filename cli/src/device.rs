@@ -39,6 +39,29 @@ pub fn parse_device(arg: Option<&str>) -> anyhow::Result<Device> {
     }
 }
 
+/// The devices of `n` tensor-parallel ranks: `device` (parsed from `arg`)
+/// and, on CUDA, the next n - 1 GPUs after it; n CPU "ranks" on the CPU.
+pub fn rank_devices(device: &Device, arg: Option<&str>, n: usize) -> anyhow::Result<Vec<Device>> {
+    if n == 1 || device.is_cpu() {
+        return Ok(vec![device.clone(); n]);
+    }
+    let first = arg
+        .and_then(|s| s.strip_prefix("cuda:"))
+        .and_then(|i| i.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut devices = vec![device.clone()];
+    for r in 1..n {
+        let d = parse_device(Some(&format!("cuda:{}", first + r))).with_context(|| {
+            format!(
+                "--tensor-parallel {n} needs GPUs cuda:{first} .. cuda:{}",
+                first + n - 1
+            )
+        })?;
+        devices.push(d);
+    }
+    Ok(devices)
+}
+
 /// Everything the engine launches goes to the device's one stream, so
 /// candle's cross-stream event tracking (an event record + wait per tensor
 /// use, a few microseconds of CPU time per op) buys nothing; turn it off.

@@ -24,12 +24,16 @@ use anyhow::{Context, bail};
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use std::sync::Arc;
 use vpod_attention::BackendOptions;
+
+use vpod_models::tp::{Communicator, LocalComm, Shard};
 use vpod_models::{
-    HubOptions, LoadedModel, ModelSource, fetch_model_files, load_model, load_synthetic, preset, preset_names,
+    HubOptions, LoadedModel, ModelSource, fetch_model_files, load_model_shard, load_synthetic_shard, preset,
+    preset_names,
 };
 
-use crate::device::{check_fits, device_label, parse_device, parse_dtype, peak_rss_mib};
+use crate::device::{check_fits, device_label, parse_device, parse_dtype, peak_rss_mib, rank_devices};
 
 use crate::engine::{Engine, Request};
 use crate::sampler::SamplingParams;
@@ -179,6 +183,11 @@ pub struct ModelArgs {
     /// of ahead on the mapper thread while the GPU runs the previous step.
     #[arg(long)]
     pub sync_mapping: bool,
+    /// Shard the model over N ranks (tensor parallelism, Megatron-style):
+    /// N GPUs from --device's on (cuda:K .. cuda:K+N-1), or N threads on the
+    /// CPU. Each rank holds its heads' KV cache.
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    pub tensor_parallel: usize,
 }
 
 impl ModelArgs {
@@ -403,6 +412,8 @@ fn serve_http(a: ServeArgs) -> anyhow::Result<()> {
 /// A loaded engine and what the JSON reports about it.
 struct Session {
     engine: Engine,
+    /// Tensor-parallel ranks 1 .. N-1 (shared with the engine).
+    ranks: Vec<Arc<vpod_models::Llama>>,
     model_name: String,
     device: String,
     dtype: DType,
@@ -424,7 +435,25 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    let (loaded, model_name): (LoadedModel, String) = if a.synthetic {
+    let n = a.tensor_parallel;
+    let devices = rank_devices(&device, a.device.as_deref(), n)?;
+    let comms: Vec<Option<Arc<dyn Communicator>>> = if n == 1 {
+        vec![None]
+    } else {
+        if devices[0].is_cuda() {
+            eprintln!(
+                "note: --tensor-parallel {n}: this build exchanges the ranks' partial sums through host memory \
+                 (correct, but slow; NCCL is not wired in yet)"
+            );
+        }
+        LocalComm::group(n)
+            .into_iter()
+            .map(|c| Some(Arc::new(c) as Arc<dyn Communicator>))
+            .collect()
+    };
+    // Rank r's model: its slices only, on its device.
+    let mut ranks: Vec<LoadedModel> = Vec::with_capacity(n);
+    let model_name = if a.synthetic {
         let p = preset(&a.model).with_context(|| {
             format!(
                 "--synthetic needs a preset ({}), not '{}'",
@@ -432,36 +461,40 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
                 a.model
             )
         })?;
-        let bytes = p.config().num_parameters() * dtype.size_in_bytes();
-        check_fits(
-            &device,
-            bytes,
-            &format!("synthetic {} weights in {dtype:?}", p.alias),
-        )?;
-        bar.set_message(format!("building synthetic {}", p.alias));
-        (
-            load_synthetic(p, dtype, &device, 1234, &mut progress)?,
-            format!("{} (synthetic)", p.alias),
-        )
+        let bytes = p.config().num_parameters() * dtype.size_in_bytes() / n;
+        check_tp(&p.config(), n)?;
+        for (dev, comm) in devices.iter().zip(comms) {
+            check_fits(dev, bytes, &format!("synthetic {} weights in {dtype:?}", p.alias))?;
+            bar.set_message(format!("building synthetic {}", p.alias));
+            ranks.push(load_synthetic_shard(p, dtype, dev, 1234, comm, &mut progress)?);
+        }
+        format!("{} (synthetic)", p.alias)
     } else {
         let source = ModelSource::parse(&demo_or(&a.model)?, &a.revision)?;
         let files = fetch_model_files(&source, &HubOptions::from_env())?;
         let cfg = vpod_models::LlamaConfig::from_file(&files.config)?;
-        check_fits(
-            &device,
-            cfg.num_parameters() * dtype.size_in_bytes(),
-            &format!("the weights in {dtype:?}"),
-        )?;
-        bar.set_message(format!("loading {}", source.describe()));
-        (
-            load_model(files, dtype, &device, &mut progress)?,
-            source.describe(),
-        )
+        check_tp(&cfg, n)?;
+        for (dev, comm) in devices.iter().zip(comms) {
+            check_fits(
+                dev,
+                cfg.num_parameters() * dtype.size_in_bytes() / n,
+                &format!("the weights in {dtype:?}"),
+            )?;
+            bar.set_message(format!("loading {}", source.describe()));
+            ranks.push(load_model_shard(files.clone(), dtype, dev, comm, &mut progress)?);
+        }
+        source.describe()
     };
+    let loaded = ranks.remove(0);
     bar.finish_and_clear();
     device.synchronize()?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
-    let mut engine = Engine::with_options(loaded, &a.backend, &a.backend_options())?;
+    let ranks: Vec<Arc<vpod_models::Llama>> = ranks.into_iter().map(|m| Arc::new(m.model)).collect();
+    let mut engine = if n == 1 {
+        Engine::with_options(loaded, &a.backend, &a.backend_options())?
+    } else {
+        Engine::with_tensor_parallel(loaded, ranks.clone(), &a.backend, &a.backend_options())?
+    };
     if device.is_cuda() {
         // The first forward pass of a process compiles candle's kernels (the
         // driver's PTX JIT): do it here, not in the first request's timings.
@@ -477,11 +510,21 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
     }
     Ok(Session {
         engine,
+        ranks,
         model_name,
         device: device_label(&device),
         dtype,
         load_ms,
     })
+}
+
+/// Refuses, before loading, a model whose heads or MLP do not split over `n` ranks.
+fn check_tp(cfg: &vpod_models::LlamaConfig, n: usize) -> anyhow::Result<()> {
+    let why = Shard::unsupported_reasons(cfg, n);
+    if !why.is_empty() {
+        bail!("--tensor-parallel {n}: {}", why.join("; "));
+    }
+    Ok(())
 }
 
 /// Where the demo checkpoint was at build time (the repo's demo/tiny-verne).
@@ -694,6 +737,7 @@ fn run_workload(
         cache,
         fault: None,
         check_agreement: compare_backends,
+        ranks: s.ranks.clone(),
     };
     // One tick per agreement check and per measured cell (drawn on stderr
     // when it is a terminal; nothing otherwise).

@@ -60,6 +60,19 @@ pub fn load_model(
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LoadedModel> {
+    load_model_shard(files, dtype, device, None, progress)
+}
+
+/// [`load_model`] of one tensor-parallel rank (`comm`'s rank of its world;
+/// `None`: the whole model): only the rank's slices of the weights are read
+/// ([`tp`]).
+pub fn load_model_shard(
+    files: ModelFiles,
+    dtype: DType,
+    device: &Device,
+    comm: Option<std::sync::Arc<dyn tp::Communicator>>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
     let config = LlamaConfig::from_file(&files.config)?;
     let (mut bos, mut eos) = (config.bos_token_id, config.eos_token_ids.clone());
     if let Some(path) = &files.generation_config {
@@ -71,7 +84,7 @@ pub fn load_model(
     }
     let tokenizer = TextTokenizer::load(&files.tokenizer, bos, eos.clone())?;
     let weights = Weights::open(&files.weights, dtype, device)?;
-    let model = Llama::load(&config, &weights, progress)?;
+    let model = Llama::load_shard(&config, &weights, comm, progress)?;
     Ok(LoadedModel {
         files: Some(files),
         config,
@@ -92,9 +105,23 @@ pub fn load_synthetic(
     seed: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LoadedModel> {
+    load_synthetic_shard(preset, dtype, device, seed, None, progress)
+}
+
+/// [`load_synthetic`] of one tensor-parallel rank: every rank draws the
+/// whole model's tensors in the same order from the same seed and keeps its
+/// slices, so the ranks together hold the same model as one rank would.
+pub fn load_synthetic_shard(
+    preset: &Preset,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+    comm: Option<std::sync::Arc<dyn tp::Communicator>>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
     let config = preset.config();
     let weights = SyntheticWeights::new(dtype, device, seed)?;
-    let model = Llama::load(&config, &weights, progress)?;
+    let model = Llama::load_shard(&config, &weights, comm, progress)?;
     Ok(LoadedModel {
         files: None,
         bos_id: config.bos_token_id,

@@ -262,6 +262,11 @@ impl Llama {
         self.shard
     }
 
+    /// The tensor-parallel ranks' collectives (`None`: the whole model).
+    pub fn comm(&self) -> Option<&std::sync::Arc<dyn Communicator>> {
+        self.comm.as_ref()
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }

@@ -146,7 +146,9 @@ pub trait Communicator: Send + Sync + fmt::Debug {
 
 /// N ranks in one process (threads), exchanging tensors through shared
 /// memory: the CPU twin of NCCL. Sums run in rank order on every rank, so
-/// every rank gets the same bits.
+/// every rank gets the same bits. Ranks on different GPUs also work (each
+/// copies the others' tensors to its device through the host): correct but
+/// slow, the fallback of builds without NCCL.
 #[derive(Debug, Clone)]
 pub struct LocalComm {
     rank: usize,
@@ -274,9 +276,11 @@ impl Communicator for LocalComm {
         }
         let all = self.exchange(t)?;
         // In f32, in rank order: every rank the same bits, little rounding.
-        let mut sum = all[0].to_dtype(DType::F32)?;
+        // Other ranks' tensors on other GPUs come over through the host.
+        let dev = t.device();
+        let mut sum = all[0].to_device(dev)?.to_dtype(DType::F32)?;
         for x in &all[1..] {
-            sum = (sum + x.to_dtype(DType::F32)?)?;
+            sum = (sum + x.to_device(dev)?.to_dtype(DType::F32)?)?;
         }
         Ok(sum.to_dtype(t.dtype())?)
     }
@@ -286,6 +290,10 @@ impl Communicator for LocalComm {
             return Ok(t.clone());
         }
         let all = self.exchange(t)?;
+        let all = all
+            .iter()
+            .map(|x| x.to_device(t.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&all, dim)?)
     }
 

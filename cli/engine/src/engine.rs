@@ -62,6 +62,8 @@ pub enum EngineError {
     BadWorkload(String),
     #[error("the scheduler cannot change while {0} requests are in flight")]
     Busy(usize),
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
     #[error("the scheduler made no progress with {waiting} waiting and {running} running sequences")]
     Stalled { waiting: usize, running: usize },
     #[error(transparent)]
@@ -302,6 +304,8 @@ pub struct Engine {
     attention_time: AttentionTimes,
     preemptions: u64,
     steps: u64,
+    /// Tensor-parallel ranks 1 .. N-1 (`None`: one rank, this engine).
+    ranks: Option<crate::tp::RankGroup>,
 }
 
 impl Engine {
@@ -337,7 +341,60 @@ impl Engine {
             attention_time: AttentionTimes::default(),
             preemptions: 0,
             steps: 0,
+            ranks: None,
         })
+    }
+
+    /// A tensor-parallel engine: `model` is rank 0's shard (its
+    /// [`vpod_models::Llama::comm`] set), `ranks` the shards of ranks 1 ..
+    /// N-1 with their ends of the same communicator, each on its own device;
+    /// every rank builds backend `backend` with `opts` for its heads.
+    pub fn with_tensor_parallel(
+        model: impl Into<Arc<LoadedModel>>,
+        ranks: Vec<Arc<vpod_models::Llama>>,
+        backend: &str,
+        opts: &BackendOptions,
+    ) -> Result<Self> {
+        let model = model.into();
+        let Some(comm0) = model.model.comm().cloned() else {
+            return Err(EngineError::TensorParallel(
+                "rank 0's model was loaded without a communicator".into(),
+            ));
+        };
+        if comm0.world() != ranks.len() + 1 || comm0.rank() != 0 {
+            return Err(EngineError::TensorParallel(format!(
+                "rank 0's communicator is rank {} of {}, but {} more ranks were given",
+                comm0.rank(),
+                comm0.world(),
+                ranks.len()
+            )));
+        }
+        let mut engine = Self::with_options(model, backend, opts)?;
+        let max_seq_len = engine.max_seq_len;
+        if !ranks.is_empty() {
+            engine.ranks = Some(crate::tp::RankGroup::start(
+                ranks,
+                comm0,
+                backend,
+                opts,
+                max_seq_len,
+            )?);
+        }
+        Ok(engine)
+    }
+
+    /// Tensor-parallel ranks (1: not sharded).
+    pub fn tensor_parallel(&self) -> usize {
+        self.ranks.as_ref().map_or(1, |r| r.world())
+    }
+
+    /// Frees `seq`'s KV on every rank. A rank that has stopped is reported
+    /// by the next step's forward, which needs it.
+    fn free_seq(&mut self, seq: SeqId) {
+        self.backend.release(seq);
+        if let Some(r) = &self.ranks {
+            let _ = r.release(seq);
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -447,7 +504,7 @@ impl Engine {
         }
         let live = self.live.remove(&id)?;
         self.scheduler.abort(id);
-        self.backend.release(id);
+        self.free_seq(id);
         Some(live.output(FinishReason::Aborted, None))
     }
 
@@ -492,6 +549,12 @@ impl Engine {
         }
         let t0 = Instant::now();
         let Plan { chunks, preempted } = self.scheduler.schedule(self.backend.kv_manager());
+        // The scheduler freed the victims on rank 0's cache; the other ranks follow.
+        if let Some(r) = &self.ranks {
+            for &id in &preempted {
+                let _ = r.release(id);
+            }
+        }
         for id in &preempted {
             if let Some(l) = self.live.get_mut(id) {
                 l.preemptions += 1;
@@ -529,6 +592,9 @@ impl Engine {
             })
             .collect();
         self.backend.prepare_next(&next)?;
+        if let Some(r) = &self.ranks {
+            r.prepare_next(&next)?;
+        }
         let t_wait = Instant::now();
         let on_device = chunks.iter().all(|c| {
             self.live
@@ -602,7 +668,7 @@ impl Engine {
                 None => self.scheduler.advance(c.seq_id, c.query_len, true),
                 Some(reason) => {
                     self.scheduler.finish(c.seq_id);
-                    self.backend.release(c.seq_id);
+                    self.free_seq(c.seq_id);
                     finished_now += 1;
                     if let Some(l) = self.live.remove(&c.seq_id) {
                         out.finished.push(Finished {
@@ -639,6 +705,19 @@ impl Engine {
     /// ids must not be those of requests in flight ([`Self::new_seq`] makes
     /// fresh ones); [`Self::release`] frees them.
     pub fn forward(&mut self, chunks: Vec<SeqChunk>, tokens: &[u32], logits: LogitsAt) -> Result<Tensor> {
+        if let Some(ranks) = self.ranks.take() {
+            // The other ranks run the same step while this thread runs rank 0's.
+            let out = ranks.forward(&chunks, tokens, logits, || {
+                self.forward_rank0(chunks.clone(), tokens, logits)
+            });
+            self.ranks = Some(ranks);
+            return out;
+        }
+        self.forward_rank0(chunks, tokens, logits)
+    }
+
+    /// [`Self::forward`] on this engine's own model and backend.
+    fn forward_rank0(&mut self, chunks: Vec<SeqChunk>, tokens: &[u32], logits: LogitsAt) -> Result<Tensor> {
         let device = self.model.model.device().clone();
         let meta = BatchMeta::new(chunks, logits, &device)?;
         let tokens = Tensor::new(tokens, &device)?;
@@ -712,7 +791,7 @@ impl Engine {
 
     /// Frees a sequence's KV (one run through [`Self::forward`]).
     pub fn release(&mut self, seq: SeqId) {
-        self.backend.release(seq);
+        self.free_seq(seq);
     }
 
     /// A sequence id no request or earlier sequence has used.

@@ -43,6 +43,7 @@ mod offline;
 pub mod sampler;
 pub mod scheduler;
 mod timing;
+pub mod tp;
 
 pub use engine::{
     Engine, EngineError, EngineStats, FinishReason, Finished, NewRequest, NewToken, RequestId, RequestOutput,
