@@ -19,9 +19,11 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 
-cargo build --release -p vpod-cli --features cuda
-cargo build --release -p vpod-benches --features cuda --bin vpod-bench
-test_exe=$(cargo test --release -p vpod-cli --features cuda --no-run --message-format=json 2>/dev/null |
+# VPOD_FEATURES=cuda,nccl adds NCCL for --tensor-parallel over GPUs.
+features=${VPOD_FEATURES:-cuda}
+cargo build --release -p vpod-cli --features "$features"
+cargo build --release -p vpod-benches --features "$features" --bin vpod-bench
+test_exe=$(cargo test --release -p vpod-cli --features "$features" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)

@@ -691,18 +691,11 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
 /// both block-role policies (resident prefill blocks per SM, the paper's
 /// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the TMA
 /// entries (`podp_tma_bf16`, `pod3_tma_bf16`), the two-warpgroup persistent
-/// kernel (`pod_ws_bf16`, `VPOD_POD_BLOCKS=1`), the two-stream path and the
+/// kernel (`pod_ws_bf16`, one block per SM), the two-stream path and the
 /// planner's choice on Llama-3-8B's heads; `pod_bf16`, `podp_tma_bf16` and
 /// `pod_ws_bf16` on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
-    const ENV: [&str; 5] = [
-        "VPOD_POD_POLICY",
-        "VPOD_POD_BLOCKS",
-        "VPOD_POD_RESIDENT",
-        "VPOD_PREFILL_PIPE",
-        "VPOD_PREFILL_TMA",
-    ];
     let (quick, shapes) = twin_shapes();
     // VPOD_QUICK (the compute-sanitizer runs): the first four, one per kernel.
     let all: &[(&str, [&str; 5])] = &[
@@ -729,12 +722,22 @@ fn pod_gpu_matches_cpu_twin() {
             // query and key tiles; else a 1100-token one for the first shape.
             let steps = pod_steps(if i == 0 && j < 4 && !quick { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
-            for (k, v) in ENV.iter().zip(env) {
-                // SAFETY: the tests run with --test-threads=1 on the GPU machine.
-                unsafe { std::env::set_var(k, v) };
-            }
+            // (policy, blocks per SM, resident prefill blocks, pipelined prefill, TMA)
+            let tuning = vpod_attention::PodTuning {
+                policy: if env[0] == "0" {
+                    vpod_attention::PodPolicy::Ticket
+                } else {
+                    vpod_attention::PodPolicy::Resident
+                },
+                blocks_per_sm: env[1].parse().ok(),
+                resident_prefill: env[2].parse().ok(),
+                pipelined_prefill: env[3] != "0",
+                tma_prefill: env[4] != "0",
+                split_waves: None,
+            };
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 14,
+                pod_tuning: tuning,
                 ..Default::default()
             };
             let label = format!(
@@ -743,9 +746,6 @@ fn pod_gpu_matches_cpu_twin() {
             );
             check_against_twin(spec, shape, &opts, &steps, true, &label);
         }
-    }
-    for k in ENV {
-        unsafe { std::env::remove_var(k) };
     }
 }
 

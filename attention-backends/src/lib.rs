@@ -137,6 +137,17 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
         None
     }
 
+    /// Benchmarks: the kernel choices of later steps (`prefill_kernel`,
+    /// `pod_mode`, `pod_tuning` of `opts`; the cache's options stay as
+    /// built), so that variants run on one filled cache. Backends without
+    /// such choices refuse.
+    fn retune(&mut self, _opts: &BackendOptions) -> Result<()> {
+        Err(AttnError::Unsupported {
+            backend: self.name(),
+            reasons: "it has no kernel choices to change".into(),
+        })
+    }
+
     /// GPU milliseconds of the plain prefill kernel in the last forward
     /// that ran one, with [`BackendOptions::time_kernels`] set (waits for
     /// it); `None` without timing, on the CPU, or where no such kernel ran.
@@ -228,6 +239,55 @@ impl PrefillKernel {
     }
 }
 
+/// How the fused POD kernel's blocks pick their role (`pod_bf16.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodPolicy {
+    /// A fixed number of prefill blocks stays resident per SM
+    /// ([`PodTuning::resident_prefill`]); the others run decode splits
+    /// while both kinds of work last (the measured best).
+    #[default]
+    Resident,
+    /// The POD paper's per-SM ticket ratio.
+    Ticket,
+}
+
+/// The POD path's kernel settings. The defaults are the measured best;
+/// benchmarks and tests sweep the others (`vpod-bench hybrid --variants`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodTuning {
+    /// Blocks per SM of the fused kernel: `None` = the planner's kernel (2
+    /// for its 1:1 choice, 3 for 2:1); 1 = `pod_ws_bf16` (one block of two
+    /// persistent warpgroups), 2 = `podp_bf16` (`pod_bf16` without
+    /// [`Self::pipelined_prefill`]), 3 = `pod3_bf16`.
+    pub blocks_per_sm: Option<usize>,
+    pub policy: PodPolicy,
+    /// Prefill blocks resident per SM under [`PodPolicy::Resident`]
+    /// (clamped to 1 ..= blocks per SM - 1; `None`: blocks per SM - 1).
+    pub resident_prefill: Option<usize>,
+    /// Decode splits of a fused step for this many waves of decode blocks
+    /// (`None`: [`pod_split_waves_for`]'s choice).
+    pub split_waves: Option<usize>,
+    /// The fused kernels' 64-row prefill role overlaps its softmax with the
+    /// tensor cores.
+    pub pipelined_prefill: bool,
+    /// The fused kernels' prefill role loads K/V by TMA (where the device
+    /// and the pages allow).
+    pub tma_prefill: bool,
+}
+
+impl Default for PodTuning {
+    fn default() -> Self {
+        Self {
+            blocks_per_sm: None,
+            policy: PodPolicy::Resident,
+            resident_prefill: None,
+            split_waves: None,
+            pipelined_prefill: true,
+            tma_prefill: true,
+        }
+    }
+}
+
 /// Knobs of the cache-owning backends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendOptions {
@@ -253,6 +313,8 @@ pub struct BackendOptions {
     /// The plain prefill kernel over the virtual cache (`vattention`, and
     /// `pod` steps that do not run fused).
     pub prefill_kernel: PrefillKernel,
+    /// The `pod` backend's fused-kernel settings.
+    pub pod_tuning: PodTuning,
     /// Benchmarks: record CUDA events around the plain prefill kernel of
     /// each forward, so that [`AttentionBackend::prefill_kernel_ms`] can
     /// read its GPU time (the GPU `vattention` / `pod` backends; two event
@@ -272,6 +334,7 @@ impl Default for BackendOptions {
             fault_scale: None,
             pod_mode: PodMode::Auto,
             prefill_kernel: PrefillKernel::default(),
+            pod_tuning: PodTuning::default(),
             time_kernels: false,
         }
     }

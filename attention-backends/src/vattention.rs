@@ -205,6 +205,8 @@ struct Gpu {
     pod: Option<(crate::PodMode, crate::vattention_gpu::PodState)>,
     /// The prefill kernel asked for ([`BackendOptions::prefill_kernel`]).
     prefill: crate::PrefillKernel,
+    /// [`BackendOptions::pod_tuning`].
+    tuning: crate::PodTuning,
     path_note: Option<String>,
     /// [`BackendOptions::time_kernels`].
     timer: Option<crate::vattention_gpu::KernelTimer>,
@@ -256,6 +258,7 @@ impl VirtualBackend {
                     plan: None,
                     pod,
                     prefill: opts.prefill_kernel,
+                    tuning: opts.pod_tuning,
                     path_note: None,
                     timer: match opts.time_kernels {
                         true => Some(crate::vattention_gpu::KernelTimer::new(dev)?),
@@ -399,11 +402,7 @@ impl AttentionBackend for VirtualBackend {
         if let Some(gpu) = &mut self.gpu {
             gpu.plan = None;
             use crate::PodMode;
-            // `VPOD_POD_MODE` (benchmarks) overrides the spec's mode.
-            let env = std::env::var("VPOD_POD_MODE")
-                .ok()
-                .and_then(|m| PodMode::parse(&m));
-            let mode = gpu.pod.as_ref().map(|p| env.unwrap_or(p.0));
+            let mode = gpu.pod.as_ref().map(|p| p.0);
             // The step's two halves, predicted (`None`: one kind only,
             // which runs the plain kernels whatever the mode).
             let halves = pod_step_halves(meta, &self.cfg);
@@ -424,9 +423,9 @@ impl AttentionBackend for VirtualBackend {
                 }
             };
             // Decode split waves: one for a plain decode launch; for a
-            // fused one `VPOD_POD_SPLIT_WAVES` (benchmarks) or the rule.
+            // fused one the tuning's or the rule's.
             let waves = match path {
-                PodPath::Fused(_) => crate::vattention_gpu::pod_split_waves_env().unwrap_or_else(|| {
+                PodPath::Fused(_) => gpu.tuning.split_waves.filter(|&w| w >= 1).unwrap_or_else(|| {
                     let decodes = meta.seqs().iter().filter(|s| s.query_len == 1).count();
                     halves.map_or(POD_SPLIT_WAVES, |(tp, td)| {
                         pod_split_waves_for(tp, td, decodes, self.cfg.num_kv_heads, gpu.sms)
@@ -447,6 +446,7 @@ impl AttentionBackend for VirtualBackend {
                 path,
                 waves,
                 gpu.prefill,
+                gpu.tuning,
             )?;
             // The record names the prefill kernel a step ran (when not fused).
             if let Some(k) = plan.prefill_kernel() {
@@ -534,6 +534,26 @@ impl AttentionBackend for VirtualBackend {
             return gpu.path_note.clone();
         }
         None
+    }
+
+    fn retune(&mut self, opts: &BackendOptions) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            gpu.prefill = opts.prefill_kernel;
+            gpu.tuning = opts.pod_tuning;
+            if let Some(p) = &mut gpu.pod {
+                p.0 = opts.pod_mode;
+            }
+            // The next step is planned afresh.
+            gpu.plan = None;
+            self.planned = None;
+            return Ok(());
+        }
+        let _ = opts;
+        Err(AttnError::Unsupported {
+            backend: self.name,
+            reasons: "kernel choices exist on the GPU only".into(),
+        })
     }
 
     fn prefill_kernel_ms(&self) -> Option<f64> {

@@ -53,7 +53,6 @@ const fn prefill_ws_smem(stages: usize) -> usize {
 /// multiple of their box rows (a box then never reaches an unmapped page);
 /// else the next one down (`Wsp` -> `Tma64` -> `W4p`).
 fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
-    let asked = hybrid_sweep_prefill().unwrap_or(asked);
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
     match asked {
         PrefillKernel::Wsp if tma(128) => PrefillKernel::Wsp,
@@ -61,32 +60,6 @@ fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page
         PrefillKernel::Wsp | PrefillKernel::Tma64 => PrefillKernel::W4p,
         k => k,
     }
-}
-
-/// The serial prefill kernel of a `vpod-bench hybrid` variant, which still
-/// switches kernels per step through the environment (`VPOD_PREFILL_WARPS`
-/// 8 / 4, `VPOD_PREFILL_PIPE`, `VPOD_PREFILL_TMA`) on one backend; nothing
-/// else sets these (tests and the prefill benchmark use
-/// [`crate::BackendOptions::prefill_kernel`]). To go once the hybrid sweep
-/// builds a backend per variant.
-fn hybrid_sweep_prefill() -> Option<PrefillKernel> {
-    Some(match pod_env("VPOD_PREFILL_WARPS")? {
-        8 => PrefillKernel::W8,
-        _ if pod_env("VPOD_PREFILL_PIPE") == Some(0) => PrefillKernel::W4,
-        _ if pod_env("VPOD_PREFILL_TMA") == Some(0) => PrefillKernel::W4p,
-        _ => PrefillKernel::Tma64,
-    })
-}
-
-/// Whether the POD kernels' 64-row prefill role overlaps its softmax with
-/// the tensor cores (`prefill_tile_pipelined`: `podp_bf16`, the 2-per-SM POD
-/// kernel): yes unless `VPOD_PREFILL_PIPE=0` (benchmarks; the plain prefill
-/// kernel is [`PrefillKernel`], typed). The pipelined 64-row tile is the
-/// fastest prefill we have (results/2026-11-21-h100-pod-planner: faster
-/// than the 128-row tile in all 54 sweep cases; with TMA loads, see
-/// [`prefill_tma`], another 9-14 %: results/2026-11-21-h100-tma).
-fn prefill_pipe() -> bool {
-    pod_env("VPOD_PREFILL_PIPE") != Some(0)
 }
 
 /// A CUtensorMap as a kernel argument (`TmaMap` in kernels/src/tma.cuh).
@@ -102,8 +75,7 @@ unsafe impl DeviceRepr for TmaArg {}
 /// `pod3_tma_bf16`; kernels/src/tma.cuh): on compute capability 9.0 (the
 /// sm_90a cubin). The cache's geometry `[max_len, slots]` when they may
 /// ([`resolve_prefill`] checks the pages; the POD kernels' 64-row boxes also
-/// need pages of a multiple of 64 rows, and `VPOD_PREFILL_TMA=0`, benchmarks,
-/// turns TMA off for them).
+/// need pages of a multiple of 64 rows, and [`crate::PodTuning::tma_prefill`]).
 fn prefill_tma(dev: &CudaDevice, cache: &VirtualCache) -> Option<[u64; 2]> {
     use sys::CUdevice_attribute::*;
     let ctx = dev.cuda_stream().context().clone();
@@ -167,14 +139,15 @@ const POD_WS_SMEM: usize = PREFILL_PIPE_SMEM + 4 * 2 * 64 * 256;
 /// pipelined prefill tile, a 3-stage decode pipeline, 97 KiB) or
 /// `pod3_bf16` (two to one: 3 blocks per SM, 168 registers per thread, a
 /// 2-stage decode pipeline, 65 KiB), as their `_tma` entries when `tma`
-/// (the prefill role loads by TMA, [`prefill_tma`]). `VPOD_POD_BLOCKS` (benchmarks)
-/// overrides it: 2 (`podp_bf16`, or `pod_bf16` with `VPOD_PREFILL_PIPE=0`),
-/// 3 (`pod3_bf16`) or 1 (`pod_ws_bf16`: one block of two warpgroups per SM,
-/// each a persistent worker, prefill-first and decode-first, with an uneven
-/// split of the shared memory: a 97-KiB part for a pipelined prefill tile, a
-/// 128-KiB part for a 4-stage decode split; 225 KiB).
-fn pod_kernel(k: crate::PodKernel, tma: bool) -> (&'static str, usize, i32) {
-    let blocks = match (pod_env("VPOD_POD_BLOCKS"), k) {
+/// (the prefill role loads by TMA, [`prefill_tma`]).
+/// [`crate::PodTuning::blocks_per_sm`] overrides it: 2 (`podp_bf16`, or
+/// `pod_bf16` without the pipelined prefill), 3 (`pod3_bf16`) or 1
+/// (`pod_ws_bf16`: one block of two warpgroups per SM, each a persistent
+/// worker, prefill-first and decode-first, with an uneven split of the
+/// shared memory: a 97-KiB part for a pipelined prefill tile, a 128-KiB part
+/// for a 4-stage decode split; 225 KiB).
+fn pod_kernel(k: crate::PodKernel, tma: bool, t: &crate::PodTuning) -> (&'static str, usize, i32) {
+    let blocks = match (t.blocks_per_sm, k) {
         (Some(b @ 1..=3), _) => b,
         (_, crate::PodKernel::OneToOne) => 2,
         (_, crate::PodKernel::TwoToOne) => 3,
@@ -186,7 +159,7 @@ fn pod_kernel(k: crate::PodKernel, tma: bool) -> (&'static str, usize, i32) {
             PREFILL_SMEM.max(2 * crate::decode::cuda::DECODE_STAGE_BYTES),
             3,
         ),
-        _ if prefill_pipe() => (
+        _ if t.pipelined_prefill => (
             if tma { "podp_tma_bf16" } else { "podp_bf16" },
             PREFILL_PIPE_SMEM.max(crate::decode::cuda::DECODE_SMEM),
             2,
@@ -195,39 +168,12 @@ fn pod_kernel(k: crate::PodKernel, tma: bool) -> (&'static str, usize, i32) {
     }
 }
 
-/// A small integer setting of the POD path from the environment (benchmarks
-/// sweep them; the defaults are the measured best).
-fn pod_env(var: &str) -> Option<i32> {
-    std::env::var(var).ok().and_then(|v| v.parse().ok())
-}
-
-/// How the POD kernel's blocks pick their kind (`VPOD_POD_POLICY`; see
-/// `pod_bf16.cu`): 1 (default) keeps a fixed number of prefill blocks
-/// resident per SM ([`pod_resident_prefill`]), 0 is the paper's per-SM
-/// ticket ratio.
-fn pod_policy() -> i32 {
-    match pod_env("VPOD_POD_POLICY") {
-        Some(0) => 0,
-        _ => 1,
-    }
-}
-
-/// Prefill blocks the resident policy keeps on an SM
-/// (`VPOD_POD_RESIDENT`, 1 ..= blocks per SM - 1; default blocks per SM - 1:
-/// 1 of 2, 2 of 3): the other block runs decode splits while both kinds last.
-fn pod_resident_prefill(blocks_per_sm: i32) -> i32 {
+/// Prefill blocks the resident policy keeps on an SM (the tuning's, within
+/// 1 ..= blocks per SM - 1; default blocks per SM - 1: 1 of 2, 2 of 3): the
+/// other blocks run decode splits while both kinds last.
+fn pod_resident_prefill(blocks_per_sm: i32, t: &crate::PodTuning) -> i32 {
     let most = (blocks_per_sm - 1).max(1);
-    pod_env("VPOD_POD_RESIDENT").unwrap_or(most).clamp(1, most)
-}
-
-/// `VPOD_POD_SPLIT_WAVES` (benchmarks): the decode splits of a fused step
-/// for this many waves of decode blocks, instead of
-/// [`crate::pod_split_waves_for`]'s choice.
-pub(crate) fn pod_split_waves_env() -> Option<usize> {
-    std::env::var("VPOD_POD_SPLIT_WAVES")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .filter(|&w| w >= 1)
+    t.resident_prefill.map_or(most, |r| r as i32).clamp(1, most)
 }
 
 /// `p : d` with `p + d <= 8`, both >= 1, closest to `n_pre : n_dec` (the
@@ -411,6 +357,8 @@ pub(crate) struct StepPlan {
     tma: Option<[u64; 2]>,
     /// Whether the POD kernels' prefill role loads by TMA.
     pod_tma: bool,
+    /// The POD kernel settings ([`crate::PodTuning`]).
+    tuning: crate::PodTuning,
     chunks: DeviceChunks,
     /// The slot of each prompt chunk.
     slots: CudaSlice<i32>,
@@ -433,6 +381,7 @@ impl StepPlan {
         (self.chunks.n_work > 0 && !fused).then_some(self.prefill)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         dev: &CudaDevice,
         cache: &VirtualCache,
@@ -442,6 +391,7 @@ impl StepPlan {
         path: PodPath,
         waves: usize,
         kernel: PrefillKernel,
+        tuning: crate::PodTuning,
     ) -> Result<Self> {
         let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
         let view = cache.view(0, vpod_kvcache::Kv::K);
@@ -487,9 +437,8 @@ impl StepPlan {
             write_rows: upload(dev, &write_rows)?,
             prefill,
             tma,
-            pod_tma: tma.is_some()
-                && cache.tokens_per_page().is_multiple_of(64)
-                && pod_env("VPOD_PREFILL_TMA") != Some(0),
+            pod_tma: tma.is_some() && cache.tokens_per_page().is_multiple_of(64) && tuning.tma_prefill,
+            tuning,
             chunks: chunks.upload(dev)?,
             slots: upload(dev, &slots)?,
             n_dec,
@@ -692,7 +641,7 @@ impl GpuAttention<'_> {
         k: crate::PodKernel,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let (kernel, smem, per_sm) = pod_kernel(k, p.pod_tma);
+        let (kernel, smem, per_sm) = pod_kernel(k, p.pod_tma, &p.tuning);
         // The layer's tensor maps (read by the *_tma kernels only).
         let (kmap, vmap) = match p.tma.filter(|_| p.pod_tma) {
             Some(dims) => (
@@ -716,13 +665,16 @@ impl GpuAttention<'_> {
             block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let policy = pod_policy();
+        let policy = match p.tuning.policy {
+            crate::PodPolicy::Ticket => 0,
+            crate::PodPolicy::Resident => 1,
+        };
         let (rp, rd) = if per_sm == 1 {
             (1, 1) // unused by pod_ws_bf16
         } else if policy == 0 {
             small_ratio(n_pre, n_dec)
         } else {
-            let rp = pod_resident_prefill(per_sm);
+            let rp = pod_resident_prefill(per_sm, &p.tuning);
             (rp, per_sm - rp)
         };
         let fused_merge = p.splits <= FUSED_MERGE_MAX_SPLITS;

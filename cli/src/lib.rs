@@ -440,16 +440,7 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
     let comms: Vec<Option<Arc<dyn Communicator>>> = if n == 1 {
         vec![None]
     } else {
-        if devices[0].is_cuda() {
-            eprintln!(
-                "note: --tensor-parallel {n}: this build exchanges the ranks' partial sums through host memory \
-                 (correct, but slow; NCCL is not wired in yet)"
-            );
-        }
-        LocalComm::group(n)
-            .into_iter()
-            .map(|c| Some(Arc::new(c) as Arc<dyn Communicator>))
-            .collect()
+        rank_comms(&devices)?.into_iter().map(Some).collect()
     };
     // Rank r's model: its slices only, on its device.
     let mut ranks: Vec<LoadedModel> = Vec::with_capacity(n);
@@ -516,6 +507,30 @@ fn open_session(a: &ModelArgs) -> anyhow::Result<Session> {
         dtype,
         load_ms,
     })
+}
+
+/// The ranks' communicators: NCCL on GPUs in builds with the `nccl`
+/// feature, else the in-memory one (on GPUs through host memory: correct,
+/// slow; said on stderr).
+pub fn rank_comms(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Arc<dyn Communicator>>> {
+    #[cfg(feature = "nccl")]
+    if devices[0].is_cuda() {
+        return Ok(vpod_models::tp::NcclComm::group(devices)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect());
+    }
+    if devices[0].is_cuda() {
+        eprintln!(
+            "note: --tensor-parallel {}: this build exchanges the ranks' partial sums through host memory \
+             (correct, but slow); build with --features nccl for NCCL",
+            devices.len()
+        );
+    }
+    Ok(LocalComm::group(devices.len())
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+        .collect())
 }
 
 /// Refuses, before loading, a model whose heads or MLP do not split over `n` ranks.

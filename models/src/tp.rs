@@ -306,3 +306,205 @@ impl Communicator for LocalComm {
         }
     }
 }
+
+/// One rank of a group of GPUs in this process talking through NCCL (the
+/// `nccl` feature; libnccl is loaded at run time). Built for all ranks at
+/// once ([`NcclComm::group`], `ncclCommInitAll`), one per GPU, each used by
+/// its rank's thread; collectives are queued on the GPU's stream, in the
+/// order the model calls them, with no host synchronisation.
+#[cfg(feature = "nccl")]
+pub struct NcclComm {
+    /// `None` once aborted.
+    comm: Mutex<Option<cudarc::nccl::safe::Comm>>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: an NCCL communicator may be called from any thread as long as no
+// two calls on it run at once (the Mutex); the stream and context it holds
+// are thread-safe CUDA handles.
+#[cfg(feature = "nccl")]
+unsafe impl Send for NcclComm {}
+// SAFETY: as above: every use goes through the Mutex.
+#[cfg(feature = "nccl")]
+unsafe impl Sync for NcclComm {}
+
+#[cfg(feature = "nccl")]
+impl fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NcclComm(rank {} of {})", self.rank, self.world)
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl NcclComm {
+    /// One communicator per device (rank = index), all CUDA devices of
+    /// this process, on each device's stream.
+    pub fn group(devices: &[candle_core::Device]) -> Result<Vec<NcclComm>> {
+        use cudarc::nccl::safe::Comm;
+        let streams = devices
+            .iter()
+            .map(|d| match d {
+                candle_core::Device::Cuda(c) => Ok(c.cuda_stream()),
+                _ => Err(ModelError::TensorParallel(
+                    "NCCL ranks must be CUDA devices".into(),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let world = streams.len();
+        let comms = Comm::from_devices(streams)
+            .map_err(|e| ModelError::TensorParallel(format!("NCCL could not set up {world} ranks: {e:?}")))?;
+        Ok(comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, c)| NcclComm {
+                comm: Mutex::new(Some(c)),
+                rank,
+                world,
+            })
+            .collect())
+    }
+
+    fn collective(&self, t: &Tensor, op: NcclOp) -> Result<Tensor> {
+        let guard = self
+            .comm
+            .lock()
+            .map_err(|_| ModelError::TensorParallel("a rank panicked in NCCL".into()))?;
+        let Some(comm) = guard.as_ref() else {
+            return Err(ModelError::TensorParallel(format!(
+                "rank {}'s NCCL communicator was aborted",
+                self.rank
+            )));
+        };
+        let t = t.contiguous()?;
+        Ok(t.apply_op1_no_bwd(&NcclCall { comm, op })?)
+    }
+}
+
+#[cfg(feature = "nccl")]
+#[derive(Clone, Copy)]
+enum NcclOp {
+    Sum,
+    Gather,
+}
+
+/// One NCCL collective as a candle op on a contiguous CUDA tensor: `Sum`
+/// keeps the shape; `Gather` returns the ranks' tensors stacked along a new
+/// leading dim (`[world, ..]`).
+#[cfg(feature = "nccl")]
+struct NcclCall<'a> {
+    comm: &'a cudarc::nccl::safe::Comm,
+    op: NcclOp,
+}
+
+#[cfg(feature = "nccl")]
+impl candle_core::CustomOp1 for NcclCall<'_> {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("NCCL collectives run on CUDA tensors")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        use cudarc::nccl::safe::ReduceOp;
+        let world = self.comm.world_size();
+        let n = l.shape().elem_count();
+        let shape = match self.op {
+            NcclOp::Sum => l.shape().clone(),
+            NcclOp::Gather => {
+                let mut d = vec![world];
+                d.extend_from_slice(l.dims());
+                candle_core::Shape::from(d)
+            }
+        };
+        let dev = s.device.clone();
+        let err = |e| candle_core::Error::Cuda(format!("NCCL: {e:?}").into());
+        macro_rules! run {
+            ($t:ty) => {{
+                let src = s
+                    .as_cuda_slice::<$t>()?
+                    .slice(l.start_offset()..l.start_offset() + n);
+                // SAFETY: NCCL writes every element of the output.
+                let mut dst = unsafe { dev.alloc::<$t>(shape.elem_count()) }?;
+                match self.op {
+                    NcclOp::Sum => self
+                        .comm
+                        .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                        .map_err(err)?,
+                    NcclOp::Gather => self.comm.all_gather(&src, &mut dst).map_err(err)?,
+                };
+                candle_core::CudaStorage::wrap_cuda_slice(dst, dev)
+            }};
+        }
+        let out = match s.dtype() {
+            DType::BF16 => run!(half::bf16),
+            DType::F16 => run!(half::f16),
+            DType::F32 => run!(f32),
+            d => candle_core::bail!("NCCL collectives of {d:?} tensors are not supported"),
+        };
+        Ok((out, shape))
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.collective(t, NcclOp::Sum)
+    }
+
+    /// Pads each rank's slice along `dim` to the largest (the vocabulary's
+    /// last slice may be shorter), gathers, and cuts the padding out.
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        let len = t.dim(dim)?;
+        // Every rank's length along `dim`, gathered first (tiny).
+        let lens = self.collective(&Tensor::new(&[len as f32], t.device())?, NcclOp::Gather)?;
+        let lens: Vec<usize> = lens
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&x| x as usize)
+            .collect();
+        let max = lens.iter().copied().max().unwrap_or(len);
+        let padded = if len < max {
+            t.pad_with_zeros(dim, 0, max - len)?
+        } else {
+            t.clone()
+        };
+        let all = self.collective(&padded, NcclOp::Gather)?; // [world, ..]
+        let parts = lens
+            .iter()
+            .enumerate()
+            .map(|(r, &l)| all.get(r)?.narrow(dim, 0, l))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, dim)?)
+    }
+
+    /// Ends this rank's communicator (`ncclCommAbort`, on drop): its later
+    /// collectives fail. Peers already inside a collective with it are not
+    /// woken by NCCL's blocking communicators (that needs non-blocking
+    /// communicators polled with ncclCommGetAsyncError: not done yet).
+    fn abort(&self, _why: &str) {
+        if let Ok(mut c) = self.comm.lock() {
+            c.take();
+        }
+    }
+}

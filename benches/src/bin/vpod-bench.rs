@@ -54,8 +54,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 use vpod_attention::{
-    AttentionBackend, AttnConfig, BackendOptions, BatchMeta, LogitsAt, PrefillKernel, SeqChunk,
-    create_backend,
+    AttentionBackend, AttnConfig, BackendOptions, BatchMeta, LogitsAt, PodMode, PodPolicy, PodTuning,
+    PrefillKernel, SeqChunk, create_backend,
 };
 use vpod_kvcache::Mapping;
 
@@ -127,6 +127,10 @@ enum What {
         /// the rest (the decode steps pay for the events too).
         #[arg(long)]
         profile_attention: bool,
+        /// Shard each model over N GPUs (cuda:0 .. cuda:N-1; tensor
+        /// parallelism, NCCL in builds with the `nccl` feature).
+        #[arg(long, default_value_t = 1)]
+        tensor_parallel: usize,
     },
     Hybrid {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -957,10 +961,34 @@ fn synthetic(
     max_len: usize,
     dev: &Device,
 ) -> Result<(vpod_models::Preset, std::sync::Arc<vpod_models::LoadedModel>)> {
+    let (p, model, _) = synthetic_tp(name, max_len, std::slice::from_ref(dev))?;
+    Ok((p, model))
+}
+
+/// A preset's synthetic model sharded over `devices` (one rank each; the
+/// whole model for one device): rank 0's model and the other ranks' shards.
+type Shards = (
+    vpod_models::Preset,
+    std::sync::Arc<vpod_models::LoadedModel>,
+    Vec<std::sync::Arc<vpod_models::Llama>>,
+);
+
+fn synthetic_tp(name: &str, max_len: usize, devices: &[Device]) -> Result<Shards> {
     let mut p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
     p.max_position_embeddings = p.max_position_embeddings.max(max_len);
-    let model = vpod_models::load_synthetic(&p, DType::BF16, dev, 0, &mut |_, _| {})?;
-    Ok((p, std::sync::Arc::new(model)))
+    let comms: Vec<Option<std::sync::Arc<dyn vpod_models::tp::Communicator>>> = if devices.len() == 1 {
+        vec![None]
+    } else {
+        vpod_cli::rank_comms(devices)?.into_iter().map(Some).collect()
+    };
+    let mut shards = devices
+        .iter()
+        .zip(comms)
+        .map(|(d, c)| vpod_models::load_synthetic_shard(&p, DType::BF16, d, 0, c, &mut |_, _| {}))
+        .collect::<vpod_models::Result<Vec<_>>>()?;
+    let rank0 = shards.remove(0);
+    let rest = shards.into_iter().map(|m| std::sync::Arc::new(m.model)).collect();
+    Ok((p, std::sync::Arc::new(rank0), rest))
 }
 
 fn weight_bytes(p: &vpod_models::Preset) -> f64 {
@@ -1008,10 +1036,13 @@ fn e2e(
     backends: &[String],
     tokens: usize,
     profile_attention: bool,
+    tensor_parallel: usize,
     ceil: &Ceilings,
 ) -> Result<Vec<Value>> {
     use vpod_cli::engine::Engine;
     let dev = gpu()?;
+    let tp = tensor_parallel.max(1);
+    let devices = vpod_cli::device::rank_devices(&dev, Some("cuda:0"), tp)?;
     let copy = ceil.copy_bytes_per_s;
     let mut rows = vec![json!({"copy_bandwidth_tb_per_s": copy / 1e12})];
     let mut series = vec![];
@@ -1019,16 +1050,23 @@ fn e2e(
         "| model | backend | batch | tok/s | ms / step | floor ms | % of floor | prefill s | warm-up s |\n|---|---|---|---|---|---|---|---|---|"
     );
     for name in models {
-        let (p, model) = synthetic(name, context + tokens + 64, &dev)?;
-        let weights = weight_bytes(&p);
-        let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
+        let (p, model, ranks) = synthetic_tp(name, context + tokens + 64, &devices)?;
+        // One rank's share: its slices of the weights, its KV heads (one,
+        // replicated, where the model has fewer KV heads than ranks).
+        let rank_kv_heads = if p.kv_heads.is_multiple_of(tp) {
+            p.kv_heads / tp
+        } else {
+            1
+        };
+        let weights = weight_bytes(&p) / tp as f64;
+        let kv_per_token = (p.layers * 2 * rank_kv_heads * (p.hidden / p.heads) * 2) as f64;
         for spec in backends {
             let mut pts = vec![];
             for &bsz in batches {
                 // Each sequence's tokens rounded up to whole 2 MiB pages of a K or V
                 // region (the virtual cache's unit; the paged cache's blocks are finer),
                 // plus the schedulers' 1 % reserve.
-                let page_tokens = (2usize << 20) / (p.kv_heads * (p.hidden / p.heads) * 2);
+                let page_tokens = (2usize << 20) / (rank_kv_heads * (p.hidden / p.heads) * 2);
                 let per_seq = (context + tokens + 64).div_ceil(page_tokens) * page_tokens;
                 let kv = (bsz as f64 * per_seq as f64 * kv_per_token * 1.02) as usize + (256 << 20);
                 // Room for the cache and the prefill's activations (a 16K-token
@@ -1053,7 +1091,11 @@ fn e2e(
                     kv_memory: Some(kv),
                     ..Default::default()
                 };
-                let mut e = Engine::with_options(model.clone(), spec, &opts)?;
+                let mut e = if ranks.is_empty() {
+                    Engine::with_options(model.clone(), spec, &opts)?
+                } else {
+                    Engine::with_tensor_parallel(model.clone(), ranks.clone(), spec, &opts)?
+                };
                 let prompts = |len: usize| {
                     (0..bsz)
                         .map(|i| (0..len).map(|t| ((t * 31 + i * 7) % 30000) as u32 + 10).collect())
@@ -1117,7 +1159,7 @@ fn e2e(
                     floor_ms / step_ms * 100.0
                 );
                 rows.push(json!({"model": name, "backend": spec, "batch": bsz, "context": context,
-                    "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
+                    "tensor_parallel": tp, "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
                     "median_step_ms": step_ms, "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0,
                     "prefill_s": prefill_s, "warmup_s": warmup_s,
                     "warmup": {"prompt": E2E_WARMUP.0, "generated": E2E_WARMUP.1},
@@ -1166,22 +1208,25 @@ fn e2e(
     Ok(rows)
 }
 
-/// How each variant of the `hybrid` sweep runs a step: the environment the
-/// `pod` backend reads when it plans one (`VPOD_POD_MODE`, `VPOD_POD_POLICY`,
-/// `VPOD_PREFILL_WARPS` of the serial kernels, `VPOD_POD_SPLIT_WAVES`,
-/// `VPOD_POD_BLOCKS` per SM (1: the two-warpgroup `pod_ws_bf16`),
-/// `VPOD_POD_RESIDENT` prefill blocks per SM,
-/// `VPOD_PREFILL_PIPE`: the 64-row prefill tiles overlap their softmax with
-/// the tensor cores, `VPOD_PREFILL_TMA`: the plain pipelined tile loads K/V
-/// by TMA; empty: the default, so `auto` is what the `pod` backend does).
-/// `streams` pairs the fastest kernels (the pipelined 64-row prefill with
-/// TMA, the decode kernel). Every variant but the serial ones gets a speedup over
-/// the best serial pair.
+/// How each variant of the `hybrid` sweep runs a step: the kernel choices
+/// it gives the `pod` backend ([`variant_options`]) before planning one, as
+/// eight settings: the POD mode (serial / streams / fused / auto); the block
+/// policy (1 resident, 0 the paper's tickets); the serial prefill tile's
+/// warps (8: 128-row `w8`; 4: the 64-row tiles, then chosen by the last two
+/// settings; empty: the default `wsp`); decode split waves; POD blocks per SM
+/// (1: the two-warpgroup `pod_ws_bf16`); resident prefill blocks per SM;
+/// the 64-row prefill tiles overlap their softmax with the tensor cores (1)
+/// or not (0); they load K/V by TMA (1) or not (0). Empty: the default, so
+/// `auto` is what the `pod` backend does. `streams` pairs the 64-row TMA
+/// prefill with the decode kernel. Every variant but the serial ones gets a
+/// speedup over the best serial pair.
 const HYBRID_VARIANTS: &[(&str, [&str; 8])] = &[
     ("serial", ["serial", "1", "8", "4", "2", "1", "0", "0"]),
     ("serial-64", ["serial", "1", "4", "4", "2", "1", "0", "0"]),
     ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1", "0"]),
     ("serial-64t", ["serial", "1", "4", "4", "2", "1", "1", "1"]),
+    // The warp-specialized tile (the default prefill since 2026-12-03), then decode.
+    ("serial-ws", ["serial", "1", "", "4", "2", "1", "1", "1"]),
     ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1"]),
     ("pod", ["fused", "1", "8", "4", "2", "1", "0", "0"]),
     ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0", "0"]),
@@ -1207,6 +1252,7 @@ const HYBRID_DEFAULT: &[&str] = &[
     "serial-64",
     "serial-64p",
     "serial-64t",
+    "serial-ws",
     "pod3-nt",
     "streams",
     "pod",
@@ -1214,30 +1260,50 @@ const HYBRID_DEFAULT: &[&str] = &[
     "pod3-p2",
     "auto",
 ];
-const HYBRID_ENV: [&str; 8] = [
-    "VPOD_POD_MODE",
-    "VPOD_POD_POLICY",
-    "VPOD_PREFILL_WARPS",
-    "VPOD_POD_SPLIT_WAVES",
-    "VPOD_POD_BLOCKS",
-    "VPOD_POD_RESIDENT",
-    "VPOD_PREFILL_PIPE",
-    "VPOD_PREFILL_TMA",
-];
-
-/// A variant's settings into the environment (an empty value: the default).
-fn set_hybrid_env(values: &[&str; 8]) {
-    for (k, val) in HYBRID_ENV.iter().zip(values) {
-        // SAFETY: vpod-bench is single-threaded here; the backend reads these
-        // when it plans a step.
-        unsafe {
-            if val.is_empty() {
-                std::env::remove_var(k)
-            } else {
-                std::env::set_var(k, val)
-            }
+/// A variant's settings ([`HYBRID_VARIANTS`]) as the kernel choices of
+/// [`AttentionBackend::retune`].
+fn variant_options(v: &[&str; 8]) -> Result<BackendOptions> {
+    let num = |s: &str, what: &str| -> Result<Option<usize>> {
+        if s.is_empty() {
+            return Ok(None);
         }
-    }
+        Ok(Some(s.parse().with_context(|| {
+            format!("hybrid variant: {what} '{s}' is not a number")
+        })?))
+    };
+    let pod_mode = match v[0] {
+        "serial" => PodMode::Serial,
+        "streams" => PodMode::Streams,
+        "fused" => PodMode::Fused,
+        "auto" | "" => PodMode::Auto,
+        m => bail!("hybrid variant: unknown POD mode {m}"),
+    };
+    let (pipe, tma) = (v[6] != "0", v[7] != "0");
+    let prefill_kernel = match num(v[2], "prefill warps")? {
+        None => PrefillKernel::default(),
+        Some(8) => PrefillKernel::W8,
+        Some(_) if !pipe => PrefillKernel::W4,
+        Some(_) if !tma => PrefillKernel::W4p,
+        Some(_) => PrefillKernel::Tma64,
+    };
+    let pod_tuning = PodTuning {
+        policy: if v[1] == "0" {
+            PodPolicy::Ticket
+        } else {
+            PodPolicy::Resident
+        },
+        split_waves: num(v[3], "split waves")?,
+        blocks_per_sm: num(v[4], "blocks per SM")?,
+        resident_prefill: num(v[5], "resident prefill blocks")?,
+        pipelined_prefill: pipe,
+        tma_prefill: tma,
+    };
+    Ok(BackendOptions {
+        prefill_kernel,
+        pod_mode,
+        pod_tuning,
+        ..Default::default()
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1372,8 +1438,7 @@ fn hybrid(
                     for round in 0..6 {
                         order.shuffle(&mut rng);
                         for &i in &order {
-                            let env = &variants[i].1;
-                            set_hybrid_env(env);
+                            b.retune(&variant_options(&variants[i].1)?)?;
                             // Plan the step under this variant's settings.
                             b.plan_step(&qkv_meta)?;
                             b.forward(0, &q, &k, &v, &qkv_meta)?;
@@ -1399,9 +1464,9 @@ fn hybrid(
                     // tile): perfect overlap would take the longer of the two.
                     let (pre, dec) = seqs.split_at(1);
                     let (mut prefill_us, mut decode_us) = (f64::INFINITY, f64::INFINITY);
-                    for serial in ["serial", "serial-64p", "serial-64t"] {
+                    for serial in ["serial", "serial-64p", "serial-64t", "serial-ws"] {
                         if let Some(v) = HYBRID_VARIANTS.iter().find(|v| v.0 == serial) {
-                            set_hybrid_env(&v.1);
+                            b.retune(&variant_options(&v.1)?)?;
                         }
                         let secs = time_layer(b.as_mut(), pre.to_vec(), heads, kvh, &dev, iters)?;
                         prefill_us = prefill_us.min(1e6 * secs);
@@ -1413,7 +1478,8 @@ fn hybrid(
                     let best_serial = t("serial")
                         .min(t("serial-64"))
                         .min(t("serial-64p"))
-                        .min(t("serial-64t"));
+                        .min(t("serial-64t"))
+                        .min(t("serial-ws"));
                     let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
                     print!(
@@ -1449,10 +1515,6 @@ fn hybrid(
                 }
             }
         }
-    }
-    for k in HYBRID_ENV {
-        // SAFETY: single-threaded here.
-        unsafe { std::env::remove_var(k) };
     }
     // The summary the targets are stated in.
     let speed = |key: &str| -> Vec<f64> {
@@ -1922,6 +1984,7 @@ fn main() -> Result<()> {
             backends,
             tokens,
             profile_attention,
+            tensor_parallel,
         } => (
             "e2e",
             e2e(
@@ -1931,6 +1994,7 @@ fn main() -> Result<()> {
                 backends,
                 *tokens,
                 *profile_attention,
+                *tensor_parallel,
                 &ceil,
             )?,
         ),
