@@ -159,6 +159,12 @@ enum What {
         /// one, the baseline.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
+        /// FlashInfer harness results of the same call (`fi.json`, its POD
+        /// section): each case's planner step, timed alone as the harness
+        /// times (CUDA events after a GPU spin), against FlashInfer's best
+        /// serial pair; the summary row gets `vs_flashinfer_best_serial`.
+        #[arg(long)]
+        fi_json: Option<std::path::PathBuf>,
     },
     Layer {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -1316,7 +1322,25 @@ fn hybrid(
     decodes: &[usize],
     variants: &[String],
     iters: usize,
+    fi_json: Option<&std::path::Path>,
 ) -> Result<Vec<Value>> {
+    // FlashInfer's POD section, read first: a bad file fails before the sweep.
+    let fi: Option<Vec<Value>> = match fi_json {
+        None => None,
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("--fi-json {}", path.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("--fi-json {}: not JSON", path.display()))?;
+            let pod = v["pod"].as_array().with_context(|| {
+                format!(
+                    "--fi-json {}: no \"pod\" list (the harness's POD section)",
+                    path.display()
+                )
+            })?;
+            Some(pod.clone())
+        }
+    };
     let variants: Vec<(&str, [&str; 8])> = if variants.is_empty() {
         HYBRID_VARIANTS
             .iter()
@@ -1455,6 +1479,20 @@ fn hybrid(
                             }
                         }
                     }
+                    // The planner's step alone, as FlashInfer's harness times
+                    // (only with --fi-json: it costs a spin per rep).
+                    let planner_gpu_us = match &fi {
+                        None => None,
+                        Some(_) => {
+                            b.retune(&variant_options(&["auto", "", "", "", "", "", "", ""])?)?;
+                            b.plan_step(&qkv_meta)?;
+                            b.forward(0, &q, &k, &v, &qkv_meta)?;
+                            Some(gpu_alone_us(&dev, iters, || {
+                                b.forward(1, &q, &k, &v, &qkv_meta)?;
+                                Ok(())
+                            })?)
+                        }
+                    };
                     let mut us = serde_json::Map::new();
                     for ((v, _), mut r) in variants.iter().zip(rounds) {
                         r.sort_by(f64::total_cmp);
@@ -1511,6 +1549,7 @@ fn hybrid(
                         "perfect_overlap_speedup": ideal,
                         "best_serial_us": best_serial, "speedup_over_best_serial": speedup,
                         "planner": note, "planner_fused": fused, "smaller_half_share": share,
+                        "planner_gpu_us": planner_gpu_us,
                         "what": "one layer's attention call (K/V write + attention kernels), median of 5 rounds, the variants timed in turn within a round"}));
                 }
             }
@@ -1554,8 +1593,92 @@ fn hybrid(
             json!({"mean": mean, "cases": ideal.len()}),
         );
     }
+    if let Some(fi) = &fi {
+        let ratios = vs_flashinfer(&mut rows, fi);
+        if ratios.is_empty() {
+            println!("vs FlashInfer's best serial pair: no case of this sweep is in --fi-json");
+        } else {
+            let (median, min, max) = (
+                percentile(&ratios, 0.5),
+                ratios.iter().copied().fold(f64::MAX, f64::min),
+                ratios.iter().copied().fold(f64::MIN, f64::max),
+            );
+            println!(
+                "planner vs FlashInfer's best serial pair (both timed alone): median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
+                ratios.len()
+            );
+            summary.insert(
+                "vs_flashinfer_best_serial".into(),
+                json!({"median": median, "min": min, "max": max, "cases": ratios.len(),
+                    "what": "FlashInfer serial_best_ms (fastest prefill then fastest decode, GPU time) / the planner's step timed the same way"}),
+            );
+        }
+    }
     rows.push(json!({"summary": summary}));
     Ok(rows)
+}
+
+/// Each sweep row's planner time against FlashInfer's best serial pair
+/// for the same case (model, chunk, prior tokens, decodes, decode
+/// context), written into the row as `vs_flashinfer_best_serial`; the
+/// ratios, > 1 where ours is faster.
+fn vs_flashinfer(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
+    let mut ratios = vec![];
+    for r in rows.iter_mut() {
+        let Some(ours) = r["planner_gpu_us"].as_f64() else {
+            continue;
+        };
+        let same = |f: &&Value| {
+            f["model"] == r["model"]
+                && f["chunk"] == r["chunk"]
+                && f["prior"] == r["position"]
+                && f["n_dec"] == r["decodes"]
+                && f["dec_ctx"] == r["decode_context"]
+        };
+        let Some(theirs) = fi.iter().find(same).and_then(|f| f["serial_best_ms"].as_f64()) else {
+            continue;
+        };
+        let x = theirs * 1e3 / ours;
+        r["vs_flashinfer_best_serial"] = json!(x);
+        r["flashinfer_best_serial_us"] = json!(theirs * 1e3);
+        ratios.push(x);
+    }
+    ratios
+}
+
+/// Median GPU microseconds of `f` alone, as FlashInfer's harness times a
+/// call: per rep a GPU spin ([`SPIN_CYCLES`]: the launches are queued and
+/// the GPU starts from a light load), then CUDA events around `f`; 3
+/// warm-up reps, then `reps`.
+#[cfg(feature = "cuda")]
+fn gpu_alone_us(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    let Device::Cuda(d) = dev else {
+        bail!("not a CUDA device")
+    };
+    let stream = d.cuda_stream();
+    let ctx = stream.context().clone();
+    let (start, end) = (
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
+    );
+    let mut us = vec![];
+    for rep in 0..reps.max(1) + 3 {
+        vpod_attention::ops::gpu_spin(dev, SPIN_CYCLES)?;
+        start.record(&stream)?;
+        f()?;
+        end.record(&stream)?;
+        let ms = start.elapsed_ms(&end)?;
+        if rep >= 3 {
+            us.push(ms as f64 * 1e3);
+        }
+    }
+    Ok(percentile(&us, 0.5))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_alone_us(_: &Device, _: usize, _: impl FnMut() -> Result<()>) -> Result<f64> {
+    bail!("GPU timing needs a CUDA build (--features cuda)")
 }
 
 /// The smaller half's share of the predicted serial time (as the planner computes it).
@@ -2006,10 +2129,19 @@ fn main() -> Result<()> {
             memory_gb,
             decodes,
             variants,
+            fi_json,
         } => (
             "hybrid",
             hybrid(
-                models, chunks, positions, contexts, *memory_gb, decodes, variants, args.iters,
+                models,
+                chunks,
+                positions,
+                contexts,
+                *memory_gb,
+                decodes,
+                variants,
+                args.iters,
+                fi_json.as_deref(),
             )?,
         ),
         What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters, &ceil)?),
@@ -2045,7 +2177,7 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::workloads;
+    use super::*;
 
     #[test]
     fn pd_ratios_split_the_request_tokens() {
@@ -2058,5 +2190,53 @@ mod tests {
         assert!(workloads(0, 0, &[f64::NAN], 16384).is_err());
         assert!(workloads(0, 0, &[1e9], 16384).is_err(), "no generated token left");
         assert!(workloads(0, 5, &[], 16384).is_err());
+    }
+
+    /// The hybrid sweep's rows meet FlashInfer's POD rows on the same case
+    /// only, and the ratio is theirs over ours.
+    #[test]
+    fn flashinfer_cases_match_by_shape() {
+        let mut rows = vec![
+            json!({"model": "llama3-8b", "chunk": 1024, "position": 4096, "decodes": 8, "decode_context": 4096,
+                "planner_gpu_us": 200.0}),
+            json!({"model": "llama3-8b", "chunk": 2048, "position": 4096, "decodes": 8, "decode_context": 4096,
+                "planner_gpu_us": 300.0}),
+            json!({"summary": {}}),
+        ];
+        let fi = vec![
+            json!({"model": "llama3-8b", "chunk": 1024, "prior": 4096, "n_dec": 8, "dec_ctx": 4096, "serial_best_ms": 0.25}),
+            json!({"model": "yi-6b", "chunk": 2048, "prior": 4096, "n_dec": 8, "dec_ctx": 4096, "serial_best_ms": 9.0}),
+            json!({"model": "llama3-8b", "chunk": 2048, "prior": 4096, "n_dec": 8, "dec_ctx": 4096, "err": "oom"}),
+        ];
+        let r = vs_flashinfer(&mut rows, &fi);
+        assert_eq!(r, vec![1.25]);
+        assert_eq!(rows[0]["vs_flashinfer_best_serial"], json!(1.25));
+        assert!(rows[1].get("vs_flashinfer_best_serial").is_none());
+    }
+
+    #[test]
+    fn hybrid_variants_map_to_kernel_choices() {
+        for (name, v) in HYBRID_VARIANTS {
+            let o = variant_options(v).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let want = match *name {
+                "serial" => Some(PrefillKernel::W8),
+                "serial-64" => Some(PrefillKernel::W4),
+                "serial-64p" => Some(PrefillKernel::W4p),
+                "serial-64t" => Some(PrefillKernel::Tma64),
+                "serial-ws" | "auto" => Some(PrefillKernel::Wsp),
+                _ => None,
+            };
+            if let Some(k) = want {
+                assert_eq!(o.prefill_kernel, k, "{name}");
+            }
+        }
+        let pod3 = HYBRID_VARIANTS.iter().find(|v| v.0 == "pod3-ticket").unwrap();
+        let o = variant_options(&pod3.1).unwrap();
+        assert_eq!(
+            (o.pod_mode, o.pod_tuning.blocks_per_sm, o.pod_tuning.policy),
+            (PodMode::Fused, Some(3), PodPolicy::Ticket)
+        );
+        assert!(variant_options(&["warp", "", "", "", "", "", "", ""]).is_err());
+        assert!(variant_options(&["fused", "1", "x", "", "", "", "", ""]).is_err());
     }
 }
