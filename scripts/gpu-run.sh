@@ -15,6 +15,7 @@
 #                                            or fig9b (decode kernels per backend) / fig9a (end to end per backend),
 #                                            or pod (POD kernel tests + sanitizer + backend agreement),
 #                                            podsweep (the hybrid attention sweep), podserve (Sarathi + POD end to end),
+#                                            podfi (FlashInfer's POD + the 48-case sweep against it; carry .anchors),
 #                                            layer (a decoder layer but attention, op by op),
 #                                            compare (cli compare's four workloads on a synthetic full-size model),
 #                                            httpserve (cli serve over HTTP vs the same trace in process)
@@ -64,6 +65,18 @@ if want podsweep; then
     # shellcheck disable=SC2086
     step vb-hybrid "$B/vpod-bench" hybrid --out "$OUT" ${HYBRID_ARGS:-}
     cat "$OUT/vb-hybrid.log"
+fi
+if want podfi; then
+    # Issue 20's comparison: FlashInfer's POD section (its JIT build first;
+    # .anchors/ carried, ../shared/anchors/flashinfer/RUN.md), then the
+    # 48-case hybrid grid in the same call, each planner step against
+    # FlashInfer's best serial pair (vs_flashinfer_best_serial).
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .anchors/whl/*.whl
+    step fi env PYTHONPATH=/tmp/site FI_FORCE_JIT=1 FI_SKIP=decode MAX_JOBS=16 OUT="$OUT/fi" PYTHONUNBUFFERED=1 \
+        python3 .anchors/flashinfer/bench_fi.py
+    step vb-hybrid-fi "$B/vpod-bench" hybrid --out "$OUT" --models llama3-8b,yi-6b --chunks 1024,2048 \
+        --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384 --fi-json "$OUT/fi/fi.json"
+    cat "$OUT/vb-hybrid-fi.log"
 fi
 if want layer; then
     step vb-layer "$B/vpod-bench" layer --iters 10 --out "$OUT"
