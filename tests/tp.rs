@@ -295,3 +295,53 @@ fn tensor_parallel_cli_generate() {
         "{err}"
     );
 }
+
+/// `cli compare --tensor-parallel 2` under a KV budget small enough to
+/// preempt: every rank frees and re-admits the same sequences (the
+/// scheduler runs on rank 0), the backends still agree, and the numbers
+/// match the unsharded run's.
+#[test]
+fn tensor_parallel_compare_with_preemption() {
+    let model = fixture("tiny-yi-gqa8");
+    let run = |tp: &str| {
+        let out = crate::common::cli(
+            &[
+                "compare",
+                "--model",
+                model.to_str().unwrap(),
+                "--workload",
+                "memory",
+                "--kv-memory",
+                "64KiB",
+                "--page-size",
+                "4KiB",
+                "--backends",
+                "reference,paged:16,vattention",
+                "--requests",
+                "8",
+                "--prompt-len",
+                "10",
+                "--max-tokens",
+                "10",
+                "--tensor-parallel",
+                tp,
+                "--json",
+            ],
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "TP-{tp}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (one, two) = (run("1"), run("2"));
+    for i in 0..3 {
+        let (a, b) = (&one["backends"][i]["results"], &two["backends"][i]["results"]);
+        for key in ["max_concurrent_before_preemption", "preemptions"] {
+            assert_eq!(a[key], b[key], "backend {i} {key}: TP-1 vs TP-2");
+        }
+    }
+    assert!(two["backends"][1]["results"]["preemptions"].as_u64().unwrap() > 0);
+}
