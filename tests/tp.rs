@@ -345,3 +345,105 @@ fn tensor_parallel_compare_with_preemption() {
     }
     assert!(two["backends"][1]["results"]["preemptions"].as_u64().unwrap() > 0);
 }
+
+/// After a failed step (here: a decode of a sequence no rank knows, refused
+/// by every rank's cache) the group is reset and serves the next requests;
+/// the in-memory communicator itself recovers from an abort.
+#[test]
+fn tensor_parallel_engine_recovers_from_a_failed_step() {
+    use vpod_cli::engine::Engine;
+    use vpod_cli::sampler::SamplingParams;
+    use vpod_models::load_model_shard;
+    let name = "tiny-yi-gqa8";
+    let r = reference(name);
+    let files = fetch_model_files(
+        &ModelSource::Local(fixture(name)),
+        &offline(std::path::Path::new("/nonexistent")),
+    )
+    .unwrap();
+    let comms = LocalComm::group_with_timeout(2, Duration::from_secs(60));
+    let mut models: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            let comm: Arc<dyn Communicator> = Arc::new(c);
+            load_model_shard(
+                files.clone(),
+                DType::F32,
+                &Device::Cpu,
+                Some(comm),
+                &mut |_, _| {},
+            )
+            .unwrap()
+        })
+        .collect();
+    let rank0 = models.remove(0);
+    let rest = models.into_iter().map(|m| Arc::new(m.model)).collect();
+    let mut e = Engine::with_tensor_parallel(rank0, rest, "vattention", &Default::default()).unwrap();
+    let bad = SeqChunk {
+        seq_id: 99,
+        context_len: 5,
+        query_len: 1,
+    };
+    let err = e
+        .forward(vec![bad], &[3], LogitsAt::LastToken)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("99"), "{err}");
+    let vocab = e.model.config.vocab_size as u32;
+    assert!(
+        e.forward(
+            vec![SeqChunk {
+                seq_id: 98,
+                context_len: 0,
+                query_len: 1
+            }],
+            &[vocab],
+            LogitsAt::LastToken
+        )
+        .is_err()
+    );
+    let g = e
+        .generate(&r.prompt_ids, 24, SamplingParams::default(), &mut |_| Ok(()))
+        .unwrap();
+    assert_eq!(g.tokens, r.greedy_new_tokens);
+
+    let comms = LocalComm::group(2);
+    comms[1].abort("test");
+    let x = Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(comms[0].all_reduce_sum(&x).is_err());
+    comms[0].reset().unwrap();
+    let sums: Vec<Tensor> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| s.spawn(|| c.all_reduce_sum(&x).unwrap()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(sums[1].to_vec2::<f32>().unwrap(), vec![vec![2.0, 2.0]]);
+}
+
+/// A vocabulary whose ceil-sized slices would leave a rank nothing is
+/// refused, as are heads that do not split.
+#[test]
+fn tensor_parallel_checks_every_split() {
+    let cfg = LlamaConfig::from_json(
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 5}"#,
+    )
+    .unwrap();
+    assert!(Shard::unsupported_reasons(&cfg, 2).is_empty());
+    let why = Shard::unsupported_reasons(&cfg, 4).join("; ");
+    assert!(
+        why.contains("a vocabulary of 5 does not split over 4 ranks"),
+        "{why}"
+    );
+    assert!(
+        !why.contains("key/value heads"),
+        "2 KV heads replicate over 4 ranks: {why}"
+    );
+    let why = Shard::unsupported_reasons(&cfg, 3).join("; ");
+    assert!(
+        why.contains("4 attention heads do not split over 3 ranks"),
+        "{why}"
+    );
+}

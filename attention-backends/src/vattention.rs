@@ -539,11 +539,18 @@ impl AttentionBackend for VirtualBackend {
     fn retune(&mut self, opts: &BackendOptions) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &mut self.gpu {
+            match &mut gpu.pod {
+                Some(p) => p.0 = opts.pod_mode,
+                None if opts.pod_mode != crate::PodMode::default() => {
+                    return Err(AttnError::Unsupported {
+                        backend: self.name,
+                        reasons: format!("a POD mode ({:?}) applies to the pod backend only", opts.pod_mode),
+                    });
+                }
+                None => {}
+            }
             gpu.prefill = opts.prefill_kernel;
             gpu.tuning = opts.pod_tuning;
-            if let Some(p) = &mut gpu.pod {
-                p.0 = opts.pod_mode;
-            }
             // The next step is planned afresh.
             gpu.plan = None;
             self.planned = None;

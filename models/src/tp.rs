@@ -69,7 +69,8 @@ impl Shard {
                 cfg.intermediate_size
             ));
         }
-        if cfg.vocab_size < world {
+        // Ceil-sized slices: the last rank must still get at least one row.
+        if cfg.vocab_size.div_ceil(world) * (world - 1) >= cfg.vocab_size {
             r.push(format!(
                 "a vocabulary of {} does not split over {world} ranks",
                 cfg.vocab_size
@@ -142,6 +143,10 @@ pub trait Communicator: Send + Sync + fmt::Debug {
     /// Called by a rank that fails between collectives: the others' pending
     /// and later collectives return an error instead of waiting for it.
     fn abort(&self, why: &str);
+    /// Called once every rank is out of its collectives after a failed
+    /// step (the engine has every rank's reply): later collectives work
+    /// again. Communicators that cannot recover say why.
+    fn reset(&self) -> Result<()>;
 }
 
 /// N ranks in one process (threads), exchanging tensors through shared
@@ -304,6 +309,17 @@ impl Communicator for LocalComm {
             }
             self.group.cv.notify_all();
         }
+    }
+
+    /// Clears the abort and whatever the failed collective left (arrivals,
+    /// slots), for the whole group.
+    fn reset(&self) -> Result<()> {
+        let mut st = self.group.state.lock().map_err(|_| Self::poisoned())?;
+        st.aborted = None;
+        st.arrived = 0;
+        st.generation += 1;
+        st.slots.iter_mut().for_each(|s| *s = None);
+        Ok(())
     }
 }
 
@@ -505,6 +521,16 @@ impl Communicator for NcclComm {
     fn abort(&self, _why: &str) {
         if let Ok(mut c) = self.comm.lock() {
             c.take();
+        }
+    }
+
+    fn reset(&self) -> Result<()> {
+        match self.comm.lock() {
+            Ok(c) if c.is_some() => Ok(()),
+            _ => Err(ModelError::TensorParallel(format!(
+                "rank {}'s NCCL communicator was aborted after a failed step; restart the engine",
+                self.rank
+            ))),
         }
     }
 }

@@ -705,6 +705,10 @@ impl Engine {
     /// ids must not be those of requests in flight ([`Self::new_seq`] makes
     /// fresh ones); [`Self::release`] frees them.
     pub fn forward(&mut self, chunks: Vec<SeqChunk>, tokens: &[u32], logits: LogitsAt) -> Result<Tensor> {
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadToken { id, vocab });
+        }
         if let Some(ranks) = self.ranks.take() {
             // The other ranks run the same step while this thread runs rank 0's.
             let out = ranks.forward(&chunks, tokens, logits, || {

@@ -98,10 +98,17 @@ impl RankGroup {
         self.ranks.len() + 1
     }
 
+    /// Sends a command to every rank; if one has stopped, the ranks it
+    /// reached are released from their collectives and answered for before
+    /// the error returns.
     fn send(&self, make: impl Fn() -> Cmd) -> Result<()> {
-        for r in &self.ranks {
+        for (i, r) in self.ranks.iter().enumerate() {
             let sent = r.tx.as_ref().is_some_and(|tx| tx.send(make()).is_ok());
             if !sent {
+                self.comm0.abort(&format!("rank {} has stopped", r.rank));
+                for j in 0..i {
+                    let _ = self.reply(j);
+                }
                 return Err(EngineError::TensorParallel(format!(
                     "rank {} has stopped",
                     r.rank
@@ -113,9 +120,14 @@ impl RankGroup {
 
     fn reply(&self, i: usize) -> Result<()> {
         let r = &self.ranks[i];
-        match r.rx.recv() {
+        match r.rx.recv_timeout(REPLY_TIMEOUT) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(EngineError::TensorParallel(format!("rank {}: {e}", r.rank))),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(EngineError::TensorParallel(format!(
+                "rank {} did not finish its step within {} s",
+                r.rank,
+                REPLY_TIMEOUT.as_secs()
+            ))),
             Err(_) => Err(EngineError::TensorParallel(format!("rank {} stopped", r.rank))),
         }
     }
@@ -141,12 +153,21 @@ impl RankGroup {
         own: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
         self.send(|| Cmd::Forward(chunks.to_vec(), tokens.to_vec(), logits))?;
-        let out = own();
+        let out = {
+            // Rank 0 panicking mid-step: the other ranks' collectives give up.
+            let _guard = AbortOnPanic(&*self.comm0);
+            own()
+        };
         if let Err(e) = &out {
             // Ranks waiting for rank 0 in a collective give up.
             self.comm0.abort(&e.to_string());
         }
         let theirs = self.replies();
+        if out.is_err() || theirs.is_err() {
+            // Every rank has answered, so none is inside a collective: the
+            // group can run the next step.
+            self.comm0.reset()?;
+        }
         let out = out?;
         theirs?;
         Ok(out)
@@ -176,6 +197,22 @@ impl Drop for RankGroup {
     }
 }
 
+/// How long the engine waits for a rank's reply to one command (a whole
+/// step's forward) before it reports the rank as stuck.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Aborts the communicator if dropped while its thread panics, so that the
+/// other ranks' collectives return instead of waiting for this one.
+struct AbortOnPanic<'a>(&'a dyn Communicator);
+
+impl Drop for AbortOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abort("a rank panicked");
+        }
+    }
+}
+
 fn rank_main(
     model: Arc<Llama>,
     comm: Arc<dyn Communicator>,
@@ -185,6 +222,7 @@ fn rank_main(
     cmds: Receiver<Cmd>,
     reply: Sender<std::result::Result<(), String>>,
 ) {
+    let _guard = AbortOnPanic(&*comm);
     let device: Device = model.device().clone();
     let mut backend = match create_backend(spec, &model.attn_config(max_seq_len), &device, opts) {
         Ok(b) => {
