@@ -45,6 +45,11 @@ struct Server {
 }
 
 fn server(with_template: bool, max_seqs: usize, max_waiting: usize) -> Server {
+    server_tp(with_template, max_seqs, max_waiting, 1)
+}
+
+/// [`server`] on `tp` tensor-parallel CPU ranks.
+fn server_tp(with_template: bool, max_seqs: usize, max_waiting: usize, tp: usize) -> Server {
     let dir = with_template.then(demo_with_template);
     let path = dir.as_ref().map_or(Path::new(vpod_cli::DEMO_DIR), |d| d.path());
     let opts = BackendOptions {
@@ -54,7 +59,34 @@ fn server(with_template: bool, max_seqs: usize, max_waiting: usize) -> Server {
         page_size: 64 << 10,
         ..Default::default()
     };
-    let mut engine = Engine::with_options(load_dir(path).unwrap(), "vattention", &opts).unwrap();
+    let mut engine = if tp == 1 {
+        Engine::with_options(load_dir(path).unwrap(), "vattention", &opts).unwrap()
+    } else {
+        use std::sync::Arc;
+        use vpod_models::tp::{Communicator, LocalComm};
+        let files = vpod_models::fetch_model_files(
+            &vpod_models::ModelSource::Local(path.to_path_buf()),
+            &offline(Path::new("/nonexistent")),
+        )
+        .unwrap();
+        let mut ranks: Vec<_> = LocalComm::group(tp)
+            .into_iter()
+            .map(|c| {
+                let comm: Arc<dyn Communicator> = Arc::new(c);
+                vpod_models::load_model_shard(
+                    files.clone(),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                    Some(comm),
+                    &mut |_, _| {},
+                )
+                .unwrap()
+            })
+            .collect();
+        let rank0 = ranks.remove(0);
+        let rest = ranks.into_iter().map(|m| Arc::new(m.model)).collect();
+        Engine::with_tensor_parallel(rank0, rest, "vattention", &opts).unwrap()
+    };
     engine
         .set_scheduler(SchedulerConfig {
             policy: Policy::Hybrid { one_prefill: false },
@@ -235,6 +267,30 @@ fn concurrent_streams_equal_cli_generate() {
     assert_eq!(s.metric("vpod:kv_cache_tokens_used", ""), 0.0);
     assert_eq!(s.metric("vpod:num_requests_running", ""), 0.0);
     assert!(s.metric("vpod:generation_tokens_total", "") >= 32.0);
+}
+
+/// The server over a tensor-parallel engine (2 CPU ranks): concurrent
+/// streaming requests give `cli generate`'s greedy text.
+#[test]
+fn a_tensor_parallel_engine_serves_concurrent_streams() {
+    let s = server_tp(false, 4, 16, 2);
+    let prompts = ["Phileas Fogg was", "Passepartout", "The steamer"];
+    let got: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let s = &s;
+                sc.spawn(move || {
+                    let body = json!({"model": "demo", "prompt": p, "max_tokens": 24, "temperature": 0, "stream": true});
+                    collect_stream(s.stream("/v1/completions", &body), false).0
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (p, text) in prompts.iter().zip(got) {
+        assert_eq!(text, cli_generate_text(p, 24), "{p}");
+    }
 }
 
 #[test]
