@@ -2,11 +2,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
+use vpod_attention::BackendOptions;
 use vpod_cli::engine::Engine;
-use vpod_models::{HubOptions, LoadedModel, ModelSource, fetch_model_files, load_model};
+use vpod_models::tp::{Communicator, LocalComm};
+use vpod_models::{
+    HubOptions, Llama, LoadedModel, ModelFiles, ModelSource, fetch_model_files, load_model, load_model_shard,
+};
 
 pub const FIXTURES: &[&str] = &["tiny-llama3-gqa4", "tiny-yi-gqa7", "tiny-yi-gqa8"];
 
@@ -59,12 +65,70 @@ pub fn offline(cache: &Path) -> HubOptions {
     }
 }
 
-pub fn load_dir(dir: &Path) -> vpod_models::Result<LoadedModel> {
-    let files = fetch_model_files(
+/// A local checkpoint directory's files, found offline.
+pub fn dir_files(dir: &Path) -> vpod_models::Result<ModelFiles> {
+    fetch_model_files(
         &ModelSource::Local(dir.to_path_buf()),
         &offline(Path::new("/nonexistent")),
-    )?;
-    load_model(files, DType::F32, &Device::Cpu, &mut |_, _| {})
+    )
+}
+
+pub fn load_dir(dir: &Path) -> vpod_models::Result<LoadedModel> {
+    load_model(dir_files(dir)?, DType::F32, &Device::Cpu, &mut |_, _| {})
+}
+
+/// `files` in f32 on `world` CPU ranks (`LocalComm`, 60 s collective
+/// timeout): rank 0's model and the other ranks' shards (one rank: the
+/// whole model and none).
+pub fn cpu_shards(files: &ModelFiles, world: usize) -> (LoadedModel, Vec<Arc<Llama>>) {
+    let mut models: Vec<LoadedModel> = LocalComm::group_with_timeout(world, Duration::from_secs(60))
+        .into_iter()
+        .map(|c| {
+            let comm: Option<Arc<dyn Communicator>> = (world > 1).then(|| Arc::new(c) as _);
+            load_model_shard(files.clone(), DType::F32, &Device::Cpu, comm, &mut |_, _| {}).unwrap()
+        })
+        .collect();
+    let rank0 = models.remove(0);
+    (rank0, models.into_iter().map(|m| Arc::new(m.model)).collect())
+}
+
+/// An engine of backend `backend` over `files` on `world` CPU ranks
+/// ([`cpu_shards`]; one rank: a plain engine).
+pub fn cpu_tp_engine(files: &ModelFiles, world: usize, backend: &str, opts: &BackendOptions) -> Engine {
+    let (rank0, rest) = cpu_shards(files, world);
+    if world == 1 {
+        Engine::with_options(rank0, backend, opts).unwrap()
+    } else {
+        Engine::with_tensor_parallel(rank0, rest, backend, opts).unwrap()
+    }
+}
+
+/// `cli compare --workload memory` on checkpoint `model` with a KV budget
+/// that makes the paged cache preempt (8 requests of 10 + 10 tokens in
+/// 64 KiB, 4 KiB pages), the three CPU backends, JSON out; `extra` appended.
+pub fn cli_compare_memory(model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "compare",
+        "--model",
+        model.to_str().unwrap(),
+        "--workload",
+        "memory",
+        "--kv-memory",
+        "64KiB",
+        "--page-size",
+        "4KiB",
+        "--backends",
+        "reference,paged:16,vattention",
+        "--requests",
+        "8",
+        "--prompt-len",
+        "10",
+        "--max-tokens",
+        "10",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    cli(&args, &[])
 }
 
 pub fn engine(name: &str) -> Engine {

@@ -88,29 +88,7 @@ fn a_broken_backend_is_caught_not_timed() {
 fn cli_compare_memory_workload_and_bad_backends() {
     let model = fixture("tiny-yi-gqa8");
     let m = model.to_str().unwrap();
-    let out = cli(
-        &[
-            "compare",
-            "--model",
-            m,
-            "--workload",
-            "memory",
-            "--kv-memory",
-            "64KiB",
-            "--page-size",
-            "4KiB",
-            "--backends",
-            "reference,paged:16,vattention",
-            "--requests",
-            "8",
-            "--prompt-len",
-            "10",
-            "--max-tokens",
-            "10",
-            "--json",
-        ],
-        &[],
-    );
+    let out = cli_compare_memory(&model, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["backends"].as_array().unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vpod_attention::BackendOptions;
-use vpod_cli::engine::{Engine, Policy, SchedulerConfig};
+use vpod_cli::engine::{Policy, SchedulerConfig};
 use vpod_cli::serve::{ServerConfig, ServerHandle, start};
 
 use crate::common::*;
@@ -59,34 +59,7 @@ fn server_tp(with_template: bool, max_seqs: usize, max_waiting: usize, tp: usize
         page_size: 64 << 10,
         ..Default::default()
     };
-    let mut engine = if tp == 1 {
-        Engine::with_options(load_dir(path).unwrap(), "vattention", &opts).unwrap()
-    } else {
-        use std::sync::Arc;
-        use vpod_models::tp::{Communicator, LocalComm};
-        let files = vpod_models::fetch_model_files(
-            &vpod_models::ModelSource::Local(path.to_path_buf()),
-            &offline(Path::new("/nonexistent")),
-        )
-        .unwrap();
-        let mut ranks: Vec<_> = LocalComm::group(tp)
-            .into_iter()
-            .map(|c| {
-                let comm: Arc<dyn Communicator> = Arc::new(c);
-                vpod_models::load_model_shard(
-                    files.clone(),
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                    Some(comm),
-                    &mut |_, _| {},
-                )
-                .unwrap()
-            })
-            .collect();
-        let rank0 = ranks.remove(0);
-        let rest = ranks.into_iter().map(|m| Arc::new(m.model)).collect();
-        Engine::with_tensor_parallel(rank0, rest, "vattention", &opts).unwrap()
-    };
+    let mut engine = cpu_tp_engine(&dir_files(path).unwrap(), tp, "vattention", &opts);
     engine
         .set_scheduler(SchedulerConfig {
             policy: Policy::Hybrid { one_prefill: false },

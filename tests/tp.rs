@@ -11,17 +11,15 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use vpod_attention::{AttentionStep, BatchMeta, LogitsAt, SeqChunk, create_backend};
 use vpod_models::tp::{Communicator, LocalComm, Shard};
-use vpod_models::{Llama, LlamaConfig, ModelError, ModelSource, Weights, fetch_model_files};
+use vpod_models::{Llama, LlamaConfig, ModelError, Weights};
 
-use crate::common::{FIXTURES, fixture, offline, reference};
+use crate::common::{
+    FIXTURES, cli_compare_memory, cpu_tp_engine, dir_files, fixture, max_abs_diff, reference,
+};
 
 /// The fixture's config and its (sharded) safetensors files.
 fn checkpoint(name: &str) -> (LlamaConfig, Vec<std::path::PathBuf>) {
-    let files = fetch_model_files(
-        &ModelSource::Local(fixture(name)),
-        &offline(std::path::Path::new("/nonexistent")),
-    )
-    .unwrap();
+    let files = dir_files(&fixture(name)).unwrap();
     (LlamaConfig::from_file(&files.config).unwrap(), files.weights)
 }
 
@@ -71,31 +69,13 @@ fn sharded(name: &str, spec: &str, world: usize, prompt: &[u32]) -> Tensor {
         handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
     });
     for (r, o) in outs.iter().enumerate().skip(1) {
-        let d = (o - &outs[0])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(o, &outs[0]);
         assert_eq!(
             d, 0.0,
             "{name} TP-{world}: rank {r}'s logits differ from rank 0's by {d}"
         );
     }
     outs.into_iter().next().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Sharded == unsharded logits on every fixture (GQA 4/7/8) for the ranks
@@ -204,17 +184,12 @@ fn local_comm_collectives() {
 /// of the unsharded engine; aborting frees every rank's cache.
 #[test]
 fn tensor_parallel_engine_generates_the_same_tokens() {
-    use vpod_cli::engine::{Engine, Request};
+    use vpod_cli::engine::Request;
     use vpod_cli::sampler::SamplingParams;
     use vpod_cli::scheduler::SchedulerConfig;
-    use vpod_models::load_model_shard;
     for name in ["tiny-llama3-gqa4", "tiny-yi-gqa8"] {
         let r = reference(name);
-        let files = fetch_model_files(
-            &ModelSource::Local(fixture(name)),
-            &offline(std::path::Path::new("/nonexistent")),
-        )
-        .unwrap();
+        let files = dir_files(&fixture(name)).unwrap();
         let requests: Vec<Request> = [
             r.prompt_ids.clone(),
             r.prompt_ids[..5].to_vec(),
@@ -234,21 +209,7 @@ fn tensor_parallel_engine_generates_the_same_tokens() {
         };
         let mut tokens = vec![];
         for world in [1, 2, 4] {
-            let comms = LocalComm::group_with_timeout(world, Duration::from_secs(60));
-            let mut models: Vec<_> = comms
-                .into_iter()
-                .map(|c| {
-                    let comm: Option<Arc<dyn Communicator>> = (world > 1).then(|| Arc::new(c) as _);
-                    load_model_shard(files.clone(), DType::F32, &Device::Cpu, comm, &mut |_, _| {}).unwrap()
-                })
-                .collect();
-            let rank0 = models.remove(0);
-            let rest = models.into_iter().map(|m| Arc::new(m.model)).collect();
-            let mut e = if world == 1 {
-                Engine::new(rank0, "vattention").unwrap()
-            } else {
-                Engine::with_tensor_parallel(rank0, rest, "vattention", &Default::default()).unwrap()
-            };
+            let mut e = cpu_tp_engine(&files, world, "vattention", &Default::default());
             assert_eq!(e.tensor_parallel(), world);
             let out = e.run_batch(&requests, sched, &mut |_, _| Ok(())).unwrap();
             let got: Vec<Vec<u32>> = out.requests.iter().map(|g| g.tokens.clone()).collect();
@@ -304,31 +265,7 @@ fn tensor_parallel_cli_generate() {
 fn tensor_parallel_compare_with_preemption() {
     let model = fixture("tiny-yi-gqa8");
     let run = |tp: &str| {
-        let out = crate::common::cli(
-            &[
-                "compare",
-                "--model",
-                model.to_str().unwrap(),
-                "--workload",
-                "memory",
-                "--kv-memory",
-                "64KiB",
-                "--page-size",
-                "4KiB",
-                "--backends",
-                "reference,paged:16,vattention",
-                "--requests",
-                "8",
-                "--prompt-len",
-                "10",
-                "--max-tokens",
-                "10",
-                "--tensor-parallel",
-                tp,
-                "--json",
-            ],
-            &[],
-        );
+        let out = cli_compare_memory(&model, &["--tensor-parallel", tp]);
         assert!(
             out.status.success(),
             "TP-{tp}: {}",
@@ -351,34 +288,15 @@ fn tensor_parallel_compare_with_preemption() {
 /// the in-memory communicator itself recovers from an abort.
 #[test]
 fn tensor_parallel_engine_recovers_from_a_failed_step() {
-    use vpod_cli::engine::Engine;
     use vpod_cli::sampler::SamplingParams;
-    use vpod_models::load_model_shard;
     let name = "tiny-yi-gqa8";
     let r = reference(name);
-    let files = fetch_model_files(
-        &ModelSource::Local(fixture(name)),
-        &offline(std::path::Path::new("/nonexistent")),
-    )
-    .unwrap();
-    let comms = LocalComm::group_with_timeout(2, Duration::from_secs(60));
-    let mut models: Vec<_> = comms
-        .into_iter()
-        .map(|c| {
-            let comm: Arc<dyn Communicator> = Arc::new(c);
-            load_model_shard(
-                files.clone(),
-                DType::F32,
-                &Device::Cpu,
-                Some(comm),
-                &mut |_, _| {},
-            )
-            .unwrap()
-        })
-        .collect();
-    let rank0 = models.remove(0);
-    let rest = models.into_iter().map(|m| Arc::new(m.model)).collect();
-    let mut e = Engine::with_tensor_parallel(rank0, rest, "vattention", &Default::default()).unwrap();
+    let mut e = cpu_tp_engine(
+        &dir_files(&fixture(name)).unwrap(),
+        2,
+        "vattention",
+        &Default::default(),
+    );
     let bad = SeqChunk {
         seq_id: 99,
         context_len: 5,

@@ -166,6 +166,63 @@ impl TensorSource for Weights {
     /// Loads `name`, checks it has `shape`, converts it to the compute dtype,
     /// and lets the kernel drop the mapped pages it came from.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (e, f, _) = self.checked(name, shape)?;
+        let (start, end) = (f.data_start + e.range.0, f.data_start + e.range.1);
+        let t = self.upload(f, e, e.shape.clone(), &f.mmap[start..end])?;
+        release_pages(&f.mmap, start, end);
+        Ok(t)
+    }
+
+    /// Reads only the slice's bytes from the mapped file: rows are one
+    /// contiguous range; columns are gathered row by row on the host.
+    fn get_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        check_slice(name, shape, dim, &range)?;
+        let (e, f, elem) = self.checked(name, shape)?;
+        let (rows, cols) = (shape[0], shape[1]);
+        let (start, end) = (f.data_start + e.range.0, f.data_start + e.range.1);
+        if end - start != rows * cols * elem {
+            return Err(corrupt(
+                &f.path,
+                format!(
+                    "tensor '{name}' has {} bytes, not {rows} x {cols} x {elem}",
+                    end - start
+                ),
+            ));
+        }
+        let bytes = &f.mmap[start..end];
+        let row = cols * elem;
+        if dim == 0 {
+            let t = self.upload(
+                f,
+                e,
+                vec![range.len(), cols],
+                &bytes[range.start * row..range.end * row],
+            )?;
+            release_pages(&f.mmap, start + range.start * row, start + range.end * row);
+            return Ok(t);
+        }
+        let take = range.len() * elem;
+        let mut v = Vec::with_capacity(rows * take);
+        for r in 0..rows {
+            let at = r * row + range.start * elem;
+            v.extend_from_slice(&bytes[at..at + take]);
+        }
+        let t = self.upload(f, e, vec![rows, range.len()], &v)?;
+        release_pages(&f.mmap, start, end);
+        Ok(t)
+    }
+}
+
+impl Weights {
+    /// `name`'s entry and file, checked to have `shape` and to hold floats,
+    /// and its element size in bytes.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<(&Entry, &MappedFile, usize)> {
         let Some(e) = self.route.get(name) else {
             return Err(ModelError::MissingTensor {
                 name: name.into(),
@@ -183,55 +240,6 @@ impl TensorSource for Weights {
         }
         // Integer or boolean tensors would convert to floats without a word
         // (quantized checkpoints store packed integers): refuse them.
-        if !matches!(
-            e.dtype,
-            safetensors::Dtype::F16
-                | safetensors::Dtype::BF16
-                | safetensors::Dtype::F32
-                | safetensors::Dtype::F64
-        ) {
-            return Err(ModelError::NonFloatTensor {
-                name: name.into(),
-                dtype: format!("{:?}", e.dtype),
-                file: f.path.clone(),
-            });
-        }
-        let (start, end) = (f.data_start + e.range.0, f.data_start + e.range.1);
-        let view = TensorView::new(e.dtype, e.shape.clone(), &f.mmap[start..end])
-            .map_err(|err| corrupt(&f.path, err))?;
-        let t = view
-            .load(&self.device)
-            .map_err(|err| corrupt(&f.path, err))?
-            .to_dtype(self.dtype)?;
-        release_pages(&f.mmap, start, end);
-        Ok(t)
-    }
-
-    /// Reads only the slice's bytes from the mapped file: rows are one
-    /// contiguous range; columns are gathered row by row on the host.
-    fn get_slice(
-        &self,
-        name: &str,
-        shape: &[usize],
-        dim: usize,
-        range: std::ops::Range<usize>,
-    ) -> Result<Tensor> {
-        check_slice(name, shape, dim, &range)?;
-        let Some(e) = self.route.get(name) else {
-            return Err(ModelError::MissingTensor {
-                name: name.into(),
-                location: self.location(),
-            });
-        };
-        let f = &self.files[e.file];
-        if e.shape != shape {
-            return Err(ModelError::WrongShape {
-                name: name.into(),
-                expected: shape.to_vec(),
-                found: e.shape.clone(),
-                file: f.path.clone(),
-            });
-        }
         let elem = match e.dtype {
             safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
             safetensors::Dtype::F32 => 4,
@@ -244,39 +252,16 @@ impl TensorSource for Weights {
                 });
             }
         };
-        let (rows, cols) = (shape[0], shape[1]);
-        let (start, end) = (f.data_start + e.range.0, f.data_start + e.range.1);
-        if end - start != rows * cols * elem {
-            return Err(corrupt(
-                &f.path,
-                format!(
-                    "tensor '{name}' has {} bytes, not {rows} x {cols} x {elem}",
-                    end - start
-                ),
-            ));
-        }
-        let bytes = &f.mmap[start..end];
-        let (data, sliced): (std::borrow::Cow<'_, [u8]>, Vec<usize>) = if dim == 0 {
-            let row = cols * elem;
-            (
-                bytes[range.start * row..range.end * row].into(),
-                vec![range.len(), cols],
-            )
-        } else {
-            let (row, take) = (cols * elem, range.len() * elem);
-            let mut v = Vec::with_capacity(rows * take);
-            for r in 0..rows {
-                let at = r * row + range.start * elem;
-                v.extend_from_slice(&bytes[at..at + take]);
-            }
-            (v.into(), vec![rows, range.len()])
-        };
-        let view = TensorView::new(e.dtype, sliced, &data).map_err(|err| corrupt(&f.path, err))?;
-        let t = view
+        Ok((e, f, elem))
+    }
+
+    /// `bytes` (of `e`'s dtype, `shape`) onto the device, in the compute dtype.
+    fn upload(&self, f: &MappedFile, e: &Entry, shape: Vec<usize>, bytes: &[u8]) -> Result<Tensor> {
+        let view = TensorView::new(e.dtype, shape, bytes).map_err(|err| corrupt(&f.path, err))?;
+        Ok(view
             .load(&self.device)
             .map_err(|err| corrupt(&f.path, err))?
-            .to_dtype(self.dtype)?;
-        Ok(t)
+            .to_dtype(self.dtype)?)
     }
 }
 

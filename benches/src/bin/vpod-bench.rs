@@ -449,19 +449,32 @@ fn time_prefill_kernel(
 ) -> Result<Option<f64>> {
     let (meta, [q, k, v]) = inputs(chunks, heads, kvh, dev)?;
     b.forward(0, &q, &k, &v, &meta)?;
-    let mut ms = Vec::with_capacity(iters.max(1));
-    for rep in 0..iters.max(1) + 3 {
-        vpod_attention::ops::gpu_spin(dev, SPIN_CYCLES)?;
+    median_after_spin(dev, iters, || {
         b.forward(1, &q, &k, &v, &meta)?;
-        let Some(t) = b.prefill_kernel_ms() else {
+        Ok(b.prefill_kernel_ms())
+    })
+}
+
+/// FlashInfer's harness's way of timing a call: per rep a GPU spin
+/// ([`SPIN_CYCLES`]: the launches are queued behind it and the GPU starts
+/// from a light load), then `measure` (one rep's time, `None`: nothing to
+/// time, which ends it); the median of `reps` after 3 warm-up ones.
+fn median_after_spin(
+    dev: &Device,
+    reps: usize,
+    mut measure: impl FnMut() -> Result<Option<f64>>,
+) -> Result<Option<f64>> {
+    let mut v = Vec::with_capacity(reps.max(1));
+    for rep in 0..reps.max(1) + 3 {
+        vpod_attention::ops::gpu_spin(dev, SPIN_CYCLES)?;
+        let Some(t) = measure()? else {
             return Ok(None);
         };
         if rep >= 3 {
-            ms.push(t);
+            v.push(t);
         }
     }
-    ms.sort_by(f64::total_cmp);
-    Ok(Some(ms[ms.len() / 2]))
+    Ok(Some(percentile(&v, 0.5)))
 }
 
 fn decode(
@@ -619,30 +632,13 @@ fn prefill(
                 )?;
                 done += n;
             }
-            let secs = time_layer(
-                b.as_mut(),
-                vec![SeqChunk {
-                    seq_id: 0,
-                    context_len: ctx,
-                    query_len: ql,
-                }],
-                heads,
-                kvh,
-                &dev,
-                iters,
-            )?;
-            let kernel_ms = time_prefill_kernel(
-                b.as_mut(),
-                vec![SeqChunk {
-                    seq_id: 0,
-                    context_len: ctx,
-                    query_len: ql,
-                }],
-                heads,
-                kvh,
-                &dev,
-                iters,
-            )?;
+            let chunk = SeqChunk {
+                seq_id: 0,
+                context_len: ctx,
+                query_len: ql,
+            };
+            let secs = time_layer(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
+            let kernel_ms = time_prefill_kernel(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
             // Each query row j sees ctx + j + 1 keys: QK^T and PV, 2 FLOPs per MAC.
             let pairs = (ql * ctx + ql * (ql + 1) / 2) as f64;
             let flops = 4.0 * 128.0 * heads as f64 * pairs;
@@ -1646,10 +1642,8 @@ fn vs_flashinfer(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
     ratios
 }
 
-/// Median GPU microseconds of `f` alone, as FlashInfer's harness times a
-/// call: per rep a GPU spin ([`SPIN_CYCLES`]: the launches are queued and
-/// the GPU starts from a light load), then CUDA events around `f`; 3
-/// warm-up reps, then `reps`.
+/// Median GPU microseconds of `f` alone, CUDA events around it, timed by
+/// [`median_after_spin`].
 #[cfg(feature = "cuda")]
 fn gpu_alone_us(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
@@ -1662,18 +1656,13 @@ fn gpu_alone_us(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) ->
         ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
         ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
     );
-    let mut us = vec![];
-    for rep in 0..reps.max(1) + 3 {
-        vpod_attention::ops::gpu_spin(dev, SPIN_CYCLES)?;
+    let us = median_after_spin(dev, reps, || {
         start.record(&stream)?;
         f()?;
         end.record(&stream)?;
-        let ms = start.elapsed_ms(&end)?;
-        if rep >= 3 {
-            us.push(ms as f64 * 1e3);
-        }
-    }
-    Ok(percentile(&us, 0.5))
+        Ok(Some(start.elapsed_ms(&end)? as f64 * 1e3))
+    })?;
+    us.context("no rep timed")
 }
 
 #[cfg(not(feature = "cuda"))]
