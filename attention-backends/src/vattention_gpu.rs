@@ -41,12 +41,10 @@ const PREFILL_PIPE_SMEM: usize = 3 * 2 * 64 * 256 + 1024;
 /// splits), so the combine kernel merges.
 const FUSED_MERGE_MAX_SPLITS: usize = 16;
 
-/// Dynamic shared memory of the warp-specialized prefill kernels with
-/// `stages` K/V stages (slot_prefill_ws.cuh's `WsShape<STAGES>::SMEM`): Q
-/// (128 rows), the stages' 128-key K and V tiles, 1 KiB of alignment.
-const fn prefill_ws_smem(stages: usize) -> usize {
-    128 * 256 + stages * 2 * 128 * 256 + 1024
-}
+/// Dynamic shared memory of `slot_prefill_wsp_bf16` (slot_prefill_ws.cuh's
+/// `WsShape<2>::SMEM`): Q (128 rows), 2 stages of 128-key K and V tiles, 1 KiB
+/// of alignment.
+const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
 
 /// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
 /// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
@@ -533,7 +531,7 @@ impl GpuAttention<'_> {
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let tma = match (p.prefill, p.tma) {
             (PrefillKernel::Wsp, Some(dims)) => {
-                Some(("slot_prefill_wsp_bf16", prefill_ws_smem(2), 128, 384, dims))
+                Some(("slot_prefill_wsp_bf16", PREFILL_WS_SMEM, 128, 384, dims))
             }
             (PrefillKernel::Tma64, Some(dims)) => {
                 Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))

@@ -8,9 +8,10 @@
 //           thread issues the TMA loads of K and V tiles (128 keys x 128 dims,
 //           two 64-dim boxes each, tma.cuh's wg layout with 128 rows) into a
 //           STAGES-deep ring; the rest of it idles. Warpgroups 1 and 2 are
-//           consumers, 64 query rows each (rows j0 + 64 c ..), Q in shared
-//           memory (cp.async, wg layout), S = Q K^T with both operands from
-//           shared memory (m64n128k16), O += P V with P from registers.
+//           consumers in ping-pong (ws_consume), 64 query rows each (rows
+//           j0 + 64 c ..), Q in shared memory (cp.async, wg layout),
+//           S = Q K^T with both operands from shared memory (m64n128k16),
+//           O += P V with P from registers.
 //   ring:   per stage a "full" mbarrier for K and one for V (the TMA's bytes
 //           complete them) and an "empty" one for each (every consumer warp
 //           arrives once its wgmma that read the tile has completed: 8
@@ -192,13 +193,13 @@ __device__ __forceinline__ void ws_issue_pv(float o[16][4], const uint32_t pa[8]
 
 // One consumer warpgroup (c = 0, 1) over tiles 0 .. its last of the work item.
 //
-// PINGPONG: the two consumers take turns on the tensor cores (FA3's
+// The two consumers take turns on the tensor cores (FA3's
 // inter-warpgroup ping-pong): each issue step (QK_0; QK_i + PV_{i-1}; the last
 // PV) waits for the consumer's turn and hands the turn to the other once its
 // GEMMs are issued, so one's softmax runs while the other's GEMMs do.
 // Both consumers take mine + 1 turns: consumer 0, a tile short, takes an
 // empty one; the last turn hands nothing on (nothing would take it).
-template <int STAGES, bool PINGPONG>
+template <int STAGES>
 __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_bfloat16* __restrict__ q,
                                            __nv_bfloat16* __restrict__ out, int c, int qs, int ctx, int ql, int j0,
                                            int n_keys, int ntiles, int heads, int head, float qk_scale) {
@@ -243,15 +244,11 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     };
     const int turns = min(ntiles, (ctx + j0 + 127) / WS_BN + 1) + 1;  // consumer 1's tiles + 1
     int turn = 0;
-    auto my_turn = [&] {
-        if constexpr (PINGPONG) named_sync(WS_BAR_TURN + c, 256);
-    };
+    auto my_turn = [&] { named_sync(WS_BAR_TURN + c, 256); };
     auto hand_on = [&] {
-        if constexpr (PINGPONG)
-            if (++turn < turns || c == 0) named_arrive(WS_BAR_TURN + 1 - c, 256);
+        if (++turn < turns || c == 0) named_arrive(WS_BAR_TURN + 1 - c, 256);
     };
-    if constexpr (PINGPONG)
-        if (c == 1) named_arrive(WS_BAR_TURN, 256);  // consumer 0 goes first
+    if (c == 1) named_arrive(WS_BAR_TURN, 256);  // consumer 0 goes first
 
     float o[16][4];
 #pragma unroll
@@ -307,7 +304,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     ws_issue_pv(o, pa, r.vs(mine - 1));
     wg_commit();
     hand_on();
-    if (PINGPONG && mine + 1 < turns) {  // consumer 0's empty turn
+    if (mine + 1 < turns) {  // consumer 0's empty turn
         my_turn();
         hand_on();
     }
@@ -317,7 +314,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     store_rows(out, o, st, qs, row0 + 16 * warp, ql, heads, head, lane);
 }
 
-template <int STAGES, bool PINGPONG>
+template <int STAGES>
 __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                            const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                            const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
@@ -349,6 +346,6 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
         if (threadIdx.x == 0) ws_produce(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
     } else {
         setmaxnreg_inc<240>();
-        ws_consume<STAGES, PINGPONG>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head, scale * ATT_LOG2E);
+        ws_consume<STAGES>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head, scale * ATT_LOG2E);
     }
 }
