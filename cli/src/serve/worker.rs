@@ -114,6 +114,9 @@ pub fn run(mut engine: Engine, commands: Receiver<Command>, metrics: Arc<Metrics
         }
         match engine.step() {
             Ok(out) => {
+                // The gauges first: a client that gets its last token may
+                // read /metrics at once, and the step has already freed its KV.
+                metrics.set_engine(engine.stats());
                 let mut gone = vec![];
                 for t in &out.tokens {
                     metrics.add_generated_tokens(1);
