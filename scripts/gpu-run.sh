@@ -18,7 +18,9 @@
 #                                            podfi (FlashInfer's POD + the 48-case sweep against it; carry .anchors),
 #                                            layer (a decoder layer but attention, op by op),
 #                                            compare (cli compare's four workloads on a synthetic full-size model),
-#                                            httpserve (cli serve over HTTP vs the same trace in process)
+#                                            httpserve (cli serve over HTTP vs the same trace in process),
+#                                            graphs (CUDA graphs: greedy tokens vs eager, sanitizers on
+#                                            replayed steps, vpod-bench e2e with graphs on and off)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
@@ -60,6 +62,16 @@ if want pod; then
     step pod-agree "$B/cli" compare --model tests/fixtures/tiny-llama3-gqa4 --device cuda \
         --backends vattention,pod,pod:fused,pod:streams --workload serve --requests 12 --prompt-len 400 --max-tokens 48
     for f in pod-tests pod-memcheck pod-racecheck pod-agree; do tail -n 12 "$OUT/$f.log"; done
+fi
+if want graphs; then
+    # Issue 22: replayed decode steps give the eager greedy tokens (every backend,
+    # the fixtures); memcheck on replays; e2e decode with graphs on and off.
+    step graphs-tests "$B/integration" gpu::cuda_graphs gpu::argmax --test-threads=1 --nocapture
+    step graphs-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::cuda_graphs --test-threads=1
+    grep GRAPHS "$OUT/graphs-tests.log"
+    # shellcheck disable=SC2086
+    step vb-e2e-graphs "$B/vpod-bench" e2e --out "$OUT" ${GRAPHS_E2E_ARGS:---models llama3-8b,yi-6b,yi-34b --backends vattention,paged:16 --batch 1,16 --tokens 128}
+    cat "$OUT/vb-e2e-graphs.log"
 fi
 if want podsweep; then
     # shellcheck disable=SC2086

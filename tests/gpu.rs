@@ -226,7 +226,8 @@ fn rope_qk_matches_cpu_twin() {
 
 /// Greedy sampling on the device picks exactly the CPU argmax's token: rows
 /// of bf16-rounded logits (many exact ties), a planted tie (the first wins),
-/// NaNs (never win; element 0 NaN gives 0), an all -inf row, and Llama-3's,
+/// NaNs (never win; element 0 NaN gives 0; the row is flagged), an all -inf
+/// row (flagged), and Llama-3's,
 /// Yi's and a small odd vocabulary.
 #[test]
 fn argmax_rows_matches_cpu_twin() {
@@ -257,7 +258,12 @@ fn argmax_rows_matches_cpu_twin() {
             .to_vec1::<u32>()
             .unwrap();
         assert_eq!(got, want, "rows {rows} vocab {n}");
-        assert_eq!(want[..4], [(n / 2) as u32, (n / 3) as u32, 0, 0], "vocab {n}");
+        use vpod_attention::sample::ARGMAX_NONFINITE as BAD;
+        assert_eq!(
+            want[..4],
+            [(n / 2) as u32, (n / 3) as u32 | BAD, BAD, BAD],
+            "vocab {n}"
+        );
     }
 }
 
@@ -821,5 +827,101 @@ fn vmm_cache_bad_page_and_teardown() {
             "VMM round {round}: mapped {} unmapped {} page groups",
             c.mapped_total, c.unmapped_total
         );
+    }
+}
+
+/// CUDA graphs (issue 22): decode steps replayed from graphs give the eager
+/// steps' greedy tokens on every backend, with padded buckets (5 running
+/// sequences in the bucket of 6, then fewer as they finish), contexts that
+/// cross the static plans' keys (decode splits, paged max context), and
+/// graphs that were captured and replayed (none failed).
+#[test]
+fn cuda_graphs_match_eager_greedy_tokens() {
+    use vpod_cli::engine::Request;
+    use vpod_cli::sampler::SamplingParams;
+    use vpod_cli::scheduler::{Policy, SchedulerConfig};
+    let dev = gpu();
+    // VPOD_QUICK (the compute-sanitizer runs): one fixture, two backends.
+    let quick = std::env::var_os("VPOD_QUICK").is_some();
+    let backends: &[&str] = if quick {
+        &["vattention", "paged:16"]
+    } else {
+        &["vattention", "paged:16", "paged:128", "pod"]
+    };
+    for name in &FIXTURES[..if quick { 1 } else { FIXTURES.len() }] {
+        let files = fetch_model_files(
+            &ModelSource::Local(fixture(name)),
+            &offline(std::path::Path::new("/none")),
+        )
+        .unwrap();
+        let model = std::sync::Arc::new(load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap());
+        let vocab = model.config.vocab_size;
+        let reqs: Vec<Request> = (0..5)
+            .map(|i| Request {
+                prompt: (0..[3, 40, 130, 300, 17][i])
+                    .map(|t| 1 + ((t * 2654435761usize + i * 977) % (vocab - 1)) as u32)
+                    .collect(),
+                max_tokens: [70, 24, 90, 40, 9][i],
+                sampling: SamplingParams {
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                arrival_ms: 0.0,
+            })
+            .collect();
+        let sched = SchedulerConfig {
+            policy: Policy::PrefillFirst,
+            chunk_size: 256,
+            max_seqs: 6,
+        };
+        for &backend in backends {
+            let run = |graphs: bool| {
+                let opts = vpod_attention::BackendOptions {
+                    max_seqs: 6,
+                    cuda_graphs: graphs,
+                    ..Default::default()
+                };
+                let mut e = Engine::with_options(model.clone(), backend, &opts).unwrap();
+                let out = e.run_batch(&reqs, sched, &mut |_, _| Ok(())).unwrap();
+                (out, e.graph_captures())
+            };
+            let (eager, none) = run(false);
+            let (graphed, captures) = run(true);
+            assert!(
+                none.is_empty(),
+                "{backend}: graphs captured with --cuda-graphs off"
+            );
+            let replayed = graphed
+                .steps
+                .iter()
+                .filter(|s| s.cuda_graph.as_ref().is_some_and(|g| g.replayed))
+                .count();
+            let failed: Vec<_> = graphed
+                .steps
+                .iter()
+                .filter_map(|s| s.cuda_graph.as_ref())
+                .filter(|g| g.note.contains("failed"))
+                .collect();
+            println!(
+                "GRAPHS {name} {backend}: {} steps, {replayed} replayed, {} captures {:?}",
+                graphed.steps.len(),
+                captures.len(),
+                captures
+                    .iter()
+                    .map(|c| format!("{} {} {:.1} ms {} nodes", c.rows, c.key, c.capture_ms, c.nodes))
+                    .collect::<Vec<_>>()
+            );
+            assert!(failed.is_empty(), "{name} {backend}: {failed:?}");
+            assert!(
+                replayed > 20 && captures.len() >= 2,
+                "{name} {backend}: {replayed} replays"
+            );
+            for (i, (a, b)) in eager.requests.iter().zip(&graphed.requests).enumerate() {
+                assert_eq!(
+                    a.tokens, b.tokens,
+                    "{name} {backend}: request {i} differs with graphs"
+                );
+            }
+        }
     }
 }

@@ -54,8 +54,8 @@ pub use paged::{PagedBackend, paged_use_v1};
 pub use reference::ReferenceBackend;
 pub use vattention::{
     POD_FEW_DECODES_SPLIT_WAVES, POD_FEW_SPLITS_UP_TO, POD_MIN_SHARE, POD_SPLIT_WAVES, POD_STREAMS_ABOVE,
-    POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, plan_pod_step,
-    pod_kernel_for, pod_split_waves_for, pod_step_halves,
+    POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, decode_splits_static,
+    plan_pod_step, pod_kernel_for, pod_split_waves_for, pod_step_halves,
 };
 pub use vpod_kvcache::{KvManager, SeqId};
 
@@ -98,6 +98,18 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     /// a `meta` that was not planned plans it first).
     fn plan_step(&mut self, _meta: &BatchMeta) -> Result<()> {
         Ok(())
+    }
+
+    /// CUDA graphs: plans a decode step padded to its batch bucket
+    /// ([`BatchMeta::padded`]) into device buffers that keep their addresses
+    /// across every step planned under the same [`StaticPlan::key`], so that
+    /// a step captured over them replays with a later step's values (the
+    /// host rewrites the buffers here, in stream order, before the replay).
+    /// Grows the cache for the new tokens as [`Self::plan_step`] does.
+    /// `Ok(None)`: this backend or device has no such plan (the step runs
+    /// eagerly, planned by [`Self::plan_step`]).
+    fn plan_static_step(&mut self, _meta: &BatchMeta) -> Result<Option<StaticPlan>> {
+        Ok(None)
     }
 
     /// Writes the step's new `k`/`v` of `layer` into the cache after each
@@ -154,6 +166,15 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     fn prefill_kernel_ms(&self) -> Option<f64> {
         None
     }
+}
+
+/// A decode step's plan in fixed device buffers
+/// ([`AttentionBackend::plan_static_step`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StaticPlan {
+    /// Steps with the same key run the same kernels with the same launch
+    /// shapes over the same buffers (rows, decode splits or partitions).
+    pub key: String,
 }
 
 /// How the `pod` backend runs a hybrid step on the GPU (`pod:MODE`).
@@ -320,6 +341,10 @@ pub struct BackendOptions {
     /// read its GPU time (the GPU `vattention` / `pod` backends; two event
     /// records a layer).
     pub time_kernels: bool,
+    /// The engine replays decode steps on a GPU as CUDA graphs over the
+    /// backend's static plans ([`AttentionBackend::plan_static_step`];
+    /// `--cuda-graphs on|off`, on by default).
+    pub cuda_graphs: bool,
 }
 
 impl Default for BackendOptions {
@@ -336,6 +361,7 @@ impl Default for BackendOptions {
             prefill_kernel: PrefillKernel::default(),
             pod_tuning: PodTuning::default(),
             time_kernels: false,
+            cuda_graphs: true,
         }
     }
 }
@@ -424,6 +450,12 @@ impl<'a> AttentionStep<'a> {
     pub fn new(backend: &'a mut dyn AttentionBackend, meta: &'a BatchMeta) -> Result<Self> {
         backend.plan_step(meta)?;
         Ok(Self { backend, meta })
+    }
+
+    /// A step whose plan the backend already holds
+    /// ([`AttentionBackend::plan_static_step`] for this `meta`).
+    pub fn planned(backend: &'a mut dyn AttentionBackend, meta: &'a BatchMeta) -> Self {
+        Self { backend, meta }
     }
 
     pub fn meta(&self) -> &BatchMeta {

@@ -42,8 +42,11 @@ pub struct BatchMeta {
     query_start: Vec<usize>,
     /// `[T]` u32: absolute position of each packed token (`context_len + i`).
     positions: Tensor,
-    /// `[num_seqs]` u32 rows whose logits are wanted, or `None` for all T rows.
+    /// `[num_seqs]` u32 rows whose logits are wanted, or `None` for all rows.
     logit_rows: Option<Tensor>,
+    /// Rows after the last sequence's that repeat the first sequence's
+    /// decode ([`Self::padded`]; 0 otherwise).
+    pad: usize,
     /// Unique per `BatchMeta::new`: a backend's step plan records the step
     /// it was built for, so that it is never used for another one.
     id: u64,
@@ -84,13 +87,57 @@ impl BatchMeta {
             LogitsAt::LastToken => Some(Tensor::from_vec(last_rows, seqs.len(), device)?),
             LogitsAt::AllTokens => None,
         };
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Self {
             seqs,
             query_start,
             positions,
             logit_rows,
-            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            pad: 0,
+            id: next_id(),
+        })
+    }
+
+    /// A decode step padded to `rows` rows, for a CUDA graph captured at that
+    /// batch size: every sequence decodes one token (`query_len` 1), row i
+    /// is sequence i's and rows `seqs.len()..rows` repeat sequence 0's (its
+    /// token, position, cache row: they write the same K/V bytes to the same
+    /// place and their outputs are dropped). `positions: [rows]` u32 is a
+    /// buffer the caller has filled (a captured step reads it in place);
+    /// logits come for every row.
+    pub fn padded(seqs: Vec<SeqChunk>, rows: usize, positions: Tensor) -> Result<Self> {
+        let n = seqs.len();
+        if n == 0 || rows < n {
+            return Err(AttnError::InvalidBatch(format!(
+                "a padded decode step of {rows} rows cannot hold {n} sequences"
+            )));
+        }
+        if let Some(s) = seqs.iter().find(|s| s.query_len != 1) {
+            return Err(AttnError::InvalidBatch(format!(
+                "sequence {} has {} query tokens; a padded step holds decodes only",
+                s.seq_id, s.query_len
+            )));
+        }
+        if positions.dims() != [rows] || positions.dtype() != candle_core::DType::U32 {
+            return Err(AttnError::BadShape {
+                what: "padded step positions (u32)",
+                got: positions.dims().to_vec(),
+                expected: vec![rows],
+            });
+        }
+        let mut seen = HashSet::new();
+        if let Some(s) = seqs.iter().find(|s| !seen.insert(s.seq_id)) {
+            return Err(AttnError::InvalidBatch(format!(
+                "sequence {} appears twice",
+                s.seq_id
+            )));
+        }
+        Ok(Self {
+            query_start: (0..=n).collect(),
+            seqs,
+            positions,
+            logit_rows: None,
+            pad: rows - n,
+            id: next_id(),
         })
     }
 
@@ -107,9 +154,20 @@ impl BatchMeta {
         self.seqs.len()
     }
 
-    /// T: tokens in the packed batch.
+    /// T: tokens of the sequences in the packed batch (padding rows aside).
     pub fn num_tokens(&self) -> usize {
         self.query_start[self.seqs.len()]
+    }
+
+    /// Rows of the packed batch: T and the padding rows of a
+    /// [`Self::padded`] step (the model's input and output rows).
+    pub fn num_rows(&self) -> usize {
+        self.num_tokens() + self.pad
+    }
+
+    /// Padding rows ([`Self::padded`]).
+    pub fn padding(&self) -> usize {
+        self.pad
     }
 
     /// Packed rows of sequence `i`'s queries.
@@ -122,7 +180,7 @@ impl BatchMeta {
         &self.query_start
     }
 
-    /// `[T]` u32 positions, for RoPE.
+    /// `[rows]` u32 positions, for RoPE.
     pub fn positions(&self) -> &Tensor {
         &self.positions
     }
@@ -141,6 +199,11 @@ impl BatchMeta {
     pub fn is_decode_only(&self) -> bool {
         self.seqs.iter().all(|s| s.query_len == 1)
     }
+}
+
+fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -173,6 +236,30 @@ mod tests {
         assert_eq!(m.logit_rows().unwrap().to_vec1::<u32>()?, vec![2, 3, 5]);
         assert_eq!(m.max_seq_len(), 11);
         assert!(!m.is_decode_only());
+        Ok(())
+    }
+
+    #[test]
+    fn padded_decode_steps() -> Result<()> {
+        let d = |seq_id, context_len| SeqChunk {
+            seq_id,
+            context_len,
+            query_len: 1,
+        };
+        let pos = Tensor::new(&[7u32, 3, 7, 7], &Device::Cpu)?;
+        let m = BatchMeta::padded(vec![d(1, 7), d(2, 3)], 4, pos.clone())?;
+        assert_eq!((m.num_tokens(), m.num_rows(), m.padding()), (2, 4, 2));
+        assert_eq!(m.query_range(1), 1..2);
+        assert!(m.logit_rows().is_none() && m.is_decode_only());
+        // Too few rows, a prompt chunk, positions of the wrong length, a repeated sequence.
+        assert!(BatchMeta::padded(vec![d(1, 7), d(2, 3)], 1, pos.clone()).is_err());
+        let chunk = SeqChunk {
+            query_len: 2,
+            ..d(1, 7)
+        };
+        assert!(BatchMeta::padded(vec![chunk], 4, pos.clone()).is_err());
+        assert!(BatchMeta::padded(vec![d(1, 7)], 2, pos.clone()).is_err());
+        assert!(BatchMeta::padded(vec![d(1, 7), d(1, 7)], 4, pos).is_err());
         Ok(())
     }
 

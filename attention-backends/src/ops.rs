@@ -182,7 +182,7 @@ pub fn gpu_spin(dev: &candle_core::Device, cycles: u64) -> Result<()> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) mod cuda {
+pub mod cuda {
     //! Loading our fatbins (once per device) and launching them.
 
     use std::collections::HashMap;
@@ -221,6 +221,44 @@ pub(crate) mod cuda {
             }
         };
         module.load_function(name).map_err(err)
+    }
+
+    /// Copies `v` over the first `v.len()` elements of the contiguous CUDA
+    /// tensor `t`, in stream order, without moving it: a buffer that a
+    /// captured CUDA graph reads in place (candle has no in-place upload;
+    /// its own uploads go through a content cache while a capture is on).
+    pub fn write_host<
+        T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + CudaDType + candle_core::WithDType,
+    >(
+        t: &candle_core::Tensor,
+        v: &[T],
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        if t.dtype() != T::DTYPE || !t.is_contiguous() || v.len() > t.elem_count() {
+            candle_core::bail!(
+                "write_host: {} {:?} values into a {:?} tensor of {} elements (contiguous: {})",
+                v.len(),
+                T::DTYPE,
+                t.dtype(),
+                t.elem_count(),
+                t.is_contiguous()
+            );
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*storage else {
+            candle_core::bail!("write_host: not a CUDA tensor")
+        };
+        let stream = cs.device.cuda_stream();
+        let slice = cs.as_cuda_slice::<T>()?;
+        let (base, _sync) = slice.device_ptr(&stream);
+        let dst = base + (layout.start_offset() * size_of::<T>()) as u64;
+        // SAFETY: dst .. dst + v.len() lies inside the tensor's allocation
+        // (checked above); the copy is ordered on the tensor's stream, and a
+        // pageable source is staged before the call returns.
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::memcpy_htod_async(dst, v, stream.cu_stream())
+        }
+        .map_err(err)
     }
 
     /// [`function`], allowed `smem` bytes of dynamic shared memory (above

@@ -36,6 +36,13 @@ pub struct PagedBackend {
     /// The step's block tables and work lists on the GPU (CUDA device only).
     #[cfg(feature = "cuda")]
     gpu: Option<crate::paged_gpu::PagedPlan>,
+    /// Decode plans in fixed buffers (their `[rows]` slots and GPU plan), by
+    /// (rows, max context) ([`AttentionBackend::plan_static_step`]);
+    /// `slots` and `gpu` hold the one of `current_static` while its step runs.
+    #[cfg(feature = "cuda")]
+    statics: std::collections::HashMap<(usize, usize), (Tensor, crate::paged_gpu::PagedPlan)>,
+    #[cfg(feature = "cuda")]
+    current_static: Option<(usize, usize)>,
 }
 
 impl PagedBackend {
@@ -72,6 +79,10 @@ impl PagedBackend {
             slots: None,
             #[cfg(feature = "cuda")]
             gpu: None,
+            #[cfg(feature = "cuda")]
+            statics: Default::default(),
+            #[cfg(feature = "cuda")]
+            current_static: None,
         })
     }
 
@@ -99,6 +110,16 @@ impl PagedBackend {
     pub fn cache(&self) -> &PagedCache {
         &self.cache
     }
+
+    /// Puts the current static plan back with the others.
+    #[cfg(feature = "cuda")]
+    fn park_static(&mut self) {
+        if let Some(key) = self.current_static.take()
+            && let (Some((_, slots)), Some(plan)) = (self.slots.take(), self.gpu.take())
+        {
+            self.statics.insert(key, (slots, plan));
+        }
+    }
 }
 
 /// Makes room for every sequence of the step and returns its `[T]` slots.
@@ -121,6 +142,8 @@ impl AttentionBackend for PagedBackend {
     /// Grows the sequences' block tables for the new tokens and builds the
     /// step's slot mapping (and, on a GPU, its block tables and work lists).
     fn plan_step(&mut self, meta: &BatchMeta) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        self.park_static();
         let device = meta.positions().device().clone();
         self.slots = Some((meta.id(), prepare(&mut self.cache, meta, &device)?));
         #[cfg(feature = "cuda")]
@@ -133,6 +156,59 @@ impl AttentionBackend for PagedBackend {
             )?);
         }
         Ok(())
+    }
+
+    /// Decode steps on a GPU: `[rows]` slots and a
+    /// [`crate::paged_gpu::PagedPlan::decode_static`] plan per (rows, max
+    /// context: the longest sequence's length rounded up to a power of two,
+    /// at least one 512-token partition, at most the model's context).
+    fn plan_static_step(&mut self, meta: &BatchMeta) -> Result<Option<crate::StaticPlan>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = meta.positions().device()
+            && meta.is_decode_only()
+        {
+            self.park_static();
+            crate::make_room(&mut self.cache, meta)?;
+            let mut slots = Vec::with_capacity(meta.num_rows());
+            for s in meta.seqs() {
+                slots.push(self.cache.slot(s.seq_id, s.context_len)?);
+            }
+            for _ in 0..meta.padding() {
+                slots.push(slots[0]);
+            }
+            let rows = meta.num_rows();
+            let max_context = meta
+                .max_seq_len()
+                .next_power_of_two()
+                .max(PARTITION)
+                .min(self.cfg.max_seq_len.max(meta.max_seq_len()));
+            let key = (rows, max_context);
+            let (slot_t, plan) = match self.statics.remove(&key) {
+                Some((t, mut plan)) => {
+                    crate::ops::cuda::write_host(&t, &slots)?;
+                    plan.refill_decode(dev, &self.cache, meta)?;
+                    (t, plan)
+                }
+                None => (
+                    Tensor::new(slots.as_slice(), meta.positions().device())?,
+                    crate::paged_gpu::PagedPlan::decode_static(
+                        dev,
+                        &self.cache,
+                        meta,
+                        self.cfg.num_heads,
+                        max_context,
+                    )?,
+                ),
+            };
+            self.slots = Some((meta.id(), slot_t));
+            self.gpu = Some(plan);
+            self.current_static = Some(key);
+            return Ok(Some(crate::StaticPlan {
+                key: format!("rows {rows}, max context {max_context}"),
+            }));
+        }
+        let _ = meta;
+        Ok(None)
     }
 
     fn forward(

@@ -108,6 +108,95 @@ impl PagedPlan {
     }
 }
 
+impl PagedPlan {
+    /// The plan of a padded decode step ([`BatchMeta::padded`]) in buffers
+    /// that [`Self::refill_decode`] rewrites for later steps with the same
+    /// rows and `max_context` (a bound on every sequence's length, as vLLM
+    /// pads its captured steps' `max_context_len`: it picks v1 or v2, the
+    /// partitions and the table width, `max_context` / block size).
+    pub(crate) fn decode_static(
+        dev: &CudaDevice,
+        cache: &PagedCache,
+        meta: &BatchMeta,
+        heads: usize,
+        max_context: usize,
+    ) -> Result<Self> {
+        let rows = meta.num_rows();
+        let width = max_context.div_ceil(cache.layout().block_size).max(1);
+        let (dec_lens, dec_flat) = Self::decode_rows(cache, meta, width)?;
+        let v1 = crate::paged_use_v1(max_context, rows, heads);
+        let partitions = max_context.div_ceil(PARTITION).max(1);
+        let parts = if v1 { 1 } else { rows * heads * partitions };
+        Ok(Self {
+            tokens: rows,
+            chunks: Chunks::default().upload(dev)?,
+            chunk_tables: upload::<i32>(dev, &[])?,
+            chunk_width: 1,
+            n_dec: rows,
+            dec_rows: upload(dev, &(0..rows as i32).collect::<Vec<_>>())?,
+            dec_lens: upload(dev, &dec_lens)?,
+            dec_tables: upload(dev, &dec_flat)?,
+            dec_width: width,
+            max_context,
+            v1,
+            partitions,
+            // SAFETY: as in `new`.
+            tmp_out: unsafe { dev.alloc::<bf16>(parts * HEAD_DIM) }?,
+            exp_sums: unsafe { dev.alloc::<f32>(parts) }?,
+            max_logits: unsafe { dev.alloc::<f32>(parts) }?,
+        })
+    }
+
+    /// Per row of a padded decode step: its length and its block table
+    /// (`width` entries, zero-padded); padding rows repeat row 0's.
+    fn decode_rows(cache: &PagedCache, meta: &BatchMeta, width: usize) -> Result<(Vec<i32>, Vec<i32>)> {
+        let mut lens = Vec::with_capacity(meta.num_rows());
+        let mut tables = Vec::with_capacity(meta.num_rows() * width);
+        for s in meta.seqs() {
+            let t = cache
+                .block_table(s.seq_id)
+                .ok_or(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id })?;
+            if t.len() > width {
+                return Err(crate::AttnError::InvalidBatch(format!(
+                    "sequence {} holds {} blocks, more than the static plan's {width}",
+                    s.seq_id,
+                    t.len()
+                )));
+            }
+            lens.push(s.seq_len() as i32);
+            tables.extend(t.iter().map(|&b| b as i32));
+            tables.resize(lens.len() * width, 0);
+        }
+        for _ in 0..meta.padding() {
+            lens.push(lens[0]);
+            tables.extend_from_within(..width);
+        }
+        Ok((lens, tables))
+    }
+
+    /// Rewrites a [`Self::decode_static`] plan's buffers for `meta`, in
+    /// stream order.
+    pub(crate) fn refill_decode(
+        &mut self,
+        dev: &CudaDevice,
+        cache: &PagedCache,
+        meta: &BatchMeta,
+    ) -> Result<()> {
+        if meta.num_rows() != self.tokens || meta.max_seq_len() > self.max_context {
+            return Err(crate::AttnError::InvalidBatch(format!(
+                "a step of {} rows up to {} tokens does not fit a static plan of {} rows up to {}",
+                meta.num_rows(),
+                meta.max_seq_len(),
+                self.tokens,
+                self.max_context
+            )));
+        }
+        let (lens, tables) = Self::decode_rows(cache, meta, self.dec_width)?;
+        crate::vattention_gpu::refill(dev, &lens, &mut self.dec_lens)?;
+        crate::vattention_gpu::refill(dev, &tables, &mut self.dec_tables)
+    }
+}
+
 /// One layer's attention over the paged cache (see the module docs); the
 /// step's new K/V rows are already written.
 pub(crate) struct GpuPaged<'a> {

@@ -21,7 +21,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// `[rows]` u32: [`argmax`] of every row of f32 `logits [rows, vocab]`.
+/// Bit 31 of an [`argmax_rows`] entry: the row holds a NaN or an infinity.
+pub const ARGMAX_NONFINITE: u32 = 1 << 31;
+
+/// `[rows]` u32: [`argmax`] of every row of f32 `logits [rows, vocab]`,
+/// with [`ARGMAX_NONFINITE`] set where the row is not all finite (one pass,
+/// one copy to the host for a greedy step's tokens and their check).
 pub fn argmax_rows(logits: &Tensor) -> Result<Tensor> {
     Ok(logits.contiguous()?.apply_op1_no_bwd(&ArgmaxRows)?)
 }
@@ -52,7 +57,17 @@ impl CustomOp1 for ArgmaxRows {
             candle_core::bail!("argmax_rows: f32 only")
         };
         let x = &v[l.start_offset()..l.start_offset() + rows * n];
-        let out = x.chunks_exact(n).map(argmax).collect();
+        let out = x
+            .chunks_exact(n)
+            .map(|r| {
+                argmax(r)
+                    | if r.iter().all(|v| v.is_finite()) {
+                        0
+                    } else {
+                        ARGMAX_NONFINITE
+                    }
+            })
+            .collect();
         Ok((CpuStorage::U32(out), Shape::from(rows)))
     }
 
@@ -109,6 +124,11 @@ mod tests {
     fn rows_on_the_cpu() -> Result<()> {
         let l = Tensor::new(&[[0f32, 2.0, 2.0, -1.0], [7.0, 1.0, 8.0, 8.0]], &Device::Cpu)?;
         assert_eq!(argmax_rows(&l)?.to_vec1::<u32>()?, vec![1, 2]);
+        let l = Tensor::new(&[[0f32, f32::NAN, 2.0], [f32::INFINITY, 1.0, 0.0]], &Device::Cpu)?;
+        assert_eq!(
+            argmax_rows(&l)?.to_vec1::<u32>()?,
+            vec![2 | ARGMAX_NONFINITE, ARGMAX_NONFINITE]
+        );
         assert!(argmax_rows(&l.to_dtype(DType::BF16)?).is_err());
         Ok(())
     }

@@ -182,6 +182,16 @@ pub fn decode_splits(seq_len: usize, num_decodes: usize, kv_heads: usize, sms: u
     want.clamp(1, seq_len.div_ceil(DECODE_TILE).clamp(1, 1024))
 }
 
+/// Decode splits of a captured (CUDA graph) decode step of `rows` rows whose
+/// longest sequence holds `seq_len` keys: the launch's full wave
+/// ([`decode_splits`] without the length cap), capped at the next power of
+/// two of the sequence's 64-key tiles; a power of two so that a growing
+/// context needs a new graph only when its tile count doubles.
+pub fn decode_splits_static(seq_len: usize, rows: usize, kv_heads: usize, sms: usize) -> usize {
+    let want = ((DECODE_BLOCKS_PER_SM * sms) / (rows * kv_heads).max(1)).clamp(1, 1024);
+    want.min(seq_len.div_ceil(DECODE_TILE).max(1).next_power_of_two())
+}
+
 #[derive(Debug)]
 pub struct VirtualBackend {
     name: &'static str,
@@ -210,6 +220,23 @@ struct Gpu {
     path_note: Option<String>,
     /// [`BackendOptions::time_kernels`].
     timer: Option<crate::vattention_gpu::KernelTimer>,
+    /// Decode plans in fixed buffers, by (rows, splits)
+    /// ([`AttentionBackend::plan_static_step`]); `plan` holds the one of
+    /// `current_static` while its step runs.
+    statics: std::collections::HashMap<(usize, usize), crate::vattention_gpu::StepPlan>,
+    current_static: Option<(usize, usize)>,
+}
+
+#[cfg(feature = "cuda")]
+impl Gpu {
+    /// Puts the current static plan back with the others.
+    fn park_static(&mut self) {
+        if let Some(key) = self.current_static.take()
+            && let Some(plan) = self.plan.take()
+        {
+            self.statics.insert(key, plan);
+        }
+    }
 }
 
 impl VirtualBackend {
@@ -264,6 +291,8 @@ impl VirtualBackend {
                         true => Some(crate::vattention_gpu::KernelTimer::new(dev)?),
                         false => None,
                     },
+                    statics: Default::default(),
+                    current_static: None,
                 }),
             });
         }
@@ -400,6 +429,7 @@ impl AttentionBackend for VirtualBackend {
         self.cache.fence()?;
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &mut self.gpu {
+            gpu.park_static();
             gpu.plan = None;
             use crate::PodMode;
             let mode = gpu.pod.as_ref().map(|p| p.0);
@@ -460,6 +490,48 @@ impl AttentionBackend for VirtualBackend {
         }
         self.planned = Some(meta.id());
         Ok(())
+    }
+
+    /// Decode steps only, on a GPU, without kernel timing: the plan of
+    /// [`crate::vattention_gpu::StepPlan::decode_static`], one per (rows,
+    /// splits of [`decode_splits_static`]).
+    fn plan_static_step(&mut self, meta: &BatchMeta) -> Result<Option<crate::StaticPlan>> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu
+            && gpu.timer.is_none()
+            && meta.is_decode_only()
+        {
+            crate::make_room(&mut self.cache, meta)?;
+            self.cache.fence()?;
+            gpu.park_static();
+            gpu.plan = None;
+            let rows = meta.num_rows();
+            let splits = decode_splits_static(meta.max_seq_len(), rows, self.cfg.num_kv_heads, gpu.sms);
+            let key = (rows, splits);
+            let plan = match gpu.statics.remove(&key) {
+                Some(mut plan) => {
+                    plan.refill_decode(&gpu.dev, &self.cache, meta, self.cfg.num_kv_heads)?;
+                    plan
+                }
+                None => crate::vattention_gpu::StepPlan::decode_static(
+                    &gpu.dev,
+                    &self.cache,
+                    meta,
+                    &self.cfg,
+                    gpu.sms,
+                    splits,
+                )?,
+            };
+            gpu.plan = Some(plan);
+            gpu.current_static = Some(key);
+            gpu.path_note = gpu.pod.as_ref().map(|_| "decode only".to_string());
+            self.planned = Some(meta.id());
+            return Ok(Some(crate::StaticPlan {
+                key: format!("rows {rows}, splits {splits}"),
+            }));
+        }
+        let _ = meta;
+        Ok(None)
     }
 
     fn forward(
@@ -551,7 +623,9 @@ impl AttentionBackend for VirtualBackend {
             }
             gpu.prefill = opts.prefill_kernel;
             gpu.tuning = opts.pod_tuning;
-            // The next step is planned afresh.
+            // The next step is planned afresh (static plans are kept: a
+            // captured step may still read them).
+            gpu.park_static();
             gpu.plan = None;
             self.planned = None;
             return Ok(());
@@ -668,6 +742,28 @@ mod tests {
             })
             .collect();
         BatchMeta::new(chunks, LogitsAt::LastToken, &Device::Cpu).unwrap()
+    }
+
+    /// A captured decode step's splits: the launch's wave once the context
+    /// is long, else the power of two at or above its 64-key tiles (so a
+    /// growing context changes the key only when its tiles double); never
+    /// fewer than the plain launch's.
+    #[test]
+    fn static_decode_splits() {
+        // H200: 132 SMs, Llama-3-8B's 8 KV heads.
+        assert_eq!(decode_splits_static(16384, 1, 8, 132), 33);
+        assert_eq!(decode_splits_static(100, 1, 8, 132), 2);
+        assert_eq!(decode_splits_static(129, 1, 8, 132), 4);
+        assert_eq!(decode_splits_static(256, 1, 8, 132), 4);
+        assert_eq!(decode_splits_static(16384, 32, 8, 132), 1);
+        for len in [1, 63, 64, 65, 1000, 4096, 9000] {
+            for rows in [1, 2, 8, 16] {
+                let s = decode_splits_static(len, rows, 8, 132);
+                assert!(s >= decode_splits(len, rows, 8, 132), "{len} {rows}");
+                // A power of two, or the whole wave (2 blocks per SM).
+                assert!(s.is_power_of_two() || s == 264 / (rows * 8), "{len} {rows}");
+            }
+        }
     }
 
     /// Fewer, longer decode splits only for a few decodes next to a shorter

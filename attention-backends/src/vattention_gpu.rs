@@ -452,6 +452,117 @@ impl StepPlan {
     }
 }
 
+/// A padded decode step's addressing on the host ([`BatchMeta::padded`]):
+/// per row, its K/V write row, query row, slot and length; the padding
+/// rows repeat row 0's.
+struct DecodeRows {
+    write_rows: Vec<i64>,
+    dec_rows: Vec<i32>,
+    dec_slots: Vec<i32>,
+    dec_lens: Vec<i32>,
+}
+
+impl DecodeRows {
+    fn new(cache: &VirtualCache, meta: &BatchMeta, kv_heads: usize) -> Result<Self> {
+        let view = cache.view(0, vpod_kvcache::Kv::K);
+        let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
+        let rows = meta.num_rows();
+        let mut r = Self {
+            write_rows: Vec::with_capacity(rows),
+            dec_rows: (0..rows as i32).collect(),
+            dec_slots: Vec::with_capacity(rows),
+            dec_lens: Vec::with_capacity(rows),
+        };
+        for s in meta.seqs() {
+            let slot = cache
+                .slot_of(s.seq_id)
+                .ok_or(vpod_kvcache::KvCacheError::UnknownSequence { seq: s.seq_id })?;
+            r.write_rows
+                .push(((slot * view.slot_stride + s.context_len * view.pos_stride) / row) as i64);
+            r.dec_slots.push(slot as i32);
+            r.dec_lens.push(s.seq_len() as i32);
+        }
+        for _ in 0..meta.padding() {
+            r.write_rows.push(r.write_rows[0]);
+            r.dec_slots.push(r.dec_slots[0]);
+            r.dec_lens.push(r.dec_lens[0]);
+        }
+        Ok(r)
+    }
+}
+
+/// Copies `v` into `dst` in stream order (a buffer a captured step reads in
+/// place; not through candle's upload cache, which a capture turns on).
+pub(crate) fn refill<T: DeviceRepr + Copy>(dev: &CudaDevice, v: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+    if v.len() != dst.len() {
+        return Err(crate::AttnError::InvalidBatch(format!(
+            "a static plan buffer holds {} values, the step has {}",
+            dst.len(),
+            v.len()
+        )));
+    }
+    dev.cuda_stream()
+        .memcpy_htod(v, dst)
+        .map_err(|e| crate::AttnError::Candle(err(e)))
+}
+
+impl StepPlan {
+    /// The plan of a padded decode step ([`BatchMeta::padded`]) in buffers
+    /// that [`Self::refill_decode`] rewrites for later steps of the same
+    /// rows and `splits` (the splits of a captured step are fixed: empty
+    /// splits of a shorter sequence cost a block each and merge as nothing).
+    pub(crate) fn decode_static(
+        dev: &CudaDevice,
+        cache: &VirtualCache,
+        meta: &BatchMeta,
+        cfg: &crate::AttnConfig,
+        sms: usize,
+        splits: usize,
+    ) -> Result<Self> {
+        let r = DecodeRows::new(cache, meta, cfg.num_kv_heads)?;
+        let rows = meta.num_rows();
+        let parts = rows * cfg.num_heads * splits;
+        Ok(Self {
+            path: PodPath::Serial,
+            sms,
+            tokens: rows,
+            write_rows: upload(dev, &r.write_rows)?,
+            // Decodes only: no prefill or POD kernel runs.
+            prefill: PrefillKernel::default(),
+            tma: None,
+            pod_tma: false,
+            tuning: crate::PodTuning::default(),
+            chunks: Chunks::default().upload(dev)?,
+            slots: upload::<i32>(dev, &[])?,
+            n_dec: rows,
+            splits,
+            dec_rows: upload(dev, &r.dec_rows)?,
+            dec_slots: upload(dev, &r.dec_slots)?,
+            dec_lens: upload(dev, &r.dec_lens)?,
+            // SAFETY: the decode kernel writes every partial before the combine reads it.
+            part_o: unsafe { dev.alloc::<f32>(parts * crate::decode::DECODE_HEAD_DIM) }?,
+            part_ml: unsafe { dev.alloc::<f32>(parts * 2) }?,
+            counters: dev.alloc_zeros::<i32>(rows * cfg.num_kv_heads)?,
+        })
+    }
+
+    /// Rewrites a [`Self::decode_static`] plan's buffers for `meta` (same
+    /// rows), in stream order.
+    pub(crate) fn refill_decode(
+        &mut self,
+        dev: &CudaDevice,
+        cache: &VirtualCache,
+        meta: &BatchMeta,
+        kv_heads: usize,
+    ) -> Result<()> {
+        let r = DecodeRows::new(cache, meta, kv_heads)?;
+        refill(dev, &r.write_rows, &mut self.write_rows)?;
+        refill(dev, &r.dec_rows, &mut self.dec_rows)?;
+        refill(dev, &r.dec_slots, &mut self.dec_slots)?;
+        refill(dev, &r.dec_lens, &mut self.dec_lens)
+    }
+}
+
 /// One layer's attention over the VMM cache (see the module docs).
 /// CUDA events around the plain prefill kernel of a forward
 /// ([`crate::BackendOptions::time_kernels`]).

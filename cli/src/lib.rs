@@ -188,6 +188,10 @@ pub struct ModelArgs {
     /// CPU. Each rank holds its heads' KV cache.
     #[arg(long, default_value_t = 1, value_parser = positive)]
     pub tensor_parallel: usize,
+    /// On a GPU, replay decode steps as CUDA graphs captured per batch-size
+    /// bucket (1, 2, 4, 8, 16, 24, ... --max-seqs); off: every step eager.
+    #[arg(long, default_value = "on")]
+    pub cuda_graphs: vpod_engine::CudaGraphs,
 }
 
 impl ModelArgs {
@@ -203,6 +207,7 @@ impl ModelArgs {
             } else {
                 vpod_kvcache::Mapping::Overlapped
             },
+            cuda_graphs: self.cuda_graphs == vpod_engine::CudaGraphs::On,
             ..Default::default()
         }
     }

@@ -3,7 +3,9 @@
 // (a strict `>` scan from index 0: NaNs never win, the first of equal maxima
 // wins, and a row whose element 0 is NaN gives 0). One block per row; a step
 // then copies 4 bytes a row to the host instead of its whole logits row (0.5 MB
-// with a 128K vocabulary) and the host no longer scans it.
+// with a 128K vocabulary) and the host no longer scans it. Bit 31 of out[r]
+// is set when the row holds a NaN or an infinity (ARGMAX_NONFINITE): the
+// engine refuses such a row, and needs no second pass or copy to know it.
 #include <stdint.h>
 
 // (value, index) pairs: b replaces a when it is larger, or equal and earlier.
@@ -19,7 +21,13 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ logits, uint32_t
     // Starting at -inf, an all -inf row still picks its first index (by equality).
     float v = __int_as_float(0xff800000);
     int i = INT32_MAX;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) better(v, i, x[j], j);
+    int bad = 0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float xj = x[j];
+        bad |= !isfinite(xj);
+        better(v, i, xj, j);
+    }
+    bad = __syncthreads_or(bad);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, o);
@@ -46,6 +54,7 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ logits, uint32_t
         }
         // Element 0 NaN: the CPU scan compares everything against NaN and
         // keeps 0; an all-NaN row also ends at 0.
-        if (lane == 0) out[blockIdx.x] = (x[0] != x[0] || i == INT32_MAX) ? 0u : (uint32_t)i;
+        if (lane == 0)
+            out[blockIdx.x] = ((x[0] != x[0] || i == INT32_MAX) ? 0u : (uint32_t)i) | (bad ? 0x80000000u : 0u);
     }
 }

@@ -301,10 +301,10 @@ impl Llama {
     pub fn forward(&self, tokens: &Tensor, attn: &mut AttentionStep<'_>) -> Result<Tensor> {
         let c = &self.cfg;
         let t = tokens.dims1()?;
-        if t != attn.meta().num_tokens() {
+        if t != attn.meta().num_rows() {
             return Err(ModelError::Batch(format!(
                 "{t} tokens but the step's metadata describes {}",
-                attn.meta().num_tokens()
+                attn.meta().num_rows()
             )));
         }
         let positions = attn.meta().positions();

@@ -131,6 +131,10 @@ enum What {
         /// parallelism, NCCL in builds with the `nccl` feature).
         #[arg(long, default_value_t = 1)]
         tensor_parallel: usize,
+        /// CUDA graphs for the decode steps: on, off, or both (`on,off`:
+        /// every point twice, rows with `cuda_graphs` true and false).
+        #[arg(long, value_delimiter = ',', default_value = "on,off")]
+        cuda_graphs: Vec<vpod_cli::engine::CudaGraphs>,
     },
     Hybrid {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -1039,9 +1043,10 @@ fn e2e(
     tokens: usize,
     profile_attention: bool,
     tensor_parallel: usize,
+    graphs: &[vpod_cli::engine::CudaGraphs],
     ceil: &Ceilings,
 ) -> Result<Vec<Value>> {
-    use vpod_cli::engine::Engine;
+    use vpod_cli::engine::{CudaGraphs, Engine};
     let dev = gpu()?;
     let tp = tensor_parallel.max(1);
     let devices = vpod_cli::device::rank_devices(&dev, Some("cuda:0"), tp)?;
@@ -1049,8 +1054,9 @@ fn e2e(
     let mut rows = vec![json!({"copy_bandwidth_tb_per_s": copy / 1e12})];
     let mut series = vec![];
     println!(
-        "| model | backend | batch | tok/s | ms / step | floor ms | % of floor | prefill s | warm-up s |\n|---|---|---|---|---|---|---|---|---|"
+        "| model | backend | graphs | batch | tok/s | ms / step | floor ms | % of floor | host ms / step | replayed | prefill s | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
+    let first_graphs = graphs.first().copied().unwrap_or_default();
     for name in models {
         let (p, model, ranks) = synthetic_tp(name, context + tokens + 64, &devices)?;
         // One rank's share: its slices of the weights, its KV heads (one,
@@ -1062,7 +1068,9 @@ fn e2e(
         };
         let weights = weight_bytes(&p) / tp as f64;
         let kv_per_token = (p.layers * 2 * rank_kv_heads * (p.hidden / p.heads) * 2) as f64;
-        for spec in backends {
+        for (spec, &cg) in backends.iter().flat_map(|b| graphs.iter().map(move |g| (b, g))) {
+            let on = cg == CudaGraphs::On;
+            let label = if on { "on" } else { "off" };
             let mut pts = vec![];
             for &bsz in batches {
                 // Each sequence's tokens rounded up to whole 2 MiB pages of a K or V
@@ -1091,6 +1099,7 @@ fn e2e(
                 let opts = BackendOptions {
                     max_seqs: bsz,
                     kv_memory: Some(kv),
+                    cuda_graphs: on,
                     ..Default::default()
                 };
                 let mut e = if ranks.is_empty() {
@@ -1156,11 +1165,41 @@ fn e2e(
                 let floor_ms =
                     (weights + bsz as f64 * (context + tokens / 2) as f64 * kv_per_token) / copy * 1e3;
                 let tps = bsz as f64 / step_ms * 1e3;
+                // The decode steps' host side: queuing the forward (launches or
+                // a replay, and mapping ahead), and how many replayed a graph.
+                let decode_steps: Vec<_> = out
+                    .steps
+                    .iter()
+                    .filter(|s| s.decodes == bsz && s.prefill_chunks == 0)
+                    .collect();
+                let queued: Vec<f64> = decode_steps.iter().map(|s| s.queued_ms).collect();
+                let host_ms = percentile(&queued, 0.5);
+                let replayed = decode_steps
+                    .iter()
+                    .filter(|s| s.cuda_graph.as_ref().is_some_and(|g| g.replayed))
+                    .count();
+                let eager_notes: std::collections::BTreeSet<String> = decode_steps
+                    .iter()
+                    .filter_map(|s| {
+                        s.cuda_graph
+                            .as_ref()
+                            .filter(|g| !g.replayed)
+                            .map(|g| g.note.clone())
+                    })
+                    .collect();
+                let captures = e.graph_captures();
+                // Kernel launches a step: the nodes of its bucket's graph (the
+                // eager step launches them one by one; a replay is one launch).
+                let nodes = captures.iter().filter(|c| c.rows >= bsz).map(|c| c.nodes).min();
                 println!(
-                    "| {name} | {spec} | {bsz} | {tps:.1} | {step_ms:.2} | {floor_ms:.2} | {:.0} | {prefill_s:.2} | {warmup_s:.2} |",
-                    floor_ms / step_ms * 100.0
+                    "| {name} | {spec} | {label} | {bsz} | {tps:.1} | {step_ms:.2} | {floor_ms:.2} | {:.0} | {host_ms:.3} | {replayed}/{} | {prefill_s:.2} | {warmup_s:.2} |",
+                    floor_ms / step_ms * 100.0,
+                    decode_steps.len()
                 );
                 rows.push(json!({"model": name, "backend": spec, "batch": bsz, "context": context,
+                    "cuda_graphs": on, "decode_host_queued_ms_p50": host_ms,
+                    "graph_replayed_steps": replayed, "graph_eager_reasons": eager_notes,
+                    "graph_nodes_per_step": nodes, "graph_captures": captures,
                     "tensor_parallel": tp, "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
                     "median_step_ms": step_ms, "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0,
                     "prefill_s": prefill_s, "warmup_s": warmup_s,
@@ -1170,14 +1209,19 @@ fn e2e(
                     "prefill_steps": breakdown(&out), "warmup_prefill_steps": breakdown(&warm)}));
                 pts.push((bsz as f64, tps));
             }
-            series.push((format!("{name} {spec}"), pts));
+            series.push((format!("{name} {spec} graphs {label}"), pts));
         }
     }
     // The paper's figure 9a: throughput relative to the first backend.
     if backends.len() > 1 {
         let tps = |m: &str, b: &str, n: usize| {
             rows.iter()
-                .find(|r| r["model"] == m && r["backend"] == b && r["batch"] == n)
+                .find(|r| {
+                    r["model"] == m
+                        && r["backend"] == b
+                        && r["batch"] == n
+                        && r["cuda_graphs"] == (first_graphs == CudaGraphs::On)
+                })
                 .and_then(|r| r["decode_tokens_per_s"].as_f64())
         };
         let base = &backends[0];
@@ -2097,6 +2141,7 @@ fn main() -> Result<()> {
             tokens,
             profile_attention,
             tensor_parallel,
+            cuda_graphs,
         } => (
             "e2e",
             e2e(
@@ -2107,6 +2152,7 @@ fn main() -> Result<()> {
                 *tokens,
                 *profile_attention,
                 *tensor_parallel,
+                cuda_graphs,
                 &ceil,
             )?,
         ),

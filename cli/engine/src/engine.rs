@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 use vpod_attention::{
     AttentionBackend, AttentionStep, BackendOptions, BatchMeta, LogitsAt, SeqChunk, SeqId, create_backend,
 };
@@ -188,6 +188,11 @@ pub struct StepRecord {
     /// (`pod` on a GPU: fused, or serial and why).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attention_path: Option<String>,
+    /// A decode step on a GPU with CUDA graphs on: whether it replayed a
+    /// captured graph, its bucket, and the graph's key or why it ran
+    /// eagerly ([`crate::graphs`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph: Option<crate::graphs::GraphStep>,
 }
 
 /// What one [`Engine::step`] did.
@@ -264,12 +269,13 @@ impl Picked {
     /// brings its entire storage over.
     fn new(logits: &Tensor, on_device: bool) -> Result<Self> {
         Ok(if on_device {
-            // A row's sum is finite iff every logit is (logits are far from
-            // f32's range, so finite values cannot overflow the sum).
-            let sums = logits.sum(D::Minus1)?.to_vec1::<f32>()?;
+            // One pass and one copy: each row's token, flagged when the
+            // row is not all finite.
+            use vpod_attention::sample::{ARGMAX_NONFINITE, argmax_rows};
+            let picked = argmax_rows(logits)?.to_vec1::<u32>()?;
             Self::Tokens {
-                ids: vpod_attention::sample::argmax_rows(logits)?.to_vec1::<u32>()?,
-                finite: sums.iter().map(|s| s.is_finite()).collect(),
+                ids: picked.iter().map(|&t| t & !ARGMAX_NONFINITE).collect(),
+                finite: picked.iter().map(|&t| t & ARGMAX_NONFINITE == 0).collect(),
             }
         } else {
             Self::Logits(logits.to_vec2::<f32>()?)
@@ -306,6 +312,10 @@ pub struct Engine {
     steps: u64,
     /// Tensor-parallel ranks 1 .. N-1 (`None`: one rank, this engine).
     ranks: Option<crate::tp::RankGroup>,
+    /// Whether decode steps replay CUDA graphs on a GPU.
+    cuda_graphs: crate::graphs::CudaGraphs,
+    #[cfg(feature = "cuda")]
+    graphs: crate::graphs::Graphs,
 }
 
 impl Engine {
@@ -342,6 +352,12 @@ impl Engine {
             preemptions: 0,
             steps: 0,
             ranks: None,
+            cuda_graphs: match opts.cuda_graphs {
+                true => crate::graphs::CudaGraphs::On,
+                false => crate::graphs::CudaGraphs::Off,
+            },
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -381,6 +397,24 @@ impl Engine {
             )?);
         }
         Ok(engine)
+    }
+
+    /// Turns CUDA graphs for decode steps on or off (on by default; they
+    /// only apply on a GPU). Graphs captured so far are kept.
+    pub fn set_cuda_graphs(&mut self, on: crate::graphs::CudaGraphs) {
+        self.cuda_graphs = on;
+    }
+
+    pub fn cuda_graphs(&self) -> crate::graphs::CudaGraphs {
+        self.cuda_graphs
+    }
+
+    /// The CUDA graphs captured so far (empty without a GPU).
+    pub fn graph_captures(&self) -> Vec<crate::graphs::CaptureRecord> {
+        #[cfg(feature = "cuda")]
+        return self.graphs.captures.clone();
+        #[cfg(not(feature = "cuda"))]
+        Vec::new()
     }
 
     /// Tensor-parallel ranks (1: not sharded).
@@ -577,7 +611,7 @@ impl Engine {
             })
             .collect();
         let t_queue = Instant::now();
-        let logits = self.forward(chunks.clone(), &tokens, LogitsAt::LastToken)?;
+        let (logits, cuda_graph) = self.step_forward(&chunks, &tokens)?;
         // While the device runs this step: each sequence's length after the
         // next one (a decode, or the next prompt chunk), so that a backend
         // can map KV pages off the critical path.
@@ -695,8 +729,62 @@ impl Engine {
             wait_ms,
             host_ms: ms - queued_ms - wait_ms,
             attention_path: self.backend.step_path(),
+            cuda_graph,
         });
         Ok(out)
+    }
+
+    /// A scheduled step's forward: a decode step on a GPU through its CUDA
+    /// graph ([`crate::graphs`]) where it can, else eagerly; with graphs on,
+    /// a decode step says which it was.
+    fn step_forward(
+        &mut self,
+        chunks: &[SeqChunk],
+        tokens: &[u32],
+    ) -> Result<(Tensor, Option<crate::graphs::GraphStep>)> {
+        let decode = chunks.iter().all(|c| c.query_len == 1);
+        let on = self.cuda_graphs == crate::graphs::CudaGraphs::On;
+        let eager = |note: &str| crate::graphs::GraphStep {
+            replayed: false,
+            rows: 0,
+            note: format!("eager: {note}"),
+        };
+        #[cfg(feature = "cuda")]
+        if let (true, true, candle_core::Device::Cuda(dev)) = (decode, on, self.model.model.device().clone())
+        {
+            let why = if self.ranks.is_some() {
+                Some("tensor-parallel steps run eagerly (collectives are not captured)")
+            } else if self.profile_attention {
+                Some("attention profiling times each call")
+            } else {
+                None
+            };
+            let rows = crate::graphs::bucket_for(chunks.len(), self.scheduler.config().max_seqs);
+            let note = match (why, rows) {
+                (Some(why), _) => eager(why),
+                (None, None) => eager("more sequences than the largest bucket (--max-seqs)"),
+                (None, Some(rows)) => {
+                    match self.graphs.decode(
+                        &self.model.model,
+                        self.backend.as_mut(),
+                        &dev,
+                        rows,
+                        chunks,
+                        tokens,
+                    )? {
+                        Some((logits, g)) => return Ok((logits, Some(g))),
+                        None => eager(&format!(
+                            "backend {} has no static decode plan",
+                            self.backend.name()
+                        )),
+                    }
+                }
+            };
+            let logits = self.forward(chunks.to_vec(), tokens, LogitsAt::LastToken)?;
+            return Ok((logits, Some(note)));
+        }
+        let _ = (decode, on, eager);
+        Ok((self.forward(chunks.to_vec(), tokens, LogitsAt::LastToken)?, None))
     }
 
     /// Runs one packed batch outside the scheduler: `chunks[i]` describes

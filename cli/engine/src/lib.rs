@@ -39,6 +39,7 @@
 //! ```
 
 pub mod engine;
+pub mod graphs;
 mod offline;
 pub mod sampler;
 pub mod scheduler;
@@ -49,6 +50,7 @@ pub use engine::{
     Engine, EngineError, EngineStats, FinishReason, Finished, NewRequest, NewToken, RequestId, RequestOutput,
     Result, StepOutput, StepRecord,
 };
+pub use graphs::{CaptureRecord, CudaGraphs, GraphStep};
 pub use offline::{BatchOutput, Generation, Request, Score};
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{Policy, Scheduler, SchedulerConfig};
