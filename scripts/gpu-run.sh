@@ -55,9 +55,10 @@ if want sanitize; then
     step racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" $SAN --test-threads=1
 fi
 if want pod; then
-    step pod-tests "$B/integration" gpu::pod gpu::fixtures --test-threads=1 --nocapture
-    step pod-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
-    step pod-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    # shellcheck disable=SC2086
+    step pod-tests "$B/integration" ${POD_TESTS:-gpu::pod gpu::fixtures} --test-threads=1 --nocapture
+    [ "${POD_SAN:-1}" = 1 ] && step pod-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    [ "${POD_SAN:-1}" = 1 ] && step pod-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
     # Hybrid steps end to end: pod (planner), pod:fused and pod:streams must give vattention's greedy tokens.
     step pod-agree "$B/cli" compare --model tests/fixtures/tiny-llama3-gqa4 --device cuda \
         --backends vattention,pod,pod:fused,pod:streams --workload serve --requests 12 --prompt-len 400 --max-tokens 48
@@ -67,11 +68,23 @@ if want graphs; then
     # Issue 22: replayed decode steps give the eager greedy tokens (every backend,
     # the fixtures); memcheck on replays; e2e decode with graphs on and off.
     step graphs-tests "$B/integration" gpu::cuda_graphs gpu::argmax --test-threads=1 --nocapture
-    step graphs-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::cuda_graphs --test-threads=1
+    [ "${GRAPHS_MEMCHECK:-1}" = 1 ] && step graphs-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::cuda_graphs --test-threads=1
     grep GRAPHS "$OUT/graphs-tests.log"
+    if [ "${GRAPHS_E2E:-1}" = 1 ]; then
     # shellcheck disable=SC2086
     step vb-e2e-graphs "$B/vpod-bench" e2e --out "$OUT" ${GRAPHS_E2E_ARGS:---models llama3-8b,yi-6b,yi-34b --backends vattention,paged:16 --batch 1,16 --tokens 128}
     cat "$OUT/vb-e2e-graphs.log"
+    fi
+    if [ "${GRAPHS_NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
+        # Kernel times of a replayed decode step (graph nodes profiled one by one).
+        timeout 240 ncu --csv --metrics gpu__time_duration.sum --print-units base --clock-control none --cache-control none \
+            --graph-profiling node "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 64 --max-tokens 4 --json \
+            > "$OUT/ncu-graphs.csv" 2> "$OUT/ncu-graphs.err"
+        "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 64 --max-tokens 128 --json > "$OUT/graphs-decode.log" 2>&1
+        ms=$(grep '^{' "$OUT/graphs-decode.log" | python3 -c 'import json,sys; print(1e3 / json.load(sys.stdin)["decode_tokens_per_s"])')
+        step graphs-breakdown python3 scripts/decode_breakdown.py "$OUT/ncu-graphs.csv" --step-ms "$ms"
+        cat "$OUT/graphs-breakdown.log"
+    fi
 fi
 if want podsweep; then
     # shellcheck disable=SC2086

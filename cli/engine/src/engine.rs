@@ -734,24 +734,25 @@ impl Engine {
         Ok(out)
     }
 
-    /// A scheduled step's forward: a decode step on a GPU through its CUDA
-    /// graph ([`crate::graphs`]) where it can, else eagerly; with graphs on,
-    /// a decode step says which it was.
+    /// A scheduled step's forward: a decode step on a GPU runs in its batch
+    /// bucket over the backend's static plan ([`crate::graphs`]), replayed
+    /// from a CUDA graph with graphs on, eagerly with them off (the same
+    /// computation either way); other steps run eagerly. A decode step on a
+    /// GPU says which it was.
     fn step_forward(
         &mut self,
         chunks: &[SeqChunk],
         tokens: &[u32],
     ) -> Result<(Tensor, Option<crate::graphs::GraphStep>)> {
         let decode = chunks.iter().all(|c| c.query_len == 1);
-        let on = self.cuda_graphs == crate::graphs::CudaGraphs::On;
+        let capture = self.cuda_graphs == crate::graphs::CudaGraphs::On;
         let eager = |note: &str| crate::graphs::GraphStep {
             replayed: false,
             rows: 0,
             note: format!("eager: {note}"),
         };
         #[cfg(feature = "cuda")]
-        if let (true, true, candle_core::Device::Cuda(dev)) = (decode, on, self.model.model.device().clone())
-        {
+        if decode && self.model.model.device().is_cuda() {
             let why = if self.ranks.is_some() {
                 Some("tensor-parallel steps run eagerly (collectives are not captured)")
             } else if self.profile_attention {
@@ -767,10 +768,10 @@ impl Engine {
                     match self.graphs.decode(
                         &self.model.model,
                         self.backend.as_mut(),
-                        &dev,
                         rows,
                         chunks,
                         tokens,
+                        capture,
                     )? {
                         Some((logits, g)) => return Ok((logits, Some(g))),
                         None => eager(&format!(
@@ -783,7 +784,7 @@ impl Engine {
             let logits = self.forward(chunks.to_vec(), tokens, LogitsAt::LastToken)?;
             return Ok((logits, Some(note)));
         }
-        let _ = (decode, on, eager);
+        let _ = (decode, capture, eager);
         Ok((self.forward(chunks.to_vec(), tokens, LogitsAt::LastToken)?, None))
     }
 

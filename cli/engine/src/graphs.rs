@@ -155,22 +155,28 @@ mod gpu {
 
     impl Graphs {
         /// Runs the decode step `chunks` (one token each) in the bucket of
-        /// `rows` rows: replays its graph, or captures it (the second time
-        /// its key is seen), or runs it eagerly over the static plan (the
-        /// first time). `Ok(None)`: the backend has no static plan here; the
-        /// caller runs the step eagerly. The logits `[n, vocab]` are a view
-        /// of the bucket's buffer: read them before the next step.
+        /// `rows` rows: with `capture`, replays its graph, or captures it
+        /// (the second time its key is seen), or runs it eagerly over the
+        /// static plan (the first time); without, always eagerly over the
+        /// static plan, so that a step computes the same thing (rows, decode
+        /// splits) with graphs on or off and only its launches differ.
+        /// `Ok(None)`: the backend has no static plan here; the caller runs
+        /// the step eagerly. The logits `[n, vocab]` are a view of the
+        /// bucket's buffer: read them before the next step.
         pub(crate) fn decode(
             &mut self,
             model: &Llama,
             backend: &mut dyn AttentionBackend,
-            dev: &CudaDevice,
             rows: usize,
             chunks: &[SeqChunk],
             tokens: &[u32],
+            capture: bool,
         ) -> Result<Option<(Tensor, GraphStep)>> {
             let n = chunks.len();
-            let device = Device::Cuda(dev.clone());
+            let device = model.device().clone();
+            let Device::Cuda(dev) = &device else {
+                return Ok(None);
+            };
             let vocab = model.config().vocab_size;
             let io = match self.io.entry(rows) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -209,13 +215,17 @@ mod gpu {
                 rows,
                 note,
             };
-            let _cache = dev.enable_cuda_graph_htod_cache();
+            let _cache = capture.then(|| dev.enable_cuda_graph_htod_cache());
             let run = |backend: &mut dyn AttentionBackend| -> Result<()> {
                 let mut attn = AttentionStep::planned(backend, &meta);
                 let logits = model.forward(&io.tokens, &mut attn)?;
                 io.logits.slice_set(&logits, 0, 0)?;
                 Ok(())
             };
+            if !capture {
+                run(backend)?;
+                return Ok(Some((out, eager("eager: --cuda-graphs off".into()))));
+            }
             if let Some(why) = self.failed.get(&key) {
                 run(backend)?;
                 return Ok(Some((out, eager(format!("eager: capture failed: {why}")))));
