@@ -159,7 +159,7 @@ impl AttentionBackend for PagedBackend {
     }
 
     /// Decode steps on a GPU: `[rows]` slots and a
-    /// [`crate::paged_gpu::PagedPlan::decode_static`] plan per (rows, max
+    /// `PagedPlan::decode_static` plan (`paged_gpu.rs`) per (rows, max
     /// context: the longest sequence's length rounded up to a power of two,
     /// at least one 512-token partition, at most the model's context).
     fn plan_static_step(&mut self, meta: &BatchMeta) -> Result<Option<crate::StaticPlan>> {

@@ -493,7 +493,7 @@ impl AttentionBackend for VirtualBackend {
     }
 
     /// Decode steps only, on a GPU, without kernel timing: the plan of
-    /// [`crate::vattention_gpu::StepPlan::decode_static`], one per (rows,
+    /// `StepPlan::decode_static` (`vattention_gpu.rs`), one per (rows,
     /// splits of [`decode_splits_static`]).
     fn plan_static_step(&mut self, meta: &BatchMeta) -> Result<Option<crate::StaticPlan>> {
         #[cfg(feature = "cuda")]

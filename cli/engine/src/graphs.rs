@@ -10,8 +10,8 @@
 //! Their allocations are stream-ordered (`cuMemAllocAsync` on the device's
 //! stream, which a capture records as graph allocation nodes, freed inside
 //! the graph when the step's intermediate tensors drop), and candle keeps
-//! its small per-op parameter uploads in a content cache while
-//! [`CudaDevice::enable_cuda_graph_htod_cache`] is on (the eager run of a
+//! its small per-op parameter uploads in a content cache while candle's
+//! `CudaDevice::enable_cuda_graph_htod_cache` is on (the eager run of a
 //! bucket fills it, the capture reads it). So the captured step is the eager
 //! step, kernel for kernel, with nothing rewritten.
 //!
@@ -29,7 +29,6 @@
 //! thread maps ahead while the replay runs; the cache never moves, so the
 //! addresses a graph holds stay valid.
 //!
-//! [`CudaDevice::enable_cuda_graph_htod_cache`]: candle_core::cuda_backend::CudaDevice::enable_cuda_graph_htod_cache
 //! [`BatchMeta::padded`]: vpod_attention::BatchMeta::padded
 
 use serde::Serialize;
