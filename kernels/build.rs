@@ -25,7 +25,7 @@ const KERNELS: &[(&str, &str)] = &[
     ),
     (
         "slot_write_kv_bf16",
-        "write new K or V rows (or both in one launch) into the per-slot (vAttention) layout, bf16",
+        "write new K or V rows into the per-slot (vAttention) layout, bf16",
     ),
     (
         "slot_write_kv_f32",
@@ -112,10 +112,6 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "pod_ws_bf16",
             "pod_nsmid",
         ],
-    ),
-    (
-        "slot_write_kv_bf16",
-        &["slot_write_kv_bf16", "slot_write_kv2_bf16"],
     ),
     (
         "slot_prefill_w4_bf16",
