@@ -760,7 +760,8 @@ impl Engine {
             } else {
                 None
             };
-            let rows = crate::graphs::bucket_for(chunks.len(), self.scheduler.config().max_seqs);
+            let max_seqs = self.scheduler.config().max_seqs;
+            let rows = crate::graphs::bucket_for(chunks.len(), max_seqs);
             let note = match (why, rows) {
                 (Some(why), _) => eager(why),
                 (None, None) => eager("more sequences than the largest bucket (--max-seqs)"),
@@ -768,7 +769,7 @@ impl Engine {
                     match self.graphs.decode(
                         &self.model.model,
                         self.backend.as_mut(),
-                        rows,
+                        (rows, max_seqs),
                         chunks,
                         tokens,
                         capture,

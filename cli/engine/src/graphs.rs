@@ -118,9 +118,13 @@ mod gpu {
     use super::{CaptureRecord, GraphStep};
     use crate::Result;
 
-    /// A bucket's fixed buffers: token ids and positions in, logits out.
+    /// The fixed buffers of every bucket up to `rows` rows (a bucket reads
+    /// and writes their first rows): token ids and positions in, logits out.
+    /// One set for all buckets (a `[rows, vocab]` f32 logits buffer per
+    /// bucket would be GBs with a 128K vocabulary and hundreds of rows).
     #[derive(Debug)]
     struct Io {
+        rows: usize,
         tokens: Tensor,    // [rows] u32
         positions: Tensor, // [rows] u32
         logits: Tensor,    // [rows, vocab] f32
@@ -142,7 +146,7 @@ mod gpu {
     /// The engine's graphs, by (rows, backend plan key).
     #[derive(Debug, Default)]
     pub(crate) struct Graphs {
-        io: HashMap<usize, Io>,
+        io: Option<Io>,
         graphs: HashMap<(usize, String), Captured>,
         /// Keys whose step ran eagerly once (candle's modules and parameter
         /// cache are then filled; the next step of the key is captured).
@@ -166,7 +170,7 @@ mod gpu {
             &mut self,
             model: &Llama,
             backend: &mut dyn AttentionBackend,
-            rows: usize,
+            (rows, max_rows): (usize, usize),
             chunks: &[SeqChunk],
             tokens: &[u32],
             capture: bool,
@@ -177,13 +181,29 @@ mod gpu {
                 return Ok(None);
             };
             let vocab = model.config().vocab_size;
-            let io = match self.io.entry(rows) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(Io {
-                    tokens: Tensor::zeros(rows, DType::U32, &device)?,
-                    positions: Tensor::zeros(rows, DType::U32, &device)?,
-                    logits: Tensor::zeros((rows, vocab), DType::F32, &device)?,
-                }),
+            // Buffers for `max_rows` (the largest bucket of the scheduler's
+            // batch), grown only past it: the graphs captured over the old
+            // buffers go with them.
+            if self.io.as_ref().is_none_or(|io| io.rows < rows) {
+                let cap = rows.max(max_rows);
+                self.graphs.clear();
+                self.warm.clear();
+                self.failed.clear();
+                self.io = Some(Io {
+                    rows: cap,
+                    tokens: Tensor::zeros(cap, DType::U32, &device)?,
+                    positions: Tensor::zeros(cap, DType::U32, &device)?,
+                    logits: Tensor::zeros((cap, vocab), DType::F32, &device)?,
+                });
+            }
+            let Some(buf) = &self.io else {
+                unreachable!("allocated above")
+            };
+            let io = Io {
+                rows,
+                tokens: buf.tokens.narrow(0, 0, rows)?,
+                positions: buf.positions.narrow(0, 0, rows)?,
+                logits: buf.logits.narrow(0, 0, rows)?,
             };
             let pad = |v: Vec<u32>| -> Vec<u32> {
                 let first = v[0];
