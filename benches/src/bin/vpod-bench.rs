@@ -212,6 +212,9 @@ enum What {
         /// each kind of step's time into attention and the rest.
         #[arg(long)]
         profile_attention: bool,
+        /// CUDA graphs for the decode steps (on, off): rows carry `cuda_graphs`.
+        #[arg(long, default_value = "on")]
+        cuda_graphs: vpod_cli::engine::CudaGraphs,
     },
 }
 
@@ -1886,6 +1889,7 @@ fn serve(
     rate: f64,
     runs: &[String],
     profile_attention: bool,
+    cuda_graphs: vpod_cli::engine::CudaGraphs,
 ) -> Result<Vec<Value>> {
     use vpod_cli::engine::{Engine, Request};
     use vpod_cli::sampler::SamplingParams;
@@ -1919,6 +1923,7 @@ fn serve(
                 let opts = BackendOptions {
                     max_seqs: requests,
                     kv_memory: Some(kv),
+                    cuda_graphs: cuda_graphs == vpod_cli::engine::CudaGraphs::On,
                     ..Default::default()
                 };
                 let mut e = Engine::with_options(model.clone(), spec, &opts)?;
@@ -2049,7 +2054,7 @@ fn serve(
                     out.steps.iter().map(|s| s.host_ms).sum::<f64>() / out.steps.len().max(1) as f64,
                 );
                 rows.push(
-                json!({"model": name, "scheduler": sched, "backend": spec, "chunk": chunk,
+                json!({"model": name, "scheduler": sched, "backend": spec, "chunk": chunk, "cuda_graphs": cuda_graphs,
                 "requests": requests, "prompt": prompt, "output": output, "rate_per_s": rate, "wall_s": wall,
                 "requests_per_min": rpm, "tokens_per_s": generated as f64 / wall,
                 "ttft_ms_p50": percentile(&ttft, 0.5), "ttft_ms_p99": percentile(&ttft, 0.99),
@@ -2190,6 +2195,7 @@ fn main() -> Result<()> {
             rate,
             runs,
             profile_attention,
+            cuda_graphs,
         } => (
             "serve",
             serve(
@@ -2199,6 +2205,7 @@ fn main() -> Result<()> {
                 *rate,
                 runs,
                 *profile_attention,
+                *cuda_graphs,
             )?,
         ),
     };
