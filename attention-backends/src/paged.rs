@@ -183,12 +183,14 @@ impl AttentionBackend for PagedBackend {
                 .max(PARTITION)
                 .min(self.cfg.max_seq_len.max(meta.max_seq_len()));
             let key = (rows, max_context);
+            // Refilled in the map: a failed refill keeps the plan (a captured
+            // step may read its buffers).
+            if let Some((t, plan)) = self.statics.get_mut(&key) {
+                crate::ops::cuda::write_host(t, &slots)?;
+                plan.refill_decode(dev, &self.cache, meta)?;
+            }
             let (slot_t, plan) = match self.statics.remove(&key) {
-                Some((t, mut plan)) => {
-                    crate::ops::cuda::write_host(&t, &slots)?;
-                    plan.refill_decode(dev, &self.cache, meta)?;
-                    (t, plan)
-                }
+                Some(entry) => entry,
                 None => (
                     Tensor::new(slots.as_slice(), meta.positions().device())?,
                     crate::paged_gpu::PagedPlan::decode_static(

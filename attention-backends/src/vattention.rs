@@ -508,11 +508,13 @@ impl AttentionBackend for VirtualBackend {
             let rows = meta.num_rows();
             let splits = decode_splits_static(meta.max_seq_len(), rows, self.cfg.num_kv_heads, gpu.sms);
             let key = (rows, splits);
+            // Refilled in the map: a failed refill keeps the plan (a captured
+            // step may read its buffers).
+            if let Some(plan) = gpu.statics.get_mut(&key) {
+                plan.refill_decode(&gpu.dev, &self.cache, meta, self.cfg.num_kv_heads)?;
+            }
             let plan = match gpu.statics.remove(&key) {
-                Some(mut plan) => {
-                    plan.refill_decode(&gpu.dev, &self.cache, meta, self.cfg.num_kv_heads)?;
-                    plan
-                }
+                Some(plan) => plan,
                 None => crate::vattention_gpu::StepPlan::decode_static(
                     &gpu.dev,
                     &self.cache,

@@ -24,6 +24,13 @@
 //! step's key is (rows, the backend's plan key: decode splits or the
 //! padded max context), so a change of launch shapes captures a new graph.
 //!
+//! Failures are never silent: a key whose capture (or replay launch) fails
+//! runs eagerly from then on with the reason in its step records; a device
+//! without stream-ordered allocation (memory pools) captures nothing; a
+//! capture always ends the stream's capture mode (with the driver's raw
+//! call), and should the stream still be capturing, the step fails and the
+//! engine captures nothing more.
+//!
 //! Page mapping is untouched: `plan_static_step` grows and fences the cache
 //! before the replay exactly as an eager step's plan does, and the mapper
 //! thread maps ahead while the replay runs; the cache never moves, so the
@@ -109,7 +116,7 @@ mod gpu {
     use std::collections::{HashMap, HashSet};
     use std::time::Instant;
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
+    use candle_core::cuda_backend::cudarc::driver::{CudaStream, sys};
     use candle_core::cuda_backend::{CudaDevice, cudarc};
     use candle_core::{DType, Device, Tensor};
     use vpod_attention::{AttentionBackend, AttentionStep, BatchMeta, SeqChunk};
@@ -130,16 +137,108 @@ mod gpu {
         logits: Tensor,    // [rows, vocab] f32
     }
 
-    /// A captured step. The graph's handles are used by the engine's owner
-    /// only, one step at a time.
-    struct Captured(CudaGraph);
+    /// A captured step: the graph and its executable (raw driver handles:
+    /// cudarc's `end_capture` gives up before ending a capture when an
+    /// earlier call stored an error, which would leave the stream capturing).
+    /// Used by the engine's owner only, one step at a time.
+    struct Captured {
+        graph: sys::CUgraph,
+        exec: sys::CUgraphExec,
+    }
 
-    // SAFETY: see above; cudarc's graph is a pair of driver handles.
+    // SAFETY: see above; two driver handles.
     unsafe impl Send for Captured {}
 
     impl std::fmt::Debug for Captured {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("CudaGraph")
+        }
+    }
+
+    impl Drop for Captured {
+        fn drop(&mut self) {
+            // SAFETY: created by `capture`, owned here; errors at teardown are ignored.
+            unsafe {
+                let _ = cudarc::driver::result::graph::exec_destroy(self.exec);
+                let _ = cudarc::driver::result::graph::destroy(self.graph);
+            }
+        }
+    }
+
+    impl Captured {
+        fn launch(&self, stream: &CudaStream) -> std::result::Result<(), String> {
+            // SAFETY: a live executable, launched on the stream it was captured on.
+            unsafe { cudarc::driver::result::graph::launch(self.exec, stream.cu_stream()) }
+                .map_err(|e| format!("graph launch: {e}"))
+        }
+
+        /// Nodes of the graph.
+        fn nodes(&self) -> usize {
+            let mut n = 0usize;
+            // SAFETY: a null node array asks for the count only.
+            let r = unsafe { sys::cuGraphGetNodes(self.graph, std::ptr::null_mut(), &mut n) };
+            if r == sys::CUresult::CUDA_SUCCESS { n } else { 0 }
+        }
+    }
+
+    /// Captures what `run` queues on `stream` and instantiates it. Whatever
+    /// `run` does, the stream leaves capture mode; errors the driver stored
+    /// meanwhile (a free during the capture) count as a failed capture.
+    fn capture_step(
+        stream: &CudaStream,
+        run: impl FnOnce() -> Result<()>,
+    ) -> std::result::Result<Captured, String> {
+        use cudarc::driver::result::{graph, stream as st};
+        let ctx = stream.context();
+        if let Err(e) = ctx.check_err() {
+            return Err(format!("an earlier CUDA call failed: {e}"));
+        }
+        // SAFETY: the device's stream; THREAD_LOCAL: only this thread's calls are restricted.
+        unsafe {
+            st::begin_capture(
+                stream.cu_stream(),
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| format!("begin capture: {e}"))?;
+        let ran = run();
+        // SAFETY: the stream began capturing above; this ends it, valid or invalidated.
+        let ended = unsafe { st::end_capture(stream.cu_stream()) };
+        let stored = ctx.check_err();
+        let g = match ended {
+            Ok(g) if !g.is_null() => g,
+            Ok(_) => return Err("the capture recorded no graph".into()),
+            Err(e) => {
+                return Err(match ran {
+                    Err(r) => format!("{r} (end capture: {e})"),
+                    Ok(()) => format!("end capture: {e}"),
+                });
+            }
+        };
+        let fail = match (ran, stored) {
+            (Err(r), _) => Some(r.to_string()),
+            (Ok(()), Err(e)) => Some(format!("a call during the capture failed: {e}")),
+            (Ok(()), Ok(())) => None,
+        };
+        let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+        // SAFETY: `g` is the graph just captured, owned here.
+        let exec = match fail {
+            None => unsafe { graph::instantiate(g, flags) }.map_err(|e| format!("instantiate: {e}")),
+            Some(f) => Err(f),
+        };
+        match exec {
+            Ok(exec) => {
+                let c = Captured { graph: g, exec };
+                // SAFETY: as in `launch`.
+                unsafe { graph::upload(c.exec, stream.cu_stream()) }
+                    .map_err(|e| format!("graph upload: {e}"))?;
+                Ok(c)
+            }
+            Err(e) => {
+                // SAFETY: not instantiated; destroyed once.
+                let _ = unsafe { graph::destroy(g) };
+                Err(e)
+            }
         }
     }
 
@@ -151,8 +250,10 @@ mod gpu {
         /// Keys whose step ran eagerly once (candle's modules and parameter
         /// cache are then filled; the next step of the key is captured).
         warm: HashSet<(usize, String)>,
-        /// Keys whose capture failed, with the reason (they run eagerly).
+        /// Keys whose capture (or replay) failed, with the reason (they run eagerly).
         failed: HashMap<(usize, String), String>,
+        /// Why this engine captures nothing any more (all steps eager).
+        disabled: Option<String>,
         pub captures: Vec<CaptureRecord>,
     }
 
@@ -213,26 +314,23 @@ mod gpu {
             vpod_attention::ops::cuda::write_host(&io.tokens, &pad(tokens.to_vec()))?;
             vpod_attention::ops::cuda::write_host(&io.positions, &positions)?;
             let meta = BatchMeta::padded(chunks.to_vec(), rows, io.positions.clone())?;
-            let Some(plan) = backend.plan_static_step(&meta)? else {
-                return Ok(None);
+            let plan = match backend.plan_static_step(&meta) {
+                Ok(Some(plan)) => plan,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    // The backend may have lost a static plan with the error:
+                    // no graph may read its buffers again.
+                    self.graphs.clear();
+                    return Err(e.into());
+                }
             };
             let key = (rows, plan.key);
             let out = io.logits.narrow(0, 0, n)?;
-            if let Some(g) = self.graphs.get(&key) {
-                g.0.launch().map_err(cuda_err)?;
-                return Ok(Some((
-                    out,
-                    GraphStep {
-                        replayed: true,
-                        rows,
-                        note: key.1,
-                    },
-                )));
-            }
+            let stream = dev.cuda_stream();
             let eager = |note: String| GraphStep {
                 replayed: false,
                 rows,
-                note,
+                note: format!("eager: {note}"),
             };
             let _cache = capture.then(|| dev.enable_cuda_graph_htod_cache());
             let run = |backend: &mut dyn AttentionBackend| -> Result<()> {
@@ -241,47 +339,53 @@ mod gpu {
                 io.logits.slice_set(&logits, 0, 0)?;
                 Ok(())
             };
-            if !capture {
-                run(backend)?;
-                return Ok(Some((out, eager("eager: --cuda-graphs off".into()))));
+            if self.disabled.is_none() && !stream.context().has_async_alloc() {
+                self.disabled = Some("the device has no stream-ordered allocator (memory pools)".into());
             }
-            if let Some(why) = self.failed.get(&key) {
+            let why_not = if !capture {
+                Some("--cuda-graphs off".to_string())
+            } else if let Some(d) = &self.disabled {
+                Some(format!("graphs are off for this engine: {d}"))
+            } else {
+                self.failed.get(&key).map(|f| format!("capture failed: {f}"))
+            };
+            if let Some(why) = why_not {
                 run(backend)?;
-                return Ok(Some((out, eager(format!("eager: capture failed: {why}")))));
+                return Ok(Some((out, eager(why))));
+            }
+            if let Some(g) = self.graphs.get(&key) {
+                match g.launch(&stream) {
+                    Ok(()) => {
+                        return Ok(Some((
+                            out,
+                            GraphStep {
+                                replayed: true,
+                                rows,
+                                note: key.1,
+                            },
+                        )));
+                    }
+                    Err(e) => {
+                        // The step did not run: eagerly, and this key stays eager.
+                        self.graphs.remove(&key);
+                        self.failed.insert(key, e.clone());
+                        run(backend)?;
+                        return Ok(Some((out, eager(e))));
+                    }
+                }
             }
             if self.warm.insert(key.clone()) {
                 run(backend)?;
-                return Ok(Some((
-                    out,
-                    eager(format!("eager: first step of {} (warm-up)", key.1)),
-                )));
+                return Ok(Some((out, eager(format!("first step of {} (warm-up)", key.1)))));
             }
             let t0 = Instant::now();
-            let stream = dev.cuda_stream();
-            let captured = stream
-                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(cuda_err)
-                .and_then(|()| {
-                    let r = run(backend);
-                    // Always leave capture mode, whatever the forward did.
-                    let g = stream
-                        .end_capture(
-                            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-                        )
-                        .map_err(cuda_err);
-                    r?;
-                    match g? {
-                        Some(g) => Ok(g),
-                        None => Err(candle_core::Error::Msg("the capture recorded no work".into()).into()),
-                    }
-                });
-            match captured.and_then(|g| {
-                g.upload().map_err(cuda_err)?;
-                Ok(g)
-            }) {
-                Ok(g) => {
-                    let nodes = node_count(&g);
-                    g.launch().map_err(cuda_err)?;
+            let captured = capture_step(&stream, || run(&mut *backend)).and_then(|g| {
+                let nodes = g.nodes();
+                g.launch(&stream)?;
+                Ok((g, nodes))
+            });
+            match captured {
+                Ok((g, nodes)) => {
                     self.captures.push(CaptureRecord {
                         rows,
                         key: key.1.clone(),
@@ -290,7 +394,7 @@ mod gpu {
                         graph_mem_bytes: graph_mem(dev),
                     });
                     let note = format!("captured: {}", key.1);
-                    self.graphs.insert(key, Captured(g));
+                    self.graphs.insert(key, g);
                     Ok(Some((
                         out,
                         GraphStep {
@@ -300,26 +404,23 @@ mod gpu {
                         },
                     )))
                 }
-                Err(e) => {
-                    let why = e.to_string();
+                Err(why) => {
                     self.failed.insert(key, why.clone());
+                    // A stream still capturing would fail every later call.
+                    // SAFETY: the device's stream.
+                    let status = unsafe { cudarc::driver::result::stream::is_capturing(stream.cu_stream()) };
+                    if status != Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) {
+                        self.disabled = Some(format!("a capture left the stream capturing ({status:?})"));
+                        return Err(candle_core::Error::Msg(format!(
+                            "CUDA graph capture failed and left the stream capturing: {why}"
+                        ))
+                        .into());
+                    }
                     run(backend)?;
-                    Ok(Some((out, eager(format!("eager: capture failed: {why}")))))
+                    Ok(Some((out, eager(format!("capture failed: {why}")))))
                 }
             }
         }
-    }
-
-    fn cuda_err(e: cudarc::driver::DriverError) -> crate::EngineError {
-        candle_core::Error::Cuda(Box::new(e)).into()
-    }
-
-    /// Nodes of a captured graph.
-    fn node_count(g: &CudaGraph) -> usize {
-        let mut n = 0usize;
-        // SAFETY: a null node array asks for the count only.
-        let r = unsafe { sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut n) };
-        if r == sys::CUresult::CUDA_SUCCESS { n } else { 0 }
     }
 
     /// The device's reserved graph memory, in bytes (0 if the driver does not say).
