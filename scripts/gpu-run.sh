@@ -54,16 +54,6 @@ if want sanitize; then
     step memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" $SAN --test-threads=1
     step racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" $SAN --test-threads=1
 fi
-if want pod; then
-    # shellcheck disable=SC2086
-    step pod-tests "$B/integration" ${POD_TESTS:-gpu::pod gpu::fixtures} --test-threads=1 --nocapture
-    [ "${POD_SAN:-1}" = 1 ] && step pod-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
-    [ "${POD_SAN:-1}" = 1 ] && step pod-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
-    # Hybrid steps end to end: pod (planner), pod:fused and pod:streams must give vattention's greedy tokens.
-    step pod-agree "$B/cli" compare --model tests/fixtures/tiny-llama3-gqa4 --device cuda \
-        --backends vattention,pod,pod:fused,pod:streams --workload serve --requests 12 --prompt-len 400 --max-tokens 48
-    for f in pod-tests pod-memcheck pod-racecheck pod-agree; do tail -n 12 "$OUT/$f.log"; done
-fi
 if want graphs; then
     # Issue 22: replayed decode steps give the eager greedy tokens (every backend,
     # the fixtures); memcheck on replays; e2e decode with graphs on and off.
@@ -85,6 +75,16 @@ if want graphs; then
         step graphs-breakdown python3 scripts/decode_breakdown.py "$OUT/ncu-graphs.csv" --step-ms "$ms"
         cat "$OUT/graphs-breakdown.log"
     fi
+fi
+if want pod; then
+    # shellcheck disable=SC2086
+    step pod-tests "$B/integration" ${POD_TESTS:-gpu::pod gpu::fixtures} --test-threads=1 --nocapture
+    [ "${POD_SAN:-1}" = 1 ] && step pod-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    [ "${POD_SAN:-1}" = 1 ] && step pod-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    # Hybrid steps end to end: pod (planner), pod:fused and pod:streams must give vattention's greedy tokens.
+    step pod-agree "$B/cli" compare --model tests/fixtures/tiny-llama3-gqa4 --device cuda \
+        --backends vattention,pod,pod:fused,pod:streams --workload serve --requests 12 --prompt-len 400 --max-tokens 48
+    for f in pod-tests pod-memcheck pod-racecheck pod-agree; do tail -n 12 "$OUT/$f.log"; done
 fi
 if want podsweep; then
     # shellcheck disable=SC2086

@@ -645,6 +645,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             "decode_ms": g.decode_ms,
             "decode_steps": g.decode_steps,
             "decode_tokens_per_s": g.decode_tokens_per_s(),
+            "cuda_graphs": s.engine.cuda_graphs(),
+            "graph_replayed_steps": g.graph_replayed_steps,
             "peak_rss_mib": peak_rss_mib(),
         });
         writeln!(stdout, "{out}")?;

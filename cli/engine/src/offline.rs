@@ -43,6 +43,9 @@ pub struct Generation {
     pub decode_ms: f64,
     /// Decode steps that produced a returned token (generated tokens after the first).
     pub decode_steps: usize,
+    /// Decode steps that replayed a CUDA graph ([`crate::graphs`]; 0 on a CPU
+    /// or with graphs off).
+    pub graph_replayed_steps: usize,
 }
 
 impl Generation {
@@ -172,8 +175,14 @@ impl Engine {
             waiting: 0,
             running: 0,
         })?;
+        let graph_replayed_steps = out
+            .steps
+            .iter()
+            .filter(|s| s.cuda_graph.as_ref().is_some_and(|g| g.replayed))
+            .count();
         Ok(Generation {
             decode_steps: r.tokens.len().saturating_sub(1),
+            graph_replayed_steps,
             finish_reason: r.finish_reason,
             prefill_ms: r.ttft_ms,
             decode_ms: r.e2e_ms - r.ttft_ms,
