@@ -48,11 +48,40 @@ pub(crate) struct PagedPlan {
     dec_tables: CudaSlice<i32>,
     dec_width: usize,
     max_context: usize,
+    dec: DecodeKernel,
+}
+
+/// vLLM's decode kernel for a step ([`crate::paged_use_v1`]) and v2's
+/// partition scratch.
+#[derive(Debug)]
+struct DecodeKernel {
     v1: bool,
     partitions: usize,
     tmp_out: CudaSlice<bf16>,
     exp_sums: CudaSlice<f32>,
     max_logits: CudaSlice<f32>,
+}
+
+impl DecodeKernel {
+    /// For `n_dec` decodes of at most `max_context` tokens.
+    fn new(dev: &CudaDevice, max_context: usize, n_dec: usize, heads: usize) -> Result<Self> {
+        let v1 = crate::paged_use_v1(max_context, n_dec, heads);
+        let partitions = max_context.div_ceil(PARTITION).max(1);
+        let parts = if v1 {
+            1
+        } else {
+            (n_dec * heads * partitions).max(1)
+        };
+        Ok(Self {
+            v1,
+            partitions,
+            // SAFETY: v2 writes every partition the reduce reads (those below
+            // each decode's context) before the reduce runs.
+            tmp_out: unsafe { dev.alloc::<bf16>(parts * HEAD_DIM) }?,
+            exp_sums: unsafe { dev.alloc::<f32>(parts) }?,
+            max_logits: unsafe { dev.alloc::<f32>(parts) }?,
+        })
+    }
 }
 
 impl PagedPlan {
@@ -79,13 +108,6 @@ impl PagedPlan {
         let (dec_flat, dec_width) = table_rows(dec_tables.iter().copied());
         let n_dec = dec_rows.len();
         let max_context = dec_lens.iter().copied().max().unwrap_or(1) as usize;
-        let v1 = crate::paged_use_v1(max_context, n_dec, heads);
-        let partitions = max_context.div_ceil(PARTITION).max(1);
-        let parts = if v1 {
-            1
-        } else {
-            (n_dec * heads * partitions).max(1)
-        };
         Ok(Self {
             tokens: meta.num_tokens(),
             chunks: chunks.upload(dev)?,
@@ -97,13 +119,7 @@ impl PagedPlan {
             dec_tables: upload(dev, &dec_flat)?,
             dec_width,
             max_context,
-            v1,
-            partitions,
-            // SAFETY: v2 writes every partition the reduce reads (those below
-            // each decode's context) before the reduce runs.
-            tmp_out: unsafe { dev.alloc::<bf16>(parts * HEAD_DIM) }?,
-            exp_sums: unsafe { dev.alloc::<f32>(parts) }?,
-            max_logits: unsafe { dev.alloc::<f32>(parts) }?,
+            dec: DecodeKernel::new(dev, max_context, n_dec, heads)?,
         })
     }
 }
@@ -124,9 +140,6 @@ impl PagedPlan {
         let rows = meta.num_rows();
         let width = max_context.div_ceil(cache.layout().block_size).max(1);
         let (dec_lens, dec_flat) = Self::decode_rows(cache, meta, width)?;
-        let v1 = crate::paged_use_v1(max_context, rows, heads);
-        let partitions = max_context.div_ceil(PARTITION).max(1);
-        let parts = if v1 { 1 } else { rows * heads * partitions };
         Ok(Self {
             tokens: rows,
             chunks: Chunks::default().upload(dev)?,
@@ -138,12 +151,7 @@ impl PagedPlan {
             dec_tables: upload(dev, &dec_flat)?,
             dec_width: width,
             max_context,
-            v1,
-            partitions,
-            // SAFETY: as in `new`.
-            tmp_out: unsafe { dev.alloc::<bf16>(parts * HEAD_DIM) }?,
-            exp_sums: unsafe { dev.alloc::<f32>(parts) }?,
-            max_logits: unsafe { dev.alloc::<f32>(parts) }?,
+            dec: DecodeKernel::new(dev, max_context, rows, heads)?,
         })
     }
 
@@ -275,14 +283,14 @@ impl CustomOp3 for GpuPaged<'_> {
         // 2. Decode tokens.
         if p.n_dec > 0 {
             let (bs, width) = (self.block_size, p.dec_width as i32);
-            let (tokens, grid_z, name) = if p.v1 {
+            let (tokens, grid_z, name) = if p.dec.v1 {
                 (
                     p.max_context.div_ceil(bs) * bs,
                     1,
                     format!("paged_decode_v1_b{bs}_bf16"),
                 )
             } else {
-                (PARTITION, p.partitions, format!("paged_decode_v2_b{bs}_bf16"))
+                (PARTITION, p.dec.partitions, format!("paged_decode_v2_b{bs}_bf16"))
             };
             let smem = 4 * tokens.max(256);
             let f = crate::ops::cuda::function_with_smem(&dev, &name, smem)?;
@@ -292,11 +300,11 @@ impl CustomOp3 for GpuPaged<'_> {
                 shared_mem_bytes: smem as u32,
             };
             let mut b = stream.launch_builder(&f);
-            b.arg(&p.exp_sums).arg(&p.max_logits);
-            if p.v1 {
+            b.arg(&p.dec.exp_sums).arg(&p.dec.max_logits);
+            if p.dec.v1 {
                 b.arg(&mut out);
             } else {
-                b.arg(&p.tmp_out);
+                b.arg(&p.dec.tmp_out);
             }
             b.arg(&q)
                 .arg(&p.dec_rows)
@@ -311,20 +319,20 @@ impl CustomOp3 for GpuPaged<'_> {
             // SAFETY: the tables cover every decode's context_len keys (written);
             // v2's partials hold n_dec * heads * partitions entries.
             unsafe { b.launch(cfg) }.map_err(err)?;
-            if !p.v1 {
-                let smem = 8 * p.partitions;
+            if !p.dec.v1 {
+                let smem = 8 * p.dec.partitions;
                 let f = crate::ops::cuda::function_with_smem(&dev, "paged_decode_reduce_bf16", smem)?;
                 let cfg = LaunchConfig {
                     grid_dim: (self.heads as u32, p.n_dec as u32, 1),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                let parts = p.partitions as i32;
+                let parts = p.dec.partitions as i32;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&mut out)
-                    .arg(&p.exp_sums)
-                    .arg(&p.max_logits)
-                    .arg(&p.tmp_out)
+                    .arg(&p.dec.exp_sums)
+                    .arg(&p.dec.max_logits)
+                    .arg(&p.dec.tmp_out)
                     .arg(&p.dec_rows)
                     .arg(&p.dec_lens)
                     .arg(&heads)

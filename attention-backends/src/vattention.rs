@@ -178,8 +178,13 @@ pub fn plan_pod_step(meta: &BatchMeta, cfg: &AttnConfig) -> (PodPath, String) {
 /// most 1024 splits (the kernel's merge keeps group x splits weights in
 /// shared memory).
 pub fn decode_splits(seq_len: usize, num_decodes: usize, kv_heads: usize, sms: usize) -> usize {
-    let want = (DECODE_BLOCKS_PER_SM * sms) / (num_decodes * kv_heads).max(1);
-    want.clamp(1, seq_len.div_ceil(DECODE_TILE).clamp(1, 1024))
+    decode_wave(num_decodes, kv_heads, sms).min(seq_len.div_ceil(DECODE_TILE).max(1))
+}
+
+/// Splits that fill one wave of `sms` SMs with `num_decodes` x `kv_heads`
+/// blocks, within 1 ..= 1024.
+fn decode_wave(num_decodes: usize, kv_heads: usize, sms: usize) -> usize {
+    ((DECODE_BLOCKS_PER_SM * sms) / (num_decodes * kv_heads).max(1)).clamp(1, 1024)
 }
 
 /// Decode splits of a captured (CUDA graph) decode step of `rows` rows whose
@@ -188,8 +193,7 @@ pub fn decode_splits(seq_len: usize, num_decodes: usize, kv_heads: usize, sms: u
 /// two of the sequence's 64-key tiles; a power of two so that a growing
 /// context needs a new graph only when its tile count doubles.
 pub fn decode_splits_static(seq_len: usize, rows: usize, kv_heads: usize, sms: usize) -> usize {
-    let want = ((DECODE_BLOCKS_PER_SM * sms) / (rows * kv_heads).max(1)).clamp(1, 1024);
-    want.min(seq_len.div_ceil(DECODE_TILE).max(1).next_power_of_two())
+    decode_wave(rows, kv_heads, sms).min(seq_len.div_ceil(DECODE_TILE).max(1).next_power_of_two())
 }
 
 #[derive(Debug)]

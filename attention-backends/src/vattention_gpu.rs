@@ -365,10 +365,28 @@ pub(crate) struct StepPlan {
     dec_rows: CudaSlice<i32>,
     dec_slots: CudaSlice<i32>,
     dec_lens: CudaSlice<i32>,
+    partials: Partials,
+}
+
+/// The decode splits' partial results and merge counters.
+#[derive(Debug)]
+struct Partials {
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     /// Per (decode, KV head): split blocks done (the last one merges; reset to 0 by it).
     counters: CudaSlice<i32>,
+}
+
+impl Partials {
+    fn new(dev: &CudaDevice, n_dec: usize, cfg: &crate::AttnConfig, splits: usize) -> Result<Self> {
+        let parts = (n_dec * cfg.num_heads * splits).max(1);
+        Ok(Self {
+            // SAFETY: the decode kernel writes every partial before the combine reads it.
+            part_o: unsafe { dev.alloc::<f32>(parts * crate::decode::DECODE_HEAD_DIM) }?,
+            part_ml: unsafe { dev.alloc::<f32>(parts * 2) }?,
+            counters: dev.alloc_zeros::<i32>((n_dec * cfg.num_kv_heads).max(1))?,
+        })
+    }
 }
 
 impl StepPlan {
@@ -391,7 +409,7 @@ impl StepPlan {
         kernel: PrefillKernel,
         tuning: crate::PodTuning,
     ) -> Result<Self> {
-        let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+        let kv_heads = cfg.num_kv_heads;
         let view = cache.view(0, vpod_kvcache::Kv::K);
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
         let tma = prefill_tma(dev, cache);
@@ -427,7 +445,6 @@ impl StepPlan {
         // The POD kernel hands out its items dynamically: finer decode splits
         // (`waves` waves' worth) keep its tail short; a plain launch wants one wave.
         let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms * waves);
-        let parts = (n_dec * heads * splits).max(1);
         Ok(Self {
             path,
             sms,
@@ -444,10 +461,7 @@ impl StepPlan {
             dec_rows: upload(dev, &dec_rows)?,
             dec_slots: upload(dev, &dec_slots)?,
             dec_lens: upload(dev, &dec_lens)?,
-            // SAFETY: the decode kernel writes every partial before the combine reads it.
-            part_o: unsafe { dev.alloc::<f32>(parts * crate::decode::DECODE_HEAD_DIM) }?,
-            part_ml: unsafe { dev.alloc::<f32>(parts * 2) }?,
-            counters: dev.alloc_zeros::<i32>((n_dec * kv_heads).max(1))?,
+            partials: Partials::new(dev, n_dec, cfg, splits)?,
         })
     }
 }
@@ -521,7 +535,6 @@ impl StepPlan {
     ) -> Result<Self> {
         let r = DecodeRows::new(cache, meta, cfg.num_kv_heads)?;
         let rows = meta.num_rows();
-        let parts = rows * cfg.num_heads * splits;
         Ok(Self {
             path: PodPath::Serial,
             sms,
@@ -539,10 +552,7 @@ impl StepPlan {
             dec_rows: upload(dev, &r.dec_rows)?,
             dec_slots: upload(dev, &r.dec_slots)?,
             dec_lens: upload(dev, &r.dec_lens)?,
-            // SAFETY: the decode kernel writes every partial before the combine reads it.
-            part_o: unsafe { dev.alloc::<f32>(parts * crate::decode::DECODE_HEAD_DIM) }?,
-            part_ml: unsafe { dev.alloc::<f32>(parts * 2) }?,
-            counters: dev.alloc_zeros::<i32>(rows * cfg.num_kv_heads)?,
+            partials: Partials::new(dev, rows, cfg, splits)?,
         })
     }
 
@@ -726,9 +736,9 @@ impl GpuAttention<'_> {
             v: self.v.base,
             slots: &p.dec_slots,
             seq_lens: &p.dec_lens,
-            part_o: &p.part_o,
-            part_ml: &p.part_ml,
-            counters: (p.splits <= FUSED_MERGE_MAX_SPLITS).then_some(&p.counters),
+            part_o: &p.partials.part_o,
+            part_ml: &p.partials.part_ml,
+            counters: (p.splits <= FUSED_MERGE_MAX_SPLITS).then_some(&p.partials.counters),
             batch: p.n_dec,
             heads: self.heads,
             kv_heads: self.kv_heads,
@@ -810,10 +820,10 @@ impl GpuAttention<'_> {
         b.arg(&p.dec_rows)
             .arg(&p.dec_slots)
             .arg(&p.dec_lens)
-            .arg(&p.part_o)
-            .arg(&p.part_ml);
+            .arg(&p.partials.part_o)
+            .arg(&p.partials.part_ml);
         if fused_merge {
-            b.arg(&p.counters);
+            b.arg(&p.partials.counters);
         } else {
             b.arg(&no_counters);
         }

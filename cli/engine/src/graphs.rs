@@ -79,7 +79,13 @@ pub fn buckets(max_seqs: usize) -> Vec<usize> {
 /// The bucket a decode step of `n` sequences runs in (the smallest that
 /// holds it).
 pub fn bucket_for(n: usize, max_seqs: usize) -> Option<usize> {
-    buckets(max_seqs).into_iter().find(|&r| r >= n)
+    // (Arithmetic, not a search of `buckets`: once per decode step.)
+    let up = match n {
+        0..=2 => n.max(1),
+        3 | 4 => 4,
+        _ => n.div_ceil(8) * 8,
+    };
+    (n <= max_seqs && max_seqs > 0).then(|| up.min(max_seqs))
 }
 
 /// How a step used CUDA graphs (in its [`crate::StepRecord`]).
@@ -453,6 +459,11 @@ mod tests {
         for max in 1..=70 {
             for n in 1..=max {
                 let b = bucket_for(n, max).unwrap();
+                assert_eq!(
+                    Some(b),
+                    buckets(max).into_iter().find(|&r| r >= n),
+                    "{n} of {max}"
+                );
                 assert!(b >= n && b <= max, "{n} of {max} -> {b}");
                 assert!(b - n < 8, "a bucket wastes under 8 rows");
             }
