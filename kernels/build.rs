@@ -25,7 +25,7 @@ const KERNELS: &[(&str, &str)] = &[
     ),
     (
         "slot_write_kv_bf16",
-        "write new K or V rows into the per-slot (vAttention) layout, bf16",
+        "write new K or V rows (or both in one launch) into the per-slot (vAttention) layout, bf16",
     ),
     (
         "slot_write_kv_f32",
@@ -33,7 +33,7 @@ const KERNELS: &[(&str, &str)] = &[
     ),
     (
         "gemv_bf16",
-        "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues",
+        "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues and RMSNorm prologue",
     ),
     (
         "swiglu_bf16",
@@ -113,6 +113,11 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "pod_nsmid",
         ],
     ),
+    (
+        "slot_write_kv_bf16",
+        &["slot_write_kv_bf16", "slot_write_kv2_bf16"],
+    ),
+    ("gemv_bf16", &["gemv_bf16", "gemv_norm_bf16"]),
     (
         "slot_prefill_w4_bf16",
         &[

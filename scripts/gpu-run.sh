@@ -57,7 +57,10 @@ fi
 if want graphs; then
     # Issue 22: replayed decode steps give the eager greedy tokens (every backend,
     # the fixtures); memcheck on replays; e2e decode with graphs on and off.
-    step graphs-tests "$B/integration" gpu::cuda_graphs gpu::argmax --test-threads=1 --nocapture
+    step graphs-tests "$B/integration" gpu::cuda_graphs gpu::argmax gpu::gemv gpu::decode_steps gpu::slot_write --test-threads=1 --nocapture
+    step graphs-vattention-twin env VPOD_QUICK=1 "$B/integration" gpu::vattention_gpu --test-threads=1
+    # The fused RMSNorm + GEMV (shared memory written in place between barriers).
+    [ "${GRAPHS_MEMCHECK:-1}" = 1 ] && step gemv-racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::gemv_norm --test-threads=1
     [ "${GRAPHS_MEMCHECK:-1}" = 1 ] && step graphs-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::cuda_graphs --test-threads=1
     grep GRAPHS "$OUT/graphs-tests.log"
     if [ "${GRAPHS_E2E:-1}" = 1 ]; then
@@ -68,9 +71,9 @@ if want graphs; then
     if [ "${GRAPHS_NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
         # Kernel times of a replayed decode step (graph nodes profiled one by one).
         timeout 240 ncu --csv --metrics gpu__time_duration.sum --print-units base --clock-control none --cache-control none \
-            --graph-profiling node "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 64 --max-tokens 4 --json \
+            --graph-profiling node "$B/cli" generate --model llama3-8b --backend vattention --synthetic --device cuda --prompt-len 64 --max-tokens 4 --json \
             > "$OUT/ncu-graphs.csv" 2> "$OUT/ncu-graphs.err"
-        "$B/cli" generate --model llama3-8b --synthetic --device cuda --prompt-len 64 --max-tokens 128 --json > "$OUT/graphs-decode.log" 2>&1
+        "$B/cli" generate --model llama3-8b --backend vattention --synthetic --device cuda --prompt-len 64 --max-tokens 128 --json > "$OUT/graphs-decode.log" 2>&1
         ms=$(grep '^{' "$OUT/graphs-decode.log" | python3 -c 'import json,sys; print(1e3 / json.load(sys.stdin)["decode_tokens_per_s"])')
         step graphs-breakdown python3 scripts/decode_breakdown.py "$OUT/ncu-graphs.csv" --step-ms "$ms"
         cat "$OUT/graphs-breakdown.log"

@@ -194,6 +194,47 @@ fn gemv_matches_cpu_twin() {
     }
 }
 
+/// RMSNorm fused into the GEMV (plain and gated epilogues) against its CPU
+/// twin: M = 1..6, K up to Yi-34B's 7168 (more than 48 KiB of shared memory
+/// at M = 4), an N larger than one column per resident warp (the grid
+/// stride: the LM head's case) and a K shorter than the prefetched prefix.
+#[test]
+fn gemv_norm_matches_cpu_twin() {
+    use vpod_attention::linear::gemv_norm;
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    for (m, n, k) in [(1, 6144, 4096), (4, 3000, 7168), (6, 20000, 1024), (2, 37, 64), (3, 130, 200)] {
+        let x = pseudo_random((m, k), 3.0, 4);
+        let g = pseudo_random((1, k), 1.0, 5).reshape(k).unwrap();
+        let w = pseudo_random((2 * n, k), 0.05, 6);
+        for swiglu in [false, true] {
+            let want = gemv_norm(&x, &g, 1e-5, &w, swiglu).unwrap();
+            let got = gemv_norm(
+                &x.to_device(&dev).unwrap(),
+                &g.to_device(&dev).unwrap(),
+                1e-5,
+                &w.to_device(&dev).unwrap(),
+                swiglu,
+            )
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (a, b) = (f(&got), f(&want));
+            // As gemv_matches_cpu_twin: a few ulps apart at most (the norm's
+            // sum runs in another order too); an indexing error is off by O(1).
+            let bad: Vec<(usize, f32, f32)> = a
+                .iter()
+                .zip(&b)
+                .enumerate()
+                .filter(|(_, (x, y))| (*x - *y).abs() > 0.04 * y.abs().max(1.0))
+                .map(|(i, (x, y))| (i, *x, *y))
+                .take(5)
+                .collect();
+            assert!(bad.is_empty(), "m {m} n {n} k {k} swiglu {swiglu}: (index, gpu, cpu) {bad:?}");
+        }
+    }
+}
+
 /// RoPE straight out of the QKV projection on the device equals its CPU twin
 /// bit for bit (the same bf16 roundings, no FMA across them), for Llama-3-8B's
 /// and Yi-6B's head counts and a small odd token count, q and k contiguous.
@@ -374,6 +415,61 @@ fn fixtures_parity(backend: &str) {
         rate * 100.0
     );
     assert!(rate >= 0.95, "top-1 agreement {rate}");
+}
+
+/// The decode path (single-token steps: GEMVs with the RMSNorm in their
+/// prologue, the decode attention kernels) gives the logits of the prefill
+/// path (candle's norm and matmuls, checked against transformers above) at
+/// the same positions, on every fixture, for `vattention` and `paged:16`.
+#[test]
+fn decode_steps_match_prefill_logits() {
+    let dev = gpu();
+    for name in FIXTURES {
+        let files = fetch_model_files(
+            &ModelSource::Local(fixture(name)),
+            &offline(std::path::Path::new("/none")),
+        )
+        .unwrap();
+        let model = std::sync::Arc::new(load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap());
+        let ids = reference(name).prompt_ids;
+        let (n, tail) = (ids.len(), 6);
+        for backend in ["vattention", "paged:16"] {
+            let mut e = Engine::with_options(model.clone(), backend, &Default::default()).unwrap();
+            let all = e
+                .forward(
+                    vec![SeqChunk { seq_id: 1, context_len: 0, query_len: n }],
+                    &ids,
+                    LogitsAt::AllTokens,
+                )
+                .unwrap();
+            e.forward(
+                vec![SeqChunk { seq_id: 2, context_len: 0, query_len: n - tail }],
+                &ids[..n - tail],
+                LogitsAt::LastToken,
+            )
+            .unwrap();
+            let mut worst = 0f32;
+            for p in n - tail..n {
+                let step = e
+                    .forward(
+                        vec![SeqChunk { seq_id: 2, context_len: p, query_len: 1 }],
+                        &ids[p..p + 1],
+                        LogitsAt::LastToken,
+                    )
+                    .unwrap();
+                let want = all.narrow(0, p, 1).unwrap();
+                let r = rel_l2(&step, &want);
+                worst = worst.max(r);
+                let top = |t: &Tensor| t.argmax(1).unwrap().to_device(&Device::Cpu).unwrap().to_vec1::<u32>().unwrap();
+                // bf16 sums in another order: a near-tie may flip, a wrong row cannot pass the l2 bound.
+                assert!(r < 3e-2, "{name} {backend}: position {p}: rel l2 {r}");
+                if top(&step) != top(&want) {
+                    println!("DECODE-VS-PREFILL {name} {backend}: top-1 differs at {p} (rel l2 {r:.2e})");
+                }
+            }
+            println!("DECODE-VS-PREFILL {name} {backend}: worst rel l2 over the last {tail} positions {worst:.2e}");
+        }
+    }
 }
 
 /// The split-KV decode kernel against its CPU twin: GQA 4, 7, 8, one to

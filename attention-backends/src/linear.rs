@@ -69,6 +69,51 @@ pub fn linear_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok((gu.narrow(1, 0, f)?.silu()? * gu.narrow(1, f, f)?)?)
 }
 
+/// `rms_norm(x, gamma, eps) · w^T`: the RMSNorm that precedes a projection
+/// (candle's `rms_norm`: f32 arithmetic, one bf16 rounding of the product
+/// `x * scale * gamma`). On the GEMV path the norm runs in the projection
+/// kernel's prologue (`gemv_norm_bf16`): one launch instead of two, which is
+/// what a decode step at batch 1 is short of.
+pub fn norm_linear(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor) -> Result<Tensor> {
+    norm_then(x, gamma, eps, w, Epilogue::None)
+}
+
+/// `silu(h · gate^T) * (h · up^T)` over `h = rms_norm(x, gamma, eps)`, as
+/// [`norm_linear`] and [`linear_swiglu`] together.
+pub fn norm_linear_swiglu(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor) -> Result<Tensor> {
+    norm_then(x, gamma, eps, w, Epilogue::SwiGlu)
+}
+
+/// Bytes of shared memory a CTA of the fused norm holds (h: M rows of K);
+/// past this the norm runs as its own kernel.
+const NORM_SMEM_MAX: usize = 96 * 1024;
+
+fn norm_then(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) -> Result<Tensor> {
+    let fused = use_gemv(x, w)
+        && gamma.dtype() == DType::BF16
+        && gamma.dims() == [x.dim(1)?]
+        && x.elem_count() * 2 <= NORM_SMEM_MAX;
+    if fused {
+        return Ok(x
+            .contiguous()?
+            .apply_op3_no_bwd(&gamma.contiguous()?, w, &GemvNorm { epi, eps })?);
+    }
+    let h = candle_nn::ops::rms_norm(x, gamma, eps)?;
+    match epi {
+        Epilogue::SwiGlu => linear_swiglu(&h, w),
+        _ => linear(&h, w),
+    }
+}
+
+/// Runs the fused norm + projection op on any device (on the CPU, the
+/// kernel's twin).
+pub fn gemv_norm(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, swiglu: bool) -> Result<Tensor> {
+    let epi = if swiglu { Epilogue::SwiGlu } else { Epilogue::None };
+    Ok(x
+        .contiguous()?
+        .apply_op3_no_bwd(&gamma.contiguous()?, w, &GemvNorm { epi, eps })?)
+}
+
 /// `silu(gu[:, ..F]) * gu[:, F..]` for `gu [T, 2F]` bf16 (`F % 8 == 0`), in
 /// one pass with transformers' roundings: our `swiglu_bf16` kernel on a
 /// GPU, its twin on the CPU. candle's `silu` and `mul` over the two strided
@@ -284,13 +329,83 @@ impl CustomOp3 for Gemv {
     }
 }
 
+/// RMSNorm + GEMV: (x, gamma, w).
+struct GemvNorm {
+    epi: Epilogue,
+    eps: f32,
+}
+
+/// candle's `rms_norm` on the host: `x * rsqrt(mean(x^2) + eps) * gamma`,
+/// rounded once.
+fn cpu_rms_norm(x: &[bf16], gamma: &[bf16], k: usize, eps: f32) -> Vec<bf16> {
+    x.chunks_exact(k)
+        .flat_map(|row| {
+            let ss: f32 = row.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+            let scale = 1.0 / (ss / k as f32 + eps).sqrt();
+            row.iter()
+                .zip(gamma)
+                .map(move |(v, g)| bf16::from_f32(scale * v.to_f32() * g.to_f32()))
+        })
+        .collect()
+}
+
+fn norm_dims(
+    epi: Epilogue,
+    lx: &Layout,
+    lg: &Layout,
+    lw: &Layout,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    if epi == Epilogue::Residual {
+        candle_core::bail!("gemv-norm: no residual epilogue");
+    }
+    let d = dims(lx, lw, epi)?;
+    if lg.shape().dims() != [d.2] || !lg.is_contiguous() {
+        candle_core::bail!("gemv-norm: gamma {:?} is not a contiguous [{}]", lg.shape(), d.2);
+    }
+    Ok(d)
+}
+
+impl CustomOp3 for GemvNorm {
+    fn name(&self) -> &'static str {
+        "gemv-norm-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, _, k, out) = norm_dims(self.epi, lx, lg, lw)?;
+        let h = cpu_rms_norm(bf16_slice(sx, lx)?, bf16_slice(sg, lg)?, k, self.eps);
+        let y = cpu_gemv(&h, bf16_slice(sw, lw)?, None, m, k, out, self.epi);
+        Ok((CpuStorage::BF16(y), Shape::from((m, out))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gemv_norm(self.epi, self.eps, sx, lx, sg, lg, sw, lw)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CudaStorage, Layout, Shape};
     use half::bf16;
 
-    use super::{Epilogue, dims, gate_dims};
+    use super::{Epilogue, dims, gate_dims, norm_dims, NORM_SMEM_MAX};
 
     pub fn silu_gate(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let (t, f) = gate_dims(l)?;
@@ -368,6 +483,78 @@ mod cuda {
         unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))
     }
+    /// Shared memory of one SM that CTAs may take (Hopper: 228 KiB, 1 KiB of
+    /// it reserved per CTA); on smaller GPUs the occupancy calculator only
+    /// leaves some of the grid waiting, which the grid stride covers.
+    const SMEM_PER_SM: usize = 227 * 1024;
+
+    fn sm_count(dev: &candle_core::cuda_backend::CudaDevice) -> candle_core::Result<u32> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        static SMS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        if let Some(n) = SMS.get() {
+            return Ok(*n);
+        }
+        let n = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(crate::ops::cuda::err)?;
+        Ok(*SMS.get_or_init(|| n.max(1) as u32))
+    }
+
+    /// RMSNorm in the GEMV's prologue: x [M, K] is the residual stream,
+    /// gamma [K] the norm's weight; epi 0 or 2.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_norm(
+        epi: Epilogue,
+        eps: f32,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sg: &CudaStorage,
+        lg: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (m, _, k, out) = norm_dims(epi, lx, lg, lw)?;
+        let smem = m * k * 2;
+        if smem > NORM_SMEM_MAX {
+            candle_core::bail!("gemv-norm: {m} rows of {k} need {smem} bytes of shared memory (at most {NORM_SMEM_MAX})");
+        }
+        let dev = sx.device.clone();
+        let x = sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..);
+        let g = sg.as_cuda_slice::<bf16>()?.slice(lg.start_offset()..);
+        let w = sw.as_cuda_slice::<bf16>()?.slice(lw.start_offset()..);
+        // SAFETY: every element of y is written by the kernel before it is read.
+        let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
+        let f = crate::ops::cuda::function_with_smem(&dev, "gemv_norm_bf16", smem)?;
+        let (mi, ni, ki, ei) = (m as i32, out as i32, k as i32, epi as i32);
+        // 8 warps a CTA, persistent: as many CTAs as fit at once (by warps and
+        // by shared memory), each warp one output column at a time.
+        const THREADS: u32 = 256;
+        let per_sm = (2048 / THREADS).min((SMEM_PER_SM / (smem + 1024)) as u32).max(1);
+        let sms = sm_count(&dev)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((out as u32).div_ceil(THREADS / 32).min(per_sm * sms), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&w)
+            .arg(&x)
+            .arg(&g)
+            .arg(&mut y)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&ei)
+            .arg(&eps);
+        // SAFETY: norm_dims() checked M <= 8, K % 8 == 0 (16-byte rows),
+        // contiguity, gamma's length and the weight's rows; the launch asks for
+        // the M * K * 2 bytes of shared memory h takes; y holds m * out elements.
+        unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))
+    }
 }
 
 #[cfg(test)]
@@ -392,6 +579,41 @@ mod tests {
         assert!(close(&gemv(&x, &w, Some(&r), false)?, &linear_add(&x, &w, &r)?)? < 3e-2);
         assert!(close(&gemv(&x, &w, None, true)?, &linear_swiglu(&x, &w)?)? < 2e-2);
         assert!(gemv(&x.narrow(1, 0, 60)?, &w.narrow(1, 0, 60)?, None, false).is_err());
+        Ok(())
+    }
+
+    /// The fused norm's twin equals candle's rms_norm then the GEMV twin, on
+    /// both epilogues; bad gamma shapes are refused.
+    #[test]
+    fn norm_twin_matches_rms_norm_then_gemv() -> Result<()> {
+        let dev = Device::Cpu;
+        // Fixed pseudo-random values (a seeded test: no flakes from rare roundings).
+        let wave = |n: usize, a: f32, b: f32, c: f32| -> Result<Tensor> {
+            let v: Vec<f32> = (0..n).map(|i| c + a * (i as f32 * b).sin()).collect();
+            Ok(Tensor::from_vec(v, n, &dev)?.to_dtype(DType::BF16)?)
+        };
+        let x = wave(3 * 64, 2.0, 0.71, 0.1)?.reshape((3, 64))?;
+        let g = wave(64, 0.2, 1.37, 1.0)?;
+        let w = wave(10 * 64, 0.1, 2.93, 0.0)?.reshape((10, 64))?;
+        let h = candle_nn::ops::rms_norm(&x, &g, 1e-5)?;
+        for swiglu in [false, true] {
+            let want = gemv(&h, &w, None, swiglu)?.to_dtype(DType::F32)?;
+            let got = gemv_norm(&x, &g, 1e-5, &w, swiglu)?.to_dtype(DType::F32)?;
+            // candle's norm and the twin may round an element of h one ulp apart
+            // (f32 sums in another order): a bf16 ulp or two of the largest output.
+            let tol = (want.abs()?.max_all()?.to_scalar::<f32>()? / 64.0).max(3e-2);
+            let d = (want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d <= tol, "swiglu {swiglu}: {d} > {tol}");
+            // The model's entry points agree with the op on the CPU (they take candle's path there).
+            let via = if swiglu {
+                norm_linear_swiglu(&x, &g, 1e-5, &w)?
+            } else {
+                norm_linear(&x, &g, 1e-5, &w)?
+            };
+            let d = (via.to_dtype(DType::F32)? - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d <= tol, "swiglu {swiglu}: {d} > {tol}");
+        }
+        assert!(gemv_norm(&x, &g.narrow(0, 0, 32)?, 1e-5, &w, false).is_err());
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! The GPU path of the `vattention` backend: per step, one upload of the
 //! step's addressing (K/V write rows, prefill work list, decode list); per
 //! layer, one candle custom op over (q, new k, new v) that writes the new
-//! rows into the VMM-backed slots (`slot_write_kv_bf16`), runs the causal
+//! rows into the VMM-backed slots (`slot_write_kv2_bf16`, K and V in one launch), runs the causal
 //! prefill kernel over the step's prompt chunks (the typed
 //! [`PrefillKernel`]: `slot_prefill_w4t_bf16` by default on an H100/H200,
 //! K/V by TMA; `slot_prefill_wsp_bf16`, warp-specialized; `slot_prefill_w{4p,4,8}_bf16`)
@@ -876,29 +876,35 @@ impl CustomOp3 for GpuAttention<'_> {
         let stream = dev.cuda_stream();
         let row_elems = (self.kv_heads * d) as i32;
         let q = sq.as_cuda_slice::<bf16>()?.slice(lq.start_offset()..);
-        // 1. The step's new K/V rows into the slots.
-        for (s, l, view) in [(sk, lk, &self.k), (sv, lv, &self.v)] {
+        // 1. The step's new K and V rows into the slots, one launch.
+        let mut src = vec![];
+        for (s, l) in [(sk, lk), (sv, lv)] {
             if l.dims() != [p.tokens, self.kv_heads, d] || l.stride()[1] != d || l.stride()[2] != 1 {
                 candle_core::bail!("vattention-gpu: new K/V rows must be [T, kv_heads, {d}] with dense rows");
             }
-            let src = s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
-            let src_stride = l.stride()[0] as i64;
-            let f = crate::ops::cuda::function(&dev, "slot_write_kv_bf16")?;
-            let cfg = LaunchConfig {
-                grid_dim: (p.tokens as u32, 1, 1),
-                block_dim: ((row_elems as u32 / 8).clamp(32, 512), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(&view.base)
-                .arg(&src)
-                .arg(&p.write_rows)
-                .arg(&src_stride)
-                .arg(&row_elems);
-            // SAFETY: every write row lies in a page mapped for its sequence (make_room +
-            // fence ran first); src holds T rows of row_elems at src_stride.
-            unsafe { b.launch(cfg) }.map_err(err)?;
+            src.push((
+                s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..),
+                l.stride()[0] as i64,
+            ));
         }
+        let f = crate::ops::cuda::function(&dev, "slot_write_kv2_bf16")?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.tokens as u32, 2, 1),
+            block_dim: ((row_elems as u32 / 8).clamp(32, 512), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&self.k.base)
+            .arg(&self.v.base)
+            .arg(&src[0].0)
+            .arg(&src[1].0)
+            .arg(&p.write_rows)
+            .arg(&src[0].1)
+            .arg(&src[1].1)
+            .arg(&row_elems);
+        // SAFETY: every write row lies in a page mapped for its sequence (make_room +
+        // fence ran first); each source holds T rows of row_elems at its stride.
+        unsafe { b.launch(cfg) }.map_err(err)?;
         // SAFETY: the prefill and decode kernels below write every row of `out`
         // (each token is in exactly one prompt chunk or is one decode).
         let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * d) }?;

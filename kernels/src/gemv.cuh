@@ -43,11 +43,13 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     return v;
 }
 
-// acc[m] += w_row . x[m] over the row's K / 8 vectors, this lane's share.
+// acc[m] += w_row . x[m] over the row's K / 8 vectors, this lane's share
+// from vector i0 on (lane, or further when the caller consumed a prefix).
+// x may point to global or shared memory.
 template <int MAX_M, int UNROLL>
 __device__ __forceinline__ void row_dot(const uint4* __restrict__ wr, const __nv_bfloat16* __restrict__ x, int M,
-                                        int kv, float acc[MAX_M], int lane) {
-    int i = lane;
+                                        int kv, float acc[MAX_M], int lane, int i0) {
+    int i = i0;
     for (; i + 32 * (UNROLL - 1) < kv; i += 32 * UNROLL) {
         uint4 wv[UNROLL];
 #pragma unroll
@@ -84,13 +86,13 @@ __device__ __forceinline__ void gemv_impl(const __nv_bfloat16* __restrict__ w, c
     float acc[MAX_M];
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) acc[m] = 0.f;
-    row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)n * kv, x, M, kv, acc, lane);
+    row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)n * kv, x, M, kv, acc, lane, lane);
     if (epi == 2) {
         // Second row: up_proj row n sits N rows further down.
         float up[MAX_M];
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) up[m] = 0.f;
-        row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)(n + N) * kv, x, M, kv, up, lane);
+        row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)(n + N) * kv, x, M, kv, up, lane, lane);
         if (lane == 0) {
 #pragma unroll
             for (int m = 0; m < MAX_M; ++m) {
@@ -114,6 +116,133 @@ __device__ __forceinline__ void gemv_impl(const __nv_bfloat16* __restrict__ w, c
                     v = __bfloat162float(__float2bfloat16(v)) + __bfloat162float(residual[(size_t)m * N + n]);
                 }
                 y[(size_t)m * N + n] = __float2bfloat16(v);
+            }
+        }
+    }
+}
+
+// RMSNorm fused into the projection that follows it (epi 0 or 2 only): x is
+// the residual stream [M, K]; the product is taken over
+//   h[m, k] = bf16(x[m, k] * rsqrt(mean_k(x[m, :]^2) + eps) * gamma[k])
+// (candle's rms_norm, one rounding), which each CTA computes once into
+// shared memory (M * K * 2 bytes, dynamic); the CTAs are persistent (the
+// grid is what fits on the GPU at once) and their warps walk the output
+// columns with a grid stride, so the prologue is paid once per CTA. A decode
+// step then has no separate norm kernel (4 us each on the H200 at batch 1,
+// two a layer), and the prologue's reads of x overlap each warp's first
+// weight loads, which it issues before the prologue.
+template <int MAX_M, int UNROLL>
+__device__ __forceinline__ void gemv_norm_impl(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ x,
+                                               const __nv_bfloat16* __restrict__ gamma, __nv_bfloat16* __restrict__ y,
+                                               int M, int N, int K, int epi, float eps) {
+    extern __shared__ uint4 hs[];  // [M][K / 8] vectors of h
+    __shared__ float part[32][MAX_M];
+    __shared__ float scale[MAX_M];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    const int kv = K / 8;
+    const uint4* wv = reinterpret_cast<const uint4*>(w);
+    // 1. This warp's first weight vectors in flight before the prologue.
+    const int n0 = blockIdx.x * warps + warp;
+    const bool pre = n0 < N && kv >= 32 * UNROLL;
+    uint4 p0[UNROLL], p1[UNROLL];
+    if (pre) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) p0[u] = load_stream(wv + (size_t)n0 * kv + lane + 32 * u);
+        if (epi == 2) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) p1[u] = load_stream(wv + (size_t)(n0 + N) * kv + lane + 32 * u);
+        }
+    }
+    // 2. x into shared memory, with each row's sum of squares.
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    float ss[MAX_M];
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) ss[m] = 0.f;
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m < M) {
+            for (int i = threadIdx.x; i < kv; i += blockDim.x) {
+                const uint4 v = xv[(size_t)m * kv + i];
+                hs[m * kv + i] = v;
+                const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float2 f = __bfloat1622float2(v2[j]);
+                    ss[m] = fmaf(f.x, f.x, ss[m]);
+                    ss[m] = fmaf(f.y, f.y, ss[m]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[m] += __shfl_xor_sync(0xffffffff, ss[m], o);
+        if (lane == 0) part[warp][m] = ss[m];
+    }
+    __syncthreads();
+    if (threadIdx.x < MAX_M && threadIdx.x < M) {
+        float t = 0.f;
+        for (int i = 0; i < warps; ++i) t += part[i][threadIdx.x];
+        scale[threadIdx.x] = rsqrtf(t / (float)K + eps);
+    }
+    __syncthreads();
+    // 3. h = x * scale * gamma in place (each thread its own vectors).
+    const uint4* gv = reinterpret_cast<const uint4*>(gamma);
+    for (int i = threadIdx.x; i < kv; i += blockDim.x) {
+        const uint4 g = gv[i];
+        const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
+        for (int m = 0; m < M; ++m) {
+            uint4 v = hs[m * kv + i];
+            __nv_bfloat162* v2 = reinterpret_cast<__nv_bfloat162*>(&v);
+            const float s = scale[m];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 f = __bfloat1622float2(v2[j]);
+                const float2 a = __bfloat1622float2(g2[j]);
+                v2[j] = __floats2bfloat162_rn(s * f.x * a.x, s * f.y * a.y);
+            }
+            hs[m * kv + i] = v;
+        }
+    }
+    __syncthreads();
+    // 4. The products over h, the first column starting with the prefetched vectors.
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(hs);
+    for (int n = n0; n < N; n += gridDim.x * warps) {
+        float acc[MAX_M], up[MAX_M];
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) acc[m] = up[m] = 0.f;
+        const bool first = pre && n == n0;
+        if (first) {
+#pragma unroll
+            for (int m = 0; m < MAX_M; ++m) {
+                if (m < M) {
+#pragma unroll
+                    for (int u = 0; u < UNROLL; ++u) {
+                        const uint4 hv = hs[m * kv + lane + 32 * u];
+                        acc[m] += dot8(p0[u], hv);
+                        if (epi == 2) up[m] += dot8(p1[u], hv);
+                    }
+                }
+            }
+        }
+        const int i0 = first ? lane + 32 * UNROLL : lane;
+        row_dot<MAX_M, UNROLL>(wv + (size_t)n * kv, h, M, kv, acc, lane, i0);
+        if (epi == 2) row_dot<MAX_M, UNROLL>(wv + (size_t)(n + N) * kv, h, M, kv, up, lane, i0);
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < MAX_M; ++m) {
+                if (m < M) {
+                    if (epi == 2) {
+                        // transformers rounds gate and up to bf16 before silu(gate) * up.
+                        const float g = __bfloat162float(__float2bfloat16(acc[m]));
+                        const float u = __bfloat162float(__float2bfloat16(up[m]));
+                        y[(size_t)m * N + n] = silu_gate_bf16(g, u);
+                    } else {
+                        y[(size_t)m * N + n] = __float2bfloat16(acc[m]);
+                    }
+                }
             }
         }
     }

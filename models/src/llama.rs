@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
-use vpod_attention::linear::{linear, linear_add, linear_swiglu};
+use vpod_attention::linear::{linear, linear_add, norm_linear, norm_linear_swiglu};
 use vpod_attention::rope::rope_qk;
 use vpod_attention::{AttentionStep, AttnConfig};
 
@@ -323,21 +323,19 @@ impl Llama {
         let (qd, kvd) = (heads * c.head_dim, kv_heads * c.head_dim);
         let mut x = self.embed_tokens(tokens)?; // [T, hidden]
         for (i, l) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let qkv = linear(&h, &l.qkv)?; // [T, (heads + 2 * kv_heads) * head_dim]
+            // RMSNorm then the projection (one kernel on the decode path).
+            let qkv = norm_linear(&x, &l.attn_norm, eps, &l.qkv)?; // [T, (heads + 2 * kv_heads) * head_dim]
             let (q, k) = self.rope.apply(&qkv, &cos, &sin, heads, kv_heads)?;
             let v = qkv.narrow(1, qd + kvd, kvd)?.reshape((t, kv_heads, c.head_dim))?;
             let a = attn.attend(i, &q, &k, &v)?; // [T, heads, head_dim]
             x = self.row_parallel(&a.reshape((t, qd))?, &l.o, &x)?;
-            let h = candle_nn::ops::rms_norm(&x, &l.mlp_norm, eps)?;
-            let gated = linear_swiglu(&h, &l.gate_up)?; // [T, ffn]
+            let gated = norm_linear_swiglu(&x, &l.mlp_norm, eps, &l.gate_up)?; // [T, ffn]
             x = self.row_parallel(&gated, &l.down, &x)?;
         }
         if let Some(rows) = attn.meta().logit_rows() {
             x = x.index_select(rows, 0)?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        let logits = linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
+        let logits = norm_linear(&x, &self.norm, eps, &self.lm_head)?.to_dtype(DType::F32)?;
         match &self.comm {
             Some(comm) => comm.all_gather(&logits, 1), // [rows, vocab]: the ranks' slices in order
             None => Ok(logits),
