@@ -195,14 +195,14 @@ fn gemv_matches_cpu_twin() {
 }
 
 /// RMSNorm fused into the GEMV (plain and gated epilogues) against its CPU
-/// twin: M = 1..6, K up to Yi-34B's 7168 (more than 48 KiB of shared memory
+/// twin: M = 1..4, K up to Yi-34B's 7168 (more than 48 KiB of shared memory
 /// at M = 4), an N larger than one column per resident warp (the grid
 /// stride: the LM head's case) and a K shorter than the prefetched prefix.
 #[test]
 fn gemv_norm_matches_cpu_twin() {
     use vpod_attention::linear::gemv_norm;
     let (dev, cpu) = (gpu(), Device::Cpu);
-    for (m, n, k) in [(1, 6144, 4096), (4, 3000, 7168), (6, 20000, 1024), (2, 37, 64), (3, 130, 200)] {
+    for (m, n, k) in [(1, 6144, 4096), (4, 3000, 7168), (4, 20000, 1024), (2, 37, 64), (3, 130, 200)] {
         let x = pseudo_random((m, k), 3.0, 4);
         let g = pseudo_random((1, k), 1.0, 5).reshape(k).unwrap();
         let w = pseudo_random((2 * n, k), 0.05, 6);

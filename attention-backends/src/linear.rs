@@ -88,11 +88,16 @@ pub fn norm_linear_swiglu(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor) -> R
 /// past this the norm runs as its own kernel.
 const NORM_SMEM_MAX: usize = 96 * 1024;
 
+/// Most rows the fused norm kernel takes (its registers are sized for 4).
+pub const NORM_MAX_ROWS: usize = 4;
+
 fn norm_then(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) -> Result<Tensor> {
     let fused = use_gemv(x, w)
         && gamma.dtype() == DType::BF16
         && gamma.dims() == [x.dim(1)?]
-        && x.elem_count() * 2 <= NORM_SMEM_MAX;
+        && x.dim(0)? <= NORM_MAX_ROWS
+        && x.elem_count() * 2 <= NORM_SMEM_MAX
+        && balanced_norm_grid(x, w, epi)?;
     if fused {
         return Ok(x
             .contiguous()?
@@ -103,6 +108,32 @@ fn norm_then(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) ->
         Epilogue::SwiGlu => linear_swiglu(&h, w),
         _ => linear(&h, w),
     }
+}
+
+/// Largest share of a column-time that the fused kernel's warps may sit
+/// idle at its end (see [`balanced_norm_grid`]).
+#[cfg(feature = "cuda")]
+const NORM_MAX_IDLE: f64 = 0.25;
+
+/// Whether the fused kernel's persistent warps (W of them on this GPU)
+/// share the N output columns evenly. Each warp takes ceil(N / W) or
+/// floor(N / W) columns, so the kernel lasts ceil(N / W) column-times while
+/// the plain kernel's CTAs balance themselves. Measured on the H200
+/// (Llama-3-8B, batch 1, `results/2026-12-03-h200-gemv-norm/`): QKV
+/// (N / W = 1.94) 17.0 us fused against 16.0 + 3.9 us for the GEMV and the
+/// norm; gate/up (4.53) 62.0 against 56.5 + 4.0; the LM head (40.5) 247.6
+/// against 236.7 + 4.0. So the norm is fused only where the last round of
+/// columns is nearly full.
+fn balanced_norm_grid(x: &Tensor, w: &Tensor, epi: Epilogue) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = x.device() {
+        let out = if epi == Epilogue::SwiGlu { w.dim(0)? / 2 } else { w.dim(0)? };
+        let warps = cuda::resident_norm_warps(dev, x.elem_count() * 2)? as f64;
+        let r = out as f64 / warps;
+        return Ok(r.ceil() - r <= NORM_MAX_IDLE);
+    }
+    let _ = (x, w, epi);
+    Ok(false)
 }
 
 /// Runs the fused norm + projection op on any device (on the CPU, the
@@ -359,6 +390,9 @@ fn norm_dims(
         candle_core::bail!("gemv-norm: no residual epilogue");
     }
     let d = dims(lx, lw, epi)?;
+    if d.0 > NORM_MAX_ROWS {
+        candle_core::bail!("gemv-norm: {} rows (at most {NORM_MAX_ROWS})", d.0);
+    }
     if lg.shape().dims() != [d.2] || !lg.is_contiguous() {
         candle_core::bail!("gemv-norm: gamma {:?} is not a contiguous [{}]", lg.shape(), d.2);
     }
@@ -483,11 +517,6 @@ mod cuda {
         unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))
     }
-    /// Shared memory of one SM that CTAs may take (Hopper: 228 KiB, 1 KiB of
-    /// it reserved per CTA); on smaller GPUs the occupancy calculator only
-    /// leaves some of the grid waiting, which the grid stride covers.
-    const SMEM_PER_SM: usize = 227 * 1024;
-
     fn sm_count(dev: &candle_core::cuda_backend::CudaDevice) -> candle_core::Result<u32> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
         static SMS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
@@ -500,6 +529,30 @@ mod cuda {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(crate::ops::cuda::err)?;
         Ok(*SMS.get_or_init(|| n.max(1) as u32))
+    }
+
+    /// Threads of a fused norm CTA (its launch bounds: 256 threads, 3 CTAs an SM).
+    const NORM_THREADS: u32 = 256;
+
+    /// Warps of the fused norm kernel resident on the whole GPU at once, with
+    /// `smem` bytes of shared memory a CTA.
+    /// (Asked of the driver once per device and size: decode steps run it
+    /// for every norm.)
+    pub fn resident_norm_warps(dev: &candle_core::cuda_backend::CudaDevice, smem: usize) -> candle_core::Result<u32> {
+        type Cache = std::sync::Mutex<std::collections::HashMap<(candle_core::cuda_backend::DeviceId, usize), u32>>;
+        static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(&w) = cache.lock().map_err(crate::ops::cuda::err)?.get(&(dev.id(), smem)) {
+            return Ok(w);
+        }
+        let f = crate::ops::cuda::function_with_smem(dev, "gemv_norm_bf16", smem)?;
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(NORM_THREADS, smem, None)
+            .map_err(crate::ops::cuda::err)?
+            .max(1);
+        let warps = per_sm * sm_count(dev)? * (NORM_THREADS / 32);
+        cache.lock().map_err(crate::ops::cuda::err)?.insert((dev.id(), smem), warps);
+        Ok(warps)
     }
 
     /// RMSNorm in the GEMV's prologue: x [M, K] is the residual stream,
@@ -528,14 +581,12 @@ mod cuda {
         let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
         let f = crate::ops::cuda::function_with_smem(&dev, "gemv_norm_bf16", smem)?;
         let (mi, ni, ki, ei) = (m as i32, out as i32, k as i32, epi as i32);
-        // 8 warps a CTA, persistent: as many CTAs as fit at once (by warps and
-        // by shared memory), each warp one output column at a time.
-        const THREADS: u32 = 256;
-        let per_sm = (2048 / THREADS).min((SMEM_PER_SM / (smem + 1024)) as u32).max(1);
-        let sms = sm_count(&dev)?;
+        // Persistent: as many CTAs as fit at once (by registers and shared
+        // memory), each warp one output column at a time.
+        let ctas = resident_norm_warps(&dev, smem)? / (NORM_THREADS / 32);
         let cfg = LaunchConfig {
-            grid_dim: ((out as u32).div_ceil(THREADS / 32).min(per_sm * sms), 1, 1),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: ((out as u32).div_ceil(NORM_THREADS / 32).min(ctas), 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let stream = dev.cuda_stream();

@@ -145,14 +145,12 @@ __device__ __forceinline__ void gemv_norm_impl(const __nv_bfloat16* __restrict__
     // 1. This warp's first weight vectors in flight before the prologue.
     const int n0 = blockIdx.x * warps + warp;
     const bool pre = n0 < N && kv >= 32 * UNROLL;
-    uint4 p0[UNROLL], p1[UNROLL];
+    // (Only the first row's: the gated epilogue's second row waits, or the
+    // registers of both spill.)
+    uint4 p0[UNROLL];
     if (pre) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) p0[u] = load_stream(wv + (size_t)n0 * kv + lane + 32 * u);
-        if (epi == 2) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) p1[u] = load_stream(wv + (size_t)(n0 + N) * kv + lane + 32 * u);
-        }
     }
     // 2. x into shared memory, with each row's sum of squares.
     const uint4* xv = reinterpret_cast<const uint4*>(x);
@@ -219,17 +217,12 @@ __device__ __forceinline__ void gemv_norm_impl(const __nv_bfloat16* __restrict__
             for (int m = 0; m < MAX_M; ++m) {
                 if (m < M) {
 #pragma unroll
-                    for (int u = 0; u < UNROLL; ++u) {
-                        const uint4 hv = hs[m * kv + lane + 32 * u];
-                        acc[m] += dot8(p0[u], hv);
-                        if (epi == 2) up[m] += dot8(p1[u], hv);
-                    }
+                    for (int u = 0; u < UNROLL; ++u) acc[m] += dot8(p0[u], hs[m * kv + lane + 32 * u]);
                 }
             }
         }
-        const int i0 = first ? lane + 32 * UNROLL : lane;
-        row_dot<MAX_M, UNROLL>(wv + (size_t)n * kv, h, M, kv, acc, lane, i0);
-        if (epi == 2) row_dot<MAX_M, UNROLL>(wv + (size_t)(n + N) * kv, h, M, kv, up, lane, i0);
+        row_dot<MAX_M, UNROLL>(wv + (size_t)n * kv, h, M, kv, acc, lane, first ? lane + 32 * UNROLL : lane);
+        if (epi == 2) row_dot<MAX_M, UNROLL>(wv + (size_t)(n + N) * kv, h, M, kv, up, lane, lane);
         if (lane == 0) {
 #pragma unroll
             for (int m = 0; m < MAX_M; ++m) {
