@@ -202,7 +202,13 @@ fn gemv_matches_cpu_twin() {
 fn gemv_norm_matches_cpu_twin() {
     use vpod_attention::linear::gemv_norm;
     let (dev, cpu) = (gpu(), Device::Cpu);
-    for (m, n, k) in [(1, 6144, 4096), (4, 3000, 7168), (4, 20000, 1024), (2, 37, 64), (3, 130, 200)] {
+    for (m, n, k) in [
+        (1, 6144, 4096),
+        (4, 3000, 7168),
+        (4, 20000, 1024),
+        (2, 37, 64),
+        (3, 130, 200),
+    ] {
         let x = pseudo_random((m, k), 3.0, 4);
         let g = pseudo_random((1, k), 1.0, 5).reshape(k).unwrap();
         let w = pseudo_random((2 * n, k), 0.05, 6);
@@ -218,7 +224,14 @@ fn gemv_norm_matches_cpu_twin() {
             .unwrap()
             .to_device(&cpu)
             .unwrap();
-            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let f = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
             let (a, b) = (f(&got), f(&want));
             // As gemv_matches_cpu_twin: a few ulps apart at most (the norm's
             // sum runs in another order too); an indexing error is off by O(1).
@@ -230,7 +243,10 @@ fn gemv_norm_matches_cpu_twin() {
                 .map(|(i, (x, y))| (i, *x, *y))
                 .take(5)
                 .collect();
-            assert!(bad.is_empty(), "m {m} n {n} k {k} swiglu {swiglu}: (index, gpu, cpu) {bad:?}");
+            assert!(
+                bad.is_empty(),
+                "m {m} n {n} k {k} swiglu {swiglu}: (index, gpu, cpu) {bad:?}"
+            );
         }
     }
 }
@@ -437,13 +453,21 @@ fn decode_steps_match_prefill_logits() {
             let mut e = Engine::with_options(model.clone(), backend, &Default::default()).unwrap();
             let all = e
                 .forward(
-                    vec![SeqChunk { seq_id: 1, context_len: 0, query_len: n }],
+                    vec![SeqChunk {
+                        seq_id: 1,
+                        context_len: 0,
+                        query_len: n,
+                    }],
                     &ids,
                     LogitsAt::AllTokens,
                 )
                 .unwrap();
             e.forward(
-                vec![SeqChunk { seq_id: 2, context_len: 0, query_len: n - tail }],
+                vec![SeqChunk {
+                    seq_id: 2,
+                    context_len: 0,
+                    query_len: n - tail,
+                }],
                 &ids[..n - tail],
                 LogitsAt::LastToken,
             )
@@ -452,7 +476,11 @@ fn decode_steps_match_prefill_logits() {
             for p in n - tail..n {
                 let step = e
                     .forward(
-                        vec![SeqChunk { seq_id: 2, context_len: p, query_len: 1 }],
+                        vec![SeqChunk {
+                            seq_id: 2,
+                            context_len: p,
+                            query_len: 1,
+                        }],
                         &ids[p..p + 1],
                         LogitsAt::LastToken,
                     )
@@ -460,14 +488,23 @@ fn decode_steps_match_prefill_logits() {
                 let want = all.narrow(0, p, 1).unwrap();
                 let r = rel_l2(&step, &want);
                 worst = worst.max(r);
-                let top = |t: &Tensor| t.argmax(1).unwrap().to_device(&Device::Cpu).unwrap().to_vec1::<u32>().unwrap();
+                let top = |t: &Tensor| {
+                    t.argmax(1)
+                        .unwrap()
+                        .to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_vec1::<u32>()
+                        .unwrap()
+                };
                 // bf16 sums in another order: a near-tie may flip, a wrong row cannot pass the l2 bound.
                 assert!(r < 3e-2, "{name} {backend}: position {p}: rel l2 {r}");
                 if top(&step) != top(&want) {
                     println!("DECODE-VS-PREFILL {name} {backend}: top-1 differs at {p} (rel l2 {r:.2e})");
                 }
             }
-            println!("DECODE-VS-PREFILL {name} {backend}: worst rel l2 over the last {tail} positions {worst:.2e}");
+            println!(
+                "DECODE-VS-PREFILL {name} {backend}: worst rel l2 over the last {tail} positions {worst:.2e}"
+            );
         }
     }
 }

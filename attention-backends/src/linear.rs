@@ -127,7 +127,11 @@ const NORM_MAX_IDLE: f64 = 0.25;
 fn balanced_norm_grid(x: &Tensor, w: &Tensor, epi: Epilogue) -> Result<bool> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = x.device() {
-        let out = if epi == Epilogue::SwiGlu { w.dim(0)? / 2 } else { w.dim(0)? };
+        let out = if epi == Epilogue::SwiGlu {
+            w.dim(0)? / 2
+        } else {
+            w.dim(0)?
+        };
         let warps = cuda::resident_norm_warps(dev, x.elem_count() * 2)? as f64;
         let r = out as f64 / warps;
         return Ok(r.ceil() - r <= NORM_MAX_IDLE);
@@ -140,8 +144,7 @@ fn balanced_norm_grid(x: &Tensor, w: &Tensor, epi: Epilogue) -> Result<bool> {
 /// kernel's twin).
 pub fn gemv_norm(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, swiglu: bool) -> Result<Tensor> {
     let epi = if swiglu { Epilogue::SwiGlu } else { Epilogue::None };
-    Ok(x
-        .contiguous()?
+    Ok(x.contiguous()?
         .apply_op3_no_bwd(&gamma.contiguous()?, w, &GemvNorm { epi, eps })?)
 }
 
@@ -439,7 +442,7 @@ mod cuda {
     use candle_core::{CudaStorage, Layout, Shape};
     use half::bf16;
 
-    use super::{Epilogue, dims, gate_dims, norm_dims, NORM_SMEM_MAX};
+    use super::{Epilogue, NORM_SMEM_MAX, dims, gate_dims, norm_dims};
 
     pub fn silu_gate(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let (t, f) = gate_dims(l)?;
@@ -538,11 +541,19 @@ mod cuda {
     /// `smem` bytes of shared memory a CTA.
     /// (Asked of the driver once per device and size: decode steps run it
     /// for every norm.)
-    pub fn resident_norm_warps(dev: &candle_core::cuda_backend::CudaDevice, smem: usize) -> candle_core::Result<u32> {
-        type Cache = std::sync::Mutex<std::collections::HashMap<(candle_core::cuda_backend::DeviceId, usize), u32>>;
+    pub fn resident_norm_warps(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        smem: usize,
+    ) -> candle_core::Result<u32> {
+        type Cache =
+            std::sync::Mutex<std::collections::HashMap<(candle_core::cuda_backend::DeviceId, usize), u32>>;
         static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
-        if let Some(&w) = cache.lock().map_err(crate::ops::cuda::err)?.get(&(dev.id(), smem)) {
+        if let Some(&w) = cache
+            .lock()
+            .map_err(crate::ops::cuda::err)?
+            .get(&(dev.id(), smem))
+        {
             return Ok(w);
         }
         let f = crate::ops::cuda::function_with_smem(dev, "gemv_norm_bf16", smem)?;
@@ -551,7 +562,10 @@ mod cuda {
             .map_err(crate::ops::cuda::err)?
             .max(1);
         let warps = per_sm * sm_count(dev)? * (NORM_THREADS / 32);
-        cache.lock().map_err(crate::ops::cuda::err)?.insert((dev.id(), smem), warps);
+        cache
+            .lock()
+            .map_err(crate::ops::cuda::err)?
+            .insert((dev.id(), smem), warps);
         Ok(warps)
     }
 
@@ -571,7 +585,9 @@ mod cuda {
         let (m, _, k, out) = norm_dims(epi, lx, lg, lw)?;
         let smem = m * k * 2;
         if smem > NORM_SMEM_MAX {
-            candle_core::bail!("gemv-norm: {m} rows of {k} need {smem} bytes of shared memory (at most {NORM_SMEM_MAX})");
+            candle_core::bail!(
+                "gemv-norm: {m} rows of {k} need {smem} bytes of shared memory (at most {NORM_SMEM_MAX})"
+            );
         }
         let dev = sx.device.clone();
         let x = sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..);
@@ -661,7 +677,10 @@ mod tests {
             } else {
                 norm_linear(&x, &g, 1e-5, &w)?
             };
-            let d = (via.to_dtype(DType::F32)? - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (via.to_dtype(DType::F32)? - got)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert!(d <= tol, "swiglu {swiglu}: {d} > {tol}");
         }
         assert!(gemv_norm(&x, &g.narrow(0, 0, 32)?, 1e-5, &w, false).is_err());
