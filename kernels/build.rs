@@ -117,7 +117,16 @@ const SYMBOLS: &[(&str, &[&str])] = &[
         "slot_write_kv_bf16",
         &["slot_write_kv_bf16", "slot_write_kv2_bf16"],
     ),
-    ("gemv_bf16", &["gemv_bf16", "gemv_norm_bf16"]),
+    (
+        "gemv_bf16",
+        &[
+            "gemv_bf16",
+            "gemv_m4_bf16",
+            "gemv_m1_bf16",
+            "gemv_pipe_bf16",
+            "gemv_norm_bf16",
+        ],
+    ),
     (
         "slot_prefill_w4_bf16",
         &[

@@ -137,21 +137,35 @@ fn pseudo_random(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
         .unwrap()
 }
 
-/// The decode GEMV kernel (all three epilogues) against its CPU twin, on
-/// shapes with M = 1..8, K that is and is not a multiple of the unrolled
+/// The decode GEMV kernels (every `GemvKernel`, all three epilogues)
+/// against the CPU twin, on shapes with M = 1..8 (up to each kernel's
+/// rows), K that is and is not a multiple of the unrolled (and pipelined)
 /// stride, and odd N.
 #[test]
 fn gemv_matches_cpu_twin() {
-    use vpod_attention::linear::gemv;
+    use vpod_attention::linear::{GemvKernel, gemv, gemv_with};
     let (dev, cpu) = (gpu(), Device::Cpu);
-    for (m, n, k) in [(1, 6144, 4096), (3, 37, 200), (8, 130, 14336), (2, 64, 8)] {
+    let shapes = [
+        (1, 6144, 4096),
+        (3, 37, 200),
+        (8, 130, 14336),
+        (2, 64, 8),
+        (1, 99, 1032),
+        (4, 300, 4104),
+    ];
+    for ((m, n, k), kernel) in shapes
+        .into_iter()
+        .flat_map(|s| GemvKernel::ALL.into_iter().map(move |g| (s, g)))
+        .filter(|((m, _, _), g)| *m <= g.max_rows())
+    {
         let x = pseudo_random((m, k), 1.0, 1);
         let w = pseudo_random((2 * n, k), 0.05, 2);
         let r = pseudo_random((m, 2 * n), 1.0, 3);
         for (res, swiglu) in [(None, false), (Some(&r), false), (None, true)] {
             let res = if swiglu { None } else { res };
             let want = gemv(&x, &w, res, swiglu).unwrap();
-            let got = gemv(
+            let got = gemv_with(
+                kernel,
                 &x.to_device(&dev).unwrap(),
                 &w.to_device(&dev).unwrap(),
                 res.map(|r| r.to_device(&dev).unwrap()).as_ref(),
@@ -187,7 +201,7 @@ fn gemv_matches_cpu_twin() {
                 .collect();
             assert!(
                 bad.is_empty(),
-                "m {m} n {n} k {k} residual {} swiglu {swiglu}: (index, gpu, cpu) {bad:?}",
+                "{kernel:?}: m {m} n {n} k {k} residual {} swiglu {swiglu}: (index, gpu, cpu) {bad:?}",
                 res.is_some()
             );
         }

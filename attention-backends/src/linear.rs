@@ -24,6 +24,47 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// 10.4 ms either way (`results/2026-11-21-h200-paged/gemv-rows-*.log`).
 pub const GEMV_DEFAULT_ROWS: usize = 4;
 
+/// Which GEMV kernel runs a projection. The model's projections use
+/// [`GemvKernel::Rows8`]; the others are candidates that `vpod-bench gemv`
+/// measures against it on the same shapes (the twin is the same for all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemvKernel {
+    /// `gemv_bf16`: up to 8 rows, 4 loads of 16 bytes in flight a lane.
+    #[default]
+    Rows8,
+    /// `gemv_m4_bf16`: up to 4 rows (68 registers instead of 78).
+    Rows4,
+    /// `gemv_m1_bf16`: one row (36 registers: twice the warps an SM).
+    Row1,
+    /// `gemv_pipe_bf16`: up to 4 rows, the next weight vectors loaded while
+    /// the current ones are applied.
+    Pipelined,
+}
+
+impl GemvKernel {
+    /// Every kernel, for benchmarks and tests.
+    pub const ALL: [GemvKernel; 4] = [Self::Rows8, Self::Rows4, Self::Row1, Self::Pipelined];
+
+    /// The kernel's symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::Rows8 => "gemv_bf16",
+            Self::Rows4 => "gemv_m4_bf16",
+            Self::Row1 => "gemv_m1_bf16",
+            Self::Pipelined => "gemv_pipe_bf16",
+        }
+    }
+
+    /// Most rows (tokens) it takes.
+    pub fn max_rows(self) -> usize {
+        match self {
+            Self::Rows8 => GEMV_MAX_ROWS,
+            Self::Rows4 | Self::Pipelined => 4,
+            Self::Row1 => 1,
+        }
+    }
+}
+
 /// Rows up to which the projections use the GEMV kernel rather than
 /// candle's matmul (cuBLAS): [`GEMV_DEFAULT_ROWS`], or `VPOD_GEMV_ROWS=N`
 /// (at most [`GEMV_MAX_ROWS`]; measuring where the kernel pays off).
@@ -40,7 +81,9 @@ fn gemv_rows() -> usize {
 /// `x · w^T`: `x [T, K]`, `w [N, K]` -> `[T, N]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if use_gemv(x, w) {
-        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::None))?);
+        return Ok(x
+            .contiguous()?
+            .apply_op2_no_bwd(w, &Gemv(Epilogue::None, GemvKernel::Rows8))?);
     }
     Ok(x.matmul(&w.t()?)?)
 }
@@ -51,7 +94,7 @@ pub fn linear_add(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let r = residual.contiguous()?;
         return Ok(x
             .contiguous()?
-            .apply_op3_no_bwd(w, &r, &Gemv(Epilogue::Residual))?);
+            .apply_op3_no_bwd(w, &r, &Gemv(Epilogue::Residual, GemvKernel::Rows8))?);
     }
     Ok((residual + x.matmul(&w.t()?)?)?)
 }
@@ -59,7 +102,9 @@ pub fn linear_add(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
 /// `silu(x · gate^T) * (x · up^T)` with `w = [gate; up]` (`[2F, K]`) -> `[T, F]`.
 pub fn linear_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if use_gemv(x, w) {
-        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu))?);
+        return Ok(x
+            .contiguous()?
+            .apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu, GemvKernel::Rows8))?);
     }
     let f = w.dim(0)? / 2;
     let gu = x.matmul(&w.t()?)?;
@@ -214,11 +259,22 @@ fn use_gemv(x: &Tensor, w: &Tensor) -> bool {
 /// twin (tests compare the two). `residual` selects the residual epilogue,
 /// `swiglu` the gated one.
 pub fn gemv(x: &Tensor, w: &Tensor, residual: Option<&Tensor>, swiglu: bool) -> Result<Tensor> {
+    gemv_with(GemvKernel::Rows8, x, w, residual, swiglu)
+}
+
+/// [`gemv`] on a chosen kernel (more rows than it takes are refused).
+pub fn gemv_with(
+    kernel: GemvKernel,
+    x: &Tensor,
+    w: &Tensor,
+    residual: Option<&Tensor>,
+    swiglu: bool,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     Ok(match (residual, swiglu) {
-        (Some(r), _) => x.apply_op3_no_bwd(w, &r.contiguous()?, &Gemv(Epilogue::Residual))?,
-        (None, true) => x.apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu))?,
-        (None, false) => x.apply_op2_no_bwd(w, &Gemv(Epilogue::None))?,
+        (Some(r), _) => x.apply_op3_no_bwd(w, &r.contiguous()?, &Gemv(Epilogue::Residual, kernel))?,
+        (None, true) => x.apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu, kernel))?,
+        (None, false) => x.apply_op2_no_bwd(w, &Gemv(Epilogue::None, kernel))?,
     })
 }
 
@@ -229,14 +285,26 @@ enum Epilogue {
     SwiGlu = 2,
 }
 
-struct Gemv(Epilogue);
+struct Gemv(Epilogue, GemvKernel);
 
 /// (rows M, weight rows N, K, output columns)
 fn dims(l_x: &Layout, l_w: &Layout, epi: Epilogue) -> candle_core::Result<(usize, usize, usize, usize)> {
+    dims_rows(l_x, l_w, epi, GEMV_MAX_ROWS)
+}
+
+/// [`dims`] for a kernel that takes at most `max_rows` rows.
+fn dims_rows(
+    l_x: &Layout,
+    l_w: &Layout,
+    epi: Epilogue,
+    max_rows: usize,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
     let (m, k) = l_x.shape().dims2()?;
     let (n, k2) = l_w.shape().dims2()?;
-    if k != k2 || !k.is_multiple_of(8) || m > GEMV_MAX_ROWS || m == 0 {
-        candle_core::bail!("gemv: x [{m}, {k}] and w [{n}, {k2}] do not fit (K % 8 == 0, 1 <= M <= 8)");
+    if k != k2 || !k.is_multiple_of(8) || m > max_rows || m == 0 {
+        candle_core::bail!(
+            "gemv: x [{m}, {k}] and w [{n}, {k2}] do not fit (K % 8 == 0, 1 <= M <= {max_rows})"
+        );
     }
     if !l_x.is_contiguous() || !l_w.is_contiguous() {
         candle_core::bail!("gemv: x and w must be contiguous");
@@ -302,7 +370,7 @@ impl CustomOp2 for Gemv {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, _, k, out) = dims(lx, lw, self.0)?;
+        let (m, _, k, out) = dims_rows(lx, lw, self.0, self.1.max_rows())?;
         let y = cpu_gemv(bf16_slice(sx, lx)?, bf16_slice(sw, lw)?, None, m, k, out, self.0);
         Ok((CpuStorage::BF16(y), Shape::from((m, out))))
     }
@@ -315,7 +383,7 @@ impl CustomOp2 for Gemv {
         sw: &candle_core::CudaStorage,
         lw: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gemv(self.0 as i32, sx, lx, sw, lw, None)
+        cuda::gemv(self.0 as i32, self.1, sx, lx, sw, lw, None)
     }
 }
 
@@ -333,7 +401,7 @@ impl CustomOp3 for Gemv {
         sr: &CpuStorage,
         lr: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, _, k, out) = dims(lx, lw, self.0)?;
+        let (m, _, k, out) = dims_rows(lx, lw, self.0, self.1.max_rows())?;
         if lr.shape().dims() != [m, out] {
             candle_core::bail!("gemv: residual {:?} is not [{m}, {out}]", lr.shape());
         }
@@ -359,7 +427,7 @@ impl CustomOp3 for Gemv {
         sr: &candle_core::CudaStorage,
         lr: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gemv(self.0 as i32, sx, lx, sw, lw, Some((sr, lr)))
+        cuda::gemv(self.0 as i32, self.1, sx, lx, sw, lw, Some((sr, lr)))
     }
 }
 
@@ -442,7 +510,7 @@ mod cuda {
     use candle_core::{CudaStorage, Layout, Shape};
     use half::bf16;
 
-    use super::{Epilogue, NORM_SMEM_MAX, dims, gate_dims, norm_dims};
+    use super::{Epilogue, NORM_SMEM_MAX, gate_dims, norm_dims};
 
     pub fn silu_gate(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let (t, f) = gate_dims(l)?;
@@ -470,6 +538,7 @@ mod cuda {
 
     pub fn gemv(
         epi: i32,
+        kernel: super::GemvKernel,
         sx: &CudaStorage,
         lx: &Layout,
         sw: &CudaStorage,
@@ -481,7 +550,7 @@ mod cuda {
             2 => Epilogue::SwiGlu,
             _ => Epilogue::None,
         };
-        let (m, _, k, out) = dims(lx, lw, e)?;
+        let (m, _, k, out) = super::dims_rows(lx, lw, e, kernel.max_rows())?;
         let dev = sx.device.clone();
         let x = sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..);
         let w = sw.as_cuda_slice::<bf16>()?.slice(lw.start_offset()..);
@@ -497,7 +566,7 @@ mod cuda {
         };
         // SAFETY: every element of y is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
-        let f = crate::ops::cuda::function(&dev, "gemv_bf16")?;
+        let f = crate::ops::cuda::function(&dev, kernel.symbol())?;
         let (mi, ni, ki) = (m as i32, out as i32, k as i32);
         const THREADS: u32 = 128; // 4 warps, one output column each
         let cfg = LaunchConfig {
@@ -515,7 +584,7 @@ mod cuda {
             .arg(&ni)
             .arg(&ki)
             .arg(&epi);
-        // SAFETY: dims() checked M <= 8, K % 8 == 0 (16-byte rows), contiguity
+        // SAFETY: dims_rows() checked M against the kernel's rows, K % 8 == 0 (16-byte rows), contiguity
         // and the weight's row count; y holds m * out elements.
         unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))

@@ -75,7 +75,56 @@ __device__ __forceinline__ void row_dot(const uint4* __restrict__ wr, const __nv
         for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffff, acc[m], o);
 }
 
+// row_dot with the weight loads software-pipelined: the next UNROLL vectors
+// are in flight while the current ones are applied, so a lane always has a
+// load outstanding (row_dot issues its next loads only after the current
+// products; ptxas may also interleave loads with their uses).
 template <int MAX_M, int UNROLL>
+__device__ __forceinline__ void row_dot_pipe(const uint4* __restrict__ wr, const __nv_bfloat16* __restrict__ x, int M,
+                                             int kv, float acc[MAX_M], int lane) {
+    constexpr int STEP = 32 * UNROLL;
+    int i = lane;
+    uint4 cur[UNROLL];
+    bool have = i + 32 * (UNROLL - 1) < kv;
+    if (have) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) cur[u] = load_stream(wr + i + 32 * u);
+    }
+    while (have) {
+        const bool next = i + STEP + 32 * (UNROLL - 1) < kv;
+        uint4 nxt[UNROLL];
+        if (next) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) nxt[u] = load_stream(wr + i + STEP + 32 * u);
+        }
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m < M) {
+                const uint4* xr = reinterpret_cast<const uint4*>(x) + (size_t)m * kv;
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) acc[m] += dot8(cur[u], xr[i + 32 * u]);
+            }
+        }
+        i += STEP;
+        have = next;
+        if (next) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) cur[u] = nxt[u];
+        }
+    }
+    for (; i < kv; i += 32) {
+        const uint4 wv = load_stream(wr + i);
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+            if (m < M) acc[m] += dot8(wv, reinterpret_cast<const uint4*>(x)[(size_t)m * kv + i]);
+    }
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffff, acc[m], o);
+}
+
+template <int MAX_M, int UNROLL, bool PIPE = false>
 __device__ __forceinline__ void gemv_impl(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ y,
                                           int M, int N, int K, int epi) {
@@ -86,13 +135,19 @@ __device__ __forceinline__ void gemv_impl(const __nv_bfloat16* __restrict__ w, c
     float acc[MAX_M];
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) acc[m] = 0.f;
-    row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)n * kv, x, M, kv, acc, lane, lane);
+    if (PIPE)
+        row_dot_pipe<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)n * kv, x, M, kv, acc, lane);
+    else
+        row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)n * kv, x, M, kv, acc, lane, lane);
     if (epi == 2) {
         // Second row: up_proj row n sits N rows further down.
         float up[MAX_M];
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) up[m] = 0.f;
-        row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)(n + N) * kv, x, M, kv, up, lane, lane);
+        if (PIPE)
+            row_dot_pipe<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)(n + N) * kv, x, M, kv, up, lane);
+        else
+            row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)(n + N) * kv, x, M, kv, up, lane, lane);
         if (lane == 0) {
 #pragma unroll
             for (int m = 0; m < MAX_M; ++m) {

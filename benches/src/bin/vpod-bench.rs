@@ -33,6 +33,9 @@
 //!   heads: the POD kernel (both block-role policies) and the planner's
 //!   choice against the serial pair (both prefill tiles: the best is the
 //!   baseline) and two CUDA streams (the POD-Attention paper's sweep);
+//! - `gemv`:    the decode projections' GEMV kernels (every
+//!   `linear::GemvKernel`) on the models' shapes at 1..4 rows: GPU time and
+//!   TB/s of the weights against the copy ceiling;
 //! - `layer`:   the rest of a decoder layer (norms, projections, RoPE, MLP;
 //!   everything but the attention call) at the token counts of prefill
 //!   chunks and hybrid steps, per op: time, TFLOP/s of the projections
@@ -169,6 +172,16 @@ enum What {
         /// serial pair; the summary row gets `vs_flashinfer_best_serial`.
         #[arg(long)]
         fi_json: Option<std::path::PathBuf>,
+    },
+    /// The decode projections' GEMV kernels (`linear::GemvKernel`) on each
+    /// model's shapes: GPU time per kernel and the weights' TB/s against the
+    /// copy ceiling, weights rotated over copies so that L2 holds none.
+    Gemv {
+        #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b,yi-34b")]
+        models: Vec<String>,
+        /// Rows (tokens) of x.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        rows: Vec<usize>,
     },
     Layer {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -1722,6 +1735,69 @@ fn note_share(meta: &BatchMeta, cfg: &AttnConfig) -> f64 {
     vpod_attention::pod_step_halves(meta, cfg).map_or(0.0, |(tp, td)| tp.min(td) / (tp + td))
 }
 
+/// Bytes of weight copies a GEMV point rotates over (several times the
+/// H200's 60 MB L2, so that every launch streams its weights from HBM).
+const GEMV_ROTATE_BYTES: usize = 512 << 20;
+
+/// Each GEMV kernel on each decode projection of the models: per point, a
+/// chain of launches over rotating weight copies queued behind a GPU spin
+/// ([`gpu_alone_us`]), so the time is the kernels' back to back on one
+/// stream (as in a replayed graph), host launches hidden.
+fn gemv_kernels(models: &[String], rows: &[usize], iters: usize, ceil: &Ceilings) -> Result<Vec<Value>> {
+    use vpod_attention::linear::{GemvKernel, gemv_with};
+    let dev = gpu()?;
+    let mut out = vec![];
+    println!(
+        "| model | projection | rows | kernel | us | TB/s | % of {:.2} TB/s |\n|---|---|---|---|---|---|---|",
+        ceil.tbps()
+    );
+    for name in models {
+        let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
+        let (h, d, f) = (p.hidden, p.hidden / p.heads, p.ffn);
+        let (qd, kvd) = (p.heads * d, p.kv_heads * d);
+        // (projection, weight rows, K, residual, gated)
+        let shapes = [
+            ("qkv", qd + 2 * kvd, h, false, false),
+            ("o + residual", h, qd, true, false),
+            ("gate_up + SiLU gate", 2 * f, h, false, true),
+            ("down + residual", h, f, true, false),
+            ("lm_head", p.vocab, h, false, false),
+        ];
+        for (proj, n, k, residual, gated) in shapes {
+            let bytes = n * k * 2;
+            let copies = GEMV_ROTATE_BYTES.div_ceil(bytes).clamp(1, 16);
+            let ws: Vec<Tensor> = (0..copies)
+                .map(|_| Ok((Tensor::randn(0f32, 1.0, (n, k), &dev)? * 0.02)?.to_dtype(DType::BF16)?))
+                .collect::<Result<_>>()?;
+            let launches = copies.max(8);
+            let cols = if gated { n / 2 } else { n };
+            for &m in rows {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(DType::BF16)?;
+                let r = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
+                for kernel in GemvKernel::ALL.into_iter().filter(|g| m <= g.max_rows()) {
+                    let us = gpu_alone_us(&dev, iters, || {
+                        for i in 0..launches {
+                            gemv_with(kernel, &x, &ws[i % copies], residual.then_some(&r), gated)?;
+                        }
+                        Ok(())
+                    })? / launches as f64;
+                    let tbps = bytes as f64 / us / 1e6;
+                    println!(
+                        "| {name} | {proj} | {m} | {kernel:?} | {us:.1} | {tbps:.2} | {:.0} % |",
+                        tbps / ceil.tbps() * 100.0
+                    );
+                    out.push(
+                        json!({"model": name, "projection": proj, "rows": m, "kernel": format!("{kernel:?}"),
+                        "symbol": kernel.symbol(), "n": cols, "k": k, "weight_bytes": bytes, "us": us,
+                        "tb_per_s": tbps, "of_copy_ceiling": tbps / ceil.tbps(), "weight_copies": copies}),
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Everything of a decoder layer but the attention call, op by op, as
 /// `Llama::forward` runs it (the same functions on random weights of the
 /// preset's shapes), at each token count; and the ops queued back to back.
@@ -2184,6 +2260,7 @@ fn main() -> Result<()> {
                 fi_json.as_deref(),
             )?,
         ),
+        What::Gemv { models, rows } => ("gemv", gemv_kernels(models, rows, args.iters, &ceil)?),
         What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters, &ceil)?),
         What::Serve {
             models,
