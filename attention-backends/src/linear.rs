@@ -24,9 +24,9 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// 10.4 ms either way (`results/2026-11-21-h200-paged/gemv-rows-*.log`).
 pub const GEMV_DEFAULT_ROWS: usize = 4;
 
-/// Which GEMV kernel runs a projection. The model's projections use
-/// [`GemvKernel::Rows8`]; the others are candidates that `vpod-bench gemv`
-/// measures against it on the same shapes (the twin is the same for all).
+/// Which GEMV kernel runs a projection ([`GemvKernel::for_rows`] picks the
+/// model's); `vpod-bench gemv` measures them all on the same shapes (the
+/// twin is the same for all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemvKernel {
     /// `gemv_bf16`: up to 8 rows, 4 loads of 16 bytes in flight a lane.
@@ -55,6 +55,16 @@ impl GemvKernel {
         }
     }
 
+    /// The kernel the model's projections run for `rows` rows: `Rows4` up
+    /// to 4 (on the H200 at 1 and 4 rows it was as fast as `Rows8` or up to
+    /// 9 % faster on every Llama-3-8B and Yi-34B projection, e.g. Yi-34B's
+    /// `down` 70.0 against 76.5 us at one row; `Pipelined` won two shapes
+    /// by <= 6 % and lost others, `Row1` lost everywhere:
+    /// `results/2026-12-03-h200-gemv-kernels/`), else `Rows8`.
+    pub fn for_rows(rows: usize) -> Self {
+        if rows <= 4 { Self::Rows4 } else { Self::Rows8 }
+    }
+
     /// Most rows (tokens) it takes.
     pub fn max_rows(self) -> usize {
         match self {
@@ -81,9 +91,8 @@ fn gemv_rows() -> usize {
 /// `x · w^T`: `x [T, K]`, `w [N, K]` -> `[T, N]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if use_gemv(x, w) {
-        return Ok(x
-            .contiguous()?
-            .apply_op2_no_bwd(w, &Gemv(Epilogue::None, GemvKernel::Rows8))?);
+        let g = GemvKernel::for_rows(x.dim(0)?);
+        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::None, g))?);
     }
     Ok(x.matmul(&w.t()?)?)
 }
@@ -92,9 +101,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn linear_add(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
     if use_gemv(x, w) && residual.dtype() == DType::BF16 {
         let r = residual.contiguous()?;
-        return Ok(x
-            .contiguous()?
-            .apply_op3_no_bwd(w, &r, &Gemv(Epilogue::Residual, GemvKernel::Rows8))?);
+        return Ok(x.contiguous()?.apply_op3_no_bwd(
+            w,
+            &r,
+            &Gemv(Epilogue::Residual, GemvKernel::for_rows(x.dim(0)?)),
+        )?);
     }
     Ok((residual + x.matmul(&w.t()?)?)?)
 }
@@ -102,9 +113,8 @@ pub fn linear_add(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
 /// `silu(x · gate^T) * (x · up^T)` with `w = [gate; up]` (`[2F, K]`) -> `[T, F]`.
 pub fn linear_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if use_gemv(x, w) {
-        return Ok(x
-            .contiguous()?
-            .apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu, GemvKernel::Rows8))?);
+        let g = GemvKernel::for_rows(x.dim(0)?);
+        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu, g))?);
     }
     let f = w.dim(0)? / 2;
     let gu = x.matmul(&w.t()?)?;
