@@ -137,6 +137,33 @@ fn pseudo_random(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
         .unwrap()
 }
 
+/// `got` (GPU) and `want` (CPU twin) a few bf16 ulps apart at most, at the
+/// operands' scale (4 %, at least 0.04): roundings that land an ulp or two
+/// apart pass, an indexing error (off by O(1)) does not.
+fn assert_within_ulps(got: &Tensor, want: &Tensor, what: &str) {
+    let f = |t: &Tensor| -> Vec<f32> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (f(got), f(want));
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let bad: Vec<(usize, f32, f32)> = a
+        .iter()
+        .zip(&b)
+        .enumerate()
+        .filter(|(_, (x, y))| (*x - *y).abs() > 0.04 * y.abs().max(1.0))
+        .map(|(i, (x, y))| (i, *x, *y))
+        .take(5)
+        .collect();
+    assert!(bad.is_empty(), "{what}: (index, gpu, cpu) {bad:?}");
+}
+
 /// The decode GEMV kernels (every `GemvKernel`, all three epilogues)
 /// against the CPU twin, on shapes with M = 1..8 (up to each kernel's
 /// rows), K that is and is not a multiple of the unrolled (and pipelined)
@@ -174,35 +201,15 @@ fn gemv_matches_cpu_twin() {
             .unwrap()
             .to_device(&cpu)
             .unwrap();
-            let (a, b) = (
-                got.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-                want.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            );
             // Summation order differs, so a bf16 rounding of the product (and
-            // one of the sum) may land an ulp or two apart: allow a few ulps of
-            // the operands' scale. An indexing error would be off by O(1).
-            let bad: Vec<(usize, f32, f32)> = a
-                .iter()
-                .zip(&b)
-                .enumerate()
-                .filter(|(_, (x, y))| (*x - *y).abs() > 0.04 * y.abs().max(1.0))
-                .map(|(i, (x, y))| (i, *x, *y))
-                .take(5)
-                .collect();
-            assert!(
-                bad.is_empty(),
-                "{kernel:?}: m {m} n {n} k {k} residual {} swiglu {swiglu}: (index, gpu, cpu) {bad:?}",
-                res.is_some()
+            // one of the sum) may land an ulp or two apart.
+            assert_within_ulps(
+                &got,
+                &want,
+                &format!(
+                    "{kernel:?}: m {m} n {n} k {k} residual {} swiglu {swiglu}",
+                    res.is_some()
+                ),
             );
         }
     }
@@ -238,29 +245,8 @@ fn gemv_norm_matches_cpu_twin() {
             .unwrap()
             .to_device(&cpu)
             .unwrap();
-            let f = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            let (a, b) = (f(&got), f(&want));
-            // As gemv_matches_cpu_twin: a few ulps apart at most (the norm's
-            // sum runs in another order too); an indexing error is off by O(1).
-            let bad: Vec<(usize, f32, f32)> = a
-                .iter()
-                .zip(&b)
-                .enumerate()
-                .filter(|(_, (x, y))| (*x - *y).abs() > 0.04 * y.abs().max(1.0))
-                .map(|(i, (x, y))| (i, *x, *y))
-                .take(5)
-                .collect();
-            assert!(
-                bad.is_empty(),
-                "m {m} n {n} k {k} swiglu {swiglu}: (index, gpu, cpu) {bad:?}"
-            );
+            // The norm's sum runs in another order too.
+            assert_within_ulps(&got, &want, &format!("m {m} n {n} k {k} swiglu {swiglu}"));
         }
     }
 }
