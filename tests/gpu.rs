@@ -433,12 +433,25 @@ fn fixtures_parity(backend: &str) {
     assert!(rate >= 0.95, "top-1 agreement {rate}");
 }
 
-/// The decode path (single-token steps: GEMVs with the RMSNorm in their
-/// prologue, the decode attention kernels) gives the logits of the prefill
-/// path (candle's norm and matmuls, checked against transformers above) at
-/// the same positions, on every fixture, for `vattention` and `paged:16`.
+/// The decode path (single-token steps: the GEMVs, with the RMSNorm in
+/// their prologue or not, the decode attention kernels) gives the logits of
+/// the prefill path (candle's norm and matmuls, checked against
+/// transformers above) at the same positions, on every fixture, for
+/// `vattention` and `paged:16`. The fixtures are too small for the default
+/// to fuse any norm, so the fused path is forced once (a process-wide
+/// setting: the GPU tests run with --test-threads=1, as gpu-run.sh runs
+/// them).
 #[test]
 fn decode_steps_match_prefill_logits() {
+    use vpod_attention::linear::{NormFusion, set_norm_fusion};
+    for mode in [NormFusion::Always, NormFusion::Never] {
+        set_norm_fusion(mode);
+        decode_vs_prefill(mode);
+    }
+    set_norm_fusion(NormFusion::Auto);
+}
+
+fn decode_vs_prefill(mode: vpod_attention::linear::NormFusion) {
     let dev = gpu();
     for name in FIXTURES {
         let files = fetch_model_files(
@@ -497,9 +510,11 @@ fn decode_steps_match_prefill_logits() {
                         .unwrap()
                 };
                 // bf16 sums in another order: a near-tie may flip, a wrong row cannot pass the l2 bound.
-                assert!(r < 3e-2, "{name} {backend}: position {p}: rel l2 {r}");
+                assert!(r < 3e-2, "{name} {backend} {mode:?}: position {p}: rel l2 {r}");
                 if top(&step) != top(&want) {
-                    println!("DECODE-VS-PREFILL {name} {backend}: top-1 differs at {p} (rel l2 {r:.2e})");
+                    println!(
+                        "DECODE-VS-PREFILL {name} {backend} {mode:?}: top-1 differs at {p} (rel l2 {r:.2e})"
+                    );
                 }
             }
             println!(

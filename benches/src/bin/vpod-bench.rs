@@ -138,6 +138,10 @@ enum What {
         /// every point twice, rows with `cuda_graphs` true and false).
         #[arg(long, value_delimiter = ',', default_value = "on,off")]
         cuda_graphs: Vec<vpod_cli::engine::CudaGraphs>,
+        /// RMSNorm fused into the next GEMV on the decode path: auto (where
+        /// measured to pay), always or never (A/B end to end).
+        #[arg(long, default_value = "auto")]
+        norm_fusion: vpod_attention::linear::NormFusion,
     },
     Hybrid {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -2200,6 +2204,9 @@ fn main() -> Result<()> {
     // Once per run, before any benchmark: the tables' percentages and the
     // e2e floors divide by these, and the JSON records them.
     let ceil = Ceilings::measure(&gpu()?)?;
+    if let What::E2e { norm_fusion, .. } = &args.what {
+        vpod_attention::linear::set_norm_fusion(*norm_fusion);
+    }
     let (name, rows) = match &args.what {
         What::Decode {
             context,
@@ -2223,6 +2230,7 @@ fn main() -> Result<()> {
             profile_attention,
             tensor_parallel,
             cuda_graphs,
+            norm_fusion: _,
         } => (
             "e2e",
             e2e(
