@@ -20,7 +20,8 @@
 #                                            compare (cli compare's four workloads on a synthetic full-size model),
 #                                            httpserve (cli serve over HTTP vs the same trace in process),
 #                                            graphs (CUDA graphs: greedy tokens vs eager, sanitizers on
-#                                            replayed steps, vpod-bench e2e with graphs on and off)
+#                                            replayed steps, vpod-bench e2e with graphs on and off),
+#                                            gemv (the decode GEMV kernels vs their twin, then vpod-bench gemv)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
@@ -78,6 +79,12 @@ if want graphs; then
         step graphs-breakdown python3 scripts/decode_breakdown.py "$OUT/ncu-graphs.csv" --step-ms "$ms"
         cat "$OUT/graphs-breakdown.log"
     fi
+fi
+if want gemv; then
+    step gemv-tests "$B/integration" gpu::gemv --test-threads=1
+    # shellcheck disable=SC2086
+    step vb-gemv "$B/vpod-bench" gemv --out "$OUT" ${GEMV_ARGS:---models llama3-8b,yi-6b,yi-34b --rows 1,2,4}
+    cat "$OUT/vb-gemv.log"
 fi
 if want pod; then
     # shellcheck disable=SC2086
