@@ -124,6 +124,7 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "gemv_m4_bf16",
             "gemv_m1_bf16",
             "gemv_pipe_bf16",
+            "gemv_split_bf16",
             "gemv_norm_bf16",
         ],
     ),

@@ -39,11 +39,21 @@ pub enum GemvKernel {
     /// `gemv_pipe_bf16`: up to 4 rows, the next weight vectors loaded while
     /// the current ones are applied.
     Pipelined,
+    /// `gemv_split_bf16`: up to 4 rows, each output column split over two
+    /// warps (the halves of K, summed through shared memory): twice the
+    /// warps for projections with few columns.
+    Split2,
 }
 
 impl GemvKernel {
     /// Every kernel, for benchmarks and tests.
-    pub const ALL: [GemvKernel; 4] = [Self::Rows8, Self::Rows4, Self::Row1, Self::Pipelined];
+    pub const ALL: [GemvKernel; 5] = [
+        Self::Rows8,
+        Self::Rows4,
+        Self::Row1,
+        Self::Pipelined,
+        Self::Split2,
+    ];
 
     /// The kernel's symbol.
     pub fn symbol(self) -> &'static str {
@@ -52,6 +62,7 @@ impl GemvKernel {
             Self::Rows4 => "gemv_m4_bf16",
             Self::Row1 => "gemv_m1_bf16",
             Self::Pipelined => "gemv_pipe_bf16",
+            Self::Split2 => "gemv_split_bf16",
         }
     }
 
@@ -65,11 +76,17 @@ impl GemvKernel {
         if rows <= 4 { Self::Rows4 } else { Self::Rows8 }
     }
 
+    /// Output columns a CTA of 128 threads (4 warps) computes.
+    #[cfg(feature = "cuda")]
+    fn columns_per_cta(self) -> u32 {
+        if self == Self::Split2 { 2 } else { 4 }
+    }
+
     /// Most rows (tokens) it takes.
     pub fn max_rows(self) -> usize {
         match self {
             Self::Rows8 => GEMV_MAX_ROWS,
-            Self::Rows4 | Self::Pipelined => 4,
+            Self::Rows4 | Self::Pipelined | Self::Split2 => 4,
             Self::Row1 => 1,
         }
     }
@@ -630,9 +647,11 @@ mod cuda {
         let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
         let f = crate::ops::cuda::function(&dev, kernel.symbol())?;
         let (mi, ni, ki) = (m as i32, out as i32, k as i32);
-        const THREADS: u32 = 128; // 4 warps, one output column each
+        // 4 warps: one output column each, or two a column (Split2: its
+        // shared memory is sized for exactly 4 warps).
+        const THREADS: u32 = 128;
         let cfg = LaunchConfig {
-            grid_dim: ((out as u32).div_ceil(THREADS / 32), 1, 1),
+            grid_dim: ((out as u32).div_ceil(kernel.columns_per_cta()), 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -9,7 +9,8 @@ extern "C" __global__ void gemv_bf16(const __nv_bfloat16* __restrict__ w, const 
 
 // Variants measured by `vpod-bench gemv` (linear::GemvKernel): sized for at
 // most 4 rows (fewer registers, more warps an SM), for one row, and with the
-// weight loads software-pipelined (at most 4 rows).
+// weight loads software-pipelined (at most 4 rows), with each column split
+// over two warps (at most 4 rows).
 extern "C" __global__ void gemv_m4_bf16(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ x,
                                         const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ y,
                                         int M, int N, int K, int epi) {
@@ -20,6 +21,12 @@ extern "C" __global__ void gemv_m1_bf16(const __nv_bfloat16* __restrict__ w, con
                                         const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ y,
                                         int M, int N, int K, int epi) {
     gemv_impl<1, 4>(w, x, residual, y, M, N, K, epi);
+}
+
+extern "C" __global__ void gemv_split_bf16(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ x,
+                                           const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ y,
+                                           int M, int N, int K, int epi) {
+    gemv_split_impl<4, 4>(w, x, residual, y, M, N, K, epi);
 }
 
 extern "C" __global__ void gemv_pipe_bf16(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ x,
