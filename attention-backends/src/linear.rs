@@ -171,9 +171,7 @@ fn norm_then(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) ->
         && x.elem_count() * 2 <= NORM_SMEM_MAX
         && balanced_norm_grid(x, w, epi);
     if fused {
-        return Ok(x
-            .contiguous()?
-            .apply_op3_no_bwd(&gamma.contiguous()?, w, &GemvNorm { epi, eps })?);
+        return gemv_norm_op(x, gamma, eps, w, epi);
     }
     let h = candle_nn::ops::rms_norm(x, gamma, eps)?;
     match epi {
@@ -266,6 +264,10 @@ fn balanced_norm_grid(x: &Tensor, w: &Tensor, epi: Epilogue) -> bool {
 /// kernel's twin).
 pub fn gemv_norm(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, swiglu: bool) -> Result<Tensor> {
     let epi = if swiglu { Epilogue::SwiGlu } else { Epilogue::None };
+    gemv_norm_op(x, gamma, eps, w, epi)
+}
+
+fn gemv_norm_op(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) -> Result<Tensor> {
     Ok(x.contiguous()?
         .apply_op3_no_bwd(&gamma.contiguous()?, w, &GemvNorm { epi, eps })?)
 }

@@ -351,20 +351,6 @@ __device__ __forceinline__ void gemv_norm_impl(const __nv_bfloat16* __restrict__
         }
         row_dot<MAX_M, UNROLL>(wv + (size_t)n * kv, h, M, kv, acc, lane, first ? lane + 32 * UNROLL : lane);
         if (epi == 2) row_dot<MAX_M, UNROLL>(wv + (size_t)(n + N) * kv, h, M, kv, up, lane, lane);
-        if (lane == 0) {
-#pragma unroll
-            for (int m = 0; m < MAX_M; ++m) {
-                if (m < M) {
-                    if (epi == 2) {
-                        // transformers rounds gate and up to bf16 before silu(gate) * up.
-                        const float g = __bfloat162float(__float2bfloat16(acc[m]));
-                        const float u = __bfloat162float(__float2bfloat16(up[m]));
-                        y[(size_t)m * N + n] = silu_gate_bf16(g, u);
-                    } else {
-                        y[(size_t)m * N + n] = __float2bfloat16(acc[m]);
-                    }
-                }
-            }
-        }
+        if (lane == 0) store_col<MAX_M>(y, nullptr, M, N, n, epi, acc, up);  // epi 0 or 2: no residual
     }
 }
