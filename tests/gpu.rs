@@ -64,14 +64,7 @@ fn check_write(layout: KvLayout, tokens: usize, index: Vec<i64>, dtype: DType, c
         layout,
     )
     .unwrap();
-    let a = cache_cpu.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-    let b = cache_gpu
-        .to_device(&cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let (a, b) = (host_f32(&cache_cpu), host_f32(&cache_gpu));
     assert!(
         a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
         "{layout:?} {dtype:?}"
@@ -137,21 +130,23 @@ fn pseudo_random(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
         .unwrap()
 }
 
+/// Every element of `t` as f32, on the host, in order.
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 /// `got` (GPU) and `want` (CPU twin) a few bf16 ulps apart at most, at the
 /// operands' scale (4 %, at least 0.04): roundings that land an ulp or two
 /// apart pass, an indexing error (off by O(1)) does not.
 fn assert_within_ulps(got: &Tensor, want: &Tensor, what: &str) {
-    let f = |t: &Tensor| -> Vec<f32> {
-        t.to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
-    let (a, b) = (f(got), f(want));
+    let (a, b) = (host_f32(got), host_f32(want));
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     let bad: Vec<(usize, f32, f32)> = a
         .iter()
@@ -266,18 +261,8 @@ fn rope_qk_matches_cpu_twin() {
         let g = |x: &Tensor| x.to_device(&gpu()).unwrap();
         let (q, k) = rope_qk(&g(&qkv), &g(&cos), &g(&sin), heads, kv).unwrap();
         assert!(q.is_contiguous() && k.is_contiguous());
-        let bits = |x: &Tensor| {
-            x.to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        assert_eq!(bits(&q), bits(&wq), "q: t {t} heads {heads}");
-        assert_eq!(bits(&k), bits(&wk), "k: t {t} kv {kv}");
+        assert_eq!(host_f32(&q), host_f32(&wq), "q: t {t} heads {heads}");
+        assert_eq!(host_f32(&k), host_f32(&wk), "k: t {t} kv {kv}");
     }
 }
 
@@ -290,13 +275,7 @@ fn rope_qk_matches_cpu_twin() {
 fn argmax_rows_matches_cpu_twin() {
     use vpod_attention::sample::argmax_rows;
     for (rows, n) in [(33, 128_256), (5, 64_000), (4, 7)] {
-        let mut x = pseudo_random((rows, n), 8.0, 11)
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let mut x = host_f32(&pseudo_random((rows, n), 8.0, 11));
         let row = |r: usize| r * n;
         // Row 0: the maximum twice, late then early (the early one wins).
         x[row(0) + n - 1] = 100.0;
@@ -330,20 +309,12 @@ fn argmax_rows_matches_cpu_twin() {
 #[test]
 fn silu_gate_matches_cpu_twin() {
     use vpod_attention::linear::silu_gate;
-    let (dev, cpu) = (gpu(), Device::Cpu);
+    let dev = gpu();
     for (t, f) in [(1024, 14336), (7, 11008), (3, 8)] {
         let gu = pseudo_random((t, 2 * f), 4.0, 5);
-        let want = silu_gate(&gu).unwrap().to_dtype(DType::F32).unwrap();
-        let got = silu_gate(&gu.to_device(&dev).unwrap())
-            .unwrap()
-            .to_device(&cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let (a, b) = (
-            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
+        let want = silu_gate(&gu).unwrap();
+        let got = silu_gate(&gu.to_device(&dev).unwrap()).unwrap();
+        let (a, b) = (host_f32(&got), host_f32(&want));
         let bad = a
             .iter()
             .zip(&b)
