@@ -213,7 +213,8 @@ fn gemv_matches_cpu_twin() {
 /// RMSNorm fused into the GEMV (plain and gated epilogues) against its CPU
 /// twin: M = 1..4, K up to Yi-34B's 7168 (more than 48 KiB of shared memory
 /// at M = 4), an N larger than one column per resident warp (the grid
-/// stride: the LM head's case) and a K shorter than the prefetched prefix.
+/// stride: the LM head's case) and a K shorter than the prefetched prefix;
+/// with persistent CTAs and with one column a warp.
 #[test]
 fn gemv_norm_matches_cpu_twin() {
     use vpod_attention::linear::gemv_norm;
@@ -228,20 +229,25 @@ fn gemv_norm_matches_cpu_twin() {
         let x = pseudo_random((m, k), 3.0, 4);
         let g = pseudo_random((1, k), 1.0, 5).reshape(k).unwrap();
         let w = pseudo_random((2 * n, k), 0.05, 6);
-        for swiglu in [false, true] {
-            let want = gemv_norm(&x, &g, 1e-5, &w, swiglu).unwrap();
+        for (swiglu, persistent) in [(false, true), (true, true), (false, false), (true, false)] {
+            let want = gemv_norm(&x, &g, 1e-5, &w, swiglu, persistent).unwrap();
             let got = gemv_norm(
                 &x.to_device(&dev).unwrap(),
                 &g.to_device(&dev).unwrap(),
                 1e-5,
                 &w.to_device(&dev).unwrap(),
                 swiglu,
+                persistent,
             )
             .unwrap()
             .to_device(&cpu)
             .unwrap();
             // The norm's sum runs in another order too.
-            assert_within_ulps(&got, &want, &format!("m {m} n {n} k {k} swiglu {swiglu}"));
+            assert_within_ulps(
+                &got,
+                &want,
+                &format!("m {m} n {n} k {k} swiglu {swiglu} persistent {persistent}"),
+            );
         }
     }
 }
@@ -1027,7 +1033,10 @@ fn cuda_graphs_match_eager_greedy_tokens() {
                 captures.len(),
                 captures
                     .iter()
-                    .map(|c| format!("{} {} {:.1} ms {} nodes", c.rows, c.key, c.capture_ms, c.nodes))
+                    .map(|c| format!(
+                        "{} {} {:.1} ms {} nodes {} pdl edges",
+                        c.rows, c.key, c.capture_ms, c.nodes, c.pdl_edges
+                    ))
                     .collect::<Vec<_>>()
             );
             assert!(failed.is_empty(), "{name} {backend}: {failed:?}");

@@ -220,7 +220,7 @@ impl CustomOp3 for SlotDecode {
             scale: self.scale,
         };
         // SAFETY: slot_decode() checked shapes, slots and lengths against the cache.
-        unsafe { cuda::launch(&dev, &launch, &mut out, None) }?;
+        unsafe { cuda::launch(&dev, &launch, &mut out, None, None) }?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             lq.shape().clone(),
@@ -236,7 +236,7 @@ pub(crate) mod cuda {
 
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaStream, CudaView, DevicePtr, result, sys,
+        CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, sys,
     };
     use half::bf16;
 
@@ -299,6 +299,7 @@ pub(crate) mod cuda {
         l: &DecodeLaunch<'_>,
         out: &mut CudaSlice<bf16>,
         stream: Option<sys::CUstream>,
+        chain: Option<crate::ops::cuda::PdlChain>,
     ) -> candle_core::Result<()> {
         let (main, on) = streams(dev, stream)?;
         // Device addresses (cudarc's guards are no-ops with one cudarc stream).
@@ -335,17 +336,13 @@ pub(crate) mod cuda {
         let grid = (l.splits as u32, l.kv_heads as u32, l.batch as u32);
         // SAFETY: the arguments match the kernel's signature (lib.rs of vpod-kernels);
         // the caller vouches for the memory (see above).
-        unsafe {
-            result::launch_kernel(
-                f.cu_function(),
-                grid,
-                (128, 1, 1),
-                DECODE_SMEM as u32,
-                on,
-                &mut args,
-            )
-        }
-        .map_err(err)?;
+        // The kernel waits (pdl.cuh).
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: DECODE_SMEM as u32,
+        };
+        unsafe { crate::ops::cuda::launch_raw(dev, &f, cfg, on, &mut args, chain) }?;
         if l.counters.is_none() {
             // SAFETY: the partials were written above, in stream order.
             unsafe { combine(dev, l, out, stream) }?;
@@ -381,17 +378,13 @@ pub(crate) mod cuda {
         let grid = ((l.batch * l.heads) as u32, 1, 1);
         // SAFETY: the arguments match slot_decode_combine_bf16; reads the partials,
         // writes rows q_rows of out.
-        unsafe {
-            result::launch_kernel(
-                f.cu_function(),
-                grid,
-                (DECODE_HEAD_DIM as u32, 1, 1),
-                0,
-                on,
-                &mut args,
-            )
-        }
-        .map_err(err)
+        // The kernel waits (pdl.cuh).
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (DECODE_HEAD_DIM as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { crate::ops::cuda::launch_raw(dev, &f, cfg, on, &mut args, None) }
     }
 }
 

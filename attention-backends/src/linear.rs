@@ -105,10 +105,209 @@ fn gemv_rows() -> usize {
     })
 }
 
+/// A projection's shape as the GEMV kernels see it, on one GPU: the key of
+/// the measured kernel choice ([`tune_gemv`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemvShape {
+    /// CUDA ordinal.
+    pub gpu: usize,
+    /// Weight rows (`2F` for the gated projection).
+    pub n: usize,
+    pub k: usize,
+    /// 0 plain, 1 residual add, 2 SiLU gate.
+    pub epilogue: u8,
+    /// Rows (tokens) of x.
+    pub rows: usize,
+}
+
+/// One candidate measured by [`tune_gemv`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemvTiming {
+    pub shape: GemvShape,
+    pub kernel: GemvKernel,
+    /// GPU time per launch, microseconds.
+    pub us: f64,
+    /// Whether it was chosen for the shape.
+    pub chosen: bool,
+}
+
+/// The kernels [`tune_gemv`] measures (all take up to 4 rows).
+pub const GEMV_TUNE_CANDIDATES: [GemvKernel; 3] =
+    [GemvKernel::Rows4, GemvKernel::Split2, GemvKernel::Pipelined];
+
+/// How much faster than the default ([`GemvKernel::for_rows`]) another
+/// kernel must measure to be chosen: near-ties keep the default, so runs
+/// do not flip between kernels (whose sums round differently) on noise.
+pub const GEMV_TUNE_MARGIN: f64 = 0.03;
+
+type GemvChoices = std::sync::Mutex<std::collections::HashMap<GemvShape, GemvKernel>>;
+static GEMV_CHOICES: std::sync::OnceLock<GemvChoices> = std::sync::OnceLock::new();
+static GEMV_TUNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns [`tune_gemv`] on or off for the process (off: every projection
+/// runs [`GemvKernel::for_rows`]; shapes already measured keep their
+/// choice).
+pub fn set_gemv_tuning(on: bool) {
+    GEMV_TUNING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`tune_gemv`] measures (on by default).
+pub fn gemv_tuning() -> bool {
+    GEMV_TUNING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The kernel for `x · w^T` with `epi`: the measured choice for the shape
+/// on this GPU, else [`GemvKernel::for_rows`].
+fn kernel_for(x: &Tensor, w: &Tensor, epi: Epilogue) -> Result<GemvKernel> {
+    let rows = x.dim(0)?;
+    if let candle_core::DeviceLocation::Cuda { gpu_id } = x.device().location() {
+        let shape = GemvShape {
+            gpu: gpu_id,
+            n: w.dim(0)?,
+            k: w.dim(1)?,
+            epilogue: epi as u8,
+            rows,
+        };
+        let choices = GEMV_CHOICES.get_or_init(Default::default).lock();
+        if let Some(&k) = choices.as_ref().ok().and_then(|c| c.get(&shape)) {
+            return Ok(k);
+        }
+    }
+    Ok(GemvKernel::for_rows(rows))
+}
+
+/// Measures [`GEMV_TUNE_CANDIDATES`] on one projection of a model, at 1 to
+/// 4 rows, and records the fastest for its shape (where it beats the
+/// default by [`GEMV_TUNE_MARGIN`]): `weights` are that projection of
+/// every layer (same shape), streamed one after another as a decode step
+/// streams them, so that L2 holds none (one weight of 1 GB, such as an LM
+/// head, needs no rotation). Which kernel wins depends on the shape and the
+/// GPU: on the H200, splitting each column over two warps saved 14 % on
+/// Llama-3-8B's `down` and 7 % on its `o` but lost 4-7 % on Yi-34B's
+/// (`results/2026-12-04-h200-pdl/`). Shapes already measured are skipped;
+/// returns every measurement made. Nothing to do (an empty list) off CUDA,
+/// for other dtypes, or with [`set_gemv_tuning`] off.
+pub fn tune_gemv(weights: &[&Tensor], residual: bool, gated: bool) -> Result<Vec<GemvTiming>> {
+    let Some(w0) = weights.first() else {
+        return Ok(vec![]);
+    };
+    let candle_core::DeviceLocation::Cuda { gpu_id } = w0.device().location() else {
+        return Ok(vec![]);
+    };
+    if !gemv_tuning() || w0.dtype() != DType::BF16 {
+        return Ok(vec![]);
+    }
+    let (n, k) = w0.dims2()?;
+    if weights.iter().any(|w| w.dims() != [n, k]) {
+        return Err(candle_core::Error::Msg(format!("tune_gemv: the weights must all be [{n}, {k}]")).into());
+    }
+    let epi = match (residual, gated) {
+        (true, _) => Epilogue::Residual,
+        (false, true) => Epilogue::SwiGlu,
+        (false, false) => Epilogue::None,
+    };
+    let cols = if gated { n / 2 } else { n };
+    let dev = w0.device();
+    let mut out = vec![];
+    for rows in 1..=gemv_rows().min(4) {
+        let shape = GemvShape {
+            gpu: gpu_id,
+            n,
+            k,
+            epilogue: epi as u8,
+            rows,
+        };
+        if GEMV_CHOICES
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|e| candle_core::Error::Msg(format!("tune_gemv: {e}")))?
+            .contains_key(&shape)
+        {
+            continue;
+        }
+        // The values do not matter to the time; small ones keep the sums finite.
+        let x = (Tensor::ones((rows, k), DType::BF16, dev)? * 0.01)?;
+        let r = Tensor::zeros((rows, cols), DType::BF16, dev)?;
+        let mut times = vec![];
+        for kernel in GEMV_TUNE_CANDIDATES {
+            let us = time_gpu_us(dev, || {
+                for w in weights {
+                    gemv_with(kernel, &x, w, residual.then_some(&r), gated)?;
+                }
+                Ok(())
+            })? / weights.len() as f64;
+            times.push((kernel, us));
+        }
+        let default = GemvKernel::for_rows(rows);
+        let base = times
+            .iter()
+            .find(|t| t.0 == default)
+            .map_or(f64::INFINITY, |t| t.1);
+        let (best, best_us) = times
+            .iter()
+            .copied()
+            .fold((default, base), |b, t| if t.1 < b.1 { t } else { b });
+        let chosen = if best_us < base * (1.0 - GEMV_TUNE_MARGIN) {
+            best
+        } else {
+            default
+        };
+        GEMV_CHOICES
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|e| candle_core::Error::Msg(format!("tune_gemv: {e}")))?
+            .insert(shape, chosen);
+        out.extend(times.into_iter().map(|(kernel, us)| GemvTiming {
+            shape,
+            kernel,
+            us,
+            chosen: kernel == chosen,
+        }));
+    }
+    Ok(out)
+}
+
+/// GPU time of `f`'s kernels in microseconds: queued behind a GPU spin so
+/// that host launch costs are hidden, once to warm up, then the median of
+/// three runs between CUDA events.
+#[cfg(feature = "cuda")]
+fn time_gpu_us(dev: &candle_core::Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    let candle_core::Device::Cuda(cd) = dev else {
+        return Ok(0.0);
+    };
+    let stream = cd.cuda_stream();
+    let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        crate::AttnError::Candle(crate::ops::cuda::err(e))
+    };
+    f()?;
+    let mut v = vec![];
+    for _ in 0..3 {
+        // ~1 ms at H100/H200 clocks: longer than queueing a model's layers.
+        crate::ops::gpu_spin(dev, 2_000_000)?;
+        let a = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(err)?;
+        f()?;
+        let b = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(err)?;
+        b.synchronize().map_err(err)?;
+        v.push(f64::from(a.elapsed_ms(&b).map_err(err)?) * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[1])
+}
+
+#[cfg(not(feature = "cuda"))]
+fn time_gpu_us(_: &candle_core::Device, _: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(0.0)
+}
+
 /// `x · w^T`: `x [T, K]`, `w [N, K]` -> `[T, N]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if use_gemv(x, w) {
-        let g = GemvKernel::for_rows(x.dim(0)?);
+        let g = kernel_for(x, w, Epilogue::None)?;
         return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::None, g))?);
     }
     Ok(x.matmul(&w.t()?)?)
@@ -121,7 +320,7 @@ pub fn linear_add(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op3_no_bwd(
             w,
             &r,
-            &Gemv(Epilogue::Residual, GemvKernel::for_rows(x.dim(0)?)),
+            &Gemv(Epilogue::Residual, kernel_for(x, w, Epilogue::Residual)?),
         )?);
     }
     Ok((residual + x.matmul(&w.t()?)?)?)
@@ -130,7 +329,7 @@ pub fn linear_add(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Tensor> {
 /// `silu(x · gate^T) * (x · up^T)` with `w = [gate; up]` (`[2F, K]`) -> `[T, F]`.
 pub fn linear_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if use_gemv(x, w) {
-        let g = GemvKernel::for_rows(x.dim(0)?);
+        let g = kernel_for(x, w, Epilogue::SwiGlu)?;
         return Ok(x.contiguous()?.apply_op2_no_bwd(w, &Gemv(Epilogue::SwiGlu, g))?);
     }
     let f = w.dim(0)? / 2;
@@ -164,14 +363,18 @@ const NORM_SMEM_MAX: usize = 96 * 1024;
 pub const NORM_MAX_ROWS: usize = 4;
 
 fn norm_then(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) -> Result<Tensor> {
-    let fused = use_gemv(x, w)
+    let fusable = use_gemv(x, w)
         && gamma.dtype() == DType::BF16
         && gamma.dims() == [x.dim(1)?]
         && x.dim(0)? <= NORM_MAX_ROWS
-        && x.elem_count() * 2 <= NORM_SMEM_MAX
-        && balanced_norm_grid(x, w, epi);
-    if fused {
-        return gemv_norm_op(x, gamma, eps, w, epi);
+        && x.elem_count() * 2 <= NORM_SMEM_MAX;
+    if fusable {
+        let balanced = balanced_norm_grid(x, w, epi);
+        match norm_fusion() {
+            NormFusion::Auto if balanced => return gemv_norm_op(x, gamma, eps, w, epi, true),
+            NormFusion::Always => return gemv_norm_op(x, gamma, eps, w, epi, balanced),
+            _ => {}
+        }
     }
     let h = candle_nn::ops::rms_norm(x, gamma, eps)?;
     match epi {
@@ -189,14 +392,18 @@ const NORM_MAX_IDLE: f64 = 0.25;
 const NORM_MAX_COLUMNS: f64 = 3.0;
 
 /// Where [`norm_linear`] and [`norm_linear_swiglu`] fuse the norm into
-/// the GEMV (where the GEMV path applies at all): [`NormFusion::Auto`]
-/// (the default) where it was measured to pay, or always / never (tests
-/// and benchmarks compare the paths end to end).
+/// the GEMV (where the GEMV path applies at all; tests and benchmarks
+/// compare the paths end to end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NormFusion {
+    /// Where it was measured to pay: persistent CTAs whose last round of
+    /// columns is nearly full (see [`balanced_norm_grid`]).
     #[default]
     Auto,
+    /// Everywhere: persistent CTAs where balanced, else one output column
+    /// a warp (every CTA computing the norm in its prologue).
     Always,
+    /// Nowhere: candle's norm, then the GEMV.
     Never,
 }
 
@@ -242,11 +449,6 @@ pub fn norm_fusion() -> NormFusion {
 /// nearly full and a warp takes at most 3. A failed occupancy query only
 /// means no fusion.
 fn balanced_norm_grid(x: &Tensor, w: &Tensor, epi: Epilogue) -> bool {
-    match norm_fusion() {
-        NormFusion::Always => return true,
-        NormFusion::Never => return false,
-        NormFusion::Auto => {}
-    }
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = x.device() {
         let out = w.dim(0).unwrap_or(0) / if epi == Epilogue::SwiGlu { 2 } else { 1 };
@@ -262,14 +464,29 @@ fn balanced_norm_grid(x: &Tensor, w: &Tensor, epi: Epilogue) -> bool {
 
 /// Runs the fused norm + projection op on any device (on the CPU, the
 /// kernel's twin).
-pub fn gemv_norm(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, swiglu: bool) -> Result<Tensor> {
+/// `persistent`: see [`NormFusion::Always`].
+pub fn gemv_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    swiglu: bool,
+    persistent: bool,
+) -> Result<Tensor> {
     let epi = if swiglu { Epilogue::SwiGlu } else { Epilogue::None };
-    gemv_norm_op(x, gamma, eps, w, epi)
+    gemv_norm_op(x, gamma, eps, w, epi, persistent)
 }
 
-fn gemv_norm_op(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) -> Result<Tensor> {
+fn gemv_norm_op(
+    x: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    epi: Epilogue,
+    persistent: bool,
+) -> Result<Tensor> {
     Ok(x.contiguous()?
-        .apply_op3_no_bwd(&gamma.contiguous()?, w, &GemvNorm { epi, eps })?)
+        .apply_op3_no_bwd(&gamma.contiguous()?, w, &GemvNorm { epi, eps, persistent })?)
 }
 
 /// `silu(gu[:, ..F]) * gu[:, F..]` for `gu [T, 2F]` bf16 (`F % 8 == 0`), in
@@ -514,6 +731,11 @@ impl CustomOp3 for Gemv {
 struct GemvNorm {
     epi: Epilogue,
     eps: f32,
+    /// As many CTAs as fit on the GPU at once, each warp walking the
+    /// columns (the norm computed once per CTA), or one column a warp (every
+    /// CTA computes the norm; no last round of columns left half full).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    persistent: bool,
 }
 
 /// The fused kernel's norm on the host (as candle's CUDA `rmsnorm`:
@@ -580,14 +802,16 @@ impl CustomOp3 for GemvNorm {
         sw: &candle_core::CudaStorage,
         lw: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gemv_norm(self.epi, self.eps, sx, lx, sg, lg, sw, lw)
+        cuda::gemv_norm(self.epi, self.eps, self.persistent, sx, lx, sg, lg, sw, lw)
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
     use candle_core::{CudaStorage, Layout, Shape};
+
+    use crate::ops::cuda::{Launch, PdlChain};
     use half::bf16;
 
     use super::{Epilogue, NORM_SMEM_MAX, gate_dims, norm_dims};
@@ -596,6 +820,7 @@ mod cuda {
         let (t, f) = gate_dims(l)?;
         let dev = s.device.clone();
         let gu = s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
+        let pdl = PdlChain::begin(&dev)?;
         // SAFETY: every element of y is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<bf16>(t * f) }?;
         let func = crate::ops::cuda::function(&dev, "swiglu_bf16")?;
@@ -608,11 +833,11 @@ mod cuda {
         };
         let (ti, fi) = (t as i32, f as i32);
         let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&gu).arg(&mut y).arg(&ti).arg(&fi);
+        let mut b = Launch::new(&stream);
+        b.after(pdl).buf(&gu).buf_mut(&mut y).val(&ti).val(&fi);
         // SAFETY: gate_dims checked a contiguous [t, 2f] with f % 8 == 0 starting
-        // 16-byte aligned; y holds t * f elements.
-        unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
+        // 16-byte aligned; y holds t * f elements; the kernel waits (pdl.cuh).
+        unsafe { b.run(&dev, &func, cfg) }?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((t, f))))
     }
 
@@ -645,6 +870,7 @@ mod cuda {
             // Not read without the residual epilogue; any valid pointer will do.
             None => sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..),
         };
+        let pdl = PdlChain::begin(&dev)?;
         // SAFETY: every element of y is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
         let f = crate::ops::cuda::function(&dev, kernel.symbol())?;
@@ -658,18 +884,20 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&w)
-            .arg(&x)
-            .arg(&r)
-            .arg(&mut y)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&epi);
+        let mut b = Launch::new(&stream);
+        b.after(pdl)
+            .buf(&w)
+            .buf(&x)
+            .buf(&r)
+            .buf_mut(&mut y)
+            .val(&mi)
+            .val(&ni)
+            .val(&ki)
+            .val(&epi);
         // SAFETY: dims_rows() checked M against the kernel's rows, K % 8 == 0 (16-byte rows), contiguity
-        // and the weight's row count; y holds m * out elements.
-        unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
+        // and the weight's row count; y holds m * out elements; the kernel
+        // reads only weights before it waits (pdl.cuh).
+        unsafe { b.run(&dev, &f, cfg) }?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))
     }
     /// x, w (and gamma) are read 16 bytes at a time: their first elements
@@ -737,6 +965,7 @@ mod cuda {
     pub fn gemv_norm(
         epi: Epilogue,
         eps: f32,
+        persistent: bool,
         sx: &CudaStorage,
         lx: &Layout,
         sg: &CudaStorage,
@@ -756,33 +985,39 @@ mod cuda {
         let x = sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..);
         let g = sg.as_cuda_slice::<bf16>()?.slice(lg.start_offset()..);
         let w = sw.as_cuda_slice::<bf16>()?.slice(lw.start_offset()..);
+        let pdl = PdlChain::begin(&dev)?;
         // SAFETY: every element of y is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
         let f = crate::ops::cuda::function_with_smem(&dev, "gemv_norm_bf16", smem)?;
         let (mi, ni, ki, ei) = (m as i32, out as i32, k as i32, epi as i32);
         // Persistent: as many CTAs as fit at once (by registers and shared
-        // memory), each warp one output column at a time.
-        let ctas = resident_norm_warps(&dev, smem)? / (NORM_THREADS / 32);
+        // memory), each warp one output column at a time; else one column a warp.
+        let mut ctas = (out as u32).div_ceil(NORM_THREADS / 32);
+        if persistent {
+            ctas = ctas.min(resident_norm_warps(&dev, smem)? / (NORM_THREADS / 32));
+        }
         let cfg = LaunchConfig {
-            grid_dim: ((out as u32).div_ceil(NORM_THREADS / 32).min(ctas), 1, 1),
+            grid_dim: (ctas, 1, 1),
             block_dim: (NORM_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&w)
-            .arg(&x)
-            .arg(&g)
-            .arg(&mut y)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&ei)
-            .arg(&eps);
+        let mut b = Launch::new(&stream);
+        b.after(pdl)
+            .buf(&w)
+            .buf(&x)
+            .buf(&g)
+            .buf_mut(&mut y)
+            .val(&mi)
+            .val(&ni)
+            .val(&ki)
+            .val(&ei)
+            .val(&eps);
         // SAFETY: norm_dims() checked M <= 4, K % 8 == 0 (16-byte rows),
         // contiguity, gamma's length and the weight's rows; the launch asks for
-        // the M * K * 2 bytes of shared memory h takes; y holds m * out elements.
-        unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
+        // the M * K * 2 bytes of shared memory h takes; y holds m * out elements;
+        // the kernel reads only weights before it waits (pdl.cuh).
+        unsafe { b.run(&dev, &f, cfg) }?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, out))))
     }
 }
@@ -828,7 +1063,7 @@ mod tests {
         let h = candle_nn::ops::rms_norm(&x, &g, 1e-5)?;
         for swiglu in [false, true] {
             let want = gemv(&h, &w, None, swiglu)?.to_dtype(DType::F32)?;
-            let got = gemv_norm(&x, &g, 1e-5, &w, swiglu)?.to_dtype(DType::F32)?;
+            let got = gemv_norm(&x, &g, 1e-5, &w, swiglu, true)?.to_dtype(DType::F32)?;
             // candle's norm and the twin may round an element of h one ulp apart
             // (f32 sums in another order): a bf16 ulp or two of the largest output.
             let tol = (want.abs()?.max_all()?.to_scalar::<f32>()? / 64.0).max(3e-2);
@@ -846,7 +1081,7 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(d <= tol, "swiglu {swiglu}: {d} > {tol}");
         }
-        assert!(gemv_norm(&x, &g.narrow(0, 0, 32)?, 1e-5, &w, false).is_err());
+        assert!(gemv_norm(&x, &g.narrow(0, 0, 32)?, 1e-5, &w, false, true).is_err());
         Ok(())
     }
 

@@ -181,6 +181,28 @@ pub fn gpu_spin(dev: &candle_core::Device, cycles: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether the decode path's kernels (projections, RoPE, K/V write, decode
+/// attention, sampling) are launched with programmatic dependent launch on
+/// GPUs that have it (compute capability 9.0 and up): each may then start
+/// while the kernel before it finishes, and the projections ask their first
+/// weight rows into L2 before they wait for their input
+/// (`kernels/src/pdl.cuh`). On by default; `vpod-bench e2e --pdl off`
+/// measures without it. No effect on the CPU.
+static PDL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns programmatic dependent launch on or off for the process (every
+/// device; see [`pdl`]).
+pub fn set_pdl(on: bool) {
+    PDL.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether programmatic dependent launch is asked for: the decode path's
+/// kernels may start while the kernel before them finishes, on GPUs that
+/// have it (compute capability 9.0 and up; `kernels/src/pdl.cuh`).
+pub fn pdl() -> bool {
+    PDL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(feature = "cuda")]
 pub mod cuda {
     //! Loading our fatbins (once per device) and launching them.
@@ -188,7 +210,12 @@ pub mod cuda {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+    use std::ffi::c_void;
+
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+        PushKernelArg, SyncOnDrop, sys,
+    };
     use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
     use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
     use candle_core::{CudaStorage, DType, Layout};
@@ -223,13 +250,390 @@ pub mod cuda {
         module.load_function(name).map_err(err)
     }
 
+    /// Whether launches on `dev` carry the PDL attribute: asked for, and
+    /// the GPU is a Hopper or later (asked of the driver once per device).
+    fn pdl_on(dev: &CudaDevice) -> candle_core::Result<bool> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        if !super::pdl() {
+            return Ok(false);
+        }
+        static MAJOR: OnceLock<Mutex<HashMap<DeviceId, i32>>> = OnceLock::new();
+        let mut cache = MAJOR.get_or_init(Default::default).lock().map_err(err)?;
+        let major = match cache.get(&dev.id()) {
+            Some(&m) => m,
+            None => {
+                let m = dev
+                    .cuda_stream()
+                    .context()
+                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                    .map_err(err)?;
+                cache.insert(dev.id(), m);
+                m
+            }
+        };
+        Ok(major >= 9)
+    }
+
+    /// The kernels launched with PDL (their handles), for diagnostics.
+    static PDL_FUNCS: OnceLock<Mutex<std::collections::HashSet<usize>>> = OnceLock::new();
+
+    /// Whether `f` is a kernel [`launch_raw`] launched with PDL: one that
+    /// calls `pdl_wait()` before touching memory.
+    pub fn is_pdl_function(f: sys::CUfunction) -> bool {
+        PDL_FUNCS
+            .get()
+            .and_then(|s| s.lock().ok().map(|s| s.contains(&(f as usize))))
+            .unwrap_or(false)
+    }
+
+    thread_local! {
+        /// Programmatic edges [`PdlChain::link`] made on this thread since
+        /// [`take_pdl_edges`] was last called.
+        static PDL_EDGES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The programmatic edges made under stream capture on this thread
+    /// since the last call (the graphs' capture records report them).
+    pub fn take_pdl_edges() -> usize {
+        PDL_EDGES.with(|c| c.replace(0))
+    }
+
+    /// Programmatic dependent launch inside a captured CUDA graph. Each op
+    /// allocates its output in stream order, so a capture records `kernel A
+    /// -> [frees of dropped tensors] -> allocation -> kernel B`: B depends
+    /// on a memory node, and the launch attribute that lets it start while
+    /// A finishes is lost (and the edges of a graph with memory nodes cannot
+    /// be removed afterwards: CUDA_ERROR_NOT_SUPPORTED). So an op that
+    /// launches a PDL kernel begins a chain *before* it allocates: under
+    /// capture, when the stream's dependency is kernel A (directly or
+    /// through free nodes only), the op's allocations become roots of the
+    /// graph (they no longer reuse memory freed earlier in the step: a few
+    /// MB more of graph pool for a decode step) and [`PdlChain::link`] makes
+    /// B depend on them and on A by a programmatic edge; the frees stay
+    /// after A as leaves (still after every use of their buffers). Outside
+    /// a capture, or with any other shape of dependencies, it does nothing
+    /// and B is launched with the attribute as usual.
+    #[derive(Debug)]
+    pub struct PdlChain {
+        stream: sys::CUstream,
+        /// Kernel A, when the chain applies.
+        from: Option<sys::CUgraphNode>,
+    }
+
+    /// The stream's capture dependencies (`None` when it is not capturing).
+    fn capture_deps(stream: sys::CUstream) -> candle_core::Result<Option<Vec<sys::CUgraphNode>>> {
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let mut deps: *const sys::CUgraphNode = std::ptr::null();
+        let mut edges: *const sys::CUgraphEdgeData = std::ptr::null();
+        let mut n = 0usize;
+        // SAFETY: a live stream; the optional id and graph outputs are null;
+        // `deps` (and `edges`: asked for, as a query without them is refused
+        // once an edge is programmatic) point at `n` entries owned by the
+        // driver until the next call on the stream.
+        unsafe {
+            sys::cuStreamGetCaptureInfo_v3(
+                stream,
+                &mut status,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                &mut deps,
+                &mut edges,
+                &mut n,
+            )
+            .result()
+            .map_err(err)?;
+            if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE {
+                return Ok(None);
+            }
+            Ok(Some(if n == 0 || deps.is_null() {
+                vec![]
+            } else {
+                std::slice::from_raw_parts(deps, n).to_vec()
+            }))
+        }
+    }
+
+    /// A graph node's type.
+    fn node_type(n: sys::CUgraphNode) -> candle_core::Result<sys::CUgraphNodeType> {
+        let mut t = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: a node of the graph being captured.
+        unsafe { sys::cuGraphNodeGetType(n, &mut t) }
+            .result()
+            .map_err(err)?;
+        Ok(t)
+    }
+
+    /// A graph node's dependencies.
+    fn node_deps(n: sys::CUgraphNode) -> candle_core::Result<Vec<sys::CUgraphNode>> {
+        let mut count = 0usize;
+        // SAFETY: a node of the graph being captured; null arrays ask for the
+        // count, then arrays of that length (edge data too: a query without
+        // it is refused when an edge is programmatic).
+        unsafe {
+            sys::cuGraphNodeGetDependencies_v2(n, std::ptr::null_mut(), std::ptr::null_mut(), &mut count)
+                .result()
+                .map_err(err)?;
+            let mut v = vec![std::ptr::null_mut(); count];
+            let mut e: Vec<sys::CUgraphEdgeData> = vec![std::mem::zeroed(); count];
+            sys::cuGraphNodeGetDependencies_v2(n, v.as_mut_ptr(), e.as_mut_ptr(), &mut count)
+                .result()
+                .map_err(err)?;
+            v.truncate(count);
+            Ok(v)
+        }
+    }
+
+    /// Sets the capturing stream's dependencies (with one edge datum each).
+    fn set_capture_deps(
+        stream: sys::CUstream,
+        deps: &mut [sys::CUgraphNode],
+        data: &[sys::CUgraphEdgeData],
+    ) -> candle_core::Result<()> {
+        let flags = sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES as u32;
+        let (d, e) = if deps.is_empty() {
+            (std::ptr::null_mut(), std::ptr::null())
+        } else {
+            (deps.as_mut_ptr(), data.as_ptr())
+        };
+        // SAFETY: the capturing stream; nodes of its graph.
+        unsafe { sys::cuStreamUpdateCaptureDependencies_v2(stream, d, e, deps.len(), flags) }
+            .result()
+            .map_err(err)
+    }
+
+    impl PdlChain {
+        /// Call before the op's allocations (see [`PdlChain`]).
+        pub fn begin(dev: &CudaDevice) -> candle_core::Result<Self> {
+            use sys::CUgraphNodeType as T;
+            let stream = dev.cuda_stream().cu_stream();
+            let none = Self { stream, from: None };
+            if !pdl_on(dev)? {
+                return Ok(none);
+            }
+            let Some(deps) = capture_deps(stream)? else {
+                return Ok(none);
+            };
+            let [mut cur] = deps[..] else { return Ok(none) };
+            let from = loop {
+                match node_type(cur)? {
+                    T::CU_GRAPH_NODE_TYPE_KERNEL => break cur,
+                    T::CU_GRAPH_NODE_TYPE_MEM_FREE => match node_deps(cur)?[..] {
+                        [prev] => cur = prev,
+                        _ => return Ok(none),
+                    },
+                    _ => return Ok(none),
+                }
+            };
+            // No dependencies: the op's next node (its allocation) is a root.
+            set_capture_deps(stream, &mut [], &[])?;
+            Ok(Self {
+                stream,
+                from: Some(from),
+            })
+        }
+
+        /// Right before the launch: the stream's dependencies become the
+        /// op's allocations (default edges) and kernel A (a programmatic
+        /// edge). True when it did so (the launch then carries no attribute).
+        fn link(mut self) -> candle_core::Result<bool> {
+            let Some(from) = self.from.take() else {
+                return Ok(false);
+            };
+            let Some(mut deps) = capture_deps(self.stream)? else {
+                return Ok(false);
+            };
+            let plain = sys::CUgraphEdgeData {
+                from_port: 0,
+                to_port: 0,
+                type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_DEFAULT as u8,
+                reserved: [0; 5],
+            };
+            let mut data = vec![plain; deps.len()];
+            deps.push(from);
+            data.push(sys::CUgraphEdgeData {
+                from_port: sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8,
+                to_port: 0,
+                type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8,
+                reserved: [0; 5],
+            });
+            set_capture_deps(self.stream, &mut deps, &data)?;
+            PDL_EDGES.with(|c| c.set(c.get() + 1));
+            Ok(true)
+        }
+    }
+
+    impl Drop for PdlChain {
+        /// A chain begun but not linked (the op launched nothing, or failed
+        /// before its launch): kernel A goes back into the stream's
+        /// dependencies as a plain edge, so that what follows stays ordered
+        /// after it.
+        fn drop(&mut self) {
+            if let Some(from) = self.from.take()
+                && let Ok(Some(mut deps)) = capture_deps(self.stream)
+            {
+                deps.push(from);
+                let plain = sys::CUgraphEdgeData {
+                    from_port: 0,
+                    to_port: 0,
+                    type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_DEFAULT as u8,
+                    reserved: [0; 5],
+                };
+                let data = vec![plain; deps.len()];
+                // An error here leaves the capture without the edge: the
+                // driver then reports the capture invalid or the step's
+                // tokens differ from eager ones (the GPU tests compare them).
+                let _ = set_capture_deps(self.stream, &mut deps, &data);
+            }
+        }
+    }
+
+    /// Launches `f` on the raw stream `stream` (of `dev`'s context) with the
+    /// kernel parameters `args` (pointers to each argument's value), with
+    /// the programmatic-stream-serialization attribute where [`pdl_on`].
+    ///
+    /// # Safety
+    /// As cudarc's `launch_kernel`: `args` match the kernel's signature and
+    /// the memory it touches is valid. With PDL the kernel must call
+    /// `pdl_wait()` (pdl.cuh) on every path before it touches memory that
+    /// an earlier kernel writes or reads (only kernels written so are
+    /// launched here).
+    pub unsafe fn launch_raw(
+        dev: &CudaDevice,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        stream: sys::CUstream,
+        args: &mut [*mut c_void],
+        chain: Option<PdlChain>,
+    ) -> candle_core::Result<()> {
+        dev.cuda_stream().context().bind_to_thread().map_err(err)?;
+        // SAFETY: a plain-old-data C struct; zero is a valid (empty) value.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let on = pdl_on(dev)?;
+        if on {
+            PDL_FUNCS
+                .get_or_init(Default::default)
+                .lock()
+                .map_err(err)?
+                .insert(f.cu_function() as usize);
+        }
+        // Under capture with the edge already set (see PdlChain), no attribute.
+        let linked = match chain {
+            Some(c) => c.link()?,
+            None => false,
+        };
+        let on = on && !linked;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: stream,
+            attrs: if on { &raw mut attr } else { std::ptr::null_mut() },
+            numAttrs: on as u32,
+        };
+        // SAFETY: the caller vouches for the arguments (see above); config and
+        // attr outlive the call.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(err)
+    }
+
+    /// A kernel's arguments, for [`Launch::run`]: device buffers by their
+    /// addresses, scalars by reference (what cudarc's launch builder takes,
+    /// which cannot set launch attributes).
+    #[allow(missing_debug_implementations)] // raw pointers and cudarc guards: nothing to show
+    pub struct Launch<'a> {
+        stream: &'a CudaStream,
+        /// Each buffer's address, boxed so that `params` can point at it
+        /// (a box stays put while the Vec grows).
+        #[allow(clippy::vec_box)]
+        addrs: Vec<Box<u64>>,
+        params: Vec<*mut c_void>,
+        /// cudarc's stream-ordering guards (no-ops with event tracking off,
+        /// as the engine runs), dropped after the launch.
+        guards: Vec<SyncOnDrop<'a>>,
+        chain: Option<PdlChain>,
+    }
+
+    impl<'a> Launch<'a> {
+        pub fn new(stream: &'a CudaStream) -> Self {
+            Self {
+                stream,
+                addrs: vec![],
+                params: vec![],
+                guards: vec![],
+                chain: None,
+            }
+        }
+
+        /// The op's [`PdlChain`], begun before its allocations.
+        pub fn after(&mut self, chain: PdlChain) -> &mut Self {
+            self.chain = Some(chain);
+            self
+        }
+
+        fn push_addr(&mut self, a: u64) {
+            let b = Box::new(a);
+            self.params.push((&raw const *b).cast_mut().cast());
+            self.addrs.push(b);
+        }
+
+        /// A buffer the kernel reads.
+        pub fn buf<T>(&mut self, b: &'a impl DevicePtr<T>) -> &mut Self {
+            let (a, g) = b.device_ptr(self.stream);
+            self.push_addr(a);
+            self.guards.push(g);
+            self
+        }
+
+        /// A buffer the kernel writes.
+        pub fn buf_mut<T>(&mut self, b: &'a mut impl DevicePtrMut<T>) -> &mut Self {
+            let (a, g) = b.device_ptr_mut(self.stream);
+            self.push_addr(a);
+            self.guards.push(g);
+            self
+        }
+
+        /// A raw device address (e.g. the VMM cache's base).
+        pub fn addr(&mut self, a: u64) -> &mut Self {
+            self.push_addr(a);
+            self
+        }
+
+        /// A scalar argument.
+        pub fn val<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+            self.params.push((v as *const T).cast_mut().cast());
+            self
+        }
+
+        /// Launches `f` on the stream (see [`launch_raw`]).
+        ///
+        /// # Safety
+        /// As [`launch_raw`].
+        pub unsafe fn run(
+            mut self,
+            dev: &CudaDevice,
+            f: &CudaFunction,
+            cfg: LaunchConfig,
+        ) -> candle_core::Result<()> {
+            let stream = self.stream.cu_stream();
+            // SAFETY: the caller's (see above).
+            let r = unsafe { launch_raw(dev, f, cfg, stream, &mut self.params, self.chain.take()) };
+            drop(self.guards);
+            r
+        }
+    }
+
     /// Copies `v` over the first `v.len()` elements of the contiguous CUDA
     /// tensor `t`, in stream order, without moving it: a buffer that a
     /// captured CUDA graph reads in place (candle has no in-place upload;
     /// its own uploads go through a content cache while a capture is on).
-    pub fn write_host<
-        T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + CudaDType + candle_core::WithDType,
-    >(
+    pub fn write_host<T: DeviceRepr + CudaDType + candle_core::WithDType>(
         t: &candle_core::Tensor,
         v: &[T],
     ) -> candle_core::Result<()> {
@@ -297,7 +701,7 @@ pub mod cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr>(
         op: &KvLayout,
         suffix: &str,
         cache: &mut CudaStorage,

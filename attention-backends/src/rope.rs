@@ -129,13 +129,14 @@ impl CustomOp3 for RopeQk {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let (t, row) = check(self, [s1.dtype(), s2.dtype(), s3.dtype()], [l1, l2, l3])?;
         let dev = s1.device.clone();
         let qkv = s1.as_cuda_slice::<bf16>()?.slice(l1.start_offset()..);
         let cos = s2.as_cuda_slice::<bf16>()?.slice(l2.start_offset()..);
         let sin = s3.as_cuda_slice::<bf16>()?.slice(l3.start_offset()..);
         let (d, nh) = (self.d, self.heads + self.kv_heads);
+        let pdl = crate::ops::cuda::PdlChain::begin(&dev)?;
         // SAFETY: the kernel writes every element of out.
         let mut out = unsafe { dev.alloc::<bf16>((t * nh * d).max(1)) }?;
         let threads = t * nh * d / 16;
@@ -155,12 +156,13 @@ impl CustomOp3 for RopeQk {
                 row as i64,
             );
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&func);
-            b.arg(&qkv).arg(&cos).arg(&sin).arg(&mut out);
-            b.arg(&ti).arg(&hi).arg(&kvi).arg(&di).arg(&rowi);
+            let mut b = crate::ops::cuda::Launch::new(&stream);
+            b.after(pdl).buf(&qkv).buf(&cos).buf(&sin).buf_mut(&mut out);
+            b.val(&ti).val(&hi).val(&kvi).val(&di).val(&rowi);
             // SAFETY: check() verified T rows of qkv at stride `row` (16-byte aligned) holding
-            // the q and k heads, [T, d / 2] tables and d % 16 == 0; out holds T (heads + kv_heads) d.
-            unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
+            // the q and k heads, [T, d / 2] tables and d % 16 == 0; out holds T (heads + kv_heads) d;
+            // the kernel waits (pdl.cuh).
+            unsafe { b.run(&dev, &func, cfg) }?;
         }
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),

@@ -78,10 +78,11 @@ impl CustomOp1 for ArgmaxRows {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let (rows, n) = rows_dims(l, s.dtype())?;
         let dev = s.device.clone();
         let x = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
+        let pdl = crate::ops::cuda::PdlChain::begin(&dev)?;
         // SAFETY: the kernel writes all `rows` outputs.
         let mut out = unsafe { dev.alloc::<u32>(rows.max(1)) }?;
         if rows > 0 {
@@ -93,11 +94,12 @@ impl CustomOp1 for ArgmaxRows {
             };
             let ni = n as i32;
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&func);
-            b.arg(&x).arg(&mut out).arg(&ni);
+            let mut b = crate::ops::cuda::Launch::new(&stream);
+            b.after(pdl).buf(&x).buf_mut(&mut out).val(&ni);
             // SAFETY: rows_dims checked a contiguous [rows, n] f32 tensor starting at
-            // x; one block reads one row and writes out[block]; out holds rows values.
-            unsafe { b.launch(cfg) }.map_err(crate::ops::cuda::err)?;
+            // x; one block reads one row and writes out[block]; out holds rows values;
+            // the kernel waits (pdl.cuh).
+            unsafe { b.run(&dev, &func, cfg) }?;
         }
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),

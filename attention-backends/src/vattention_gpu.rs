@@ -893,18 +893,25 @@ impl CustomOp3 for GpuAttention<'_> {
             block_dim: ((row_elems as u32 / 8).clamp(32, 512), 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&self.k.base)
-            .arg(&self.v.base)
-            .arg(&src[0].0)
-            .arg(&src[1].0)
-            .arg(&p.write_rows)
-            .arg(&src[0].1)
-            .arg(&src[1].1)
-            .arg(&row_elems);
+        let mut b = crate::ops::cuda::Launch::new(&stream);
+        b.after(crate::ops::cuda::PdlChain::begin(&dev)?)
+            .addr(self.k.base)
+            .addr(self.v.base)
+            .buf(&src[0].0)
+            .buf(&src[1].0)
+            .buf(&p.write_rows)
+            .val(&src[0].1)
+            .val(&src[1].1)
+            .val(&row_elems);
         // SAFETY: every write row lies in a page mapped for its sequence (make_room +
-        // fence ran first); each source holds T rows of row_elems at its stride.
-        unsafe { b.launch(cfg) }.map_err(err)?;
+        // fence ran first); each source holds T rows of row_elems at its stride; the
+        // kernel waits (pdl.cuh).
+        unsafe { b.run(&dev, &f, cfg) }?;
+        // A decode-only step: the decode kernel may start as the K/V write
+        // finishes, also in a captured graph (the chain begins before `out`).
+        let pdl = (p.chunks.n_work == 0)
+            .then(|| crate::ops::cuda::PdlChain::begin(&dev))
+            .transpose()?;
         // SAFETY: the prefill and decode kernels below write every row of `out`
         // (each token is in exactly one prompt chunk or is one decode).
         let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * d) }?;
@@ -927,7 +934,13 @@ impl CustomOp3 for GpuAttention<'_> {
                     )
                     .map_err(err)?;
                     self.timed_prefill(&dev, &q, &mut out)?;
-                    crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, Some(side.stream))?;
+                    crate::decode::cuda::launch(
+                        &dev,
+                        &self.decode_launch(&q),
+                        &mut out,
+                        Some(side.stream),
+                        None,
+                    )?;
                     event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                         .map_err(err)?;
@@ -942,7 +955,9 @@ impl CustomOp3 for GpuAttention<'_> {
                     // SAFETY: keys below each decode's length are mapped and written; the
                     // plan's partials hold n_dec * heads * splits entries and its counters
                     // n_dec * kv_heads (zero between launches; stream-ordered reuse by the layers).
-                    unsafe { crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, None) }?;
+                    unsafe {
+                        crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, None, pdl)
+                    }?;
                 }
             }
         }

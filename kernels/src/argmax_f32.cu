@@ -8,6 +8,8 @@
 // engine refuses such a row, and needs no second pass or copy to know it.
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 // (value, index) pairs: b replaces a when it is larger, or equal and earlier.
 __device__ __forceinline__ void better(float& v, int& i, float bv, int bi) {
     if (bv > v || (bv == v && bi < i)) {
@@ -18,6 +20,8 @@ __device__ __forceinline__ void better(float& v, int& i, float bv, int bi) {
 
 extern "C" __global__ void argmax_f32(const float* __restrict__ logits, uint32_t* __restrict__ out, int n) {
     const float* x = logits + (size_t)blockIdx.x * n;
+    pdl_wait();
+    pdl_launch_dependents();
     // Starting at -inf, an all -inf row still picks its first index (by equality).
     float v = __int_as_float(0xff800000);
     int i = INT32_MAX;

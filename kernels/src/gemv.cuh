@@ -13,7 +13,14 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
 #include "swiglu.cuh"
+
+// Before pdl_wait() (pdl.cuh) each warp issues its first UNROLL weight
+// loads into registers: they stream while the previous kernel finishes,
+// and the products start from them once x may be read. (Asking whole rows
+// into L2 with cp.async.bulk.prefetch instead made every projection 2-9 %
+// slower on the H200, the LM head too: results/2026-12-04-h200-pdl/.)
 
 // UNROLL loads of 16 bytes in flight per lane: with ~24 resident warps per
 // SM, enough bytes in flight to approach the HBM bandwidth (measured on the
@@ -138,15 +145,36 @@ __device__ __forceinline__ void gemv_impl(const __nv_bfloat16* __restrict__ w, c
                                           int M, int N, int K, int epi) {
     const int lane = threadIdx.x & 31;
     const int n = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (n >= N) return;
     const int kv = K / 8;
+    const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)n * kv;
+    // The first weight vectors in flight before the wait (not for the
+    // pipelined variant, which keeps its own loads ahead).
+    const bool pre = !PIPE && n < N && kv >= 32 * UNROLL;
+    uint4 p0[UNROLL];
+    if (pre) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) p0[u] = load_stream(wr + lane + 32 * u);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    if (n >= N) return;
     float acc[MAX_M];
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) acc[m] = 0.f;
+    if (pre) {
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m < M) {
+                const uint4* xr = reinterpret_cast<const uint4*>(x) + (size_t)m * kv;
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) acc[m] += dot8(p0[u], xr[lane + 32 * u]);
+            }
+        }
+    }
     if (PIPE)
-        row_dot_pipe<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)n * kv, x, M, kv, acc, lane);
+        row_dot_pipe<MAX_M, UNROLL>(wr, x, M, kv, acc, lane);
     else
-        row_dot<MAX_M, UNROLL>(reinterpret_cast<const uint4*>(w) + (size_t)n * kv, x, M, kv, acc, lane, lane);
+        row_dot<MAX_M, UNROLL>(wr, x, M, kv, acc, lane, pre ? lane + 32 * UNROLL : lane);
     if (epi == 2) {
         // Second row: up_proj row n sits N rows further down.
         float up[MAX_M];
@@ -227,8 +255,27 @@ __device__ __forceinline__ void gemv_split_impl(const __nv_bfloat16* __restrict_
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) acc[m] = up[m] = 0.f;
     const uint4* wv = reinterpret_cast<const uint4*>(w);
+    // This warp's first weight vectors in flight before the wait.
+    const bool pre = n < N && i0 + 32 * (UNROLL - 1) < end;
+    uint4 p0[UNROLL];
+    if (pre) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) p0[u] = load_stream(wv + (size_t)n * kv + i0 + 32 * u);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    if (pre) {
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m < M) {
+                const uint4* xr = reinterpret_cast<const uint4*>(x) + (size_t)m * kv;
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) acc[m] += dot8(p0[u], xr[i0 + 32 * u]);
+            }
+        }
+    }
     if (n < N) {
-        row_dot_range<MAX_M, UNROLL>(wv + (size_t)n * kv, x, M, kv, acc, lane, i0, end);
+        row_dot_range<MAX_M, UNROLL>(wv + (size_t)n * kv, x, M, kv, acc, lane, pre ? i0 + 32 * UNROLL : i0, end);
         if (epi == 2) row_dot_range<MAX_M, UNROLL>(wv + (size_t)(n + N) * kv, x, M, kv, up, lane, i0, end);
     }
     if (lane == 0 && half == 1) {
@@ -280,7 +327,10 @@ __device__ __forceinline__ void gemv_norm_impl(const __nv_bfloat16* __restrict__
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) p0[u] = load_stream(wv + (size_t)n0 * kv + lane + 32 * u);
     }
-    // 2. x into shared memory, with each row's sum of squares.
+    // 2. x into shared memory, with each row's sum of squares (x is the
+    // previous kernel's output: from here on it must have finished).
+    pdl_wait();
+    pdl_launch_dependents();
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     float ss[MAX_M];
 #pragma unroll

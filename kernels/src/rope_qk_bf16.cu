@@ -11,6 +11,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 __device__ __forceinline__ float r16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 extern "C" __global__ void rope_qk_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ cos,
@@ -18,6 +20,8 @@ extern "C" __global__ void rope_qk_bf16(const __nv_bfloat16* __restrict__ qkv, c
                                         int heads, int kv_heads, int d, int64_t row) {
     const int half = d / 2, per_head = half / 8, nh = heads + kv_heads;
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    pdl_wait();
+    pdl_launch_dependents();
     if (i >= (int64_t)T * nh * per_head) return;
     const int c = (int)(i % per_head) * 8;
     const int h = (int)(i / per_head % nh);

@@ -1,4 +1,5 @@
 // Split-KV decode over the per-slot layout, bf16, head_dim 128, GQA group <= 16; see slot_decode.cuh.
+#include "pdl.cuh"
 #include "slot_decode.cuh"
 
 extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
@@ -6,6 +7,8 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
                      const __nv_bfloat16* v_base, const int32_t* slots, const int32_t* seq_lens, float* part_o,
                      float* part_ml, int* counters, __nv_bfloat16* out, int heads, int group, int64_t slot_stride,
                      int64_t pos_stride, int splits, float scale) {
+    pdl_wait();
+    pdl_launch_dependents();
     slot_decode_split<DEC_STAGES>(q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group,
                       slot_stride, pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y,
                       WholeBlock{});

@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
-use vpod_attention::linear::{linear, linear_add, norm_linear, norm_linear_swiglu};
+use vpod_attention::linear::{GemvTiming, linear, linear_add, norm_linear, norm_linear_swiglu, tune_gemv};
 use vpod_attention::rope::rope_qk;
 use vpod_attention::{AttentionStep, AttnConfig};
 
@@ -135,6 +135,8 @@ pub struct Llama {
     shard: Shard,
     /// The ranks' collectives (`None` for the whole model).
     comm: Option<std::sync::Arc<dyn Communicator>>,
+    /// The decode projections' GEMV kernels measured at load ([`Self::gemv_timings`]).
+    gemv_timings: Vec<GemvTiming>,
 }
 
 impl Llama {
@@ -243,7 +245,7 @@ impl Llama {
             slice("lm_head.weight".into(), &[cfg.vocab_size, h], 0, vocab)?
         };
         progress(total, total);
-        Ok(Self {
+        let mut model = Self {
             cfg: cfg.clone(),
             embed: Embedding::new(embed_w, h),
             layers,
@@ -254,7 +256,34 @@ impl Llama {
             device: w.device().clone(),
             shard,
             comm,
-        })
+            gemv_timings: vec![],
+        };
+        model.gemv_timings = model.tune_gemv()?;
+        Ok(model)
+    }
+
+    /// Measures the GEMV kernels of the decode path on this model's own
+    /// weights, each projection over all layers ([`tune_gemv`]; a no-op off
+    /// CUDA, for dtypes other than bf16, with tuning off, or for shapes
+    /// measured before in the process), so that its decode steps run the
+    /// fastest kernel per shape on this GPU.
+    fn tune_gemv(&self) -> Result<Vec<GemvTiming>> {
+        let all = |f: fn(&Layer) -> &Tensor| self.layers.iter().map(f).collect::<Vec<_>>();
+        // O and down add the residual on the whole model and on rank 0 (row_parallel).
+        let residual = self.comm.as_ref().is_none_or(|c| c.rank() == 0);
+        let mut out = tune_gemv(&all(|l| &l.qkv), false, false)?;
+        out.extend(tune_gemv(&all(|l| &l.o), residual, false)?);
+        out.extend(tune_gemv(&all(|l| &l.gate_up), false, true)?);
+        out.extend(tune_gemv(&all(|l| &l.down), residual, false)?);
+        out.extend(tune_gemv(&[&self.lm_head], false, false)?);
+        Ok(out)
+    }
+
+    /// What [`Self::tune_gemv`] measured when this model was loaded (empty
+    /// where it did not run, or where an earlier model of the same shapes
+    /// had measured them).
+    pub fn gemv_timings(&self) -> &[GemvTiming] {
+        &self.gemv_timings
     }
 
     /// Which tensor-parallel slices this model holds.

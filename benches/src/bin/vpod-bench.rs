@@ -142,6 +142,16 @@ enum What {
         /// measured to pay), always or never (A/B end to end).
         #[arg(long, default_value = "auto")]
         norm_fusion: vpod_attention::linear::NormFusion,
+        /// Programmatic dependent launch of the decode path's kernels (each
+        /// may start while the one before it finishes; Hopper and later):
+        /// on or off (A/B end to end).
+        #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+        pdl: bool,
+        /// Measure the GEMV kernels on each model's weights at load and run
+        /// the fastest per shape (`linear::tune_gemv`): on, or off (the
+        /// default kernel everywhere).
+        #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+        gemv_tune: bool,
     },
     Hybrid {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -186,6 +196,10 @@ enum What {
         /// Rows (tokens) of x.
         #[arg(long, value_delimiter = ',', default_value = "1,4")]
         rows: Vec<usize>,
+        /// Programmatic dependent launch (on, off, or both: `on,off`): with
+        /// it each launch of a chain may start while the one before finishes.
+        #[arg(long, value_delimiter = ',', default_value = "on,off", value_parser = on_off)]
+        pdl: Vec<bool>,
     },
     Layer {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -1017,6 +1031,27 @@ fn synthetic_tp(name: &str, max_len: usize, devices: &[Device]) -> Result<Shards
     Ok((p, std::sync::Arc::new(rank0), rest))
 }
 
+/// The GEMV kernels measured at load (`linear::tune_gemv`), one entry per
+/// shape: the chosen kernel and every candidate's time; printed too.
+fn gemv_choices(t: &[vpod_attention::linear::GemvTiming]) -> Value {
+    let mut out = vec![];
+    for c in t.iter().filter(|c| c.chosen) {
+        let all: serde_json::Map<String, Value> = t
+            .iter()
+            .filter(|o| o.shape == c.shape)
+            .map(|o| (format!("{:?}", o.kernel), json!(o.us)))
+            .collect();
+        let s = c.shape;
+        println!(
+            "gemv [{}, {}] epilogue {} rows {}: {:?} ({all:?} us)",
+            s.n, s.k, s.epilogue, s.rows, c.kernel
+        );
+        out.push(json!({"n": s.n, "k": s.k, "epilogue": s.epilogue, "rows": s.rows,
+            "kernel": format!("{:?}", c.kernel), "us": all}));
+    }
+    Value::Array(out)
+}
+
 fn weight_bytes(p: &vpod_models::Preset) -> f64 {
     let d = p.hidden / p.heads;
     let layer = p.hidden * (p.hidden + 2 * p.kv_heads * d)
@@ -1079,6 +1114,7 @@ fn e2e(
     let first_graphs = graphs.first().copied().unwrap_or_default();
     for name in models {
         let (p, model, ranks) = synthetic_tp(name, context + tokens + 64, &devices)?;
+        let gemv = gemv_choices(model.model.gemv_timings());
         // One rank's share: its slices of the weights, its KV heads (one,
         // replicated, where the model has fewer KV heads than ranks).
         let rank_kv_heads = if p.kv_heads.is_multiple_of(tp) {
@@ -1220,7 +1256,9 @@ fn e2e(
                     "cuda_graphs": on, "decode_host_queued_ms_p50": host_ms,
                     "graph_replayed_steps": replayed, "graph_eager_reasons": eager_notes,
                     "graph_nodes_per_step": nodes, "graph_captures": captures,
-                    "tensor_parallel": tp, "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
+                    "tensor_parallel": tp, "pdl": vpod_attention::ops::pdl(), "gemv_kernels": gemv,
+                    "norm_fusion": format!("{:?}", vpod_attention::linear::norm_fusion()).to_lowercase(),
+                    "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
                     "median_step_ms": step_ms, "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0,
                     "prefill_s": prefill_s, "warmup_s": warmup_s,
                     "warmup": {"prompt": E2E_WARMUP.0, "generated": E2E_WARMUP.1},
@@ -1747,12 +1785,18 @@ const GEMV_ROTATE_BYTES: usize = 512 << 20;
 /// chain of launches over rotating weight copies queued behind a GPU spin
 /// ([`gpu_alone_us`]), so the time is the kernels' back to back on one
 /// stream (as in a replayed graph), host launches hidden.
-fn gemv_kernels(models: &[String], rows: &[usize], iters: usize, ceil: &Ceilings) -> Result<Vec<Value>> {
+fn gemv_kernels(
+    models: &[String],
+    rows: &[usize],
+    pdl: &[bool],
+    iters: usize,
+    ceil: &Ceilings,
+) -> Result<Vec<Value>> {
     use vpod_attention::linear::{GemvKernel, gemv_with};
     let dev = gpu()?;
     let mut out = vec![];
     println!(
-        "| model | projection | rows | kernel | us | TB/s | % of {:.2} TB/s |\n|---|---|---|---|---|---|---|",
+        "| model | projection | rows | kernel | PDL | us | TB/s | % of {:.2} TB/s |\n|---|---|---|---|---|---|---|---|",
         ceil.tbps()
     );
     for name in models {
@@ -1778,7 +1822,12 @@ fn gemv_kernels(models: &[String], rows: &[usize], iters: usize, ceil: &Ceilings
             for &m in rows {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(DType::BF16)?;
                 let r = Tensor::randn(0f32, 1.0, (m, cols), &dev)?.to_dtype(DType::BF16)?;
-                for kernel in GemvKernel::ALL.into_iter().filter(|g| m <= g.max_rows()) {
+                for (kernel, &on) in GemvKernel::ALL
+                    .into_iter()
+                    .filter(|g| m <= g.max_rows())
+                    .flat_map(|g| pdl.iter().map(move |p| (g, p)))
+                {
+                    vpod_attention::ops::set_pdl(on);
                     let us = gpu_alone_us(&dev, iters, || {
                         for i in 0..launches {
                             gemv_with(kernel, &x, &ws[i % copies], residual.then_some(&r), gated)?;
@@ -1787,11 +1836,12 @@ fn gemv_kernels(models: &[String], rows: &[usize], iters: usize, ceil: &Ceilings
                     })? / launches as f64;
                     let tbps = bytes as f64 / us / 1e6;
                     println!(
-                        "| {name} | {proj} | {m} | {kernel:?} | {us:.1} | {tbps:.2} | {:.0} % |",
+                        "| {name} | {proj} | {m} | {kernel:?} | {} | {us:.1} | {tbps:.2} | {:.0} % |",
+                        if on { "on" } else { "off" },
                         tbps / ceil.tbps() * 100.0
                     );
                     out.push(
-                        json!({"model": name, "projection": proj, "rows": m, "kernel": format!("{kernel:?}"),
+                        json!({"model": name, "projection": proj, "rows": m, "kernel": format!("{kernel:?}"), "pdl": on,
                         "symbol": kernel.symbol(), "n": cols, "k": k, "weight_bytes": bytes, "us": us,
                         "tb_per_s": tbps, "of_copy_ceiling": tbps / ceil.tbps(), "weight_copies": copies}),
                     );
@@ -2196,6 +2246,15 @@ fn serve_summary(rows: &[Value]) {
     }
 }
 
+/// `on` / `off` as a flag's value.
+fn on_off(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, not {s:?}")),
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     // SAFETY: before any thread is started.
@@ -2204,8 +2263,16 @@ fn main() -> Result<()> {
     // Once per run, before any benchmark: the tables' percentages and the
     // e2e floors divide by these, and the JSON records them.
     let ceil = Ceilings::measure(&gpu()?)?;
-    if let What::E2e { norm_fusion, .. } = &args.what {
+    if let What::E2e {
+        norm_fusion,
+        pdl,
+        gemv_tune,
+        ..
+    } = &args.what
+    {
         vpod_attention::linear::set_norm_fusion(*norm_fusion);
+        vpod_attention::ops::set_pdl(*pdl);
+        vpod_attention::linear::set_gemv_tuning(*gemv_tune);
     }
     let (name, rows) = match &args.what {
         What::Decode {
@@ -2231,6 +2298,8 @@ fn main() -> Result<()> {
             tensor_parallel,
             cuda_graphs,
             norm_fusion: _,
+            pdl: _,
+            gemv_tune: _,
         } => (
             "e2e",
             e2e(
@@ -2268,7 +2337,7 @@ fn main() -> Result<()> {
                 fi_json.as_deref(),
             )?,
         ),
-        What::Gemv { models, rows } => ("gemv", gemv_kernels(models, rows, args.iters, &ceil)?),
+        What::Gemv { models, rows, pdl } => ("gemv", gemv_kernels(models, rows, pdl, args.iters, &ceil)?),
         What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters, &ceil)?),
         What::Serve {
             models,

@@ -112,6 +112,10 @@ pub struct CaptureRecord {
     /// The device's graph memory reserved after this capture (all graphs;
     /// `CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT`).
     pub graph_mem_bytes: u64,
+    /// Kernel nodes captured with a programmatic edge from the kernel
+    /// before them (programmatic dependent launch inside the graph:
+    /// `vpod_attention::ops::cuda::PdlChain`), 0 with PDL off.
+    pub pdl_edges: usize,
 }
 
 #[cfg(feature = "cuda")]
@@ -150,6 +154,7 @@ mod gpu {
     struct Captured {
         graph: sys::CUgraph,
         exec: sys::CUgraphExec,
+        pdl_edges: usize,
     }
 
     // SAFETY: see above; two driver handles.
@@ -207,6 +212,7 @@ mod gpu {
             )
         }
         .map_err(|e| format!("begin capture: {e}"))?;
+        vpod_attention::ops::cuda::take_pdl_edges();
         let ran = run();
         // SAFETY: the stream began capturing above; this ends it, valid or invalidated.
         let ended = unsafe { st::end_capture(stream.cu_stream()) };
@@ -227,6 +233,7 @@ mod gpu {
             (Ok(()), Ok(())) => None,
         };
         let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+        let pdl_edges = vpod_attention::ops::cuda::take_pdl_edges();
         // SAFETY: `g` is the graph just captured, owned here.
         let exec = match fail {
             None => unsafe { graph::instantiate(g, flags) }.map_err(|e| format!("instantiate: {e}")),
@@ -234,7 +241,11 @@ mod gpu {
         };
         match exec {
             Ok(exec) => {
-                let c = Captured { graph: g, exec };
+                let c = Captured {
+                    graph: g,
+                    exec,
+                    pdl_edges,
+                };
                 // SAFETY: as in `launch`.
                 unsafe { graph::upload(c.exec, stream.cu_stream()) }
                     .map_err(|e| format!("graph upload: {e}"))?;
@@ -398,6 +409,7 @@ mod gpu {
                         capture_ms: t0.elapsed().as_secs_f64() * 1e3,
                         nodes,
                         graph_mem_bytes: graph_mem(dev),
+                        pdl_edges: g.pdl_edges,
                     });
                     let note = format!("captured: {}", key.1);
                     self.graphs.insert(key, g);
