@@ -397,7 +397,8 @@ const NORM_MAX_COLUMNS: f64 = 3.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NormFusion {
     /// Where it was measured to pay: persistent CTAs whose last round of
-    /// columns is nearly full (see [`balanced_norm_grid`]).
+    /// columns is nearly full (a quarter of a column-time idle at most, at
+    /// most 3 columns a warp).
     #[default]
     Auto,
     /// Everywhere: persistent CTAs where balanced, else one output column

@@ -279,7 +279,7 @@ impl Llama {
         Ok(out)
     }
 
-    /// What [`Self::tune_gemv`] measured when this model was loaded (empty
+    /// What the GEMV tuning ([`tune_gemv`]) measured when this model was loaded (empty
     /// where it did not run, or where an earlier model of the same shapes
     /// had measured them).
     pub fn gemv_timings(&self) -> &[GemvTiming] {
