@@ -301,6 +301,11 @@ pub(crate) mod cuda {
         stream: Option<sys::CUstream>,
         chain: Option<crate::ops::cuda::PdlChain>,
     ) -> candle_core::Result<()> {
+        if stream.is_some() && chain.is_some() {
+            candle_core::bail!(
+                "decode launch: a PDL chain belongs to the device's stream, not a side stream"
+            );
+        }
         let (main, on) = streams(dev, stream)?;
         // Device addresses (cudarc's guards are no-ops with one cudarc stream).
         let ptr = |s: &CudaSlice<i32>| s.device_ptr(&main).0;

@@ -135,9 +135,10 @@ pub struct GemvTiming {
 pub const GEMV_TUNE_CANDIDATES: [GemvKernel; 3] =
     [GemvKernel::Rows4, GemvKernel::Split2, GemvKernel::Pipelined];
 
-/// How much faster than the default ([`GemvKernel::for_rows`]) another
-/// kernel must measure to be chosen: near-ties keep the default, so runs
-/// do not flip between kernels (whose sums round differently) on noise.
+/// How much faster than the default ([`GemvKernel::for_rows`]), or than
+/// the candidate picked before it, a kernel must measure to be chosen:
+/// near-ties keep the earlier kernel, so runs do not flip between kernels
+/// (whose sums round differently) on noise.
 pub const GEMV_TUNE_MARGIN: f64 = 0.03;
 
 type GemvChoices = std::sync::Mutex<std::collections::HashMap<GemvShape, GemvKernel>>;
@@ -227,10 +228,14 @@ pub fn tune_gemv(weights: &[&Tensor], residual: bool, gated: bool) -> Result<Vec
         }
         // The values do not matter to the time; small ones keep the sums finite.
         let x = (Tensor::ones((rows, k), DType::BF16, dev)? * 0.01)?;
+        if !use_gemv(&x, w0) {
+            // (The projections take candle's matmul for this shape anyway.)
+            continue;
+        }
         let r = Tensor::zeros((rows, cols), DType::BF16, dev)?;
         let mut times = vec![];
         for kernel in GEMV_TUNE_CANDIDATES {
-            let us = time_gpu_us(dev, || {
+            let us = time_gpu_us(dev, weights.len(), || {
                 for w in weights {
                     gemv_with(kernel, &x, w, residual.then_some(&r), gated)?;
                 }
@@ -238,20 +243,21 @@ pub fn tune_gemv(weights: &[&Tensor], residual: bool, gated: bool) -> Result<Vec
             })? / weights.len() as f64;
             times.push((kernel, us));
         }
+        // From the default, a kernel takes over only where it is faster by
+        // the margin than the pick so far (candidates in a fixed order): near
+        // ties keep the earlier kernel instead of following timing noise.
         let default = GemvKernel::for_rows(rows);
-        let base = times
-            .iter()
-            .find(|t| t.0 == default)
-            .map_or(f64::INFINITY, |t| t.1);
-        let (best, best_us) = times
+        let mut pick = times
             .iter()
             .copied()
-            .fold((default, base), |b, t| if t.1 < b.1 { t } else { b });
-        let chosen = if best_us < base * (1.0 - GEMV_TUNE_MARGIN) {
-            best
-        } else {
-            default
-        };
+            .find(|t| t.0 == default)
+            .unwrap_or((default, f64::INFINITY));
+        for &t in &times {
+            if t.1 < pick.1 * (1.0 - GEMV_TUNE_MARGIN) {
+                pick = t;
+            }
+        }
+        let chosen = pick.0;
         GEMV_CHOICES
             .get_or_init(Default::default)
             .lock()
@@ -267,11 +273,11 @@ pub fn tune_gemv(weights: &[&Tensor], residual: bool, gated: bool) -> Result<Vec
     Ok(out)
 }
 
-/// GPU time of `f`'s kernels in microseconds: queued behind a GPU spin so
-/// that host launch costs are hidden, once to warm up, then the median of
-/// three runs between CUDA events.
+/// GPU time of `f`'s `launches` kernels in microseconds: queued behind a
+/// GPU spin so that host launch costs are hidden, once to warm up, then the
+/// median of three runs between CUDA events.
 #[cfg(feature = "cuda")]
-fn time_gpu_us(dev: &candle_core::Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_gpu_us(dev: &candle_core::Device, launches: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     let candle_core::Device::Cuda(cd) = dev else {
         return Ok(0.0);
@@ -283,8 +289,9 @@ fn time_gpu_us(dev: &candle_core::Device, mut f: impl FnMut() -> Result<()>) -> 
     f()?;
     let mut v = vec![];
     for _ in 0..3 {
-        // ~1 ms at H100/H200 clocks: longer than queueing a model's layers.
-        crate::ops::gpu_spin(dev, 2_000_000)?;
+        // ~55 us a launch at H100/H200 clocks (1 ms at least): longer than
+        // the host takes to queue them.
+        crate::ops::gpu_spin(dev, (launches as u64 * 100_000).max(2_000_000))?;
         let a = stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(err)?;
@@ -300,7 +307,7 @@ fn time_gpu_us(dev: &candle_core::Device, mut f: impl FnMut() -> Result<()>) -> 
 }
 
 #[cfg(not(feature = "cuda"))]
-fn time_gpu_us(_: &candle_core::Device, _: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_gpu_us(_: &candle_core::Device, _: usize, _: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(0.0)
 }
 
@@ -821,7 +828,7 @@ mod cuda {
         let (t, f) = gate_dims(l)?;
         let dev = s.device.clone();
         let gu = s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..);
-        let pdl = PdlChain::begin(&dev)?;
+        let pdl = PdlChain::begin(&dev, t * f * 2)?;
         // SAFETY: every element of y is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<bf16>(t * f) }?;
         let func = crate::ops::cuda::function(&dev, "swiglu_bf16")?;
@@ -871,7 +878,7 @@ mod cuda {
             // Not read without the residual epilogue; any valid pointer will do.
             None => sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..),
         };
-        let pdl = PdlChain::begin(&dev)?;
+        let pdl = PdlChain::begin(&dev, m * out * 2)?;
         // SAFETY: every element of y is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
         let f = crate::ops::cuda::function(&dev, kernel.symbol())?;
@@ -986,7 +993,7 @@ mod cuda {
         let x = sx.as_cuda_slice::<bf16>()?.slice(lx.start_offset()..);
         let g = sg.as_cuda_slice::<bf16>()?.slice(lg.start_offset()..);
         let w = sw.as_cuda_slice::<bf16>()?.slice(lw.start_offset()..);
-        let pdl = PdlChain::begin(&dev)?;
+        let pdl = PdlChain::begin(&dev, m * out * 2)?;
         // SAFETY: every element of y is written by the kernel before it is read.
         let mut y = unsafe { dev.alloc::<bf16>(m * out) }?;
         let f = crate::ops::cuda::function_with_smem(&dev, "gemv_norm_bf16", smem)?;

@@ -257,34 +257,37 @@ pub mod cuda {
         if !super::pdl() {
             return Ok(false);
         }
-        static MAJOR: OnceLock<Mutex<HashMap<DeviceId, i32>>> = OnceLock::new();
-        let mut cache = MAJOR.get_or_init(Default::default).lock().map_err(err)?;
-        let major = match cache.get(&dev.id()) {
-            Some(&m) => m,
-            None => {
-                let m = dev
-                    .cuda_stream()
-                    .context()
-                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-                    .map_err(err)?;
-                cache.insert(dev.id(), m);
-                m
-            }
-        };
-        Ok(major >= 9)
+        static ON: OnceLock<Mutex<HashMap<DeviceId, bool>>> = OnceLock::new();
+        let mut cache = ON.get_or_init(Default::default).lock().map_err(err)?;
+        if let Some(&on) = cache.get(&dev.id()) {
+            return Ok(on);
+        }
+        let major = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(err)?;
+        let mut driver = 0;
+        // SAFETY: writes one int.
+        unsafe { sys::cuDriverGetVersion(&mut driver) }
+            .result()
+            .map_err(err)?;
+        // Only compute capability 9.x: our fatbins carry sm_90a code (where
+        // pdl_wait() is griddepcontrol.wait) and compute_80 PTX, which a
+        // newer GPU would JIT with pdl_wait() compiled out, so that its
+        // kernels would not wait. The capture-dependency calls of PdlChain
+        // need a 12.3 driver.
+        let on = major == 9 && driver >= 12030;
+        cache.insert(dev.id(), on);
+        Ok(on)
     }
 
-    /// The kernels launched with PDL (their handles), for diagnostics.
-    static PDL_FUNCS: OnceLock<Mutex<std::collections::HashSet<usize>>> = OnceLock::new();
-
-    /// Whether `f` is a kernel [`launch_raw`] launched with PDL: one that
-    /// calls `pdl_wait()` before touching memory.
-    pub fn is_pdl_function(f: sys::CUfunction) -> bool {
-        PDL_FUNCS
-            .get()
-            .and_then(|s| s.lock().ok().map(|s| s.contains(&(f as usize))))
-            .unwrap_or(false)
-    }
+    /// Outputs up to this size (per op) are allocated as graph roots by a
+    /// [`PdlChain`] under capture: roots cannot reuse memory freed earlier in
+    /// the graph, so a step's chained outputs add up in the graph's pool
+    /// (~0.3 MB a Llama-3-8B layer at batch 4); larger outputs (big batch
+    /// buckets) keep the plain dependency and their reuse.
+    pub const PDL_CHAIN_MAX_BYTES: usize = 256 << 10;
 
     thread_local! {
         /// Programmatic edges [`PdlChain::link`] made on this thread since
@@ -402,12 +405,13 @@ pub mod cuda {
     }
 
     impl PdlChain {
-        /// Call before the op's allocations (see [`PdlChain`]).
-        pub fn begin(dev: &CudaDevice) -> candle_core::Result<Self> {
+        /// Call before the op's allocations (see [`PdlChain`]), which add
+        /// up to `bytes`.
+        pub fn begin(dev: &CudaDevice, bytes: usize) -> candle_core::Result<Self> {
             use sys::CUgraphNodeType as T;
             let stream = dev.cuda_stream().cu_stream();
             let none = Self { stream, from: None };
-            if !pdl_on(dev)? {
+            if bytes > PDL_CHAIN_MAX_BYTES || !pdl_on(dev)? {
                 return Ok(none);
             }
             let Some(deps) = capture_deps(stream)? else {
@@ -436,7 +440,9 @@ pub mod cuda {
         /// op's allocations (default edges) and kernel A (a programmatic
         /// edge). True when it did so (the launch then carries no attribute).
         fn link(mut self) -> candle_core::Result<bool> {
-            let Some(from) = self.from.take() else {
+            // (`from` stays set until the dependencies are: on an error, Drop
+            // restores it.)
+            let Some(from) = self.from else {
                 return Ok(false);
             };
             let Some(mut deps) = capture_deps(self.stream)? else {
@@ -457,6 +463,7 @@ pub mod cuda {
                 reserved: [0; 5],
             });
             set_capture_deps(self.stream, &mut deps, &data)?;
+            self.from = None;
             PDL_EDGES.with(|c| c.set(c.get() + 1));
             Ok(true)
         }
@@ -511,13 +518,6 @@ pub mod cuda {
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
         let on = pdl_on(dev)?;
-        if on {
-            PDL_FUNCS
-                .get_or_init(Default::default)
-                .lock()
-                .map_err(err)?
-                .insert(f.cu_function() as usize);
-        }
         // Under capture with the edge already set (see PdlChain), no attribute.
         let linked = match chain {
             Some(c) => c.link()?,

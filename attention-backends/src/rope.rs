@@ -136,7 +136,7 @@ impl CustomOp3 for RopeQk {
         let cos = s2.as_cuda_slice::<bf16>()?.slice(l2.start_offset()..);
         let sin = s3.as_cuda_slice::<bf16>()?.slice(l3.start_offset()..);
         let (d, nh) = (self.d, self.heads + self.kv_heads);
-        let pdl = crate::ops::cuda::PdlChain::begin(&dev)?;
+        let pdl = crate::ops::cuda::PdlChain::begin(&dev, t * nh * d * 2)?;
         // SAFETY: the kernel writes every element of out.
         let mut out = unsafe { dev.alloc::<bf16>((t * nh * d).max(1)) }?;
         let threads = t * nh * d / 16;

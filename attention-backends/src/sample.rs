@@ -82,7 +82,7 @@ impl CustomOp1 for ArgmaxRows {
         let (rows, n) = rows_dims(l, s.dtype())?;
         let dev = s.device.clone();
         let x = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
-        let pdl = crate::ops::cuda::PdlChain::begin(&dev)?;
+        let pdl = crate::ops::cuda::PdlChain::begin(&dev, rows * 4)?;
         // SAFETY: the kernel writes all `rows` outputs.
         let mut out = unsafe { dev.alloc::<u32>(rows.max(1)) }?;
         if rows > 0 {

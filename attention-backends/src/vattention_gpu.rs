@@ -894,7 +894,7 @@ impl CustomOp3 for GpuAttention<'_> {
             shared_mem_bytes: 0,
         };
         let mut b = crate::ops::cuda::Launch::new(&stream);
-        b.after(crate::ops::cuda::PdlChain::begin(&dev)?)
+        b.after(crate::ops::cuda::PdlChain::begin(&dev, 0)?)
             .addr(self.k.base)
             .addr(self.v.base)
             .buf(&src[0].0)
@@ -910,7 +910,7 @@ impl CustomOp3 for GpuAttention<'_> {
         // A decode-only step: the decode kernel may start as the K/V write
         // finishes, also in a captured graph (the chain begins before `out`).
         let pdl = (p.chunks.n_work == 0)
-            .then(|| crate::ops::cuda::PdlChain::begin(&dev))
+            .then(|| crate::ops::cuda::PdlChain::begin(&dev, p.tokens * self.heads * d * 2))
             .transpose()?;
         // SAFETY: the prefill and decode kernels below write every row of `out`
         // (each token is in exactly one prompt chunk or is one decode).

@@ -1794,6 +1794,7 @@ fn gemv_kernels(
 ) -> Result<Vec<Value>> {
     use vpod_attention::linear::{GemvKernel, gemv_with};
     let dev = gpu()?;
+    let pdl_before = vpod_attention::ops::pdl();
     let mut out = vec![];
     println!(
         "| model | projection | rows | kernel | PDL | us | TB/s | % of {:.2} TB/s |\n|---|---|---|---|---|---|---|---|",
@@ -1849,6 +1850,7 @@ fn gemv_kernels(
             }
         }
     }
+    vpod_attention::ops::set_pdl(pdl_before);
     Ok(out)
 }
 
