@@ -243,21 +243,7 @@ pub fn tune_gemv(weights: &[&Tensor], residual: bool, gated: bool) -> Result<Vec
             })? / weights.len() as f64;
             times.push((kernel, us));
         }
-        // From the default, a kernel takes over only where it is faster by
-        // the margin than the pick so far (candidates in a fixed order): near
-        // ties keep the earlier kernel instead of following timing noise.
-        let default = GemvKernel::for_rows(rows);
-        let mut pick = times
-            .iter()
-            .copied()
-            .find(|t| t.0 == default)
-            .unwrap_or((default, f64::INFINITY));
-        for &t in &times {
-            if t.1 < pick.1 * (1.0 - GEMV_TUNE_MARGIN) {
-                pick = t;
-            }
-        }
-        let chosen = pick.0;
+        let chosen = pick_gemv(&times, GemvKernel::for_rows(rows));
         GEMV_CHOICES
             .get_or_init(Default::default)
             .lock()
@@ -271,6 +257,24 @@ pub fn tune_gemv(weights: &[&Tensor], residual: bool, gated: bool) -> Result<Vec
         }));
     }
     Ok(out)
+}
+
+/// The kernel [`tune_gemv`] keeps among measured `(kernel, us)`: from
+/// `default`, a kernel takes over only where it is faster by
+/// [`GEMV_TUNE_MARGIN`] than the pick so far (candidates in their order), so
+/// near ties keep the earlier kernel instead of following timing noise.
+fn pick_gemv(times: &[(GemvKernel, f64)], default: GemvKernel) -> GemvKernel {
+    let mut pick = times
+        .iter()
+        .copied()
+        .find(|t| t.0 == default)
+        .unwrap_or((default, f64::INFINITY));
+    for &t in times {
+        if t.1 < pick.1 * (1.0 - GEMV_TUNE_MARGIN) {
+            pick = t;
+        }
+    }
+    pick.0
 }
 
 /// GPU time of `f`'s `launches` kernels in microseconds: queued behind a
@@ -1034,6 +1038,36 @@ mod cuda {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The tuner keeps the default on near ties and takes a kernel only by
+    /// the margin over the pick so far; off CUDA it measures nothing.
+    #[test]
+    fn gemv_pick_follows_the_margin() -> Result<()> {
+        use GemvKernel::{Pipelined, Rows4, Split2};
+        assert_eq!(
+            pick_gemv(&[(Rows4, 10.0), (Split2, 9.8), (Pipelined, 9.9)], Rows4),
+            Rows4
+        );
+        assert_eq!(
+            pick_gemv(&[(Rows4, 10.0), (Split2, 9.0), (Pipelined, 9.9)], Rows4),
+            Split2
+        );
+        // Pipelined is the fastest but within the margin of Split2: Split2 stays.
+        assert_eq!(
+            pick_gemv(&[(Rows4, 10.0), (Split2, 9.0), (Pipelined, 8.9)], Rows4),
+            Split2
+        );
+        assert_eq!(
+            pick_gemv(&[(Rows4, 10.0), (Split2, 9.0), (Pipelined, 8.0)], Rows4),
+            Pipelined
+        );
+        // A default that was not measured loses to any measured kernel.
+        assert_eq!(pick_gemv(&[(Split2, 9.0)], Rows4), Split2);
+        let w = Tensor::zeros((16, 64), DType::BF16, &Device::Cpu)?;
+        assert!(tune_gemv(&[&w, &w], false, false)?.is_empty());
+        assert!(tune_gemv(&[], true, false)?.is_empty());
+        Ok(())
+    }
 
     /// The CPU twin agrees with candle's ops (bf16 roundings apart).
     #[test]
