@@ -44,13 +44,20 @@ const DECODE_BYTES_PER_S: f64 = 2.8e12;
 pub const POD_MIN_SHARE: f64 = 0.1;
 /// From this predicted prefill : decode ratio up, a fused step runs two
 /// prefill tiles per SM next to one decode split ([`PodKernel::TwoToOne`]);
-/// below, one of each ([`PodKernel::OneToOne`]). Above [`POD_STREAMS_ABOVE`]
-/// (a long chunk next to a few short decodes) the two-stream pair is faster
-/// than either kernel. Both from the 66-case sweep in
-/// results/2026-11-21-h100-pod-planner (where the ratio predicted the
-/// measured one within ~15 %).
+/// below, one of each ([`PodKernel::OneToOne`]) (from the 66-case sweep in
+/// results/2026-11-21-h100-pod-planner, where the ratio predicted the
+/// measured one within ~15 %). Above [`POD_STREAMS_ABOVE`] the two-stream
+/// pair is faster than either kernel: the serial and two-stream paths run
+/// the warp-specialized prefill tile, the fused kernels a 4-warp tile, so a
+/// prefill-heavy step loses by fusing. On FlashInfer's 48-case grid on the
+/// H200 (results/2026-12-04-h200-podfi) the fused 2:1 step beat the
+/// warp-specialized serial pair wherever the predicted ratio was <= 1.21
+/// (1.00-1.11x) and lost wherever it was >= 1.99 (0.87-0.97x, 9 of those
+/// 10 cases by more than 3 %), while the two-stream steps ran 1-5 % faster
+/// than that serial pair; hence 1.5 (it was 3.0, fitted before the
+/// warp-specialized tile).
 pub const POD_TWO_TO_ONE_FROM: f64 = 0.4;
-pub const POD_STREAMS_ABOVE: f64 = 3.0;
+pub const POD_STREAMS_ABOVE: f64 = 1.5;
 
 /// Waves' worth of decode splits a fused step hands out ([`pod_split_waves_for`]):
 /// finer splits than a plain decode launch's one wave keep the fused
