@@ -36,6 +36,10 @@ const KERNELS: &[(&str, &str)] = &[
         "decode projections x [M<=8, K] . w [N, K]^T, bf16, fused residual / SiLU-gate epilogues and RMSNorm prologue",
     ),
     (
+        "rms_norm_bf16",
+        "RMSNorm of each row, bf16, candle's arithmetic, one CTA a row, for programmatic dependent launch chains",
+    ),
+    (
         "swiglu_bf16",
         "the MLP's SiLU gate over a [rows, 2F] gate/up product, bf16, transformers' roundings",
     ),

@@ -252,6 +252,32 @@ fn gemv_norm_matches_cpu_twin() {
     }
 }
 
+/// Our PDL-aware RMSNorm kernel against candle's CPU norm (f32): one CTA a
+/// row, K of Llama-3-8B's and Yi-34B's hidden sizes, a short row, and one
+/// longer than the kernel holds in registers.
+#[test]
+fn rms_norm_matches_candle() {
+    use vpod_attention::linear::rms_norm;
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    for (t, k) in [(1, 4096), (3, 7168), (17, 64), (2, 8200)] {
+        let x = pseudo_random((t, k), 3.0, 11);
+        let g = pseudo_random((1, k), 1.0, 12).reshape(k).unwrap();
+        // (On the CPU, rms_norm is candle's op.)
+        let want = rms_norm(
+            &x.to_dtype(DType::F32).unwrap(),
+            &g.to_dtype(DType::F32).unwrap(),
+            1e-5,
+        )
+        .unwrap();
+        let got = rms_norm(&x.to_device(&dev).unwrap(), &g.to_device(&dev).unwrap(), 1e-5)
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap();
+        assert_eq!(got.dims(), [t, k]);
+        assert_within_ulps(&got.to_dtype(DType::F32).unwrap(), &want, &format!("t {t} k {k}"));
+    }
+}
+
 /// RoPE straight out of the QKV projection on the device equals its CPU twin
 /// bit for bit (the same bf16 roundings, no FMA across them), for Llama-3-8B's
 /// and Yi-6B's head counts and a small odd token count, q and k contiguous.
@@ -414,18 +440,18 @@ fn fixtures_parity(backend: &str) {
 /// their prologue or not, the decode attention kernels) gives the logits of
 /// the prefill path (candle's norm and matmuls, checked against
 /// transformers above) at the same positions, on every fixture, for
-/// `vattention` and `paged:16`. The fixtures are too small for the default
-/// to fuse any norm, so the fused path is forced once (a process-wide
-/// setting: the GPU tests run with --test-threads=1, as gpu-run.sh runs
-/// them).
+/// `vattention` and `paged:16`, with each norm mode (the default runs our
+/// norm kernel; the fixtures are too small for Auto to fuse any norm, so
+/// the fused path is forced once; a process-wide setting: the GPU tests run
+/// with --test-threads=1, as gpu-run.sh runs them).
 #[test]
 fn decode_steps_match_prefill_logits() {
     use vpod_attention::linear::{NormFusion, set_norm_fusion};
-    for mode in [NormFusion::Always, NormFusion::Never] {
+    for mode in [NormFusion::Auto, NormFusion::Always, NormFusion::Never] {
         set_norm_fusion(mode);
         decode_vs_prefill(mode);
     }
-    set_norm_fusion(NormFusion::Auto);
+    set_norm_fusion(NormFusion::default());
 }
 
 fn decode_vs_prefill(mode: vpod_attention::linear::NormFusion) {

@@ -138,9 +138,10 @@ enum What {
         /// every point twice, rows with `cuda_graphs` true and false).
         #[arg(long, value_delimiter = ',', default_value = "on,off")]
         cuda_graphs: Vec<vpod_cli::engine::CudaGraphs>,
-        /// RMSNorm fused into the next GEMV on the decode path: auto (where
-        /// measured to pay), always or never (A/B end to end).
-        #[arg(long, default_value = "auto")]
+        /// RMSNorm fused into the next GEMV on the decode path: never (our
+        /// PDL norm kernel, then the GEMV; the default), auto (fused where
+        /// the persistent grid is balanced) or always (A/B end to end).
+        #[arg(long, default_value = "never")]
         norm_fusion: vpod_attention::linear::NormFusion,
         /// Programmatic dependent launch of the decode path's kernels (each
         /// may start while the one before it finishes; Hopper and later):
