@@ -45,7 +45,7 @@ const KERNELS: &[(&str, &str)] = &[
     ),
     (
         "rope_qk_bf16",
-        "RoPE on the q and k heads of the fused QKV projection's output in one pass, bf16, transformers' roundings",
+        "RoPE on the q and k heads of the fused QKV projection's output in one pass, bf16, transformers' roundings (or, for decode steps, with k and v written straight into the per-slot cache)",
     ),
     (
         "argmax_f32",
@@ -121,6 +121,7 @@ const SYMBOLS: &[(&str, &[&str])] = &[
         "slot_write_kv_bf16",
         &["slot_write_kv_bf16", "slot_write_kv2_bf16"],
     ),
+    ("rope_qk_bf16", &["rope_qk_bf16", "rope_write_kv_bf16"]),
     (
         "gemv_bf16",
         &[

@@ -452,6 +452,58 @@ fn decode_steps_match_prefill_logits() {
         decode_vs_prefill(mode);
     }
     set_norm_fusion(NormFusion::default());
+    // The decode steps above ran RoPE and the K/V write in one kernel
+    // (vattention); once more with the two kernels.
+    vpod_attention::set_rope_write_fusion(false);
+    decode_vs_prefill(NormFusion::default());
+    vpod_attention::set_rope_write_fusion(true);
+}
+
+/// A decode step with RoPE and the K/V write in one kernel
+/// (`rope_write_kv_bf16`, vattention and pod) gives the logits of the two
+/// kernels apart (`rope_qk_bf16`, `slot_write_kv2_bf16`) bit for bit: the
+/// same arithmetic, the same cache rows (later steps read them back).
+#[test]
+fn rope_write_fusion_matches_two_kernels() {
+    let dev = gpu();
+    for name in FIXTURES {
+        let files = fetch_model_files(
+            &ModelSource::Local(fixture(name)),
+            &offline(std::path::Path::new("/none")),
+        )
+        .unwrap();
+        let model = std::sync::Arc::new(load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap());
+        let ids = reference(name).prompt_ids;
+        let n = ids.len() - 6;
+        for backend in ["vattention", "pod"] {
+            let mut runs = vec![];
+            for fused in [true, false] {
+                vpod_attention::set_rope_write_fusion(fused);
+                let mut e = Engine::with_options(model.clone(), backend, &Default::default()).unwrap();
+                let chunk = |context_len, query_len| SeqChunk {
+                    seq_id: 1,
+                    context_len,
+                    query_len,
+                };
+                e.forward(vec![chunk(0, n)], &ids[..n], LogitsAt::LastToken)
+                    .unwrap();
+                let steps: Vec<Vec<f32>> = (n..ids.len())
+                    .map(|p| {
+                        let l = e
+                            .forward(vec![chunk(p, 1)], &ids[p..p + 1], LogitsAt::LastToken)
+                            .unwrap();
+                        host_f32(&l)
+                    })
+                    .collect();
+                runs.push(steps);
+            }
+            vpod_attention::set_rope_write_fusion(true);
+            assert!(
+                runs[0] == runs[1],
+                "{name} {backend}: fused RoPE + K/V write changed the decode logits"
+            );
+        }
+    }
 }
 
 fn decode_vs_prefill(mode: vpod_attention::linear::NormFusion) {

@@ -55,7 +55,8 @@ pub use reference::ReferenceBackend;
 pub use vattention::{
     POD_FEW_DECODES_SPLIT_WAVES, POD_FEW_SPLITS_UP_TO, POD_MIN_SHARE, POD_SPLIT_WAVES, POD_STREAMS_ABOVE,
     POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, decode_splits_static,
-    plan_pod_step, pod_kernel_for, pod_split_waves_for, pod_step_halves,
+    plan_pod_step, pod_kernel_for, pod_split_waves_for, pod_step_halves, rope_write_fusion,
+    set_rope_write_fusion,
 };
 pub use vpod_kvcache::{KvManager, SeqId};
 
@@ -123,6 +124,24 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
         v: &Tensor,
         meta: &BatchMeta,
     ) -> Result<Tensor>;
+
+    /// RoPE, the K/V write and attention straight from the QKV projection's
+    /// output, in fewer launches, where the backend has such a path for this
+    /// step: `qkv [T, (heads + 2 kv_heads) head_dim]` (q heads, k heads, v
+    /// heads), `cos`, `sin [T, head_dim / 2]` (the step's rows of the
+    /// rotary tables) -> `Some([T, heads, head_dim])`, what [`Self::forward`]
+    /// gives on the rotated q and k and on v. `None` (the default): no such
+    /// path; the caller rotates and calls [`Self::forward`].
+    fn forward_rope(
+        &mut self,
+        _layer: usize,
+        _qkv: &Tensor,
+        _cos: &Tensor,
+        _sin: &Tensor,
+        _meta: &BatchMeta,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 
     /// Frees the KV of a finished (or preempted) sequence.
     fn release(&mut self, seq: SeqId);
@@ -469,6 +488,19 @@ impl<'a> AttentionStep<'a> {
     /// `q: [T, num_heads, head_dim]`, `k`, `v: [T, num_kv_heads, head_dim]` -> `[T, num_heads, head_dim]`.
     pub fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         self.backend.forward(layer, q, k, v, self.meta)
+    }
+
+    /// [`AttentionBackend::forward_rope`]: attention straight from the QKV
+    /// projection's output where the backend fuses RoPE and the K/V write
+    /// for this step; `None`: rotate, then [`Self::attend`].
+    pub fn attend_rope(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        self.backend.forward_rope(layer, qkv, cos, sin, self.meta)
     }
 }
 

@@ -426,6 +426,21 @@ impl VirtualBackend {
     }
 }
 
+static ROPE_WRITE_FUSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the `vattention` and `pod` backends run a decode-only step's RoPE
+/// and K/V write as one kernel on the GPU ([`AttentionBackend::forward_rope`];
+/// on by default); off, the model rotates q and k (`rope_qk`) and the
+/// backend writes K/V (`slot_write_kv2`) apart. For A/B runs.
+pub fn set_rope_write_fusion(on: bool) {
+    ROPE_WRITE_FUSION.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_rope_write_fusion`].
+pub fn rope_write_fusion() -> bool {
+    ROPE_WRITE_FUSION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl AttentionBackend for VirtualBackend {
     fn name(&self) -> &'static str {
         self.name
@@ -596,6 +611,60 @@ impl AttentionBackend for VirtualBackend {
         let prefill = q.apply_op1_no_bwd(&self.op(layer, meta, |ql| ql > 1))?;
         let decode = q.apply_op1_no_bwd(&self.op(layer, meta, |ql| ql == 1))?;
         Ok((prefill + decode)?)
+    }
+
+    /// On the GPU, decode-only steps: RoPE and the K/V write in one kernel
+    /// ([`crate::vattention_gpu::GpuRopeAttention`]; see [`set_rope_write_fusion`]).
+    fn forward_rope(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        meta: &BatchMeta,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() && rope_write_fusion() {
+            if self.planned != Some(meta.id()) {
+                self.plan_step(meta)?;
+            }
+            let d = self.cfg.head_dim;
+            let row = (self.cfg.num_heads + 2 * self.cfg.num_kv_heads) * d;
+            let bf16 = |t: &Tensor| t.dtype() == candle_core::DType::BF16;
+            let shaped = qkv.dims() == [meta.num_rows(), row]
+                && cos.dims() == [meta.num_rows(), d / 2]
+                && sin.dims() == [meta.num_rows(), d / 2];
+            let Some(gpu) = &mut self.gpu else {
+                unreachable!("checked above")
+            };
+            let Some(plan) = gpu.plan.as_mut() else {
+                unreachable!("planned above")
+            };
+            if plan.decode_only()
+                && d == crate::decode::DECODE_HEAD_DIM
+                && shaped
+                && bf16(qkv)
+                && bf16(cos)
+                && bf16(sin)
+            {
+                let op = crate::vattention_gpu::GpuRopeAttention(crate::vattention_gpu::GpuAttention {
+                    plan,
+                    timer: gpu.timer.as_ref(),
+                    k: self.cache.view(layer, Kv::K),
+                    v: self.cache.view(layer, Kv::V),
+                    heads: self.cfg.num_heads,
+                    kv_heads: self.cfg.num_kv_heads,
+                    scale: self.scale,
+                    pod: gpu.pod.as_ref().map(|p| &p.1),
+                });
+                let out = qkv
+                    .contiguous()?
+                    .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
+                return Ok(Some(out));
+            }
+        }
+        let _ = (layer, qkv, cos, sin, meta);
+        Ok(None)
     }
 
     fn release(&mut self, seq: SeqId) {

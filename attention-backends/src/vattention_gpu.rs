@@ -390,6 +390,11 @@ impl Partials {
 }
 
 impl StepPlan {
+    /// Whether the step holds decode tokens only (no prompt chunk).
+    pub(crate) fn decode_only(&self) -> bool {
+        self.chunks.n_work == 0 && self.n_dec > 0
+    }
+
     /// The plain prefill kernel this step runs, if it runs one (prompt
     /// chunks, and not all of them inside the fused POD kernel).
     pub(crate) fn prefill_kernel(&self) -> Option<PrefillKernel> {
@@ -907,6 +912,24 @@ impl CustomOp3 for GpuAttention<'_> {
         // fence ran first); each source holds T rows of row_elems at its stride; the
         // kernel waits (pdl.cuh).
         unsafe { b.run(&dev, &f, cfg) }?;
+        self.attend_written(&dev, &q, lq.shape().clone())
+    }
+}
+
+impl GpuAttention<'_> {
+    /// Steps 2 and 3 of the attention call, once the step's K/V rows are in
+    /// the slots: prompt chunks and decode tokens over q `[T, heads, d]`
+    /// (`shape`), into a new output of that shape.
+    fn attend_written(
+        &self,
+        dev: &CudaDevice,
+        q: &CudaView<'_, bf16>,
+        shape: Shape,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let d = crate::decode::DECODE_HEAD_DIM;
+        let p = self.plan;
+        let dev = dev.clone();
+        let stream = dev.cuda_stream();
         // A decode-only step: the decode kernel may start as the K/V write
         // finishes, also in a captured graph (the chain begins before `out`).
         let pdl = (p.chunks.n_work == 0)
@@ -917,7 +940,7 @@ impl CustomOp3 for GpuAttention<'_> {
         let mut out = unsafe { dev.alloc::<bf16>(p.tokens * self.heads * d) }?;
         let hybrid = p.chunks.n_work > 0 && p.n_dec > 0;
         match (p.path, self.pod) {
-            (PodPath::Fused(k), Some(pod)) if hybrid => self.launch_pod(&dev, &q, &mut out, pod, k)?,
+            (PodPath::Fused(k), Some(pod)) if hybrid => self.launch_pod(&dev, q, &mut out, pod, k)?,
             (PodPath::Streams, Some(pod)) if hybrid => {
                 let main = stream.cu_stream();
                 let side = &pod.side;
@@ -933,10 +956,10 @@ impl CustomOp3 for GpuAttention<'_> {
                         sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                     )
                     .map_err(err)?;
-                    self.timed_prefill(&dev, &q, &mut out)?;
+                    self.timed_prefill(&dev, q, &mut out)?;
                     crate::decode::cuda::launch(
                         &dev,
-                        &self.decode_launch(&q),
+                        &self.decode_launch(q),
                         &mut out,
                         Some(side.stream),
                         None,
@@ -949,18 +972,113 @@ impl CustomOp3 for GpuAttention<'_> {
             _ => {
                 // 2. Prompt chunks, then 3. decode tokens.
                 if p.chunks.n_work > 0 {
-                    self.timed_prefill(&dev, &q, &mut out)?;
+                    self.timed_prefill(&dev, q, &mut out)?;
                 }
                 if p.n_dec > 0 {
                     // SAFETY: keys below each decode's length are mapped and written; the
                     // plan's partials hold n_dec * heads * splits entries and its counters
                     // n_dec * kv_heads (zero between launches; stream-ordered reuse by the layers).
                     unsafe {
-                        crate::decode::cuda::launch(&dev, &self.decode_launch(&q), &mut out, None, pdl)
+                        crate::decode::cuda::launch(&dev, &self.decode_launch(q), &mut out, None, pdl)
                     }?;
                 }
             }
         }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), lq.shape().clone()))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+}
+
+/// [`GpuAttention`] from the QKV projection's output on a decode-only step:
+/// (qkv `[T, (heads + 2 kv_heads) 128]`, cos, sin `[T, 64]`). One kernel
+/// (`rope_write_kv_bf16`) rotates q into a new buffer and writes the rotated
+/// k and the v rows into the slots, instead of RoPE and the K/V write
+/// apart: one launch a layer fewer.
+pub(crate) struct GpuRopeAttention<'a>(pub GpuAttention<'a>);
+
+impl CustomOp3 for GpuRopeAttention<'_> {
+    fn name(&self) -> &'static str {
+        "vattention-gpu-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("vattention-gpu-rope runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sqkv: &CudaStorage,
+        lqkv: &Layout,
+        scos: &CudaStorage,
+        lcos: &Layout,
+        ssin: &CudaStorage,
+        lsin: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let d = crate::decode::DECODE_HEAD_DIM;
+        let a = &self.0;
+        let p = a.plan;
+        let (t, row) = lqkv.shape().dims2()?;
+        let (heads, kv_heads) = (a.heads, a.kv_heads);
+        let fits = |l: &Layout, cols: usize| {
+            l.is_contiguous() && l.dims() == [t, cols] && l.start_offset().is_multiple_of(8)
+        };
+        if t != p.tokens
+            || row != (heads + 2 * kv_heads) * d
+            || !fits(lqkv, row)
+            || !fits(lcos, d / 2)
+            || !fits(lsin, d / 2)
+        {
+            candle_core::bail!(
+                "vattention-gpu-rope: qkv {:?}, cos {:?}, sin {:?} do not fit {} tokens of {heads} + 2 x {kv_heads} heads of {d} (contiguous, 16-byte aligned)",
+                lqkv.shape(),
+                lcos.shape(),
+                lsin.shape(),
+                p.tokens
+            );
+        }
+        let dev = sqkv.device.clone();
+        let stream = dev.cuda_stream();
+        let qkv = sqkv.as_cuda_slice::<bf16>()?.slice(lqkv.start_offset()..);
+        let cos = scos.as_cuda_slice::<bf16>()?.slice(lcos.start_offset()..);
+        let sin = ssin.as_cuda_slice::<bf16>()?.slice(lsin.start_offset()..);
+        let chain = crate::ops::cuda::PdlChain::begin(&dev, t * heads * d * 2)?;
+        // SAFETY: the kernel writes every element of q (each q head of each token).
+        let mut q = unsafe { dev.alloc::<bf16>(t * heads * d) }?;
+        let f = crate::ops::cuda::function(&dev, "rope_write_kv_bf16")?;
+        const THREADS: u32 = 256;
+        let threads = t * (heads + kv_heads) * d / 16 + t * kv_heads * d / 8;
+        let cfg = LaunchConfig {
+            grid_dim: ((threads as u32).div_ceil(THREADS), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ti, hi, kvi, di, rowi) = (t as i32, heads as i32, kv_heads as i32, d as i32, row as i64);
+        let mut b = crate::ops::cuda::Launch::new(&stream);
+        b.after(chain)
+            .buf(&qkv)
+            .buf(&cos)
+            .buf(&sin)
+            .buf_mut(&mut q)
+            .addr(a.k.base)
+            .addr(a.v.base)
+            .buf(&p.write_rows)
+            .val(&ti)
+            .val(&hi)
+            .val(&kvi)
+            .val(&di)
+            .val(&rowi);
+        // SAFETY: qkv holds t rows of (heads + 2 kv_heads) * d, cos and sin t rows of
+        // d / 2 (checked above, 16-byte aligned); q holds t * heads * d; every write
+        // row lies in a page mapped for its sequence (make_room + fence ran first);
+        // the kernel waits (pdl.cuh).
+        unsafe { b.run(&dev, &f, cfg) }?;
+        a.attend_written(&dev, &q.slice(..), Shape::from((t, heads, d)))
     }
 }

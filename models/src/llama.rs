@@ -354,9 +354,16 @@ impl Llama {
         for (i, l) in self.layers.iter().enumerate() {
             // RMSNorm then the projection (one kernel on the decode path).
             let qkv = norm_linear(&x, &l.attn_norm, eps, &l.qkv)?; // [T, (heads + 2 * kv_heads) * head_dim]
-            let (q, k) = self.rope.apply(&qkv, &cos, &sin, heads, kv_heads)?;
-            let v = qkv.narrow(1, qd + kvd, kvd)?.reshape((t, kv_heads, c.head_dim))?;
-            let a = attn.attend(i, &q, &k, &v)?; // [T, heads, head_dim]
+            // RoPE, the K/V write and attention: in fewer launches where the
+            // backend fuses them (vattention's decode steps), else rotate, then attend.
+            let a = match attn.attend_rope(i, &qkv, &cos, &sin)? {
+                Some(a) => a,
+                None => {
+                    let (q, k) = self.rope.apply(&qkv, &cos, &sin, heads, kv_heads)?;
+                    let v = qkv.narrow(1, qd + kvd, kvd)?.reshape((t, kv_heads, c.head_dim))?;
+                    attn.attend(i, &q, &k, &v)?
+                }
+            }; // [T, heads, head_dim]
             x = self.row_parallel(&a.reshape((t, qd))?, &l.o, &x)?;
             let gated = norm_linear_swiglu(&x, &l.mlp_norm, eps, &l.gate_up)?; // [T, ffn]
             x = self.row_parallel(&gated, &l.down, &x)?;

@@ -153,6 +153,10 @@ enum What {
         /// default kernel everywhere).
         #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
         gemv_tune: bool,
+        /// RoPE and the K/V write of `vattention` / `pod` decode steps in one
+        /// kernel (`set_rope_write_fusion`): on, or off (two kernels; A/B).
+        #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+        rope_write: bool,
     },
     Hybrid {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
@@ -1259,6 +1263,7 @@ fn e2e(
                     "graph_nodes_per_step": nodes, "graph_captures": captures,
                     "tensor_parallel": tp, "pdl": vpod_attention::ops::pdl(), "gemv_kernels": gemv,
                     "norm_fusion": format!("{:?}", vpod_attention::linear::norm_fusion()).to_lowercase(),
+                    "rope_write_fusion": vpod_attention::rope_write_fusion(),
                     "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
                     "median_step_ms": step_ms, "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0,
                     "prefill_s": prefill_s, "warmup_s": warmup_s,
@@ -2270,12 +2275,14 @@ fn main() -> Result<()> {
         norm_fusion,
         pdl,
         gemv_tune,
+        rope_write,
         ..
     } = &args.what
     {
         vpod_attention::linear::set_norm_fusion(*norm_fusion);
         vpod_attention::ops::set_pdl(*pdl);
         vpod_attention::linear::set_gemv_tuning(*gemv_tune);
+        vpod_attention::set_rope_write_fusion(*rope_write);
     }
     let (name, rows) = match &args.what {
         What::Decode {
@@ -2303,6 +2310,7 @@ fn main() -> Result<()> {
             norm_fusion: _,
             pdl: _,
             gemv_tune: _,
+            rope_write: _,
         } => (
             "e2e",
             e2e(
