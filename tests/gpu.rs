@@ -467,12 +467,7 @@ fn decode_steps_match_prefill_logits() {
 fn rope_write_fusion_matches_two_kernels() {
     let dev = gpu();
     for name in FIXTURES {
-        let files = fetch_model_files(
-            &ModelSource::Local(fixture(name)),
-            &offline(std::path::Path::new("/none")),
-        )
-        .unwrap();
-        let model = std::sync::Arc::new(load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap());
+        let model = bf16_fixture(name, &dev);
         let ids = reference(name).prompt_ids;
         let n = ids.len() - 6;
         for backend in ["vattention", "pod"] {
@@ -506,15 +501,20 @@ fn rope_write_fusion_matches_two_kernels() {
     }
 }
 
+/// A fixture loaded through the Hub code path onto `dev` in bf16.
+fn bf16_fixture(name: &str, dev: &Device) -> std::sync::Arc<vpod_models::LoadedModel> {
+    let files = fetch_model_files(
+        &ModelSource::Local(fixture(name)),
+        &offline(std::path::Path::new("/none")),
+    )
+    .unwrap();
+    std::sync::Arc::new(load_model(files, DType::BF16, dev, &mut |_, _| {}).unwrap())
+}
+
 fn decode_vs_prefill(mode: vpod_attention::linear::NormFusion) {
     let dev = gpu();
     for name in FIXTURES {
-        let files = fetch_model_files(
-            &ModelSource::Local(fixture(name)),
-            &offline(std::path::Path::new("/none")),
-        )
-        .unwrap();
-        let model = std::sync::Arc::new(load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap());
+        let model = bf16_fixture(name, &dev);
         let ids = reference(name).prompt_ids;
         let (n, tail) = (ids.len(), 6);
         for backend in ["vattention", "paged:16"] {
@@ -1052,12 +1052,7 @@ fn cuda_graphs_match_eager_greedy_tokens() {
         &["vattention", "paged:16", "paged:128", "pod"]
     };
     for name in &FIXTURES[..if quick { 1 } else { FIXTURES.len() }] {
-        let files = fetch_model_files(
-            &ModelSource::Local(fixture(name)),
-            &offline(std::path::Path::new("/none")),
-        )
-        .unwrap();
-        let model = std::sync::Arc::new(load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap());
+        let model = bf16_fixture(name, &dev);
         let vocab = model.config.vocab_size;
         let reqs: Vec<Request> = (0..5)
             .map(|i| Request {

@@ -426,6 +426,29 @@ impl VirtualBackend {
     }
 }
 
+impl VirtualBackend {
+    /// The GPU attention op of `layer` over the planned step (its prefill
+    /// timer reset), or `None` off the GPU or before a plan.
+    #[cfg(feature = "cuda")]
+    fn gpu_op(&self, layer: usize) -> Option<crate::vattention_gpu::GpuAttention<'_>> {
+        let gpu = self.gpu.as_ref()?;
+        let plan = gpu.plan.as_ref()?;
+        if let Some(t) = &gpu.timer {
+            t.reset();
+        }
+        Some(crate::vattention_gpu::GpuAttention {
+            plan,
+            timer: gpu.timer.as_ref(),
+            k: self.cache.view(layer, Kv::K),
+            v: self.cache.view(layer, Kv::V),
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            scale: self.scale,
+            pod: gpu.pod.as_ref().map(|p| &p.1),
+        })
+    }
+}
+
 static ROPE_WRITE_FUSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Whether the `vattention` and `pod` backends run a decode-only step's RoPE
@@ -574,22 +597,9 @@ impl AttentionBackend for VirtualBackend {
             self.plan_step(meta)?;
         }
         #[cfg(feature = "cuda")]
-        if let Some(gpu) = &mut self.gpu {
-            let Some(plan) = gpu.plan.as_mut() else {
+        if self.gpu.is_some() {
+            let Some(op) = self.gpu_op(layer) else {
                 unreachable!("planned above")
-            };
-            if let Some(t) = &gpu.timer {
-                t.reset();
-            }
-            let op = crate::vattention_gpu::GpuAttention {
-                plan,
-                timer: gpu.timer.as_ref(),
-                k: self.cache.view(layer, Kv::K),
-                v: self.cache.view(layer, Kv::V),
-                heads: self.cfg.num_heads,
-                kv_heads: self.cfg.num_kv_heads,
-                scale: self.scale,
-                pod: gpu.pod.as_ref().map(|p| &p.1),
             };
             let dense = |t: &Tensor| -> Result<Tensor> {
                 Ok(if t.stride()[1..] == [self.cfg.head_dim, 1] {
@@ -631,32 +641,15 @@ impl AttentionBackend for VirtualBackend {
             let d = self.cfg.head_dim;
             let row = (self.cfg.num_heads + 2 * self.cfg.num_kv_heads) * d;
             let bf16 = |t: &Tensor| t.dtype() == candle_core::DType::BF16;
-            let shaped = qkv.dims() == [meta.num_rows(), row]
+            let fits = qkv.dims() == [meta.num_rows(), row]
                 && cos.dims() == [meta.num_rows(), d / 2]
-                && sin.dims() == [meta.num_rows(), d / 2];
-            let Some(gpu) = &mut self.gpu else {
-                unreachable!("checked above")
-            };
-            let Some(plan) = gpu.plan.as_mut() else {
-                unreachable!("planned above")
-            };
-            if plan.decode_only()
+                && sin.dims() == [meta.num_rows(), d / 2]
                 && d == crate::decode::DECODE_HEAD_DIM
-                && shaped
                 && bf16(qkv)
                 && bf16(cos)
-                && bf16(sin)
-            {
-                let op = crate::vattention_gpu::GpuRopeAttention(crate::vattention_gpu::GpuAttention {
-                    plan,
-                    timer: gpu.timer.as_ref(),
-                    k: self.cache.view(layer, Kv::K),
-                    v: self.cache.view(layer, Kv::V),
-                    heads: self.cfg.num_heads,
-                    kv_heads: self.cfg.num_kv_heads,
-                    scale: self.scale,
-                    pod: gpu.pod.as_ref().map(|p| &p.1),
-                });
+                && bf16(sin);
+            if let Some(op) = self.gpu_op(layer).filter(|op| fits && op.plan.decode_only()) {
+                let op = crate::vattention_gpu::GpuRopeAttention(op);
                 let out = qkv
                     .contiguous()?
                     .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;

@@ -15,20 +15,11 @@
 
 __device__ __forceinline__ float r16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
-extern "C" __global__ void rope_qk_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ cos,
-                                        const __nv_bfloat16* __restrict__ sin, __nv_bfloat16* __restrict__ out, int T,
-                                        int heads, int kv_heads, int d, int64_t row) {
-    const int half = d / 2, per_head = half / 8, nh = heads + kv_heads;
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    pdl_wait();
-    pdl_launch_dependents();
-    if (i >= (int64_t)T * nh * per_head) return;
-    const int c = (int)(i % per_head) * 8;
-    const int h = (int)(i / per_head % nh);
-    const int64_t t = i / per_head / nh;
-    const __nv_bfloat16* x = qkv + t * row + (int64_t)h * d;
-    __nv_bfloat16* o = h < heads ? out + (t * heads + h) * d
-                                 : out + (int64_t)T * heads * d + (t * kv_heads + (h - heads)) * d;
+// Rotates 8 pairs of one head: x[c..c+8] with x[half+c..half+c+8] by token
+// t's angles (cos / sin rows of half elements) into o at the same columns.
+__device__ __forceinline__ void rotate8(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ cos,
+                                        const __nv_bfloat16* __restrict__ sin, __nv_bfloat16* __restrict__ o,
+                                        int64_t t, int half, int c) {
     const uint4 a4 = *reinterpret_cast<const uint4*>(x + c);
     const uint4 b4 = *reinterpret_cast<const uint4*>(x + half + c);
     const uint4 c4 = *reinterpret_cast<const uint4*>(cos + t * half + c);
@@ -49,6 +40,23 @@ extern "C" __global__ void rope_qk_bf16(const __nv_bfloat16* __restrict__ qkv, c
     }
     *reinterpret_cast<uint4*>(o + c) = o1;
     *reinterpret_cast<uint4*>(o + half + c) = o2;
+}
+
+extern "C" __global__ void rope_qk_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ cos,
+                                        const __nv_bfloat16* __restrict__ sin, __nv_bfloat16* __restrict__ out, int T,
+                                        int heads, int kv_heads, int d, int64_t row) {
+    const int half = d / 2, per_head = half / 8, nh = heads + kv_heads;
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    pdl_wait();
+    pdl_launch_dependents();
+    if (i >= (int64_t)T * nh * per_head) return;
+    const int c = (int)(i % per_head) * 8;
+    const int h = (int)(i / per_head % nh);
+    const int64_t t = i / per_head / nh;
+    const __nv_bfloat16* x = qkv + t * row + (int64_t)h * d;
+    __nv_bfloat16* o = h < heads ? out + (t * heads + h) * d
+                                 : out + (int64_t)T * heads * d + (t * kv_heads + (h - heads)) * d;
+    rotate8(x, cos, sin, o, t, half, c);
 }
 
 // A decode step's RoPE and K/V write in one launch (the vattention backend's
@@ -94,24 +102,5 @@ extern "C" __global__ void rope_write_kv_bf16(const __nv_bfloat16* __restrict__ 
         o = kcache + r * row_elems + (int64_t)(h - heads) * d;
     }
     const __nv_bfloat16* x = qkv + t * row + (int64_t)h * d;
-    const uint4 a4 = *reinterpret_cast<const uint4*>(x + c);
-    const uint4 b4 = *reinterpret_cast<const uint4*>(x + half + c);
-    const uint4 c4 = *reinterpret_cast<const uint4*>(cos + t * half + c);
-    const uint4 s4 = *reinterpret_cast<const uint4*>(sin + t * half + c);
-    const __nv_bfloat16* a = reinterpret_cast<const __nv_bfloat16*>(&a4);
-    const __nv_bfloat16* b = reinterpret_cast<const __nv_bfloat16*>(&b4);
-    const __nv_bfloat16* cs = reinterpret_cast<const __nv_bfloat16*>(&c4);
-    const __nv_bfloat16* sn = reinterpret_cast<const __nv_bfloat16*>(&s4);
-    uint4 o1, o2;
-    __nv_bfloat16* p = reinterpret_cast<__nv_bfloat16*>(&o1);
-    __nv_bfloat16* q = reinterpret_cast<__nv_bfloat16*>(&o2);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const float x1 = __bfloat162float(a[k]), x2 = __bfloat162float(b[k]);
-        const float co = __bfloat162float(cs[k]), si = __bfloat162float(sn[k]);
-        p[k] = __float2bfloat16(r16(x1 * co) - r16(x2 * si));
-        q[k] = __float2bfloat16(r16(x2 * co) + r16(x1 * si));
-    }
-    *reinterpret_cast<uint4*>(o + c) = o1;
-    *reinterpret_cast<uint4*>(o + half + c) = o2;
+    rotate8(x, cos, sin, o, t, half, c);
 }
