@@ -438,8 +438,8 @@ fn fixtures_parity(backend: &str) {
 
 /// The decode path (single-token steps: the GEMVs, with the RMSNorm in
 /// their prologue or not, the decode attention kernels) gives the logits of
-/// the prefill path (candle's norm and matmuls, checked against
-/// transformers above) at the same positions, on every fixture, for
+/// the prefill path (our norm kernel as on the decode path, candle's
+/// matmuls; checked against transformers above) at the same positions, on every fixture, for
 /// `vattention` and `paged:16`, with each norm mode (the default runs our
 /// norm kernel; the fixtures are too small for Auto to fuse any norm, so
 /// the fused path is forced once; a process-wide setting: the GPU tests run
@@ -447,6 +447,7 @@ fn fixtures_parity(backend: &str) {
 #[test]
 fn decode_steps_match_prefill_logits() {
     use vpod_attention::linear::{NormFusion, set_norm_fusion};
+    let _restore = Defaults;
     for mode in [NormFusion::Auto, NormFusion::Always, NormFusion::Never] {
         set_norm_fusion(mode);
         decode_vs_prefill(mode);
@@ -456,43 +457,60 @@ fn decode_steps_match_prefill_logits() {
     // (vattention); once more with the two kernels.
     vpod_attention::set_rope_write_fusion(false);
     decode_vs_prefill(NormFusion::default());
-    vpod_attention::set_rope_write_fusion(true);
 }
 
-/// A decode step with RoPE and the K/V write in one kernel
-/// (`rope_write_kv_bf16`, vattention and pod) gives the logits of the two
+/// Sets the process-wide decode-path switches back to their defaults when
+/// dropped (also when a test panics, so later tests of a --test-threads=1
+/// run see the defaults).
+struct Defaults;
+
+impl Drop for Defaults {
+    fn drop(&mut self) {
+        vpod_attention::linear::set_norm_fusion(Default::default());
+        vpod_attention::set_rope_write_fusion(true);
+    }
+}
+
+/// Decode steps with RoPE and the K/V write in one kernel
+/// (`rope_write_kv_bf16`, vattention and pod) give the logits of the two
 /// kernels apart (`rope_qk_bf16`, `slot_write_kv2_bf16`) bit for bit: the
-/// same arithmetic, the same cache rows (later steps read them back).
+/// same arithmetic, the same cache rows (later steps read them back). Three
+/// sequences of different lengths decode together (several tokens a step).
 #[test]
 fn rope_write_fusion_matches_two_kernels() {
+    let _restore = Defaults;
     let dev = gpu();
     for name in FIXTURES {
         let model = bf16_fixture(name, &dev);
         let ids = reference(name).prompt_ids;
-        let n = ids.len() - 6;
+        let lens = [ids.len() - 6, ids.len() - 7, ids.len() - 9];
+        let chunk = |seq_id, context_len, query_len| SeqChunk {
+            seq_id,
+            context_len,
+            query_len,
+        };
         for backend in ["vattention", "pod"] {
             let mut runs = vec![];
             for fused in [true, false] {
                 vpod_attention::set_rope_write_fusion(fused);
                 let mut e = Engine::with_options(model.clone(), backend, &Default::default()).unwrap();
-                let chunk = |context_len, query_len| SeqChunk {
-                    seq_id: 1,
-                    context_len,
-                    query_len,
-                };
-                e.forward(vec![chunk(0, n)], &ids[..n], LogitsAt::LastToken)
-                    .unwrap();
-                let steps: Vec<Vec<f32>> = (n..ids.len())
-                    .map(|p| {
-                        let l = e
-                            .forward(vec![chunk(p, 1)], &ids[p..p + 1], LogitsAt::LastToken)
-                            .unwrap();
-                        host_f32(&l)
+                for (s, &n) in lens.iter().enumerate() {
+                    e.forward(vec![chunk(s as u64 + 1, 0, n)], &ids[..n], LogitsAt::LastToken)
+                        .unwrap();
+                }
+                let steps: Vec<Vec<f32>> = (0..5)
+                    .map(|step| {
+                        let chunks = lens
+                            .iter()
+                            .enumerate()
+                            .map(|(s, &n)| chunk(s as u64 + 1, n + step, 1))
+                            .collect();
+                        let tokens: Vec<u32> = lens.iter().map(|&n| ids[n + step]).collect();
+                        host_f32(&e.forward(chunks, &tokens, LogitsAt::LastToken).unwrap())
                     })
                     .collect();
                 runs.push(steps);
             }
-            vpod_attention::set_rope_write_fusion(true);
             assert!(
                 runs[0] == runs[1],
                 "{name} {backend}: fused RoPE + K/V write changed the decode logits"

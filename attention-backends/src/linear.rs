@@ -399,9 +399,13 @@ fn norm_then(x: &Tensor, gamma: &Tensor, eps: f32, w: &Tensor, epi: Epilogue) ->
 /// `rms_norm_bf16`, one CTA a row, which takes part in programmatic
 /// dependent launch (candle's kernel neither waits nor lets the GEMV after
 /// it start early, so the GEMV could not stream its first weights while the
-/// norm ran); candle's op elsewhere.
+/// norm ran); candle's op elsewhere (other dtypes, ranks, a strided or
+/// unaligned operand). `gamma` must be a weight: the kernel reads it before
+/// it waits for the previous kernel (`pdl.cuh`), so it must be contiguous
+/// already (no copy in the step) and written by no kernel of the step.
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
     let k = x.dim(candle_core::D::Minus1)?;
+    let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
     if x.device().is_cuda()
         && x.dtype() == DType::BF16
         && gamma.dtype() == DType::BF16
@@ -409,10 +413,10 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
         && gamma.dims() == [k]
         && k.is_multiple_of(8)
         && x.dim(0)? > 0
+        && aligned(x)
+        && aligned(gamma)
     {
-        return Ok(x
-            .contiguous()?
-            .apply_op2_no_bwd(&gamma.contiguous()?, &RmsNorm(eps))?);
+        return Ok(x.apply_op2_no_bwd(gamma, &RmsNorm(eps))?);
     }
     Ok(candle_nn::ops::rms_norm(x, gamma, eps)?)
 }

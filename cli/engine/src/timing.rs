@@ -47,6 +47,36 @@ fn event_err(e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("CUDA event: {e:?}"))
 }
 
+impl Timed<'_> {
+    /// Runs `f` on the inner backend between two CUDA events (GPU time, read
+    /// at the step's end), or between two device synchronizations elsewhere.
+    fn timed<T>(
+        &mut self,
+        f: impl FnOnce(&mut dyn AttentionBackend) -> vpod_attention::Result<T>,
+    ) -> vpod_attention::Result<T> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = &self.device {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            let stream = dev.cuda_stream();
+            let event = || {
+                stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(event_err)
+            };
+            let start = event()?;
+            let out = f(&mut *self.inner)?;
+            self.times.events.push((start, event()?));
+            return Ok(out);
+        }
+        self.device.synchronize()?;
+        let t = Instant::now();
+        let out = f(&mut *self.inner)?;
+        self.device.synchronize()?;
+        self.times.host += t.elapsed();
+        Ok(out)
+    }
+}
+
 impl AttentionBackend for Timed<'_> {
     fn name(&self) -> &'static str {
         self.inner.name()
@@ -64,26 +94,20 @@ impl AttentionBackend for Timed<'_> {
         v: &Tensor,
         meta: &BatchMeta,
     ) -> vpod_attention::Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let candle_core::Device::Cuda(dev) = &self.device {
-            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-            let stream = dev.cuda_stream();
-            let event = || {
-                stream
-                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(event_err)
-            };
-            let start = event()?;
-            let out = self.inner.forward(layer, q, k, v, meta)?;
-            self.times.events.push((start, event()?));
-            return Ok(out);
-        }
-        self.device.synchronize()?;
-        let t = Instant::now();
-        let out = self.inner.forward(layer, q, k, v, meta)?;
-        self.device.synchronize()?;
-        self.times.host += t.elapsed();
-        Ok(out)
+        self.timed(|inner| inner.forward(layer, q, k, v, meta))
+    }
+
+    /// The backend's fused RoPE + K/V write + attention, timed as
+    /// [`Self::forward`] (so the time includes RoPE where it is fused).
+    fn forward_rope(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        meta: &BatchMeta,
+    ) -> vpod_attention::Result<Option<Tensor>> {
+        self.timed(|inner| inner.forward_rope(layer, qkv, cos, sin, meta))
     }
 
     fn release(&mut self, seq: SeqId) {
