@@ -859,6 +859,18 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 /// step, every request generating `tokens` tokens past any EOS) and returns
 /// the times of the decode steps in which the whole batch decoded, with the
 /// run's records.
+/// The first (request, token) where two runs' generated tokens differ
+/// (a missing token counts), or `None` when they are the same.
+fn first_differing_token(a: &[Vec<u32>], b: &[Vec<u32>]) -> Option<(usize, usize)> {
+    for r in 0..a.len().max(b.len()) {
+        let (x, y) = (a.get(r).map_or(&[][..], |v| v), b.get(r).map_or(&[][..], |v| v));
+        if let Some(i) = (0..x.len().max(y.len())).find(|&i| x.get(i) != y.get(i)) {
+            return Some((r, i));
+        }
+    }
+    None
+}
+
 fn decode_run(
     e: &mut vpod_cli::engine::Engine,
     prompts: Vec<Vec<u32>>,
@@ -1117,6 +1129,12 @@ fn e2e(
         "| model | backend | graphs | batch | tok/s | ms / step | floor ms | % of floor | host ms / step | replayed | prefill s | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let first_graphs = graphs.first().copied().unwrap_or_default();
+    // Greedy tokens of each (model, backend, batch) under the first graphs
+    // mode, which the other mode must reproduce (issue 22: graphs change
+    // no token, on synthetic full-size models too).
+    let mut first_tokens: std::collections::HashMap<(String, String, usize), Vec<Vec<u32>>> =
+        Default::default();
+    let mut token_checks = vec![];
     for name in models {
         let (p, model, ranks) = synthetic_tp(name, context + tokens + 64, &devices)?;
         let gemv = gemv_choices(model.model.gemv_timings());
@@ -1248,6 +1266,26 @@ fn e2e(
                             .map(|g| g.note.clone())
                     })
                     .collect();
+                let generated: Vec<Vec<u32>> = out.requests.iter().map(|r| r.tokens.clone()).collect();
+                let key = (name.clone(), spec.clone(), bsz);
+                let tokens_equal = match first_tokens.get(&key) {
+                    None => {
+                        first_tokens.insert(key, generated);
+                        None
+                    }
+                    Some(first) => {
+                        let diff = first_differing_token(first, &generated);
+                        token_checks.push(match diff {
+                            None => format!(
+                                "{name} {spec} batch {bsz}: graphs {label} gives the same greedy tokens"
+                            ),
+                            Some((r, i)) => format!(
+                                "{name} {spec} batch {bsz}: graphs {label} DIFFERS at request {r}, token {i}"
+                            ),
+                        });
+                        Some(diff.is_none())
+                    }
+                };
                 let captures = e.graph_captures();
                 // Kernel launches a step: the nodes of its bucket's graph (the
                 // eager step launches them one by one; a replay is one launch).
@@ -1265,6 +1303,7 @@ fn e2e(
                     "norm_fusion": format!("{:?}", vpod_attention::linear::norm_fusion()).to_lowercase(),
                     "rope_write_fusion": vpod_attention::rope_write_fusion(),
                     "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
+                    "tokens_equal_to_first_graphs_mode": tokens_equal,
                     "median_step_ms": step_ms, "floor_ms": floor_ms, "percent_of_floor": floor_ms / step_ms * 100.0,
                     "prefill_s": prefill_s, "warmup_s": warmup_s,
                     "warmup": {"prompt": E2E_WARMUP.0, "generated": E2E_WARMUP.1},
@@ -1275,6 +1314,9 @@ fn e2e(
             }
             series.push((format!("{name} {spec} graphs {label}"), pts));
         }
+    }
+    for line in &token_checks {
+        println!("{line}");
     }
     // The paper's figure 9a: throughput relative to the first backend.
     if backends.len() > 1 {
@@ -2385,6 +2427,20 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Graphs on/off token check: equal runs, a changed token, a shorter
+    /// request and a missing request.
+    #[test]
+    fn differing_tokens_are_found() {
+        let a = vec![vec![1, 2, 3], vec![4, 5]];
+        assert_eq!(first_differing_token(&a, &a.clone()), None);
+        assert_eq!(
+            first_differing_token(&a, &[vec![1, 2, 3], vec![4, 6]]),
+            Some((1, 1))
+        );
+        assert_eq!(first_differing_token(&a, &[vec![1, 2], vec![4, 5]]), Some((0, 2)));
+        assert_eq!(first_differing_token(&a, &[vec![1, 2, 3]]), Some((1, 0)));
+    }
 
     #[test]
     fn pd_ratios_split_the_request_tokens() {
