@@ -624,7 +624,7 @@ impl AttentionBackend for VirtualBackend {
     }
 
     /// On the GPU, decode-only steps: RoPE and the K/V write in one kernel
-    /// ([`crate::vattention_gpu::GpuRopeAttention`]; see [`set_rope_write_fusion`]).
+    /// (`vattention_gpu::GpuRopeAttention`, one `rope_write_kv_bf16` launch; see [`set_rope_write_fusion`]).
     fn forward_rope(
         &mut self,
         layer: usize,
