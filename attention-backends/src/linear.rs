@@ -92,17 +92,27 @@ impl GemvKernel {
     }
 }
 
-/// Rows up to which the projections use the GEMV kernel rather than
-/// candle's matmul (cuBLAS): [`GEMV_DEFAULT_ROWS`], or `VPOD_GEMV_ROWS=N`
-/// (at most [`GEMV_MAX_ROWS`]; measuring where the kernel pays off).
-fn gemv_rows() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("VPOD_GEMV_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(GEMV_DEFAULT_ROWS, |n: usize| n.min(GEMV_MAX_ROWS))
-    })
+static GEMV_ROWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(GEMV_DEFAULT_ROWS);
+
+/// Sets the rows up to which the projections use the GEMV kernel rather
+/// than candle's matmul (cuBLAS), for the process: [`GEMV_DEFAULT_ROWS`] by
+/// default; at most [`GEMV_MAX_ROWS`] (more is an error); 0 turns the GEMV
+/// path off. For measuring where the kernel pays off (`vpod-bench e2e
+/// --gemv-rows N`).
+pub fn set_gemv_rows(rows: usize) -> Result<()> {
+    if rows > GEMV_MAX_ROWS {
+        return Err(candle_core::Error::Msg(format!(
+            "the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, not {rows}"
+        ))
+        .into());
+    }
+    GEMV_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// See [`set_gemv_rows`].
+pub fn gemv_rows() -> usize {
+    GEMV_ROWS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A projection's shape as the GEMV kernels see it, on one GPU: the key of
@@ -1153,6 +1163,13 @@ mod tests {
 
     /// The tuner keeps the default on near ties and takes a kernel only by
     /// the margin over the pick so far; off CUDA it measures nothing.
+    /// More rows than the kernel takes are refused, the setting unchanged.
+    #[test]
+    fn gemv_rows_are_bounded() {
+        assert!(set_gemv_rows(GEMV_MAX_ROWS + 1).is_err());
+        assert_eq!(gemv_rows(), GEMV_DEFAULT_ROWS);
+    }
+
     #[test]
     fn gemv_pick_follows_the_margin() -> Result<()> {
         use GemvKernel::{Pipelined, Rows4, Split2};

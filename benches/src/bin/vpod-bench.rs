@@ -153,6 +153,10 @@ enum What {
         /// default kernel everywhere).
         #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
         gemv_tune: bool,
+        /// Rows (tokens) up to which the projections run the GEMV kernel
+        /// rather than cuBLAS (`linear::set_gemv_rows`; at most 8, 0: never).
+        #[arg(long, default_value_t = vpod_attention::linear::GEMV_DEFAULT_ROWS)]
+        gemv_rows: usize,
         /// RoPE and the K/V write of `vattention` / `pod` decode steps in one
         /// kernel (`set_rope_write_fusion`): on, or off (two kernels; A/B).
         #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
@@ -1300,6 +1304,7 @@ fn e2e(
                     "graph_replayed_steps": replayed, "graph_eager_reasons": eager_notes,
                     "graph_nodes_per_step": nodes, "graph_captures": captures,
                     "tensor_parallel": tp, "pdl": vpod_attention::ops::pdl(), "gemv_kernels": gemv,
+                    "gemv_rows": vpod_attention::linear::gemv_rows(),
                     "norm_fusion": format!("{:?}", vpod_attention::linear::norm_fusion()).to_lowercase(),
                     "rope_write_fusion": vpod_attention::rope_write_fusion(),
                     "generated": tokens, "decode_steps": ms.len(), "decode_tokens_per_s": tps,
@@ -2317,10 +2322,12 @@ fn main() -> Result<()> {
         norm_fusion,
         pdl,
         gemv_tune,
+        gemv_rows,
         rope_write,
         ..
     } = &args.what
     {
+        vpod_attention::linear::set_gemv_rows(*gemv_rows)?;
         vpod_attention::linear::set_norm_fusion(*norm_fusion);
         vpod_attention::ops::set_pdl(*pdl);
         vpod_attention::linear::set_gemv_tuning(*gemv_tune);
@@ -2352,6 +2359,7 @@ fn main() -> Result<()> {
             norm_fusion: _,
             pdl: _,
             gemv_tune: _,
+            gemv_rows: _,
             rope_write: _,
         } => (
             "e2e",
