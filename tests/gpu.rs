@@ -375,13 +375,7 @@ fn fixtures_parity(backend: &str) {
     let dev = gpu();
     let (mut agree_all, mut total_all) = (0, 0);
     for name in FIXTURES {
-        let files = fetch_model_files(
-            &ModelSource::Local(fixture(name)),
-            &offline(std::path::Path::new("/none")),
-        )
-        .unwrap();
-        let model = load_model(files, DType::BF16, &dev, &mut |_, _| {}).unwrap();
-        let mut e = Engine::new(model, backend).unwrap();
+        let mut e = Engine::new(bf16_fixture(name, &dev), backend).unwrap();
         let r = reference(name);
         let refs = candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu)
             .unwrap();

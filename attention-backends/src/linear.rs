@@ -1161,8 +1161,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The tuner keeps the default on near ties and takes a kernel only by
-    /// the margin over the pick so far; off CUDA it measures nothing.
     /// More rows than the kernel takes are refused, the setting unchanged.
     #[test]
     fn gemv_rows_are_bounded() {
@@ -1170,6 +1168,8 @@ mod tests {
         assert_eq!(gemv_rows(), GEMV_DEFAULT_ROWS);
     }
 
+    /// The tuner keeps the default on near ties and takes a kernel only by
+    /// the margin over the pick so far; off CUDA it measures nothing.
     #[test]
     fn gemv_pick_follows_the_margin() -> Result<()> {
         use GemvKernel::{Pipelined, Rows4, Split2};

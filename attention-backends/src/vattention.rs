@@ -424,9 +424,7 @@ impl VirtualBackend {
             scale: self.scale,
         }
     }
-}
 
-impl VirtualBackend {
     /// The GPU attention op of `layer` over the planned step (its prefill
     /// timer reset), or `None` off the GPU or before a plan.
     #[cfg(feature = "cuda")]
