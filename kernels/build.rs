@@ -114,6 +114,7 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "pod3_tma_bf16",
             "podp_tma_bf16",
             "pod_ws_bf16",
+            "pod_wsd_bf16",
             "pod_nsmid",
         ],
     ),

@@ -109,8 +109,9 @@ if want podfi; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .anchors/whl/*.whl
     step fi env PYTHONPATH=/tmp/site FI_FORCE_JIT=1 FI_SKIP=decode MAX_JOBS=16 OUT="$OUT/fi" PYTHONUNBUFFERED=1 \
         python3 .anchors/flashinfer/bench_fi.py
+    # shellcheck disable=SC2086
     step vb-hybrid-fi "$B/vpod-bench" hybrid --out "$OUT" --models llama3-8b,yi-6b --chunks 1024,2048 \
-        --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384 --fi-json "$OUT/fi/fi.json"
+        --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384 --fi-json "$OUT/fi/fi.json" ${PODFI_ARGS:-}
     cat "$OUT/vb-hybrid-fi.log"
 fi
 if want layer; then

@@ -912,39 +912,46 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
 /// both block-role policies (resident prefill blocks per SM, the paper's
 /// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the TMA
 /// entries (`podp_tma_bf16`, `pod3_tma_bf16`), the two-warpgroup persistent
-/// kernel (`pod_ws_bf16`, one block per SM), the two-stream path and the
-/// planner's choice on Llama-3-8B's heads; `pod_bf16`, `podp_tma_bf16` and
-/// `pod_ws_bf16` on GQA 7 and 8 too.
+/// kernel (`pod_ws_bf16`, one block per SM), the SM-partitioned kernels
+/// with the warp-specialized prefill tile (`pod_wsd_bf16` with 4 decode-first
+/// SMs and with 1), the two-stream path and the planner's choice
+/// on Llama-3-8B's heads; the partitioned kernels, `pod_bf16`, `podp_tma_bf16`
+/// and `pod_ws_bf16` on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
     let (quick, shapes) = twin_shapes();
-    // VPOD_QUICK (the compute-sanitizer runs): the first four, one per kernel.
-    let all: &[(&str, [&str; 5])] = &[
-        ("pod:fused", ["1", "2", "1", "0", "0"]),
-        ("pod:fused", ["1", "2", "1", "1", "1"]),
-        ("pod:fused", ["1", "1", "1", "0", "0"]),
-        ("pod:fused", ["1", "3", "2", "0", "1"]),
-        ("pod:fused", ["1", "2", "1", "1", "0"]),
-        ("pod:fused", ["1", "3", "2", "0", "0"]),
-        ("pod:fused", ["1", "3", "1", "0", "1"]),
-        ("pod:fused", ["0", "2", "1", "0", "0"]),
-        ("pod:fused", ["0", "3", "1", "0", "1"]),
-        ("pod:streams", ["1", "2", "1", "1", "1"]),
-        ("pod", ["1", "2", "1", "1", "1"]),
+    // VPOD_QUICK (the compute-sanitizer runs): the first six (the
+    // partitioned kernel with 4 decode-first SMs and with 1, then one per kernel).
+    let all: &[(&str, [&str; 6])] = &[
+        ("pod:fused", ["1", "", "", "1", "1", "4"]),
+        ("pod:fused", ["1", "", "", "1", "1", "1"]),
+        ("pod:fused", ["1", "2", "1", "0", "0", ""]),
+        ("pod:fused", ["1", "2", "1", "1", "1", ""]),
+        ("pod:fused", ["1", "1", "1", "0", "0", ""]),
+        ("pod:fused", ["1", "3", "2", "0", "1", ""]),
+        ("pod:fused", ["1", "2", "1", "1", "0", ""]),
+        ("pod:fused", ["1", "3", "2", "0", "0", ""]),
+        ("pod:fused", ["1", "3", "1", "0", "1", ""]),
+        ("pod:fused", ["0", "2", "1", "0", "0", ""]),
+        ("pod:fused", ["0", "3", "1", "0", "1", ""]),
+        ("pod:streams", ["1", "2", "1", "1", "1", ""]),
+        ("pod", ["1", "2", "1", "1", "1", ""]),
     ];
-    let runs = if quick { &all[..4] } else { all };
+    let runs = if quick { &all[..6] } else { all };
     for (i, &shape) in shapes.iter().enumerate() {
         for (j, &(spec, env)) in runs.iter().enumerate() {
-            // Other head shapes: pod_bf16, podp_bf16 and pod_ws_bf16 only.
-            if i > 0 && j > 2 {
+            // Other head shapes: the partitioned kernels, pod_bf16, podp_bf16
+            // and pod_ws_bf16 only.
+            if i > 0 && j > 4 {
                 continue;
             }
             // Quick (compute-sanitizer): 300-token prompts, still several
             // query and key tiles; else a 1100-token one for the first shape.
-            let steps = pod_steps(if i == 0 && j < 4 && !quick { 1100 } else { 300 });
+            let steps = pod_steps(if i == 0 && j < 6 && !quick { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
-            // (policy, blocks per SM, resident prefill blocks, pipelined prefill, TMA)
-            let tuning = vpod_attention::PodTuning {
+            // (policy, blocks per SM, resident prefill blocks, pipelined
+            // prefill, TMA, partitioned: decode SMs / decode warpgroups)
+            let mut tuning = vpod_attention::PodTuning {
                 policy: if env[0] == "0" {
                     vpod_attention::PodPolicy::Ticket
                 } else {
@@ -954,16 +961,20 @@ fn pod_gpu_matches_cpu_twin() {
                 resident_prefill: env[2].parse().ok(),
                 pipelined_prefill: env[3] != "0",
                 tma_prefill: env[4] != "0",
-                split_waves: None,
+                ..Default::default()
             };
+            if !env[5].is_empty() {
+                tuning.partitioned = true;
+                tuning.decode_sms = env[5].parse().ok();
+            }
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 14,
                 pod_tuning: tuning,
                 ..Default::default()
             };
             let label = format!(
-                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}",
-                env[0], env[1], env[2], env[3], env[4]
+                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}, decode-first SMs '{}'",
+                env[0], env[1], env[2], env[3], env[4], env[5]
             );
             check_against_twin(spec, shape, &opts, &steps, true, &label);
         }

@@ -55,7 +55,7 @@ pub use reference::ReferenceBackend;
 pub use vattention::{
     POD_FEW_DECODES_SPLIT_WAVES, POD_FEW_SPLITS_UP_TO, POD_MIN_SHARE, POD_SPLIT_WAVES, POD_STREAMS_ABOVE,
     POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, decode_splits_static,
-    plan_pod_step, pod_kernel_for, pod_split_waves_for, pod_step_halves, rope_write_fusion,
+    plan_pod_step, pod_decode_sms, pod_kernel_for, pod_split_waves_for, pod_step_halves, rope_write_fusion,
     set_rope_write_fusion,
 };
 pub use vpod_kvcache::{KvManager, SeqId};
@@ -313,6 +313,12 @@ pub struct PodTuning {
     /// The fused kernels' prefill role loads K/V by TMA (where the device
     /// and the pages allow).
     pub tma_prefill: bool,
+    /// Fused steps run the SM-partitioned kernel ([`PodKernel::Partitioned`])
+    /// whatever kernel the planner picked.
+    pub partitioned: bool,
+    /// The partitioned kernel's decode-first blocks, one per SM (`None`:
+    /// [`pod_decode_sms`]'s rule).
+    pub decode_sms: Option<usize>,
 }
 
 impl Default for PodTuning {
@@ -324,6 +330,8 @@ impl Default for PodTuning {
             split_waves: None,
             pipelined_prefill: true,
             tma_prefill: true,
+            partitioned: false,
+            decode_sms: None,
         }
     }
 }

@@ -42,11 +42,17 @@ const DECODE_BYTES_PER_S: f64 = 2.8e12;
 /// this share of the predicted serial time (below, the fused kernel cannot
 /// gain enough to pay for its scheduling; see the POD results' sweep).
 pub const POD_MIN_SHARE: f64 = 0.1;
-/// From this predicted prefill : decode ratio up, a fused step runs two
-/// prefill tiles per SM next to one decode split ([`PodKernel::TwoToOne`]);
-/// below, one of each ([`PodKernel::OneToOne`]) (from the 66-case sweep in
-/// results/2026-11-21-h100-pod-planner, where the ratio predicted the
-/// measured one within ~15 %). Above [`POD_STREAMS_ABOVE`] the two-stream
+/// From this predicted prefill : decode ratio up, a fused step partitions
+/// the SMs by role ([`PodKernel::Partitioned`]: the warp-specialized
+/// prefill tile, on sm_90a; elsewhere two 64-row prefill tiles per SM next
+/// to one decode split, [`PodKernel::TwoToOne`]); below, one 64-row tile and
+/// one decode split per SM ([`PodKernel::OneToOne`]) (the ratio from the
+/// 66-case sweep in results/2026-11-21-h100-pod-planner, where it predicted
+/// the measured one within ~15 %). On FlashInfer's 48-case grid on the
+/// H200 (results/2026-12-04-h200-pod-partitioned) the partitioned kernel
+/// beat the 2:1 kernel in 11 of the 13 steps where the planner fused 2:1
+/// (1.04-1.15x over the best serial pair where 2:1 gave 1.02-1.12x), and
+/// lost to the 1:1 kernel in all 4 of its steps (1.02-1.05x vs 1.06-1.11x). Above [`POD_STREAMS_ABOVE`] the two-stream
 /// pair is faster than either kernel: the serial and two-stream paths run
 /// the warp-specialized prefill tile, the fused kernels a 4-warp tile, so a
 /// prefill-heavy step loses by fusing. On FlashInfer's 48-case grid on the
@@ -99,6 +105,24 @@ pub enum PodKernel {
     /// `pod3_bf16`: 3 blocks per SM, two 64-row prefill tiles next to one
     /// 2-stage decode split.
     TwoToOne,
+    /// `pod_wsd_bf16`: the SMs split by role, one block per SM: the first
+    /// [`pod_decode_sms`] blocks stream the decodes, the others run the
+    /// warp-specialized 128-row prefill tile (the plain kernel's); a kind's
+    /// SMs go to the other once it runs out (sm_90a and TMA pages of 128
+    /// rows; else [`Self::TwoToOne`] stands in).
+    Partitioned,
+}
+
+/// Decode-first blocks (SMs) of a [`PodKernel::Partitioned`] step on `sms`
+/// SMs: a quarter of them. Measured on the H200
+/// (results/2026-12-04-h200-pod-partitioned, 8 hybrid steps, 16 to 66
+/// decode SMs): 33 was the best fixed count (mean 1.034x over the best
+/// serial pair; 16: 1.001x, 48: 1.007x, 66: 1.006x), and sizing it by the
+/// decode half's predicted share of the step (clamped to 17..66) did no
+/// better (1.007x): the decode items finish early and hand their SMs to the
+/// prefill tiles either way, while too few decode SMs cannot draw the copy rate.
+pub fn pod_decode_sms(sms: usize) -> usize {
+    sms.div_ceil(4).max(1)
 }
 
 /// How the `pod` backend runs a hybrid step.
@@ -115,7 +139,7 @@ pub enum PodPath {
 /// The fused kernel for a step whose halves are predicted to take `tp` and `td`.
 pub fn pod_kernel_for(tp: f64, td: f64) -> PodKernel {
     if tp >= POD_TWO_TO_ONE_FROM * td {
-        PodKernel::TwoToOne
+        PodKernel::Partitioned
     } else {
         PodKernel::OneToOne
     }
@@ -167,10 +191,11 @@ pub fn plan_pod_step(meta: &BatchMeta, cfg: &AttnConfig) -> (PodPath, String) {
     } else {
         let k = pod_kernel_for(tp, td);
         let blocks = match k {
-            PodKernel::OneToOne => "1 prefill : 1 decode",
-            PodKernel::TwoToOne => "2 prefill : 1 decode",
+            PodKernel::OneToOne => "1 prefill : 1 decode blocks per SM",
+            PodKernel::TwoToOne => "2 prefill : 1 decode blocks per SM",
+            PodKernel::Partitioned => "SMs partitioned by role",
         };
-        (PodPath::Fused(k), format!("fused, {blocks} blocks per SM"))
+        (PodPath::Fused(k), format!("fused, {blocks}"))
     };
     (
         path,
@@ -499,6 +524,20 @@ impl AttentionBackend for VirtualBackend {
                     (path, Some(note))
                 }
             };
+            let path = match path {
+                PodPath::Fused(_) if gpu.tuning.partitioned => PodPath::Fused(PodKernel::Partitioned),
+                // A fixed block count per SM asks for an SM-sharing kernel.
+                PodPath::Fused(PodKernel::Partitioned) if gpu.tuning.blocks_per_sm.is_some() => {
+                    PodPath::Fused(PodKernel::TwoToOne)
+                }
+                p => p,
+            };
+            // The partitioned kernel's decode-first SMs: the tuning's or the rule's.
+            let decode_sms = gpu
+                .tuning
+                .decode_sms
+                .unwrap_or_else(|| pod_decode_sms(gpu.sms))
+                .clamp(1, gpu.sms);
             // Decode split waves: one for a plain decode launch; for a
             // fused one the tuning's or the rule's.
             let waves = match path {
@@ -524,10 +563,15 @@ impl AttentionBackend for VirtualBackend {
                 waves,
                 gpu.prefill,
                 gpu.tuning,
+                decode_sms,
             )?;
-            // The record names the prefill kernel a step ran (when not fused).
-            if let Some(k) = plan.prefill_kernel() {
-                let k = format!("prefill {}", k.symbol());
+            // The record names the prefill kernel a step ran (when not
+            // fused), else the POD kernel.
+            if let Some(k) = plan
+                .prefill_kernel()
+                .map(|k| format!("prefill {}", k.symbol()))
+                .or(plan.pod_note())
+            {
                 gpu.path_note = Some(match gpu.path_note.take() {
                     Some(n) => format!("{n}; {k}"),
                     None => k,
@@ -873,8 +917,8 @@ mod tests {
         let mut balanced = vec![(12288, 1024)];
         balanced.extend(std::iter::repeat_n((16384, 1), 26));
         let (path, note) = plan_pod_step(&step(&balanced), &cfg);
-        assert_eq!(path, PodPath::Fused(PodKernel::TwoToOne), "{note}");
-        assert!(note.starts_with("fused, 2 prefill : 1 decode"), "{note}");
+        assert_eq!(path, PodPath::Fused(PodKernel::Partitioned), "{note}");
+        assert!(note.starts_with("fused, SMs partitioned by role"), "{note}");
         let (tp, td) = pod_step_halves(&step(&balanced), &cfg).unwrap();
         assert!((tp / td - 0.94).abs() < 0.1, "{tp} {td}");
         // A 512 chunk at 4K next to 52 decodes at 8K: decode-heavy, one of each per SM.

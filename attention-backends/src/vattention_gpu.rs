@@ -131,6 +131,12 @@ const POD_WARPS: usize = 4;
 /// (pod_bf16.cu).
 const POD_WS_SMEM: usize = PREFILL_PIPE_SMEM + 4 * 2 * 64 * 256;
 
+/// pod_wsd_bf16's dynamic shared memory (`POD_WSD_SMEM`, pod_bf16.cu): six
+/// decode stages (two warpgroups of 3), more than the
+/// warp-specialized prefill tile's [`PREFILL_WS_SMEM`].
+const POD_WSD_SMEM: usize = 6 * 2 * 64 * 256;
+const _: () = assert!(POD_WSD_SMEM >= PREFILL_WS_SMEM);
+
 /// Which POD kernel runs a fused step (`pod_bf16.cu`, "Blocks per SM"):
 /// (kernel, dynamic shared memory, blocks per SM). The planner's choice
 /// ([`crate::PodKernel`]): `podp_bf16` (one to one: 2 blocks per SM, the
@@ -145,10 +151,14 @@ const POD_WS_SMEM: usize = PREFILL_PIPE_SMEM + 4 * 2 * 64 * 256;
 /// shared memory: a 97-KiB part for a pipelined prefill tile, a 128-KiB part
 /// for a 4-stage decode split; 225 KiB).
 fn pod_kernel(k: crate::PodKernel, tma: bool, t: &crate::PodTuning) -> (&'static str, usize, i32) {
+    if k == crate::PodKernel::Partitioned {
+        // One block per SM, either role ([`crate::PodKernel::Partitioned`]).
+        return ("pod_wsd_bf16", POD_WSD_SMEM, 1);
+    }
     let blocks = match (t.blocks_per_sm, k) {
         (Some(b @ 1..=3), _) => b,
         (_, crate::PodKernel::OneToOne) => 2,
-        (_, crate::PodKernel::TwoToOne) => 3,
+        (_, crate::PodKernel::TwoToOne | crate::PodKernel::Partitioned) => 3,
     };
     match blocks {
         1 => ("pod_ws_bf16", POD_WS_SMEM, 1),
@@ -357,6 +367,8 @@ pub(crate) struct StepPlan {
     pod_tma: bool,
     /// The POD kernel settings ([`crate::PodTuning`]).
     tuning: crate::PodTuning,
+    /// Decode-first blocks of the partitioned POD kernel ([`crate::pod_decode_sms`]).
+    decode_sms: usize,
     chunks: DeviceChunks,
     /// The slot of each prompt chunk.
     slots: CudaSlice<i32>,
@@ -395,6 +407,20 @@ impl StepPlan {
         self.chunks.n_work == 0 && self.n_dec > 0
     }
 
+    /// The POD kernel a fused hybrid step runs, for the step record
+    /// (`None` on the other paths).
+    pub(crate) fn pod_note(&self) -> Option<String> {
+        let PodPath::Fused(k) = self.path else { return None };
+        if self.chunks.n_work == 0 || self.n_dec == 0 {
+            return None;
+        }
+        let (name, _, _) = pod_kernel(k, self.pod_tma, &self.tuning);
+        Some(match k {
+            crate::PodKernel::Partitioned => format!("kernel {name}, {} decode SMs", self.decode_sms),
+            _ => format!("kernel {name}"),
+        })
+    }
+
     /// The plain prefill kernel this step runs, if it runs one (prompt
     /// chunks, and not all of them inside the fused POD kernel).
     pub(crate) fn prefill_kernel(&self) -> Option<PrefillKernel> {
@@ -413,15 +439,29 @@ impl StepPlan {
         waves: usize,
         kernel: PrefillKernel,
         tuning: crate::PodTuning,
+        decode_sms: usize,
     ) -> Result<Self> {
         let kv_heads = cfg.num_kv_heads;
         let view = cache.view(0, vpod_kvcache::Kv::K);
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
         let tma = prefill_tma(dev, cache);
         let prefill = resolve_prefill(kernel, tma, cache.tokens_per_page());
+        // The partitioned kernel's prefill role is the TMA wsp tile: where
+        // that cannot run, the 2:1 kernel stands in (the record says so).
+        let path = match path {
+            PodPath::Fused(crate::PodKernel::Partitioned)
+                if resolve_prefill(PrefillKernel::Wsp, tma, cache.tokens_per_page())
+                    != PrefillKernel::Wsp =>
+            {
+                PodPath::Fused(crate::PodKernel::TwoToOne)
+            }
+            p => p,
+        };
         // Work items of the kernel that runs: the POD kernels' 64-row tile
-        // on the fused path, else the plain kernel's.
+        // on the fused path (the partitioned one's 128-row), else the plain
+        // kernel's.
         let bm = match path {
+            PodPath::Fused(crate::PodKernel::Partitioned) => PrefillKernel::Wsp.rows(),
             PodPath::Fused(_) => 16 * POD_WARPS,
             _ => prefill.rows(),
         };
@@ -459,6 +499,7 @@ impl StepPlan {
             tma,
             pod_tma: tma.is_some() && cache.tokens_per_page().is_multiple_of(64) && tuning.tma_prefill,
             tuning,
+            decode_sms,
             chunks: chunks.upload(dev)?,
             slots: upload(dev, &slots)?,
             n_dec,
@@ -550,6 +591,7 @@ impl StepPlan {
             tma: None,
             pod_tma: false,
             tuning: crate::PodTuning::default(),
+            decode_sms: 1,
             chunks: Chunks::default().upload(dev)?,
             slots: upload::<i32>(dev, &[])?,
             n_dec: rows,
@@ -766,20 +808,30 @@ impl GpuAttention<'_> {
     ) -> candle_core::Result<()> {
         let p = self.plan;
         let (kernel, smem, per_sm) = pod_kernel(k, p.pod_tma, &p.tuning);
-        // The layer's tensor maps (read by the *_tma kernels only).
-        let (kmap, vmap) = match p.tma.filter(|_| p.pod_tma) {
-            Some(dims) => (
+        let partitioned = k == crate::PodKernel::Partitioned;
+        // The layer's tensor maps (read by the *_tma kernels and the
+        // partitioned one, whose prefill tile takes 128-row boxes; StepPlan::new
+        // checked the device and the pages for it).
+        let (kmap, vmap) = match (p.tma, partitioned) {
+            (Some(dims), true) => (
+                tensor_map(&self.k, self.kv_heads, dims, 128)?,
+                tensor_map(&self.v, self.kv_heads, dims, 128)?,
+            ),
+            (Some(dims), false) if p.pod_tma => (
                 tensor_map(&self.k, self.kv_heads, dims, 64)?,
                 tensor_map(&self.v, self.kv_heads, dims, 64)?,
             ),
-            None => (TmaArg([0; 16]), TmaArg([0; 16])),
+            _ => (TmaArg([0; 16]), TmaArg([0; 16])),
         };
         let f = crate::ops::cuda::function_with_smem(dev, kernel, smem)?;
         let n_pre = p.chunks.n_work * self.heads;
         let n_dec = p.splits * self.kv_heads * p.n_dec;
-        // pod_ws_bf16: one persistent block of two warpgroups per SM; the
-        // others: one block per item.
-        let (blocks, warps) = if per_sm == 1 {
+        // pod_wsd_bf16: a block per prefill item and one per SM (decode
+        // workers), 384 threads; pod_ws_bf16: one persistent block of two
+        // warpgroups per SM; the others: one block per item.
+        let (blocks, warps) = if partitioned {
+            (n_pre + p.sms, 3 * POD_WARPS)
+        } else if per_sm == 1 {
             ((n_pre + n_dec).min(p.sms), 2 * POD_WARPS)
         } else {
             (n_pre + n_dec, POD_WARPS)
@@ -793,7 +845,9 @@ impl GpuAttention<'_> {
             crate::PodPolicy::Ticket => 0,
             crate::PodPolicy::Resident => 1,
         };
-        let (rp, rd) = if per_sm == 1 {
+        let (rp, rd) = if partitioned {
+            (1, p.decode_sms as i32) // the decode-first blocks
+        } else if per_sm == 1 {
             (1, 1) // unused by pod_ws_bf16
         } else if policy == 0 {
             small_ratio(n_pre, n_dec)

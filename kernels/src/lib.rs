@@ -88,6 +88,10 @@
 //!     (pod_bf16.cu); sched holds 3 + 2 * nsm ints, zero before the first launch (the kernel re-zeroes them).
 //!     pod_ws_bf16: min(SMs, items) persistent blocks of 256 threads, 225 KiB dynamic smem; each
 //!     warpgroup takes items (prefill-first / decode-first) until both kinds run out; policy and ratios unused.
+//!     pod_wsd_bf16 (sm_90a): n_work * heads + SMs blocks of 384 threads, 192 KiB dynamic smem,
+//!     work items of 128 rows, kmap / vmap with 128-row boxes; the first ratio_d blocks to start stream
+//!     decode items (2 warpgroups x 3 stages), every other block runs one warp-specialized prefill
+//!     tile (slot_prefill_ws.cuh) or, once those are gone, decode items; policy and ratio_p unused.
 //! pod_nsmid(int* out)
 //!     one thread: out = %nsmid (the SM-id range pod_bf16's sched is sized by).
 //! ```

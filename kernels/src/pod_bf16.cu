@@ -43,6 +43,7 @@
 //   by themselves), so no per-launch memset or allocation is needed.
 #include "slot_decode.cuh"
 #include "slot_prefill.cuh"
+#include "slot_prefill_ws.cuh"
 #include "tma.cuh"
 
 constexpr int POD_WARPS = 4;
@@ -254,3 +255,96 @@ extern "C" __global__ void __launch_bounds__(2 * POD_WARPS * 32, 1) pod_ws_bf16(
         sched[2] = 0;
     }
 }
+
+// pod_wsd_bf16: the SMs partitioned by role, with the
+// warp-specialized prefill tile (slot_prefill_ws.cuh) as the prefill role.
+// Its 384 threads, up to 240 registers a consumer thread and 161 KiB leave
+// no room on an SM for a decode block beside it, so instead of sharing an SM
+// the two roles share the GPU: one block per SM (384 threads, POD_WSD_SMEM),
+// each block ONE role for its whole life:
+//   - the first `ratio_d` blocks to start (an arrival ticket) are decode
+//     workers: two warpgroups, each with its own 3-stage part of the shared
+//     memory (two plain decode blocks' worth), take decode items
+//     (slot_decode_split) from a global counter until none is left, then the
+//     block ends and its SM takes prefill blocks; the third warpgroup idles
+//     and gives its registers to the other two;
+//   - every other block takes the next prefill item (heaviest first): a
+//     128-row query tile of one head, run as slot_prefill_wsp_bf16 runs it
+//     (producer warpgroup + two consumer warpgroups, setmaxnreg 24 / 240);
+//     a block that finds no prefill item left becomes a decode worker.
+// So while both kinds last, `ratio_d` SMs stream the decodes' K/V (enough of
+// them to draw the copy rate) and the rest run prefill tiles at the plain
+// kernel's speed; whichever kind runs out first hands its SMs to the other.
+// grid: n_pre + SMs blocks (a block per prefill item plus enough late blocks
+// to put every SM on decode once the prefill items are gone).
+// Prefill items: n_work x heads, item w * heads + h = query head h of the
+// 128-row work item w (the plain kernel's order); decode items as pod_bf16.
+// sched: [0] prefill items taken, [1] decode items taken, [2] blocks
+// finished, [3] arrival tickets; the last block zeroes them. policy and
+// ratio_p are unused. kmap / vmap: 128-row boxes (the plain wsp kernel's).
+constexpr int POD_WSD_SMEM = 6 * DEC_STAGE_BYTES;  // 2 x 3 decode stages
+static_assert(POD_WSD_SMEM >= WsShape<2>::SMEM, "the prefill role fits");
+static_assert(POD_WSD_SMEM + 1024 <= 227 * 1024, "one block per SM");
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PARAMS, POD_MAPS) {
+    constexpr int DEC_WGS = 2, DSTAGES = 3;
+    static_assert(DEC_WGS * DSTAGES * DEC_STAGE_BYTES <= POD_WSD_SMEM, "decode parts fit");
+    __shared__ int s_role;    // >= 0: a prefill item; -1: a decode worker
+    __shared__ int s_dec[2];  // per decode warpgroup: its next decode item, -1 none
+    const int n_pre = n_work * heads, n_dec = splits * kv_heads * n_decodes;
+    if (threadIdx.x == 0) {
+        int role = -1;
+        if (atomicAdd(&sched[3], 1) >= ratio_d) {
+            const int p = atomicAdd(&sched[0], 1);
+            if (p < n_pre) role = p;
+        }
+        s_role = role;
+    }
+    __syncthreads();
+    const int role = s_role;
+    if (role >= 0) {
+#if ATT_WGMMA
+        prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, role % heads,
+                      role / heads);
+#else
+        __trap();  // sm_90a only (the host checks)
+#endif
+    } else if (const int wg = threadIdx.x / 128; wg < DEC_WGS) {
+        // The decode warpgroups' registers, stated (else ptxas spills the
+        // decode loop of this kernel at the launch's 168): the idle
+        // warpgroup gives its share to the other two.
+#if ATT_WGMMA
+        setmaxnreg_inc<232>();
+#endif
+        const WarpGroupPart part{WholeBlock{}.region() + wg * DSTAGES * DEC_STAGE_BYTES, 1 + wg};
+        for (;;) {
+            if (threadIdx.x % 128 == 0) {
+                const int d = atomicAdd(&sched[1], 1);
+                s_dec[wg] = d < n_dec ? d : -1;
+            }
+            part.sync();
+            const int d = s_dec[wg];
+            part.sync();  // read by all before thread 0 writes the next one
+            if (d < 0) break;
+            const int split = d % splits, kvh = (d / splits) % kv_heads, b = d / (splits * kv_heads);
+            slot_decode_split<DSTAGES>(q, dec_rows, k_base, v_base, dec_slots, dec_lens, part_o, part_ml, counters,
+                                       out, heads, group, slot_stride, pos_stride, splits, scale, split, kvh, b,
+                                       kv_heads, part);
+            part.sync();  // the part's shared memory is free again
+        }
+    } else {
+#if ATT_WGMMA
+        setmaxnreg_dec<24>();  // the idle warpgroup
+#endif
+    }
+    __syncthreads();  // no thread of the block touches sched after this
+    if (threadIdx.x != 0) return;
+    __threadfence();
+    if (atomicAdd(&sched[2], 1) == (int)gridDim.x - 1) {
+        // Every other block has finished its counter updates: ready the next launch.
+        sched[0] = sched[1] = sched[3] = 0;
+        __threadfence();
+        sched[2] = 0;
+    }
+}
+

@@ -314,15 +314,16 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     store_rows(out, o, st, qs, row0 + 16 * warp, ql, heads, head, lane);
 }
 
+// Query head `head` of work item `item` (128 rows) by the whole block
+// (WS_THREADS threads, WsShape<STAGES>::SMEM of dynamic shared memory).
 template <int STAGES>
 __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                            const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                            const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
                                            const int32_t* __restrict__ slots, int heads, int group, float scale,
-                                           const TmaMap* kmap, const TmaMap* vmap) {
+                                           const TmaMap* kmap, const TmaMap* vmap, int head, int item) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ __align__(8) uint64_t bars[4 * STAGES];
-    const int head = blockIdx.x, item = blockIdx.y;
     const int chunk = work[2 * item], j0 = work[2 * item + 1];
     const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
     const int n_keys = ctx + min(ql, j0 + WS_BM);

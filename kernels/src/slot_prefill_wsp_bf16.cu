@@ -10,7 +10,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
 #if ATT_WGMMA
-    prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap);
+    prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
+                  blockIdx.y);
 #else
     __trap();  // sm_90a only (the host checks)
 #endif

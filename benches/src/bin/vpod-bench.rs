@@ -1373,33 +1373,47 @@ fn e2e(
 /// settings; empty: the default `wsp`); decode split waves; POD blocks per SM
 /// (1: the two-warpgroup `pod_ws_bf16`); resident prefill blocks per SM;
 /// the 64-row prefill tiles overlap their softmax with the tensor cores (1)
-/// or not (0); they load K/V by TMA (1) or not (0). Empty: the default, so
+/// or not (0); they load K/V by TMA (1) or not (0); the SM-partitioned kernel
+/// (`pod_wsd_bf16`) with this many decode-first SMs ("auto": the rule's;
+/// empty: not partitioned). Empty: the default, so
 /// `auto` is what the `pod` backend does. `streams` pairs the 64-row TMA
 /// prefill with the decode kernel. Every variant but the serial ones gets a
 /// speedup over the best serial pair.
-const HYBRID_VARIANTS: &[(&str, [&str; 8])] = &[
-    ("serial", ["serial", "1", "8", "4", "2", "1", "0", "0"]),
-    ("serial-64", ["serial", "1", "4", "4", "2", "1", "0", "0"]),
-    ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1", "0"]),
-    ("serial-64t", ["serial", "1", "4", "4", "2", "1", "1", "1"]),
+const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
+    ("serial", ["serial", "1", "8", "4", "2", "1", "0", "0", ""]),
+    ("serial-64", ["serial", "1", "4", "4", "2", "1", "0", "0", ""]),
+    ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1", "0", ""]),
+    ("serial-64t", ["serial", "1", "4", "4", "2", "1", "1", "1", ""]),
     // The warp-specialized tile (the default prefill since 2026-12-03), then decode.
-    ("serial-ws", ["serial", "1", "", "4", "2", "1", "1", "1"]),
-    ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1"]),
-    ("pod", ["fused", "1", "8", "4", "2", "1", "0", "0"]),
-    ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0", "0"]),
-    ("podp", ["fused", "1", "8", "4", "2", "1", "1", "1"]),
-    ("podp-nt", ["fused", "1", "8", "4", "2", "1", "1", "0"]),
-    ("podp-sw1", ["fused", "1", "8", "1", "2", "1", "1", "1"]),
-    ("pod-ws", ["fused", "1", "8", "4", "1", "1", "0", "0"]),
-    ("pod3-p2", ["fused", "1", "8", "4", "3", "2", "0", "1"]),
-    ("pod3-nt", ["fused", "1", "8", "4", "3", "2", "0", "0"]),
-    ("pod3-p2-sw1", ["fused", "1", "8", "1", "3", "2", "0", "1"]),
-    ("pod3-ticket", ["fused", "0", "8", "4", "3", "2", "0", "1"]),
+    ("serial-ws", ["serial", "1", "", "4", "2", "1", "1", "1", ""]),
+    ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1", ""]),
+    ("pod", ["fused", "1", "8", "4", "2", "1", "0", "0", ""]),
+    ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0", "0", ""]),
+    ("podp", ["fused", "1", "8", "4", "2", "1", "1", "1", ""]),
+    ("podp-nt", ["fused", "1", "8", "4", "2", "1", "1", "0", ""]),
+    ("podp-sw1", ["fused", "1", "8", "1", "2", "1", "1", "1", ""]),
+    ("pod-ws", ["fused", "1", "8", "4", "1", "1", "0", "0", ""]),
+    ("pod3-p2", ["fused", "1", "8", "4", "3", "2", "0", "1", ""]),
+    ("pod3-nt", ["fused", "1", "8", "4", "3", "2", "0", "0", ""]),
+    ("pod3-p2-sw1", ["fused", "1", "8", "1", "3", "2", "0", "1", ""]),
+    ("pod3-ticket", ["fused", "0", "8", "4", "3", "2", "0", "1", ""]),
     // One prefill and two decode blocks per SM (for decode-heavy steps).
-    ("pod3-p1", ["fused", "1", "8", "4", "3", "1", "0", "1"]),
-    ("pod3-p1-sw2", ["fused", "1", "8", "2", "3", "1", "0", "1"]),
-    ("pod3-p2-sw2", ["fused", "1", "8", "2", "3", "2", "0", "1"]),
-    ("auto", ["auto", "", "", "", "", "", "", ""]),
+    ("pod3-p1", ["fused", "1", "8", "4", "3", "1", "0", "1", ""]),
+    ("pod3-p1-sw2", ["fused", "1", "8", "2", "3", "1", "0", "1", ""]),
+    ("pod3-p2-sw2", ["fused", "1", "8", "2", "3", "2", "0", "1", ""]),
+    // The SM-partitioned kernel (warp-specialized prefill tile; decode-first
+    // SMs by the rule or a fixed count / decode warpgroups per block).
+    ("wsd", ["fused", "1", "", "4", "", "", "1", "1", "auto"]),
+    ("wsd-4", ["fused", "1", "", "4", "", "", "1", "1", "4"]),
+    ("wsd-8", ["fused", "1", "", "4", "", "", "1", "1", "8"]),
+    ("wsd-16", ["fused", "1", "", "4", "", "", "1", "1", "16"]),
+    ("wsd-24", ["fused", "1", "", "4", "", "", "1", "1", "24"]),
+    ("wsd-48", ["fused", "1", "", "4", "", "", "1", "1", "48"]),
+    ("wsd-66", ["fused", "1", "", "4", "", "", "1", "1", "66"]),
+    ("wsd-sw2", ["fused", "1", "", "2", "", "", "1", "1", "auto"]),
+    // The planner with the partitioned kernel on its fused steps.
+    ("auto-wsd", ["auto", "", "", "", "", "", "", "", "auto"]),
+    ("auto", ["auto", "", "", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
 /// the serial pairs, two streams, each POD kernel's best settings and the
@@ -1419,7 +1433,7 @@ const HYBRID_DEFAULT: &[&str] = &[
 ];
 /// A variant's settings ([`HYBRID_VARIANTS`]) as the kernel choices of
 /// [`AttentionBackend::retune`].
-fn variant_options(v: &[&str; 8]) -> Result<BackendOptions> {
+fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     let num = |s: &str, what: &str| -> Result<Option<usize>> {
         if s.is_empty() {
             return Ok(None);
@@ -1443,7 +1457,7 @@ fn variant_options(v: &[&str; 8]) -> Result<BackendOptions> {
         Some(_) if !tma => PrefillKernel::W4p,
         Some(_) => PrefillKernel::Tma64,
     };
-    let pod_tuning = PodTuning {
+    let mut pod_tuning = PodTuning {
         policy: if v[1] == "0" {
             PodPolicy::Ticket
         } else {
@@ -1454,7 +1468,15 @@ fn variant_options(v: &[&str; 8]) -> Result<BackendOptions> {
         resident_prefill: num(v[5], "resident prefill blocks")?,
         pipelined_prefill: pipe,
         tma_prefill: tma,
+        ..Default::default()
     };
+    if !v[8].is_empty() {
+        pod_tuning.partitioned = true;
+        pod_tuning.decode_sms = match v[8] {
+            "auto" => None,
+            n => num(n, "decode SMs")?,
+        };
+    }
     Ok(BackendOptions {
         prefill_kernel,
         pod_mode,
@@ -1492,7 +1514,7 @@ fn hybrid(
             Some(pod.clone())
         }
     };
-    let variants: Vec<(&str, [&str; 8])> = if variants.is_empty() {
+    let variants: Vec<(&str, [&str; 9])> = if variants.is_empty() {
         HYBRID_VARIANTS
             .iter()
             .filter(|v| HYBRID_DEFAULT.contains(&v.0))
@@ -1635,7 +1657,7 @@ fn hybrid(
                     let planner_gpu_us = match &fi {
                         None => None,
                         Some(_) => {
-                            b.retune(&variant_options(&["auto", "", "", "", "", "", "", ""])?)?;
+                            b.retune(&variant_options(&["auto", "", "", "", "", "", "", "", ""])?)?;
                             b.plan_step(&qkv_meta)?;
                             b.forward(0, &q, &k, &v, &qkv_meta)?;
                             Some(gpu_alone_us(&dev, iters, || {
@@ -1690,6 +1712,8 @@ fn hybrid(
                                 "fused 1:1",
                             vpod_attention::PodPath::Fused(vpod_attention::PodKernel::TwoToOne) =>
                                 "fused 2:1",
+                            vpod_attention::PodPath::Fused(vpod_attention::PodKernel::Partitioned) =>
+                                "fused partitioned",
                             vpod_attention::PodPath::Streams => "streams",
                             vpod_attention::PodPath::Serial => "serial",
                         }
@@ -2507,7 +2531,15 @@ mod tests {
             (o.pod_mode, o.pod_tuning.blocks_per_sm, o.pod_tuning.policy),
             (PodMode::Fused, Some(3), PodPolicy::Ticket)
         );
-        assert!(variant_options(&["warp", "", "", "", "", "", "", ""]).is_err());
-        assert!(variant_options(&["fused", "1", "x", "", "", "", "", ""]).is_err());
+        assert!(variant_options(&["warp", "", "", "", "", "", "", "", ""]).is_err());
+        assert!(variant_options(&["fused", "1", "x", "", "", "", "", "", ""]).is_err());
+        let wsd = HYBRID_VARIANTS.iter().find(|v| v.0 == "wsd-48").unwrap();
+        let t = variant_options(&wsd.1).unwrap().pod_tuning;
+        assert_eq!((t.partitioned, t.decode_sms), (true, Some(48)));
+        let t = variant_options(&["auto", "", "", "", "", "", "", "", "auto"])
+            .unwrap()
+            .pod_tuning;
+        assert_eq!((t.partitioned, t.decode_sms), (true, None));
+        assert!(variant_options(&["fused", "1", "", "", "", "", "", "", "x"]).is_err());
     }
 }
