@@ -113,7 +113,6 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "podp_bf16",
             "pod3_tma_bf16",
             "podp_tma_bf16",
-            "pod_ws_bf16",
             "pod_wsd_bf16",
             "pod_nsmid",
         ],

@@ -296,9 +296,10 @@ pub enum PodPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PodTuning {
     /// Blocks per SM of the fused kernel: `None` = the planner's kernel (2
-    /// for its 1:1 choice, 3 for 2:1); 1 = `pod_ws_bf16` (one block of two
-    /// persistent warpgroups), 2 = `podp_bf16` (`pod_bf16` without
-    /// [`Self::pipelined_prefill`]), 3 = `pod3_bf16`.
+    /// for its 1:1 choice, partitioned or 3 for 2:1); 2 = `podp_bf16`
+    /// (`pod_bf16` without [`Self::pipelined_prefill`]), 3 = `pod3_bf16`
+    /// (other values: the planner's; the two-warpgroup `pod_ws_bf16` that 1
+    /// picked lost and is gone, results/2026-11-21-h100-pod3).
     pub blocks_per_sm: Option<usize>,
     pub policy: PodPolicy,
     /// Prefill blocks resident per SM under [`PodPolicy::Resident`]

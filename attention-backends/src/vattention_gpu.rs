@@ -125,11 +125,8 @@ fn tensor_map(
     Ok(TmaArg(words))
 }
 
-/// Warps of a POD kernel block (either role; pod_ws_bf16's block has two such groups).
+/// Warps of a POD kernel block (either role; pod_wsd_bf16's block has three such groups).
 const POD_WARPS: usize = 4;
-/// pod_ws_bf16's dynamic shared memory: `POD_WS_PART0 + POD_WS_PART1`
-/// (pod_bf16.cu).
-const POD_WS_SMEM: usize = PREFILL_PIPE_SMEM + 4 * 2 * 64 * 256;
 
 /// pod_wsd_bf16's dynamic shared memory (`POD_WSD_SMEM`, pod_bf16.cu): six
 /// decode stages (two warpgroups of 3), more than the
@@ -145,23 +142,19 @@ const _: () = assert!(POD_WSD_SMEM >= PREFILL_WS_SMEM);
 /// 2-stage decode pipeline, 65 KiB), as their `_tma` entries when `tma`
 /// (the prefill role loads by TMA, [`prefill_tma`]).
 /// [`crate::PodTuning::blocks_per_sm`] overrides it: 2 (`podp_bf16`, or
-/// `pod_bf16` without the pipelined prefill), 3 (`pod3_bf16`) or 1
-/// (`pod_ws_bf16`: one block of two warpgroups per SM, each a persistent
-/// worker, prefill-first and decode-first, with an uneven split of the
-/// shared memory: a 97-KiB part for a pipelined prefill tile, a 128-KiB part
-/// for a 4-stage decode split; 225 KiB).
+/// `pod_bf16` without the pipelined prefill) or 3 (`pod3_bf16`).
+/// [`crate::PodKernel::Partitioned`] is `pod_wsd_bf16` (one block per SM).
 fn pod_kernel(k: crate::PodKernel, tma: bool, t: &crate::PodTuning) -> (&'static str, usize, i32) {
     if k == crate::PodKernel::Partitioned {
         // One block per SM, either role ([`crate::PodKernel::Partitioned`]).
         return ("pod_wsd_bf16", POD_WSD_SMEM, 1);
     }
     let blocks = match (t.blocks_per_sm, k) {
-        (Some(b @ 1..=3), _) => b,
+        (Some(b @ 2..=3), _) => b,
         (_, crate::PodKernel::OneToOne) => 2,
         (_, crate::PodKernel::TwoToOne | crate::PodKernel::Partitioned) => 3,
     };
     match blocks {
-        1 => ("pod_ws_bf16", POD_WS_SMEM, 1),
         3 => (
             if tma { "pod3_tma_bf16" } else { "pod3_bf16" },
             PREFILL_SMEM.max(2 * crate::decode::cuda::DECODE_STAGE_BYTES),
@@ -355,7 +348,7 @@ pub(crate) struct DeviceChunks {
 #[derive(Debug)]
 pub(crate) struct StepPlan {
     pub path: PodPath,
-    /// The device's SM count (pod_ws_bf16's grid).
+    /// The device's SM count (pod_wsd_bf16's grid).
     sms: usize,
     tokens: usize,
     write_rows: CudaSlice<i64>,
@@ -827,12 +820,9 @@ impl GpuAttention<'_> {
         let n_pre = p.chunks.n_work * self.heads;
         let n_dec = p.splits * self.kv_heads * p.n_dec;
         // pod_wsd_bf16: a block per prefill item and one per SM (decode
-        // workers), 384 threads; pod_ws_bf16: one persistent block of two
-        // warpgroups per SM; the others: one block per item.
+        // workers), 384 threads; the others: one block per item.
         let (blocks, warps) = if partitioned {
             (n_pre + p.sms, 3 * POD_WARPS)
-        } else if per_sm == 1 {
-            ((n_pre + n_dec).min(p.sms), 2 * POD_WARPS)
         } else {
             (n_pre + n_dec, POD_WARPS)
         };
@@ -847,8 +837,6 @@ impl GpuAttention<'_> {
         };
         let (rp, rd) = if partitioned {
             (1, p.decode_sms as i32) // the decode-first blocks
-        } else if per_sm == 1 {
-            (1, 1) // unused by pod_ws_bf16
         } else if policy == 0 {
             small_ratio(n_pre, n_dec)
         } else {

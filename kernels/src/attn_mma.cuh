@@ -96,7 +96,7 @@ __device__ __forceinline__ void load_tile_at(uint32_t tile, Src src, Valid valid
 }
 // Where a tile's threads work together: their shared memory and their
 // barrier. A kernel whose block is one such group passes WholeBlock (the
-// dynamic shared memory, __syncthreads); pod_ws_bf16 runs one per warpgroup
+// dynamic shared memory, __syncthreads); pod_wsd_bf16's decode blocks run one per warpgroup
 // (WarpGroupPart: its part of the shared memory, a named barrier). The tile
 // code indexes its threads by threadIdx.x % THREADS.
 struct WholeBlock {

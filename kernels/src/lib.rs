@@ -80,14 +80,12 @@
 //!          const int* dec_slots, const int* dec_lens, float* part_o, float* part_ml, int* counters,
 //!          int kv_heads, int splits, int n_decodes, int* sched, int nsm, int policy, int ratio_p, int ratio_d,
 //!          __grid_constant__ TmaMap kmap, __grid_constant__ TmaMap vmap)
-//! podp_bf16, pod3_bf16, podp_tma_bf16, pod3_tma_bf16, pod_ws_bf16(the same arguments)
+//! podp_bf16, pod3_bf16, podp_tma_bf16, pod3_tma_bf16, pod_wsd_bf16 (the same arguments)
 //!     kmap / vmap: read by the _tma entries only (as slot_prefill_w4t's).
 //!     1-D grid of n_work * heads + splits * kv_heads * n_decodes blocks, 128 threads, 96 KiB dynamic smem
 //!     (podp: 97 KiB, the pipelined prefill tile; pod3: 65 KiB, 3 blocks per SM, 2-stage decode pipeline):
 //!     each block runs one slot_prefill_w4 tile or one slot_decode split, picked by the SM it runs on
 //!     (pod_bf16.cu); sched holds 3 + 2 * nsm ints, zero before the first launch (the kernel re-zeroes them).
-//!     pod_ws_bf16: min(SMs, items) persistent blocks of 256 threads, 225 KiB dynamic smem; each
-//!     warpgroup takes items (prefill-first / decode-first) until both kinds run out; policy and ratios unused.
 //!     pod_wsd_bf16 (sm_90a): n_work * heads + SMs blocks of 384 threads, 192 KiB dynamic smem,
 //!     work items of 128 rows, kmap / vmap with 128-row boxes; the first ratio_d blocks to start stream
 //!     decode items (2 warpgroups x 3 stages), every other block runs one warp-specialized prefill

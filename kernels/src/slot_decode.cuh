@@ -32,7 +32,7 @@ constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 // One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
 // a 128-thread group that meet at `ctx.sync()` in the shared memory of
 // `ctx.region()` (WholeBlock in the plain and the 1-role POD kernels; a
-// warpgroup's WarpGroupPart in pod_ws_bf16),
+// warpgroup's WarpGroupPart in pod_wsd_bf16's decode blocks),
 // through a STAGES-deep pipeline (STAGES * DEC_STAGE_BYTES of shared memory;
 // the warps' merge needs 33 KiB of it).
 template <int STAGES, typename Ctx>
@@ -153,7 +153,7 @@ __device__ __forceinline__ void slot_decode_split(
     }
     if (counters == nullptr) return;
     // Fused combine: the last block of this (sequence, KV head) merges.
-    __shared__ bool last_of[2];  // per thread group (pod_ws_bf16 runs two)
+    __shared__ bool last_of[2];  // per thread group (pod_wsd_bf16 runs two)
     bool& last = last_of[threadIdx.x / THREADS % 2];
     __threadfence();
     sync();

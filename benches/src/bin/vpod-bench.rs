@@ -183,7 +183,7 @@ enum What {
         decodes: Vec<usize>,
         /// Variants to time (default: the serial pairs, `streams`, `pod`,
         /// `podp`, `pod3-p2`, `auto`; others: `pod-sw1`, `podp-sw1`,
-        /// `pod-ws`, `pod3-p2-sw1`, `pod3-ticket`, `podp-nt` and `pod3-nt`
+        /// `pod3-p2-sw1`, `pod3-ticket`, `podp-nt` and `pod3-nt`
         /// (no TMA), `pod3-p1` (1 prefill : 2 decode blocks per SM),
         /// `pod3-p1-sw2`, `pod3-p2-sw2` (2 waves of decode splits)); at least one `serial*`
         /// one, the baseline.
@@ -1367,11 +1367,11 @@ fn e2e(
 
 /// How each variant of the `hybrid` sweep runs a step: the kernel choices
 /// it gives the `pod` backend ([`variant_options`]) before planning one, as
-/// eight settings: the POD mode (serial / streams / fused / auto); the block
+/// nine settings: the POD mode (serial / streams / fused / auto); the block
 /// policy (1 resident, 0 the paper's tickets); the serial prefill tile's
 /// warps (8: 128-row `w8`; 4: the 64-row tiles, then chosen by the last two
 /// settings; empty: the default `wsp`); decode split waves; POD blocks per SM
-/// (1: the two-warpgroup `pod_ws_bf16`); resident prefill blocks per SM;
+/// (2 or 3); resident prefill blocks per SM;
 /// the 64-row prefill tiles overlap their softmax with the tensor cores (1)
 /// or not (0); they load K/V by TMA (1) or not (0); the SM-partitioned kernel
 /// (`pod_wsd_bf16`) with this many decode-first SMs ("auto": the rule's;
@@ -1392,7 +1392,6 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     ("podp", ["fused", "1", "8", "4", "2", "1", "1", "1", ""]),
     ("podp-nt", ["fused", "1", "8", "4", "2", "1", "1", "0", ""]),
     ("podp-sw1", ["fused", "1", "8", "1", "2", "1", "1", "1", ""]),
-    ("pod-ws", ["fused", "1", "8", "4", "1", "1", "0", "0", ""]),
     ("pod3-p2", ["fused", "1", "8", "4", "3", "2", "0", "1", ""]),
     ("pod3-nt", ["fused", "1", "8", "4", "3", "2", "0", "0", ""]),
     ("pod3-p2-sw1", ["fused", "1", "8", "1", "3", "2", "0", "1", ""]),
