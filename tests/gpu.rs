@@ -724,13 +724,16 @@ fn check_against_twin(
     scramble: bool,
     label: &str,
 ) {
-    check_against_twin_ramp(spec, shape, opts, steps, scramble, label, 0.0)
+    check_against_twin_ramp(spec, shape, opts, steps, scramble, label, 0.0, None)
 }
 
 /// [`check_against_twin`] with each new K row scaled by `1 + k_ramp * pos /
 /// 1024` (pos: its position in its sequence): with a ramp the scores grow
 /// along the keys, so a row's running max keeps rising tile after tile (the
 /// warp-specialized kernels' lazy rescale then moves it and rescales O).
+/// With `kernel`, every step holding prompt chunks and decodes must say in
+/// its record (`step_path`) that this kernel ran it (no silent fallback).
+#[allow(clippy::too_many_arguments)]
 fn check_against_twin_ramp(
     spec: &str,
     (heads, kv_heads): (usize, usize),
@@ -739,6 +742,7 @@ fn check_against_twin_ramp(
     scramble: bool,
     label: &str,
     k_ramp: f32,
+    kernel: Option<&str>,
 ) {
     use vpod_attention::{AttnConfig, BatchMeta, create_backend};
     let (dev, cpu) = (gpu(), Device::Cpu);
@@ -820,6 +824,11 @@ fn check_against_twin_ramp(
                 e < 1e-2,
                 "{spec} {label} GQA {heads}/{kv_heads} step {i} layer {layer}: rel. L2 error {e}"
             );
+            let hybrid = step.iter().any(|x| x.2 > 1) && step.iter().any(|x| x.2 == 1);
+            if let (Some(k), true) = (kernel, hybrid) {
+                let note = g.step_path().unwrap_or_default();
+                assert!(note.contains(k), "{spec} {label} step {i}: ran '{note}', not {k}");
+            }
         }
         let next: Vec<(u64, usize)> = step.iter().map(|&(s, c, q)| (s, c + q + 1)).collect();
         g.prepare_next(&next).unwrap();
@@ -881,7 +890,7 @@ fn vattention_ws_prefill_long_chunks() {
     };
     for ramp in [0.0, 8.0] {
         let label = format!("{} (K ramp {ramp})", PrefillKernel::Wsp.symbol());
-        check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp);
+        check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, None);
     }
 }
 
@@ -934,6 +943,8 @@ fn pod_gpu_matches_cpu_twin() {
         ("pod:fused", ["0", "3", "1", "0", "1", ""]),
         ("pod:streams", ["1", "2", "1", "1", "1", ""]),
         ("pod", ["1", "2", "1", "1", "1", ""]),
+        // The planner with the default tuning (its fused steps partitioned).
+        ("pod", ["1", "", "", "1", "1", ""]),
     ];
     let runs = if quick { &all[..6] } else { all };
     for (i, &shape) in shapes.iter().enumerate() {
@@ -948,7 +959,7 @@ fn pod_gpu_matches_cpu_twin() {
             let steps = pod_steps(if i == 0 && j < 6 && !quick { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
             // (policy, blocks per SM, resident prefill blocks, pipelined
-            // prefill, TMA, partitioned: decode SMs / decode warpgroups)
+            // prefill, TMA, partitioned: decode-first SMs)
             let mut tuning = vpod_attention::PodTuning {
                 policy: if env[0] == "0" {
                     vpod_attention::PodPolicy::Ticket
@@ -974,7 +985,9 @@ fn pod_gpu_matches_cpu_twin() {
                 "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}, decode-first SMs '{}'",
                 env[0], env[1], env[2], env[3], env[4], env[5]
             );
-            check_against_twin(spec, shape, &opts, &steps, true, &label);
+            // The partitioned entries must have run pod_wsd_bf16.
+            let kernel = (!env[5].is_empty()).then_some("pod_wsd_bf16");
+            check_against_twin_ramp(spec, shape, &opts, &steps, true, &label, 0.0, kernel);
         }
     }
 }

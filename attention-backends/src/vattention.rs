@@ -54,8 +54,11 @@ pub const POD_MIN_SHARE: f64 = 0.1;
 /// (1.04-1.15x over the best serial pair where 2:1 gave 1.02-1.12x), and
 /// lost to the 1:1 kernel in all 4 of its steps (1.02-1.05x vs 1.06-1.11x). Above [`POD_STREAMS_ABOVE`] the two-stream
 /// pair is faster than either kernel: the serial and two-stream paths run
-/// the warp-specialized prefill tile, the fused kernels a 4-warp tile, so a
-/// prefill-heavy step loses by fusing. On FlashInfer's 48-case grid on the
+/// the warp-specialized prefill tile, the 2:1 / 1:1 kernels a 4-warp tile,
+/// so a prefill-heavy step loses by fusing (1.5 was fitted against the 2:1
+/// kernel; the partitioned kernel, which runs the warp-specialized tile,
+/// lost to the planner's streams / serial choice in 27 of those 31 steps,
+/// by 0.10x on average: results/2026-12-04-h200-pod-partitioned, `wsd`). On FlashInfer's 48-case grid on the
 /// H200 (results/2026-12-04-h200-podfi) the fused 2:1 step beat the
 /// warp-specialized serial pair wherever the predicted ratio was <= 1.21
 /// (1.00-1.11x) and lost wherever it was >= 1.99 (0.87-0.97x, 9 of those
@@ -524,10 +527,11 @@ impl AttentionBackend for VirtualBackend {
                     (path, Some(note))
                 }
             };
+            let planned = path;
             let path = match path {
                 PodPath::Fused(_) if gpu.tuning.partitioned => PodPath::Fused(PodKernel::Partitioned),
                 // A fixed block count per SM asks for an SM-sharing kernel.
-                PodPath::Fused(PodKernel::Partitioned) if gpu.tuning.blocks_per_sm.is_some() => {
+                PodPath::Fused(PodKernel::Partitioned) if matches!(gpu.tuning.blocks_per_sm, Some(2..=3)) => {
                     PodPath::Fused(PodKernel::TwoToOne)
                 }
                 p => p,
@@ -566,11 +570,17 @@ impl AttentionBackend for VirtualBackend {
                 decode_sms,
             )?;
             // The record names the prefill kernel a step ran (when not
-            // fused), else the POD kernel.
+            // fused), else the POD kernel, and says when the planner's
+            // partitioned kernel could not run (tuning, device or pages).
+            let instead = (planned == PodPath::Fused(PodKernel::Partitioned) && plan.path != planned)
+                .then_some(
+                    "the partitioned kernel cannot run here (sm_90a, TMA, 128-row pages) or is tuned off: ",
+                );
             if let Some(k) = plan
                 .prefill_kernel()
                 .map(|k| format!("prefill {}", k.symbol()))
                 .or(plan.pod_note())
+                .map(|k| format!("{}{k}", instead.unwrap_or("")))
             {
                 gpu.path_note = Some(match gpu.path_note.take() {
                     Some(n) => format!("{n}; {k}"),

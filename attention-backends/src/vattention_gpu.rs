@@ -12,8 +12,10 @@
 //!
 //! The `pod` backend's hybrid steps take one of three paths ([`PodPath`]):
 //! the same two kernels one after the other (serial), the two on two CUDA
-//! streams, or the POD kernel (`pod_bf16`: both in one launch, prefill and
-//! decode blocks side by side on every SM, see `kernels/src/pod_bf16.cu`).
+//! streams, or a POD kernel (both in one launch, see `kernels/src/pod_bf16.cu`:
+//! `podp_bf16` / `pod3_bf16`, prefill and decode blocks side by side on
+//! every SM; on sm_90a `pod_wsd_bf16`, the SMs partitioned by role with the
+//! warp-specialized prefill tile).
 
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::cudarc;
@@ -152,7 +154,8 @@ fn pod_kernel(k: crate::PodKernel, tma: bool, t: &crate::PodTuning) -> (&'static
     let blocks = match (t.blocks_per_sm, k) {
         (Some(b @ 2..=3), _) => b,
         (_, crate::PodKernel::OneToOne) => 2,
-        (_, crate::PodKernel::TwoToOne | crate::PodKernel::Partitioned) => 3,
+        // (Partitioned returned above.)
+        _ => 3,
     };
     match blocks {
         3 => (
@@ -440,11 +443,13 @@ impl StepPlan {
         let tma = prefill_tma(dev, cache);
         let prefill = resolve_prefill(kernel, tma, cache.tokens_per_page());
         // The partitioned kernel's prefill role is the TMA wsp tile: where
-        // that cannot run, the 2:1 kernel stands in (the record says so).
+        // that cannot run (or TMA is tuned off), the 2:1 kernel stands in
+        // (the record names the kernel that ran).
         let path = match path {
             PodPath::Fused(crate::PodKernel::Partitioned)
-                if resolve_prefill(PrefillKernel::Wsp, tma, cache.tokens_per_page())
-                    != PrefillKernel::Wsp =>
+                if !tuning.tma_prefill
+                    || resolve_prefill(PrefillKernel::Wsp, tma, cache.tokens_per_page())
+                        != PrefillKernel::Wsp =>
             {
                 PodPath::Fused(crate::PodKernel::TwoToOne)
             }

@@ -1,7 +1,11 @@
 // POD-Attention over the per-slot (vAttention) layout: the prefill chunks and
-// the decode tokens of a hybrid batch in ONE launch, prefill and decode
-// thread blocks running side by side on every SM (compute-bound query tiles
-// on the tensor cores next to bandwidth-bound decode splits).
+// the decode tokens of a hybrid batch in ONE launch. Two designs:
+//  - pod_bf16 / podp / pod3 (+ _tma): prefill and decode thread blocks side
+//    by side on every SM (compute-bound 64-row query tiles on the tensor
+//    cores next to bandwidth-bound decode splits), described first below;
+//  - pod_wsd_bf16 (sm_90a, at the end of this file): the warp-specialized
+//    128-row prefill tile fills an SM by itself, so the SMs are partitioned
+//    by role instead (one role per block, one block per SM).
 //
 //   grid:   1-D, n_pre + n_dec blocks of 4 warps, pod_smem<DSTAGES>() dynamic smem
 //   n_pre = n_work x heads prefill items: the 64-row query tile `work[w]`
@@ -20,8 +24,10 @@
 //              query tiles (whose warpgroups hide each other's softmax behind
 //              their MMAs, as in a plain prefill launch) next to a decode split.
 // Four blocks per SM would need tiles under 128 registers (the accumulators
-// alone take 96) and 56-KiB blocks. The 128-row (8-warp) prefill tile is not
-// used here: at ~217 registers its 256 threads fill an SM's register file.
+// alone take 96) and 56-KiB blocks. The 128-row prefill tiles are not used
+// by these kernels: the 8-warp one at ~217 registers a thread fills an SM's
+// register file with its 256 threads, the warp-specialized one (384
+// threads, 240-register consumers, 161 KiB) too: see pod_wsd_bf16.
 //
 // Thread 0 of each block picks its kind from the SM it landed on, then takes
 // the next item of that kind from a global counter (the other kind when its
@@ -212,6 +218,7 @@ static_assert(POD_WSD_SMEM + 1024 <= 227 * 1024, "one block per SM");
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PARAMS, POD_MAPS) {
     constexpr int DEC_WGS = 2, DSTAGES = 3;
     static_assert(DEC_WGS * DSTAGES * DEC_STAGE_BYTES <= POD_WSD_SMEM, "decode parts fit");
+    static_assert(WS_THREADS == 3 * 128, "two decode warpgroups and an idle one");
     __shared__ int s_role;    // >= 0: a prefill item; -1: a decode worker
     __shared__ int s_dec[2];  // per decode warpgroup: its next decode item, -1 none
     const int n_pre = n_work * heads, n_dec = splits * kv_heads * n_decodes;

@@ -153,8 +153,10 @@ __device__ __forceinline__ void slot_decode_split(
     }
     if (counters == nullptr) return;
     // Fused combine: the last block of this (sequence, KV head) merges.
-    __shared__ bool last_of[2];  // per thread group (pod_wsd_bf16 runs two)
-    bool& last = last_of[threadIdx.x / THREADS % 2];
+    // One flag per thread group of the block (pod_wsd_bf16 runs two; a block
+    // has at most 1024 threads = 8 groups).
+    __shared__ bool last_of[1024 / THREADS];
+    bool& last = last_of[threadIdx.x / THREADS];
     __threadfence();
     sync();
     if (tid == 0) last = atomicAdd(&counters[b * kv_heads + kvh], 1) == splits - 1;

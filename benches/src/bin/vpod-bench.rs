@@ -1401,7 +1401,7 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     ("pod3-p1-sw2", ["fused", "1", "8", "2", "3", "1", "0", "1", ""]),
     ("pod3-p2-sw2", ["fused", "1", "8", "2", "3", "2", "0", "1", ""]),
     // The SM-partitioned kernel (warp-specialized prefill tile; decode-first
-    // SMs by the rule or a fixed count / decode warpgroups per block).
+    // SMs by the rule or a fixed count).
     ("wsd", ["fused", "1", "", "4", "", "", "1", "1", "auto"]),
     ("wsd-4", ["fused", "1", "", "4", "", "", "1", "1", "4"]),
     ("wsd-8", ["fused", "1", "", "4", "", "", "1", "1", "8"]),
