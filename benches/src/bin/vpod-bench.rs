@@ -45,7 +45,8 @@
 //!   `vattention` and `hybrid` + `pod` (one workload, or one per
 //!   prefill:decode ratio with `--pd-ratios`), each run against Sarathi-Serve
 //!   with the serial pair, and with `--rate` Poisson arrivals (online) TTFT
-//!   and time between tokens.
+//!   and time between tokens; `--chunks` sweeps the chunk size (the JSON's
+//!   `by_step_kind` and `steps_detail` say where each step's time went).
 
 use std::time::Instant;
 
@@ -240,6 +241,11 @@ enum What {
         /// Poisson arrivals per second (0: all at once, the offline run).
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// Chunk sizes (the token budget of a step's prefill chunk): each
+        /// is a run of its own. Default: the POD paper's, Yi-6B 512 and
+        /// Llama-3-8B 1024 (Yi-34B 1024).
+        #[arg(long, value_delimiter = ',')]
+        chunks: Vec<usize>,
         /// (scheduler/backend) runs.
         #[arg(
             long,
@@ -2090,11 +2096,13 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     models: &[String],
     requests: usize,
     workloads: &[(usize, usize)],
     rate: f64,
+    chunks: &[usize],
     runs: &[String],
     profile_attention: bool,
     cuda_graphs: vpod_cli::engine::CudaGraphs,
@@ -2102,6 +2110,10 @@ fn serve(
     use vpod_cli::engine::{Engine, Request};
     use vpod_cli::sampler::SamplingParams;
     use vpod_cli::scheduler::{Policy, SchedulerConfig};
+    ensure!(
+        chunks.iter().all(|&c| c > 0),
+        "--chunks: a chunk size must be at least 1 token"
+    );
     let dev = gpu()?;
     let mut rows = vec![];
     println!(
@@ -2111,8 +2123,13 @@ fn serve(
     for name in models {
         let (p, model) = synthetic(name, longest + 64, &dev)?;
         // The POD paper's chunk sizes: Yi-6B 512, Llama-3-8B 1024.
-        let chunk = if name == "yi-6b" { 512 } else { 1024 };
-        for &(prompt, output) in workloads {
+        let default_chunk = [if name == "yi-6b" { 512 } else { 1024 }];
+        let chunks = if chunks.is_empty() {
+            &default_chunk[..]
+        } else {
+            chunks
+        };
+        for (&(prompt, output), &chunk) in workloads.iter().flat_map(|w| chunks.iter().map(move |c| (w, c))) {
             let pd = format!("{prompt}:{output}");
             // KV for every request at once (pages rounded up) if the GPU holds it, else what is free.
             let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
@@ -2283,7 +2300,14 @@ fn serve(
 /// requests per minute against the `hybrid/vattention` run (Sarathi-Serve
 /// with the serial attention pair), the POD paper's comparison.
 fn serve_summary(rows: &[Value]) {
-    let key = |r: &Value| (r["model"].clone(), r["prompt"].clone(), r["output"].clone());
+    let key = |r: &Value| {
+        (
+            r["model"].clone(),
+            r["prompt"].clone(),
+            r["output"].clone(),
+            r["chunk"].clone(),
+        )
+    };
     let mut seen = vec![];
     for r in rows {
         let k = key(r);
@@ -2314,10 +2338,11 @@ fn serve_summary(rows: &[Value]) {
             .collect();
         if !others.is_empty() {
             println!(
-                "{} {}+{} tokens: over hybrid/vattention ({base:.2} requests/min): {}",
+                "{} {}+{} tokens, chunk {}: over hybrid/vattention ({base:.2} requests/min): {}",
                 r["model"].as_str().unwrap_or("?"),
                 r["prompt"],
                 r["output"],
+                r["chunk"],
                 others.join(", ")
             );
         }
@@ -2431,6 +2456,7 @@ fn main() -> Result<()> {
             pd_ratios,
             request_tokens,
             rate,
+            chunks,
             runs,
             profile_attention,
             cuda_graphs,
@@ -2441,6 +2467,7 @@ fn main() -> Result<()> {
                 *requests,
                 &workloads(*prompt, *output, pd_ratios, *request_tokens)?,
                 *rate,
+                chunks,
                 runs,
                 *profile_attention,
                 *cuda_graphs,
