@@ -756,6 +756,16 @@ fn check_against_twin_ramp(
     };
     let mut g = create_backend(spec, &cfg, &dev, opts).unwrap();
     let mut c = create_backend(spec, &cfg, &cpu, opts).unwrap();
+    // The CPU twin of `pod` runs one CPU path whatever the mode and tuning
+    // (those pick GPU kernels), and it dominates the POD test's time: its
+    // outputs for these steps are computed once and reused by every entry.
+    let cache_key = spec
+        .starts_with("pod")
+        .then(|| format!("pod {heads}/{kv_heads} ramp {k_ramp} {steps:?}"));
+    let cached: Option<Vec<Tensor>> = cache_key
+        .as_ref()
+        .and_then(|k| twin_cache().lock().unwrap().get(k).cloned());
+    let mut computed = vec![];
     if scramble && let Some(kv) = g.kv_manager() {
         for s in 0..6u64 {
             kv.admit(1000 + s, 1 + (s as usize * 97) % 300).unwrap();
@@ -809,7 +819,11 @@ fn check_against_twin_ramp(
                     .to_dtype(DType::BF16)
                     .unwrap();
             }
-            let want = c.forward(layer, &q, &k, &v, &mc).unwrap();
+            let want = match &cached {
+                Some(w) => w[computed.len()].clone(),
+                None => c.forward(layer, &q, &k, &v, &mc).unwrap(),
+            };
+            computed.push(want.clone());
             let got = g
                 .forward(
                     layer,
@@ -833,6 +847,16 @@ fn check_against_twin_ramp(
         let next: Vec<(u64, usize)> = step.iter().map(|&(s, c, q)| (s, c + q + 1)).collect();
         g.prepare_next(&next).unwrap();
     }
+    if let (Some(k), None) = (cache_key, cached) {
+        twin_cache().lock().unwrap().insert(k, computed);
+    }
+}
+
+/// CPU twin outputs by (backend, shape, steps): see `check_against_twin_ramp`.
+fn twin_cache() -> &'static std::sync::Mutex<std::collections::HashMap<String, Vec<Tensor>>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Vec<Tensor>>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
 }
 
 /// The `vattention` backend on the GPU (VMM cache, write + prefill + decode
@@ -901,7 +925,8 @@ fn vattention_ws_prefill_long_chunks() {
 /// decode (with a `long` prompt of 1100, its 18 splits are past the
 /// in-kernel merge: the combine kernel runs after the POD kernel), and a
 /// decode-only step. (The CPU twin of the long prompt takes most of the
-/// test's time: only one run has it.)
+/// test's time: it is computed once per backend spec and shape, see
+/// `check_against_twin_ramp`.)
 fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
     let len = |s: u64| 50 + 37 * s as usize;
     let decodes = |extra: usize| (2..10u64).map(move |s| (s, len(s) + extra, 1));
