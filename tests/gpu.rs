@@ -756,12 +756,17 @@ fn check_against_twin_ramp(
     };
     let mut g = create_backend(spec, &cfg, &dev, opts).unwrap();
     let mut c = create_backend(spec, &cfg, &cpu, opts).unwrap();
-    // The CPU twin of `pod` runs one CPU path whatever the mode and tuning
-    // (those pick GPU kernels), and it dominates the POD test's time: its
-    // outputs for these steps are computed once and reused by every entry.
-    let cache_key = spec
-        .starts_with("pod")
-        .then(|| format!("pod {heads}/{kv_heads} ramp {k_ramp} {steps:?}"));
+    // The CPU twin of `pod` and `vattention` runs one CPU path whatever the
+    // POD mode, tuning or prefill kernel (those pick GPU kernels), and it
+    // dominates these tests' time: its outputs for the same steps are
+    // computed once and reused by every kernel entry (per cache layout).
+    let cache_key = (spec.starts_with("pod") || spec == "vattention").then(|| {
+        let base = spec.split(':').next().unwrap_or(spec);
+        format!(
+            "{base} megacache {} {heads}/{kv_heads} ramp {k_ramp} {steps:?}",
+            opts.megacache
+        )
+    });
     let cached: Option<Vec<Tensor>> = cache_key
         .as_ref()
         .and_then(|k| twin_cache().lock().unwrap().get(k).cloned());
