@@ -857,7 +857,8 @@ fn check_against_twin_ramp(
     }
 }
 
-/// CPU twin outputs by (backend, shape, steps): see `check_against_twin_ramp`.
+/// CPU twin outputs by (backend without its `:MODE`, cache layout, shape,
+/// K ramp, steps): see `check_against_twin_ramp`.
 fn twin_cache() -> &'static std::sync::Mutex<std::collections::HashMap<String, Vec<Tensor>>> {
     static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Vec<Tensor>>>> =
         std::sync::OnceLock::new();
@@ -930,8 +931,8 @@ fn vattention_ws_prefill_long_chunks() {
 /// decode (with a `long` prompt of 1100, its 18 splits are past the
 /// in-kernel merge: the combine kernel runs after the POD kernel), and a
 /// decode-only step. (The CPU twin of the long prompt takes most of the
-/// test's time: it is computed once per backend spec and shape, see
-/// `check_against_twin_ramp`.)
+/// test's time: it is computed once per backend, shape and steps and shared
+/// by every kernel entry, see `check_against_twin_ramp`.)
 fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
     let len = |s: u64| 50 + 37 * s as usize;
     let decodes = |extra: usize| (2..10u64).map(move |s| (s, len(s) + extra, 1));
