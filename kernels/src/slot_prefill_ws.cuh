@@ -175,20 +175,32 @@ __device__ __forceinline__ void ws_produce(const WsRing<STAGES>& r, const TmaMap
     }
 }
 
+// A wgmma descriptor `d` moved `bytes` further into shared memory: the
+// start-address field (bits 0-13, address / 16) takes bytes / 16 without a
+// carry out (shared memory addresses stay below 256 KiB). One descriptor per
+// tile plus constant offsets keeps the loops' descriptor math in uniform
+// registers (with a wg_desc per step ptxas rebuilt each one per thread and
+// moved it over with R2UR: ~100 instructions a tile; FA3's loop has none:
+// results/2026-12-04-fa3-sass).
+__device__ __forceinline__ uint64_t ws_desc_add(uint64_t d, uint32_t bytes) {
+    return (d & 0xFFFFFFFF00000000ull) | (uint32_t)((uint32_t)d + (bytes >> 4));
+}
+
 // S (64 x 128) = Q K_i^T for consumer rows at `qc` (a 64-row wg-layout tile):
 // 8 steps of 16 dims, issued only.
 __device__ __forceinline__ void ws_issue_qk(float s[16][4], uint32_t qc, uint32_t ks) {
+    const uint64_t qd = wg_desc(qc, 16, 1024), kd = wg_desc(ks, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-        wgmma_ss_m64n128k16(&s[0][0], wg_desc(qc + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024),
-                            wg_desc(ks + (kk / 4) * WS_BN * 128 + (kk % 4) * 32, 16, 1024), kk);
+        wgmma_ss_m64n128k16(&s[0][0], ws_desc_add(qd, (kk / 4) * 64 * 128 + (kk % 4) * 32),
+                            ws_desc_add(kd, (kk / 4) * WS_BN * 128 + (kk % 4) * 32), kk);
 }
 
 // O (64 x 128) += P (64 x 128 keys, A fragments) V_i: 8 steps of 16 keys.
 __device__ __forceinline__ void ws_issue_pv(float o[16][4], const uint32_t pa[8][4], uint32_t vs) {
+    const uint64_t vd = wg_desc(vs, WS_BN * 128, 1024);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-        wgmma_pv_m64n128k16(&o[0][0], pa[j], wg_desc(vs + j * 16 * 128, WS_BN * 128, 1024), 1);
+    for (int j = 0; j < 8; ++j) wgmma_pv_m64n128k16(&o[0][0], pa[j], ws_desc_add(vd, j * 16 * 128), 1);
 }
 
 // One consumer warpgroup (c = 0, 1) over tiles 0 .. its last of the work item.
@@ -341,7 +353,10 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
         mbar_init_fence();
     }
     __syncthreads();
-    const int wg = threadIdx.x / 128;
+    // The warpgroup by a shuffle: ptxas then knows it is warp-uniform, and so
+    // everything derived from it (Q and ring addresses, loop bounds): the
+    // descriptors stay in uniform registers.
+    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (threadIdx.x == 0) ws_produce(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
