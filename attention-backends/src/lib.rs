@@ -245,12 +245,15 @@ pub enum PrefillKernel {
     /// multiple of 128 rows): a TMA producer warp, a 2-stage ring of 128-key
     /// K/V tiles, two 64-row consumer warpgroups sharing each tile and taking
     /// turns issuing GEMMs (ping-pong), so one's softmax runs under the
-    /// other's. The default: 655-658 TFLOP/s on a 16K causal prompt and
-    /// 565-579 on a 1024-token chunk over 4K on an H200, 0.90-0.95x of
-    /// FlashAttention-3 in the same call (results/2026-12-03-h200-prefill-ws2;
-    /// the same without ping-pong lost by 10-20 %:
-    /// results/2026-12-03-h200-prefill-ws; with a 3-stage ring it was no
-    /// faster, with statically strided persistent CTAs 2-4 % slower: -ws2).
+    /// other's. The default: 685-690 TFLOP/s on a 16K causal prompt and
+    /// 598-607 on a 1024-token chunk over 4K on an H200, 0.94x and 1.01x of
+    /// FlashAttention-3 in the same call, with the wgmma descriptors in
+    /// uniform registers (results/2026-12-04-h200-wsp-uniform; before that
+    /// 655-658 / 565-579: results/2026-12-03-h200-prefill-ws2). Lost against
+    /// it: no ping-pong (-10-20 %, results/2026-12-03-h200-prefill-ws), a
+    /// 3-stage ring (no faster), statically strided persistent CTAs (-2-4 %,
+    /// -ws2), dynamically scheduled persistent CTAs (-1-6 %) and a
+    /// KV-head-major grid (-3-5 % on a chunk over 4K; -wsp-uniform).
     #[default]
     Wsp,
 }

@@ -11,8 +11,9 @@
 //!   achieved bandwidth (K/V bytes read / time) against the measured copy
 //!   ceiling, and paged / vattention latency ratios (the vAttention paper's
 //!   figure 9b);
-//! - `prefill`: the causal prefill kernels, a 16K prompt and a 1024-token
-//!   chunk at offsets 4K and 12K, Llama-3-8B and Yi-6B heads: TFLOP/s
+//! - `prefill`: the causal prefill kernels, a 16K prompt, a 1024-token
+//!   chunk at offsets 4K and 12K and a 2048-token chunk at 16K (the hybrid
+//!   grid's longest prefill), Llama-3-8B and Yi-6B heads: TFLOP/s
 //!   against the measured matmul ceiling (each query tile of ours, and the
 //!   paged prefill);
 //! - `jit`:     the driver's JIT compilation of each of candle's kernel
@@ -667,8 +668,9 @@ fn prefill(
             ("16K causal prompt", 0usize, 16384usize),
             ("1024 chunk at 4K", 4096, 1024),
             ("1024 chunk at 12K", 12288, 1024),
+            ("2048 chunk at 16K", 16384, 2048),
         ] {
-            let mut b = backend_opts(spec, heads, kvh, 1, 16384 + 64, &dev, kernel, true)?;
+            let mut b = backend_opts(spec, heads, kvh, 1, ctx + ql + 64, &dev, kernel, true)?;
             let mut done = 0;
             while done < ctx {
                 let n = (ctx - done).min(4096);
