@@ -953,17 +953,19 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
 /// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the TMA
 /// entries (`podp_tma_bf16`, `pod3_tma_bf16`), the SM-partitioned kernel
 /// with the warp-specialized prefill tile (`pod_wsd_bf16` with 4 decode-first
-/// SMs and with 1), the two-stream path and the planner's choice
+/// SMs, with 1 and with none: decode last), the two-stream path and the planner's choice
 /// on Llama-3-8B's heads; the partitioned kernel, `pod_bf16`, `podp_tma_bf16`
 /// and `pod3_tma_bf16` on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
     let (quick, shapes) = twin_shapes();
-    // VPOD_QUICK (the compute-sanitizer runs): the first six (the
-    // partitioned kernel with 4 decode-first SMs and with 1, then one per kernel).
+    // VPOD_QUICK (the compute-sanitizer runs): the first seven (the
+    // partitioned kernel with 4 decode-first SMs, with 1 and with none,
+    // then one per kernel).
     let all: &[(&str, [&str; 6])] = &[
         ("pod:fused", ["1", "", "", "1", "1", "4"]),
         ("pod:fused", ["1", "", "", "1", "1", "1"]),
+        ("pod:fused", ["1", "", "", "1", "1", "0"]),
         ("pod:fused", ["1", "2", "1", "0", "0", ""]),
         ("pod:fused", ["1", "2", "1", "1", "1", ""]),
         ("pod:fused", ["1", "3", "2", "0", "1", ""]),
@@ -977,17 +979,17 @@ fn pod_gpu_matches_cpu_twin() {
         // The planner with the default tuning (its fused steps partitioned).
         ("pod", ["1", "", "", "1", "1", ""]),
     ];
-    let runs = if quick { &all[..6] } else { all };
+    let runs = if quick { &all[..7] } else { all };
     for (i, &shape) in shapes.iter().enumerate() {
         for (j, &(spec, env)) in runs.iter().enumerate() {
             // Other head shapes: the partitioned kernel, pod_bf16,
             // podp_tma_bf16 and pod3_tma_bf16 only.
-            if i > 0 && j > 4 {
+            if i > 0 && j > 5 {
                 continue;
             }
             // Quick (compute-sanitizer): 300-token prompts, still several
             // query and key tiles; else a 1100-token one for the first shape.
-            let steps = pod_steps(if i == 0 && j < 6 && !quick { 1100 } else { 300 });
+            let steps = pod_steps(if i == 0 && j < 7 && !quick { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
             // (policy, blocks per SM, resident prefill blocks, pipelined
             // prefill, TMA, partitioned: decode-first SMs)

@@ -321,7 +321,9 @@ pub struct PodTuning {
     /// whatever kernel the planner picked.
     pub partitioned: bool,
     /// The partitioned kernel's decode-first blocks, one per SM (`None`:
-    /// [`pod_decode_sms`]'s rule).
+    /// [`pod_decode_sms`]'s rule). 0: decode last: every block takes a
+    /// prefill tile while any is left, and the decodes run on the SMs that
+    /// the prefill's last wave leaves idle, then on all.
     pub decode_sms: Option<usize>,
 }
 

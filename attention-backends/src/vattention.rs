@@ -536,12 +536,13 @@ impl AttentionBackend for VirtualBackend {
                 }
                 p => p,
             };
-            // The partitioned kernel's decode-first SMs: the tuning's or the rule's.
+            // The partitioned kernel's decode-first SMs: the tuning's or the
+            // rule's (0: none, the decodes fill the prefill's tail).
             let decode_sms = gpu
                 .tuning
                 .decode_sms
                 .unwrap_or_else(|| pod_decode_sms(gpu.sms))
-                .clamp(1, gpu.sms);
+                .min(gpu.sms);
             // Decode split waves: one for a plain decode launch; for a
             // fused one the tuning's or the rule's.
             let waves = match path {

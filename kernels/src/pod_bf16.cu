@@ -197,6 +197,7 @@ POD_ENTRY(podp_tma_bf16, 2, DEC_STAGES, true, true)
 //     (slot_decode_split) from a global counter until none is left, then the
 //     block ends and its SM takes prefill blocks; the third warpgroup idles
 //     and gives its registers to the other two;
+//     (ratio_d = 0: none; the decodes then fill the prefill's last wave);
 //   - every other block takes the next prefill item (heaviest first): a
 //     128-row query tile of one head, run as slot_prefill_wsp_bf16 runs it
 //     (producer warpgroup + two consumer warpgroups, setmaxnreg 24 / 240);

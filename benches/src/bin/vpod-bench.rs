@@ -98,6 +98,11 @@ enum What {
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
         kernels: Vec<String>,
+        /// The cases to run (16k: a 16K causal prompt; 1k@4k, 1k@12k: a
+        /// 1024-token chunk over a 4K / 12K context; 2k@16k: a 2048-token
+        /// chunk over 16K), e.g. one alone under Nsight Compute.
+        #[arg(long, value_delimiter = ',', default_value = "16k,1k@4k,1k@12k,2k@16k")]
+        cases: Vec<String>,
     },
     Map,
     Jit {
@@ -626,13 +631,37 @@ fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
     })
 }
 
+/// `vpod-bench prefill`'s cases: `--cases` name, table label, context
+/// before the chunk, chunk tokens.
+const PREFILL_CASES: [(&str, &str, usize, usize); 4] = [
+    ("16k", "16K causal prompt", 0, 16384),
+    ("1k@4k", "1024 chunk at 4K", 4096, 1024),
+    ("1k@12k", "1024 chunk at 12K", 12288, 1024),
+    ("2k@16k", "2048 chunk at 16K", 16384, 2048),
+];
+
+/// `--cases` names of [`PREFILL_CASES`], in the order given.
+fn prefill_cases(names: &[String]) -> Result<Vec<(&'static str, &'static str, usize, usize)>> {
+    names
+        .iter()
+        .map(|n| {
+            PREFILL_CASES.iter().find(|c| c.0 == n).copied().with_context(|| {
+                let known: Vec<_> = PREFILL_CASES.iter().map(|c| c.0).collect();
+                format!("prefill: unknown case {n} (known: {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
 fn prefill(
     models: &[String],
     backends: &[String],
     kernels: &[String],
+    cases: &[String],
     iters: usize,
     ceil: &Ceilings,
 ) -> Result<Vec<Value>> {
+    let cases = prefill_cases(cases)?;
     let dev = gpu()?;
     let mut shapes = vec![];
     for m in models {
@@ -664,12 +693,7 @@ fn prefill(
         } else {
             "128 rows"
         };
-        for (name, ctx, ql) in [
-            ("16K causal prompt", 0usize, 16384usize),
-            ("1024 chunk at 4K", 4096, 1024),
-            ("1024 chunk at 12K", 12288, 1024),
-            ("2048 chunk at 16K", 16384, 2048),
-        ] {
+        for &(_, name, ctx, ql) in &cases {
             let mut b = backend_opts(spec, heads, kvh, 1, ctx + ql + 64, &dev, kernel, true)?;
             let mut done = 0;
             while done < ctx {
@@ -1411,6 +1435,8 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The SM-partitioned kernel (warp-specialized prefill tile; decode-first
     // SMs by the rule or a fixed count).
     ("wsd", ["fused", "1", "", "4", "", "", "1", "1", "auto"]),
+    // No decode-first SMs: the decodes fill the prefill's last wave, then all SMs.
+    ("wsd-0", ["fused", "1", "", "4", "", "", "1", "1", "0"]),
     ("wsd-4", ["fused", "1", "", "4", "", "", "1", "1", "4"]),
     ("wsd-8", ["fused", "1", "", "4", "", "", "1", "1", "8"]),
     ("wsd-16", ["fused", "1", "", "4", "", "", "1", "1", "16"]),
@@ -2393,7 +2419,11 @@ fn main() -> Result<()> {
             backends,
             models,
             kernels,
-        } => ("prefill", prefill(models, backends, kernels, args.iters, &ceil)?),
+            cases,
+        } => (
+            "prefill",
+            prefill(models, backends, kernels, cases, args.iters, &ceil)?,
+        ),
         What::Map => ("map", map(args.iters)?),
         What::Jit { modules } => ("jit", jit(modules)?),
         What::Spikes { steps } => ("spikes", spikes(*steps)?),
@@ -2535,6 +2565,18 @@ mod tests {
         assert_eq!(r, vec![1.25]);
         assert_eq!(rows[0]["vs_flashinfer_best_serial"], json!(1.25));
         assert!(rows[1].get("vs_flashinfer_best_serial").is_none());
+    }
+
+    #[test]
+    fn prefill_cases_by_name() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let c = prefill_cases(&names(&["2k@16k", "16k"])).unwrap();
+        assert_eq!(
+            c.iter().map(|c| (c.2, c.3)).collect::<Vec<_>>(),
+            vec![(16384, 2048), (0, 16384)]
+        );
+        let e = prefill_cases(&names(&["2k@8k"])).unwrap_err().to_string();
+        assert!(e.contains("unknown case 2k@8k") && e.contains("1k@12k"), "{e}");
     }
 
     #[test]
