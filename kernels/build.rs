@@ -134,6 +134,14 @@ const SYMBOLS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "slot_prefill_wsp_bf16",
+        &[
+            "slot_prefill_wsp_bf16",
+            "slot_prefill_wsp3_bf16",
+            "slot_prefill_wspk_bf16",
+        ],
+    ),
+    (
         "slot_prefill_w4_bf16",
         &[
             "slot_prefill_w4_bf16",

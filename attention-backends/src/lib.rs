@@ -256,11 +256,30 @@ pub enum PrefillKernel {
     /// KV-head-major grid (-3-5 % on a chunk over 4K; -wsp-uniform).
     #[default]
     Wsp,
+    /// `Wsp` with a 3-stage K/V ring (`slot_prefill_wsp3_bf16`, 225 KiB of
+    /// shared memory): each tile's loads start a turn earlier. Within noise
+    /// of `Wsp` before the uniform descriptors (results/2026-12-03-h200-prefill-ws2);
+    /// kept to time on chunks over long prior contexts, where `Wsp` trails
+    /// FA3 (results/2026-12-04-h200-wsp-uniform).
+    Wsp3,
+    /// `Wsp` with the producer loading K one tile ahead of V
+    /// (`slot_prefill_wspk_bf16`: K_0 K_1 V_0 K_2 V_1 ...) and each turn
+    /// issuing QK_i before it waits for V_{i-1}, as FA3 orders them; for
+    /// the same comparison.
+    WspK,
 }
 
 impl PrefillKernel {
     /// Every kernel, in the order the benchmarks list them.
-    pub const ALL: [PrefillKernel; 5] = [Self::W8, Self::W4, Self::W4p, Self::Tma64, Self::Wsp];
+    pub const ALL: [PrefillKernel; 7] = [
+        Self::W8,
+        Self::W4,
+        Self::W4p,
+        Self::Tma64,
+        Self::Wsp,
+        Self::Wsp3,
+        Self::WspK,
+    ];
 
     /// The kernel's `extern "C"` symbol.
     pub fn symbol(self) -> &'static str {
@@ -270,13 +289,15 @@ impl PrefillKernel {
             Self::W4p => "slot_prefill_w4p_bf16",
             Self::Tma64 => "slot_prefill_w4t_bf16",
             Self::Wsp => "slot_prefill_wsp_bf16",
+            Self::Wsp3 => "slot_prefill_wsp3_bf16",
+            Self::WspK => "slot_prefill_wspk_bf16",
         }
     }
 
     /// Query rows of one work item (one CTA).
     pub fn rows(self) -> usize {
         match self {
-            Self::W8 | Self::Wsp => 128,
+            Self::W8 | Self::Wsp | Self::Wsp3 | Self::WspK => 128,
             Self::W4 | Self::W4p | Self::Tma64 => 64,
         }
     }

@@ -47,6 +47,9 @@ const FUSED_MERGE_MAX_SPLITS: usize = 16;
 /// `WsShape<2>::SMEM`): Q (128 rows), 2 stages of 128-key K and V tiles, 1 KiB
 /// of alignment.
 const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
+/// The same with 3 stages (`slot_prefill_wsp3_bf16`; the SM's 227 KiB hold it).
+const PREFILL_WS3_SMEM: usize = 128 * 256 + 2 * 3 * 128 * 256 + 1024;
+const _: () = assert!(PREFILL_WS3_SMEM <= 227 * 1024);
 
 /// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
 /// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
@@ -55,9 +58,13 @@ const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
 fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
     match asked {
-        PrefillKernel::Wsp if tma(128) => PrefillKernel::Wsp,
-        PrefillKernel::Wsp | PrefillKernel::Tma64 if tma(64) => PrefillKernel::Tma64,
-        PrefillKernel::Wsp | PrefillKernel::Tma64 => PrefillKernel::W4p,
+        PrefillKernel::Wsp | PrefillKernel::Wsp3 | PrefillKernel::WspK if tma(128) => asked,
+        PrefillKernel::Wsp | PrefillKernel::Wsp3 | PrefillKernel::WspK | PrefillKernel::Tma64 if tma(64) => {
+            PrefillKernel::Tma64
+        }
+        PrefillKernel::Wsp | PrefillKernel::Wsp3 | PrefillKernel::WspK | PrefillKernel::Tma64 => {
+            PrefillKernel::W4p
+        }
         k => k,
     }
 }
@@ -698,6 +705,12 @@ impl GpuAttention<'_> {
         let tma = match (p.prefill, p.tma) {
             (PrefillKernel::Wsp, Some(dims)) => {
                 Some(("slot_prefill_wsp_bf16", PREFILL_WS_SMEM, 128, 384, dims))
+            }
+            (PrefillKernel::WspK, Some(dims)) => {
+                Some(("slot_prefill_wspk_bf16", PREFILL_WS_SMEM, 128, 384, dims))
+            }
+            (PrefillKernel::Wsp3, Some(dims)) => {
+                Some(("slot_prefill_wsp3_bf16", PREFILL_WS3_SMEM, 128, 384, dims))
             }
             (PrefillKernel::Tma64, Some(dims)) => {
                 Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))

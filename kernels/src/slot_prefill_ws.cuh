@@ -157,21 +157,38 @@ struct WsRing {
     __device__ __forceinline__ static uint32_t phase(int i) { return (i / STAGES) & 1; }
 };
 
-// The producer thread: K then V of tiles 0 .. ntiles - 1, each into its
-// stage once the consumers released the stage's previous tile.
-template <int STAGES>
+// The producer thread: K and V of tiles 0 .. ntiles - 1, each into its
+// stage once the consumers released the stage's previous tile. In tile order
+// (K_0 V_0 K_1 V_1 ...), or with K one tile ahead (KAHEAD: K_0 K_1 V_0 K_2
+// V_1 ...; FA3's order): the pair a turn i reads (K_i, V_{i-1}) are then
+// consecutive loads, K first, and the consumer issues QK_i as soon as K_i
+// is in, waiting for V_{i-1} only before its PV (ws_consume); in tile order
+// K_{i+3} also waits behind V_{i+2}, whose stage frees a turn later.
+template <int STAGES, bool KAHEAD>
 __device__ __forceinline__ void ws_produce(const WsRing<STAGES>& r, const TmaMap* kmap, const TmaMap* vmap, int x0,
                                            int slot, int ntiles) {
-    for (int i = 0; i < ntiles; ++i) {
-        const int t0 = i * WS_BN;
+    auto load_k = [&](int i) {
         if (i >= STAGES) mbar_wait(r.empty_k(i), WsRing<STAGES>::phase(i - STAGES));
         mbar_expect_tx(r.full_k(i), WS_TILE_BYTES);
-        tma_load_3d(r.ks(i), kmap, r.full_k(i), x0, t0, slot);
-        tma_load_3d(r.ks(i) + WS_BN * 128, kmap, r.full_k(i), x0 + 64, t0, slot);
+        tma_load_3d(r.ks(i), kmap, r.full_k(i), x0, i * WS_BN, slot);
+        tma_load_3d(r.ks(i) + WS_BN * 128, kmap, r.full_k(i), x0 + 64, i * WS_BN, slot);
+    };
+    auto load_v = [&](int i) {
         if (i >= STAGES) mbar_wait(r.empty_v(i), WsRing<STAGES>::phase(i - STAGES));
         mbar_expect_tx(r.full_v(i), WS_TILE_BYTES);
-        tma_load_3d(r.vs(i), vmap, r.full_v(i), x0, t0, slot);
-        tma_load_3d(r.vs(i) + WS_BN * 128, vmap, r.full_v(i), x0 + 64, t0, slot);
+        tma_load_3d(r.vs(i), vmap, r.full_v(i), x0, i * WS_BN, slot);
+        tma_load_3d(r.vs(i) + WS_BN * 128, vmap, r.full_v(i), x0 + 64, i * WS_BN, slot);
+    };
+    if constexpr (KAHEAD) {
+        for (int i = 0; i <= ntiles; ++i) {
+            if (i < ntiles) load_k(i);
+            if (i > 0) load_v(i - 1);
+        }
+    } else {
+        for (int i = 0; i < ntiles; ++i) {
+            load_k(i);
+            load_v(i);
+        }
     }
 }
 
@@ -211,7 +228,7 @@ __device__ __forceinline__ void ws_issue_pv(float o[16][4], const uint32_t pa[8]
 // GEMMs are issued, so one's softmax runs while the other's GEMMs do.
 // Both consumers take mine + 1 turns: consumer 0, a tile short, takes an
 // empty one; the last turn hands nothing on (nothing would take it).
-template <int STAGES>
+template <int STAGES, bool KAHEAD>
 __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_bfloat16* __restrict__ q,
                                            __nv_bfloat16* __restrict__ out, int c, int qs, int ctx, int ql, int j0,
                                            int n_keys, int ntiles, int heads, int head, float qk_scale) {
@@ -287,13 +304,20 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     for (int i = 1; i < mine; ++i) {
         float s[16][4], alpha[2];
         mbar_wait(r.full_k(i), WsRing<STAGES>::phase(i));
-        wait_v(i - 1);
+        // V_{i-1} is a whole tile here (the partial last one only comes
+        // after the loop): with K loaded ahead (KAHEAD), V_{i-1} lands
+        // after K_i, so the turn issues QK_i first and waits for it then.
+        if (!KAHEAD) wait_v(i - 1);
         wg_fence_operands<64>(&s[0][0]);
         wg_fence_operands<64>(&o[0][0]);
         my_turn();
         wg_fence();
         ws_issue_qk(s, qc, r.ks(i));
         wg_commit();
+        if (KAHEAD) {
+            mbar_wait(r.full_v(i - 1), WsRing<STAGES>::phase(i - 1));
+            wg_fence();  // (ptxas would put one here itself: C7519)
+        }
         ws_issue_pv(o, pa, r.vs(i - 1));
         wg_commit();
         hand_on();
@@ -328,7 +352,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
 
 // Query head `head` of work item `item` (128 rows) by the whole block
 // (WS_THREADS threads, WsShape<STAGES>::SMEM of dynamic shared memory).
-template <int STAGES>
+template <int STAGES, bool KAHEAD = false>
 __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                            const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                            const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
@@ -359,9 +383,11 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
     const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
     if (wg == 0) {
         setmaxnreg_dec<24>();
-        if (threadIdx.x == 0) ws_produce(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
+        if (threadIdx.x == 0)
+            ws_produce<STAGES, KAHEAD>(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
     } else {
         setmaxnreg_inc<240>();
-        ws_consume<STAGES>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head, scale * ATT_LOG2E);
+        ws_consume<STAGES, KAHEAD>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head,
+                                   scale * ATT_LOG2E);
     }
 }

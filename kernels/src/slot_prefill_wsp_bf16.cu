@@ -16,3 +16,30 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     __trap();  // sm_90a only (the host checks)
 #endif
 }
+
+// The same with a 3-stage K/V ring (225 KiB of shared memory: a tile further
+// ahead for long prior contexts), and with the producer loading K one tile
+// ahead of V (ws_produce's KAHEAD); A/B variants of slot_prefill_wsp_bf16.
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    slot_prefill_wsp3_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
+                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
+                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+#if ATT_WGMMA
+    prefill_ws<3>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
+                  blockIdx.y);
+#else
+    __trap();  // sm_90a only (the host checks)
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    slot_prefill_wspk_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
+                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
+                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+#if ATT_WGMMA
+    prefill_ws<2, true>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
+                        blockIdx.y);
+#else
+    __trap();  // sm_90a only (the host checks)
+#endif
+}

@@ -94,7 +94,8 @@ enum What {
         /// Head shapes (q / KV heads) of these models.
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
-        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp;
+        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp,
+        /// wsp3, wspk;
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
         kernels: Vec<String>,
@@ -627,7 +628,9 @@ fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
         "w4p" => PrefillKernel::W4p,
         "tma64" => PrefillKernel::Tma64,
         "wsp" => PrefillKernel::Wsp,
-        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp)"),
+        "wsp3" => PrefillKernel::Wsp3,
+        "wspk" => PrefillKernel::WspK,
+        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsp3, wspk)"),
     })
 }
 
