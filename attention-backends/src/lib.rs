@@ -55,8 +55,8 @@ pub use reference::ReferenceBackend;
 pub use vattention::{
     POD_FEW_DECODES_SPLIT_WAVES, POD_FEW_SPLITS_UP_TO, POD_MIN_SHARE, POD_SPLIT_WAVES, POD_STREAMS_ABOVE,
     POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, decode_splits_static,
-    plan_pod_step, pod_decode_sms, pod_kernel_for, pod_split_waves_for, pod_step_halves, rope_write_fusion,
-    set_rope_write_fusion,
+    partition_costs_round, plan_pod_step, pod_decode_sms, pod_kernel_for, pod_split_waves_for,
+    pod_step_halves, rope_write_fusion, set_rope_write_fusion,
 };
 pub use vpod_kvcache::{KvManager, SeqId};
 
@@ -341,6 +341,12 @@ pub struct PodTuning {
     /// Fused steps run the SM-partitioned kernel ([`PodKernel::Partitioned`])
     /// whatever kernel the planner picked.
     pub partitioned: bool,
+    /// The planner's partitioned steps run the 1:1 kernel instead where
+    /// the decode-first SMs would turn the prefill tiles' one round into
+    /// two ([`partition_costs_round`]; e.g. the 512-token chunks of Yi-6B's
+    /// serving runs, where `pod` saved 0.6 %: results/2026-12-04-h200-wsp-uniform).
+    /// Off until measured (`vpod-bench hybrid --variants auto-r`).
+    pub whole_rounds: bool,
     /// The partitioned kernel's decode-first blocks, one per SM (`None`:
     /// [`pod_decode_sms`]'s rule). 0: decode last: every block takes a
     /// prefill tile while any is left, and the decodes run on the SMs that
@@ -358,6 +364,7 @@ impl Default for PodTuning {
             pipelined_prefill: true,
             tma_prefill: true,
             partitioned: false,
+            whole_rounds: false,
             decode_sms: None,
         }
     }

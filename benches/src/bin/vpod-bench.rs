@@ -253,7 +253,8 @@ enum What {
         /// Llama-3-8B 1024 (Yi-34B 1024).
         #[arg(long, value_delimiter = ',')]
         chunks: Vec<usize>,
-        /// (scheduler/backend) runs.
+        /// (scheduler/backend) runs; a backend may carry POD tuning flags:
+        /// `pod+whole-rounds`, `pod+decode-last`.
         #[arg(
             long,
             value_delimiter = ',',
@@ -1450,6 +1451,9 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The planner with the partitioned kernel on its fused steps.
     ("auto-wsd", ["auto", "", "", "", "", "", "", "", "auto"]),
     ("auto", ["auto", "", "", "", "", "", "", "", ""]),
+    // The planner, its partitioned steps 1:1 where the decode-first SMs
+    // would cost the prefill tiles a round (PodTuning::whole_rounds).
+    ("auto-r", ["auto-r", "", "", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
 /// the serial pairs, two streams, each POD kernel's best settings and the
@@ -1482,7 +1486,8 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         "serial" => PodMode::Serial,
         "streams" => PodMode::Streams,
         "fused" => PodMode::Fused,
-        "auto" | "" => PodMode::Auto,
+        // auto-r: the planner with PodTuning::whole_rounds.
+        "auto" | "auto-r" | "" => PodMode::Auto,
         m => bail!("hybrid variant: unknown POD mode {m}"),
     };
     let (pipe, tma) = (v[6] != "0", v[7] != "0");
@@ -1504,6 +1509,7 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         resident_prefill: num(v[5], "resident prefill blocks")?,
         pipelined_prefill: pipe,
         tma_prefill: tma,
+        whole_rounds: v[0] == "auto-r",
         ..Default::default()
     };
     if !v[8].is_empty() {
@@ -2127,6 +2133,23 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
         .collect()
 }
 
+/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]`, the flags
+/// `whole-rounds` ([`PodTuning::whole_rounds`]) and `decode-last`
+/// ([`PodTuning::decode_sms`] 0), e.g. `hybrid/pod+whole-rounds`.
+fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
+    let mut parts = spec.split('+');
+    let backend = parts.next().unwrap_or_default();
+    let mut t = PodTuning::default();
+    for flag in parts {
+        match flag {
+            "whole-rounds" => t.whole_rounds = true,
+            "decode-last" => t.decode_sms = Some(0),
+            f => bail!("run backend {spec}: unknown tuning flag {f} (known: whole-rounds, decode-last)"),
+        }
+    }
+    Ok((backend, t))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn serve(
     models: &[String],
@@ -2176,13 +2199,15 @@ fn serve(
                     "hybrid" => Policy::Hybrid { one_prefill: false },
                     other => bail!("unknown scheduler {other}"),
                 };
+                let (backend, pod_tuning) = serve_backend(spec)?;
                 let opts = BackendOptions {
                     max_seqs: requests,
                     kv_memory: Some(kv),
                     cuda_graphs: cuda_graphs == vpod_cli::engine::CudaGraphs::On,
+                    pod_tuning,
                     ..Default::default()
                 };
-                let mut e = Engine::with_options(model.clone(), spec, &opts)?;
+                let mut e = Engine::with_options(model.clone(), backend, &opts)?;
                 let trace = vpod_cli::compare::synthetic_trace(requests, prompt, output, rate, 7);
                 let vocab = p.vocab;
                 let reqs: Vec<Request> = trace
@@ -2568,6 +2593,24 @@ mod tests {
         assert_eq!(r, vec![1.25]);
         assert_eq!(rows[0]["vs_flashinfer_best_serial"], json!(1.25));
         assert!(rows[1].get("vs_flashinfer_best_serial").is_none());
+    }
+
+    #[test]
+    fn serve_backend_flags() {
+        let (b, t) = serve_backend("pod+whole-rounds+decode-last").unwrap();
+        assert_eq!((b, t.whole_rounds, t.decode_sms), ("pod", true, Some(0)));
+        assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
+        assert!(serve_backend("pod+fast").is_err());
+    }
+
+    #[test]
+    fn auto_r_sets_whole_rounds() {
+        let v = HYBRID_VARIANTS.iter().find(|v| v.0 == "auto-r").unwrap();
+        let o = variant_options(&v.1).unwrap();
+        assert_eq!(o.pod_mode, PodMode::Auto);
+        assert!(o.pod_tuning.whole_rounds);
+        let auto = HYBRID_VARIANTS.iter().find(|v| v.0 == "auto").unwrap();
+        assert!(!variant_options(&auto.1).unwrap().pod_tuning.whole_rounds);
     }
 
     #[test]

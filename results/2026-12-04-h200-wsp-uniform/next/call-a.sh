@@ -3,7 +3,8 @@
 # carried:  export OUT0=$OUT; OUT=$OUT/r bash results/2026-12-04-h200-wsp-uniform/next/call-a.sh; cd $OUT0 && tar czf logs.tgz r
 #  1. the prefill variants A/B (wsp, 3-stage ring wsp3, K-ahead producer wspk, wsp again), twice;
 #  2. FlashInfer 0.5.3 (FA3 prefill + POD + its serial pairs) in the same call (~140 s with its JIT build);
-#  3. the 48-case hybrid grid with the decode-last partitioned kernel (wsd-0) against FlashInfer's pairs.
+#  3. the hybrid grid (FlashInfer's 48 cases + 512-token chunks) with the decode-last partitioned kernel (wsd-0)
+#     and the planner with whole rounds (auto-r), against FlashInfer's pairs where it has the case.
 set -uo pipefail
 OUT=${OUT:-/tmp/call-a}; mkdir -p "$OUT"
 B=/tmp/vb; rm -rf $B; mkdir -p $B; tar -C $B -xJf gpu-bundle/bundle.tar.xz
@@ -25,10 +26,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 # The budget must leave the POD section its full 72 cases (under 240 s left after the JIT it goes quick).
 step 420 fi env PYTHONPATH=/tmp/site FI_FORCE_JIT=1 FI_SKIP=decode FI_BUDGET_S=480 FI_JIT_BUDGET_S=230 MAX_JOBS=16 \
     OUT=$OUT/fi PYTHONUNBUFFERED=1 python3 .anchors/flashinfer/bench_fi.py
-GRID=(--models llama3-8b,yi-6b --chunks 1024,2048 --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384)
+GRID=(--models llama3-8b,yi-6b --chunks 512,1024,2048 --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384)
 FJ=(); [ -f $OUT/fi/fi.json ] && FJ=(--fi-json $OUT/fi/fi.json)
 mkdir -p $OUT/hybrid
-step 120 hybrid $B/vpod-bench hybrid --out $OUT/hybrid "${GRID[@]}" "${FJ[@]}" --variants serial-ws,auto,wsd,wsd-0,wsd-4
+step 170 hybrid $B/vpod-bench hybrid --out $OUT/hybrid "${GRID[@]}" "${FJ[@]}" --variants serial-ws,auto,auto-r,wsd,wsd-0,wsd-4
 kill $dmon
 cat $OUT/run.log
 for i in 1 2; do grep -E "^\| vattention" $OUT/pf$i.log; done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Next device calls C/D (issue 20's end-to-end check): vpod-bench serve with 96 requests at P:D 31 and 50
 # for one model a call (48 requests of both models took 436 s; 96 of one model should fit one call), with
-# nvidia-smi dmon beside it. PROFILE=1 adds --profile-attention (attention GPU time per step) instead.
+# nvidia-smi dmon beside it. PROFILE=1: 48 requests at P:D 31 with --profile-attention instead; RUNS: --runs
+# (e.g. hybrid/vattention,hybrid/pod,hybrid/pod+whole-rounds,hybrid/pod+decode-last).
 #   export OUT0=$OUT; OUT=$OUT/r MODEL=yi-6b bash results/2026-12-04-h200-wsp-uniform/next/serve.sh; cd $OUT0 && tar czf logs.tgz r
 set -uo pipefail
 OUT=${OUT:-/tmp/serve}; mkdir -p "$OUT"
@@ -16,6 +17,8 @@ if [ "${PROFILE:-0}" = 1 ]; then
     ARGS=(--requests 48 --pd-ratios 31 --profile-attention)
 else
     ARGS=(--requests 96 --pd-ratios 31,50)
+fi
+if [ -n "${RUNS:-}" ]; then ARGS+=(--runs "$RUNS")
 fi
 timeout 560 $B/vpod-bench serve --out $OUT --models $MODEL "${ARGS[@]}" > $OUT/vb-serve.log 2>&1
 echo "serve rc=$?" | tee -a $OUT/vb-serve.log
