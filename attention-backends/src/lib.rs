@@ -339,7 +339,8 @@ pub struct PodTuning {
     /// and the pages allow).
     pub tma_prefill: bool,
     /// Fused steps run the SM-partitioned kernel ([`PodKernel::Partitioned`])
-    /// whatever kernel the planner picked.
+    /// whatever kernel the planner picked (but for the steps that
+    /// [`Self::whole_rounds`] moves to 1:1).
     pub partitioned: bool,
     /// The planner's partitioned steps run the 1:1 kernel instead where
     /// the decode-first SMs would turn the prefill tiles' one round into

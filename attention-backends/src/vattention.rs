@@ -133,9 +133,11 @@ pub fn pod_decode_sms(sms: usize) -> usize {
 /// round on all `sms` but not on the `sms - decode_sms` SMs left to them at
 /// the start: e.g. a 512-token chunk of 32 heads is 128 tiles, one round on
 /// 132 SMs, two on 99 (with 33 decode-first SMs), and the SMs that finish
-/// the decodes cannot take back a whole round. (With two or more rounds the
-/// SMs rejoining from the decodes share the extra one: the 1024- and
-/// 2048-token chunks of FlashInfer's grid gained 1.07-1.12x partitioned.)
+/// the decodes cannot take back a whole round. (With two or more rounds on
+/// all SMs, in the steps the planner fuses, whose prefill half is at most
+/// 1.5x the decode half, the SMs rejoining from the decodes share the extra
+/// round: FlashInfer's grid's partitioned steps with 1024- and 2048-token
+/// chunks gained 1.02-1.13x, results/2026-12-04-h200-wsp-uniform.)
 pub fn partition_costs_round(items: usize, sms: usize, decode_sms: usize) -> bool {
     decode_sms > 0 && items <= sms && items > sms.saturating_sub(decode_sms)
 }
@@ -565,11 +567,11 @@ impl AttentionBackend for VirtualBackend {
                 .map(|s| s.query_len.div_ceil(crate::PrefillKernel::Wsp.rows()))
                 .sum::<usize>()
                 * self.cfg.num_heads;
-            let (path, note) = if gpu.tuning.whole_rounds
+            let rounds_switch = gpu.tuning.whole_rounds
                 && mode == Some(PodMode::Auto)
                 && path == PodPath::Fused(PodKernel::Partitioned)
-                && partition_costs_round(items, gpu.sms, decode_sms)
-            {
+                && partition_costs_round(items, gpu.sms, decode_sms);
+            let (path, note) = if rounds_switch {
                 let why = format!(
                     "; 1:1 instead: {items} prefill tiles, one round on {} SMs, two on {}",
                     gpu.sms,
@@ -609,7 +611,9 @@ impl AttentionBackend for VirtualBackend {
             // The record names the prefill kernel a step ran (when not
             // fused), else the POD kernel, and says when the planner's
             // partitioned kernel could not run (tuning, device or pages).
-            let instead = (planned == PodPath::Fused(PodKernel::Partitioned) && plan.path != planned)
+            let instead = (planned == PodPath::Fused(PodKernel::Partitioned)
+                && plan.path != planned
+                && !rounds_switch)
                 .then_some(
                     "the partitioned kernel cannot run here (sm_90a, TMA, 128-row pages) or is tuned off: ",
                 );

@@ -4,7 +4,8 @@
 #  1. the prefill variants A/B (wsp, 3-stage ring wsp3, K-ahead producer wspk, wsp again), twice;
 #  2. FlashInfer 0.5.3 (FA3 prefill + POD + its serial pairs) in the same call (~140 s with its JIT build);
 #  3. the hybrid grid (FlashInfer's 48 cases + 512-token chunks) with the decode-last partitioned kernel (wsd-0)
-#     and the planner with whole rounds (auto-r), against FlashInfer's pairs where it has the case.
+#     and the planner with whole rounds (auto-r), over our best serial pair; the FlashInfer column is the
+#     plain planner's (auto-r differs from it only on the 512-token chunks, which FlashInfer's grid lacks).
 set -uo pipefail
 OUT=${OUT:-/tmp/call-a}; mkdir -p "$OUT"
 B=/tmp/vb; rm -rf $B; mkdir -p $B; tar -C $B -xJf gpu-bundle/bundle.tar.xz
