@@ -102,7 +102,12 @@ enum What {
         /// The cases to run (16k: a 16K causal prompt; 1k@4k, 1k@12k: a
         /// 1024-token chunk over a 4K / 12K context; 2k@16k: a 2048-token
         /// chunk over 16K), e.g. one alone under Nsight Compute.
-        #[arg(long, value_delimiter = ',', default_value = "16k,1k@4k,1k@12k,2k@16k")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "16k,1k@4k,1k@12k,2k@16k",
+            value_parser = ["16k", "1k@4k", "1k@12k", "2k@16k"]
+        )]
         cases: Vec<String>,
     },
     Map,
@@ -2623,6 +2628,16 @@ mod tests {
         );
         let e = prefill_cases(&names(&["2k@8k"])).unwrap_err().to_string();
         assert!(e.contains("unknown case 2k@8k") && e.contains("1k@12k"), "{e}");
+        // The command line takes exactly these names.
+        use clap::Parser;
+        for c in PREFILL_CASES {
+            assert!(
+                Args::try_parse_from(["vpod-bench", "prefill", "--cases", c.0]).is_ok(),
+                "{}",
+                c.0
+            );
+        }
+        assert!(Args::try_parse_from(["vpod-bench", "prefill", "--cases", "2k@8k"]).is_err());
     }
 
     #[test]
