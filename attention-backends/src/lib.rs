@@ -294,6 +294,12 @@ impl PrefillKernel {
         }
     }
 
+    /// The warp-specialized tile (`slot_prefill_ws.cuh`) in one of its
+    /// variants: sm_90a, TMA boxes of 128 rows.
+    pub fn warp_specialized(self) -> bool {
+        matches!(self, Self::Wsp | Self::Wsp3 | Self::WspK)
+    }
+
     /// Query rows of one work item (one CTA).
     pub fn rows(self) -> usize {
         match self {

@@ -560,26 +560,32 @@ impl AttentionBackend for VirtualBackend {
             // With `whole_rounds`, the planner's partitioned step runs 1:1
             // where holding the decode-first SMs would cost its prefill
             // tiles a round.
-            let items: usize = meta
-                .seqs()
-                .iter()
-                .filter(|s| s.query_len > 1)
-                .map(|s| s.query_len.div_ceil(crate::PrefillKernel::Wsp.rows()))
-                .sum::<usize>()
-                * self.cfg.num_heads;
-            let rounds_switch = gpu.tuning.whole_rounds
+            // (the partitioned kernel's 128-row prefill tiles: counted only then)
+            let items = (gpu.tuning.whole_rounds
                 && mode == Some(PodMode::Auto)
-                && path == PodPath::Fused(PodKernel::Partitioned)
-                && partition_costs_round(items, gpu.sms, decode_sms);
-            let (path, note) = if rounds_switch {
-                let why = format!(
-                    "; 1:1 instead: {items} prefill tiles, one round on {} SMs, two on {}",
-                    gpu.sms,
-                    gpu.sms - decode_sms
-                );
-                (PodPath::Fused(PodKernel::OneToOne), note.map(|n| n + &why))
-            } else {
-                (path, note)
+                && path == PodPath::Fused(PodKernel::Partitioned))
+            .then(|| {
+                let rows = crate::PrefillKernel::Wsp.rows();
+                let tiles: usize = meta
+                    .seqs()
+                    .iter()
+                    .filter(|s| s.query_len > 1)
+                    .map(|s| s.query_len.div_ceil(rows))
+                    .sum();
+                tiles * self.cfg.num_heads
+            })
+            .filter(|&items| partition_costs_round(items, gpu.sms, decode_sms));
+            let rounds_switch = items.is_some();
+            let (path, note) = match items {
+                Some(items) => {
+                    let why = format!(
+                        "; 1:1 instead: {items} prefill tiles, one round on {} SMs, two on {}",
+                        gpu.sms,
+                        gpu.sms - decode_sms
+                    );
+                    (PodPath::Fused(PodKernel::OneToOne), note.map(|n| n + &why))
+                }
+                None => (path, note),
             };
             // Decode split waves: one for a plain decode launch; for a
             // fused one the tuning's or the rule's.

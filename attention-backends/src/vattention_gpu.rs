@@ -58,13 +58,9 @@ const _: () = assert!(PREFILL_WS3_SMEM <= 227 * 1024);
 fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
     match asked {
-        PrefillKernel::Wsp | PrefillKernel::Wsp3 | PrefillKernel::WspK if tma(128) => asked,
-        PrefillKernel::Wsp | PrefillKernel::Wsp3 | PrefillKernel::WspK | PrefillKernel::Tma64 if tma(64) => {
-            PrefillKernel::Tma64
-        }
-        PrefillKernel::Wsp | PrefillKernel::Wsp3 | PrefillKernel::WspK | PrefillKernel::Tma64 => {
-            PrefillKernel::W4p
-        }
+        k if k.warp_specialized() && tma(128) => k,
+        k if (k.warp_specialized() || k == PrefillKernel::Tma64) && tma(64) => PrefillKernel::Tma64,
+        k if k.warp_specialized() || k == PrefillKernel::Tma64 => PrefillKernel::W4p,
         k => k,
     }
 }
@@ -703,14 +699,13 @@ impl GpuAttention<'_> {
         let p = self.plan;
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let tma = match (p.prefill, p.tma) {
-            (PrefillKernel::Wsp, Some(dims)) => {
-                Some(("slot_prefill_wsp_bf16", PREFILL_WS_SMEM, 128, 384, dims))
-            }
-            (PrefillKernel::WspK, Some(dims)) => {
-                Some(("slot_prefill_wspk_bf16", PREFILL_WS_SMEM, 128, 384, dims))
-            }
-            (PrefillKernel::Wsp3, Some(dims)) => {
-                Some(("slot_prefill_wsp3_bf16", PREFILL_WS3_SMEM, 128, 384, dims))
+            (k, Some(dims)) if k.warp_specialized() => {
+                let smem = if k == PrefillKernel::Wsp3 {
+                    PREFILL_WS3_SMEM
+                } else {
+                    PREFILL_WS_SMEM
+                };
+                Some((k.symbol(), smem, 128, 384, dims))
             }
             (PrefillKernel::Tma64, Some(dims)) => {
                 Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))

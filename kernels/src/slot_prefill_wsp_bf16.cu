@@ -5,41 +5,26 @@
 // GEMMs); see slot_prefill_ws.cuh.
 #include "slot_prefill_ws.cuh"
 
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    slot_prefill_wsp_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
-                          const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
-                          float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+// One entry point per (K/V stages, K loaded ahead of V) variant; the same
+// arguments (kernels/src/lib.rs).
 #if ATT_WGMMA
-    prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
-                  blockIdx.y);
+#define WSP_BODY(STAGES, KAHEAD)                                                                                  \
+    prefill_ws<STAGES, KAHEAD>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, \
+                               blockIdx.x, blockIdx.y);
 #else
-    __trap();  // sm_90a only (the host checks)
+#define WSP_BODY(STAGES, KAHEAD) __trap(); /* sm_90a only (the host checks) */
 #endif
-}
+#define WSP_ENTRY(NAME, STAGES, KAHEAD)                                                                             \
+    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                                     \
+        NAME(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,               \
+             const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group, float scale, \
+             const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {                            \
+        WSP_BODY(STAGES, KAHEAD)                                                                                    \
+    }
 
-// The same with a 3-stage K/V ring (225 KiB of shared memory: a tile further
-// ahead for long prior contexts), and with the producer loading K one tile
-// ahead of V (ws_produce's KAHEAD); A/B variants of slot_prefill_wsp_bf16.
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    slot_prefill_wsp3_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
-                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
-                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
-#if ATT_WGMMA
-    prefill_ws<3>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
-                  blockIdx.y);
-#else
-    __trap();  // sm_90a only (the host checks)
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    slot_prefill_wspk_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
-                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
-                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
-#if ATT_WGMMA
-    prefill_ws<2, true>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
-                        blockIdx.y);
-#else
-    __trap();  // sm_90a only (the host checks)
-#endif
-}
+WSP_ENTRY(slot_prefill_wsp_bf16, 2, false)
+// A/B variants: a 3-stage K/V ring (225 KiB of shared memory: a tile further
+// ahead for long prior contexts), and the producer loading K one tile ahead
+// of V (ws_produce's and ws_consume's KAHEAD).
+WSP_ENTRY(slot_prefill_wsp3_bf16, 3, false)
+WSP_ENTRY(slot_prefill_wspk_bf16, 2, true)

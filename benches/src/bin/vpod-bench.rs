@@ -106,7 +106,7 @@ enum What {
             long,
             value_delimiter = ',',
             default_value = "16k,1k@4k,1k@12k,2k@16k",
-            value_parser = ["16k", "1k@4k", "1k@12k", "2k@16k"]
+            value_parser = clap::builder::PossibleValuesParser::new(PREFILL_CASES.map(|c| c.0))
         )]
         cases: Vec<String>,
     },
