@@ -133,14 +133,7 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "gemv_norm_bf16",
         ],
     ),
-    (
-        "slot_prefill_wsp_bf16",
-        &[
-            "slot_prefill_wsp_bf16",
-            "slot_prefill_wsp3_bf16",
-            "slot_prefill_wspk_bf16",
-        ],
-    ),
+    ("slot_prefill_wsp_bf16", &["slot_prefill_wsp_bf16"]),
     (
         "slot_prefill_w4_bf16",
         &[

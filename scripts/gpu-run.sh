@@ -21,7 +21,12 @@
 #                                            httpserve (cli serve over HTTP vs the same trace in process),
 #                                            graphs (CUDA graphs: greedy tokens vs eager, sanitizers on
 #                                            replayed steps, vpod-bench e2e with graphs on and off),
-#                                            gemv (the decode GEMV kernels vs their twin, then vpod-bench gemv)
+#                                            gemv (the decode GEMV kernels vs their twin, then vpod-bench gemv),
+#                                            prefillab (vpod-bench prefill A/B of PF_KERNELS on PF_CASES, twice),
+#                                            twins (prefill + POD kernels vs CPU twins, fixtures' parity, sanitizers
+#                                            on the warp-specialized prefill), ncuprior (Nsight Compute of our
+#                                            prefill tile and FA3 on a chunk over a long prior; carry .anchors)
+#   DMON=1 samples nvidia-smi dmon (power, clocks) beside the stages into $OUT/dmon.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
@@ -39,12 +44,26 @@ declare -A RC
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
 echo "GPU: $gpu" | tee "$OUT/gpu.txt"
 
-step() { # name, command...
+T0=$(date +%s)
+step() { # name, command...  (each step's exit and seconds also go to $OUT/run.log)
     local name=$1; shift
+    local s0; s0=$(date +%s)
     echo "== $name"
     "$@" > "$OUT/$name.log" 2>&1
     RC[$name]=$?
+    echo "$name rc=${RC[$name]} $(( $(date +%s) - s0 )) s (at $(( $(date +%s) - T0 )) s)" >> "$OUT/run.log"
     tail -n 5 "$OUT/$name.log"
+}
+tstep() { step "$2" timeout "$1" "${@:3}"; } # seconds, name, command...: the same, under a time limit
+if [ "${DMON:-0}" = 1 ]; then
+    nvidia-smi dmon -s pucm -d 1 > "$OUT/dmon.txt" 2>&1 &
+    DMON_PID=$!
+    trap 'kill $DMON_PID 2>/dev/null' EXIT
+fi
+# FlashInfer from the carried wheel (.anchors/, ../shared/anchors/flashinfer/RUN.md), once.
+fi_install() {
+    [ -d /tmp/site/flashinfer ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site .anchors/whl/*.whl > /dev/null 2>&1
 }
 
 if want tests; then
@@ -101,26 +120,76 @@ if want podsweep; then
     step vb-hybrid "$B/vpod-bench" hybrid --out "$OUT" ${HYBRID_ARGS:-}
     cat "$OUT/vb-hybrid.log"
 fi
+if want prefillab; then
+    # Prefill kernel variants A/B on the same cases, twice (the first kernel again last, to see drift).
+    for i in 1 2; do
+        mkdir -p "$OUT/pf$i"
+        tstep "${PF_TIMEOUT:-120}" "pf$i" "$B/vpod-bench" prefill --out "$OUT/pf$i" --backends vattention \
+            --models "${PF_MODELS:-llama3-8b,yi-6b}" --kernels "${PF_KERNELS:-wsp,w8,wsp}" \
+            --cases "${PF_CASES:-16k,1k@4k,1k@12k,2k@16k}"
+    done
+    for i in 1 2; do grep -E "^\| vattention" "$OUT/pf$i.log"; done
+fi
 if want podfi; then
-    # Issue 20's comparison: FlashInfer's POD section (its JIT build first;
-    # .anchors/ carried, ../shared/anchors/flashinfer/RUN.md), then the
-    # 48-case hybrid grid in the same call, each planner step against
-    # FlashInfer's best serial pair (vs_flashinfer_best_serial).
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .anchors/whl/*.whl
-    step fi env PYTHONPATH=/tmp/site FI_FORCE_JIT=1 FI_SKIP=decode MAX_JOBS=16 OUT="$OUT/fi" PYTHONUNBUFFERED=1 \
+    # Issue 20's comparison: FlashInfer's FA3 prefill, POD and serial pairs
+    # (its JIT build first), then the hybrid grid in the same call, each
+    # planner step against FlashInfer's best serial pair
+    # (vs_flashinfer_best_serial). The budgets leave the POD section its full
+    # 72 cases (with under 240 s left after the JIT it goes quick).
+    fi_install
+    tstep 420 fi env PYTHONPATH=/tmp/site FI_FORCE_JIT=1 FI_SKIP=decode FI_BUDGET_S="${FI_BUDGET_S:-480}" \
+        FI_JIT_BUDGET_S="${FI_JIT_BUDGET_S:-230}" MAX_JOBS=16 OUT="$OUT/fi" PYTHONUNBUFFERED=1 \
         python3 .anchors/flashinfer/bench_fi.py
+    FJ=(); [ -f "$OUT/fi/fi.json" ] && FJ=(--fi-json "$OUT/fi/fi.json")
     # shellcheck disable=SC2086
-    step vb-hybrid-fi "$B/vpod-bench" hybrid --out "$OUT" --models llama3-8b,yi-6b --chunks 1024,2048 \
-        --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384 --fi-json "$OUT/fi/fi.json" ${PODFI_ARGS:-}
+    tstep "${PODFI_TIMEOUT:-300}" vb-hybrid-fi "$B/vpod-bench" hybrid --out "$OUT" --models llama3-8b,yi-6b \
+        --chunks "${PODFI_CHUNKS:-1024,2048}" --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384 \
+        "${FJ[@]}" ${PODFI_ARGS:-}
+    grep -E "prefill .*fa3|POD speedup|wall" "$OUT/fi.log" | tail -14
     cat "$OUT/vb-hybrid-fi.log"
+fi
+if want twins; then
+    # The prefill variants and the POD kernel against their CPU twins (chunks at offsets, GQA 4/7/8),
+    # the fixtures against transformers, then compute-sanitizer on the warp-specialized prefill.
+    tstep 240 twin-va "$B/integration" gpu::vattention_gpu_matches_cpu_twin gpu::vattention_ws_prefill_long_chunks --test-threads=1
+    tstep 170 twin-pod "$B/integration" gpu::pod_gpu_matches_cpu_twin gpu::fixtures --test-threads=1
+    tstep 110 ws-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::vattention_ws --test-threads=1
+    tstep 120 ws-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::vattention_ws --test-threads=1
+    grep -hE "^test |test result|SUMMARY" "$OUT"/twin-*.log "$OUT"/ws-*.log
+fi
+if want ncuprior && command -v ncu >/dev/null; then
+    # Why our prefill tile trails FA3 over a long prior context: Nsight Compute of one launch of each, same
+    # case, clocks left as they are (--clock-control none: the power cap stays in play).
+    fi_install
+    SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+              --section WarpStateStats --section SchedulerStats --section InstructionStats --section LaunchStats
+              --metrics sm__cycles_elapsed.avg.per_second,gpu__time_duration.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum)
+    # FA3's JIT build of the one module first, outside ncu (~1-2 min on 16 cores).
+    tstep 200 fa3-jit env MAX_JOBS=16 PYTHONPATH=/tmp/site python3 scripts/fa3_one.py 2048 16384 32 8
+    # vpod-bench prefill fills the context in 4096-token steps of 2 layers (2 launches each) before it times a
+    # case: skip those and a few of the case's own launches (warm-up).
+    for c in "2048 16384 2k@16k 12" "1024 4096 1k@4k 6"; do
+        read -r chunk prior case skip <<< "$c"
+        tag=$chunk-$prior
+        timeout 90 env MAX_JOBS=16 PYTHONPATH=/tmp/site ncu --clock-control none -k regex:Prefill --launch-skip 3 -c 1 \
+            "${SECTIONS[@]}" python3 scripts/fa3_one.py "$chunk" "$prior" 32 8 > "$OUT/ncu-fa3-$tag.txt" 2>&1
+        timeout 90 ncu --clock-control none -k "regex:${NCU_KERNEL:-slot_prefill_wsp_bf16}" --launch-skip "$skip" -c 1 \
+            "${SECTIONS[@]}" "$B/vpod-bench" --iters 3 --out /tmp/ncu prefill --backends vattention --models llama3-8b \
+            --kernels "${NCU_VARIANT:-wsp}" --cases "$case" > "$OUT/ncu-ours-$tag.txt" 2>&1
+    done
+    for f in "$OUT"/ncu-fa3-*.txt "$OUT"/ncu-ours-*.txt; do
+        echo "## $f"
+        grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Executed Ipc A|L2 Hit Rate|DRAM Throughput|Tensor|hit_rate|dram__bytes|Stall|Warp Cycles Per Issued" "$f" | head -30
+    done
 fi
 if want layer; then
     step vb-layer "$B/vpod-bench" layer --iters 10 --out "$OUT"
     cat "$OUT/vb-layer.log"
 fi
 if want podserve; then
+    # SERVE_ARGS: e.g. "--models yi-6b --requests 96 --pd-ratios 31,50 --runs hybrid/pod,hybrid/pod+decode-last".
     # shellcheck disable=SC2086
-    step vb-serve "$B/vpod-bench" serve --out "$OUT" ${SERVE_ARGS:-}
+    tstep "${SERVE_TIMEOUT:-560}" vb-serve "$B/vpod-bench" serve --out "$OUT" ${SERVE_ARGS:-}
     cat "$OUT/vb-serve.log"
 fi
 # cli serve over HTTP (synthetic Llama-3-8B): cli bench --url replays a Poisson trace with streaming

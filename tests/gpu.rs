@@ -881,8 +881,6 @@ fn vattention_gpu_matches_cpu_twin() {
     for &shape in shapes {
         for (megacache, mapping, kernel) in [
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp),
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp3),
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::WspK),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W4p),
@@ -904,8 +902,7 @@ fn vattention_gpu_matches_cpu_twin() {
     }
 }
 
-/// The warp-specialized prefill kernels (`wsp`, and its 3-stage and K-ahead
-/// variants) on whole 128-key tiles (a 512-token
+/// The warp-specialized prefill kernel (`wsp`) on whole 128-key tiles (a 512-token
 /// prompt, a 384-token chunk at 512: the rings wrap several times) and a
 /// 200-token chunk at 896 (GQA 8), with plain random K and with K rows
 /// growing along the sequence (the lazy rescale moves the running max on
@@ -916,16 +913,15 @@ fn vattention_gpu_matches_cpu_twin() {
 fn vattention_ws_prefill_long_chunks() {
     use vpod_attention::PrefillKernel;
     let steps: &[&[(u64, usize, usize)]] = &[&[(1, 0, 512)], &[(1, 512, 384)], &[(1, 896, 200)]];
-    for kernel in [PrefillKernel::Wsp, PrefillKernel::Wsp3, PrefillKernel::WspK] {
-        let opts = vpod_attention::BackendOptions {
-            max_seqs: 2,
-            prefill_kernel: kernel,
-            ..Default::default()
-        };
-        for ramp in [0.0, 8.0] {
-            let label = format!("{} (K ramp {ramp})", kernel.symbol());
-            check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, None);
-        }
+    let kernel = PrefillKernel::Wsp;
+    let opts = vpod_attention::BackendOptions {
+        max_seqs: 2,
+        prefill_kernel: kernel,
+        ..Default::default()
+    };
+    for ramp in [0.0, 8.0] {
+        let label = format!("{} (K ramp {ramp})", kernel.symbol());
+        check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, None);
     }
 }
 

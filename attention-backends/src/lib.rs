@@ -55,8 +55,8 @@ pub use reference::ReferenceBackend;
 pub use vattention::{
     POD_FEW_DECODES_SPLIT_WAVES, POD_FEW_SPLITS_UP_TO, POD_MIN_SHARE, POD_SPLIT_WAVES, POD_STREAMS_ABOVE,
     POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, decode_splits_static,
-    partition_costs_round, plan_pod_step, pod_decode_sms, pod_kernel_for, pod_split_waves_for,
-    pod_step_halves, rope_write_fusion, set_rope_write_fusion,
+    plan_pod_step, pod_decode_sms, pod_kernel_for, pod_split_waves_for, pod_step_halves, rope_write_fusion,
+    set_rope_write_fusion,
 };
 pub use vpod_kvcache::{KvManager, SeqId};
 
@@ -243,43 +243,25 @@ pub enum PrefillKernel {
     Tma64,
     /// Warp-specialized (`slot_prefill_wsp_bf16`, sm_90a, pages of a
     /// multiple of 128 rows): a TMA producer warp, a 2-stage ring of 128-key
-    /// K/V tiles, two 64-row consumer warpgroups sharing each tile and taking
-    /// turns issuing GEMMs (ping-pong), so one's softmax runs under the
-    /// other's. The default: 685-690 TFLOP/s on a 16K causal prompt and
-    /// 598-607 on a 1024-token chunk over 4K on an H200, 0.94x and 1.01x of
-    /// FlashAttention-3 in the same call, with the wgmma descriptors in
-    /// uniform registers (results/2026-12-04-h200-wsp-uniform; before that
-    /// 655-658 / 565-579: results/2026-12-03-h200-prefill-ws2). Lost against
-    /// it: no ping-pong (-10-20 %, results/2026-12-03-h200-prefill-ws), a
-    /// 3-stage ring (no faster), statically strided persistent CTAs (-2-4 %,
-    /// -ws2), dynamically scheduled persistent CTAs (-1-6 %) and a
-    /// KV-head-major grid (-3-5 % on a chunk over 4K; -wsp-uniform).
+    /// K/V tiles loaded K one tile ahead of V (FA3's order), two 64-row
+    /// consumer warpgroups sharing each tile and taking turns issuing GEMMs
+    /// (ping-pong), so one's softmax runs under the other's, each turn
+    /// issuing QK_i before it waits for V_{i-1}. The default: ~700 TFLOP/s
+    /// on a 16K causal prompt and ~620 on a 1024-token chunk over 4K on an
+    /// H200, 1.00x and 1.04x of FlashAttention-3's single-request kernel in
+    /// the same call (results/2026-12-04-h200-wspk). Lost against it: K and V
+    /// loaded in tile order (-2-7 %, -wspk), no ping-pong (-10-20 %,
+    /// results/2026-12-03-h200-prefill-ws), a 3-stage ring (no faster, -ws2
+    /// and -wspk), statically strided persistent CTAs (-2-4 %, -ws2),
+    /// dynamically scheduled persistent CTAs (-1-6 %) and a KV-head-major grid
+    /// (-3-5 % on a chunk over 4K; results/2026-12-04-h200-wsp-uniform).
     #[default]
     Wsp,
-    /// `Wsp` with a 3-stage K/V ring (`slot_prefill_wsp3_bf16`, 225 KiB of
-    /// shared memory): each tile's loads start a turn earlier. Within noise
-    /// of `Wsp` before the uniform descriptors (results/2026-12-03-h200-prefill-ws2);
-    /// kept to time on chunks over long prior contexts, where `Wsp` trails
-    /// FA3 (results/2026-12-04-h200-wsp-uniform).
-    Wsp3,
-    /// `Wsp` with the producer loading K one tile ahead of V
-    /// (`slot_prefill_wspk_bf16`: K_0 K_1 V_0 K_2 V_1 ...) and each turn
-    /// issuing QK_i before it waits for V_{i-1}, as FA3 orders them; for
-    /// the same comparison.
-    WspK,
 }
 
 impl PrefillKernel {
     /// Every kernel, in the order the benchmarks list them.
-    pub const ALL: [PrefillKernel; 7] = [
-        Self::W8,
-        Self::W4,
-        Self::W4p,
-        Self::Tma64,
-        Self::Wsp,
-        Self::Wsp3,
-        Self::WspK,
-    ];
+    pub const ALL: [PrefillKernel; 5] = [Self::W8, Self::W4, Self::W4p, Self::Tma64, Self::Wsp];
 
     /// The kernel's `extern "C"` symbol.
     pub fn symbol(self) -> &'static str {
@@ -289,21 +271,19 @@ impl PrefillKernel {
             Self::W4p => "slot_prefill_w4p_bf16",
             Self::Tma64 => "slot_prefill_w4t_bf16",
             Self::Wsp => "slot_prefill_wsp_bf16",
-            Self::Wsp3 => "slot_prefill_wsp3_bf16",
-            Self::WspK => "slot_prefill_wspk_bf16",
         }
     }
 
-    /// The warp-specialized tile (`slot_prefill_ws.cuh`) in one of its
-    /// variants: sm_90a, TMA boxes of 128 rows.
+    /// The warp-specialized tile (`slot_prefill_ws.cuh`): sm_90a, TMA boxes
+    /// of 128 rows.
     pub fn warp_specialized(self) -> bool {
-        matches!(self, Self::Wsp | Self::Wsp3 | Self::WspK)
+        self == Self::Wsp
     }
 
     /// Query rows of one work item (one CTA).
     pub fn rows(self) -> usize {
         match self {
-            Self::W8 | Self::Wsp | Self::Wsp3 | Self::WspK => 128,
+            Self::W8 | Self::Wsp => 128,
             Self::W4 | Self::W4p | Self::Tma64 => 64,
         }
     }
@@ -345,15 +325,8 @@ pub struct PodTuning {
     /// and the pages allow).
     pub tma_prefill: bool,
     /// Fused steps run the SM-partitioned kernel ([`PodKernel::Partitioned`])
-    /// whatever kernel the planner picked (but for the steps that
-    /// [`Self::whole_rounds`] moves to 1:1).
+    /// whatever kernel the planner picked.
     pub partitioned: bool,
-    /// The planner's partitioned steps run the 1:1 kernel instead where
-    /// the decode-first SMs would turn the prefill tiles' one round into
-    /// two ([`partition_costs_round`]; e.g. the 512-token chunks of Yi-6B's
-    /// serving runs, where `pod` saved 0.6 %: results/2026-12-04-h200-wsp-uniform).
-    /// Off until measured (`vpod-bench hybrid --variants auto-r`).
-    pub whole_rounds: bool,
     /// The partitioned kernel's decode-first blocks, one per SM (`None`:
     /// [`pod_decode_sms`]'s rule). 0: decode last: every block takes a
     /// prefill tile while any is left, and the decodes run on the SMs that
@@ -371,7 +344,6 @@ impl Default for PodTuning {
             pipelined_prefill: true,
             tma_prefill: true,
             partitioned: false,
-            whole_rounds: false,
             decode_sms: None,
         }
     }

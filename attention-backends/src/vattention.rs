@@ -128,20 +128,6 @@ pub fn pod_decode_sms(sms: usize) -> usize {
     sms.div_ceil(4).max(1)
 }
 
-/// Whether a [`PodKernel::Partitioned`] step's `items` 128-row prefill
-/// tiles (of nearly equal length in a chunk over a long context) fit one
-/// round on all `sms` but not on the `sms - decode_sms` SMs left to them at
-/// the start: e.g. a 512-token chunk of 32 heads is 128 tiles, one round on
-/// 132 SMs, two on 99 (with 33 decode-first SMs), and the SMs that finish
-/// the decodes cannot take back a whole round. (With two or more rounds on
-/// all SMs, in the steps the planner fuses, whose prefill half is at most
-/// 1.5x the decode half, the SMs rejoining from the decodes share the extra
-/// round: FlashInfer's grid's partitioned steps with 1024- and 2048-token
-/// chunks gained 1.02-1.13x, results/2026-12-04-h200-wsp-uniform.)
-pub fn partition_costs_round(items: usize, sms: usize, decode_sms: usize) -> bool {
-    decode_sms > 0 && items <= sms && items > sms.saturating_sub(decode_sms)
-}
-
 /// How the `pod` backend runs a hybrid step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodPath {
@@ -557,36 +543,6 @@ impl AttentionBackend for VirtualBackend {
                 .decode_sms
                 .unwrap_or_else(|| pod_decode_sms(gpu.sms))
                 .min(gpu.sms);
-            // With `whole_rounds`, the planner's partitioned step runs 1:1
-            // where holding the decode-first SMs would cost its prefill
-            // tiles a round.
-            // (the partitioned kernel's 128-row prefill tiles: counted only then)
-            let items = (gpu.tuning.whole_rounds
-                && mode == Some(PodMode::Auto)
-                && path == PodPath::Fused(PodKernel::Partitioned))
-            .then(|| {
-                let rows = crate::PrefillKernel::Wsp.rows();
-                let tiles: usize = meta
-                    .seqs()
-                    .iter()
-                    .filter(|s| s.query_len > 1)
-                    .map(|s| s.query_len.div_ceil(rows))
-                    .sum();
-                tiles * self.cfg.num_heads
-            })
-            .filter(|&items| partition_costs_round(items, gpu.sms, decode_sms));
-            let rounds_switch = items.is_some();
-            let (path, note) = match items {
-                Some(items) => {
-                    let why = format!(
-                        "; 1:1 instead: {items} prefill tiles, one round on {} SMs, two on {}",
-                        gpu.sms,
-                        gpu.sms - decode_sms
-                    );
-                    (PodPath::Fused(PodKernel::OneToOne), note.map(|n| n + &why))
-                }
-                None => (path, note),
-            };
             // Decode split waves: one for a plain decode launch; for a
             // fused one the tuning's or the rule's.
             let waves = match path {
@@ -617,9 +573,7 @@ impl AttentionBackend for VirtualBackend {
             // The record names the prefill kernel a step ran (when not
             // fused), else the POD kernel, and says when the planner's
             // partitioned kernel could not run (tuning, device or pages).
-            let instead = (planned == PodPath::Fused(PodKernel::Partitioned)
-                && plan.path != planned
-                && !rounds_switch)
+            let instead = (planned == PodPath::Fused(PodKernel::Partitioned) && plan.path != planned)
                 .then_some(
                     "the partitioned kernel cannot run here (sm_90a, TMA, 128-row pages) or is tuned off: ",
                 );
@@ -904,21 +858,6 @@ impl CustomOp1 for VirtualAttention<'_> {
 mod tests {
     use super::*;
     use crate::{LogitsAt, SeqChunk};
-
-    #[test]
-    fn partition_round_cost() {
-        // Yi-6B's 512-token chunk: 128 tiles, one round on 132 SMs, two on 99.
-        assert!(partition_costs_round(128, 132, 33));
-        // 4 decode-first SMs leave 128 SMs: still one round.
-        assert!(!partition_costs_round(128, 132, 4));
-        // A 1024-token chunk (256 tiles) takes 2 rounds anyway.
-        assert!(!partition_costs_round(256, 132, 33));
-        // Decode last (0) never costs a round; few tiles fit either way.
-        assert!(!partition_costs_round(128, 132, 0));
-        assert!(!partition_costs_round(60, 132, 33));
-        // Every SM decode-first: no prefill SM left at the start.
-        assert!(partition_costs_round(8, 8, 8));
-    }
 
     fn step(seqs: &[(usize, usize)]) -> BatchMeta {
         let chunks = seqs

@@ -47,9 +47,6 @@ const FUSED_MERGE_MAX_SPLITS: usize = 16;
 /// `WsShape<2>::SMEM`): Q (128 rows), 2 stages of 128-key K and V tiles, 1 KiB
 /// of alignment.
 const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
-/// The same with 3 stages (`slot_prefill_wsp3_bf16`; the SM's 227 KiB hold it).
-const PREFILL_WS3_SMEM: usize = 128 * 256 + 2 * 3 * 128 * 256 + 1024;
-const _: () = assert!(PREFILL_WS3_SMEM <= 227 * 1024);
 
 /// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
 /// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
@@ -699,14 +696,7 @@ impl GpuAttention<'_> {
         let p = self.plan;
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let tma = match (p.prefill, p.tma) {
-            (k, Some(dims)) if k.warp_specialized() => {
-                let smem = if k == PrefillKernel::Wsp3 {
-                    PREFILL_WS3_SMEM
-                } else {
-                    PREFILL_WS_SMEM
-                };
-                Some((k.symbol(), smem, 128, 384, dims))
-            }
+            (k, Some(dims)) if k.warp_specialized() => Some((k.symbol(), PREFILL_WS_SMEM, 128, 384, dims)),
             (PrefillKernel::Tma64, Some(dims)) => {
                 Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))
             }

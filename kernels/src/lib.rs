@@ -71,12 +71,9 @@
 //!     grid 1, 1 thread: spins for `cycles` SM cycles (benchmarks).
 //! slot_prefill_wsp_bf16(the same arguments as slot_prefill_w4t_bf16)
 //!     warp-specialized (sm_90a): grid (heads, work items) with 128-row work items, 384 threads
-//!     (a TMA producer warpgroup, two 64-row consumer warpgroups in ping-pong), WsShape<2>::SMEM
-//!     dynamic smem (2 K/V stages); the tensor maps' boxes are 64 dims x 128 rows
-//!     (slot_prefill_ws.cuh).
-//! slot_prefill_wsp3_bf16, slot_prefill_wspk_bf16(the same arguments)
-//!     the same with 3 K/V stages (WsShape<3>::SMEM), and with the producer loading K one tile
-//!     ahead of V.
+//!     (a TMA producer warpgroup loading K one tile ahead of V, two 64-row consumer warpgroups in
+//!     ping-pong), WsShape<2>::SMEM dynamic smem (2 K/V stages); the tensor maps' boxes are 64
+//!     dims x 128 rows (slot_prefill_ws.cuh).
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,

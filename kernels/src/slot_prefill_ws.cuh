@@ -7,7 +7,8 @@
 //   block:  3 warpgroups (384 threads). Warpgroup 0 is the producer: one
 //           thread issues the TMA loads of K and V tiles (128 keys x 128 dims,
 //           two 64-dim boxes each, tma.cuh's wg layout with 128 rows) into a
-//           STAGES-deep ring; the rest of it idles. Warpgroups 1 and 2 are
+//           STAGES-deep ring, K one tile ahead of V (ws_produce); the rest
+//           of it idles. Warpgroups 1 and 2 are
 //           consumers in ping-pong (ws_consume), 64 query rows each (rows
 //           j0 + 64 c ..), Q in shared memory (cp.async, wg layout),
 //           S = Q K^T with both operands from shared memory (m64n128k16),
@@ -158,13 +159,14 @@ struct WsRing {
 };
 
 // The producer thread: K and V of tiles 0 .. ntiles - 1, each into its
-// stage once the consumers released the stage's previous tile. In tile order
-// (K_0 V_0 K_1 V_1 ...), or with K one tile ahead (KAHEAD: K_0 K_1 V_0 K_2
-// V_1 ...; FA3's order): the pair a turn i reads (K_i, V_{i-1}) are then
-// consecutive loads, K first, and the consumer issues QK_i as soon as K_i
-// is in, waiting for V_{i-1} only before its PV (ws_consume); in tile order
-// K_{i+3} also waits behind V_{i+2}, whose stage frees a turn later.
-template <int STAGES, bool KAHEAD>
+// stage once the consumers released the stage's previous tile, with K one
+// tile ahead of V (K_0 K_1 V_0 K_2 V_1 ...; FA3's order): the pair a turn i
+// reads (K_i, V_{i-1}) are consecutive loads, K first, and the consumer
+// issues QK_i as soon as K_i is in, waiting for V_{i-1} only before its PV
+// (ws_consume). In tile order (K_0 V_0 K_1 V_1 ...), K_{i+2} also waited
+// behind V_{i+1}, whose stage frees a turn later, and a late V held back the
+// QK GEMM too: 2-7 % slower (results/2026-12-04-h200-wspk).
+template <int STAGES>
 __device__ __forceinline__ void ws_produce(const WsRing<STAGES>& r, const TmaMap* kmap, const TmaMap* vmap, int x0,
                                            int slot, int ntiles) {
     auto load_k = [&](int i) {
@@ -179,16 +181,9 @@ __device__ __forceinline__ void ws_produce(const WsRing<STAGES>& r, const TmaMap
         tma_load_3d(r.vs(i), vmap, r.full_v(i), x0, i * WS_BN, slot);
         tma_load_3d(r.vs(i) + WS_BN * 128, vmap, r.full_v(i), x0 + 64, i * WS_BN, slot);
     };
-    if constexpr (KAHEAD) {
-        for (int i = 0; i <= ntiles; ++i) {
-            if (i < ntiles) load_k(i);
-            if (i > 0) load_v(i - 1);
-        }
-    } else {
-        for (int i = 0; i < ntiles; ++i) {
-            load_k(i);
-            load_v(i);
-        }
+    for (int i = 0; i <= ntiles; ++i) {
+        if (i < ntiles) load_k(i);
+        if (i > 0) load_v(i - 1);
     }
 }
 
@@ -228,7 +223,7 @@ __device__ __forceinline__ void ws_issue_pv(float o[16][4], const uint32_t pa[8]
 // GEMMs are issued, so one's softmax runs while the other's GEMMs do.
 // Both consumers take mine + 1 turns: consumer 0, a tile short, takes an
 // empty one; the last turn hands nothing on (nothing would take it).
-template <int STAGES, bool KAHEAD>
+template <int STAGES>
 __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_bfloat16* __restrict__ q,
                                            __nv_bfloat16* __restrict__ out, int c, int qs, int ctx, int ql, int j0,
                                            int n_keys, int ntiles, int heads, int head, float qk_scale) {
@@ -304,20 +299,16 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     for (int i = 1; i < mine; ++i) {
         float s[16][4], alpha[2];
         mbar_wait(r.full_k(i), WsRing<STAGES>::phase(i));
-        // V_{i-1} is a whole tile here (the partial last one only comes
-        // after the loop): with K loaded ahead (KAHEAD), V_{i-1} lands
-        // after K_i, so the turn issues QK_i first and waits for it then.
-        if (!KAHEAD) wait_v(i - 1);
         wg_fence_operands<64>(&s[0][0]);
         wg_fence_operands<64>(&o[0][0]);
         my_turn();
         wg_fence();
         ws_issue_qk(s, qc, r.ks(i));
         wg_commit();
-        if (KAHEAD) {
-            mbar_wait(r.full_v(i - 1), WsRing<STAGES>::phase(i - 1));
-            wg_fence();  // (ptxas would put one here itself: C7519)
-        }
+        // V_{i-1} lands after K_i (ws_produce): wait for it only now. It
+        // is a whole tile (the partial last one only comes after the loop).
+        mbar_wait(r.full_v(i - 1), WsRing<STAGES>::phase(i - 1));
+        wg_fence();  // (ptxas would put one here itself: C7519)
         ws_issue_pv(o, pa, r.vs(i - 1));
         wg_commit();
         hand_on();
@@ -352,7 +343,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
 
 // Query head `head` of work item `item` (128 rows) by the whole block
 // (WS_THREADS threads, WsShape<STAGES>::SMEM of dynamic shared memory).
-template <int STAGES, bool KAHEAD = false>
+template <int STAGES>
 __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                            const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                            const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
@@ -384,10 +375,9 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (threadIdx.x == 0)
-            ws_produce<STAGES, KAHEAD>(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
+            ws_produce<STAGES>(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
     } else {
         setmaxnreg_inc<240>();
-        ws_consume<STAGES, KAHEAD>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head,
-                                   scale * ATT_LOG2E);
+        ws_consume<STAGES>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head, scale * ATT_LOG2E);
     }
 }

@@ -94,8 +94,7 @@ enum What {
         /// Head shapes (q / KV heads) of these models.
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
-        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp,
-        /// wsp3, wspk;
+        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp;
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
         kernels: Vec<String>,
@@ -259,7 +258,7 @@ enum What {
         #[arg(long, value_delimiter = ',')]
         chunks: Vec<usize>,
         /// (scheduler/backend) runs; a backend may carry POD tuning flags:
-        /// `pod+whole-rounds`, `pod+decode-last`.
+        /// `pod+decode-last`.
         #[arg(
             long,
             value_delimiter = ',',
@@ -634,9 +633,7 @@ fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
         "w4p" => PrefillKernel::W4p,
         "tma64" => PrefillKernel::Tma64,
         "wsp" => PrefillKernel::Wsp,
-        "wsp3" => PrefillKernel::Wsp3,
-        "wspk" => PrefillKernel::WspK,
-        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsp3, wspk)"),
+        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp)"),
     })
 }
 
@@ -1456,9 +1453,6 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The planner with the partitioned kernel on its fused steps.
     ("auto-wsd", ["auto", "", "", "", "", "", "", "", "auto"]),
     ("auto", ["auto", "", "", "", "", "", "", "", ""]),
-    // The planner, its partitioned steps 1:1 where the decode-first SMs
-    // would cost the prefill tiles a round (PodTuning::whole_rounds).
-    ("auto-r", ["auto-r", "", "", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
 /// the serial pairs, two streams, each POD kernel's best settings and the
@@ -1491,8 +1485,7 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         "serial" => PodMode::Serial,
         "streams" => PodMode::Streams,
         "fused" => PodMode::Fused,
-        // auto-r: the planner with PodTuning::whole_rounds.
-        "auto" | "auto-r" | "" => PodMode::Auto,
+        "auto" | "" => PodMode::Auto,
         m => bail!("hybrid variant: unknown POD mode {m}"),
     };
     let (pipe, tma) = (v[6] != "0", v[7] != "0");
@@ -1514,7 +1507,6 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         resident_prefill: num(v[5], "resident prefill blocks")?,
         pipelined_prefill: pipe,
         tma_prefill: tma,
-        whole_rounds: v[0] == "auto-r",
         ..Default::default()
     };
     if !v[8].is_empty() {
@@ -2138,18 +2130,16 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
         .collect()
 }
 
-/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]`, the flags
-/// `whole-rounds` ([`PodTuning::whole_rounds`]) and `decode-last`
-/// ([`PodTuning::decode_sms`] 0), e.g. `hybrid/pod+whole-rounds`.
+/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]`, the flag
+/// `decode-last` ([`PodTuning::decode_sms`] 0), e.g. `hybrid/pod+decode-last`.
 fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
     let mut parts = spec.split('+');
     let backend = parts.next().unwrap_or_default();
     let mut t = PodTuning::default();
     for flag in parts {
         match flag {
-            "whole-rounds" => t.whole_rounds = true,
             "decode-last" => t.decode_sms = Some(0),
-            f => bail!("run backend {spec}: unknown tuning flag {f} (known: whole-rounds, decode-last)"),
+            f => bail!("run backend {spec}: unknown tuning flag {f} (known: decode-last)"),
         }
     }
     Ok((backend, t))
@@ -2602,20 +2592,10 @@ mod tests {
 
     #[test]
     fn serve_backend_flags() {
-        let (b, t) = serve_backend("pod+whole-rounds+decode-last").unwrap();
-        assert_eq!((b, t.whole_rounds, t.decode_sms), ("pod", true, Some(0)));
+        let (b, t) = serve_backend("pod+decode-last").unwrap();
+        assert_eq!((b, t.decode_sms), ("pod", Some(0)));
         assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
         assert!(serve_backend("pod+fast").is_err());
-    }
-
-    #[test]
-    fn auto_r_sets_whole_rounds() {
-        let v = HYBRID_VARIANTS.iter().find(|v| v.0 == "auto-r").unwrap();
-        let o = variant_options(&v.1).unwrap();
-        assert_eq!(o.pod_mode, PodMode::Auto);
-        assert!(o.pod_tuning.whole_rounds);
-        let auto = HYBRID_VARIANTS.iter().find(|v| v.0 == "auto").unwrap();
-        assert!(!variant_options(&auto.1).unwrap().pod_tuning.whole_rounds);
     }
 
     #[test]

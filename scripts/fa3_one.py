@@ -1,5 +1,5 @@
 """FlashInfer's FA3 single prefill on one case (a chunk over a prior context), launched a few
-times, for Nsight Compute to profile one launch. Usage (carry .anchors; see ncu-long-prior.sh):
+times, for Nsight Compute to profile one launch. Usage (carry .anchors; scripts/gpu-run.sh ncuprior runs it):
     PYTHONPATH=/tmp/site python3 fa3_one.py CHUNK PRIOR HEADS KV_HEADS"""
 import sys
 
