@@ -169,8 +169,8 @@ pub trait AttentionBackend: Send + std::fmt::Debug {
     }
 
     /// Benchmarks: the kernel choices of later steps (`prefill_kernel`,
-    /// `pod_mode`, `pod_tuning` of `opts`; the cache's options stay as
-    /// built), so that variants run on one filled cache. Backends without
+    /// `pod_mode`, `pod_tuning` and `time_kernels` of `opts`; the cache's
+    /// options stay as built), so that variants run on one filled cache. Backends without
     /// such choices refuse.
     fn retune(&mut self, _opts: &BackendOptions) -> Result<()> {
         Err(AttnError::Unsupported {

@@ -751,6 +751,12 @@ impl AttentionBackend for VirtualBackend {
             }
             gpu.prefill = opts.prefill_kernel;
             gpu.tuning = opts.pod_tuning;
+            if opts.time_kernels != gpu.timer.is_some() {
+                gpu.timer = match opts.time_kernels {
+                    true => Some(crate::vattention_gpu::KernelTimer::new(&gpu.dev)?),
+                    false => None,
+                };
+            }
             // The next step is planned afresh (static plans are kept: a
             // captured step may still read them).
             gpu.park_static();

@@ -1591,8 +1591,8 @@ fn hybrid(
     for v in &fast {
         print!(" {v} / best serial |");
     }
-    println!(" prefill alone us | decode alone us | perfect overlap x | planner |");
-    println!("|{}", "---|".repeat(4 + variants.len() + fast.len() + 4));
+    println!(" prefill alone us | prefill kernel us | decode alone us | perfect overlap x | planner |");
+    println!("|{}", "---|".repeat(4 + variants.len() + fast.len() + 5));
     let max_pos = positions.iter().max().copied().unwrap_or(0) + chunks.iter().max().copied().unwrap_or(0);
     for name in models {
         let p = *vpod_models::preset(name).with_context(|| format!("unknown preset {name}"))?;
@@ -1724,6 +1724,19 @@ fn hybrid(
                             decode_us = 1e6 * time_layer(b.as_mut(), dec.to_vec(), heads, kvh, &dev, iters)?;
                         }
                     }
+                    // The default prefill kernel alone, GPU time as FlashInfer's
+                    // harness times its FA3 (a spin before each rep): kernel to
+                    // kernel, where the layer call above adds the K/V write.
+                    let prefill_kernel_us = {
+                        let ws = HYBRID_VARIANTS.iter().find(|v| v.0 == "serial-ws");
+                        let mut o = variant_options(&ws.context("no serial-ws variant")?.1)?;
+                        o.time_kernels = true;
+                        b.retune(&o)?;
+                        let ms = time_prefill_kernel(b.as_mut(), pre.to_vec(), heads, kvh, &dev, iters)?;
+                        o.time_kernels = false;
+                        b.retune(&o)?;
+                        ms.map(|ms| ms * 1e3)
+                    };
                     let t = |v: &str| us.get(v).and_then(Value::as_f64).unwrap_or(f64::NAN);
                     let best_serial = t("serial")
                         .min(t("serial-64"))
@@ -1745,7 +1758,8 @@ fn hybrid(
                         speedup.insert((*v).into(), json!(best_serial / t(v)));
                     }
                     println!(
-                        " {prefill_us:.0} | {decode_us:.0} | {ideal:.2} | {} |",
+                        " {prefill_us:.0} | {} | {decode_us:.0} | {ideal:.2} | {} |",
+                        prefill_kernel_us.map_or("-".into(), |u| format!("{u:.0}")),
                         match path {
                             vpod_attention::PodPath::Fused(vpod_attention::PodKernel::OneToOne) =>
                                 "fused 1:1",
@@ -1759,7 +1773,8 @@ fn hybrid(
                     );
                     rows.push(json!({"model": name, "heads": heads, "kv_heads": kvh, "chunk": chunk,
                         "position": pos, "decodes": batch, "decode_context": ctx, "us_per_layer": us,
-                        "prefill_alone_us": prefill_us, "decode_alone_us": decode_us,
+                        "prefill_alone_us": prefill_us, "prefill_kernel_us": prefill_kernel_us,
+                        "decode_alone_us": decode_us,
                         "perfect_overlap_speedup": ideal,
                         "best_serial_us": best_serial, "speedup_over_best_serial": speedup,
                         "planner": note, "planner_fused": fused, "smaller_half_share": share,
@@ -1821,6 +1836,21 @@ fn hybrid(
                 "planner vs FlashInfer's best serial pair (both timed alone): median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
                 ratios.len()
             );
+            let k = prefill_vs_fa3(&mut rows, fi);
+            if !k.is_empty() {
+                println!(
+                    "our prefill kernel vs FlashInfer's FA3 on the same chunk (GPU times): median {:.3}x, min {:.2}x, max {:.2}x over {} cases",
+                    percentile(&k, 0.5),
+                    k.iter().copied().fold(f64::MAX, f64::min),
+                    k.iter().copied().fold(f64::MIN, f64::max),
+                    k.len()
+                );
+                summary.insert(
+                    "prefill_kernel_vs_fa3".into(),
+                    json!({"median": percentile(&k, 0.5), "cases": k.len(),
+                        "what": "FlashInfer pre_fa3_ms / our default prefill kernel's GPU time on the same chunk"}),
+                );
+            }
             summary.insert(
                 "vs_flashinfer_best_serial".into(),
                 json!({"median": median, "min": min, "max": max, "cases": ratios.len(),
@@ -1842,19 +1872,43 @@ fn vs_flashinfer(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
         let Some(ours) = r["planner_gpu_us"].as_f64() else {
             continue;
         };
-        let same = |f: &&Value| {
-            f["model"] == r["model"]
-                && f["chunk"] == r["chunk"]
-                && f["prior"] == r["position"]
-                && f["n_dec"] == r["decodes"]
-                && f["dec_ctx"] == r["decode_context"]
-        };
-        let Some(theirs) = fi.iter().find(same).and_then(|f| f["serial_best_ms"].as_f64()) else {
+        let Some(theirs) = fi_case(fi, r).and_then(|f| f["serial_best_ms"].as_f64()) else {
             continue;
         };
         let x = theirs * 1e3 / ours;
         r["vs_flashinfer_best_serial"] = json!(x);
         r["flashinfer_best_serial_us"] = json!(theirs * 1e3);
+        ratios.push(x);
+    }
+    ratios
+}
+
+/// FlashInfer's POD row (`fi.json`) of the hybrid sweep's row `r`: the same
+/// model, chunk, prior context, decodes and decode context.
+fn fi_case<'a>(fi: &'a [Value], r: &Value) -> Option<&'a Value> {
+    fi.iter().find(|f| {
+        f["model"] == r["model"]
+            && f["chunk"] == r["chunk"]
+            && f["prior"] == r["position"]
+            && f["n_dec"] == r["decodes"]
+            && f["dec_ctx"] == r["decode_context"]
+    })
+}
+
+/// Our prefill kernel's speed relative to FlashInfer's FA3 on each case's
+/// chunk (`pre_fa3_ms` / `prefill_kernel_us`, both GPU times after a spin),
+/// written into the rows as `prefill_kernel_vs_fa3`; the ratios found.
+fn prefill_vs_fa3(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
+    let mut ratios = vec![];
+    for r in rows.iter_mut() {
+        let Some(ours) = r["prefill_kernel_us"].as_f64() else {
+            continue;
+        };
+        let Some(fa3) = fi_case(fi, r).and_then(|f| f["pre_fa3_ms"].as_f64()) else {
+            continue;
+        };
+        let x = fa3 * 1e3 / ours;
+        r["prefill_kernel_vs_fa3"] = json!(x);
         ratios.push(x);
     }
     ratios
@@ -2588,6 +2642,26 @@ mod tests {
         assert_eq!(r, vec![1.25]);
         assert_eq!(rows[0]["vs_flashinfer_best_serial"], json!(1.25));
         assert!(rows[1].get("vs_flashinfer_best_serial").is_none());
+    }
+
+    /// The prefill kernel against FA3 on the same chunk: theirs over ours,
+    /// only where both were timed.
+    #[test]
+    fn prefill_kernel_against_fa3() {
+        let mut rows = vec![
+            json!({"model": "yi-6b", "chunk": 1024, "position": 16384, "decodes": 8, "decode_context": 4096,
+                "prefill_kernel_us": 400.0}),
+            json!({"model": "yi-6b", "chunk": 2048, "position": 16384, "decodes": 8, "decode_context": 4096,
+                "prefill_kernel_us": null}),
+        ];
+        let fi = vec![
+            json!({"model": "yi-6b", "chunk": 1024, "prior": 16384, "n_dec": 8, "dec_ctx": 4096, "pre_fa3_ms": 0.38}),
+            json!({"model": "yi-6b", "chunk": 2048, "prior": 16384, "n_dec": 8, "dec_ctx": 4096, "pre_fa3_ms": 0.8}),
+        ];
+        let r = prefill_vs_fa3(&mut rows, &fi);
+        assert_eq!(r.len(), 1);
+        assert!((r[0] - 0.95).abs() < 1e-12);
+        assert!(rows[1].get("prefill_kernel_vs_fa3").is_none());
     }
 
     #[test]
