@@ -250,7 +250,7 @@ pub enum PrefillKernel {
     /// on a 16K causal prompt and ~620 on a 1024-token chunk over 4K on an
     /// H200, 1.00x and 1.04x of FlashAttention-3's single-request kernel in
     /// the same call (results/2026-12-04-h200-wspk). Lost against it: K and V
-    /// loaded in tile order (-2-7 %, -wspk), no ping-pong (-10-20 %,
+    /// loaded in tile order (-3-7 %, -wspk), no ping-pong (-10-20 %,
     /// results/2026-12-03-h200-prefill-ws), a 3-stage ring (no faster, -ws2
     /// and -wspk), statically strided persistent CTAs (-2-4 %, -ws2),
     /// dynamically scheduled persistent CTAs (-1-6 %) and a KV-head-major grid

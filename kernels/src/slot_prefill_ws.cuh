@@ -8,9 +8,9 @@
 //           thread issues the TMA loads of K and V tiles (128 keys x 128 dims,
 //           two 64-dim boxes each, tma.cuh's wg layout with 128 rows) into a
 //           STAGES-deep ring, K one tile ahead of V (ws_produce); the rest
-//           of it idles. Warpgroups 1 and 2 are
-//           consumers in ping-pong (ws_consume), 64 query rows each (rows
-//           j0 + 64 c ..), Q in shared memory (cp.async, wg layout),
+//           of it idles. Warpgroups 1 and 2 are consumers in ping-pong
+//           (ws_consume), 64 query rows each (rows j0 + 64 c ..), Q in
+//           shared memory (cp.async, wg layout),
 //           S = Q K^T with both operands from shared memory (m64n128k16),
 //           O += P V with P from registers.
 //   ring:   per stage a "full" mbarrier for K and one for V (the TMA's bytes
@@ -165,7 +165,7 @@ struct WsRing {
 // issues QK_i as soon as K_i is in, waiting for V_{i-1} only before its PV
 // (ws_consume). In tile order (K_0 V_0 K_1 V_1 ...), K_{i+2} also waited
 // behind V_{i+1}, whose stage frees a turn later, and a late V held back the
-// QK GEMM too: 2-7 % slower (results/2026-12-04-h200-wspk).
+// QK GEMM too: 3-7 % slower on most cases (results/2026-12-04-h200-wspk).
 template <int STAGES>
 __device__ __forceinline__ void ws_produce(const WsRing<STAGES>& r, const TmaMap* kmap, const TmaMap* vmap, int x0,
                                            int slot, int ntiles) {
