@@ -149,7 +149,7 @@ if want podfi; then
     cat "$OUT/vb-hybrid-fi.log"
 fi
 if want twins; then
-    # The prefill variants and the POD kernel against their CPU twins (chunks at offsets, GQA 4/7/8),
+    # Every prefill kernel and the POD kernels against their CPU twins (chunks at offsets, GQA 4/7/8),
     # the fixtures against transformers, then compute-sanitizer on the warp-specialized prefill.
     tstep 240 twin-va "$B/integration" gpu::vattention_gpu_matches_cpu_twin gpu::vattention_ws_prefill_long_chunks --test-threads=1
     tstep 170 twin-pod "$B/integration" gpu::pod_gpu_matches_cpu_twin gpu::fixtures --test-threads=1

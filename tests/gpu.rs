@@ -913,14 +913,13 @@ fn vattention_gpu_matches_cpu_twin() {
 fn vattention_ws_prefill_long_chunks() {
     use vpod_attention::PrefillKernel;
     let steps: &[&[(u64, usize, usize)]] = &[&[(1, 0, 512)], &[(1, 512, 384)], &[(1, 896, 200)]];
-    let kernel = PrefillKernel::Wsp;
     let opts = vpod_attention::BackendOptions {
         max_seqs: 2,
-        prefill_kernel: kernel,
+        prefill_kernel: PrefillKernel::Wsp,
         ..Default::default()
     };
     for ramp in [0.0, 8.0] {
-        let label = format!("{} (K ramp {ramp})", kernel.symbol());
+        let label = format!("{} (K ramp {ramp})", PrefillKernel::Wsp.symbol());
         check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, None);
     }
 }

@@ -274,12 +274,6 @@ impl PrefillKernel {
         }
     }
 
-    /// The warp-specialized tile (`slot_prefill_ws.cuh`): sm_90a, TMA boxes
-    /// of 128 rows.
-    pub fn warp_specialized(self) -> bool {
-        self == Self::Wsp
-    }
-
     /// Query rows of one work item (one CTA).
     pub fn rows(self) -> usize {
         match self {

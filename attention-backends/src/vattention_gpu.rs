@@ -55,9 +55,9 @@ const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
 fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
     match asked {
-        k if k.warp_specialized() && tma(128) => k,
-        k if (k.warp_specialized() || k == PrefillKernel::Tma64) && tma(64) => PrefillKernel::Tma64,
-        k if k.warp_specialized() || k == PrefillKernel::Tma64 => PrefillKernel::W4p,
+        PrefillKernel::Wsp if tma(128) => PrefillKernel::Wsp,
+        PrefillKernel::Wsp | PrefillKernel::Tma64 if tma(64) => PrefillKernel::Tma64,
+        PrefillKernel::Wsp | PrefillKernel::Tma64 => PrefillKernel::W4p,
         k => k,
     }
 }
@@ -696,7 +696,9 @@ impl GpuAttention<'_> {
         let p = self.plan;
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let tma = match (p.prefill, p.tma) {
-            (k, Some(dims)) if k.warp_specialized() => Some((k.symbol(), PREFILL_WS_SMEM, 128, 384, dims)),
+            (PrefillKernel::Wsp, Some(dims)) => {
+                Some(("slot_prefill_wsp_bf16", PREFILL_WS_SMEM, 128, 384, dims))
+            }
             (PrefillKernel::Tma64, Some(dims)) => {
                 Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))
             }

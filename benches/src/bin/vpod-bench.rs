@@ -1823,38 +1823,37 @@ fn hybrid(
         );
     }
     if let Some(fi) = &fi {
-        let ratios = vs_flashinfer(&mut rows, fi);
-        if ratios.is_empty() {
-            println!("vs FlashInfer's best serial pair: no case of this sweep is in --fi-json");
-        } else {
+        let comparisons = [
+            (
+                vs_flashinfer(&mut rows, fi),
+                "vs_flashinfer_best_serial",
+                "planner vs FlashInfer's best serial pair (both timed alone)",
+                "FlashInfer serial_best_ms (fastest prefill then fastest decode, GPU time) / the planner's step timed the same way",
+            ),
+            (
+                prefill_vs_fa3(&mut rows, fi),
+                "prefill_kernel_vs_fa3",
+                "our prefill kernel vs FlashInfer's FA3 on the same chunk (GPU times)",
+                "FlashInfer pre_fa3_ms / our default prefill kernel's GPU time on the same chunk",
+            ),
+        ];
+        for (ratios, key, label, what) in comparisons {
+            if ratios.is_empty() {
+                println!("{label}: no case of this sweep is in --fi-json");
+                continue;
+            }
             let (median, min, max) = (
                 percentile(&ratios, 0.5),
                 ratios.iter().copied().fold(f64::MAX, f64::min),
                 ratios.iter().copied().fold(f64::MIN, f64::max),
             );
             println!(
-                "planner vs FlashInfer's best serial pair (both timed alone): median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
+                "{label}: median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
                 ratios.len()
             );
-            let k = prefill_vs_fa3(&mut rows, fi);
-            if !k.is_empty() {
-                println!(
-                    "our prefill kernel vs FlashInfer's FA3 on the same chunk (GPU times): median {:.3}x, min {:.2}x, max {:.2}x over {} cases",
-                    percentile(&k, 0.5),
-                    k.iter().copied().fold(f64::MAX, f64::min),
-                    k.iter().copied().fold(f64::MIN, f64::max),
-                    k.len()
-                );
-                summary.insert(
-                    "prefill_kernel_vs_fa3".into(),
-                    json!({"median": percentile(&k, 0.5), "cases": k.len(),
-                        "what": "FlashInfer pre_fa3_ms / our default prefill kernel's GPU time on the same chunk"}),
-                );
-            }
             summary.insert(
-                "vs_flashinfer_best_serial".into(),
-                json!({"median": median, "min": min, "max": max, "cases": ratios.len(),
-                    "what": "FlashInfer serial_best_ms (fastest prefill then fastest decode, GPU time) / the planner's step timed the same way"}),
+                key.into(),
+                json!({"median": median, "min": min, "max": max, "cases": ratios.len(), "what": what}),
             );
         }
     }
@@ -1863,21 +1862,59 @@ fn hybrid(
 }
 
 /// Each sweep row's planner time against FlashInfer's best serial pair
-/// for the same case (model, chunk, prior tokens, decodes, decode
-/// context), written into the row as `vs_flashinfer_best_serial`; the
-/// ratios, > 1 where ours is faster.
+/// for the same case ([`fi_case`]), written into the row as
+/// `vs_flashinfer_best_serial` (and FlashInfer's time as
+/// `flashinfer_best_serial_us`); the ratios, > 1 where ours is faster.
 fn vs_flashinfer(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
+    fi_ratios(
+        rows,
+        fi,
+        "planner_gpu_us",
+        "serial_best_ms",
+        "vs_flashinfer_best_serial",
+        Some("flashinfer_best_serial_us"),
+    )
+}
+
+/// Our prefill kernel's speed relative to FlashInfer's FA3 on each case's
+/// chunk (`pre_fa3_ms` / `prefill_kernel_us`, both GPU times after a spin),
+/// written into the rows as `prefill_kernel_vs_fa3`; the ratios found.
+fn prefill_vs_fa3(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
+    fi_ratios(
+        rows,
+        fi,
+        "prefill_kernel_us",
+        "pre_fa3_ms",
+        "prefill_kernel_vs_fa3",
+        None,
+    )
+}
+
+/// FlashInfer's time `theirs_ms` of each row's case ([`fi_case`]) over the
+/// row's `ours_us`, written into the row as `ratio` (and FlashInfer's time
+/// in microseconds as `theirs_us`, when named); the ratios, only where
+/// both were timed.
+fn fi_ratios(
+    rows: &mut [Value],
+    fi: &[Value],
+    ours_us: &str,
+    theirs_ms: &str,
+    ratio: &str,
+    theirs_us: Option<&str>,
+) -> Vec<f64> {
     let mut ratios = vec![];
     for r in rows.iter_mut() {
-        let Some(ours) = r["planner_gpu_us"].as_f64() else {
+        let Some(ours) = r[ours_us].as_f64() else {
             continue;
         };
-        let Some(theirs) = fi_case(fi, r).and_then(|f| f["serial_best_ms"].as_f64()) else {
+        let Some(theirs) = fi_case(fi, r).and_then(|f| f[theirs_ms].as_f64()) else {
             continue;
         };
         let x = theirs * 1e3 / ours;
-        r["vs_flashinfer_best_serial"] = json!(x);
-        r["flashinfer_best_serial_us"] = json!(theirs * 1e3);
+        r[ratio] = json!(x);
+        if let Some(k) = theirs_us {
+            r[k] = json!(theirs * 1e3);
+        }
         ratios.push(x);
     }
     ratios
@@ -1893,25 +1930,6 @@ fn fi_case<'a>(fi: &'a [Value], r: &Value) -> Option<&'a Value> {
             && f["n_dec"] == r["decodes"]
             && f["dec_ctx"] == r["decode_context"]
     })
-}
-
-/// Our prefill kernel's speed relative to FlashInfer's FA3 on each case's
-/// chunk (`pre_fa3_ms` / `prefill_kernel_us`, both GPU times after a spin),
-/// written into the rows as `prefill_kernel_vs_fa3`; the ratios found.
-fn prefill_vs_fa3(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
-    let mut ratios = vec![];
-    for r in rows.iter_mut() {
-        let Some(ours) = r["prefill_kernel_us"].as_f64() else {
-            continue;
-        };
-        let Some(fa3) = fi_case(fi, r).and_then(|f| f["pre_fa3_ms"].as_f64()) else {
-            continue;
-        };
-        let x = fa3 * 1e3 / ours;
-        r["prefill_kernel_vs_fa3"] = json!(x);
-        ratios.push(x);
-    }
-    ratios
 }
 
 /// Median GPU microseconds of `f` alone, CUDA events around it, timed by
