@@ -142,7 +142,9 @@ if want podfi; then
         python3 .anchors/flashinfer/bench_fi.py
     FJ=(); [ -f "$OUT/fi/fi.json" ] && FJ=(--fi-json "$OUT/fi/fi.json")
     # shellcheck disable=SC2086
-    tstep "${PODFI_TIMEOUT:-300}" vb-hybrid-fi "$B/vpod-bench" hybrid --out "$OUT" --models llama3-8b,yi-6b \
+    # Its own folder: podsweep's hybrid.json stays beside it.
+    mkdir -p "$OUT/podfi"
+    tstep "${PODFI_TIMEOUT:-300}" vb-hybrid-fi "$B/vpod-bench" hybrid --out "$OUT/podfi" --models llama3-8b,yi-6b \
         --chunks "${PODFI_CHUNKS:-1024,2048}" --positions 4096,16384 --decodes 8,32,64 --contexts 4096,16384 \
         "${FJ[@]}" ${PODFI_ARGS:-}
     grep -E "prefill .*fa3|POD speedup|wall" "$OUT/fi.log" | tail -14
