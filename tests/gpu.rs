@@ -881,6 +881,7 @@ fn vattention_gpu_matches_cpu_twin() {
     for &shape in shapes {
         for (megacache, mapping, kernel) in [
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::WspSlim),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W4p),
@@ -1023,6 +1024,33 @@ fn pod_gpu_matches_cpu_twin() {
             let kernel = (!env[5].is_empty()).then_some("pod_wsd_bf16");
             check_against_twin_ramp(spec, shape, &opts, &steps, true, &label, 0.0, kernel);
         }
+    }
+}
+
+/// The two-stream path with the slim prefill and decode kernels
+/// (`slot_prefill_wsps_bf16`, `slot_decode_slim_bf16`, sharing SMs) against
+/// the CPU twin, GQA 4/7/8, on the POD tests' hybrid steps.
+#[test]
+fn pod_streams_slim_matches_cpu_twin() {
+    let (quick, shapes) = twin_shapes();
+    let steps = pod_steps(if quick { 300 } else { 1100 });
+    let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
+    for &shape in shapes {
+        let opts = vpod_attention::BackendOptions {
+            max_seqs: 14,
+            prefill_kernel: vpod_attention::PrefillKernel::WspSlim,
+            ..Default::default()
+        };
+        check_against_twin_ramp(
+            "pod:streams",
+            shape,
+            &opts,
+            &steps,
+            true,
+            "slim prefill and decode",
+            0.0,
+            None,
+        );
     }
 }
 

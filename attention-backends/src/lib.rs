@@ -257,11 +257,26 @@ pub enum PrefillKernel {
     /// (-3-5 % on a chunk over 4K; results/2026-12-04-h200-wsp-uniform).
     #[default]
     Wsp,
+    /// `Wsp` launched at 136 registers a thread (`slot_prefill_wsps_bf16`:
+    /// the consumers, which use ~190, get 192, the producer warpgroup 24),
+    /// 52 K registers a block instead of 64.5 K, so that the two-stream
+    /// path's slim decode blocks (`slot_decode_slim_bf16`, 13 K registers,
+    /// 32 KiB) fit on the prefill's SMs beside it: the decodes' memory
+    /// traffic under the prefill's GEMMs instead of after its last wave.
+    /// An A/B variant, not yet measured.
+    WspSlim,
 }
 
 impl PrefillKernel {
     /// Every kernel, in the order the benchmarks list them.
-    pub const ALL: [PrefillKernel; 5] = [Self::W8, Self::W4, Self::W4p, Self::Tma64, Self::Wsp];
+    pub const ALL: [PrefillKernel; 6] = [
+        Self::W8,
+        Self::W4,
+        Self::W4p,
+        Self::Tma64,
+        Self::Wsp,
+        Self::WspSlim,
+    ];
 
     /// The kernel's `extern "C"` symbol.
     pub fn symbol(self) -> &'static str {
@@ -271,19 +286,20 @@ impl PrefillKernel {
             Self::W4p => "slot_prefill_w4p_bf16",
             Self::Tma64 => "slot_prefill_w4t_bf16",
             Self::Wsp => "slot_prefill_wsp_bf16",
+            Self::WspSlim => "slot_prefill_wsps_bf16",
         }
     }
 
     /// The warp-specialized tile (`slot_prefill_ws.cuh`): sm_90a, TMA boxes
     /// of 128 rows.
     pub fn warp_specialized(self) -> bool {
-        self == Self::Wsp
+        matches!(self, Self::Wsp | Self::WspSlim)
     }
 
     /// Query rows of one work item (one CTA).
     pub fn rows(self) -> usize {
         match self {
-            Self::W8 | Self::Wsp => 128,
+            Self::W8 | Self::Wsp | Self::WspSlim => 128,
             Self::W4 | Self::W4p | Self::Tma64 => 64,
         }
     }

@@ -789,6 +789,7 @@ impl GpuAttention<'_> {
             pos_stride: self.k.pos_stride as i64,
             splits: p.splits,
             scale: self.scale,
+            slim: false,
         }
     }
 
@@ -1002,13 +1003,11 @@ impl GpuAttention<'_> {
                     )
                     .map_err(err)?;
                     self.timed_prefill(&dev, q, &mut out)?;
-                    crate::decode::cuda::launch(
-                        &dev,
-                        &self.decode_launch(q),
-                        &mut out,
-                        Some(side.stream),
-                        None,
-                    )?;
+                    // Beside the slim prefill kernel, the slim decode: its
+                    // blocks fit on the prefill's SMs (PrefillKernel::WspSlim).
+                    let mut l = self.decode_launch(q);
+                    l.slim = p.prefill == PrefillKernel::WspSlim;
+                    crate::decode::cuda::launch(&dev, &l, &mut out, Some(side.stream), None)?;
                     event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                         .map_err(err)?;

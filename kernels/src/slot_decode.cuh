@@ -35,15 +35,18 @@ constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 // warpgroup's WarpGroupPart in pod_wsd_bf16's decode blocks),
 // through a STAGES-deep pipeline (STAGES * DEC_STAGE_BYTES of shared memory;
 // the warps' merge needs 33 KiB of it).
-template <int STAGES, typename Ctx>
+//
+// WARPS (4, or 2 for the slim kernel that shares an SM with a prefill CTA):
+// the warps of the group; a K/V tile has 16 keys a warp.
+template <int STAGES, typename Ctx, int WARPS = DEC_WARPS>
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
     const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
     float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
     __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
     float scale, int split, int kvh, int b, int kv_heads, Ctx ctx) {
-    constexpr int THREADS = DEC_WARPS * 32;
-    static_assert(STAGES >= 2 && STAGES * DEC_STAGE_BYTES >= DEC_WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
+    constexpr int THREADS = WARPS * 32, TILE = 16 * WARPS, STAGE_BYTES = 2 * TILE * ATT_ROW_BYTES;
+    static_assert(STAGES >= 2 && STAGES * STAGE_BYTES >= WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
     uint8_t* smem = ctx.region();
     auto sync = [&] { ctx.sync(); };
     const int tid = threadIdx.x % THREADS;
@@ -52,7 +55,7 @@ __device__ __forceinline__ void slot_decode_split(
     const int per_split = (seq_len + splits - 1) / splits;
     const int start = min(seq_len, split * per_split);
     const int end = min(seq_len, start + per_split);
-    const int ntiles = (end - start + DEC_TILE - 1) / DEC_TILE;
+    const int ntiles = (end - start + TILE - 1) / TILE;
     const float qk_scale = scale * ATT_LOG2E;
 
     // The group's query rows as A fragments (rows >= group are zero).
@@ -75,11 +78,11 @@ __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* vb = v_base + slot_off;
     const uint32_t smem0 = smem_addr(smem);
     auto load = [&](int tile, int stage) {
-        const int t0 = start + tile * DEC_TILE;
-        const uint32_t ks = smem0 + stage * DEC_STAGE_BYTES, vs = ks + DEC_TILE * ATT_ROW_BYTES;
+        const int t0 = start + tile * TILE;
+        const uint32_t ks = smem0 + stage * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
         auto valid = [&](int r) { return t0 + r < end; };
-        load_tile<DEC_TILE, DEC_WARPS * 32>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
-        load_tile<DEC_TILE, DEC_WARPS * 32>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
+        load_tile<TILE, THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
+        load_tile<TILE, THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
     };
 
     float o[16][4];
@@ -96,10 +99,10 @@ __device__ __forceinline__ void slot_decode_split(
         sync();
         if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
-        const uint32_t ks = smem0 + (i % STAGES) * DEC_STAGE_BYTES, vs = ks + DEC_TILE * ATT_ROW_BYTES;
+        const uint32_t ks = smem0 + (i % STAGES) * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
         float s[2][4] = {};
         qk_16(s, qa, ks, warp * 16, lane);
-        const int key0 = start + i * DEC_TILE + warp * 16;
+        const int key0 = start + i * TILE + warp * 16;
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -114,9 +117,9 @@ __device__ __forceinline__ void slot_decode_split(
     sync();
 
     // Merge the warps: (m, l) and o per warp and row in shared memory.
-    float* sm = reinterpret_cast<float*>(smem);  // [DEC_WARPS][16]
-    float* sl = sm + DEC_WARPS * 16;              // [DEC_WARPS][16]
-    float* so = sl + DEC_WARPS * 16;              // [DEC_WARPS][16][128]
+    float* sm = reinterpret_cast<float*>(smem);  // [WARPS][16]
+    float* sl = sm + WARPS * 16;                  // [WARPS][16]
+    float* so = sl + WARPS * 16;                  // [WARPS][16][128]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float l = quad_sum(st.l[r]);
@@ -135,10 +138,10 @@ __device__ __forceinline__ void slot_decode_split(
     for (int idx = tid; idx < group * ATT_HEAD_DIM; idx += THREADS) {
         const int row = idx / ATT_HEAD_DIM, d = idx % ATT_HEAD_DIM;
         float big = -INFINITY;
-        for (int w = 0; w < DEC_WARPS; ++w) big = fmaxf(big, sm[w * 16 + row]);
+        for (int w = 0; w < WARPS; ++w) big = fmaxf(big, sm[w * 16 + row]);
         float lsum = 0.f, acc = 0.f;
         if (big != -INFINITY) {
-            for (int w = 0; w < DEC_WARPS; ++w) {
+            for (int w = 0; w < WARPS; ++w) {
                 const float wgt = exp2f(sm[w * 16 + row] - big);  // 0 for a warp that saw no key
                 lsum += wgt * sl[w * 16 + row];
                 acc += wgt * so[(w * 16 + row) * ATT_HEAD_DIM + d];

@@ -94,7 +94,8 @@ enum What {
         /// Head shapes (q / KV heads) of these models.
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
-        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp;
+        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp,
+        /// wsps: the slim wsp;
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
         kernels: Vec<String>,
@@ -633,7 +634,8 @@ fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
         "w4p" => PrefillKernel::W4p,
         "tma64" => PrefillKernel::Tma64,
         "wsp" => PrefillKernel::Wsp,
-        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp)"),
+        "wsps" => PrefillKernel::WspSlim,
+        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsps)"),
     })
 }
 
@@ -1425,6 +1427,14 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The warp-specialized tile (the default prefill since 2026-12-03), then decode.
     ("serial-ws", ["serial", "1", "", "4", "2", "1", "1", "1", ""]),
     ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1", ""]),
+    // The slim warp-specialized prefill (136 registers a thread) and, on
+    // two streams, the slim decode blocks that fit on its SMs beside it.
+    ("serial-wss", ["serial", "1", "slim", "4", "2", "1", "1", "1", ""]),
+    ("streams-ws", ["streams", "1", "", "4", "2", "1", "1", "1", ""]),
+    (
+        "streams-slim",
+        ["streams", "1", "slim", "4", "2", "1", "1", "1", ""],
+    ),
     ("pod", ["fused", "1", "8", "4", "2", "1", "0", "0", ""]),
     ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0", "0", ""]),
     ("podp", ["fused", "1", "8", "4", "2", "1", "1", "1", ""]),
@@ -1489,8 +1499,13 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         m => bail!("hybrid variant: unknown POD mode {m}"),
     };
     let (pipe, tma) = (v[6] != "0", v[7] != "0");
-    let prefill_kernel = match num(v[2], "prefill warps")? {
-        None => PrefillKernel::default(),
+    // "slim": the warp-specialized tile launched at 136 registers (PrefillKernel::WspSlim).
+    let prefill_kernel = match v[2] {
+        "slim" => Some(PrefillKernel::WspSlim),
+        _ => None,
+    };
+    let prefill_kernel = match prefill_kernel.map_or_else(|| num(v[2], "prefill warps"), |_| Ok(None))? {
+        None => prefill_kernel.unwrap_or_default(),
         Some(8) => PrefillKernel::W8,
         Some(_) if !pipe => PrefillKernel::W4,
         Some(_) if !tma => PrefillKernel::W4p,
@@ -1742,7 +1757,8 @@ fn hybrid(
                         .min(t("serial-64"))
                         .min(t("serial-64p"))
                         .min(t("serial-64t"))
-                        .min(t("serial-ws"));
+                        .min(t("serial-ws"))
+                        .min(t("serial-wss"));
                     let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
                     print!(
@@ -2703,7 +2719,8 @@ mod tests {
                 "serial-64" => Some(PrefillKernel::W4),
                 "serial-64p" => Some(PrefillKernel::W4p),
                 "serial-64t" => Some(PrefillKernel::Tma64),
-                "serial-ws" | "auto" => Some(PrefillKernel::Wsp),
+                "serial-ws" | "auto" | "streams-ws" => Some(PrefillKernel::Wsp),
+                "serial-wss" | "streams-slim" => Some(PrefillKernel::WspSlim),
                 _ => None,
             };
             if let Some(k) = want {
