@@ -1027,6 +1027,41 @@ fn pod_gpu_matches_cpu_twin() {
     }
 }
 
+/// The slim kernels' premise: a `slot_prefill_wsps_bf16` block (384
+/// threads at its launch registers) and a `slot_decode_slim_bf16` block (64
+/// threads) fit in one SM's register file, threads and shared memory
+/// together (a change that raises either kernel's registers breaks the
+/// two-stream path's sharing of SMs, silently but for this test).
+#[test]
+fn slim_kernels_share_an_sm() {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    let Device::Cuda(dev) = gpu() else { unreachable!() };
+    let regs = |name: &str| {
+        vpod_attention::ops::cuda::function(&dev, name)
+            .unwrap()
+            .num_regs()
+            .unwrap() as usize
+    };
+    let attr = |a: A| dev.cuda_stream().context().attribute(a).unwrap() as usize;
+    let (pre, dec) = (regs("slot_prefill_wsps_bf16"), regs("slot_decode_slim_bf16"));
+    let file = attr(A::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR);
+    // Registers are allocated per warp in units of 256.
+    let warp_regs = |r: usize| (r * 32).div_ceil(256) * 256;
+    let used = 12 * warp_regs(pre) + 2 * warp_regs(dec);
+    assert!(
+        used <= file,
+        "registers: prefill {pre} x 384 + decode {dec} x 64 = {used} > {file}"
+    );
+    // Shared memory: the ring (Q + 2 stages of K and V) and the decode's 2
+    // stages, plus each block's reserved 1 KiB.
+    let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024) + 2 * 2 * 32 * 256 + 2 * 1024;
+    let per_sm = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR);
+    assert!(smem <= per_sm, "shared memory: {smem} > {per_sm}");
+    eprintln!(
+        "SLIM prefill {pre} + decode {dec} registers a thread: {used} of {file}; {smem} of {per_sm} B shared"
+    );
+}
+
 /// The two-stream path with the slim prefill and decode kernels
 /// (`slot_prefill_wsps_bf16`, `slot_decode_slim_bf16`, sharing SMs) against
 /// the CPU twin, GQA 4/7/8, on the POD tests' hybrid steps.
