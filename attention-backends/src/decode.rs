@@ -331,7 +331,10 @@ pub(crate) mod cuda {
             true => ("slot_decode_slim_bf16", DECODE_SLIM_SMEM, 64),
             false => ("slot_decode_bf16", DECODE_SMEM, 128),
         };
-        let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
+        let f = match l.slim {
+            true => crate::ops::cuda::function_max_carveout(dev, name, smem)?,
+            false => crate::ops::cuda::function_with_smem(dev, name, smem)?,
+        };
         let mut args = [
             (&raw mut q).cast::<c_void>(),
             (&raw mut q_rows).cast(),

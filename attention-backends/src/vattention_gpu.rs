@@ -707,7 +707,11 @@ impl GpuAttention<'_> {
                 tensor_map(&self.k, self.kv_heads, dims, box_rows)?,
                 tensor_map(&self.v, self.kv_heads, dims, box_rows)?,
             );
-            let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
+            // The slim tile shares its SMs with the slim decode: the most shared memory.
+            let f = match p.prefill {
+                PrefillKernel::WspSlim => crate::ops::cuda::function_max_carveout(dev, name, smem)?,
+                _ => crate::ops::cuda::function_with_smem(dev, name, smem)?,
+            };
             let (work, heads_u) = (p.chunks.n_work as u32, self.heads as u32);
             // slot_prefill_wsp*_bf16: heads fastest (a work item's heads run
             // together, the work list heaviest first); w4t: (work, heads).
