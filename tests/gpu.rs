@@ -1028,15 +1028,13 @@ fn pod_gpu_matches_cpu_twin() {
 }
 
 /// The slim kernels' premise: a `slot_prefill_wsps_bf16` block (384
-/// threads at its launch registers) and a `slot_decode_slim_bf16` block (64
+/// threads at its launch registers) and a `slot_decode_slim_bf16` block (128
 /// threads) fit one SM together. Registers are allocated per SM
 /// sub-partition (4 on Hopper, 16 K each; warp w on sub-partition w % 4), so
 /// the test is per sub-partition: the prefill puts 3 warps on each (a producer
 /// warp at 24 after setmaxnreg, two consumer warps at 192: as many as its 136
-/// at launch), the decode one warp on two of them. As built the decode needs
-/// 208 a thread where 104 are left (16384 - 3 x 136 x 32 = 3328 = 104 x 32):
-/// this test fails until the decode is rebuilt under 104 registers
-/// (results/2026-12-04-h200-wspk, section 6).
+/// at launch), the decode one warp on each. 16384 - 3 x 136 x 32 = 3328 =
+/// 104 x 32: the decode (transposed products) is built at 104 a thread.
 #[test]
 fn slim_kernels_share_an_sm() {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
@@ -1060,8 +1058,8 @@ fn slim_kernels_share_an_sm() {
         "registers of one sub-partition: 3 prefill warps at {pre} + a decode warp at {dec} = {used} > {part}"
     );
     // Shared memory: the ring (Q + 2 stages of K and V) and the decode's 2
-    // stages, plus each block's reserved 1 KiB.
-    let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024) + 2 * 2 * 32 * 256 + 2 * 1024;
+    // stages of 64 keys, plus each block's reserved 1 KiB.
+    let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024) + 2 * 2 * 64 * 256 + 2 * 1024;
     let per_sm = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR);
     assert!(smem <= per_sm, "shared memory: {smem} > {per_sm}");
 }

@@ -247,9 +247,9 @@ pub(crate) mod cuda {
     pub const DECODE_STAGE_BYTES: usize = 2 * 64 * 256;
     /// Dynamic shared memory of `slot_decode_bf16`: 3 stages.
     pub const DECODE_SMEM: usize = 3 * DECODE_STAGE_BYTES;
-    /// Dynamic shared memory of `slot_decode_slim_bf16`: 2 stages of 32-key
+    /// Dynamic shared memory of `slot_decode_slim_bf16`: 2 stages of 64-key
     /// K and V tiles.
-    pub const DECODE_SLIM_SMEM: usize = 2 * 2 * 32 * 256;
+    pub const DECODE_SLIM_SMEM: usize = 2 * DECODE_STAGE_BYTES;
 
     /// What the split-KV decode reads and writes: `q` rows `q_rows[b]`, K/V
     /// rows at `k` / `v` + `slots[b] * slot_stride + position * pos_stride`
@@ -273,9 +273,10 @@ pub(crate) mod cuda {
         pub pos_stride: i64,
         pub splits: usize,
         pub scale: f32,
-        /// The slim kernel (`slot_decode_slim_bf16`: 2 warps, 32 KiB, at most
-        /// 208 registers a thread), whose blocks fit beside a
-        /// `slot_prefill_wsps_bf16` block on one SM.
+        /// The slim kernel (`slot_decode_slim_bf16`: transposed products,
+        /// GQA groups of at most 8, 64 KiB, at most 104 registers a thread),
+        /// whose blocks fit beside a `slot_prefill_wsps_bf16` block on one
+        /// SM. Ignored (the plain kernel runs) for a larger group.
         pub slim: bool,
     }
 
@@ -327,11 +328,12 @@ pub(crate) mod cuda {
         let (mut heads, mut group, mut splits) =
             (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
         let (mut ss, mut ps, mut scale) = (l.slot_stride, l.pos_stride, l.scale);
-        let (name, smem, threads) = match l.slim {
-            true => ("slot_decode_slim_bf16", DECODE_SLIM_SMEM, 64),
-            false => ("slot_decode_bf16", DECODE_SMEM, 128),
+        let slim = l.slim && group <= 8;
+        let (name, smem) = match slim {
+            true => ("slot_decode_slim_bf16", DECODE_SLIM_SMEM),
+            false => ("slot_decode_bf16", DECODE_SMEM),
         };
-        let f = match l.slim {
+        let f = match slim {
             true => crate::ops::cuda::function_max_carveout(dev, name, smem)?,
             false => crate::ops::cuda::function_with_smem(dev, name, smem)?,
         };
@@ -359,7 +361,7 @@ pub(crate) mod cuda {
         // The kernel waits (pdl.cuh).
         let cfg = LaunchConfig {
             grid_dim: grid,
-            block_dim: (threads, 1, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         unsafe { crate::ops::cuda::launch_raw(dev, &f, cfg, on, &mut args, chain) }?;

@@ -20,8 +20,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
 
 // The slim variant (the same arguments): launched at 136 registers a thread
 // (the producer warpgroup keeps 24, the consumers take 192), 52 K registers a
-// block instead of 64.5 K, so that a slot_decode_slim_bf16 block (13 K, 32
-// KiB) fits on the same SM: with the two kernels on two streams, the
+// block instead of 64.5 K, so that a slot_decode_slim_bf16 block (4 warps at
+// 104, 13 K; 64 KiB) fits on the same SM: with the two kernels on two streams, the
 // decodes' memory traffic runs beside the prefill's GEMMs.
 extern "C" __global__ void __maxnreg__(136)
     slot_prefill_wsps_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
