@@ -133,7 +133,11 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "gemv_norm_bf16",
         ],
     ),
-    ("slot_prefill_wsp_bf16", &["slot_prefill_wsp_bf16"]),
+    (
+        "slot_prefill_wsp_bf16",
+        &["slot_prefill_wsp_bf16", "slot_prefill_wsps_bf16"],
+    ),
+    ("slot_decode_bf16", &["slot_decode_bf16", "slot_decode_slim_bf16"]),
     (
         "slot_prefill_w4_bf16",
         &[

@@ -881,6 +881,7 @@ fn vattention_gpu_matches_cpu_twin() {
     for &shape in shapes {
         for (megacache, mapping, kernel) in [
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::WspSlim),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W4p),
@@ -1022,6 +1023,108 @@ fn pod_gpu_matches_cpu_twin() {
             let kernel = (!env[5].is_empty()).then_some("pod_wsd_bf16");
             check_against_twin_ramp(spec, shape, &opts, &steps, true, &label, 0.0, kernel);
         }
+    }
+}
+
+/// The slim kernels' premise: a `slot_prefill_wsps_bf16` block (384
+/// threads at its launch registers) and a `slot_decode_slim_bf16` block (128
+/// threads) fit one SM together. Registers are allocated per SM
+/// sub-partition (4 on Hopper, 16 K each; warp w on sub-partition w % 4), so
+/// the test is per sub-partition: the prefill puts 3 warps on each (a producer
+/// warp at 24 after setmaxnreg, two consumer warps at 192: as many as its 136
+/// at launch), the decode one warp on each. 16384 - 3 x 136 x 32 = 3328 =
+/// 104 x 32: the decode (transposed products) is built at 104 a thread.
+#[test]
+fn slim_kernels_share_an_sm() {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    let Device::Cuda(dev) = gpu() else { unreachable!() };
+    let regs = |name: &str| {
+        vpod_attention::ops::cuda::function(&dev, name)
+            .unwrap()
+            .num_regs()
+            .unwrap() as usize
+    };
+    let attr = |a: A| dev.cuda_stream().context().attribute(a).unwrap() as usize;
+    let (pre, dec) = (regs("slot_prefill_wsps_bf16"), regs("slot_decode_slim_bf16"));
+    // setmaxnreg's pool is exactly balanced at 136 ((136 - 24) x 128 = (192 - 136) x 256).
+    assert_eq!(pre, 136, "slot_prefill_wsps_bf16's launch registers");
+    // Registers per warp are allocated in units of 256, per sub-partition.
+    let warp_regs = |r: usize| (r * 32).div_ceil(256) * 256;
+    let part = attr(A::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR) / 4;
+    let used = 3 * warp_regs(pre) + warp_regs(dec);
+    assert!(
+        used <= part,
+        "registers of one sub-partition: 3 prefill warps at {pre} + a decode warp at {dec} = {used} > {part}"
+    );
+    // Shared memory: the ring (Q + 2 stages of K and V) and the decode's 2
+    // stages of 64 keys, plus each block's reserved 1 KiB.
+    let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024) + 2 * 2 * 64 * 256 + 2 * 1024;
+    let per_sm = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR);
+    assert!(smem <= per_sm, "shared memory: {smem} > {per_sm}");
+}
+
+/// The two-stream path with the slim prefill and decode kernels
+/// (`slot_prefill_wsps_bf16`, `slot_decode_slim_bf16`, sharing SMs) against
+/// the CPU twin, GQA 4/7/8, on the POD tests' hybrid steps.
+#[test]
+fn pod_streams_slim_matches_cpu_twin() {
+    let (quick, shapes) = twin_shapes();
+    for (i, &shape) in shapes.iter().enumerate() {
+        // A 1100-token prompt for the first shape (as the POD twin), 300 for the others.
+        let steps = pod_steps(if i == 0 && !quick { 1100 } else { 300 });
+        let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
+        let opts = vpod_attention::BackendOptions {
+            max_seqs: 14,
+            prefill_kernel: vpod_attention::PrefillKernel::WspSlim,
+            ..Default::default()
+        };
+        // The steps must have run the slim prefill (not a fallback).
+        let kernel = Some("slot_prefill_wsps_bf16");
+        check_against_twin_ramp(
+            "pod:streams",
+            shape,
+            &opts,
+            &steps,
+            true,
+            "slim prefill and decode",
+            0.0,
+            kernel,
+        );
+    }
+}
+
+/// The planner with [`vpod_attention::PodTuning::slim_streams`]: hybrid
+/// steps of one decode beside a long prompt chunk (its serial verdict) run
+/// as the slim pair on two streams, against the CPU twin, GQA 4/7/8.
+#[test]
+fn pod_planner_slim_pair_matches_cpu_twin() {
+    let (_, shapes) = twin_shapes();
+    let steps: &[&[(u64, usize, usize)]] = &[
+        &[(1, 0, 300)],
+        &[(1, 300, 1), (10, 0, 1100)],
+        &[(1, 301, 1), (10, 1100, 600)],
+    ];
+    let opts = vpod_attention::BackendOptions {
+        max_seqs: 4,
+        pod_tuning: vpod_attention::PodTuning {
+            slim_streams: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for &shape in shapes {
+        // Every hybrid step must have run the slim prefill (the record names it).
+        let kernel = Some("slot_prefill_wsps_bf16");
+        check_against_twin_ramp(
+            "pod",
+            shape,
+            &opts,
+            steps,
+            true,
+            "planner, slim pair",
+            0.0,
+            kernel,
+        );
     }
 }
 

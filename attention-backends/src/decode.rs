@@ -218,6 +218,7 @@ impl CustomOp3 for SlotDecode {
             pos_stride: row,
             splits: self.splits,
             scale: self.scale,
+            slim: false,
         };
         // SAFETY: slot_decode() checked shapes, slots and lengths against the cache.
         unsafe { cuda::launch(&dev, &launch, &mut out, None, None) }?;
@@ -246,6 +247,9 @@ pub(crate) mod cuda {
     pub const DECODE_STAGE_BYTES: usize = 2 * 64 * 256;
     /// Dynamic shared memory of `slot_decode_bf16`: 3 stages.
     pub const DECODE_SMEM: usize = 3 * DECODE_STAGE_BYTES;
+    /// Dynamic shared memory of `slot_decode_slim_bf16`: 2 stages of 64-key
+    /// K and V tiles.
+    pub const DECODE_SLIM_SMEM: usize = 2 * DECODE_STAGE_BYTES;
 
     /// What the split-KV decode reads and writes: `q` rows `q_rows[b]`, K/V
     /// rows at `k` / `v` + `slots[b] * slot_stride + position * pos_stride`
@@ -269,6 +273,11 @@ pub(crate) mod cuda {
         pub pos_stride: i64,
         pub splits: usize,
         pub scale: f32,
+        /// The slim kernel (`slot_decode_slim_bf16`: transposed products,
+        /// GQA groups of at most 8, 64 KiB, at most 104 registers a thread),
+        /// whose blocks fit beside a `slot_prefill_wsps_bf16` block on one
+        /// SM. Ignored (the plain kernel runs) for a larger group.
+        pub slim: bool,
     }
 
     use crate::ops::cuda::err;
@@ -319,7 +328,15 @@ pub(crate) mod cuda {
         let (mut heads, mut group, mut splits) =
             (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
         let (mut ss, mut ps, mut scale) = (l.slot_stride, l.pos_stride, l.scale);
-        let f = crate::ops::cuda::function_with_smem(dev, "slot_decode_bf16", DECODE_SMEM)?;
+        let slim = l.slim && group <= 8;
+        let (name, smem) = match slim {
+            true => ("slot_decode_slim_bf16", DECODE_SLIM_SMEM),
+            false => ("slot_decode_bf16", DECODE_SMEM),
+        };
+        let f = match slim {
+            true => crate::ops::cuda::function_max_carveout(dev, name, smem)?,
+            false => crate::ops::cuda::function_with_smem(dev, name, smem)?,
+        };
         let mut args = [
             (&raw mut q).cast::<c_void>(),
             (&raw mut q_rows).cast(),
@@ -345,7 +362,7 @@ pub(crate) mod cuda {
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (128, 1, 1),
-            shared_mem_bytes: DECODE_SMEM as u32,
+            shared_mem_bytes: smem as u32,
         };
         unsafe { crate::ops::cuda::launch_raw(dev, &f, cfg, on, &mut args, chain) }?;
         if l.counters.is_none() {

@@ -257,11 +257,27 @@ pub enum PrefillKernel {
     /// (-3-5 % on a chunk over 4K; results/2026-12-04-h200-wsp-uniform).
     #[default]
     Wsp,
+    /// `Wsp` launched at 136 registers a thread (`slot_prefill_wsps_bf16`:
+    /// the consumers, which use ~190, get 192, the producer warpgroup 24),
+    /// 52 K registers a block instead of 64.5 K, so that the two-stream
+    /// path's slim decode blocks (`slot_decode_slim_bf16`: 4 warps at 104
+    /// registers, one a sub-partition, 64 KiB; GQA groups of at most 8) fit
+    /// on the prefill's SMs beside it: the decodes' memory traffic under the
+    /// prefill's GEMMs instead of after its last wave.
+    /// An A/B variant, not yet measured.
+    WspSlim,
 }
 
 impl PrefillKernel {
     /// Every kernel, in the order the benchmarks list them.
-    pub const ALL: [PrefillKernel; 5] = [Self::W8, Self::W4, Self::W4p, Self::Tma64, Self::Wsp];
+    pub const ALL: [PrefillKernel; 6] = [
+        Self::W8,
+        Self::W4,
+        Self::W4p,
+        Self::Tma64,
+        Self::Wsp,
+        Self::WspSlim,
+    ];
 
     /// The kernel's `extern "C"` symbol.
     pub fn symbol(self) -> &'static str {
@@ -271,13 +287,20 @@ impl PrefillKernel {
             Self::W4p => "slot_prefill_w4p_bf16",
             Self::Tma64 => "slot_prefill_w4t_bf16",
             Self::Wsp => "slot_prefill_wsp_bf16",
+            Self::WspSlim => "slot_prefill_wsps_bf16",
         }
+    }
+
+    /// The warp-specialized tile (`slot_prefill_ws.cuh`): sm_90a, TMA boxes
+    /// of 128 rows.
+    pub fn warp_specialized(self) -> bool {
+        matches!(self, Self::Wsp | Self::WspSlim)
     }
 
     /// Query rows of one work item (one CTA).
     pub fn rows(self) -> usize {
         match self {
-            Self::W8 | Self::Wsp => 128,
+            Self::W8 | Self::Wsp | Self::WspSlim => 128,
             Self::W4 | Self::W4p | Self::Tma64 => 64,
         }
     }
@@ -326,6 +349,18 @@ pub struct PodTuning {
     /// prefill tile while any is left, and the decodes run on the SMs that
     /// the prefill's last wave leaves idle, then on all.
     pub decode_sms: Option<usize>,
+    /// The planner's prefill-heavy hybrid steps (its serial and two-stream
+    /// verdicts) run the slim pair on two streams: `slot_prefill_wsps_bf16`
+    /// and `slot_decode_slim_bf16`, whose blocks share the SMs (where the
+    /// prefill is [`PrefillKernel::Wsp`], the device runs the TMA tile and
+    /// the GQA group is at most 8). On the H200 the pair itself
+    /// (`streams-slim`) was 1.02-1.11x over the best serial pair on each of
+    /// the grid's steps that the planner runs serial or on two streams,
+    /// where the plain kernels on two streams gave 0.97-1.02x
+    /// (results/2026-12-04-h200-slim). Off by default until the planner
+    /// with it (`vpod-bench hybrid --variants auto-slim`) is measured and
+    /// the slim decode is checked under compute-sanitizer.
+    pub slim_streams: bool,
 }
 
 impl Default for PodTuning {
@@ -339,6 +374,7 @@ impl Default for PodTuning {
             tma_prefill: true,
             partitioned: false,
             decode_sms: None,
+            slim_streams: false,
         }
     }
 }

@@ -684,6 +684,25 @@ pub mod cuda {
         Ok(f)
     }
 
+    /// [`function_with_smem`], preferring the SM configuration with the most
+    /// shared memory (carveout 100 %): the slim kernels that share an SM
+    /// (`slot_prefill_wsps_bf16` + `slot_decode_slim_bf16`, 227 KiB) need
+    /// it, and blocks of SMs in different configurations cannot mix.
+    pub fn function_max_carveout(
+        dev: &CudaDevice,
+        name: &str,
+        smem: usize,
+    ) -> candle_core::Result<CudaFunction> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+        let f = function_with_smem(dev, name, smem)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .map_err(err)?;
+        Ok(f)
+    }
+
     pub fn write_kv(
         op: &KvLayout,
         cache: &mut CudaStorage,

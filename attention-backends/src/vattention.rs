@@ -527,6 +527,23 @@ impl AttentionBackend for VirtualBackend {
                     (path, Some(note))
                 }
             };
+            // The planner's prefill-heavy steps (serial and two-stream
+            // verdicts) as the slim pair on two streams, where it runs.
+            let group = self.cfg.num_heads / self.cfg.num_kv_heads.max(1);
+            let slim = mode == Some(PodMode::Auto)
+                && !single
+                && gpu.tuning.slim_streams
+                && matches!(path, PodPath::Serial | PodPath::Streams)
+                && gpu.prefill == crate::PrefillKernel::Wsp
+                && crate::vattention_gpu::slim_pair_runs(&gpu.dev, &self.cache, group);
+            let (path, prefill) = match slim {
+                true => (PodPath::Streams, crate::PrefillKernel::WspSlim),
+                false => (path, gpu.prefill),
+            };
+            let note = note.map(|n| match slim {
+                true => format!("{n}; run as the slim pair on two streams"),
+                false => n,
+            });
             let planned = path;
             let path = match path {
                 PodPath::Fused(_) if gpu.tuning.partitioned => PodPath::Fused(PodKernel::Partitioned),
@@ -566,7 +583,7 @@ impl AttentionBackend for VirtualBackend {
                 gpu.sms,
                 path,
                 waves,
-                gpu.prefill,
+                prefill,
                 gpu.tuning,
                 decode_sms,
             )?;

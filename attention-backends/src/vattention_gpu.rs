@@ -51,13 +51,13 @@ const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
 /// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
 /// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
 /// multiple of their box rows (a box then never reaches an unmapped page);
-/// else the next one down (`Wsp` -> `Tma64` -> `W4p`).
+/// else the next one down (`Wsp` or `WspSlim` -> `Tma64` -> `W4p`).
 fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
     match asked {
-        PrefillKernel::Wsp if tma(128) => PrefillKernel::Wsp,
-        PrefillKernel::Wsp | PrefillKernel::Tma64 if tma(64) => PrefillKernel::Tma64,
-        PrefillKernel::Wsp | PrefillKernel::Tma64 => PrefillKernel::W4p,
+        k if k.warp_specialized() && tma(128) => k,
+        k if (k.warp_specialized() || k == PrefillKernel::Tma64) && tma(64) => PrefillKernel::Tma64,
+        k if k.warp_specialized() || k == PrefillKernel::Tma64 => PrefillKernel::W4p,
         k => k,
     }
 }
@@ -83,6 +83,19 @@ fn prefill_tma(dev: &CudaDevice, cache: &VirtualCache) -> Option<[u64; 2]> {
     let minor = ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).ok()?;
     let c = cache.config();
     ((major, minor) == (9, 0)).then_some([c.max_len as u64, c.max_seqs as u64])
+}
+
+/// Whether the slim pair (`slot_prefill_wsps_bf16` beside
+/// `slot_decode_slim_bf16`, [`crate::PodTuning::slim_streams`]) runs here: the
+/// TMA prefill on this device and cache, and GQA groups of at most 8 (the
+/// slim decode's transposed products hold 8 heads).
+pub(crate) fn slim_pair_runs(dev: &CudaDevice, cache: &VirtualCache, group: usize) -> bool {
+    group <= 8
+        && resolve_prefill(
+            PrefillKernel::WspSlim,
+            prefill_tma(dev, cache),
+            cache.tokens_per_page(),
+        ) == PrefillKernel::WspSlim
 }
 
 /// The tensor map of one layer's K or V for the TMA prefill kernels: dims
@@ -696,9 +709,7 @@ impl GpuAttention<'_> {
         let p = self.plan;
         let (heads, group) = (self.heads as i32, (self.heads / self.kv_heads) as i32);
         let tma = match (p.prefill, p.tma) {
-            (PrefillKernel::Wsp, Some(dims)) => {
-                Some(("slot_prefill_wsp_bf16", PREFILL_WS_SMEM, 128, 384, dims))
-            }
+            (k, Some(dims)) if k.warp_specialized() => Some((k.symbol(), PREFILL_WS_SMEM, 128, 384, dims)),
             (PrefillKernel::Tma64, Some(dims)) => {
                 Some(("slot_prefill_w4t_bf16", PREFILL_PIPE_SMEM, 64, 128, dims))
             }
@@ -709,7 +720,11 @@ impl GpuAttention<'_> {
                 tensor_map(&self.k, self.kv_heads, dims, box_rows)?,
                 tensor_map(&self.v, self.kv_heads, dims, box_rows)?,
             );
-            let f = crate::ops::cuda::function_with_smem(dev, name, smem)?;
+            // The slim tile shares its SMs with the slim decode: the most shared memory.
+            let f = match p.prefill {
+                PrefillKernel::WspSlim => crate::ops::cuda::function_max_carveout(dev, name, smem)?,
+                _ => crate::ops::cuda::function_with_smem(dev, name, smem)?,
+            };
             let (work, heads_u) = (p.chunks.n_work as u32, self.heads as u32);
             // slot_prefill_wsp*_bf16: heads fastest (a work item's heads run
             // together, the work list heaviest first); w4t: (work, heads).
@@ -791,6 +806,7 @@ impl GpuAttention<'_> {
             pos_stride: self.k.pos_stride as i64,
             splits: p.splits,
             scale: self.scale,
+            slim: false,
         }
     }
 
@@ -1004,13 +1020,11 @@ impl GpuAttention<'_> {
                     )
                     .map_err(err)?;
                     self.timed_prefill(&dev, q, &mut out)?;
-                    crate::decode::cuda::launch(
-                        &dev,
-                        &self.decode_launch(q),
-                        &mut out,
-                        Some(side.stream),
-                        None,
-                    )?;
+                    // Beside the slim prefill kernel, the slim decode: its
+                    // blocks fit on the prefill's SMs (PrefillKernel::WspSlim).
+                    let mut l = self.decode_launch(q);
+                    l.slim = p.prefill == PrefillKernel::WspSlim;
+                    crate::decode::cuda::launch(&dev, &l, &mut out, Some(side.stream), None)?;
                     event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                         .map_err(err)?;

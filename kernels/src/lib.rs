@@ -37,6 +37,9 @@
 //!     base + slot * slot_stride + position * pos_stride (+ kv_head * 128) elements; group <= 16;
 //!     partials [batch * heads, splits] x (o[128], (m, l)) in the log2 domain; with counters
 //!     ([batch * kv_heads], zeroed) the last block merges into out rows q_rows, else (null) the combine does.
+//! slot_decode_slim_bf16(the same arguments)
+//!     the same with 64 threads (2 warps, 32-key tiles), 32 KiB dynamic smem (2 stages), at most 208
+//!     registers a thread: a block fits on an SM beside a slot_prefill_wsps_bf16 block.
 //! slot_decode_combine_bf16(const float* part_o, const float* part_ml, const int* q_rows, bf16* out,
 //!                          int heads, int splits)
 //!     grid batch * heads, 128 threads: out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p.
@@ -74,6 +77,9 @@
 //!     (a TMA producer warpgroup loading K one tile ahead of V, two 64-row consumer warpgroups in
 //!     ping-pong), WsShape<2>::SMEM dynamic smem (2 K/V stages); the tensor maps' boxes are 64
 //!     dims x 128 rows (slot_prefill_ws.cuh).
+//! slot_prefill_wsps_bf16(the same arguments)
+//!     the same launched at 136 registers a thread (consumers 192, producer 24; 52 K a block), leaving
+//!     an SM room for a slot_decode_slim_bf16 block.
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,

@@ -29,116 +29,31 @@ constexpr int DEC_STAGES = 3;
 constexpr int DEC_STAGE_BYTES = 2 * DEC_TILE * ATT_ROW_BYTES;
 constexpr int DEC_SMEM = DEC_STAGES * DEC_STAGE_BYTES;
 
-// One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
-// a 128-thread group that meet at `ctx.sync()` in the shared memory of
-// `ctx.region()` (WholeBlock in the plain and the 1-role POD kernels; a
-// warpgroup's WarpGroupPart in pod_wsd_bf16's decode blocks),
-// through a STAGES-deep pipeline (STAGES * DEC_STAGE_BYTES of shared memory;
-// the warps' merge needs 33 KiB of it).
-template <int STAGES, typename Ctx>
-__device__ __forceinline__ void slot_decode_split(
-    const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
-    const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
-    float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
-    __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
-    float scale, int split, int kvh, int b, int kv_heads, Ctx ctx) {
-    constexpr int THREADS = DEC_WARPS * 32;
-    static_assert(STAGES >= 2 && STAGES * DEC_STAGE_BYTES >= DEC_WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
-    uint8_t* smem = ctx.region();
+// The end of a split (slot_decode_split, slot_decode_split_t): the WARPS
+// warps' (m, l) and o per query row of the group, in shared memory as
+// sm [WARPS][16], sl [WARPS][16], so [WARPS][16][128] (f32, log2 domain),
+// merged into the split's partials; with `counters`, the last split of the
+// (sequence, KV head) merges them all into `out`.
+template <int WARPS, typename Ctx>
+__device__ __forceinline__ void slot_decode_split_finish(uint8_t* smem, const int32_t* __restrict__ q_rows,
+                                                         float* __restrict__ part_o, float* __restrict__ part_ml,
+                                                         int* __restrict__ counters, __nv_bfloat16* __restrict__ out,
+                                                         int heads, int group, int splits, int split, int kvh, int b,
+                                                         int kv_heads, Ctx ctx) {
+    constexpr int THREADS = WARPS * 32;
     auto sync = [&] { ctx.sync(); };
     const int tid = threadIdx.x % THREADS;
-    const int warp = tid / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int seq_len = seq_lens[b];
-    const int per_split = (seq_len + splits - 1) / splits;
-    const int start = min(seq_len, split * per_split);
-    const int end = min(seq_len, start + per_split);
-    const int ntiles = (end - start + DEC_TILE - 1) / DEC_TILE;
-    const float qk_scale = scale * ATT_LOG2E;
-
-    // The group's query rows as A fragments (rows >= group are zero).
-    uint32_t qa[8][4];
-    {
-        const __nv_bfloat16* qh = q + ((size_t)q_rows[b] * heads + (size_t)kvh * group) * ATT_HEAD_DIM;
-        auto ld = [&](int row, int col) -> uint32_t {
-            return row < group ? *reinterpret_cast<const uint32_t*>(qh + row * ATT_HEAD_DIM + col) : 0u;
-        };
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-            qa[kk][0] = ld(g, 16 * kk + 2 * t);
-            qa[kk][1] = ld(g + 8, 16 * kk + 2 * t);
-            qa[kk][2] = ld(g, 16 * kk + 8 + 2 * t);
-            qa[kk][3] = ld(g + 8, 16 * kk + 8 + 2 * t);
-        }
-    }
-    const size_t slot_off = (size_t)slots[b] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
-    const __nv_bfloat16* kb = k_base + slot_off;
-    const __nv_bfloat16* vb = v_base + slot_off;
-    const uint32_t smem0 = smem_addr(smem);
-    auto load = [&](int tile, int stage) {
-        const int t0 = start + tile * DEC_TILE;
-        const uint32_t ks = smem0 + stage * DEC_STAGE_BYTES, vs = ks + DEC_TILE * ATT_ROW_BYTES;
-        auto valid = [&](int r) { return t0 + r < end; };
-        load_tile<DEC_TILE, DEC_WARPS * 32>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
-        load_tile<DEC_TILE, DEC_WARPS * 32>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
-    };
-
-    float o[16][4];
-#pragma unroll
-    for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    RowState st;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ntiles) load(s, s);
-        cp_async_commit();
-    }
-    for (int i = 0; i < ntiles; ++i) {
-        cp_async_wait<STAGES - 2>();
-        sync();
-        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
-        cp_async_commit();
-        const uint32_t ks = smem0 + (i % STAGES) * DEC_STAGE_BYTES, vs = ks + DEC_TILE * ATT_ROW_BYTES;
-        float s[2][4] = {};
-        qk_16(s, qa, ks, warp * 16, lane);
-        const int key0 = start + i * DEC_TILE + warp * 16;
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                s[n][e] = key0 + n * 8 + 2 * t + (e & 1) < end ? s[n][e] * qk_scale : -INFINITY;
-        online_softmax<2>(st, s, o);
-        uint32_t pa[4];
-        p_to_a(pa, s[0], s[1]);
-        pv_16(o, pa, vs, warp * 16, lane);
-    }
-    cp_async_wait<0>();
-    sync();
-
-    // Merge the warps: (m, l) and o per warp and row in shared memory.
-    float* sm = reinterpret_cast<float*>(smem);  // [DEC_WARPS][16]
-    float* sl = sm + DEC_WARPS * 16;              // [DEC_WARPS][16]
-    float* so = sl + DEC_WARPS * 16;              // [DEC_WARPS][16][128]
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float l = quad_sum(st.l[r]);
-        const int row = g + 8 * r;
-        if (t == 0) {
-            sm[warp * 16 + row] = st.m[r];
-            sl[warp * 16 + row] = l;
-        }
-#pragma unroll
-        for (int d = 0; d < 16; ++d) {
-            so[(warp * 16 + row) * ATT_HEAD_DIM + 8 * d + 2 * t] = o[d][2 * r];
-            so[(warp * 16 + row) * ATT_HEAD_DIM + 8 * d + 2 * t + 1] = o[d][2 * r + 1];
-        }
-    }
+    float* sm = reinterpret_cast<float*>(smem);  // [WARPS][16]
+    float* sl = sm + WARPS * 16;                  // [WARPS][16]
+    float* so = sl + WARPS * 16;                  // [WARPS][16][128]
     sync();
     for (int idx = tid; idx < group * ATT_HEAD_DIM; idx += THREADS) {
         const int row = idx / ATT_HEAD_DIM, d = idx % ATT_HEAD_DIM;
         float big = -INFINITY;
-        for (int w = 0; w < DEC_WARPS; ++w) big = fmaxf(big, sm[w * 16 + row]);
+        for (int w = 0; w < WARPS; ++w) big = fmaxf(big, sm[w * 16 + row]);
         float lsum = 0.f, acc = 0.f;
         if (big != -INFINITY) {
-            for (int w = 0; w < DEC_WARPS; ++w) {
+            for (int w = 0; w < WARPS; ++w) {
                 const float wgt = exp2f(sm[w * 16 + row] - big);  // 0 for a warp that saw no key
                 lsum += wgt * sl[w * 16 + row];
                 acc += wgt * so[(w * 16 + row) * ATT_HEAD_DIM + d];
@@ -195,6 +110,267 @@ __device__ __forceinline__ void slot_decode_split(
         out[((size_t)q_rows[b] * heads + (size_t)kvh * group + row) * ATT_HEAD_DIM + d] = __float2bfloat16(acc * inv[row]);
     }
     if (tid == 0) counters[b * kv_heads + kvh] = 0;  // ready for the next launch
+}
+
+// One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
+// a 128-thread group that meet at `ctx.sync()` in the shared memory of
+// `ctx.region()` (WholeBlock in the plain and the 1-role POD kernels; a
+// warpgroup's WarpGroupPart in pod_wsd_bf16's decode blocks),
+// through a STAGES-deep pipeline (STAGES * DEC_STAGE_BYTES of shared memory;
+// the warps' merge needs 33 KiB of it).
+//
+// WARPS (4, or 2 for the slim kernel that shares an SM with a prefill CTA):
+// the warps of the group; a K/V tile has 16 keys a warp.
+template <int STAGES, typename Ctx, int WARPS = DEC_WARPS>
+__device__ __forceinline__ void slot_decode_split(
+    const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
+    const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
+    float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
+    __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
+    float scale, int split, int kvh, int b, int kv_heads, Ctx ctx) {
+    constexpr int THREADS = WARPS * 32, TILE = 16 * WARPS, STAGE_BYTES = 2 * TILE * ATT_ROW_BYTES;
+    static_assert(STAGES >= 2 && STAGES * STAGE_BYTES >= WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
+    uint8_t* smem = ctx.region();
+    auto sync = [&] { ctx.sync(); };
+    const int tid = threadIdx.x % THREADS;
+    const int warp = tid / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int seq_len = seq_lens[b];
+    const int per_split = (seq_len + splits - 1) / splits;
+    const int start = min(seq_len, split * per_split);
+    const int end = min(seq_len, start + per_split);
+    const int ntiles = (end - start + TILE - 1) / TILE;
+    const float qk_scale = scale * ATT_LOG2E;
+
+    // The group's query rows as A fragments (rows >= group are zero).
+    uint32_t qa[8][4];
+    {
+        const __nv_bfloat16* qh = q + ((size_t)q_rows[b] * heads + (size_t)kvh * group) * ATT_HEAD_DIM;
+        auto ld = [&](int row, int col) -> uint32_t {
+            return row < group ? *reinterpret_cast<const uint32_t*>(qh + row * ATT_HEAD_DIM + col) : 0u;
+        };
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            qa[kk][0] = ld(g, 16 * kk + 2 * t);
+            qa[kk][1] = ld(g + 8, 16 * kk + 2 * t);
+            qa[kk][2] = ld(g, 16 * kk + 8 + 2 * t);
+            qa[kk][3] = ld(g + 8, 16 * kk + 8 + 2 * t);
+        }
+    }
+    const size_t slot_off = (size_t)slots[b] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+    const __nv_bfloat16* kb = k_base + slot_off;
+    const __nv_bfloat16* vb = v_base + slot_off;
+    const uint32_t smem0 = smem_addr(smem);
+    auto load = [&](int tile, int stage) {
+        const int t0 = start + tile * TILE;
+        const uint32_t ks = smem0 + stage * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
+        auto valid = [&](int r) { return t0 + r < end; };
+        load_tile<TILE, THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
+        load_tile<TILE, THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
+    };
+
+    float o[16][4];
+#pragma unroll
+    for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    RowState st;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ntiles) load(s, s);
+        cp_async_commit();
+    }
+    for (int i = 0; i < ntiles; ++i) {
+        cp_async_wait<STAGES - 2>();
+        sync();
+        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const uint32_t ks = smem0 + (i % STAGES) * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
+        float s[2][4] = {};
+        qk_16(s, qa, ks, warp * 16, lane);
+        const int key0 = start + i * TILE + warp * 16;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                s[n][e] = key0 + n * 8 + 2 * t + (e & 1) < end ? s[n][e] * qk_scale : -INFINITY;
+        online_softmax<2>(st, s, o);
+        uint32_t pa[4];
+        p_to_a(pa, s[0], s[1]);
+        pv_16(o, pa, vs, warp * 16, lane);
+    }
+    cp_async_wait<0>();
+    sync();
+
+    // Merge the warps: (m, l) and o per warp and row in shared memory.
+    float* sm = reinterpret_cast<float*>(smem);  // [WARPS][16]
+    float* sl = sm + WARPS * 16;                  // [WARPS][16]
+    float* so = sl + WARPS * 16;                  // [WARPS][16][128]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(st.l[r]);
+        const int row = g + 8 * r;
+        if (t == 0) {
+            sm[warp * 16 + row] = st.m[r];
+            sl[warp * 16 + row] = l;
+        }
+#pragma unroll
+        for (int d = 0; d < 16; ++d) {
+            so[(warp * 16 + row) * ATT_HEAD_DIM + 8 * d + 2 * t] = o[d][2 * r];
+            so[(warp * 16 + row) * ATT_HEAD_DIM + 8 * d + 2 * t + 1] = o[d][2 * r + 1];
+        }
+    }
+    slot_decode_split_finish<WARPS>(smem, q_rows, part_o, part_ml, counters, out, heads, group, splits, split, kvh, b,
+                                    kv_heads, ctx);
+}
+
+// The transpose of an 8 x 8 b16 matrix held in the mma fragment layout.
+__device__ __forceinline__ uint32_t movmatrix_t(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// slot_decode_split with the products transposed, for GQA groups of at most
+// 8 query heads (the host checks): S^T (16 keys x 8 heads) = K q^T with K as
+// the A operand (from shared memory) and q^T as B fragments (16 registers a
+// thread: the group's heads on the MMA's N side, not padded to 16 rows), and
+// O^T (128 dims x 8 heads) += V^T P^T, P^T from S^T's accumulators by
+// movmatrix. Each warp takes 16 keys of every (16 x WARPS)-key tile. O^T is
+// 32 f32 a thread instead of 64 and q 16 registers instead of 32: the slim
+// decode (slot_decode_slim_bf16) runs it in 104 registers a thread, one warp
+// per SM sub-partition beside a slot_prefill_wsps_bf16 block.
+template <int STAGES, typename Ctx, int WARPS = DEC_WARPS>
+__device__ __forceinline__ void slot_decode_split_t(
+    const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
+    const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
+    float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
+    __nv_bfloat16* __restrict__ out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,
+    float scale, int split, int kvh, int b, int kv_heads, Ctx ctx) {
+    constexpr int THREADS = WARPS * 32, TILE = 16 * WARPS, STAGE_BYTES = 2 * TILE * ATT_ROW_BYTES;
+    static_assert(STAGES >= 2 && STAGES * STAGE_BYTES >= WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
+    uint8_t* smem = ctx.region();
+    auto sync = [&] { ctx.sync(); };
+    const int lane = threadIdx.x % 32, warp = (threadIdx.x % THREADS) / 32, g = lane / 4, t = lane % 4, m8 = lane / 8;
+    const int seq_len = seq_lens[b];
+    const int per_split = (seq_len + splits - 1) / splits;
+    const int start = min(seq_len, split * per_split);
+    const int end = min(seq_len, start + per_split);
+    const int ntiles = (end - start + TILE - 1) / TILE;
+    const float qk_scale = scale * ATT_LOG2E;
+
+    // q^T of the group's heads as B fragments: column g = head g (zero past
+    // the group), rows = dims 16 kk + 2t, +1 (and + 8).
+    uint32_t qb[8][2];
+    {
+        const __nv_bfloat16* qh = q + ((size_t)q_rows[b] * heads + (size_t)kvh * group) * ATT_HEAD_DIM;
+        auto ld = [&](int col) -> uint32_t {
+            return g < group ? *reinterpret_cast<const uint32_t*>(qh + g * ATT_HEAD_DIM + col) : 0u;
+        };
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            qb[kk][0] = ld(16 * kk + 2 * t);
+            qb[kk][1] = ld(16 * kk + 8 + 2 * t);
+        }
+    }
+    const size_t slot_off = (size_t)slots[b] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
+    const __nv_bfloat16* kb = k_base + slot_off;
+    const __nv_bfloat16* vb = v_base + slot_off;
+    const uint32_t smem0 = smem_addr(smem);
+    auto load = [&](int tile, int stage) {
+        const int t0 = start + tile * TILE;
+        const uint32_t ks = smem0 + stage * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
+        auto valid = [&](int r) { return t0 + r < end; };
+        load_tile<TILE, THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
+        load_tile<TILE, THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
+    };
+
+    float o[8][4];  // O^T: dims 16 dm + g (+ 8) x heads 2t, 2t + 1
+#pragma unroll
+    for (int d = 0; d < 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float mx_run[2] = {-INFINITY, -INFINITY};  // heads 2t, 2t + 1 (log2 domain)
+    float l_run[2] = {0.f, 0.f};               // this thread's keys' part of the sums
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ntiles) load(s, s);
+        cp_async_commit();
+    }
+    for (int i = 0; i < ntiles; ++i) {
+        cp_async_wait<STAGES - 2>();
+        sync();
+        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const uint32_t ks = smem0 + (i % STAGES) * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
+        // S^T: keys warp * 16 + g (+ 8) x heads 2t, 2t + 1.
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            uint32_t a[4];
+            ldsm_x4(ks + tile_off(warp * 16 + (m8 % 2) * 8 + lane % 8, 2 * kk + m8 / 2), a[0], a[1], a[2], a[3]);
+            mma_bf16(s, a, qb[kk][0], qb[kk][1]);
+        }
+        const int key0 = start + i * TILE + warp * 16;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[e] = key0 + g + 8 * (e / 2) < end ? s[e] * qk_scale : -INFINITY;
+        // Online softmax per head column: the max over this warp's 16 keys
+        // (two keys a thread, eight lanes a column).
+        float alpha[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = fmaxf(s[h], s[2 + h]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float m_new = fmaxf(mx_run[h], mx);
+            // A column that has seen no key yet keeps exponent base 0 (no inf - inf).
+            const float base = m_new == -INFINITY ? 0.f : m_new;
+            alpha[h] = exp2f(mx_run[h] - base);
+            s[h] = exp2f(s[h] - base);
+            s[2 + h] = exp2f(s[2 + h] - base);
+            l_run[h] = l_run[h] * alpha[h] + (s[h] + s[2 + h]);
+            mx_run[h] = m_new;
+        }
+#pragma unroll
+        for (int d = 0; d < 8; ++d) {
+            o[d][0] *= alpha[0];
+            o[d][1] *= alpha[1];
+            o[d][2] *= alpha[0];
+            o[d][3] *= alpha[1];
+        }
+        // P^T (16 keys x 8 heads) as B fragments: each 8 x 8 block of S^T's
+        // accumulators (keys x heads) transposed.
+        const uint32_t pb0 = movmatrix_t(pack_bf16(s[0], s[1]));
+        const uint32_t pb1 = movmatrix_t(pack_bf16(s[2], s[3]));
+#pragma unroll
+        for (int dm = 0; dm < 8; ++dm) {
+            uint32_t a[4];
+            ldsm_x4_t(vs + tile_off(warp * 16 + (m8 / 2) * 8 + lane % 8, 2 * dm + m8 % 2), a[0], a[1], a[2], a[3]);
+            mma_bf16(o[dm], a, pb0, pb1);
+        }
+    }
+    cp_async_wait<0>();
+    sync();
+
+    // The warps' (m, l) and o per head (a row of slot_decode_split_finish's layout).
+    float* sm = reinterpret_cast<float*>(smem);  // [WARPS][16]
+    float* sl = sm + WARPS * 16;                  // [WARPS][16]
+    float* so = sl + WARPS * 16;                  // [WARPS][16][128]
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = l_run[h];
+        l += __shfl_xor_sync(0xffffffffu, l, 4);
+        l += __shfl_xor_sync(0xffffffffu, l, 8);
+        l += __shfl_xor_sync(0xffffffffu, l, 16);
+        const int row = 2 * t + h;
+        if (g == 0) {
+            sm[warp * 16 + row] = mx_run[h];
+            sl[warp * 16 + row] = l;
+        }
+#pragma unroll
+        for (int d = 0; d < 8; ++d) {
+            so[(warp * 16 + row) * ATT_HEAD_DIM + 16 * d + g] = o[d][h];
+            so[(warp * 16 + row) * ATT_HEAD_DIM + 16 * d + g + 8] = o[d][2 + h];
+        }
+    }
+    slot_decode_split_finish<WARPS>(smem, q_rows, part_o, part_ml, counters, out, heads, group, splits, split, kvh, b,
+                                    kv_heads, ctx);
 }
 
 // One block per (decode, head), one thread per dim; writes packed row q_rows[b].

@@ -343,7 +343,10 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
 
 // Query head `head` of work item `item` (128 rows) by the whole block
 // (WS_THREADS threads, WsShape<STAGES>::SMEM of dynamic shared memory).
-template <int STAGES>
+// CREGS: the consumers' registers a thread (setmaxnreg; they use ~190): 240
+// in a block launched at 168, 192 in one launched at 136 (the slim kernel,
+// 52 K registers a block).
+template <int STAGES, int CREGS = 240>
 __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                            const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                            const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
@@ -377,7 +380,7 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
         if (threadIdx.x == 0)
             ws_produce<STAGES>(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
     } else {
-        setmaxnreg_inc<240>();
+        setmaxnreg_inc<CREGS>();
         ws_consume<STAGES>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head, scale * ATT_LOG2E);
     }
 }

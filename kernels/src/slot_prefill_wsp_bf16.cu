@@ -17,3 +17,20 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     __trap();  // sm_90a only (the host checks)
 #endif
 }
+
+// The slim variant (the same arguments): launched at 136 registers a thread
+// (the producer warpgroup keeps 24, the consumers take 192), 52 K registers a
+// block instead of 64.5 K, so that a slot_decode_slim_bf16 block (4 warps at
+// 104, 13 K; 64 KiB) fits on the same SM: with the two kernels on two streams, the
+// decodes' memory traffic runs beside the prefill's GEMMs.
+extern "C" __global__ void __maxnreg__(136)
+    slot_prefill_wsps_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
+                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
+                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+#if ATT_WGMMA
+    prefill_ws<2, 192>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
+                       blockIdx.y);
+#else
+    __trap();  // sm_90a only (the host checks)
+#endif
+}

@@ -94,7 +94,8 @@ enum What {
         /// Head shapes (q / KV heads) of these models.
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
-        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp;
+        /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp,
+        /// wsps: the slim wsp;
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
         kernels: Vec<String>,
@@ -258,7 +259,7 @@ enum What {
         #[arg(long, value_delimiter = ',')]
         chunks: Vec<usize>,
         /// (scheduler/backend) runs; a backend may carry POD tuning flags:
-        /// `pod+decode-last`.
+        /// `pod+decode-last`, `pod+slim`.
         #[arg(
             long,
             value_delimiter = ',',
@@ -633,7 +634,8 @@ fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
         "w4p" => PrefillKernel::W4p,
         "tma64" => PrefillKernel::Tma64,
         "wsp" => PrefillKernel::Wsp,
-        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp)"),
+        "wsps" => PrefillKernel::WspSlim,
+        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsps)"),
     })
 }
 
@@ -1425,6 +1427,14 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The warp-specialized tile (the default prefill since 2026-12-03), then decode.
     ("serial-ws", ["serial", "1", "", "4", "2", "1", "1", "1", ""]),
     ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1", ""]),
+    // The slim warp-specialized prefill (136 registers a thread) and, on
+    // two streams, the slim decode blocks that fit on its SMs beside it.
+    ("serial-wss", ["serial", "1", "slim", "4", "2", "1", "1", "1", ""]),
+    ("streams-ws", ["streams", "1", "", "4", "2", "1", "1", "1", ""]),
+    (
+        "streams-slim",
+        ["streams", "1", "slim", "4", "2", "1", "1", "1", ""],
+    ),
     ("pod", ["fused", "1", "8", "4", "2", "1", "0", "0", ""]),
     ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0", "0", ""]),
     ("podp", ["fused", "1", "8", "4", "2", "1", "1", "1", ""]),
@@ -1452,6 +1462,9 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     ("wsd-sw2", ["fused", "1", "", "2", "", "", "1", "1", "auto"]),
     // The planner with the partitioned kernel on its fused steps.
     ("auto-wsd", ["auto", "", "", "", "", "", "", "", "auto"]),
+    // The planner with its serial and two-stream verdicts run as the slim
+    // pair (slot_prefill_wsps_bf16 beside slot_decode_slim_bf16) on two streams.
+    ("auto-slim", ["auto-slim", "", "", "", "", "", "", "", ""]),
     ("auto", ["auto", "", "", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
@@ -1485,12 +1498,17 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         "serial" => PodMode::Serial,
         "streams" => PodMode::Streams,
         "fused" => PodMode::Fused,
-        "auto" | "" => PodMode::Auto,
+        "auto" | "auto-slim" | "" => PodMode::Auto,
         m => bail!("hybrid variant: unknown POD mode {m}"),
     };
     let (pipe, tma) = (v[6] != "0", v[7] != "0");
-    let prefill_kernel = match num(v[2], "prefill warps")? {
-        None => PrefillKernel::default(),
+    // "slim": the warp-specialized tile launched at 136 registers (PrefillKernel::WspSlim).
+    let prefill_kernel = match v[2] {
+        "slim" => Some(PrefillKernel::WspSlim),
+        _ => None,
+    };
+    let prefill_kernel = match prefill_kernel.map_or_else(|| num(v[2], "prefill warps"), |_| Ok(None))? {
+        None => prefill_kernel.unwrap_or_default(),
         Some(8) => PrefillKernel::W8,
         Some(_) if !pipe => PrefillKernel::W4,
         Some(_) if !tma => PrefillKernel::W4p,
@@ -1509,6 +1527,9 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         tma_prefill: tma,
         ..Default::default()
     };
+    // "auto-slim": the planner with its prefill-heavy steps as the slim
+    // pair on two streams (PodTuning::slim_streams).
+    pod_tuning.slim_streams = v[0] == "auto-slim";
     if !v[8].is_empty() {
         pod_tuning.partitioned = true;
         pod_tuning.decode_sms = match v[8] {
@@ -1742,7 +1763,8 @@ fn hybrid(
                         .min(t("serial-64"))
                         .min(t("serial-64p"))
                         .min(t("serial-64t"))
-                        .min(t("serial-ws"));
+                        .min(t("serial-ws"))
+                        .min(t("serial-wss"));
                     let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
                     print!(
@@ -2202,8 +2224,9 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
         .collect()
 }
 
-/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]`, the flag
-/// `decode-last` ([`PodTuning::decode_sms`] 0), e.g. `hybrid/pod+decode-last`.
+/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]`, the flags
+/// `decode-last` ([`PodTuning::decode_sms`] 0) and `slim`
+/// ([`PodTuning::slim_streams`]), e.g. `hybrid/pod+decode-last`.
 fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
     let mut parts = spec.split('+');
     let backend = parts.next().unwrap_or_default();
@@ -2211,7 +2234,8 @@ fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
     for flag in parts {
         match flag {
             "decode-last" => t.decode_sms = Some(0),
-            f => bail!("run backend {spec}: unknown tuning flag {f} (known: decode-last)"),
+            "slim" => t.slim_streams = true,
+            f => bail!("run backend {spec}: unknown tuning flag {f} (known: decode-last, slim)"),
         }
     }
     Ok((backend, t))
@@ -2686,6 +2710,8 @@ mod tests {
     fn serve_backend_flags() {
         let (b, t) = serve_backend("pod+decode-last").unwrap();
         assert_eq!((b, t.decode_sms), ("pod", Some(0)));
+        let (b, t) = serve_backend("pod+slim").unwrap();
+        assert_eq!((b, t.slim_streams, t.decode_sms), ("pod", true, None));
         assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
         assert!(serve_backend("pod+fast").is_err());
     }
@@ -2721,7 +2747,8 @@ mod tests {
                 "serial-64" => Some(PrefillKernel::W4),
                 "serial-64p" => Some(PrefillKernel::W4p),
                 "serial-64t" => Some(PrefillKernel::Tma64),
-                "serial-ws" | "auto" => Some(PrefillKernel::Wsp),
+                "serial-ws" | "auto" | "auto-slim" | "streams-ws" => Some(PrefillKernel::Wsp),
+                "serial-wss" | "streams-slim" => Some(PrefillKernel::WspSlim),
                 _ => None,
             };
             if let Some(k) = want {
@@ -2744,5 +2771,12 @@ mod tests {
             .pod_tuning;
         assert_eq!((t.partitioned, t.decode_sms), (true, None));
         assert!(variant_options(&["fused", "1", "", "", "", "", "", "", "x"]).is_err());
+        // auto-slim runs the planner's prefill-heavy steps as the slim pair.
+        let slim = |name: &str| {
+            let v = HYBRID_VARIANTS.iter().find(|v| v.0 == name).unwrap();
+            (variant_options(&v.1).unwrap().pod_tuning.slim_streams, v.1[0])
+        };
+        assert_eq!(slim("auto"), (false, "auto"));
+        assert_eq!(slim("auto-slim"), (true, "auto-slim"));
     }
 }
