@@ -25,7 +25,8 @@
 #                                            prefillab (vpod-bench prefill A/B of PF_KERNELS on PF_CASES, twice),
 #                                            twins (prefill + POD kernels vs CPU twins, fixtures' parity, sanitizers
 #                                            on the warp-specialized prefill), ncuprior (Nsight Compute of our
-#                                            prefill tile and FA3 on a chunk over a long prior; carry .anchors)
+#                                            prefill tile and FA3 on a chunk over a long prior; carry .anchors),
+#                                            slim (the slim pair on two streams: premise, twins, sanitizers)
 #   DMON=1 samples nvidia-smi dmon (power, clocks) beside the stages into $OUT/dmon.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -158,6 +159,17 @@ if want twins; then
     tstep 110 ws-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::vattention_ws --test-threads=1
     tstep 120 ws-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::vattention_ws --test-threads=1
     grep -hE "^test |test result|SUMMARY" "$OUT"/twin-*.log "$OUT"/ws-*.log
+fi
+if want slim; then
+    # The slim pair (PodTuning::slim_streams: slot_prefill_wsps_bf16 beside
+    # slot_decode_slim_bf16 on two streams): the per-sub-partition premise,
+    # the pair and the planner with it against the CPU twin (GQA 4/7/8), then
+    # both twins under memcheck and racecheck (Llama-3-8B heads).
+    SLIM=(gpu::slim_kernels gpu::pod_streams_slim gpu::pod_planner_slim)
+    tstep 300 slim-tests "$B/integration" "${SLIM[@]}" --test-threads=1
+    tstep 200 slim-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
+    tstep 200 slim-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
+    grep -hE "^test |test result|SUMMARY" "$OUT"/slim-*.log
 fi
 if want ncuprior && command -v ncu >/dev/null; then
     # Why our prefill tile trails FA3 over a long prior context: Nsight Compute of one launch of each, same
