@@ -112,6 +112,49 @@ __device__ __forceinline__ void slot_decode_split_finish(uint8_t* smem, const in
     if (tid == 0) counters[b * kv_heads + kvh] = 0;  // ready for the next launch
 }
 
+// The keys [x, y) of split `split` of `splits` (even shares of seq_len; the
+// last ones may be short or empty).
+__device__ __forceinline__ int2 decode_split_range(int seq_len, int splits, int split) {
+    const int per_split = (seq_len + splits - 1) / splits;
+    const int start = min(seq_len, split * per_split);
+    return make_int2(start, min(seq_len, start + per_split));
+}
+
+// Runs `tile(ks, vs, t0)` on every K/V tile of the keys [start, end) of
+// one slot (rows kb / vb + position * pos_stride): tiles of 16 x WARPS keys
+// through a STAGES-deep cp.async pipeline at smem0 (STAGES x 2 tiles), the
+// next ones loading while `tile` runs; ks and vs are the stage's K and V
+// tiles, t0 the tile's first key (warp w takes keys t0 + 16 w ..). Ends with
+// every load waited for and the group synced: the stages are free again.
+template <int STAGES, int WARPS, typename Ctx, typename Tile>
+__device__ __forceinline__ void decode_split_tiles(const __nv_bfloat16* kb, const __nv_bfloat16* vb, int64_t pos_stride,
+                                                   int start, int end, uint32_t smem0, Ctx ctx, Tile tile) {
+    constexpr int THREADS = WARPS * 32, TILE = 16 * WARPS, STAGE_BYTES = 2 * TILE * ATT_ROW_BYTES;
+    const int ntiles = (end - start + TILE - 1) / TILE;
+    auto load = [&](int i, int stage) {
+        const int t0 = start + i * TILE;
+        const uint32_t ks = smem0 + stage * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
+        auto valid = [&](int r) { return t0 + r < end; };
+        load_tile<TILE, THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
+        load_tile<TILE, THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ntiles) load(s, s);
+        cp_async_commit();
+    }
+    for (int i = 0; i < ntiles; ++i) {
+        cp_async_wait<STAGES - 2>();
+        ctx.sync();
+        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const uint32_t ks = smem0 + (i % STAGES) * STAGE_BYTES;
+        tile(ks, ks + TILE * ATT_ROW_BYTES, start + i * TILE);
+    }
+    cp_async_wait<0>();
+    ctx.sync();
+}
+
 // One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
 // a 128-thread group that meet at `ctx.sync()` in the shared memory of
 // `ctx.region()` (WholeBlock in the plain and the 1-role POD kernels; a
@@ -119,8 +162,8 @@ __device__ __forceinline__ void slot_decode_split_finish(uint8_t* smem, const in
 // through a STAGES-deep pipeline (STAGES * DEC_STAGE_BYTES of shared memory;
 // the warps' merge needs 33 KiB of it).
 //
-// WARPS (4, or 2 for the slim kernel that shares an SM with a prefill CTA):
-// the warps of the group; a K/V tile has 16 keys a warp.
+// WARPS: the warps of the group (4 in every kernel); a K/V tile has 16 keys
+// a warp (decode_split_tiles).
 template <int STAGES, typename Ctx, int WARPS = DEC_WARPS>
 __device__ __forceinline__ void slot_decode_split(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
@@ -131,14 +174,9 @@ __device__ __forceinline__ void slot_decode_split(
     constexpr int THREADS = WARPS * 32, TILE = 16 * WARPS, STAGE_BYTES = 2 * TILE * ATT_ROW_BYTES;
     static_assert(STAGES >= 2 && STAGES * STAGE_BYTES >= WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
     uint8_t* smem = ctx.region();
-    auto sync = [&] { ctx.sync(); };
-    const int tid = threadIdx.x % THREADS;
-    const int warp = tid / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int seq_len = seq_lens[b];
-    const int per_split = (seq_len + splits - 1) / splits;
-    const int start = min(seq_len, split * per_split);
-    const int end = min(seq_len, start + per_split);
-    const int ntiles = (end - start + TILE - 1) / TILE;
+    const int warp = (threadIdx.x % THREADS) / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int2 keys = decode_split_range(seq_lens[b], splits, split);
+    const int start = keys.x, end = keys.y;
     const float qk_scale = scale * ATT_LOG2E;
 
     // The group's query rows as A fragments (rows >= group are zero).
@@ -159,33 +197,16 @@ __device__ __forceinline__ void slot_decode_split(
     const size_t slot_off = (size_t)slots[b] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
     const __nv_bfloat16* kb = k_base + slot_off;
     const __nv_bfloat16* vb = v_base + slot_off;
-    const uint32_t smem0 = smem_addr(smem);
-    auto load = [&](int tile, int stage) {
-        const int t0 = start + tile * TILE;
-        const uint32_t ks = smem0 + stage * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
-        auto valid = [&](int r) { return t0 + r < end; };
-        load_tile<TILE, THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
-        load_tile<TILE, THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
-    };
 
     float o[16][4];
 #pragma unroll
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     RowState st;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ntiles) load(s, s);
-        cp_async_commit();
-    }
-    for (int i = 0; i < ntiles; ++i) {
-        cp_async_wait<STAGES - 2>();
-        sync();
-        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
-        cp_async_commit();
-        const uint32_t ks = smem0 + (i % STAGES) * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
+    decode_split_tiles<STAGES, WARPS>(kb, vb, pos_stride, start, end, smem_addr(smem), ctx,
+                                      [&](uint32_t ks, uint32_t vs, int t0) {
         float s[2][4] = {};
         qk_16(s, qa, ks, warp * 16, lane);
-        const int key0 = start + i * TILE + warp * 16;
+        const int key0 = t0 + warp * 16;
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -195,9 +216,7 @@ __device__ __forceinline__ void slot_decode_split(
         uint32_t pa[4];
         p_to_a(pa, s[0], s[1]);
         pv_16(o, pa, vs, warp * 16, lane);
-    }
-    cp_async_wait<0>();
-    sync();
+    });
 
     // Merge the warps: (m, l) and o per warp and row in shared memory.
     float* sm = reinterpret_cast<float*>(smem);  // [WARPS][16]
@@ -247,13 +266,9 @@ __device__ __forceinline__ void slot_decode_split_t(
     constexpr int THREADS = WARPS * 32, TILE = 16 * WARPS, STAGE_BYTES = 2 * TILE * ATT_ROW_BYTES;
     static_assert(STAGES >= 2 && STAGES * STAGE_BYTES >= WARPS * 16 * (ATT_HEAD_DIM + 2) * 4, "the merge reuses the stages");
     uint8_t* smem = ctx.region();
-    auto sync = [&] { ctx.sync(); };
     const int lane = threadIdx.x % 32, warp = (threadIdx.x % THREADS) / 32, g = lane / 4, t = lane % 4, m8 = lane / 8;
-    const int seq_len = seq_lens[b];
-    const int per_split = (seq_len + splits - 1) / splits;
-    const int start = min(seq_len, split * per_split);
-    const int end = min(seq_len, start + per_split);
-    const int ntiles = (end - start + TILE - 1) / TILE;
+    const int2 keys = decode_split_range(seq_lens[b], splits, split);
+    const int start = keys.x, end = keys.y;
     const float qk_scale = scale * ATT_LOG2E;
 
     // q^T of the group's heads as B fragments: column g = head g (zero past
@@ -273,31 +288,14 @@ __device__ __forceinline__ void slot_decode_split_t(
     const size_t slot_off = (size_t)slots[b] * slot_stride + (size_t)kvh * ATT_HEAD_DIM;
     const __nv_bfloat16* kb = k_base + slot_off;
     const __nv_bfloat16* vb = v_base + slot_off;
-    const uint32_t smem0 = smem_addr(smem);
-    auto load = [&](int tile, int stage) {
-        const int t0 = start + tile * TILE;
-        const uint32_t ks = smem0 + stage * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
-        auto valid = [&](int r) { return t0 + r < end; };
-        load_tile<TILE, THREADS>(ks, [&](int r) { return kb + (size_t)(t0 + r) * pos_stride; }, valid);
-        load_tile<TILE, THREADS>(vs, [&](int r) { return vb + (size_t)(t0 + r) * pos_stride; }, valid);
-    };
 
     float o[8][4];  // O^T: dims 16 dm + g (+ 8) x heads 2t, 2t + 1
 #pragma unroll
     for (int d = 0; d < 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float mx_run[2] = {-INFINITY, -INFINITY};  // heads 2t, 2t + 1 (log2 domain)
     float l_run[2] = {0.f, 0.f};               // this thread's keys' part of the sums
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ntiles) load(s, s);
-        cp_async_commit();
-    }
-    for (int i = 0; i < ntiles; ++i) {
-        cp_async_wait<STAGES - 2>();
-        sync();
-        if (i + STAGES - 1 < ntiles) load(i + STAGES - 1, (i + STAGES - 1) % STAGES);
-        cp_async_commit();
-        const uint32_t ks = smem0 + (i % STAGES) * STAGE_BYTES, vs = ks + TILE * ATT_ROW_BYTES;
+    decode_split_tiles<STAGES, WARPS>(kb, vb, pos_stride, start, end, smem_addr(smem), ctx,
+                                      [&](uint32_t ks, uint32_t vs, int t0) {
         // S^T: keys warp * 16 + g (+ 8) x heads 2t, 2t + 1.
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -306,7 +304,7 @@ __device__ __forceinline__ void slot_decode_split_t(
             ldsm_x4(ks + tile_off(warp * 16 + (m8 % 2) * 8 + lane % 8, 2 * kk + m8 / 2), a[0], a[1], a[2], a[3]);
             mma_bf16(s, a, qb[kk][0], qb[kk][1]);
         }
-        const int key0 = start + i * TILE + warp * 16;
+        const int key0 = t0 + warp * 16;
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[e] = key0 + g + 8 * (e / 2) < end ? s[e] * qk_scale : -INFINITY;
         // Online softmax per head column: the max over this warp's 16 keys
@@ -344,9 +342,7 @@ __device__ __forceinline__ void slot_decode_split_t(
             ldsm_x4_t(vs + tile_off(warp * 16 + (m8 / 2) * 8 + lane % 8, 2 * dm + m8 % 2), a[0], a[1], a[2], a[3]);
             mma_bf16(o[dm], a, pb0, pb1);
         }
-    }
-    cp_async_wait<0>();
-    sync();
+    });
 
     // The warps' (m, l) and o per head (a row of slot_decode_split_finish's layout).
     float* sm = reinterpret_cast<float*>(smem);  // [WARPS][16]
