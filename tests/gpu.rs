@@ -1038,12 +1038,10 @@ fn pod_gpu_matches_cpu_twin() {
 fn slim_kernels_share_an_sm() {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
     let Device::Cuda(dev) = gpu() else { unreachable!() };
-    let regs = |name: &str| {
-        vpod_attention::ops::cuda::function(&dev, name)
-            .unwrap()
-            .num_regs()
-            .unwrap() as usize
-    };
+    let func = |name: &str| vpod_attention::ops::cuda::function(&dev, name).unwrap();
+    let regs = |name: &str| func(name).num_regs().unwrap() as usize;
+    // Static shared memory (mbarriers, flags) on top of the dynamic.
+    let static_smem = |name: &str| func(name).shared_size_bytes().unwrap() as usize;
     let attr = |a: A| dev.cuda_stream().context().attribute(a).unwrap() as usize;
     let (pre, dec) = (regs("slot_prefill_wsps_bf16"), regs("slot_decode_slim_bf16"));
     // setmaxnreg's pool is exactly balanced at 136 ((136 - 24) x 128 = (192 - 136) x 256).
@@ -1056,9 +1054,14 @@ fn slim_kernels_share_an_sm() {
         used <= part,
         "registers of one sub-partition: 3 prefill warps at {pre} + a decode warp at {dec} = {used} > {part}"
     );
-    // Shared memory: the ring (Q + 2 stages of K and V) and the decode's 2
-    // stages of 64 keys, plus each block's reserved 1 KiB.
-    let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024) + 2 * 2 * 64 * 256 + 2 * 1024;
+    // Shared memory: the ring (Q + 2 stages of K and V), the decode's 2
+    // stages of 64 keys, each kernel's static shared memory and each
+    // block's reserved 1 KiB.
+    let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024)
+        + 2 * 2 * 64 * 256
+        + static_smem("slot_prefill_wsps_bf16")
+        + static_smem("slot_decode_slim_bf16")
+        + 2 * 1024;
     let per_sm = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR);
     assert!(smem <= per_sm, "shared memory: {smem} > {per_sm}");
 }
@@ -1078,8 +1081,8 @@ fn pod_streams_slim_matches_cpu_twin() {
             prefill_kernel: vpod_attention::PrefillKernel::WspSlim,
             ..Default::default()
         };
-        // The steps must have run the slim prefill (not a fallback).
-        let kernel = Some("slot_prefill_wsps_bf16");
+        // The steps must have run the slim pair (not a fallback).
+        let kernel = Some("prefill slot_prefill_wsps_bf16, decode slot_decode_slim_bf16");
         check_against_twin_ramp(
             "pod:streams",
             shape,
@@ -1094,18 +1097,23 @@ fn pod_streams_slim_matches_cpu_twin() {
 }
 
 /// The planner with [`vpod_attention::PodTuning::slim_streams`]: hybrid
-/// steps of one decode beside a long prompt chunk (its serial verdict) run
-/// as the slim pair on two streams, against the CPU twin, GQA 4/7/8.
+/// steps of 8 decodes of ~1500 keys beside a 2048-token prompt chunk, then
+/// a 600-token one over it (the decode half 7-22 % of the step by the
+/// planner's prediction: its serial or two-stream verdict) run as the slim
+/// pair on two streams, against the CPU twin, GQA 4/7/8. The decodes' splits take 3-6 64-key tiles each, so the slim
+/// decode's 2-stage ring wraps.
 #[test]
 fn pod_planner_slim_pair_matches_cpu_twin() {
     let (_, shapes) = twin_shapes();
-    let steps: &[&[(u64, usize, usize)]] = &[
-        &[(1, 0, 300)],
-        &[(1, 300, 1), (10, 0, 1100)],
-        &[(1, 301, 1), (10, 1100, 600)],
-    ];
+    let prompts: Vec<(u64, usize, usize)> = (1..=8u64).map(|s| (s, 0, 1490 + s as usize)).collect();
+    let decodes = |extra: usize| (1..=8u64).map(move |s| (s, 1490 + s as usize + extra, 1));
+    let mut s1: Vec<(u64, usize, usize)> = decodes(0).collect();
+    s1.push((10, 0, 2048));
+    let mut s2: Vec<(u64, usize, usize)> = decodes(1).collect();
+    s2.push((10, 2048, 600));
+    let steps: &[&[(u64, usize, usize)]] = &[&prompts, &s1, &s2];
     let opts = vpod_attention::BackendOptions {
-        max_seqs: 4,
+        max_seqs: 14,
         pod_tuning: vpod_attention::PodTuning {
             slim_streams: true,
             ..Default::default()
@@ -1113,8 +1121,8 @@ fn pod_planner_slim_pair_matches_cpu_twin() {
         ..Default::default()
     };
     for &shape in shapes {
-        // Every hybrid step must have run the slim prefill (the record names it).
-        let kernel = Some("slot_prefill_wsps_bf16");
+        // Every hybrid step must have run the slim pair (the record names both).
+        let kernel = Some("prefill slot_prefill_wsps_bf16, decode slot_decode_slim_bf16");
         check_against_twin_ramp(
             "pod",
             shape,

@@ -250,6 +250,9 @@ pub(crate) mod cuda {
     /// Dynamic shared memory of `slot_decode_slim_bf16`: 2 stages of 64-key
     /// K and V tiles.
     pub const DECODE_SLIM_SMEM: usize = 2 * DECODE_STAGE_BYTES;
+    /// The largest GQA group `slot_decode_slim_bf16` takes (its transposed
+    /// products hold 8 query heads); larger groups run `slot_decode_bf16`.
+    pub const SLIM_MAX_GROUP: usize = 8;
 
     /// What the split-KV decode reads and writes: `q` rows `q_rows[b]`, K/V
     /// rows at `k` / `v` + `slots[b] * slot_stride + position * pos_stride`
@@ -328,7 +331,7 @@ pub(crate) mod cuda {
         let (mut heads, mut group, mut splits) =
             (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
         let (mut ss, mut ps, mut scale) = (l.slot_stride, l.pos_stride, l.scale);
-        let slim = l.slim && group <= 8;
+        let slim = l.slim && group as usize <= SLIM_MAX_GROUP;
         let (name, smem) = match slim {
             true => ("slot_decode_slim_bf16", DECODE_SLIM_SMEM),
             false => ("slot_decode_bf16", DECODE_SMEM),

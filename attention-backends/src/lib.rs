@@ -263,8 +263,10 @@ pub enum PrefillKernel {
     /// path's slim decode blocks (`slot_decode_slim_bf16`: 4 warps at 104
     /// registers, one a sub-partition, 64 KiB; GQA groups of at most 8) fit
     /// on the prefill's SMs beside it: the decodes' memory traffic under the
-    /// prefill's GEMMs instead of after its last wave.
-    /// An A/B variant, not yet measured.
+    /// prefill's GEMMs instead of after its last wave. On the H200
+    /// (results/2026-12-04-h200-slim) it ran 0-4 % faster than `Wsp` as the
+    /// serial pair's prefill, and with the slim decode on two streams
+    /// 1.02-1.11x over the best serial pair on prefill-heavy hybrid steps.
     WspSlim,
 }
 

@@ -534,6 +534,8 @@ impl AttentionBackend for VirtualBackend {
                 && !single
                 && gpu.tuning.slim_streams
                 && matches!(path, PodPath::Serial | PodPath::Streams)
+                // Prefill-heavy: a serial verdict for a small prefill half stays serial.
+                && halves.is_some_and(|(tp, td)| tp > td)
                 && gpu.prefill == crate::PrefillKernel::Wsp
                 && crate::vattention_gpu::slim_pair_runs(&gpu.dev, &self.cache, group);
             let (path, prefill) = match slim {
@@ -594,9 +596,16 @@ impl AttentionBackend for VirtualBackend {
                 .then_some(
                     "the partitioned kernel cannot run here (sm_90a, TMA, 128-row pages) or is tuned off: ",
                 );
+            // The slim decode beside the slim prefill (decode.rs falls back
+            // to the plain one for larger groups).
+            let slim_decode = if plan.slim_pair() && group <= crate::decode::cuda::SLIM_MAX_GROUP {
+                ", decode slot_decode_slim_bf16"
+            } else {
+                ""
+            };
             if let Some(k) = plan
                 .prefill_kernel()
-                .map(|k| format!("prefill {}", k.symbol()))
+                .map(|k| format!("prefill {}{slim_decode}", k.symbol()))
                 .or(plan.pod_note())
                 .map(|k| format!("{}{k}", instead.unwrap_or("")))
             {

@@ -90,7 +90,7 @@ fn prefill_tma(dev: &CudaDevice, cache: &VirtualCache) -> Option<[u64; 2]> {
 /// TMA prefill on this device and cache, and GQA groups of at most 8 (the
 /// slim decode's transposed products hold 8 heads).
 pub(crate) fn slim_pair_runs(dev: &CudaDevice, cache: &VirtualCache, group: usize) -> bool {
-    group <= 8
+    group <= crate::decode::cuda::SLIM_MAX_GROUP
         && resolve_prefill(
             PrefillKernel::WspSlim,
             prefill_tma(dev, cache),
@@ -428,6 +428,16 @@ impl StepPlan {
             crate::PodKernel::Partitioned => format!("kernel {name}, {} decode SMs", self.decode_sms),
             _ => format!("kernel {name}"),
         })
+    }
+
+    /// Whether a hybrid step runs the slim pair: `slot_prefill_wsps_bf16` and,
+    /// on the side stream, `slot_decode_slim_bf16` (for GQA groups up to
+    /// [`crate::decode::cuda::SLIM_MAX_GROUP`]; the plain decode above).
+    pub(crate) fn slim_pair(&self) -> bool {
+        self.path == PodPath::Streams
+            && self.prefill == PrefillKernel::WspSlim
+            && self.chunks.n_work > 0
+            && self.n_dec > 0
     }
 
     /// The plain prefill kernel this step runs, if it runs one (prompt
@@ -1023,7 +1033,7 @@ impl GpuAttention<'_> {
                     // Beside the slim prefill kernel, the slim decode: its
                     // blocks fit on the prefill's SMs (PrefillKernel::WspSlim).
                     let mut l = self.decode_launch(q);
-                    l.slim = p.prefill == PrefillKernel::WspSlim;
+                    l.slim = p.slim_pair();
                     crate::decode::cuda::launch(&dev, &l, &mut out, Some(side.stream), None)?;
                     event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)

@@ -38,8 +38,9 @@
 //!     partials [batch * heads, splits] x (o[128], (m, l)) in the log2 domain; with counters
 //!     ([batch * kv_heads], zeroed) the last block merges into out rows q_rows, else (null) the combine does.
 //! slot_decode_slim_bf16(the same arguments)
-//!     the same with 64 threads (2 warps, 32-key tiles), 32 KiB dynamic smem (2 stages), at most 208
-//!     registers a thread: a block fits on an SM beside a slot_prefill_wsps_bf16 block.
+//!     the same with transposed products (GQA group <= 8): 128 threads (4 warps, one per SM
+//!     sub-partition), 64-key tiles, 64 KiB dynamic smem (2 stages), at most 104 registers a thread:
+//!     a block fits on an SM beside a slot_prefill_wsps_bf16 block.
 //! slot_decode_combine_bf16(const float* part_o, const float* part_ml, const int* q_rows, bf16* out,
 //!                          int heads, int splits)
 //!     grid batch * heads, 128 threads: out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p.

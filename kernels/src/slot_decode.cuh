@@ -20,6 +20,11 @@
 // With `counters` (one zeroed int per (sequence, KV head)), the last split
 // block of a (sequence, KV head) to finish does that merge itself and resets
 // its counter (no second launch); without, slot_decode_combine does it.
+//
+// slot_decode_split_t is the same split with the products transposed (GQA
+// groups <= 8 on the MMA's N side): half the registers, for the slim decode
+// (slot_decode_slim_bf16, 104 registers, 2 stages, 64 KiB) that shares its
+// SMs with slot_prefill_wsps_bf16.
 #pragma once
 #include "attn_mma.cuh"
 
