@@ -123,11 +123,12 @@ if want podsweep; then
 fi
 if want prefillab; then
     # Prefill kernel variants A/B on the same cases, twice (the first kernel again last, to see drift).
+    # PF_PLACEMENTS=N: each case on N fresh caches at other physical pages (a row each, with the reps' range).
     for i in 1 2; do
         mkdir -p "$OUT/pf$i"
         tstep "${PF_TIMEOUT:-120}" "pf$i" "$B/vpod-bench" prefill --out "$OUT/pf$i" --backends vattention \
             --models "${PF_MODELS:-llama3-8b,yi-6b}" --kernels "${PF_KERNELS:-wsp,w8,wsp}" \
-            --cases "${PF_CASES:-16k,1k@4k,1k@12k,2k@16k}"
+            --cases "${PF_CASES:-16k,1k@4k,1k@12k,2k@16k}" --placements "${PF_PLACEMENTS:-1}"
     done
     for i in 1 2; do grep -E "^\| vattention" "$OUT/pf$i.log"; done
 fi

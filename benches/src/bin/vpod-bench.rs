@@ -109,6 +109,12 @@ enum What {
             value_parser = clap::builder::PossibleValuesParser::new(PREFILL_CASES.map(|c| c.0))
         )]
         cases: Vec<String>,
+        /// Times each case on this many fresh backends, the p-th (from 0)
+        /// mapping its pages after a spacer of p x 96 MiB of device memory
+        /// (other physical pages): a row each, with the kernel reps' min and
+        /// max, to tell a placement-dependent time from run-to-run spread.
+        #[arg(long, default_value_t = 1)]
+        placements: usize,
     },
     Map,
     Jit {
@@ -513,9 +519,22 @@ fn time_prefill_kernel(
     dev: &Device,
     iters: usize,
 ) -> Result<Option<f64>> {
+    Ok(prefill_kernel_samples(b, chunks, heads, kvh, dev, iters)?.map(|v| percentile(&v, 0.5)))
+}
+
+/// [`time_prefill_kernel`]'s reps, each in ms (`None` where the backend
+/// does not time its prefill kernel).
+fn prefill_kernel_samples(
+    b: &mut dyn AttentionBackend,
+    chunks: Vec<SeqChunk>,
+    heads: usize,
+    kvh: usize,
+    dev: &Device,
+    iters: usize,
+) -> Result<Option<Vec<f64>>> {
     let (meta, [q, k, v]) = inputs(chunks, heads, kvh, dev)?;
     b.forward(0, &q, &k, &v, &meta)?;
-    median_after_spin(dev, iters, || {
+    samples_after_spin(dev, iters, || {
         b.forward(1, &q, &k, &v, &meta)?;
         Ok(b.prefill_kernel_ms())
     })
@@ -524,12 +543,13 @@ fn time_prefill_kernel(
 /// FlashInfer's harness's way of timing a call: per rep a GPU spin
 /// ([`SPIN_CYCLES`]: the launches are queued behind it and the GPU starts
 /// from a light load), then `measure` (one rep's time, `None`: nothing to
-/// time, which ends it); the median of `reps` after 3 warm-up ones.
-fn median_after_spin(
+/// time, which ends it); the `reps` after 3 warm-up ones (the benchmarks
+/// report their median).
+fn samples_after_spin(
     dev: &Device,
     reps: usize,
     mut measure: impl FnMut() -> Result<Option<f64>>,
-) -> Result<Option<f64>> {
+) -> Result<Option<Vec<f64>>> {
     let mut v = Vec::with_capacity(reps.max(1));
     for rep in 0..reps.max(1) + 3 {
         vpod_attention::ops::gpu_spin(dev, SPIN_CYCLES)?;
@@ -540,7 +560,7 @@ fn median_after_spin(
             v.push(t);
         }
     }
-    Ok(Some(percentile(&v, 0.5)))
+    Ok(Some(v))
 }
 
 fn decode(
@@ -666,9 +686,11 @@ fn prefill(
     backends: &[String],
     kernels: &[String],
     cases: &[String],
+    placements: usize,
     iters: usize,
     ceil: &Ceilings,
 ) -> Result<Vec<Value>> {
+    ensure!(placements >= 1, "prefill: --placements must be at least 1");
     let cases = prefill_cases(cases)?;
     let dev = gpu()?;
     let mut shapes = vec![];
@@ -701,7 +723,13 @@ fn prefill(
         } else {
             "128 rows"
         };
-        for &(_, name, ctx, ql) in &cases {
+        for (&(_, name, ctx, ql), p) in cases.iter().flat_map(|c| (0..placements).map(move |p| (c, p))) {
+            // Other physical pages for the p-th placement: a spacer held
+            // while the backend maps its cache.
+            let spacer_mib = 96 * p;
+            let _spacer = (p > 0)
+                .then(|| Tensor::zeros(spacer_mib << 19, DType::BF16, &dev))
+                .transpose()?;
             let mut b = backend_opts(spec, heads, kvh, 1, ctx + ql + 64, &dev, kernel, true)?;
             let mut done = 0;
             while done < ctx {
@@ -725,15 +753,25 @@ fn prefill(
                 query_len: ql,
             };
             let secs = time_layer(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
-            let kernel_ms = time_prefill_kernel(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
+            let samples = prefill_kernel_samples(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
+            let kernel_ms = samples.as_deref().map(|v| percentile(v, 0.5));
+            let kernel_range = samples
+                .as_deref()
+                .map(|v| (percentile(v, 0.0), percentile(v, 1.0)));
             // Each query row j sees ctx + j + 1 keys: QK^T and PV, 2 FLOPs per MAC.
             let pairs = (ql * ctx + ql * (ql + 1) / 2) as f64;
             let flops = 4.0 * 128.0 * heads as f64 * pairs;
             let tf = flops / secs / 1e12;
             let kernel_tf = kernel_ms.map(|ms| flops / (ms * 1e-3) / 1e12);
             let cell = |x: Option<f64>, digits: usize| x.map_or("-".into(), |x| format!("{x:.digits$}"));
+            // With several placements: which one, and the kernel reps' range.
+            let (case, range) = match (placements, kernel_range) {
+                (1, _) => (name.to_string(), String::new()),
+                (_, Some((lo, hi))) => (format!("{name} #{p}"), format!(" ({lo:.3}-{hi:.3})")),
+                (_, None) => (format!("{name} #{p}"), String::new()),
+            };
             println!(
-                "| {spec} | {model} {heads}/{kvh} | {name} | {tile} | {:.3} | {tf:.0} | {:.0} | {} | {} |",
+                "| {spec} | {model} {heads}/{kvh} | {case} | {tile} | {:.3} | {tf:.0} | {:.0} | {}{range} | {} |",
                 secs * 1e3,
                 tf / ceil.tflops() * 100.0,
                 cell(kernel_ms, 3),
@@ -745,6 +783,8 @@ fn prefill(
                 "tflop_per_s": tf, "percent_of_matmul": tf / ceil.tflops() * 100.0,
                 "what": "one layer's attention call incl. the K/V write of the chunk, back-to-back calls",
                 "kernel_ms": kernel_ms, "kernel_tflop_per_s": kernel_tf,
+                "kernel_ms_min": kernel_range.map(|r| r.0), "kernel_ms_max": kernel_range.map(|r| r.1),
+                "placement": p, "spacer_mib": spacer_mib,
                 "kernel_what": "the prefill kernel alone: CUDA events around it, a 2 ms GPU spin before each rep (FlashInfer harness's method), median"}),
             );
         }
@@ -1955,7 +1995,7 @@ fn fi_case<'a>(fi: &'a [Value], r: &Value) -> Option<&'a Value> {
 }
 
 /// Median GPU microseconds of `f` alone, CUDA events around it, timed by
-/// [`median_after_spin`].
+/// [`samples_after_spin`] (their median).
 #[cfg(feature = "cuda")]
 fn gpu_alone_us(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
@@ -1968,13 +2008,13 @@ fn gpu_alone_us(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) ->
         ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
         ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
     );
-    let us = median_after_spin(dev, reps, || {
+    let us = samples_after_spin(dev, reps, || {
         start.record(&stream)?;
         f()?;
         end.record(&stream)?;
         Ok(Some(start.elapsed_ms(&end)? as f64 * 1e3))
     })?;
-    us.context("no rep timed")
+    us.map(|v| percentile(&v, 0.5)).context("no rep timed")
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -2539,9 +2579,10 @@ fn main() -> Result<()> {
             models,
             kernels,
             cases,
+            placements,
         } => (
             "prefill",
-            prefill(models, backends, kernels, cases, args.iters, &ceil)?,
+            prefill(models, backends, kernels, cases, *placements, args.iters, &ceil)?,
         ),
         What::Map => ("map", map(args.iters)?),
         What::Jit { modules } => ("jit", jit(modules)?),
@@ -2736,6 +2777,10 @@ mod tests {
             );
         }
         assert!(Args::try_parse_from(["vpod-bench", "prefill", "--cases", "2k@8k"]).is_err());
+        assert!(
+            Args::try_parse_from(["vpod-bench", "prefill", "--cases", "2k@16k", "--placements", "4"]).is_ok()
+        );
+        assert!(Args::try_parse_from(["vpod-bench", "prefill", "--placements", "x"]).is_err());
     }
 
     #[test]
