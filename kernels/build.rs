@@ -135,7 +135,11 @@ const SYMBOLS: &[(&str, &[&str])] = &[
     ),
     (
         "slot_prefill_wsp_bf16",
-        &["slot_prefill_wsp_bf16", "slot_prefill_wsps_bf16"],
+        &[
+            "slot_prefill_wsp_bf16",
+            "slot_prefill_wsps_bf16",
+            "slot_prefill_wspg_bf16",
+        ],
     ),
     ("slot_decode_bf16", &["slot_decode_bf16", "slot_decode_slim_bf16"]),
     (

@@ -882,6 +882,7 @@ fn vattention_gpu_matches_cpu_twin() {
         for (megacache, mapping, kernel) in [
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::WspSlim),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::WspPack),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W4p),
@@ -901,7 +902,12 @@ fn vattention_gpu_matches_cpu_twin() {
             // The warp-specialized tiles must run, not a fallback (the hybrid
             // steps' records name the prefill kernel; 128-row boxes fit the
             // 2 MiB pages here).
-            let ran = kernel.warp_specialized().then(|| kernel.symbol());
+            // The packed tile needs an even GQA group (else wsp runs).
+            let runs = match kernel {
+                PrefillKernel::WspPack if (shape.0 / shape.1) % 2 == 1 => PrefillKernel::Wsp,
+                k => k,
+            };
+            let ran = runs.warp_specialized().then(|| runs.symbol());
             check_against_twin_ramp("vattention", shape, &opts, TWIN_STEPS, false, &label, 0.0, ran);
         }
     }
@@ -918,14 +924,17 @@ fn vattention_gpu_matches_cpu_twin() {
 fn vattention_ws_prefill_long_chunks() {
     use vpod_attention::PrefillKernel;
     let steps: &[&[(u64, usize, usize)]] = &[&[(1, 0, 512)], &[(1, 512, 384)], &[(1, 896, 200)]];
-    let opts = vpod_attention::BackendOptions {
-        max_seqs: 2,
-        prefill_kernel: PrefillKernel::Wsp,
-        ..Default::default()
-    };
-    for ramp in [0.0, 8.0] {
-        let label = format!("{} (K ramp {ramp})", PrefillKernel::Wsp.symbol());
-        check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, None);
+    // The plain tile, and the GQA-packed one (two heads of a KV head a CTA).
+    for kernel in [PrefillKernel::Wsp, PrefillKernel::WspPack] {
+        let opts = vpod_attention::BackendOptions {
+            max_seqs: 2,
+            prefill_kernel: kernel,
+            ..Default::default()
+        };
+        for ramp in [0.0, 8.0] {
+            let label = format!("{} (K ramp {ramp})", kernel.symbol());
+            check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, None);
+        }
     }
 }
 

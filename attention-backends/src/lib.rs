@@ -268,17 +268,24 @@ pub enum PrefillKernel {
     /// serial pair's prefill, and with the slim decode on two streams
     /// 1.02-1.11x over the best serial pair on prefill-heavy hybrid steps.
     WspSlim,
+    /// `Wsp` with GQA packing (`slot_prefill_wspg_bf16`): a CTA takes 64
+    /// query rows of two query heads of one KV head (a consumer warpgroup
+    /// each), so each K/V tile it loads serves both heads: half the K/V
+    /// traffic from L2 over twice the CTAs. Even GQA groups only (`Wsp`
+    /// runs for odd ones). An A/B variant, not yet measured.
+    WspPack,
 }
 
 impl PrefillKernel {
     /// Every kernel, in the order the benchmarks list them.
-    pub const ALL: [PrefillKernel; 6] = [
+    pub const ALL: [PrefillKernel; 7] = [
         Self::W8,
         Self::W4,
         Self::W4p,
         Self::Tma64,
         Self::Wsp,
         Self::WspSlim,
+        Self::WspPack,
     ];
 
     /// The kernel's `extern "C"` symbol.
@@ -290,20 +297,29 @@ impl PrefillKernel {
             Self::Tma64 => "slot_prefill_w4t_bf16",
             Self::Wsp => "slot_prefill_wsp_bf16",
             Self::WspSlim => "slot_prefill_wsps_bf16",
+            Self::WspPack => "slot_prefill_wspg_bf16",
         }
     }
 
     /// The warp-specialized tile (`slot_prefill_ws.cuh`): sm_90a, TMA boxes
     /// of 128 rows.
     pub fn warp_specialized(self) -> bool {
-        matches!(self, Self::Wsp | Self::WspSlim)
+        matches!(self, Self::Wsp | Self::WspSlim | Self::WspPack)
     }
 
-    /// Query rows of one work item (one CTA).
+    /// Query rows of one work item, per query head.
     pub fn rows(self) -> usize {
         match self {
             Self::W8 | Self::Wsp | Self::WspSlim => 128,
-            Self::W4 | Self::W4p | Self::Tma64 => 64,
+            Self::W4 | Self::W4p | Self::Tma64 | Self::WspPack => 64,
+        }
+    }
+
+    /// Query heads a CTA takes (2: the GQA-packed tile).
+    pub fn heads_per_cta(self) -> usize {
+        match self {
+            Self::WspPack => 2,
+            _ => 1,
         }
     }
 }

@@ -51,9 +51,19 @@ const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
 /// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
 /// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
 /// multiple of their box rows (a box then never reaches an unmapped page);
-/// else the next one down (`Wsp` or `WspSlim` -> `Tma64` -> `W4p`).
-fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
+/// else the next one down (`Wsp`, `WspSlim` or `WspPack` -> `Tma64` ->
+/// `W4p`). `WspPack` needs an even GQA `group` (else `Wsp`).
+fn resolve_prefill(
+    asked: PrefillKernel,
+    dims: Option<[u64; 2]>,
+    tokens_per_page: usize,
+    group: usize,
+) -> PrefillKernel {
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
+    let asked = match asked {
+        PrefillKernel::WspPack if !group.is_multiple_of(2) => PrefillKernel::Wsp,
+        k => k,
+    };
     match asked {
         k if k.warp_specialized() && tma(128) => k,
         k if (k.warp_specialized() || k == PrefillKernel::Tma64) && tma(64) => PrefillKernel::Tma64,
@@ -95,6 +105,7 @@ pub(crate) fn slim_pair_runs(dev: &CudaDevice, cache: &VirtualCache, group: usiz
             PrefillKernel::WspSlim,
             prefill_tma(dev, cache),
             cache.tokens_per_page(),
+            group,
         ) == PrefillKernel::WspSlim
 }
 
@@ -464,14 +475,15 @@ impl StepPlan {
         let view = cache.view(0, vpod_kvcache::Kv::K);
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
         let tma = prefill_tma(dev, cache);
-        let prefill = resolve_prefill(kernel, tma, cache.tokens_per_page());
+        let group = cfg.num_heads / kv_heads.max(1);
+        let prefill = resolve_prefill(kernel, tma, cache.tokens_per_page(), group);
         // The partitioned kernel's prefill role is the TMA wsp tile: where
         // that cannot run (or TMA is tuned off), the 2:1 kernel stands in
         // (the record names the kernel that ran).
         let path = match path {
             PodPath::Fused(crate::PodKernel::Partitioned)
                 if !tuning.tma_prefill
-                    || resolve_prefill(PrefillKernel::Wsp, tma, cache.tokens_per_page())
+                    || resolve_prefill(PrefillKernel::Wsp, tma, cache.tokens_per_page(), group)
                         != PrefillKernel::Wsp =>
             {
                 PodPath::Fused(crate::PodKernel::TwoToOne)
@@ -737,9 +749,10 @@ impl GpuAttention<'_> {
             };
             let (work, heads_u) = (p.chunks.n_work as u32, self.heads as u32);
             // slot_prefill_wsp*_bf16: heads fastest (a work item's heads run
-            // together, the work list heaviest first); w4t: (work, heads).
-            let grid_dim = if p.prefill.rows() == 128 {
-                (heads_u, work, 1)
+            // together, the work list heaviest first; two a CTA packed);
+            // w4t: (work, heads).
+            let grid_dim = if p.prefill.warp_specialized() {
+                (heads_u / p.prefill.heads_per_cta() as u32, work, 1)
             } else {
                 (work, heads_u, 1)
             };

@@ -81,6 +81,9 @@
 //! slot_prefill_wsps_bf16(the same arguments)
 //!     the same launched at 136 registers a thread (consumers 192, producer 24; 52 K a block), leaving
 //!     an SM room for a slot_decode_slim_bf16 block.
+//! slot_prefill_wspg_bf16(the same arguments)
+//!     GQA-packed (even groups): grid (heads / 2, work items) with 64-row work items; consumer c takes
+//!     the 64 rows of query head 2 x blockIdx.x + c, so each K/V tile serves two heads.
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,

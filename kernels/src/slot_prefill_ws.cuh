@@ -223,12 +223,17 @@ __device__ __forceinline__ void ws_issue_pv(float o[16][4], const uint32_t pa[8]
 // GEMMs are issued, so one's softmax runs while the other's GEMMs do.
 // Both consumers take mine + 1 turns: consumer 0, a tile short, takes an
 // empty one; the last turn hands nothing on (nothing would take it).
-template <int STAGES>
+//
+// PACK (GQA packing): the consumers take the same 64 rows j0 .. of two query
+// heads of one KV head (head + c), so each K/V tile serves both heads; both
+// then read every tile (no empty turn).
+template <int STAGES, bool PACK = false>
 __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_bfloat16* __restrict__ q,
                                            __nv_bfloat16* __restrict__ out, int c, int qs, int ctx, int ql, int j0,
                                            int n_keys, int ntiles, int heads, int head, float qk_scale) {
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = threadIdx.x % 32, g = lane / 4;
-    const int row0 = j0 + 64 * c;  // this consumer's first query row (of the chunk)
+    const int row0 = PACK ? j0 : j0 + 64 * c;  // this consumer's first query row (of the chunk)
+    if (PACK) head += c;
     const uint32_t qc = r.q + c * 64 * ATT_ROW_BYTES;
     load_tile_at<64, 128>(
         qc, [&](int i) { return q + ((size_t)(qs + row0 + i) * heads + head) * ATT_HEAD_DIM; },
@@ -246,7 +251,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     // The last tile holds keys past n_keys: consumer 1 zeroes their V rows;
     // consumer 0 waits for that only if it reads the tile.
     const bool partial = n_keys % WS_BN != 0;
-    const bool both_last = min(ntiles, (ctx + j0 + 63) / WS_BN + 1) == ntiles;  // consumer 0 reads it too
+    const bool both_last = PACK || min(ntiles, (ctx + j0 + 63) / WS_BN + 1) == ntiles;  // consumer 0 reads it too
     auto wait_v = [&](int i) {
         mbar_wait(r.full_v(i), WsRing<STAGES>::phase(i));
         if (!partial || i != ntiles - 1) return;
@@ -266,7 +271,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     auto release = [&](uint32_t bar) {
         if (lane == 0) mbar_arrive(bar);
     };
-    const int turns = min(ntiles, (ctx + j0 + 127) / WS_BN + 1) + 1;  // consumer 1's tiles + 1
+    const int turns = min(ntiles, (ctx + j0 + (PACK ? 63 : 127)) / WS_BN + 1) + 1;  // consumer 1's tiles + 1
     int turn = 0;
     auto my_turn = [&] { named_sync(WS_BAR_TURN + c, 256); };
     auto hand_on = [&] {
@@ -346,7 +351,9 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
 // CREGS: the consumers' registers a thread (setmaxnreg; they use ~190): 240
 // in a block launched at 168, 192 in one launched at 136 (the slim kernel,
 // 52 K registers a block).
-template <int STAGES, int CREGS = 240>
+// PACK: query heads `head` and `head` + 1 (one KV head: the GQA group is
+// even) of a 64-row work item, one a consumer (ws_consume).
+template <int STAGES, int CREGS = 240, bool PACK = false>
 __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                            const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                            const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
@@ -356,7 +363,7 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
     __shared__ __align__(8) uint64_t bars[4 * STAGES];
     const int chunk = work[2 * item], j0 = work[2 * item + 1];
     const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
-    const int n_keys = ctx + min(ql, j0 + WS_BM);
+    const int n_keys = ctx + min(ql, j0 + (PACK ? WS_BM / 2 : WS_BM));
     const int ntiles = (n_keys + WS_BN - 1) / WS_BN;
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
     const WsRing<STAGES> r{base, base + WsShape<STAGES>::Q_BYTES,
@@ -381,6 +388,7 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
             ws_produce<STAGES>(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
     } else {
         setmaxnreg_inc<CREGS>();
-        ws_consume<STAGES>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head, scale * ATT_LOG2E);
+        ws_consume<STAGES, PACK>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head,
+                                 scale * ATT_LOG2E);
     }
 }

@@ -95,7 +95,7 @@ enum What {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
         /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp,
-        /// wsps: the slim wsp;
+        /// wsps: the slim wsp, wspg: the GQA-packed wsp;
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
         kernels: Vec<String>,
@@ -655,7 +655,8 @@ fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
         "tma64" => PrefillKernel::Tma64,
         "wsp" => PrefillKernel::Wsp,
         "wsps" => PrefillKernel::WspSlim,
-        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsps)"),
+        "wspg" => PrefillKernel::WspPack,
+        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsps, wspg)"),
     })
 }
 
@@ -1470,6 +1471,8 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The slim warp-specialized prefill (136 registers a thread) and, on
     // two streams, the slim decode blocks that fit on its SMs beside it.
     ("serial-wss", ["serial", "1", "slim", "4", "2", "1", "1", "1", ""]),
+    // The GQA-packed warp-specialized prefill (two query heads a CTA), then decode.
+    ("serial-wsg", ["serial", "1", "pack", "4", "2", "1", "1", "1", ""]),
     ("streams-ws", ["streams", "1", "", "4", "2", "1", "1", "1", ""]),
     (
         "streams-slim",
@@ -1543,8 +1546,10 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     };
     let (pipe, tma) = (v[6] != "0", v[7] != "0");
     // "slim": the warp-specialized tile launched at 136 registers (PrefillKernel::WspSlim).
+    // "pack": the GQA-packed one (PrefillKernel::WspPack).
     let prefill_kernel = match v[2] {
         "slim" => Some(PrefillKernel::WspSlim),
+        "pack" => Some(PrefillKernel::WspPack),
         _ => None,
     };
     let prefill_kernel = match prefill_kernel.map_or_else(|| num(v[2], "prefill warps"), |_| Ok(None))? {
@@ -1804,7 +1809,8 @@ fn hybrid(
                         .min(t("serial-64p"))
                         .min(t("serial-64t"))
                         .min(t("serial-ws"))
-                        .min(t("serial-wss"));
+                        .min(t("serial-wss"))
+                        .min(t("serial-wsg"));
                     let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
                     print!(
@@ -2794,6 +2800,7 @@ mod tests {
                 "serial-64t" => Some(PrefillKernel::Tma64),
                 "serial-ws" | "auto" | "auto-slim" | "streams-ws" => Some(PrefillKernel::Wsp),
                 "serial-wss" | "streams-slim" => Some(PrefillKernel::WspSlim),
+                "serial-wsg" => Some(PrefillKernel::WspPack),
                 _ => None,
             };
             if let Some(k) = want {
