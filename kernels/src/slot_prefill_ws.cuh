@@ -1,8 +1,8 @@
 // Warp-specialized causal prefill over the per-slot (vAttention) cache, sm_90a
 // only: FlashAttention-3's structure (arXiv 2407.08608) on our slot layout.
 // Same work list, chunk arrays and results as slot_prefill.cuh's tiles; a CTA
-// covers 128 query rows of one query head and loads each K/V tile once for
-// all of them.
+// covers 128 query rows of one query head (or, GQA-packed, 64 rows of two
+// query heads of one KV head) and loads each K/V tile once for all of them.
 //
 //   block:  3 warpgroups (384 threads). Warpgroup 0 is the producer: one
 //           thread issues the TMA loads of K and V tiles (128 keys x 128 dims,
@@ -22,7 +22,7 @@
 //           producer 24 (S 64 + O 64 + P 32 f32/bf16x2 registers a thread).
 //   grid:   (heads, work items): the heads of one work item run together
 //           (GQA neighbours share their K/V in L2) and the work list is
-//           heaviest first (causal tail).
+//           heaviest first (causal tail). Packed: (heads / 2, 64-row items).
 //
 // Inside a consumer, iteration i issues S_i = Q K_i^T and O += P_{i-1} V_{i-1}
 // together and runs tile i's softmax while the PV product is still on the
@@ -346,7 +346,8 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     store_rows(out, o, st, qs, row0 + 16 * warp, ql, heads, head, lane);
 }
 
-// Query head `head` of work item `item` (128 rows) by the whole block
+// Query head `head` of work item `item` (128 rows; packed: heads `head` and
+// `head` + 1, 64 rows) by the whole block
 // (WS_THREADS threads, WsShape<STAGES>::SMEM of dynamic shared memory).
 // CREGS: the consumers' registers a thread (setmaxnreg; they use ~190): 240
 // in a block launched at 168, 192 in one launched at 136 (the slim kernel,

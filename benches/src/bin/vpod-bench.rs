@@ -522,6 +522,11 @@ fn time_prefill_kernel(
     Ok(prefill_kernel_samples(b, chunks, heads, kvh, dev, iters)?.map(|v| percentile(&v, 0.5)))
 }
 
+/// The plain prefill kernel a step record names (`prefill SYMBOL`).
+fn ran_prefill(note: &str) -> Option<&str> {
+    note.split("prefill ").nth(1)?.split([',', ';', ' ']).next()
+}
+
 /// [`time_prefill_kernel`]'s reps, each in ms (`None` where the backend
 /// does not time its prefill kernel).
 fn prefill_kernel_samples(
@@ -718,12 +723,7 @@ fn prefill(
         };
         ks.iter().map(move |k| (b.as_str(), *k))
     });
-    for ((spec, kernel), &(model, heads, kvh)) in runs.flat_map(|r| shapes.iter().map(move |s| (r, s))) {
-        let tile = if spec == "vattention" {
-            kernel.symbol()
-        } else {
-            "128 rows"
-        };
+    for ((spec, asked), &(model, heads, kvh)) in runs.flat_map(|r| shapes.iter().map(move |s| (r, s))) {
         for (&(_, name, ctx, ql), p) in cases.iter().flat_map(|c| (0..placements).map(move |p| (c, p))) {
             // Other physical pages for the p-th placement: a spacer held
             // while the backend maps its cache.
@@ -731,7 +731,7 @@ fn prefill(
             let _spacer = (p > 0)
                 .then(|| Tensor::zeros(spacer_mib << 19, DType::BF16, &dev))
                 .transpose()?;
-            let mut b = backend_opts(spec, heads, kvh, 1, ctx + ql + 64, &dev, kernel, true)?;
+            let mut b = backend_opts(spec, heads, kvh, 1, ctx + ql + 64, &dev, asked, true)?;
             let mut done = 0;
             while done < ctx {
                 let n = (ctx - done).min(4096);
@@ -755,6 +755,21 @@ fn prefill(
             };
             let secs = time_layer(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
             let samples = prefill_kernel_samples(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
+            // The kernel that ran (a fallback where the device, the pages or
+            // the GQA group rule the asked one out), as the step record names it.
+            let kernel = b
+                .step_path()
+                .and_then(|n| {
+                    PrefillKernel::ALL
+                        .into_iter()
+                        .find(|k| ran_prefill(&n) == Some(k.symbol()))
+                })
+                .unwrap_or(asked);
+            let tile = if spec == "vattention" {
+                kernel.symbol()
+            } else {
+                "128 rows"
+            };
             let kernel_ms = samples.as_deref().map(|v| percentile(v, 0.5));
             let kernel_range = samples
                 .as_deref()
@@ -1777,10 +1792,18 @@ fn hybrid(
                         us.insert((*v).into(), json!(r[r.len() / 2] * 1e6));
                     }
                     // Each half alone (the plain kernels; the prefill's faster
-                    // tile): perfect overlap would take the longer of the two.
+                    // tile, among them the other warp-specialized tiles where
+                    // this run has their serial pairs, as best_serial below):
+                    // perfect overlap would take the longer of the two.
                     let (pre, dec) = seqs.split_at(1);
                     let (mut prefill_us, mut decode_us) = (f64::INFINITY, f64::INFINITY);
-                    for serial in ["serial", "serial-64p", "serial-64t", "serial-ws"] {
+                    let other_ws = ["serial-wss", "serial-wsg"]
+                        .into_iter()
+                        .filter(|n| variants.iter().any(|(v, _)| *v == *n));
+                    for serial in ["serial", "serial-64p", "serial-64t", "serial-ws"]
+                        .into_iter()
+                        .chain(other_ws)
+                    {
                         if let Some(v) = HYBRID_VARIANTS.iter().find(|v| v.0 == serial) {
                             b.retune(&variant_options(&v.1)?)?;
                         }
@@ -2751,6 +2774,20 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert!((r[0] - 0.95).abs() < 1e-12);
         assert!(rows[1].get("prefill_kernel_vs_fa3").is_none());
+    }
+
+    #[test]
+    fn ran_prefill_from_records() {
+        assert_eq!(
+            ran_prefill("prefill slot_prefill_wsp_bf16"),
+            Some("slot_prefill_wsp_bf16")
+        );
+        let n = "two streams (pod:streams); prefill slot_prefill_wsps_bf16, decode slot_decode_slim_bf16";
+        assert_eq!(ran_prefill(n), Some("slot_prefill_wsps_bf16"));
+        assert_eq!(
+            ran_prefill("fused, SMs partitioned by role; kernel pod_wsd_bf16"),
+            None
+        );
     }
 
     #[test]
