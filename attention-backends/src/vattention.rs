@@ -596,9 +596,8 @@ impl AttentionBackend for VirtualBackend {
                 .then_some(
                     "the partitioned kernel cannot run here (sm_90a, TMA, 128-row pages) or is tuned off: ",
                 );
-            // The slim decode beside the slim prefill (decode.rs falls back
-            // to the plain one for larger groups).
-            let slim_decode = if plan.slim_pair() && group <= crate::decode::cuda::SLIM_MAX_GROUP {
+            // The slim decode beside the slim prefill (for GQA groups it takes).
+            let slim_decode = if plan.slim_pair(group) {
                 ", decode slot_decode_slim_bf16"
             } else {
                 ""

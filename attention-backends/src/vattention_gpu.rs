@@ -441,11 +441,14 @@ impl StepPlan {
         })
     }
 
-    /// Whether a hybrid step runs the slim pair: `slot_prefill_wsps_bf16` and,
-    /// on the side stream, `slot_decode_slim_bf16` (for GQA groups up to
-    /// [`crate::decode::cuda::SLIM_MAX_GROUP`]; the plain decode above).
-    pub(crate) fn slim_pair(&self) -> bool {
-        self.path == PodPath::Streams
+    /// Whether a hybrid step of GQA `group` runs the slim pair:
+    /// `slot_prefill_wsps_bf16` and, on the side stream,
+    /// `slot_decode_slim_bf16` (groups up to
+    /// [`crate::decode::cuda::SLIM_MAX_GROUP`]; above, the plain decode runs
+    /// beside the slim prefill).
+    pub(crate) fn slim_pair(&self, group: usize) -> bool {
+        group <= crate::decode::cuda::SLIM_MAX_GROUP
+            && self.path == PodPath::Streams
             && self.prefill == PrefillKernel::WspSlim
             && self.chunks.n_work > 0
             && self.n_dec > 0
@@ -1046,7 +1049,7 @@ impl GpuAttention<'_> {
                     // Beside the slim prefill kernel, the slim decode: its
                     // blocks fit on the prefill's SMs (PrefillKernel::WspSlim).
                     let mut l = self.decode_launch(q);
-                    l.slim = p.slim_pair();
+                    l.slim = p.slim_pair(self.heads / self.kv_heads);
                     crate::decode::cuda::launch(&dev, &l, &mut out, Some(side.stream), None)?;
                     event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)

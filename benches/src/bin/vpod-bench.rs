@@ -505,30 +505,18 @@ fn time_layer(
 /// the FlashInfer harness's `torch.cuda._sleep` before each rep).
 const SPIN_CYCLES: u64 = 4_000_000;
 
-/// The plain prefill kernel alone (`None` where the backend does not time
-/// it): per rep a GPU spin ([`SPIN_CYCLES`]), then layer 1 of the step with
-/// CUDA events around its prefill kernel ([`BackendOptions::time_kernels`]);
-/// the median of `iters` reps after 3 warm-up ones. The same method as the
-/// FlashInfer harness's GPU times (each rep starts from a light load and
-/// with its launches queued), so the two compare kernel to kernel.
-fn time_prefill_kernel(
-    b: &mut dyn AttentionBackend,
-    chunks: Vec<SeqChunk>,
-    heads: usize,
-    kvh: usize,
-    dev: &Device,
-    iters: usize,
-) -> Result<Option<f64>> {
-    Ok(prefill_kernel_samples(b, chunks, heads, kvh, dev, iters)?.map(|v| percentile(&v, 0.5)))
-}
-
 /// The plain prefill kernel a step record names (`prefill SYMBOL`).
 fn ran_prefill(note: &str) -> Option<&str> {
     note.split("prefill ").nth(1)?.split([',', ';', ' ']).next()
 }
 
-/// [`time_prefill_kernel`]'s reps, each in ms (`None` where the backend
-/// does not time its prefill kernel).
+/// The plain prefill kernel alone (`None` where the backend does not time
+/// it): per rep a GPU spin ([`SPIN_CYCLES`]), then layer 1 of the step with
+/// CUDA events around its prefill kernel ([`BackendOptions::time_kernels`]);
+/// its `iters` reps in ms after 3 warm-up ones (the benchmarks report
+/// their median). The same method as the
+/// FlashInfer harness's GPU times (each rep starts from a light load and
+/// with its launches queued), so the two compare kernel to kernel.
 fn prefill_kernel_samples(
     b: &mut dyn AttentionBackend,
     chunks: Vec<SeqChunk>,
@@ -757,13 +745,11 @@ fn prefill(
             let samples = prefill_kernel_samples(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
             // The kernel that ran (a fallback where the device, the pages or
             // the GQA group rule the asked one out), as the step record names it.
-            let kernel = b
-                .step_path()
-                .and_then(|n| {
-                    PrefillKernel::ALL
-                        .into_iter()
-                        .find(|k| ran_prefill(&n) == Some(k.symbol()))
-                })
+            let note = b.step_path();
+            let ran = note.as_deref().and_then(ran_prefill);
+            let kernel = PrefillKernel::ALL
+                .into_iter()
+                .find(|k| ran == Some(k.symbol()))
                 .unwrap_or(asked);
             let tile = if spec == "vattention" {
                 kernel.symbol()
@@ -1563,16 +1549,15 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     // "slim": the warp-specialized tile launched at 136 registers (PrefillKernel::WspSlim).
     // "pack": the GQA-packed one (PrefillKernel::WspPack).
     let prefill_kernel = match v[2] {
-        "slim" => Some(PrefillKernel::WspSlim),
-        "pack" => Some(PrefillKernel::WspPack),
-        _ => None,
-    };
-    let prefill_kernel = match prefill_kernel.map_or_else(|| num(v[2], "prefill warps"), |_| Ok(None))? {
-        None => prefill_kernel.unwrap_or_default(),
-        Some(8) => PrefillKernel::W8,
-        Some(_) if !pipe => PrefillKernel::W4,
-        Some(_) if !tma => PrefillKernel::W4p,
-        Some(_) => PrefillKernel::Tma64,
+        "slim" => PrefillKernel::WspSlim,
+        "pack" => PrefillKernel::WspPack,
+        warps => match num(warps, "prefill warps")? {
+            None => PrefillKernel::default(),
+            Some(8) => PrefillKernel::W8,
+            Some(_) if !pipe => PrefillKernel::W4,
+            Some(_) if !tma => PrefillKernel::W4p,
+            Some(_) => PrefillKernel::Tma64,
+        },
     };
     let mut pod_tuning = PodTuning {
         policy: if v[1] == "0" {
@@ -1821,7 +1806,8 @@ fn hybrid(
                         let mut o = variant_options(&ws.context("no serial-ws variant")?.1)?;
                         o.time_kernels = true;
                         b.retune(&o)?;
-                        let ms = time_prefill_kernel(b.as_mut(), pre.to_vec(), heads, kvh, &dev, iters)?;
+                        let ms = prefill_kernel_samples(b.as_mut(), pre.to_vec(), heads, kvh, &dev, iters)?
+                            .map(|v| percentile(&v, 0.5));
                         o.time_kernels = false;
                         b.retune(&o)?;
                         ms.map(|ms| ms * 1e3)
