@@ -3,6 +3,8 @@
 //! read. Bench targets live in `benches/benches/`; run them with
 //! `cargo bench -p vpod-benches` (add `--features cuda` on a GPU machine).
 
+pub mod energy;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

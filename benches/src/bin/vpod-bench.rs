@@ -34,6 +34,9 @@
 //!   heads: the POD kernel (both block-role policies) and the planner's
 //!   choice against the serial pair (both prefill tiles: the best is the
 //!   baseline) and two CUDA streams (the POD-Attention paper's sweep);
+//!   with `--energy-ms` also each variant and each half under a sustained
+//!   load, read against the GPU's energy counter (NVML), and the bound the
+//!   power cap puts on any overlap;
 //! - `gemv`:    the decode projections' GEMV kernels (every
 //!   `linear::GemvKernel`) on the models' shapes at 1..4 rows: GPU time and
 //!   TB/s of the weights against the copy ceiling;
@@ -62,6 +65,7 @@ use vpod_attention::{
     AttentionBackend, AttnConfig, BackendOptions, BatchMeta, LogitsAt, PodMode, PodPolicy, PodTuning,
     PrefillKernel, SeqChunk, create_backend,
 };
+use vpod_benches::energy::{self, Nvml, Sustained};
 use vpod_kvcache::Mapping;
 
 #[derive(Parser, Debug)]
@@ -214,6 +218,13 @@ enum What {
         /// serial pair; the summary row gets `vs_flashinfer_best_serial`.
         #[arg(long)]
         fi_json: Option<std::path::PathBuf>,
+        /// Also run each variant, and each half alone, back to back for this
+        /// many ms (after half as long to settle the clocks) and read the
+        /// GPU's energy counter (NVML): time, watts, energy and SM clock per
+        /// step under a sustained load, and the power-cap bound of a perfect
+        /// overlap ([`vpod_benches::energy::cap_bound_s`]). 0: off.
+        #[arg(long, default_value_t = 0)]
+        energy_ms: u64,
     },
     /// The decode projections' GEMV kernels (`linear::GemvKernel`) on each
     /// model's shapes: GPU time per kernel and the weights' TB/s against the
@@ -1601,6 +1612,7 @@ fn hybrid(
     variants: &[String],
     iters: usize,
     fi_json: Option<&std::path::Path>,
+    energy_ms: u64,
 ) -> Result<Vec<Value>> {
     // FlashInfer's POD section, read first: a bad file fails before the sweep.
     let fi: Option<Vec<Value>> = match fi_json {
@@ -1644,6 +1656,10 @@ fn hybrid(
     let variants = &variants[..];
     let mut rng = StdRng::seed_from_u64(7);
     let dev = gpu()?;
+    let power = match energy_ms {
+        0 => None,
+        ms => Some(Power::measure(&dev, ms).context("--energy-ms")?),
+    };
     let mut rows = vec![];
     print!("| model | chunk @ pos | decodes x ctx | smaller half |");
     for v in variants {
@@ -1812,6 +1828,35 @@ fn hybrid(
                         b.retune(&o)?;
                         ms.map(|ms| ms * 1e3)
                     };
+                    let sustained = match &power {
+                        None => None,
+                        Some(pw) => {
+                            let mut runs = vec![];
+                            for (name, opts) in variants {
+                                b.retune(&variant_options(opts)?)?;
+                                b.plan_step(&qkv_meta)?;
+                                b.forward(0, &q, &k, &v, &qkv_meta)?;
+                                let run = pw.sustained(&dev, || {
+                                    b.forward(1, &q, &k, &v, &qkv_meta)?;
+                                    Ok(())
+                                })?;
+                                runs.push((*name, run));
+                            }
+                            // Each half alone with the default kernels (serial-ws).
+                            let ws = HYBRID_VARIANTS.iter().find(|v| v.0 == "serial-ws");
+                            b.retune(&variant_options(&ws.context("no serial-ws variant")?.1)?)?;
+                            let mut halves = vec![];
+                            for half in [pre, dec] {
+                                let (m, [hq, hk, hv]) = inputs(half.to_vec(), heads, kvh, &dev)?;
+                                b.forward(0, &hq, &hk, &hv, &m)?;
+                                halves.push(pw.sustained(&dev, || {
+                                    b.forward(1, &hq, &hk, &hv, &m)?;
+                                    Ok(())
+                                })?);
+                            }
+                            Some(pw.case_json(&runs, halves[0], halves[1]))
+                        }
+                    };
                     let t = |v: &str| us.get(v).and_then(Value::as_f64).unwrap_or(f64::NAN);
                     let best_serial = t("serial")
                         .min(t("serial-64"))
@@ -1855,7 +1900,7 @@ fn hybrid(
                         "perfect_overlap_speedup": ideal,
                         "best_serial_us": best_serial, "speedup_over_best_serial": speedup,
                         "planner": note, "planner_fused": fused, "smaller_half_share": share,
-                        "planner_gpu_us": planner_gpu_us,
+                        "planner_gpu_us": planner_gpu_us, "sustained": sustained,
                         "what": "one layer's attention call (K/V write + attention kernels), median of 5 rounds, the variants timed in turn within a round"}));
                 }
             }
@@ -1899,6 +1944,9 @@ fn hybrid(
             json!({"mean": mean, "cases": ideal.len()}),
         );
     }
+    if let Some(pw) = &power {
+        summary.insert("sustained".into(), pw.summary(&rows));
+    }
     if let Some(fi) = &fi {
         let comparisons = [
             (
@@ -1936,6 +1984,220 @@ fn hybrid(
     }
     rows.push(json!({"summary": summary}));
     Ok(rows)
+}
+
+/// `hybrid --energy-ms`: sustained runs read against the GPU's energy
+/// counter (NVML), with the power limit and the idle draw read at the start.
+#[derive(Debug)]
+struct Power {
+    nvml: Nvml,
+    /// Length of each sustained run (after half as long to settle).
+    ms: u64,
+    cap_w: f64,
+    idle_w: f64,
+}
+
+/// What one sustained run saw: time and energy per step, the SM clock's median.
+#[derive(Debug, Clone, Copy)]
+struct SustainedRun {
+    per_step: Sustained,
+    sm_mhz: f64,
+}
+
+impl SustainedRun {
+    fn json(&self) -> Value {
+        json!({"us": self.per_step.secs * 1e6, "watts": self.per_step.watts(),
+            "mj_per_step": self.per_step.joules * 1e3, "sm_mhz": self.sm_mhz})
+    }
+}
+
+impl Power {
+    fn measure(dev: &Device, ms: u64) -> Result<Self> {
+        let nvml = nvml(dev)?;
+        let cap_w = nvml.power_limit_w()?;
+        // The idle draw: this context open, nothing queued, over a second
+        // (after the ceilings' load has had 0.3 s to wind down).
+        dev.synchronize()?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (e0, t0) = (nvml.energy_j()?, Instant::now());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let idle_w = (nvml.energy_j()? - e0) / t0.elapsed().as_secs_f64();
+        ensure!(
+            idle_w < cap_w,
+            "NVML's energy counter gave {idle_w:.0} W at idle, above the {cap_w:.0} W limit"
+        );
+        println!(
+            "power: limit {cap_w:.0} W, idle {idle_w:.0} W, now {:.0} W at {:.0} MHz (NVML); sustained runs of {ms} ms\n",
+            nvml.power_w()?,
+            nvml.sm_mhz()?
+        );
+        Ok(Self {
+            nvml,
+            ms,
+            cap_w,
+            idle_w,
+        })
+    }
+
+    /// `f` back to back for `ms` after `ms / 2` to settle the clocks, in
+    /// batches of ~5 ms with one synchronisation each (the SM clock read
+    /// while a batch runs): the GPU's energy counter around the timed part.
+    fn sustained(&self, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<SustainedRun> {
+        let (secs, settle) = (self.ms as f64 * 1e-3, Instant::now());
+        let mut calls = 0usize;
+        while calls < 4 || settle.elapsed().as_secs_f64() < secs / 2.0 {
+            for _ in 0..4 {
+                f()?;
+            }
+            dev.synchronize()?;
+            calls += 4;
+        }
+        let per_call = settle.elapsed().as_secs_f64() / calls as f64;
+        let batch = ((5e-3 / per_call) as usize).clamp(4, 1000);
+        let (e0, t0) = (self.nvml.energy_j()?, Instant::now());
+        let (mut n, mut mhz) = (0usize, vec![]);
+        while n == 0 || t0.elapsed().as_secs_f64() < secs {
+            for _ in 0..batch {
+                f()?;
+            }
+            mhz.push(self.nvml.sm_mhz()?);
+            dev.synchronize()?;
+            n += batch;
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        let joules = self.nvml.energy_j()? - e0;
+        Ok(SustainedRun {
+            per_step: Sustained {
+                secs: elapsed / n as f64,
+                joules: joules / n as f64,
+            },
+            sm_mhz: percentile(&mhz, 0.5),
+        })
+    }
+
+    /// One case's sustained record: each variant, each half alone, and the
+    /// ceilings of a perfect overlap (the longer half) and of one under the
+    /// power cap ([`energy::cap_bound_s`]), as speedups over the best
+    /// serial variant's sustained time.
+    fn case_json(&self, runs: &[(&str, SustainedRun)], prefill: SustainedRun, decode: SustainedRun) -> Value {
+        let best_serial = runs
+            .iter()
+            .filter(|(n, _)| n.starts_with("serial"))
+            .map(|(_, r)| r.per_step.secs)
+            .fold(f64::INFINITY, f64::min);
+        let bound = energy::cap_bound_s(prefill.per_step, decode.per_step, self.cap_w, self.idle_w);
+        let speedup: serde_json::Map<String, Value> = runs
+            .iter()
+            .filter(|(n, _)| !n.starts_with("serial"))
+            .map(|(n, r)| ((*n).to_string(), json!(best_serial / r.per_step.secs)))
+            .collect();
+        let variants: serde_json::Map<String, Value> =
+            runs.iter().map(|(n, r)| ((*n).to_string(), r.json())).collect();
+        json!({"variants": variants, "prefill_alone": prefill.json(), "decode_alone": decode.json(),
+            "best_serial_us": best_serial * 1e6, "speedup_over_best_serial": speedup,
+            "perfect_overlap_speedup": best_serial / prefill.per_step.secs.max(decode.per_step.secs),
+            "power_cap_bound_us": bound * 1e6, "power_cap_speedup": best_serial / bound})
+    }
+
+    /// The sustained table (printed) and the summary row's `sustained`.
+    fn summary(&self, rows: &[Value]) -> Value {
+        let cases: Vec<&Value> = rows.iter().filter(|r| r["sustained"].is_object()).collect();
+        let Some(first) = cases.first() else {
+            return Value::Null;
+        };
+        let names: Vec<String> = first["sustained"]["variants"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        let fast: Vec<&String> = names.iter().filter(|n| !n.starts_with("serial")).collect();
+        println!(
+            "\nSustained ({} ms a run; limit {:.0} W, idle {:.0} W): us per step (W)",
+            self.ms, self.cap_w, self.idle_w
+        );
+        print!("| model | chunk @ pos | decodes x ctx |");
+        for n in &names {
+            print!(" {n} |");
+        }
+        for n in &fast {
+            print!(" {n} / best serial |");
+        }
+        println!(" prefill alone | decode alone | perfect overlap x | power-cap bound x |");
+        println!("|{}", "---|".repeat(3 + names.len() + fast.len() + 4));
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let run = |v: &Value| format!("{:.0} ({:.0} W)", f(&v["us"]), f(&v["watts"]));
+        for r in &cases {
+            let s = &r["sustained"];
+            print!(
+                "| {} | {} @ {} | {} x {} |",
+                r["model"].as_str().unwrap_or("?"),
+                r["chunk"],
+                r["position"],
+                r["decodes"],
+                r["decode_context"]
+            );
+            for n in &names {
+                print!(" {} |", run(&s["variants"][n.as_str()]));
+            }
+            for n in &fast {
+                print!(" {:.3} |", f(&s["speedup_over_best_serial"][n.as_str()]));
+            }
+            println!(
+                " {} | {} | {:.2} | {:.2} |",
+                run(&s["prefill_alone"]),
+                run(&s["decode_alone"]),
+                f(&s["perfect_overlap_speedup"]),
+                f(&s["power_cap_speedup"])
+            );
+        }
+        let stats = |key: &dyn Fn(&Value) -> Option<f64>| -> Value {
+            let v: Vec<f64> = cases.iter().filter_map(|r| key(&r["sustained"])).collect();
+            if v.is_empty() {
+                return Value::Null;
+            }
+            json!({"mean": v.iter().sum::<f64>() / v.len() as f64, "median": percentile(&v, 0.5),
+                "min": percentile(&v, 0.0), "max": percentile(&v, 1.0), "cases": v.len()})
+        };
+        let mut out = serde_json::Map::new();
+        for n in &fast {
+            let st = stats(&|s: &Value| s["speedup_over_best_serial"][n.as_str()].as_f64());
+            println!("sustained {n} / best serial: {st}");
+            out.insert((*n).clone(), st);
+        }
+        for key in ["perfect_overlap_speedup", "power_cap_speedup"] {
+            let st = stats(&|s: &Value| s[key].as_f64());
+            println!("sustained {key}: {st}");
+            out.insert(key.into(), st);
+        }
+        out.insert("run_ms".into(), json!(self.ms));
+        out.insert("power_limit_w".into(), json!(self.cap_w));
+        out.insert("idle_w".into(), json!(self.idle_w));
+        out.insert(
+            "what".into(),
+            json!("each variant and each half (serial-ws kernels) run back to back after a settling run of half the length; NVML's energy counter around it; speedups over the best serial variant's sustained time; power_cap_speedup: best serial / the power-cap bound of a perfect overlap (vpod_benches::energy::cap_bound_s: the longer half, or both halves' energy above idle at the limit's headroom above idle)"),
+        );
+        Value::Object(out)
+    }
+}
+
+/// This CUDA device's NVML handle (matched by its PCI address).
+#[cfg(feature = "cuda")]
+fn nvml(dev: &Device) -> Result<Nvml> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    let Device::Cuda(d) = dev else {
+        bail!("not a CUDA device")
+    };
+    let ctx = d.cuda_stream().context().clone();
+    let id = energy::pci_bus_id(
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?,
+    );
+    Nvml::open(&id)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nvml(_: &Device) -> Result<Nvml> {
+    bail!("energy readings need a CUDA build (--features cuda)")
 }
 
 /// Each sweep row's planner time against FlashInfer's best serial pair
@@ -2639,6 +2901,7 @@ fn main() -> Result<()> {
             decodes,
             variants,
             fi_json,
+            energy_ms,
         } => (
             "hybrid",
             hybrid(
@@ -2651,6 +2914,7 @@ fn main() -> Result<()> {
                 variants,
                 args.iters,
                 fi_json.as_deref(),
+                *energy_ms,
             )?,
         ),
         What::Gemv { models, rows, pdl } => ("gemv", gemv_kernels(models, rows, pdl, args.iters, &ceil)?),
