@@ -882,15 +882,36 @@ fn vattention_gpu_matches_cpu_twin() {
     use vpod_attention::PrefillKernel;
     // VPOD_QUICK (the compute-sanitizer runs): the first shape, no megacache.
     let (quick, shapes) = twin_shapes();
+    // An L2 budget of 1 byte: the warp-specialized tiles in sections of one
+    // KV head (ws_l2_order's multi-section order; at these lengths the
+    // default budget holds every head in one section).
+    let l2 = vpod_attention::PREFILL_L2_BUDGET;
     for &shape in shapes {
-        for (megacache, mapping, kernel) in [
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp),
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::WspSlim),
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::WspPack),
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8),
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64),
-            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W4p),
-            (true, vpod_kvcache::Mapping::Sync, PrefillKernel::W4),
+        for (megacache, mapping, kernel, l2_budget) in [
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp, l2),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Wsp, 1),
+            (
+                false,
+                vpod_kvcache::Mapping::Overlapped,
+                PrefillKernel::WspSlim,
+                l2,
+            ),
+            (
+                false,
+                vpod_kvcache::Mapping::Overlapped,
+                PrefillKernel::WspPack,
+                l2,
+            ),
+            (
+                false,
+                vpod_kvcache::Mapping::Overlapped,
+                PrefillKernel::WspPack,
+                1,
+            ),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8, l2),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::Tma64, l2),
+            (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W4p, l2),
+            (true, vpod_kvcache::Mapping::Sync, PrefillKernel::W4, l2),
         ] {
             if quick && megacache {
                 continue;
@@ -900,9 +921,13 @@ fn vattention_gpu_matches_cpu_twin() {
                 megacache,
                 mapping,
                 prefill_kernel: kernel,
+                prefill_l2_budget: l2_budget,
                 ..Default::default()
             };
-            let label = format!("megacache {megacache}, prefill {}", kernel.symbol());
+            let label = format!(
+                "megacache {megacache}, prefill {}, L2 budget {l2_budget}",
+                kernel.symbol()
+            );
             // The warp-specialized tiles must run, not a fallback (the hybrid
             // steps' records name the prefill kernel; 128-row boxes fit the
             // 2 MiB pages here).
@@ -928,15 +953,21 @@ fn vattention_gpu_matches_cpu_twin() {
 fn vattention_ws_prefill_long_chunks() {
     use vpod_attention::PrefillKernel;
     let steps: &[&[(u64, usize, usize)]] = &[&[(1, 0, 512)], &[(1, 512, 384)], &[(1, 896, 200)]];
-    // The plain tile, and the GQA-packed one (two heads of a KV head a CTA).
-    for kernel in [PrefillKernel::Wsp, PrefillKernel::WspPack] {
+    // The plain tile, and the GQA-packed one (two heads of a KV head a CTA),
+    // each in one L2 section and in sections of one KV head (a 1-byte budget).
+    let kernels = [PrefillKernel::Wsp, PrefillKernel::WspPack];
+    for (kernel, l2_budget) in kernels
+        .into_iter()
+        .flat_map(|k| [(k, vpod_attention::PREFILL_L2_BUDGET), (k, 1)])
+    {
         let opts = vpod_attention::BackendOptions {
             max_seqs: 2,
             prefill_kernel: kernel,
+            prefill_l2_budget: l2_budget,
             ..Default::default()
         };
         for ramp in [0.0, 8.0] {
-            let label = format!("{} (K ramp {ramp})", kernel.symbol());
+            let label = format!("{} (K ramp {ramp}, L2 budget {l2_budget})", kernel.symbol());
             // The asked tile ran (GQA 8: the packed one too), not a fallback.
             let ran = Some(kernel.symbol());
             check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, ran);
@@ -1029,13 +1060,20 @@ fn pod_gpu_matches_cpu_twin() {
                 tuning.partitioned = true;
                 tuning.decode_sms = env[5].parse().ok();
             }
+            // The partitioned kernel with one decode-first SM also takes its
+            // prefill items in L2 sections of one KV head (a 1-byte budget).
+            let l2_budget = match env[5] {
+                "1" => 1,
+                _ => vpod_attention::PREFILL_L2_BUDGET,
+            };
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 14,
                 pod_tuning: tuning,
+                prefill_l2_budget: l2_budget,
                 ..Default::default()
             };
             let label = format!(
-                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}, decode-first SMs '{}'",
+                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}, decode-first SMs '{}', L2 budget {l2_budget}",
                 env[0], env[1], env[2], env[3], env[4], env[5]
             );
             // The partitioned entries must have run pod_wsd_bf16.

@@ -54,9 +54,9 @@ pub use paged::{PagedBackend, paged_use_v1};
 pub use reference::ReferenceBackend;
 pub use vattention::{
     POD_FEW_DECODES_SPLIT_WAVES, POD_FEW_SPLITS_UP_TO, POD_MIN_SHARE, POD_SPLIT_WAVES, POD_STREAMS_ABOVE,
-    POD_TWO_TO_ONE_FROM, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits, decode_splits_static,
-    plan_pod_step, pod_decode_sms, pod_kernel_for, pod_split_waves_for, pod_step_halves, rope_write_fusion,
-    set_rope_write_fusion,
+    POD_TWO_TO_ONE_FROM, PREFILL_L2_BUDGET, PodKernel, PodPath, TWIN_SMS, VirtualBackend, decode_splits,
+    decode_splits_static, plan_pod_step, pod_decode_sms, pod_kernel_for, pod_split_waves_for,
+    pod_step_halves, prefill_l2_heads, rope_write_fusion, set_rope_write_fusion,
 };
 pub use vpod_kvcache::{KvManager, SeqId};
 
@@ -422,6 +422,13 @@ pub struct BackendOptions {
     /// The plain prefill kernel over the virtual cache (`vattention`, and
     /// `pod` steps that do not run fused).
     pub prefill_kernel: PrefillKernel,
+    /// L2 the warp-specialized prefill tiles (and the partitioned POD
+    /// kernel's prefill role) may fill with K/V, bytes: their CTAs run in
+    /// sections of whole KV heads whose K and V over the step's longest
+    /// work item fit in it, section by section ([`prefill_l2_heads`]). 0:
+    /// one section of every head (the order before, all heads of a work
+    /// item together).
+    pub prefill_l2_budget: usize,
     /// The `pod` backend's fused-kernel settings.
     pub pod_tuning: PodTuning,
     /// Benchmarks: record CUDA events around the plain prefill kernel of
@@ -447,6 +454,7 @@ impl Default for BackendOptions {
             fault_scale: None,
             pod_mode: PodMode::Auto,
             prefill_kernel: PrefillKernel::default(),
+            prefill_l2_budget: PREFILL_L2_BUDGET,
             pod_tuning: PodTuning::default(),
             time_kernels: false,
             cuda_graphs: true,

@@ -231,6 +231,28 @@ pub fn decode_splits_static(seq_len: usize, rows: usize, kv_heads: usize, sms: u
     decode_wave(rows, kv_heads, sms).min(seq_len.div_ceil(DECODE_TILE).max(1).next_power_of_two())
 }
 
+/// The default [`crate::BackendOptions::prefill_l2_budget`]: 32 MiB of the
+/// H100 / H200's 50 MB L2 (FlashAttention-3's budget for the same order;
+/// the rest holds Q, O and what other streams read).
+pub const PREFILL_L2_BUDGET: usize = 32 << 20;
+
+/// Query heads of a section of the warp-specialized prefill's L2 order
+/// (`ws_l2_order`, slot_prefill_ws.cuh): whole KV heads, as many as keep
+/// their K and V over `max_keys` keys (the longest work item's) within
+/// `budget` bytes, rounded down to a power of two (even sections of the
+/// models' 4 / 8 KV heads), at least one; every head for a budget of 0 or
+/// where all fit. Over a 4K prior context every Llama-3-8B head fits (one
+/// section, the order before); over 16K two KV heads do.
+pub fn prefill_l2_heads(max_keys: usize, kv_heads: usize, group: usize, budget: usize) -> usize {
+    let per_kv_head = max_keys.max(1) * crate::decode::DECODE_HEAD_DIM * 2 * 2; // K and V, bf16
+    let fit = budget / per_kv_head;
+    if budget == 0 || fit >= kv_heads {
+        return kv_heads * group;
+    }
+    let fit = fit.max(1);
+    (1 << fit.ilog2()) * group
+}
+
 #[derive(Debug)]
 pub struct VirtualBackend {
     name: &'static str,
@@ -254,6 +276,8 @@ struct Gpu {
     pod: Option<(crate::PodMode, crate::vattention_gpu::PodState)>,
     /// The prefill kernel asked for ([`BackendOptions::prefill_kernel`]).
     prefill: crate::PrefillKernel,
+    /// [`BackendOptions::prefill_l2_budget`].
+    l2_budget: usize,
     /// [`BackendOptions::pod_tuning`].
     tuning: crate::PodTuning,
     path_note: Option<String>,
@@ -324,6 +348,7 @@ impl VirtualBackend {
                     plan: None,
                     pod,
                     prefill: opts.prefill_kernel,
+                    l2_budget: opts.prefill_l2_budget,
                     tuning: opts.pod_tuning,
                     path_note: None,
                     timer: match opts.time_kernels {
@@ -586,6 +611,7 @@ impl AttentionBackend for VirtualBackend {
                 path,
                 waves,
                 prefill,
+                gpu.l2_budget,
                 gpu.tuning,
                 decode_sms,
             )?;
@@ -775,6 +801,7 @@ impl AttentionBackend for VirtualBackend {
                 None => {}
             }
             gpu.prefill = opts.prefill_kernel;
+            gpu.l2_budget = opts.prefill_l2_budget;
             gpu.tuning = opts.pod_tuning;
             if opts.time_kernels != gpu.timer.is_some() {
                 gpu.timer = match opts.time_kernels {
@@ -889,6 +916,64 @@ impl CustomOp1 for VirtualAttention<'_> {
 mod tests {
     use super::*;
     use crate::{LogitsAt, SeqChunk};
+
+    #[test]
+    fn l2_sections_hold_whole_kv_heads() {
+        let b = PREFILL_L2_BUDGET;
+        // Llama-3-8B (8 KV heads, group 4): a 1K chunk over 4K: all fit.
+        assert_eq!(prefill_l2_heads(5 << 10, 8, 4, b), 32);
+        // 2K over 16K: 9.4 MB a KV head, 3 fit, 2 taken (a power of two).
+        assert_eq!(prefill_l2_heads(18 << 10, 8, 4, b), 8);
+        // Yi-6B (4 KV heads, group 8) over 16K: 2 KV heads, 16 query heads.
+        assert_eq!(prefill_l2_heads(18 << 10, 4, 8, b), 16);
+        // Yi-34B (8 KV heads, group 7) over 64K: 33.6 MB, one KV head.
+        assert_eq!(prefill_l2_heads(64 << 10, 8, 7, b), 7);
+        // Budget 0: one section of every head; no work item: every head.
+        assert_eq!(prefill_l2_heads(18 << 10, 8, 4, 0), 32);
+        assert_eq!(prefill_l2_heads(0, 8, 4, b), 32);
+    }
+
+    /// slot_prefill_ws.cuh's `ws_l2_order`, mirrored: its CTA order must
+    /// visit every (head slot, work item) once.
+    fn ws_l2_order(lin: usize, slots: usize, items: usize, sec: usize) -> (usize, usize) {
+        let sec = if sec == 0 || sec > slots { slots } else { sec };
+        let per = sec * items;
+        let (s, r) = (lin / per, lin % per);
+        let width = sec.min(slots - s * sec);
+        (s * sec + r % width, r / width)
+    }
+
+    #[test]
+    fn l2_order_visits_every_tile_once_section_by_section() {
+        for (slots, items, sec) in [
+            (32, 16, 8),
+            (32, 16, 32),
+            (28, 5, 7),
+            (16, 3, 4),
+            (56, 9, 16),
+            (6, 1, 4),
+        ] {
+            let mut seen = vec![false; slots * items];
+            let mut last_section = 0;
+            for lin in 0..slots * items {
+                let (slot, item) = ws_l2_order(lin, slots, items, sec);
+                assert!(slot < slots && item < items, "{lin}: ({slot}, {item})");
+                assert!(
+                    !std::mem::replace(&mut seen[item * slots + slot], true),
+                    "twice: {slot} {item}"
+                );
+                // Sections in order, and in one the items heaviest (first) first.
+                assert!(slot / sec >= last_section);
+                last_section = slot / sec;
+            }
+            assert!(seen.iter().all(|&s| s));
+        }
+        // One section: the order before (heads fastest, then items).
+        assert_eq!(ws_l2_order(33, 32, 16, 0), (1, 1));
+        // Sections of 8: the first 16 x 8 CTAs are heads 0..8 of every item.
+        assert_eq!(ws_l2_order(127, 32, 16, 8), (7, 15));
+        assert_eq!(ws_l2_order(128, 32, 16, 8), (8, 0));
+    }
 
     fn step(seqs: &[(usize, usize)]) -> BatchMeta {
         let chunks = seqs

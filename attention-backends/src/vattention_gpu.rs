@@ -347,6 +347,11 @@ impl Chunks {
         }
     }
 
+    /// Keys the longest work item's last row sees (0 without one).
+    pub(crate) fn max_keys(&self) -> usize {
+        self.work.iter().map(|w| w.2).max().unwrap_or(0)
+    }
+
     /// On the device, the work items heaviest first (the causal tail evens out).
     pub(crate) fn upload(mut self, dev: &CudaDevice) -> Result<DeviceChunks> {
         self.work.sort_by_key(|w| std::cmp::Reverse(w.2));
@@ -389,6 +394,8 @@ pub(crate) struct StepPlan {
     tuning: crate::PodTuning,
     /// Decode-first blocks of the partitioned POD kernel ([`crate::pod_decode_sms`]).
     decode_sms: usize,
+    /// The warp-specialized prefill's L2 sections, query heads ([`crate::prefill_l2_heads`]).
+    l2_heads: i32,
     chunks: DeviceChunks,
     /// The slot of each prompt chunk.
     slots: CudaSlice<i32>,
@@ -471,6 +478,7 @@ impl StepPlan {
         path: PodPath,
         waves: usize,
         kernel: PrefillKernel,
+        l2_budget: usize,
         tuning: crate::PodTuning,
         decode_sms: usize,
     ) -> Result<Self> {
@@ -526,6 +534,7 @@ impl StepPlan {
         // The POD kernel hands out its items dynamically: finer decode splits
         // (`waves` waves' worth) keep its tail short; a plain launch wants one wave.
         let splits = crate::decode_splits(max_len, n_dec, kv_heads, sms * waves);
+        let l2_heads = crate::prefill_l2_heads(chunks.max_keys(), kv_heads, group, l2_budget) as i32;
         Ok(Self {
             path,
             sms,
@@ -536,6 +545,7 @@ impl StepPlan {
             pod_tma: tma.is_some() && cache.tokens_per_page().is_multiple_of(64) && tuning.tma_prefill,
             tuning,
             decode_sms,
+            l2_heads,
             chunks: chunks.upload(dev)?,
             slots: upload(dev, &slots)?,
             n_dec,
@@ -628,6 +638,7 @@ impl StepPlan {
             pod_tma: false,
             tuning: crate::PodTuning::default(),
             decode_sms: 1,
+            l2_heads: 0,
             chunks: Chunks::default().upload(dev)?,
             slots: upload::<i32>(dev, &[])?,
             n_dec: rows,
@@ -751,11 +762,12 @@ impl GpuAttention<'_> {
                 _ => crate::ops::cuda::function_with_smem(dev, name, smem)?,
             };
             let (work, heads_u) = (p.chunks.n_work as u32, self.heads as u32);
-            // slot_prefill_wsp*_bf16: heads fastest (a work item's heads run
-            // together, the work list heaviest first; two a CTA packed);
-            // w4t: (work, heads).
-            let grid_dim = if p.prefill.warp_specialized() {
-                (heads_u / p.prefill.heads_per_cta() as u32, work, 1)
+            // slot_prefill_wsp*_bf16: one CTA per (heads a CTA, work item),
+            // the kernel orders them (L2 sections of p.l2_heads heads, each
+            // by work item with its heads fastest); w4t: (work, heads).
+            let ws = p.prefill.warp_specialized();
+            let grid_dim = if ws {
+                (heads_u / p.prefill.heads_per_cta() as u32 * work, 1, 1)
             } else {
                 (work, heads_u, 1)
             };
@@ -774,6 +786,9 @@ impl GpuAttention<'_> {
                 .arg(&c.q_len)
                 .arg(&p.slots);
             b.arg(&heads).arg(&group).arg(&self.scale).arg(&kmap).arg(&vmap);
+            if ws {
+                b.arg(&p.l2_heads);
+            }
             // SAFETY: as below; the tensor maps cover this layer's K and V
             // (every slot up to max_len), and a box starting below a chunk's
             // last key stays in its mapped pages (resolve_prefill); the work
@@ -883,7 +898,8 @@ impl GpuAttention<'_> {
             crate::PodPolicy::Resident => 1,
         };
         let (rp, rd) = if partitioned {
-            (1, p.decode_sms as i32) // the decode-first blocks
+            // Its prefill items' L2 sections, and the decode-first blocks.
+            (p.l2_heads, p.decode_sms as i32)
         } else if policy == 0 {
             small_ratio(n_pre, n_dec)
         } else {

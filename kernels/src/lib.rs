@@ -73,8 +73,10 @@
 //!     dims (kv_heads * 128, max_len, slots), 64 x 64 boxes, 128-byte swizzle (tma.cuh).
 //! gpu_spin(long long cycles)
 //!     grid 1, 1 thread: spins for `cycles` SM cycles (benchmarks).
-//! slot_prefill_wsp_bf16(the same arguments as slot_prefill_w4t_bf16)
-//!     warp-specialized (sm_90a): grid (heads, work items) with 128-row work items, 384 threads
+//! slot_prefill_wsp_bf16(slot_prefill_w4t_bf16's arguments, then int l2_heads)
+//!     warp-specialized (sm_90a): grid heads x work items (1-D) with 128-row work items, the CTAs in
+//!     sections of l2_heads query heads (whole KV heads whose K/V fit in L2; <= 0: one section), in a
+//!     section by work item (heaviest first) with its heads fastest (ws_l2_order), 384 threads
 //!     (a TMA producer warpgroup loading K one tile ahead of V, two 64-row consumer warpgroups in
 //!     ping-pong), WsShape<2>::SMEM dynamic smem (2 K/V stages); the tensor maps' boxes are 64
 //!     dims x 128 rows (slot_prefill_ws.cuh).
@@ -82,8 +84,8 @@
 //!     the same launched at 136 registers a thread (consumers 192, producer 24; 52 K a block), leaving
 //!     an SM room for a slot_decode_slim_bf16 block.
 //! slot_prefill_wspg_bf16(the same arguments)
-//!     GQA-packed (even groups): grid (heads / 2, work items) with 64-row work items; consumer c takes
-//!     the 64 rows of query head 2 x blockIdx.x + c, so each K/V tile serves two heads.
+//!     GQA-packed (even groups): grid heads / 2 x work items with 64-row work items; consumer c takes
+//!     the 64 rows of query head 2 x slot + c, so each K/V tile serves two heads.
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,
@@ -99,7 +101,8 @@
 //!     pod_wsd_bf16 (sm_90a): n_work * heads + SMs blocks of 384 threads, 192 KiB dynamic smem,
 //!     work items of 128 rows, kmap / vmap with 128-row boxes; the first ratio_d blocks to start stream
 //!     decode items (2 warpgroups x 3 stages), every other block runs one warp-specialized prefill
-//!     tile (slot_prefill_ws.cuh) or, once those are gone, decode items; policy and ratio_p unused.
+//!     tile (slot_prefill_ws.cuh; taken in slot_prefill_wsp's L2 order, ratio_p its l2_heads) or, once
+//!     those are gone, decode items; policy unused.
 //! pod_nsmid(int* out)
 //!     one thread: out = %nsmid (the SM-id range pod_bf16's sched is sized by).
 //! ```

@@ -207,11 +207,12 @@ POD_ENTRY(podp_tma_bf16, 2, DEC_STAGES, true, true)
 // kernel's speed; whichever kind runs out first hands its SMs to the other.
 // grid: n_pre + SMs blocks (a block per prefill item plus enough late blocks
 // to put every SM on decode once the prefill items are gone).
-// Prefill items: n_work x heads, item w * heads + h = query head h of the
-// 128-row work item w (the plain kernel's order); decode items as pod_bf16.
+// Prefill items: n_work x heads 128-row query tiles of one head, taken in
+// the plain kernel's L2 order (ws_l2_order, sections of ratio_p query
+// heads); decode items as pod_bf16.
 // sched: [0] prefill items taken, [1] decode items taken, [2] blocks
-// finished, [3] arrival tickets; the last block zeroes them. policy and
-// ratio_p are unused. kmap / vmap: 128-row boxes (the plain wsp kernel's).
+// finished, [3] arrival tickets; the last block zeroes them. policy is
+// unused. kmap / vmap: 128-row boxes (the plain wsp kernel's).
 constexpr int POD_WSD_SMEM = 6 * DEC_STAGE_BYTES;  // 2 x 3 decode stages
 static_assert(POD_WSD_SMEM >= WsShape<2>::SMEM, "the prefill role fits");
 static_assert(POD_WSD_SMEM + 1024 <= 227 * 1024, "one block per SM");
@@ -235,8 +236,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PAR
     const int role = s_role;
     if (role >= 0) {
 #if ATT_WGMMA
-        prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, role % heads,
-                      role / heads);
+        const WsPick pk = ws_l2_order(role, heads, n_work, ratio_p);
+        prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, pk.slot,
+                      pk.item);
 #else
         __trap();  // sm_90a only (the host checks)
 #endif

@@ -20,9 +20,11 @@
 //           still in use.
 //   regs:   setmaxnreg gives the consumers 240 registers a thread and the
 //           producer 24 (S 64 + O 64 + P 32 f32/bf16x2 registers a thread).
-//   grid:   (heads, work items): the heads of one work item run together
-//           (GQA neighbours share their K/V in L2) and the work list is
-//           heaviest first (causal tail). Packed: (heads / 2, 64-row items).
+//   grid:   one CTA per (head, work item) in L2 order (ws_l2_order): the
+//           heads in sections of whole KV heads whose K and V fit in L2, and
+//           in a section the heads of one work item together (GQA
+//           neighbours share their K/V) with the work list heaviest first
+//           (causal tail). Packed: two heads a CTA, 64-row items.
 //
 // Inside a consumer, iteration i issues S_i = Q K_i^T and O += P_{i-1} V_{i-1}
 // together and runs tile i's softmax while the PV product is still on the
@@ -344,6 +346,27 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     wg_fence_operands<64>(&o[0][0]);
     release(r.empty_v(mine - 1));
     store_rows(out, o, st, qs, row0 + 16 * warp, ql, heads, head, lane);
+}
+
+// A CTA's (head slot, work item) from its place in launch or ticket order
+// `lin`, over `slots` head slots (heads, or head pairs packed) x `items`
+// work items (heaviest first), in sections of `sec` head slots (whole KV
+// heads; the host sizes them so that their K and V over the longest item fit
+// in L2; sec <= 0 or >= slots: one section). Section by section, and in a
+// section item by item with its heads fastest: the CTAs resident at a time
+// then read the K/V of one or two sections, which stay in L2, where with all
+// heads fastest they sweep every KV head's K/V at once and, over a long
+// prior context (2K rows over 16K keys: 8 x 9.4 MB), L2 cannot keep what
+// a later wave's CTAs of the same KV head read again (FlashAttention-3 and 4
+// order their tiles in such L2 sections too).
+struct WsPick {
+    int slot, item;
+};
+__device__ __forceinline__ WsPick ws_l2_order(int lin, int slots, int items, int sec) {
+    if (sec <= 0 || sec > slots) sec = slots;
+    const int per = sec * items, s = lin / per, r = lin - s * per;
+    const int width = min(sec, slots - s * sec);  // the last section may be narrower
+    return {s * sec + r % width, r / width};
 }
 
 // Query head `head` of work item `item` (128 rows; packed: heads `head` and

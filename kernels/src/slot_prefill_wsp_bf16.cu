@@ -9,10 +9,11 @@
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     slot_prefill_wsp_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
-                          float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+                          float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
+                          int l2_heads) {
 #if ATT_WGMMA
-    prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
-                  blockIdx.y);
+    const WsPick p = ws_l2_order(blockIdx.x, heads, gridDim.x / heads, l2_heads);
+    prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, p.slot, p.item);
 #else
     __trap();  // sm_90a only (the host checks)
 #endif
@@ -26,16 +27,18 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
 extern "C" __global__ void __maxnreg__(136)
     slot_prefill_wsps_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
                            const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
-                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
+                           int l2_heads) {
 #if ATT_WGMMA
-    prefill_ws<2, 192>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
-                       blockIdx.y);
+    const WsPick p = ws_l2_order(blockIdx.x, heads, gridDim.x / heads, l2_heads);
+    prefill_ws<2, 192>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, p.slot,
+                       p.item);
 #else
     __trap();  // sm_90a only (the host checks)
 #endif
 }
 
-// GQA-packed (the same arguments; grid (heads / 2, work items of 64 rows);
+// GQA-packed (the same arguments; heads / 2 x work items of 64 rows CTAs;
 // the host runs it only for even GQA groups): a CTA takes 64 query rows of
 // two query heads of one KV head, a consumer each, so each K/V tile it loads
 // serves both: half the K/V traffic from L2 of slot_prefill_wsp_bf16's
@@ -43,10 +46,12 @@ extern "C" __global__ void __maxnreg__(136)
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     slot_prefill_wspg_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
                            const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
-                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {
+                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
+                           int l2_heads) {
 #if ATT_WGMMA
+    const WsPick p = ws_l2_order(blockIdx.x, heads / 2, gridDim.x / (heads / 2), l2_heads / 2);
     prefill_ws<2, 240, true>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap,
-                             2 * blockIdx.x, blockIdx.y);
+                             2 * p.slot, p.item);
 #else
     __trap();  // sm_90a only (the host checks)
 #endif

@@ -99,7 +99,8 @@ enum What {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
         /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp,
-        /// wsps: the slim wsp, wspg: the GQA-packed wsp;
+        /// wsps: the slim wsp, wspg: the GQA-packed wsp; NAME/nol2: a
+        /// warp-specialized one without its L2 sections, the order before;
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
         kernels: Vec<String>,
@@ -434,11 +435,14 @@ fn backend_with(
     dev: &Device,
     prefill_kernel: PrefillKernel,
 ) -> Result<Box<dyn AttentionBackend>> {
-    backend_opts(spec, heads, kv_heads, seqs, max_len, dev, prefill_kernel, false)
+    let opts = BackendOptions {
+        prefill_kernel,
+        ..Default::default()
+    };
+    backend_opts(spec, heads, kv_heads, seqs, max_len, dev, opts)
 }
 
-/// [`backend_with`], with [`BackendOptions::time_kernels`] as given.
-#[allow(clippy::too_many_arguments)]
+/// [`backend`] with these options (room for `seqs` sequences).
 fn backend_opts(
     spec: &str,
     heads: usize,
@@ -446,8 +450,7 @@ fn backend_opts(
     seqs: usize,
     max_len: usize,
     dev: &Device,
-    prefill_kernel: PrefillKernel,
-    time_kernels: bool,
+    opts: BackendOptions,
 ) -> Result<Box<dyn AttentionBackend>> {
     let cfg = AttnConfig {
         num_layers: 2,
@@ -459,9 +462,7 @@ fn backend_opts(
     };
     let opts = BackendOptions {
         max_seqs: seqs,
-        prefill_kernel,
-        time_kernels,
-        ..Default::default()
+        ..opts
     };
     Ok(create_backend(spec, &cfg, dev, &opts)?)
 }
@@ -650,8 +651,20 @@ fn decode(
     Ok(rows)
 }
 
-/// `--kernels` names of [`PrefillKernel`]s.
-fn prefill_kernel(name: &str) -> Result<PrefillKernel> {
+/// A `--kernels` name: a [`PrefillKernel`], and its L2 budget
+/// ([`BackendOptions::prefill_l2_budget`]): the default, or 0 for a name
+/// with `/nol2` (the warp-specialized tiles' order before the L2 sections).
+fn prefill_kernel(name: &str) -> Result<(PrefillKernel, usize)> {
+    let (kernel, budget) = match name.split_once('/') {
+        None => (name, vpod_attention::PREFILL_L2_BUDGET),
+        Some((k, "nol2")) => (k, 0),
+        Some((_, flag)) => bail!("prefill: unknown kernel flag /{flag} in {name} (known: /nol2)"),
+    };
+    Ok((prefill_kernel_named(kernel)?, budget))
+}
+
+/// A [`PrefillKernel`] by its `--kernels` name.
+fn prefill_kernel_named(name: &str) -> Result<PrefillKernel> {
     Ok(match name {
         "w8" => PrefillKernel::W8,
         "w4" => PrefillKernel::W4,
@@ -713,16 +726,19 @@ fn prefill(
     );
     // `vattention`'s prefill kernels (typed, BackendOptions::prefill_kernel);
     // the other backends run their own (one row each).
-    let kernels: Vec<PrefillKernel> = kernels.iter().map(|k| prefill_kernel(k)).collect::<Result<_>>()?;
+    let kernels: Vec<(PrefillKernel, usize)> =
+        kernels.iter().map(|k| prefill_kernel(k)).collect::<Result<_>>()?;
     let runs = backends.iter().flat_map(|b| {
         let ks = if b == "vattention" {
             &kernels[..]
         } else {
-            &[PrefillKernel::W8][..]
+            &[(PrefillKernel::W8, vpod_attention::PREFILL_L2_BUDGET)][..]
         };
         ks.iter().map(move |k| (b.as_str(), *k))
     });
-    for ((spec, asked), &(model, heads, kvh)) in runs.flat_map(|r| shapes.iter().map(move |s| (r, s))) {
+    for ((spec, (asked, l2_budget)), &(model, heads, kvh)) in
+        runs.flat_map(|r| shapes.iter().map(move |s| (r, s)))
+    {
         for (&(_, name, ctx, ql), p) in cases.iter().flat_map(|c| (0..placements).map(move |p| (c, p))) {
             // Other physical pages for the p-th placement: a spacer held
             // while the backend maps its cache.
@@ -730,7 +746,13 @@ fn prefill(
             let _spacer = (p > 0)
                 .then(|| Tensor::zeros(spacer_mib << 19, DType::BF16, &dev))
                 .transpose()?;
-            let mut b = backend_opts(spec, heads, kvh, 1, ctx + ql + 64, &dev, asked, true)?;
+            let opts = BackendOptions {
+                prefill_kernel: asked,
+                prefill_l2_budget: l2_budget,
+                time_kernels: true,
+                ..Default::default()
+            };
+            let mut b = backend_opts(spec, heads, kvh, 1, ctx + ql + 64, &dev, opts)?;
             let mut done = 0;
             while done < ctx {
                 let n = (ctx - done).min(4096);
@@ -762,10 +784,12 @@ fn prefill(
                 .into_iter()
                 .find(|k| ran == Some(k.symbol()))
                 .unwrap_or(asked);
-            let tile = if spec == "vattention" {
-                kernel.symbol()
-            } else {
-                "128 rows"
+            let tile = match (spec, l2_budget) {
+                ("vattention", 0) if kernel.warp_specialized() => {
+                    format!("{} (no L2 sections)", kernel.symbol())
+                }
+                ("vattention", _) => kernel.symbol().to_string(),
+                _ => "128 rows".into(),
             };
             let kernel_ms = samples.as_deref().map(|v| percentile(v, 0.5));
             let kernel_range = samples
@@ -797,7 +821,7 @@ fn prefill(
                 "what": "one layer's attention call incl. the K/V write of the chunk, back-to-back calls",
                 "kernel_ms": kernel_ms, "kernel_tflop_per_s": kernel_tf,
                 "kernel_ms_min": kernel_range.map(|r| r.0), "kernel_ms_max": kernel_range.map(|r| r.1),
-                "placement": p, "spacer_mib": spacer_mib,
+                "placement": p, "spacer_mib": spacer_mib, "l2_budget_bytes": l2_budget,
                 "kernel_what": "the prefill kernel alone: CUDA events around it, a 2 ms GPU spin before each rep (FlashInfer harness's method), median"}),
             );
         }
@@ -1521,6 +1545,13 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // pair (slot_prefill_wsps_bf16 beside slot_decode_slim_bf16) on two streams.
     ("auto-slim", ["auto-slim", "", "", "", "", "", "", "", ""]),
     ("auto", ["auto", "", "", "", "", "", "", "", ""]),
+    // The warp-specialized tiles in their order before the L2 sections
+    // (BackendOptions::prefill_l2_budget 0): the serial pair and the planner.
+    (
+        "serial-ws-nol2",
+        ["serial/nol2", "1", "", "4", "2", "1", "1", "1", ""],
+    ),
+    ("auto-nol2", ["auto/nol2", "", "", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
 /// the serial pairs, two streams, each POD kernel's best settings and the
@@ -1549,7 +1580,13 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
             format!("hybrid variant: {what} '{s}' is not a number")
         })?))
     };
-    let pod_mode = match v[0] {
+    // MODE/nol2: the warp-specialized tiles without L2 sections.
+    let (mode, prefill_l2_budget) = match v[0].split_once('/') {
+        None => (v[0], vpod_attention::PREFILL_L2_BUDGET),
+        Some((m, "nol2")) => (m, 0),
+        Some((_, flag)) => bail!("hybrid variant: unknown flag /{flag} in {}", v[0]),
+    };
+    let pod_mode = match mode {
         "serial" => PodMode::Serial,
         "streams" => PodMode::Streams,
         "fused" => PodMode::Fused,
@@ -1585,7 +1622,7 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     };
     // "auto-slim": the planner with its prefill-heavy steps as the slim
     // pair on two streams (PodTuning::slim_streams).
-    pod_tuning.slim_streams = v[0] == "auto-slim";
+    pod_tuning.slim_streams = mode == "auto-slim";
     if !v[8].is_empty() {
         pod_tuning.partitioned = true;
         pod_tuning.decode_sms = match v[8] {
@@ -1595,6 +1632,7 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     }
     Ok(BackendOptions {
         prefill_kernel,
+        prefill_l2_budget,
         pod_mode,
         pod_tuning,
         ..Default::default()
@@ -1656,9 +1694,17 @@ fn hybrid(
     let variants = &variants[..];
     let mut rng = StdRng::seed_from_u64(7);
     let dev = gpu()?;
+    // Where the energy counter cannot be read the sweep still runs (its
+    // times are the point of a scarce GPU call), without the sustained part.
     let power = match energy_ms {
         0 => None,
-        ms => Some(Power::measure(&dev, ms).context("--energy-ms")?),
+        ms => match Power::measure(&dev, ms) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                println!("--energy-ms: not measured, the sweep runs without it: {e:#}\n");
+                None
+            }
+        },
     };
     let mut rows = vec![];
     print!("| model | chunk @ pos | decodes x ctx | smaller half |");
@@ -1858,13 +1904,12 @@ fn hybrid(
                         }
                     };
                     let t = |v: &str| us.get(v).and_then(Value::as_f64).unwrap_or(f64::NAN);
-                    let best_serial = t("serial")
-                        .min(t("serial-64"))
-                        .min(t("serial-64p"))
-                        .min(t("serial-64t"))
-                        .min(t("serial-ws"))
-                        .min(t("serial-wss"))
-                        .min(t("serial-wsg"));
+                    // Every serial pair this run times.
+                    let best_serial = variants
+                        .iter()
+                        .filter(|v| v.0.starts_with("serial"))
+                        .map(|v| t(v.0))
+                        .fold(f64::INFINITY, f64::min);
                     let ideal = best_serial / prefill_us.max(decode_us);
                     let share = note_share(&meta, &cfg);
                     print!(
