@@ -898,8 +898,7 @@ impl GpuAttention<'_> {
             crate::PodPolicy::Resident => 1,
         };
         let (rp, rd) = if partitioned {
-            // Its prefill items' L2 sections, and the decode-first blocks.
-            (p.l2_heads, p.decode_sms as i32)
+            (1, p.decode_sms as i32) // the decode-first blocks
         } else if policy == 0 {
             small_ratio(n_pre, n_dec)
         } else {
@@ -939,6 +938,8 @@ impl GpuAttention<'_> {
         }
         b.arg(&kv_heads).arg(&splits).arg(&n_decodes);
         b.arg(&pod.sched).arg(&pod.nsm).arg(&policy).arg(&rp).arg(&rd);
+        // The prefill items' L2 sections (query heads; slot_prefill_ws.cuh's ws_l2_order).
+        b.arg(&p.l2_heads);
         b.arg(&kmap).arg(&vmap);
         // SAFETY: the prefill items index the chunk arrays and the decode items the
         // decode arrays (sizes from the plan); keys read are mapped and written; the

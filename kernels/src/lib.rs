@@ -91,7 +91,7 @@
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,
 //!          const int* dec_slots, const int* dec_lens, float* part_o, float* part_ml, int* counters,
 //!          int kv_heads, int splits, int n_decodes, int* sched, int nsm, int policy, int ratio_p, int ratio_d,
-//!          __grid_constant__ TmaMap kmap, __grid_constant__ TmaMap vmap)
+//!          int l2_heads, __grid_constant__ TmaMap kmap, __grid_constant__ TmaMap vmap)
 //! podp_bf16, pod3_bf16, podp_tma_bf16, pod3_tma_bf16, pod_wsd_bf16 (the same arguments)
 //!     kmap / vmap: read by the _tma entries only (as slot_prefill_w4t's).
 //!     1-D grid of n_work * heads + splits * kv_heads * n_decodes blocks, 128 threads, 96 KiB dynamic smem
@@ -101,8 +101,8 @@
 //!     pod_wsd_bf16 (sm_90a): n_work * heads + SMs blocks of 384 threads, 192 KiB dynamic smem,
 //!     work items of 128 rows, kmap / vmap with 128-row boxes; the first ratio_d blocks to start stream
 //!     decode items (2 warpgroups x 3 stages), every other block runs one warp-specialized prefill
-//!     tile (slot_prefill_ws.cuh; taken in slot_prefill_wsp's L2 order, ratio_p its l2_heads) or, once
-//!     those are gone, decode items; policy unused.
+//!     tile (slot_prefill_ws.cuh) or, once those are gone, decode items; policy and ratio_p unused.
+//!     Every entry takes its prefill items in slot_prefill_wsp's L2 order (sections of l2_heads).
 //! pod_nsmid(int* out)
 //!     one thread: out = %nsmid (the SM-id range pod_bf16's sched is sized by).
 //! ```

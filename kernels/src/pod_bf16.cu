@@ -87,11 +87,11 @@ extern "C" __global__ void pod_nsmid(int* out) {
         const int32_t *slots, int n_work, /* decodes (slot_decode's arguments) */                                   \
         const int32_t *dec_rows, const int32_t *dec_slots, const int32_t *dec_lens, float *part_o, float *part_ml,  \
         int *counters, int kv_heads, int splits, int n_decodes, /* scheduling */                                    \
-        int *sched, int nsm, int policy, int ratio_p, int ratio_d
+        int *sched, int nsm, int policy, int ratio_p, int ratio_d, int l2_heads
 #define POD_ARGS                                                                                                \
     q, out, k_base, v_base, heads, group, slot_stride, pos_stride, scale, work, q_start, ctx_len, q_len, slots, \
         n_work, dec_rows, dec_slots, dec_lens, part_o, part_ml, counters, kv_heads, splits, n_decodes, sched, nsm, \
-        policy, ratio_p, ratio_d
+        policy, ratio_p, ratio_d, l2_heads
 #define POD_MAPS const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap
 
 // DSTAGES: the decode role's pipeline; PIPE: the prefill role runs
@@ -139,7 +139,10 @@ __device__ __forceinline__ void pod_body(POD_PARAMS, const TmaMap& kmap, const T
     __syncthreads();
     const int item = s_item;
     if (item >= 0) {
-        const int w = item / heads, head = item % heads;
+        // Prefill items in the warp-specialized tile's L2 order (sections
+        // of l2_heads query heads, slot_prefill_ws.cuh).
+        const WsPick pk = ws_l2_order(item, heads, n_work, l2_heads);
+        const int w = pk.item, head = pk.slot;
         auto kv = [&](int chunk, int kvh) {
             if constexpr (USE_TMA) {
                 return TmaSlotKv{&kmap, &vmap, kvh * ATT_HEAD_DIM, slots[chunk], smem_addr(bars)};
@@ -208,11 +211,11 @@ POD_ENTRY(podp_tma_bf16, 2, DEC_STAGES, true, true)
 // grid: n_pre + SMs blocks (a block per prefill item plus enough late blocks
 // to put every SM on decode once the prefill items are gone).
 // Prefill items: n_work x heads 128-row query tiles of one head, taken in
-// the plain kernel's L2 order (ws_l2_order, sections of ratio_p query
+// the plain kernel's L2 order (ws_l2_order, sections of l2_heads query
 // heads); decode items as pod_bf16.
 // sched: [0] prefill items taken, [1] decode items taken, [2] blocks
-// finished, [3] arrival tickets; the last block zeroes them. policy is
-// unused. kmap / vmap: 128-row boxes (the plain wsp kernel's).
+// finished, [3] arrival tickets; the last block zeroes them. policy and
+// ratio_p are unused. kmap / vmap: 128-row boxes (the plain wsp kernel's).
 constexpr int POD_WSD_SMEM = 6 * DEC_STAGE_BYTES;  // 2 x 3 decode stages
 static_assert(POD_WSD_SMEM >= WsShape<2>::SMEM, "the prefill role fits");
 static_assert(POD_WSD_SMEM + 1024 <= 227 * 1024, "one block per SM");
@@ -236,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PAR
     const int role = s_role;
     if (role >= 0) {
 #if ATT_WGMMA
-        const WsPick pk = ws_l2_order(role, heads, n_work, ratio_p);
+        const WsPick pk = ws_l2_order(role, heads, n_work, l2_heads);
         prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, pk.slot,
                       pk.item);
 #else
