@@ -1060,10 +1060,11 @@ fn pod_gpu_matches_cpu_twin() {
                 tuning.partitioned = true;
                 tuning.decode_sms = env[5].parse().ok();
             }
-            // The partitioned kernel with one decode-first SM also takes its
-            // prefill items in L2 sections of one KV head (a 1-byte budget).
-            let l2_budget = match env[5] {
-                "1" => 1,
+            // The partitioned kernel with one decode-first SM and the 1:1
+            // pipelined TMA kernel (podp_tma_bf16) also take their prefill
+            // items in L2 sections of one KV head (a 1-byte budget).
+            let l2_budget = match j {
+                1 | 4 => 1,
                 _ => vpod_attention::PREFILL_L2_BUDGET,
             };
             let opts = vpod_attention::BackendOptions {
