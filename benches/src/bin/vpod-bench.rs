@@ -2120,108 +2120,123 @@ impl Power {
         })
     }
 
-    /// One case's sustained record: each variant, each half alone, and the
-    /// ceilings of a perfect overlap (the longer half) and of one under the
-    /// power cap ([`energy::cap_bound_s`]), as speedups over the best
-    /// serial variant's sustained time.
     fn case_json(&self, runs: &[(&str, SustainedRun)], prefill: SustainedRun, decode: SustainedRun) -> Value {
-        let best_serial = runs
-            .iter()
-            .filter(|(n, _)| n.starts_with("serial"))
-            .map(|(_, r)| r.per_step.secs)
-            .fold(f64::INFINITY, f64::min);
-        let bound = energy::cap_bound_s(prefill.per_step, decode.per_step, self.cap_w, self.idle_w);
-        let speedup: serde_json::Map<String, Value> = runs
-            .iter()
-            .filter(|(n, _)| !n.starts_with("serial"))
-            .map(|(n, r)| ((*n).to_string(), json!(best_serial / r.per_step.secs)))
-            .collect();
-        let variants: serde_json::Map<String, Value> =
-            runs.iter().map(|(n, r)| ((*n).to_string(), r.json())).collect();
-        json!({"variants": variants, "prefill_alone": prefill.json(), "decode_alone": decode.json(),
-            "best_serial_us": best_serial * 1e6, "speedup_over_best_serial": speedup,
-            "perfect_overlap_speedup": best_serial / prefill.per_step.secs.max(decode.per_step.secs),
-            "power_cap_bound_us": bound * 1e6, "power_cap_speedup": best_serial / bound})
+        sustained_case(runs, prefill, decode, self.cap_w, self.idle_w)
     }
 
-    /// The sustained table (printed) and the summary row's `sustained`.
     fn summary(&self, rows: &[Value]) -> Value {
-        let cases: Vec<&Value> = rows.iter().filter(|r| r["sustained"].is_object()).collect();
-        let Some(first) = cases.first() else {
-            return Value::Null;
-        };
-        let names: Vec<String> = first["sustained"]["variants"]
-            .as_object()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
-        let fast: Vec<&String> = names.iter().filter(|n| !n.starts_with("serial")).collect();
-        println!(
-            "\nSustained ({} ms a run; limit {:.0} W, idle {:.0} W): us per step (W)",
-            self.ms, self.cap_w, self.idle_w
-        );
-        print!("| model | chunk @ pos | decodes x ctx |");
-        for n in &names {
-            print!(" {n} |");
-        }
-        for n in &fast {
-            print!(" {n} / best serial |");
-        }
-        println!(" prefill alone | decode alone | perfect overlap x | power-cap bound x |");
-        println!("|{}", "---|".repeat(3 + names.len() + fast.len() + 4));
-        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-        let run = |v: &Value| format!("{:.0} ({:.0} W)", f(&v["us"]), f(&v["watts"]));
-        for r in &cases {
-            let s = &r["sustained"];
-            print!(
-                "| {} | {} @ {} | {} x {} |",
-                r["model"].as_str().unwrap_or("?"),
-                r["chunk"],
-                r["position"],
-                r["decodes"],
-                r["decode_context"]
-            );
-            for n in &names {
-                print!(" {} |", run(&s["variants"][n.as_str()]));
-            }
-            for n in &fast {
-                print!(" {:.3} |", f(&s["speedup_over_best_serial"][n.as_str()]));
-            }
-            println!(
-                " {} | {} | {:.2} | {:.2} |",
-                run(&s["prefill_alone"]),
-                run(&s["decode_alone"]),
-                f(&s["perfect_overlap_speedup"]),
-                f(&s["power_cap_speedup"])
-            );
-        }
-        let stats = |key: &dyn Fn(&Value) -> Option<f64>| -> Value {
-            let v: Vec<f64> = cases.iter().filter_map(|r| key(&r["sustained"])).collect();
-            if v.is_empty() {
-                return Value::Null;
-            }
-            json!({"mean": v.iter().sum::<f64>() / v.len() as f64, "median": percentile(&v, 0.5),
-                "min": percentile(&v, 0.0), "max": percentile(&v, 1.0), "cases": v.len()})
-        };
-        let mut out = serde_json::Map::new();
-        for n in &fast {
-            let st = stats(&|s: &Value| s["speedup_over_best_serial"][n.as_str()].as_f64());
-            println!("sustained {n} / best serial: {st}");
-            out.insert((*n).clone(), st);
-        }
-        for key in ["perfect_overlap_speedup", "power_cap_speedup"] {
-            let st = stats(&|s: &Value| s[key].as_f64());
-            println!("sustained {key}: {st}");
-            out.insert(key.into(), st);
-        }
-        out.insert("run_ms".into(), json!(self.ms));
-        out.insert("power_limit_w".into(), json!(self.cap_w));
-        out.insert("idle_w".into(), json!(self.idle_w));
-        out.insert(
-            "what".into(),
-            json!("each variant and each half (serial-ws kernels) run back to back after a settling run of half the length; NVML's energy counter around it; speedups over the best serial variant's sustained time; power_cap_speedup: best serial / the power-cap bound of a perfect overlap (vpod_benches::energy::cap_bound_s: the longer half, or both halves' energy above idle at the limit's headroom above idle)"),
-        );
-        Value::Object(out)
+        sustained_summary(rows, self.ms, self.cap_w, self.idle_w)
     }
+}
+
+/// One case's sustained record: each variant, each half alone, and the
+/// ceilings of a perfect overlap (the longer half) and of one under the
+/// power cap ([`energy::cap_bound_s`]), as speedups over the best
+/// serial variant's sustained time.
+fn sustained_case(
+    runs: &[(&str, SustainedRun)],
+    prefill: SustainedRun,
+    decode: SustainedRun,
+    cap_w: f64,
+    idle_w: f64,
+) -> Value {
+    let best_serial = runs
+        .iter()
+        .filter(|(n, _)| n.starts_with("serial"))
+        .map(|(_, r)| r.per_step.secs)
+        .fold(f64::INFINITY, f64::min);
+    let bound = energy::cap_bound_s(prefill.per_step, decode.per_step, cap_w, idle_w);
+    let speedup: serde_json::Map<String, Value> = runs
+        .iter()
+        .filter(|(n, _)| !n.starts_with("serial"))
+        .map(|(n, r)| ((*n).to_string(), json!(best_serial / r.per_step.secs)))
+        .collect();
+    let variants: serde_json::Map<String, Value> =
+        runs.iter().map(|(n, r)| ((*n).to_string(), r.json())).collect();
+    json!({"variants": variants, "prefill_alone": prefill.json(), "decode_alone": decode.json(),
+        "best_serial_us": best_serial * 1e6, "speedup_over_best_serial": speedup,
+        "perfect_overlap_speedup": best_serial / prefill.per_step.secs.max(decode.per_step.secs),
+        "power_cap_bound_us": bound * 1e6, "power_cap_speedup": best_serial / bound})
+}
+
+/// The sustained table (printed) and the summary row's `sustained`, over
+/// the rows that have a sustained record (runs of `ms`).
+fn sustained_summary(rows: &[Value], ms: u64, cap_w: f64, idle_w: f64) -> Value {
+    let cases: Vec<&Value> = rows.iter().filter(|r| r["sustained"].is_object()).collect();
+    let Some(first) = cases.first() else {
+        return Value::Null;
+    };
+    let names: Vec<String> = first["sustained"]["variants"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let fast: Vec<&String> = names.iter().filter(|n| !n.starts_with("serial")).collect();
+    println!(
+        "\nSustained ({} ms a run; limit {:.0} W, idle {:.0} W): us per step (W)",
+        ms, cap_w, idle_w
+    );
+    print!("| model | chunk @ pos | decodes x ctx |");
+    for n in &names {
+        print!(" {n} |");
+    }
+    for n in &fast {
+        print!(" {n} / best serial |");
+    }
+    println!(" prefill alone | decode alone | perfect overlap x | power-cap bound x |");
+    println!("|{}", "---|".repeat(3 + names.len() + fast.len() + 4));
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let run = |v: &Value| format!("{:.0} ({:.0} W)", f(&v["us"]), f(&v["watts"]));
+    for r in &cases {
+        let s = &r["sustained"];
+        print!(
+            "| {} | {} @ {} | {} x {} |",
+            r["model"].as_str().unwrap_or("?"),
+            r["chunk"],
+            r["position"],
+            r["decodes"],
+            r["decode_context"]
+        );
+        for n in &names {
+            print!(" {} |", run(&s["variants"][n.as_str()]));
+        }
+        for n in &fast {
+            print!(" {:.3} |", f(&s["speedup_over_best_serial"][n.as_str()]));
+        }
+        println!(
+            " {} | {} | {:.2} | {:.2} |",
+            run(&s["prefill_alone"]),
+            run(&s["decode_alone"]),
+            f(&s["perfect_overlap_speedup"]),
+            f(&s["power_cap_speedup"])
+        );
+    }
+    let stats = |key: &dyn Fn(&Value) -> Option<f64>| -> Value {
+        let v: Vec<f64> = cases.iter().filter_map(|r| key(&r["sustained"])).collect();
+        if v.is_empty() {
+            return Value::Null;
+        }
+        json!({"mean": v.iter().sum::<f64>() / v.len() as f64, "median": percentile(&v, 0.5),
+            "min": percentile(&v, 0.0), "max": percentile(&v, 1.0), "cases": v.len()})
+    };
+    let mut out = serde_json::Map::new();
+    for n in &fast {
+        let st = stats(&|s: &Value| s["speedup_over_best_serial"][n.as_str()].as_f64());
+        println!("sustained {n} / best serial: {st}");
+        out.insert((*n).clone(), st);
+    }
+    for key in ["perfect_overlap_speedup", "power_cap_speedup"] {
+        let st = stats(&|s: &Value| s[key].as_f64());
+        println!("sustained {key}: {st}");
+        out.insert(key.into(), st);
+    }
+    out.insert("run_ms".into(), json!(ms));
+    out.insert("power_limit_w".into(), json!(cap_w));
+    out.insert("idle_w".into(), json!(idle_w));
+    out.insert(
+        "what".into(),
+        json!("each variant and each half (serial-ws kernels) run back to back after a settling run of half the length; NVML's energy counter around it; speedups over the best serial variant's sustained time; power_cap_speedup: best serial / the power-cap bound of a perfect overlap (vpod_benches::energy::cap_bound_s: the longer half, or both halves' energy above idle at the limit's headroom above idle)"),
+    );
+    Value::Object(out)
 }
 
 /// This CUDA device's NVML handle (matched by its PCI address).
@@ -3001,6 +3016,47 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sustained record of a case and the summary over cases: the
+    /// speedups over the best serial variant and the two ceilings.
+    #[test]
+    fn sustained_records_and_ceilings() {
+        let run = |us: f64, w: f64| SustainedRun {
+            per_step: Sustained {
+                secs: us * 1e-6,
+                joules: us * 1e-6 * w,
+            },
+            sm_mhz: 1600.0,
+        };
+        // Halves of 100 us each: the prefill at the 700 W cap, the decode
+        // at 400 W, idle 100 W: the cap bounds an overlap at 150 us.
+        let runs = [
+            ("serial-ws", run(200.0, 550.0)),
+            ("serial-wss", run(210.0, 540.0)),
+            ("auto", run(160.0, 690.0)),
+        ];
+        let case = sustained_case(&runs, run(100.0, 700.0), run(100.0, 400.0), 700.0, 100.0);
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        assert!((f(&case["best_serial_us"]) - 200.0).abs() < 1e-9);
+        assert!((f(&case["speedup_over_best_serial"]["auto"]) - 1.25).abs() < 1e-9);
+        assert!(case["speedup_over_best_serial"].get("serial-wss").is_none());
+        assert!((f(&case["perfect_overlap_speedup"]) - 2.0).abs() < 1e-9);
+        assert!((f(&case["power_cap_bound_us"]) - 150.0).abs() < 1e-6);
+        assert!((f(&case["power_cap_speedup"]) - 4.0 / 3.0).abs() < 1e-9);
+        assert!((f(&case["variants"]["auto"]["watts"]) - 690.0).abs() < 1e-9);
+        let rows = vec![
+            json!({"model": "llama3-8b", "chunk": 1024, "position": 4096, "decodes": 8, "decode_context": 4096,
+                "sustained": case}),
+            json!({"model": "yi-6b", "chunk": 1024, "position": 4096, "decodes": 8, "decode_context": 4096,
+                "sustained": null}),
+        ];
+        let s = sustained_summary(&rows, 300, 700.0, 100.0);
+        assert_eq!(s["auto"]["cases"], 1);
+        assert!((f(&s["power_cap_speedup"]["median"]) - 4.0 / 3.0).abs() < 1e-9);
+        assert_eq!(s["power_limit_w"], 700.0);
+        // No sustained record at all: nothing to summarise.
+        assert!(sustained_summary(&rows[1..], 300, 700.0, 100.0).is_null());
+    }
 
     /// Graphs on/off token check: equal runs, a changed token, a shorter
     /// request and a missing request.
