@@ -190,9 +190,12 @@ if want ncuprior && command -v ncu >/dev/null; then
             "${SECTIONS[@]}" python3 scripts/fa3_one.py "$chunk" "$prior" 32 8 > "$OUT/ncu-fa3-$tag.txt" 2>&1
         # Three launches of ours: its time over a long prior varies run to run (844-1022 us on 2K over
         # 16K where FA3 holds 831-833; results/2026-12-04-h200-slim), so one launch may not show why.
-        timeout 120 ncu --clock-control none -k "regex:${NCU_KERNEL:-slot_prefill_wsp_bf16}" --launch-skip "$skip" -c 3 \
-            "${SECTIONS[@]}" "$B/vpod-bench" --iters 6 --out /tmp/ncu prefill --backends vattention --models llama3-8b \
-            --kernels "${NCU_VARIANT:-wsp}" --cases "$case" > "$OUT/ncu-ours-$tag.txt" 2>&1
+        # Each of NCU_VARIANTS (default: the tile in L2 sections, and in the order before them).
+        for v in ${NCU_VARIANTS:-wsp wsp/nol2}; do
+            timeout 120 ncu --clock-control none -k "regex:${NCU_KERNEL:-slot_prefill_wsp_bf16}" --launch-skip "$skip" \
+                -c 3 "${SECTIONS[@]}" "$B/vpod-bench" --iters 6 --out /tmp/ncu prefill --backends vattention \
+                --models llama3-8b --kernels "$v" --cases "$case" > "$OUT/ncu-ours-$tag-${v//\//-}.txt" 2>&1
+        done
     done
     for f in "$OUT"/ncu-fa3-*.txt "$OUT"/ncu-ours-*.txt; do
         echo "## $f"
