@@ -9,7 +9,9 @@
 //
 //   grid:   1-D, n_pre + n_dec blocks of 4 warps, pod_smem<DSTAGES>() dynamic smem
 //   n_pre = n_work x heads prefill items: the 64-row query tile `work[w]`
-//           of slot_prefill_w4 for head h, item w * heads + h (heaviest first)
+//           of slot_prefill_w4 for one head, in the warp-specialized tile's
+//           L2 order (ws_l2_order: sections of l2_heads heads, in each the
+//           work items heaviest first with the section's heads fastest)
 //   n_dec = splits x kv_heads x decodes decode items: slot_decode's split
 //           (split, kv head, decode)
 //

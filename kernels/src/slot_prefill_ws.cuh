@@ -352,9 +352,10 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
 // `lin`, over `slots` head slots (heads, or head pairs packed) x `items`
 // work items (heaviest first), in sections of `sec` head slots (whole KV
 // heads; the host sizes them so that their K and V over the longest item fit
-// in L2; sec <= 0 or >= slots: one section). Section by section, and in a
-// section item by item with its heads fastest: the CTAs resident at a time
-// then read the K/V of one or two sections, which stay in L2, where with all
+// in its L2 budget, 32 MiB of 50 MB by default; sec <= 0 or >= slots: one
+// section). Section by section, and in a section item by item with its heads
+// fastest: the CTAs resident at a time then read the K/V of one section or
+// two (one fits L2 with room, two about fill it), where with all
 // heads fastest they sweep every KV head's K/V at once and, over a long
 // prior context (2K rows over 16K keys: 8 x 9.4 MB), L2 cannot keep what
 // a later wave's CTAs of the same KV head read again (FlashAttention-3 and 4

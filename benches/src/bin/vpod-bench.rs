@@ -1696,7 +1696,8 @@ fn hybrid(
     let dev = gpu()?;
     // Where the energy counter cannot be read the sweep still runs (its
     // times are the point of a scarce GPU call), without the sustained part.
-    let power = match energy_ms {
+    let mut energy_failed = false;
+    let mut power = match energy_ms {
         0 => None,
         ms => match Power::measure(&dev, ms) {
             Ok(p) => Some(p),
@@ -1874,9 +1875,11 @@ fn hybrid(
                         b.retune(&o)?;
                         ms.map(|ms| ms * 1e3)
                     };
+                    // A failure here (NVML, mostly) ends the sustained part
+                    // for the rest of the sweep, not the sweep: its times stand.
                     let sustained = match &power {
                         None => None,
-                        Some(pw) => {
+                        Some(pw) => match (|| -> Result<Value> {
                             let mut runs = vec![];
                             for (name, opts) in variants {
                                 b.retune(&variant_options(opts)?)?;
@@ -1900,9 +1903,21 @@ fn hybrid(
                                     Ok(())
                                 })?);
                             }
-                            Some(pw.case_json(&runs, halves[0], halves[1]))
-                        }
+                            Ok(pw.case_json(&runs, halves[0], halves[1]))
+                        })() {
+                            Ok(v) => Some(v),
+                            Err(e) => {
+                                println!(
+                                    "--energy-ms: the sustained runs failed, the sweep goes on without them: {e:#}"
+                                );
+                                energy_failed = true;
+                                None
+                            }
+                        },
                     };
+                    if energy_failed {
+                        power = None;
+                    }
                     let t = |v: &str| us.get(v).and_then(Value::as_f64).unwrap_or(f64::NAN);
                     // Every serial pair this run times.
                     let best_serial = variants
@@ -2071,10 +2086,14 @@ impl Power {
             idle_w < cap_w,
             "NVML's energy counter gave {idle_w:.0} W at idle, above the {cap_w:.0} W limit"
         );
+        // Shown only: a GPU without these readings still has the counter.
+        let now = |r: Result<f64>, unit: &str| {
+            r.map_or_else(|e| format!("? {unit} ({e})"), |v| format!("{v:.0} {unit}"))
+        };
         println!(
-            "power: limit {cap_w:.0} W, idle {idle_w:.0} W, now {:.0} W at {:.0} MHz (NVML); sustained runs of {ms} ms\n",
-            nvml.power_w()?,
-            nvml.sm_mhz()?
+            "power: limit {cap_w:.0} W, idle {idle_w:.0} W, now {} at {} (NVML); sustained runs of {ms} ms\n",
+            now(nvml.power_w(), "W"),
+            now(nvml.sm_mhz(), "MHz")
         );
         Ok(Self {
             nvml,
