@@ -12,4 +12,6 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 # Link against the libcuda stub: the real driver is only on the GPU machine.
 export LIBRARY_PATH=$P/cuda/lib64:$P/cuda/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
+# NCCL for `--features cuda,nccl` builds (scripts/setup-nccl-build.sh installs it).
+[ -d "$P/nccl/nvidia/nccl/lib" ] && export LIBRARY_PATH=$P/nccl/nvidia/nccl/lib:$LIBRARY_PATH
 export CUDAFORGE_HOME=$P/cudaforge

@@ -19,8 +19,13 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 
-# VPOD_FEATURES=cuda,nccl adds NCCL for --tensor-parallel over GPUs.
+# VPOD_FEATURES=cuda,nccl adds NCCL for --tensor-parallel over GPUs: the
+# binaries then link libnccl (scripts/setup-nccl-build.sh installs it here),
+# and the bundle is gpu-bundle/bundle-nccl.tar.xz, beside the plain one
+# (run it with BUNDLE=gpu-bundle/bundle-nccl.tar.xz bash scripts/gpu-run.sh tp).
 features=${VPOD_FEATURES:-cuda}
+name=bundle
+[[ "$features" == *nccl* ]] && name=bundle-nccl
 cargo build --release -p vpod-cli --features "$features"
 cargo build --release -p vpod-benches --features "$features" --bin vpod-bench
 test_exe=$(cargo test --release -p vpod-cli --features "$features" --no-run --message-format=json 2>/dev/null |
@@ -36,13 +41,13 @@ cp target/release/cli "$stage/cli"
 cp "$test_exe" "$stage/integration"
 cp target/release/vpod-bench "$stage/vpod-bench"
 strip "$stage/cli" "$stage/integration" "$stage/vpod-bench"
-rm -rf gpu-bundle && mkdir -p gpu-bundle
+mkdir -p gpu-bundle
 # One xz stream with a dictionary larger than a binary: the three share most
 # of their bytes (candle, cudarc, our fatbins), so the second and third pack
 # to little: ~12 MB instead of ~28 MB with xz's default 8 MiB dictionary,
 # which leaves room in a call's 64 MiB for .anchors/ (FlashInfer) too.
 # Unpacking needs 256 MiB of memory.
-tar -C "$stage" -cf - cli integration vpod-bench | xz -T1 --lzma2=preset=6,dict=256MiB > gpu-bundle/bundle.tar.xz
-{ git rev-parse HEAD 2>/dev/null || true; date -u +%FT%TZ; ls -l "$stage"; } > gpu-bundle/manifest.txt
+tar -C "$stage" -cf - cli integration vpod-bench | xz -T1 --lzma2=preset=6,dict=256MiB > "gpu-bundle/$name.tar.xz"
+{ git rev-parse HEAD 2>/dev/null || true; date -u +%FT%TZ; echo "features: $features"; ls -l "$stage"; } > "gpu-bundle/$name.txt"
 rm -rf "$stage"
-du -h gpu-bundle/bundle.tar.xz
+du -h "gpu-bundle/$name.tar.xz"

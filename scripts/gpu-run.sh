@@ -26,19 +26,29 @@
 #                                            twins (prefill + POD kernels vs CPU twins, fixtures' parity, sanitizers
 #                                            on the warp-specialized prefill), ncuprior (Nsight Compute of our
 #                                            prefill tile and FA3 on a chunk over a long prior; carry .anchors),
-#                                            slim (the slim pair on two streams: premise, twins, sanitizers)
+#                                            slim (the slim pair on two streams: premise, twins, sanitizers),
+#                                            tp (issue 23, on 2+ GPUs: TP-2 greedy tokens vs TP-1 on the
+#                                            fixtures, NCCL all-reduce bandwidth, figure 9a at TP-2 and TP-1),
+#                                            tpserve (the POD serving run at TP-2 and TP-1)
 #   DMON=1 samples nvidia-smi dmon (power, clocks) beside the stages into $OUT/dmon.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Never NVLink multicast (the device tool's KINDS.md): NCCL's NVLS algorithms stay off.
+export NCCL_NVLS_ENABLE=0
 QUICK=0; [ "${1:-}" = "--quick" ] && { QUICK=1; shift; }
 STAGES=" ${*:-tests sanitize smoke decode ncu ckpt kernels serve} "
 [ $QUICK = 1 ] && STAGES=" tests sanitize smoke decode "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/vpod-gpu}; mkdir -p "$OUT"
 B=/tmp/vpod-bundle; rm -rf "$B"; mkdir -p "$B"
-tar -C "$B" -xJf gpu-bundle/bundle.tar.xz || { echo "no gpu-bundle/bundle.tar.xz: run scripts/gpu-build.sh first" >&2; exit 1; }
+# BUNDLE: gpu-build.sh's plain bundle, or its NCCL one (gpu-bundle/bundle-nccl.tar.xz) for the tp stages.
+BUNDLE=${BUNDLE:-gpu-bundle/bundle.tar.xz}
+tar -C "$B" -xJf "$BUNDLE" || { echo "no $BUNDLE: run scripts/gpu-build.sh first" >&2; exit 1; }
 # shellcheck source=scripts/cuda-libs.sh
 source scripts/cuda-libs.sh
+if ldd "$B/cli" | grep -q "not found"; then
+    echo "the bundle's binaries miss libraries here:" >&2; ldd "$B/cli" | grep "not found" >&2
+fi
 export HF_HUB_OFFLINE=1 VPOD_FIXTURES=$PWD/tests/fixtures VPOD_CLI_BIN=$B/cli
 declare -A RC
 
@@ -205,6 +215,44 @@ fi
 if want layer; then
     step vb-layer "$B/vpod-bench" layer --iters 10 --out "$OUT"
     cat "$OUT/vb-layer.log"
+fi
+# Issue 23 on a machine of 2+ GPUs (the nvidia-h200-x2 kind), with the NCCL bundle:
+#   VPOD_FEATURES=cuda,nccl bash scripts/gpu-build.sh   (here; scripts/setup-nccl-build.sh first)
+#   BUNDLE=gpu-bundle/bundle-nccl.tar.xz bash scripts/gpu-run.sh tp tpserve   (there)
+# TP_GPUS ranks (default 2).
+tp_ready() {
+    local n; n=$(nvidia-smi -L | wc -l)
+    if [ "$n" -lt "${TP_GPUS:-2}" ]; then
+        echo "tp: needs ${TP_GPUS:-2} GPUs, this machine has $n" | tee -a "$OUT/run.log"; return 1
+    fi
+    [[ "$BUNDLE" == *nccl* ]] ||
+        echo "tp: $BUNDLE has no nccl feature: the ranks go through host memory" | tee -a "$OUT/run.log"
+    nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+}
+if want tp && tp_ready; then
+    step tp-tests env VPOD_TP_GPUS="${TP_GPUS:-2}" "$B/integration" gpu::tensor_parallel --test-threads=1 --nocapture
+    grep -E "greedy tokens|panicked|skipped" "$OUT/tp-tests.log"
+    mkdir -p "$OUT/tp"
+    tstep 120 tp-allreduce "$B/vpod-bench" --out "$OUT/tp" allreduce --tensor-parallel "${TP_GPUS:-2}"
+    cat "$OUT/tp-allreduce.log"
+    # Figure 9a (decode at 16K, batch 1-32) at TP-N and TP-1, the same models and backends.
+    for n in ${TP_E2E_RANKS:-${TP_GPUS:-2} 1}; do
+        mkdir -p "$OUT/tp/e2e-tp$n"
+        # shellcheck disable=SC2086
+        tstep "${TP_E2E_TIMEOUT:-280}" "tp-e2e-tp$n" "$B/vpod-bench" e2e --out "$OUT/tp/e2e-tp$n" --tensor-parallel "$n" \
+            --cuda-graphs on ${TP_E2E_ARGS:---models llama3-8b,yi-34b --backends vattention,paged:16 --batch 1,4,16,32 --tokens 64}
+        grep -E "^\|" "$OUT/tp-e2e-tp$n.log" | head -30
+    done
+fi
+if want tpserve && tp_ready; then
+    # The POD end-to-end run at TP-N next to TP-1 (Llama-3-8B by default; TP_SERVE_ARGS to change).
+    for n in ${TP_SERVE_RANKS:-${TP_GPUS:-2} 1}; do
+        mkdir -p "$OUT/tp/serve-tp$n"
+        # shellcheck disable=SC2086
+        tstep "${TP_SERVE_TIMEOUT:-280}" "tp-serve-tp$n" "$B/vpod-bench" serve --out "$OUT/tp/serve-tp$n" --tensor-parallel "$n" \
+            ${TP_SERVE_ARGS:---models llama3-8b --requests 48 --pd-ratios 50 --runs prefill-first/vattention,hybrid/vattention,hybrid/pod}
+        grep -E "^\||over hybrid" "$OUT/tp-serve-tp$n.log"
+    done
 fi
 if want podserve; then
     # SERVE_ARGS: e.g. "--models yi-6b --requests 96 --pd-ratios 31,50 --runs hybrid/pod,hybrid/pod+decode-last".

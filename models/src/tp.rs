@@ -324,7 +324,8 @@ impl Communicator for LocalComm {
 }
 
 /// One rank of a group of GPUs in this process talking through NCCL (the
-/// `nccl` feature; libnccl is loaded at run time). Built for all ranks at
+/// `nccl` feature, which links libnccl: candle links its CUDA libraries at
+/// build time, and so cudarc links NCCL's). Built for all ranks at
 /// once ([`NcclComm::group`], `ncclCommInitAll`), one per GPU, each used by
 /// its rank's thread; collectives are queued on the GPU's stream, in the
 /// order the model calls them, with no host synchronisation.

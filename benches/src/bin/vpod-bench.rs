@@ -40,6 +40,8 @@
 //! - `gemv`:    the decode projections' GEMV kernels (every
 //!   `linear::GemvKernel`) on the models' shapes at 1..4 rows: GPU time and
 //!   TB/s of the weights against the copy ceiling;
+//! - `allreduce`: the tensor-parallel ranks' bf16 all-reduce over N GPUs
+//!   (NCCL in `nccl` builds): time per call and bus bandwidth per size;
 //! - `layer`:   the rest of a decoder layer (norms, projections, RoPE, MLP;
 //!   everything but the attention call) at the token counts of prefill
 //!   chunks and hybrid steps, per op: time, TFLOP/s of the projections
@@ -241,6 +243,24 @@ enum What {
         #[arg(long, value_delimiter = ',', default_value = "on,off", value_parser = on_off)]
         pdl: Vec<bool>,
     },
+    /// The tensor-parallel ranks' bf16 all-reduce (the collective after each
+    /// attention and MLP block of a sharded layer), through the engine's
+    /// communicators (NCCL in builds with the `nccl` feature): time per
+    /// call and NCCL's bus bandwidth per message size.
+    Allreduce {
+        /// Ranks, one per GPU (cuda:0 .. cuda:N-1).
+        #[arg(long, default_value_t = 2)]
+        tensor_parallel: usize,
+        /// Message sizes in KiB: a decode step's [batch, hidden] in bf16
+        /// (8 KiB for one token of Llama-3-8B, 448 KiB for 32 of Yi-34B), a
+        /// 1K-token chunk's (8-14 MiB), and large ones for the bus bandwidth.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "8,64,512,4096,16384,65536,262144"
+        )]
+        sizes_kib: Vec<usize>,
+    },
     Layer {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
@@ -292,6 +312,11 @@ enum What {
         /// CUDA graphs for the decode steps (on, off): rows carry `cuda_graphs`.
         #[arg(long, default_value = "on")]
         cuda_graphs: vpod_cli::engine::CudaGraphs,
+        /// Shard each model over N GPUs (cuda:0 .. cuda:N-1; tensor
+        /// parallelism, NCCL in builds with the `nccl` feature): rows carry
+        /// `tensor_parallel`.
+        #[arg(long, default_value_t = 1)]
+        tensor_parallel: usize,
     },
 }
 
@@ -1133,16 +1158,6 @@ fn svg_lines(series: &[(String, Vec<(f64, f64)>)], title: &str, xlabel: &str, na
 
 /// Bytes of a preset's bf16 weights (embedding, untied LM head, per layer
 /// QKV / O / gate-up-down projections and two norms, final norm).
-/// Preset `name` with room for `max_len` positions, as a synthetic bf16 model on `dev`.
-fn synthetic(
-    name: &str,
-    max_len: usize,
-    dev: &Device,
-) -> Result<(vpod_models::Preset, std::sync::Arc<vpod_models::LoadedModel>)> {
-    let (p, model, _) = synthetic_tp(name, max_len, std::slice::from_ref(dev))?;
-    Ok((p, model))
-}
-
 /// A preset's synthetic model sharded over `devices` (one rank each; the
 /// whole model for one device): rank 0's model and the other ranks' shards.
 type Shards = (
@@ -2383,6 +2398,104 @@ fn note_share(meta: &BatchMeta, cfg: &AttnConfig) -> f64 {
     vpod_attention::pod_step_halves(meta, cfg).map_or(0.0, |(tp, td)| tp.min(td) / (tp + td))
 }
 
+/// `vpod-bench allreduce`: each message size's all-reduce over `tp` GPUs
+/// through [`vpod_cli::rank_comms`] (what the engine's ranks use): time per
+/// call (the slowest rank's), the algorithm bandwidth (bytes / time) and
+/// NCCL's bus bandwidth ([`bus_bandwidth`]).
+fn all_reduce(tp: usize, sizes_kib: &[usize], iters: usize) -> Result<Vec<Value>> {
+    ensure!(
+        tp >= 2,
+        "allreduce: --tensor-parallel must be at least 2 (GPUs to reduce over)"
+    );
+    ensure!(
+        sizes_kib.iter().all(|&s| s >= 2),
+        "allreduce: --sizes-kib: each size must be at least 2 KiB"
+    );
+    let dev = gpu()?;
+    let devices = vpod_cli::device::rank_devices(&dev, Some("cuda:0"), tp)?;
+    let comms = vpod_cli::rank_comms(&devices)?;
+    // rank_comms' rule: NCCL between GPUs where the build has it.
+    let via = if cfg!(feature = "nccl") {
+        "NCCL"
+    } else {
+        "host memory (a build without the nccl feature)"
+    };
+    println!(
+        "all-reduce of bf16 over {tp} GPUs ({via}; {}):\n| KiB | us / call | algorithm GB/s | bus GB/s |\n|---|---|---|---|",
+        gpu_name(&dev)
+    );
+    let mut rows = vec![];
+    for &kib in sizes_kib {
+        let elems = kib * 1024 / 2;
+        let tensors = devices
+            .iter()
+            .map(|d| Tensor::ones(elems, DType::BF16, d))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let secs = all_reduce_times(&comms, &tensors, iters)?;
+        let t = secs.iter().copied().fold(0.0, f64::max);
+        let bytes = (elems * 2) as f64;
+        let (alg, bus) = (bytes / t, bus_bandwidth(bytes, t, tp));
+        println!("| {kib} | {:.1} | {:.1} | {:.1} |", t * 1e6, alg / 1e9, bus / 1e9);
+        rows.push(json!({"tensor_parallel": tp, "via": via, "kib": kib, "us_per_call": t * 1e6,
+            "per_rank_us": secs.iter().map(|s| s * 1e6).collect::<Vec<_>>(),
+            "algorithm_gb_per_s": alg / 1e9, "bus_gb_per_s": bus / 1e9,
+            "what": "Communicator::all_reduce_sum of a bf16 vector on every rank (a thread each), back to back after 3 warm-up calls, each rank's device synchronised; the slowest rank's time; bus = algorithm x 2 (n - 1) / n (NCCL's all-reduce bus bandwidth)"}));
+    }
+    Ok(rows)
+}
+
+/// NCCL's bus bandwidth of an all-reduce of `bytes` over `n` ranks in
+/// `secs`: each rank sends and receives 2 (n - 1) / n of the message
+/// (ring), so this compares with a link's bandwidth whatever n is.
+fn bus_bandwidth(bytes: f64, secs: f64, n: usize) -> f64 {
+    bytes / secs * 2.0 * (n as f64 - 1.0) / n as f64
+}
+
+/// Seconds per all-reduce of each rank's tensor: a thread a rank, 3
+/// warm-up calls, a barrier, then `iters` calls back to back and the
+/// rank's device synchronised. A rank that fails aborts the others'
+/// collectives.
+fn all_reduce_times(
+    comms: &[std::sync::Arc<dyn vpod_models::tp::Communicator>],
+    tensors: &[Tensor],
+    iters: usize,
+) -> Result<Vec<f64>> {
+    let n = iters.max(1);
+    let barrier = std::sync::Barrier::new(comms.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .zip(tensors)
+            .map(|(c, t)| {
+                let barrier = &barrier;
+                s.spawn(move || -> Result<f64> {
+                    let run = || -> Result<f64> {
+                        for _ in 0..3 {
+                            c.all_reduce_sum(t)?;
+                        }
+                        t.device().synchronize()?;
+                        barrier.wait();
+                        let start = Instant::now();
+                        for _ in 0..n {
+                            c.all_reduce_sum(t)?;
+                        }
+                        t.device().synchronize()?;
+                        Ok(start.elapsed().as_secs_f64() / n as f64)
+                    };
+                    run().inspect_err(|e| c.abort(&format!("{e:#}")))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("an all-reduce rank panicked"))?
+            })
+            .collect()
+    })
+}
+
 /// Bytes of weight copies a GEMV point rotates over (several times the
 /// H200's 60 MB L2, so that every launch streams its weights from HBM).
 const GEMV_ROTATE_BYTES: usize = 512 << 20;
@@ -2647,6 +2760,7 @@ fn serve(
     runs: &[String],
     profile_attention: bool,
     cuda_graphs: vpod_cli::engine::CudaGraphs,
+    tensor_parallel: usize,
 ) -> Result<Vec<Value>> {
     use vpod_cli::engine::{Engine, Request};
     use vpod_cli::sampler::SamplingParams;
@@ -2656,13 +2770,25 @@ fn serve(
         "--chunks: a chunk size must be at least 1 token"
     );
     let dev = gpu()?;
+    let tp = tensor_parallel.max(1);
+    let devices = vpod_cli::device::rank_devices(&dev, Some("cuda:0"), tp)?;
     let mut rows = vec![];
     println!(
         "| model | P:D | scheduler | backend | chunk | requests / min | tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | fused steps | s in hybrid / decode-only / prefill-only steps | host-only ms a step |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let longest = workloads.iter().map(|(p, o)| p + o).max().unwrap_or(0);
     for name in models {
-        let (p, model) = synthetic(name, longest + 64, &dev)?;
+        let (p, model, ranks) = synthetic_tp(name, longest + 64, &devices)?;
+        // One rank's KV heads (one, replicated, where the model has fewer than ranks).
+        let rank_kv_heads = if p.kv_heads.is_multiple_of(tp) {
+            p.kv_heads / tp
+        } else {
+            1
+        };
+        let label = match tp {
+            1 => name.to_string(),
+            n => format!("{name} (TP-{n})"),
+        };
         // The POD paper's chunk sizes: Yi-6B 512, Llama-3-8B 1024.
         let default_chunk = [if name == "yi-6b" { 512 } else { 1024 }];
         let chunks = if chunks.is_empty() {
@@ -2672,9 +2798,13 @@ fn serve(
         };
         for (&(prompt, output), &chunk) in workloads.iter().flat_map(|w| chunks.iter().map(move |c| (w, c))) {
             let pd = format!("{prompt}:{output}");
-            // KV for every request at once (pages rounded up) if the GPU holds it, else what is free.
-            let kv_per_token = (p.layers * 2 * p.kv_heads * (p.hidden / p.heads) * 2) as f64;
-            let free = vpod_cli::device::gpu_info(&dev)?.map_or(0, |g| g.free_bytes);
+            // KV for every request at once (pages rounded up) if the GPU holds it, else what is free
+            // (per rank: its KV heads, on the rank GPU with the least free memory).
+            let kv_per_token = (p.layers * 2 * rank_kv_heads * (p.hidden / p.heads) * 2) as f64;
+            let mut free = usize::MAX;
+            for d in &devices {
+                free = free.min(vpod_cli::device::gpu_info(d)?.map_or(0, |g| g.free_bytes));
+            }
             let want = (requests as f64 * (prompt + output + 2048) as f64 * kv_per_token) as usize;
             let kv = want.min(free.saturating_sub(6 << 30));
             for run in runs {
@@ -2694,7 +2824,11 @@ fn serve(
                     pod_tuning,
                     ..Default::default()
                 };
-                let mut e = Engine::with_options(model.clone(), backend, &opts)?;
+                let mut e = if ranks.is_empty() {
+                    Engine::with_options(model.clone(), backend, &opts)?
+                } else {
+                    Engine::with_tensor_parallel(model.clone(), ranks.clone(), backend, &opts)?
+                };
                 let trace = vpod_cli::compare::synthetic_trace(requests, prompt, output, rate, 7);
                 let vocab = p.vocab;
                 let reqs: Vec<Request> = trace
@@ -2810,7 +2944,7 @@ fn serve(
                     .collect();
                 let rpm = requests as f64 / wall * 60.0;
                 println!(
-                    "| {name} | {pd} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid | {:.0} / {:.0} / {:.0} | {:.2} |",
+                    "| {label} | {pd} | {sched} | {spec} | {chunk} | {rpm:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {fused} of {hybrid_steps} hybrid | {:.0} / {:.0} / {:.0} | {:.2} |",
                     generated as f64 / wall,
                     percentile(&ttft, 0.5),
                     percentile(&ttft, 0.99),
@@ -2822,7 +2956,7 @@ fn serve(
                     out.steps.iter().map(|s| s.host_ms).sum::<f64>() / out.steps.len().max(1) as f64,
                 );
                 rows.push(
-                json!({"model": name, "scheduler": sched, "backend": spec, "chunk": chunk, "cuda_graphs": cuda_graphs,
+                json!({"model": name, "tensor_parallel": tp, "scheduler": sched, "backend": spec, "chunk": chunk, "cuda_graphs": cuda_graphs,
                 "requests": requests, "prompt": prompt, "output": output, "rate_per_s": rate, "wall_s": wall,
                 "requests_per_min": rpm, "tokens_per_s": generated as f64 / wall,
                 "ttft_ms_p50": percentile(&ttft, 0.5), "ttft_ms_p99": percentile(&ttft, 0.99),
@@ -2998,6 +3132,10 @@ fn main() -> Result<()> {
         ),
         What::Gemv { models, rows, pdl } => ("gemv", gemv_kernels(models, rows, pdl, args.iters, &ceil)?),
         What::Layer { models, tokens } => ("layer", layer(models, tokens, args.iters, &ceil)?),
+        What::Allreduce {
+            tensor_parallel,
+            sizes_kib,
+        } => ("allreduce", all_reduce(*tensor_parallel, sizes_kib, args.iters)?),
         What::Serve {
             models,
             requests,
@@ -3010,6 +3148,7 @@ fn main() -> Result<()> {
             runs,
             profile_attention,
             cuda_graphs,
+            tensor_parallel,
         } => (
             "serve",
             serve(
@@ -3021,6 +3160,7 @@ fn main() -> Result<()> {
                 runs,
                 *profile_attention,
                 *cuda_graphs,
+                *tensor_parallel,
             )?,
         ),
     };
@@ -3035,6 +3175,26 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The all-reduce timing loop on CPU ranks (the in-memory
+    /// communicator): a time per rank, and the bus bandwidth of a ring.
+    #[test]
+    fn all_reduce_times_every_rank() {
+        let comms: Vec<std::sync::Arc<dyn vpod_models::tp::Communicator>> =
+            vpod_models::tp::LocalComm::group(3)
+                .into_iter()
+                .map(|c| std::sync::Arc::new(c) as _)
+                .collect();
+        let tensors: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::ones(1024, DType::BF16, &Device::Cpu).unwrap())
+            .collect();
+        let secs = all_reduce_times(&comms, &tensors, 4).unwrap();
+        assert_eq!(secs.len(), 3);
+        assert!(secs.iter().all(|&s| s > 0.0 && s.is_finite()), "{secs:?}");
+        // 2 ranks: each moves the whole message once; 4: 1.5 times.
+        assert_eq!(bus_bandwidth(100.0, 1.0, 2), 100.0);
+        assert_eq!(bus_bandwidth(100.0, 1.0, 4), 150.0);
+    }
 
     /// The sustained record of a case and the summary over cases: the
     /// speedups over the best serial variant and the two ceilings.
