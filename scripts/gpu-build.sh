@@ -25,9 +25,16 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 # (run it with BUNDLE=gpu-bundle/bundle-nccl.tar.xz bash scripts/gpu-run.sh tp).
 features=${VPOD_FEATURES:-cuda}
 name=bundle
-[[ "$features" == *nccl* ]] && name=bundle-nccl
+if [[ "$features" == *nccl* ]]; then
+    name=bundle-nccl
+    # setup-nccl-build.sh's library, also when cuda-build-env.sh was sourced before it ran.
+    nccl_lib=${CUDA_PYPI_PREFIX:-/opt/cuda-pypi}/nccl/nvidia/nccl/lib
+    [ -d "$nccl_lib" ] && export LIBRARY_PATH=$nccl_lib${LIBRARY_PATH:+:$LIBRARY_PATH}
+fi
 cargo build --release -p vpod-cli --features "$features"
 cargo build --release -p vpod-benches --features "$features" --bin vpod-bench
+# The test binary: built with its errors shown, then found (the JSON run below hides them).
+cargo test --release -p vpod-cli --features "$features" --no-run
 test_exe=$(cargo test --release -p vpod-cli --features "$features" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
 for line in sys.stdin:

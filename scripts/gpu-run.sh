@@ -28,8 +28,8 @@
 #                                            prefill tile and FA3 on a chunk over a long prior; carry .anchors),
 #                                            slim (the slim pair on two streams: premise, twins, sanitizers),
 #                                            tp (issue 23, on 2+ GPUs: TP-2 greedy tokens vs TP-1 on the
-#                                            fixtures, NCCL all-reduce bandwidth, figure 9a at TP-2 and TP-1),
-#                                            tpserve (the POD serving run at TP-2 and TP-1)
+#                                            fixtures, NCCL all-reduce bandwidth), tpe2e (figure 9a at TP-2 and
+#                                            TP-1), tpserve (the POD serving run at TP-2 and TP-1): one call each
 #   DMON=1 samples nvidia-smi dmon (power, clocks) beside the stages into $OUT/dmon.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,9 +46,8 @@ BUNDLE=${BUNDLE:-gpu-bundle/bundle.tar.xz}
 tar -C "$B" -xJf "$BUNDLE" || { echo "no $BUNDLE: run scripts/gpu-build.sh first" >&2; exit 1; }
 # shellcheck source=scripts/cuda-libs.sh
 source scripts/cuda-libs.sh
-if ldd "$B/cli" | grep -q "not found"; then
-    echo "the bundle's binaries miss libraries here:" >&2; ldd "$B/cli" | grep "not found" >&2
-fi
+missing=$(ldd "$B/cli" | grep "not found" || true)
+[ -n "$missing" ] && echo -e "the bundle's binaries miss libraries here:\n$missing" >&2
 export HF_HUB_OFFLINE=1 VPOD_FIXTURES=$PWD/tests/fixtures VPOD_CLI_BIN=$B/cli
 declare -A RC
 
@@ -218,7 +217,7 @@ if want layer; then
 fi
 # Issue 23 on a machine of 2+ GPUs (the nvidia-h200-x2 kind), with the NCCL bundle:
 #   VPOD_FEATURES=cuda,nccl bash scripts/gpu-build.sh   (here; scripts/setup-nccl-build.sh first)
-#   BUNDLE=gpu-bundle/bundle-nccl.tar.xz bash scripts/gpu-run.sh tp tpserve   (there)
+#   BUNDLE=gpu-bundle/bundle-nccl.tar.xz bash scripts/gpu-run.sh tp   (there; then tpe2e, then tpserve: a call each)
 # TP_GPUS ranks (default 2).
 tp_ready() {
     local n; n=$(nvidia-smi -L | wc -l)
@@ -227,20 +226,23 @@ tp_ready() {
     fi
     [[ "$BUNDLE" == *nccl* ]] ||
         echo "tp: $BUNDLE has no nccl feature: the ranks go through host memory" | tee -a "$OUT/run.log"
-    nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+    nvidia-smi topo -m > "$OUT/topo.txt" 2>&1 || true
 }
 if want tp && tp_ready; then
-    step tp-tests env VPOD_TP_GPUS="${TP_GPUS:-2}" "$B/integration" gpu::tensor_parallel --test-threads=1 --nocapture
+    tstep 400 tp-tests env VPOD_TP_GPUS="${TP_GPUS:-2}" "$B/integration" gpu::tensor_parallel --test-threads=1 --nocapture
     grep -E "greedy tokens|panicked|skipped" "$OUT/tp-tests.log"
     mkdir -p "$OUT/tp"
     tstep 120 tp-allreduce "$B/vpod-bench" --out "$OUT/tp" allreduce --tensor-parallel "${TP_GPUS:-2}"
     cat "$OUT/tp-allreduce.log"
-    # Figure 9a (decode at 16K, batch 1-32) at TP-N and TP-1, the same models and backends.
+fi
+if want tpe2e && tp_ready; then
+    # Figure 9a (decode at 16K, batch 1-32) at TP-N and TP-1, the same models and backends (a 16K
+    # prefill per sequence first: Yi-34B's batch 32 alone is ~35 PFLOP at TP-1, where it may not fit).
     for n in ${TP_E2E_RANKS:-${TP_GPUS:-2} 1}; do
         mkdir -p "$OUT/tp/e2e-tp$n"
         # shellcheck disable=SC2086
         tstep "${TP_E2E_TIMEOUT:-280}" "tp-e2e-tp$n" "$B/vpod-bench" e2e --out "$OUT/tp/e2e-tp$n" --tensor-parallel "$n" \
-            --cuda-graphs on ${TP_E2E_ARGS:---models llama3-8b,yi-34b --backends vattention,paged:16 --batch 1,4,16,32 --tokens 64}
+            --cuda-graphs on ${TP_E2E_ARGS:---models llama3-8b,yi-34b --backends vattention,paged:16 --batch 1,8,32 --tokens 64}
         grep -E "^\|" "$OUT/tp-e2e-tp$n.log" | head -30
     done
 fi

@@ -1367,7 +1367,11 @@ fn cuda_graphs_match_eager_greedy_tokens() {
 /// over N ranks, sharded over cuda:0 .. cuda:N-1 in bf16 (NCCL in `nccl`
 /// builds), gives the greedy tokens of the unsharded model on cuda:0, for
 /// `vattention`, `pod` and `paged:16`, through chunked-prefill hybrid
-/// steps. Needs `VPOD_TP_GPUS=N` (N >= 2 GPUs; `gpu-run.sh tp` sets it):
+/// steps; where they part (the ranks' partial sums round to bf16 before
+/// the all-reduce adds them, so a near tie may flip), the teacher-forced
+/// logits of TP-1's sequences must agree under `cli compare`'s rule (bf16
+/// tolerance, the same top-1 at 90 % of positions), and the test says so.
+/// Needs `VPOD_TP_GPUS=N` (N >= 2 GPUs; `gpu-run.sh tp` sets it):
 /// without it the test says so and passes, as on the one-GPU machine.
 #[test]
 fn tensor_parallel_greedy_tokens_on_gpus() {
@@ -1384,7 +1388,7 @@ fn tensor_parallel_greedy_tokens_on_gpus() {
         world >= 2,
         "VPOD_TP_GPUS={world}: tensor parallelism needs 2 GPUs or more"
     );
-    let count = candle_core::cuda_backend::cudarc::driver::result::device::get_count()
+    let count = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
         .expect("the CUDA device count") as usize;
     assert!(
         count >= world,
@@ -1441,25 +1445,51 @@ fn tensor_parallel_greedy_tokens_on_gpus() {
                 max_seqs: 4,
                 ..Default::default()
             };
-            let tokens = |mut e: Engine| -> Vec<Vec<u32>> {
+            let tokens = |e: &mut Engine| -> Vec<Vec<u32>> {
                 let out = e.run_batch(&reqs, sched, &mut |_, _| Ok(())).unwrap();
                 out.requests.into_iter().map(|r| r.tokens).collect()
             };
-            let one = tokens(Engine::with_options(whole.clone(), backend, &opts).unwrap());
-            let sharded =
-                tokens(Engine::with_tensor_parallel(rank0.clone(), ranks.clone(), backend, &opts).unwrap());
-            for (i, (a, b)) in one.iter().zip(&sharded).enumerate() {
-                let first = a.iter().zip(b).position(|(x, y)| x != y);
-                assert!(
-                    first.is_none() && a.len() == b.len(),
-                    "{name} {backend} TP-{world}: request {i}'s greedy tokens differ from TP-1's at token {first:?} \
-                     (TP-1 {a:?}, TP-{world} {b:?})"
-                );
+            let mut e1 = Engine::with_options(whole.clone(), backend, &opts).unwrap();
+            let mut etp = Engine::with_tensor_parallel(rank0.clone(), ranks.clone(), backend, &opts).unwrap();
+            let (one, sharded) = (tokens(&mut e1), tokens(&mut etp));
+            let parted = one
+                .iter()
+                .zip(&sharded)
+                .enumerate()
+                .find_map(|(i, (a, b))| (a != b).then(|| (i, a.iter().zip(b).position(|(x, y)| x != y))));
+            match parted {
+                None => println!(
+                    "{name} {backend}: TP-{world} greedy tokens equal TP-1's ({} requests)",
+                    reqs.len()
+                ),
+                Some((i, at)) => {
+                    let seqs: Vec<Vec<u32>> = reqs
+                        .iter()
+                        .zip(&one)
+                        .map(|(r, t)| [r.prompt.clone(), t.clone()].concat())
+                        .collect();
+                    let lens: Vec<usize> = reqs.iter().map(|r| r.prompt.len()).collect();
+                    let want = e1.forced_logits(&seqs, &lens, 16).unwrap();
+                    let got = etp.forced_logits(&seqs, &lens, 16).unwrap();
+                    let (worst, top1) = vpod_cli::compare::logit_agreement(&want, &got).unwrap();
+                    let tolerance = vpod_cli::compare::logit_tolerance(DType::BF16);
+                    assert!(
+                        worst <= tolerance && top1 >= vpod_cli::compare::MIN_TOP1,
+                        "{name} {backend} TP-{world}: request {i}'s greedy tokens part from TP-1's at token {at:?}, and \
+                         the teacher-forced logits differ by {:.2} % of their range (tolerance {:.2} %), the same top-1 \
+                         at {:.1} % of positions",
+                        worst * 100.0,
+                        tolerance * 100.0,
+                        top1 * 100.0
+                    );
+                    println!(
+                        "{name} {backend}: TP-{world} greedy tokens part from TP-1's at request {i} token {at:?} (a near \
+                         tie); teacher-forced logits agree: {:.2} % of their range, the same top-1 at {:.1} %",
+                        worst * 100.0,
+                        top1 * 100.0
+                    );
+                }
             }
-            println!(
-                "{name} {backend}: TP-{world} greedy tokens equal TP-1's ({} requests)",
-                reqs.len()
-            );
             checked += 1;
         }
     }

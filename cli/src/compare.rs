@@ -232,7 +232,7 @@ fn agreement_run(e: &mut Engine) -> Result<Vec<Vec<u32>>> {
 /// fraction of the reference row's logit range, in the model's dtype: f32
 /// kernels agree to rounding; bf16/f16 activations round at every layer, so
 /// two correct kernels summing in different orders drift further apart.
-fn logit_tolerance(dtype: DType) -> f64 {
+pub fn logit_tolerance(dtype: DType) -> f64 {
     if dtype == DType::F32 { 1e-3 } else { 5e-2 }
 }
 
@@ -250,12 +250,12 @@ type ForcedRun = (Vec<Vec<u32>>, Vec<usize>, Vec<Tensor>);
 
 /// Positions with the same top-1 that a backend needs, besides the logit
 /// tolerance, when its greedy tokens part from the first backend's.
-const MIN_TOP1: f64 = 0.9;
+pub const MIN_TOP1: f64 = 0.9;
 
 /// (largest logit difference / the reference row's range, fraction of
 /// positions with the same top-1) over all sequences; a non-finite logit
 /// of the candidate makes the difference infinite.
-fn logit_agreement(want: &[Tensor], got: &[Tensor]) -> Result<(f64, f64)> {
+pub fn logit_agreement(want: &[Tensor], got: &[Tensor]) -> Result<(f64, f64)> {
     let (mut worst, mut same, mut rows) = (0f64, 0usize, 0usize);
     for (w, g) in want.iter().zip(got) {
         if !g.sum_all()?.to_scalar::<f32>()?.is_finite() {

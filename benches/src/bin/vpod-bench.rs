@@ -1156,8 +1156,6 @@ fn svg_lines(series: &[(String, Vec<(f64, f64)>)], title: &str, xlabel: &str, na
     Ok(())
 }
 
-/// Bytes of a preset's bf16 weights (embedding, untied LM head, per layer
-/// QKV / O / gate-up-down projections and two norms, final norm).
 /// A preset's synthetic model sharded over `devices` (one rank each; the
 /// whole model for one device): rank 0's model and the other ranks' shards.
 type Shards = (
@@ -1205,6 +1203,8 @@ fn gemv_choices(t: &[vpod_attention::linear::GemvTiming]) -> Value {
     Value::Array(out)
 }
 
+/// Bytes of a preset's bf16 weights (embedding, untied LM head, per layer
+/// QKV / O / gate-up-down projections and two norms, final norm).
 fn weight_bytes(p: &vpod_models::Preset) -> f64 {
     let d = p.hidden / p.heads;
     let layer = p.hidden * (p.hidden + 2 * p.kv_heads * d)
@@ -2956,7 +2956,9 @@ fn serve(
                     out.steps.iter().map(|s| s.host_ms).sum::<f64>() / out.steps.len().max(1) as f64,
                 );
                 rows.push(
-                json!({"model": name, "tensor_parallel": tp, "scheduler": sched, "backend": spec, "chunk": chunk, "cuda_graphs": cuda_graphs,
+                json!({"model": name, "tensor_parallel": tp, "scheduler": sched, "backend": spec, "chunk": chunk,
+                // The engine runs tensor-parallel steps eagerly (collectives are not captured).
+                "cuda_graphs": if tp > 1 { json!("off: tensor-parallel steps run eagerly") } else { json!(cuda_graphs) },
                 "requests": requests, "prompt": prompt, "output": output, "rate_per_s": rate, "wall_s": wall,
                 "requests_per_min": rpm, "tokens_per_s": generated as f64 / wall,
                 "ttft_ms_p50": percentile(&ttft, 0.5), "ttft_ms_p99": percentile(&ttft, 0.99),
