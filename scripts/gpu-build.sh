@@ -21,12 +21,13 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 
 # VPOD_FEATURES=cuda,nccl adds NCCL for --tensor-parallel over GPUs: the
 # binaries then link libnccl (scripts/setup-nccl-build.sh installs it here),
-# and the bundle is gpu-bundle/bundle-nccl.tar.xz, beside the plain one
-# (run it with BUNDLE=gpu-bundle/bundle-nccl.tar.xz bash scripts/gpu-run.sh tp).
+# and the bundle is gpu-bundle-nccl/bundle.tar.xz, apart from the plain one
+# (a call carries one of the two folders: both with .anchors/ pass the 64 MiB;
+# run it with BUNDLE=gpu-bundle-nccl/bundle.tar.xz bash scripts/gpu-run.sh tp).
 features=${VPOD_FEATURES:-cuda}
-name=bundle
+out=gpu-bundle
 if [[ "$features" == *nccl* ]]; then
-    name=bundle-nccl
+    out=gpu-bundle-nccl
     # setup-nccl-build.sh's library, also when cuda-build-env.sh was sourced before it ran.
     nccl_lib=${CUDA_PYPI_PREFIX:-/opt/cuda-pypi}/nccl/nvidia/nccl/lib
     [ -d "$nccl_lib" ] && export LIBRARY_PATH=$nccl_lib${LIBRARY_PATH:+:$LIBRARY_PATH}
@@ -48,13 +49,13 @@ cp target/release/cli "$stage/cli"
 cp "$test_exe" "$stage/integration"
 cp target/release/vpod-bench "$stage/vpod-bench"
 strip "$stage/cli" "$stage/integration" "$stage/vpod-bench"
-mkdir -p gpu-bundle
+rm -rf "$out" && mkdir -p "$out"
 # One xz stream with a dictionary larger than a binary: the three share most
 # of their bytes (candle, cudarc, our fatbins), so the second and third pack
 # to little: ~12 MB instead of ~28 MB with xz's default 8 MiB dictionary,
 # which leaves room in a call's 64 MiB for .anchors/ (FlashInfer) too.
 # Unpacking needs 256 MiB of memory.
-tar -C "$stage" -cf - cli integration vpod-bench | xz -T1 --lzma2=preset=6,dict=256MiB > "gpu-bundle/$name.tar.xz"
-{ git rev-parse HEAD 2>/dev/null || true; date -u +%FT%TZ; echo "features: $features"; ls -l "$stage"; } > "gpu-bundle/$name.txt"
+tar -C "$stage" -cf - cli integration vpod-bench | xz -T1 --lzma2=preset=6,dict=256MiB > "$out/bundle.tar.xz"
+{ git rev-parse HEAD 2>/dev/null || true; date -u +%FT%TZ; echo "features: $features"; ls -l "$stage"; } > "$out/manifest.txt"
 rm -rf "$stage"
-du -h "gpu-bundle/$name.tar.xz"
+du -h "$out/bundle.tar.xz"

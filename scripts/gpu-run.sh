@@ -41,7 +41,7 @@ STAGES=" ${*:-tests sanitize smoke decode ncu ckpt kernels serve} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/vpod-gpu}; mkdir -p "$OUT"
 B=/tmp/vpod-bundle; rm -rf "$B"; mkdir -p "$B"
-# BUNDLE: gpu-build.sh's plain bundle, or its NCCL one (gpu-bundle/bundle-nccl.tar.xz) for the tp stages.
+# BUNDLE: gpu-build.sh's plain bundle, or its NCCL one (gpu-bundle-nccl/bundle.tar.xz) for the tp stages.
 BUNDLE=${BUNDLE:-gpu-bundle/bundle.tar.xz}
 tar -C "$B" -xJf "$BUNDLE" || { echo "no $BUNDLE: run scripts/gpu-build.sh first" >&2; exit 1; }
 # shellcheck source=scripts/cuda-libs.sh
@@ -217,7 +217,7 @@ if want layer; then
 fi
 # Issue 23 on a machine of 2+ GPUs (the nvidia-h200-x2 kind), with the NCCL bundle:
 #   VPOD_FEATURES=cuda,nccl bash scripts/gpu-build.sh   (here; scripts/setup-nccl-build.sh first)
-#   BUNDLE=gpu-bundle/bundle-nccl.tar.xz bash scripts/gpu-run.sh tp   (there; then tpe2e, then tpserve: a call each)
+#   BUNDLE=gpu-bundle-nccl/bundle.tar.xz bash scripts/gpu-run.sh tp   (there; then tpe2e, then tpserve: a call each)
 # TP_GPUS ranks (default 2).
 tp_ready() {
     local n; n=$(nvidia-smi -L | wc -l)
