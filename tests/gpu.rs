@@ -1274,10 +1274,28 @@ fn vmm_cache_bad_page_and_teardown() {
 /// sequences in the bucket of 6, then fewer as they finish), contexts that
 /// cross the static plans' keys (decode splits, paged max context), and
 /// graphs that were captured and replayed (none failed).
+/// Requests of pseudo-random prompts of `lens` tokens (ids within `vocab`),
+/// request i generating `max_tokens[i]` tokens past any EOS.
+fn pseudo_requests(vocab: usize, lens: &[usize], max_tokens: &[usize]) -> Vec<vpod_cli::engine::Request> {
+    lens.iter()
+        .zip(max_tokens)
+        .enumerate()
+        .map(|(i, (&len, &max))| vpod_cli::engine::Request {
+            prompt: (0..len)
+                .map(|t| 1 + ((t * 2654435761usize + i * 977) % (vocab - 1)) as u32)
+                .collect(),
+            max_tokens: max,
+            sampling: vpod_cli::sampler::SamplingParams {
+                ignore_eos: true,
+                ..Default::default()
+            },
+            arrival_ms: 0.0,
+        })
+        .collect()
+}
+
 #[test]
 fn cuda_graphs_match_eager_greedy_tokens() {
-    use vpod_cli::engine::Request;
-    use vpod_cli::sampler::SamplingParams;
     use vpod_cli::scheduler::{Policy, SchedulerConfig};
     let dev = gpu();
     // VPOD_QUICK (the compute-sanitizer runs): one fixture, two backends.
@@ -1290,19 +1308,7 @@ fn cuda_graphs_match_eager_greedy_tokens() {
     for name in &FIXTURES[..if quick { 1 } else { FIXTURES.len() }] {
         let model = bf16_fixture(name, &dev);
         let vocab = model.config.vocab_size;
-        let reqs: Vec<Request> = (0..5)
-            .map(|i| Request {
-                prompt: (0..[3, 40, 130, 300, 17][i])
-                    .map(|t| 1 + ((t * 2654435761usize + i * 977) % (vocab - 1)) as u32)
-                    .collect(),
-                max_tokens: [70, 24, 90, 40, 9][i],
-                sampling: SamplingParams {
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-                arrival_ms: 0.0,
-            })
-            .collect();
+        let reqs = pseudo_requests(vocab, &[3, 40, 130, 300, 17], &[70, 24, 90, 40, 9]);
         let sched = SchedulerConfig {
             policy: Policy::PrefillFirst,
             chunk_size: 256,
@@ -1376,8 +1382,6 @@ fn cuda_graphs_match_eager_greedy_tokens() {
 #[test]
 fn tensor_parallel_greedy_tokens_on_gpus() {
     use std::sync::Arc;
-    use vpod_cli::engine::Request;
-    use vpod_cli::sampler::SamplingParams;
     use vpod_cli::scheduler::{Policy, SchedulerConfig};
     let Some(world) = std::env::var("VPOD_TP_GPUS").ok() else {
         println!("skipped: set VPOD_TP_GPUS=N (N >= 2 GPUs) to run tensor parallelism on GPUs");
@@ -1421,19 +1425,7 @@ fn tensor_parallel_greedy_tokens_on_gpus() {
         let rank0 = Arc::new(shards.remove(0));
         let ranks: Vec<Arc<vpod_models::Llama>> = shards.into_iter().map(|m| Arc::new(m.model)).collect();
         let vocab = cfg.vocab_size;
-        let reqs: Vec<Request> = (0..4)
-            .map(|i| Request {
-                prompt: (0..[5, 70, 130, 33][i])
-                    .map(|t| 1 + ((t * 2654435761usize + i * 977) % (vocab - 1)) as u32)
-                    .collect(),
-                max_tokens: [40, 24, 32, 48][i],
-                sampling: SamplingParams {
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-                arrival_ms: 0.0,
-            })
-            .collect();
+        let reqs = pseudo_requests(vocab, &[5, 70, 130, 33], &[40, 24, 32, 48]);
         // Chunks of 32 tokens: hybrid steps (a chunk beside decodes) throughout.
         let sched = SchedulerConfig {
             policy: Policy::Hybrid { one_prefill: false },
