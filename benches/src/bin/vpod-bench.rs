@@ -2094,9 +2094,24 @@ impl Power {
         // (after the ceilings' load has had 0.3 s to wind down).
         dev.synchronize()?;
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let (e0, t0) = (nvml.energy_j()?, Instant::now());
+        let mut p = Self {
+            nvml,
+            ms,
+            cap_w,
+            idle_w: 0.0,
+        };
+        let mut idle = || Ok(());
+        let (e0, t0) = p.energy_edge(&mut idle, 1.0)?;
         std::thread::sleep(std::time::Duration::from_secs(1));
-        let idle_w = (nvml.energy_j()? - e0) / t0.elapsed().as_secs_f64();
+        let (e1, t1) = p.energy_edge(&mut idle, 1.0)?;
+        ensure!(
+            e1 > e0,
+            "NVML's energy counter did not move in {:.1} s",
+            (t1 - t0).as_secs_f64()
+        );
+        let idle_w = (e1 - e0) / (t1 - t0).as_secs_f64().max(1e-6);
+        p.idle_w = idle_w;
+        let nvml = &p.nvml;
         ensure!(
             idle_w < cap_w,
             "NVML's energy counter gave {idle_w:.0} W at idle, above the {cap_w:.0} W limit"
@@ -2110,17 +2125,13 @@ impl Power {
             now(nvml.power_w(), "W"),
             now(nvml.sm_mhz(), "MHz")
         );
-        Ok(Self {
-            nvml,
-            ms,
-            cap_w,
-            idle_w,
-        })
+        Ok(p)
     }
 
     /// `f` back to back for `ms` after `ms / 2` to settle the clocks, in
     /// batches of ~5 ms with one synchronisation each (the SM clock read
-    /// while a batch runs): the GPU's energy counter around the timed part.
+    /// while a batch runs): time per step over the run, and power between
+    /// two updates of the energy counter inside it ([`Self::energy_edge`]).
     fn sustained(&self, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<SustainedRun> {
         let (secs, settle) = (self.ms as f64 * 1e-3, Instant::now());
         let mut calls = 0usize;
@@ -2133,25 +2144,45 @@ impl Power {
         }
         let per_call = settle.elapsed().as_secs_f64() / calls as f64;
         let batch = ((5e-3 / per_call) as usize).clamp(4, 1000);
-        let (e0, t0) = (self.nvml.energy_j()?, Instant::now());
-        let (mut n, mut mhz) = (0usize, vec![]);
-        while n == 0 || t0.elapsed().as_secs_f64() < secs {
+        let batch_secs = batch as f64 * per_call;
+        let (t0, mut n, mut mhz) = (Instant::now(), 0usize, vec![]);
+        let mut feed = || -> Result<usize> {
             for _ in 0..batch {
                 f()?;
             }
+            Ok(batch)
+        };
+        // The energy window runs from one update of the counter to another
+        // (the GPU busy throughout), not over the counter's coarse steps.
+        n += feed()?;
+        let (e0, te0) = self.energy_edge(&mut || feed().map(|k| n += k), batch_secs)?;
+        while t0.elapsed().as_secs_f64() < secs {
             mhz.push(self.nvml.sm_mhz()?);
             dev.synchronize()?;
-            n += batch;
+            n += feed()?;
         }
-        let elapsed = t0.elapsed().as_secs_f64();
-        let joules = self.nvml.energy_j()? - e0;
+        let (e1, te1) = self.energy_edge(&mut || feed().map(|k| n += k), batch_secs)?;
+        mhz.push(self.nvml.sm_mhz()?);
+        dev.synchronize()?;
+        let step = t0.elapsed().as_secs_f64() / n as f64;
+        let watts = (e1 - e0) / (te1 - te0).as_secs_f64().max(1e-6);
         Ok(SustainedRun {
             per_step: Sustained {
-                secs: elapsed / n as f64,
-                joules: joules / n as f64,
+                secs: step,
+                joules: watts * step,
             },
             sm_mhz: percentile(&mhz, 0.5),
         })
+    }
+
+    /// The energy counter at its next update, and when that was seen
+    /// (polled every 50 us; `feed` queues more work every `feed_every`
+    /// seconds meanwhile, so that the GPU stays busy): the counter moves in
+    /// steps of several ms, so a window between two of its updates
+    /// measures power far better than one between two arbitrary reads. A
+    /// counter that does not move in 0.5 s is read as it is.
+    fn energy_edge(&self, feed: &mut dyn FnMut() -> Result<()>, feed_every: f64) -> Result<(f64, Instant)> {
+        counter_edge(&mut || self.nvml.energy_j(), feed, feed_every, 0.5)
     }
 
     fn case_json(&self, runs: &[(&str, SustainedRun)], prefill: SustainedRun, decode: SustainedRun) -> Value {
@@ -2160,6 +2191,30 @@ impl Power {
 
     fn summary(&self, rows: &[Value]) -> Value {
         sustained_summary(rows, self.ms, self.cap_w, self.idle_w)
+    }
+}
+
+/// [`Power::energy_edge`] over any counter `read`: its value at its next
+/// change (or after `timeout` seconds) and when that was seen, calling
+/// `feed` every `feed_every` seconds meanwhile.
+fn counter_edge(
+    read: &mut dyn FnMut() -> Result<f64>,
+    feed: &mut dyn FnMut() -> Result<()>,
+    feed_every: f64,
+    timeout: f64,
+) -> Result<(f64, Instant)> {
+    let (e, start) = (read()?, Instant::now());
+    let mut fed = Instant::now();
+    loop {
+        let now = read()?;
+        if now != e || start.elapsed().as_secs_f64() > timeout {
+            return Ok((now, Instant::now()));
+        }
+        if fed.elapsed().as_secs_f64() > 0.8 * feed_every {
+            feed()?;
+            fed = Instant::now();
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }
 
@@ -3177,6 +3232,32 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The energy window's edges: a counter that moves at its 50th read is
+    /// caught there (the value after the move), work is fed while waiting,
+    /// and a counter that never moves is read as it is after the timeout.
+    #[test]
+    fn counter_edges_are_caught() {
+        let mut reads = 0;
+        let mut read = || {
+            reads += 1;
+            Ok(f64::from(reads / 50))
+        };
+        let mut fed = 0;
+        let mut feed = || {
+            fed += 1;
+            Ok(())
+        };
+        let (v, _) = counter_edge(&mut read, &mut feed, 0.0, 60.0).unwrap();
+        assert_eq!(v, 1.0);
+        assert_eq!(reads, 50);
+        assert_eq!(fed, 48, "fed between every two reads that saw no move");
+        let mut frozen = || Ok(7.0);
+        let t = Instant::now();
+        let (v, _) = counter_edge(&mut frozen, &mut || Ok(()), 1.0, 0.02).unwrap();
+        assert_eq!(v, 7.0);
+        assert!(t.elapsed().as_secs_f64() >= 0.02);
+    }
 
     /// The all-reduce timing loop on CPU ranks (the in-memory
     /// communicator): a time per rank, and the bus bandwidth of a ring.
