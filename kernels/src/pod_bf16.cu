@@ -241,9 +241,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PAR
     const int role = s_role;
     if (role >= 0) {
 #if ATT_WGMMA
-        const WsPick pk = ws_l2_order(role, heads, n_work, l2_heads);
-        prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, pk.slot,
-                      pk.item);
+        prefill_ws_nth<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, role,
+                          n_pre, l2_heads);
 #else
         __trap();  // sm_90a only (the host checks)
 #endif

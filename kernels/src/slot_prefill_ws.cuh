@@ -417,3 +417,21 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
                                  scale * ATT_LOG2E);
     }
 }
+
+// The `nth` of the `count` CTAs' worth of tiles of a launch (blockIdx.x of
+// a 1-D grid) or of a ticket order (count = heads / 2 packed, else heads,
+// x work items), taken in ws_l2_order's sections of `l2_heads` query heads
+// and run as prefill_ws runs a tile.
+template <int STAGES, int CREGS = 240, bool PACK = false>
+__device__ __forceinline__ void prefill_ws_nth(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
+                                               const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
+                                               const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
+                                               const int32_t* __restrict__ slots, int heads, int group, float scale,
+                                               const TmaMap* kmap, const TmaMap* vmap, int nth, int count,
+                                               int l2_heads) {
+    constexpr int PER_CTA = PACK ? 2 : 1;  // query heads a CTA takes
+    const int head_slots = heads / PER_CTA;
+    const WsPick p = ws_l2_order(nth, head_slots, count / head_slots, l2_heads / PER_CTA);
+    prefill_ws<STAGES, CREGS, PACK>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, kmap, vmap,
+                                    PER_CTA * p.slot, p.item);
+}

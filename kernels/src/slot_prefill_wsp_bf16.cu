@@ -12,8 +12,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
                           int l2_heads) {
 #if ATT_WGMMA
-    const WsPick p = ws_l2_order(blockIdx.x, heads, gridDim.x / heads, l2_heads);
-    prefill_ws<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, p.slot, p.item);
+    prefill_ws_nth<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, blockIdx.x,
+                      gridDim.x, l2_heads);
 #else
     __trap();  // sm_90a only (the host checks)
 #endif
@@ -30,9 +30,8 @@ extern "C" __global__ void __maxnreg__(136)
                            float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
                            int l2_heads) {
 #if ATT_WGMMA
-    const WsPick p = ws_l2_order(blockIdx.x, heads, gridDim.x / heads, l2_heads);
-    prefill_ws<2, 192>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, p.slot,
-                       p.item);
+    prefill_ws_nth<2, 192>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap,
+                           blockIdx.x, gridDim.x, l2_heads);
 #else
     __trap();  // sm_90a only (the host checks)
 #endif
@@ -49,9 +48,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
                            float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
                            int l2_heads) {
 #if ATT_WGMMA
-    const WsPick p = ws_l2_order(blockIdx.x, heads / 2, gridDim.x / (heads / 2), l2_heads / 2);
-    prefill_ws<2, 240, true>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap,
-                             2 * p.slot, p.item);
+    prefill_ws_nth<2, 240, true>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap,
+                                 blockIdx.x, gridDim.x, l2_heads);
 #else
     __trap();  // sm_90a only (the host checks)
 #endif
