@@ -1269,11 +1269,6 @@ fn vmm_cache_bad_page_and_teardown() {
     }
 }
 
-/// CUDA graphs (issue 22): decode steps replayed from graphs give the eager
-/// steps' greedy tokens on every backend, with padded buckets (5 running
-/// sequences in the bucket of 6, then fewer as they finish), contexts that
-/// cross the static plans' keys (decode splits, paged max context), and
-/// graphs that were captured and replayed (none failed).
 /// Requests of pseudo-random prompts of `lens` tokens (ids within `vocab`),
 /// request i generating `max_tokens[i]` tokens past any EOS.
 fn pseudo_requests(vocab: usize, lens: &[usize], max_tokens: &[usize]) -> Vec<vpod_cli::engine::Request> {
@@ -1294,6 +1289,11 @@ fn pseudo_requests(vocab: usize, lens: &[usize], max_tokens: &[usize]) -> Vec<vp
         .collect()
 }
 
+/// CUDA graphs (issue 22): decode steps replayed from graphs give the eager
+/// steps' greedy tokens on every backend, with padded buckets (5 running
+/// sequences in the bucket of 6, then fewer as they finish), contexts that
+/// cross the static plans' keys (decode splits, paged max context), and
+/// graphs that were captured and replayed (none failed).
 #[test]
 fn cuda_graphs_match_eager_greedy_tokens() {
     use vpod_cli::scheduler::{Policy, SchedulerConfig};

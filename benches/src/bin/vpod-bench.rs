@@ -1711,7 +1711,6 @@ fn hybrid(
     let dev = gpu()?;
     // Where the energy counter cannot be read the sweep still runs (its
     // times are the point of a scarce GPU call), without the sustained part.
-    let mut energy_failed = false;
     let mut power = match energy_ms {
         0 => None,
         ms => match Power::measure(&dev, ms) {
@@ -1892,9 +1891,8 @@ fn hybrid(
                     };
                     // A failure here (NVML, mostly) ends the sustained part
                     // for the rest of the sweep, not the sweep: its times stand.
-                    let sustained = match &power {
-                        None => None,
-                        Some(pw) => match (|| -> Result<Value> {
+                    let sustained = power.as_ref().map(|pw| {
+                        (|| -> Result<Value> {
                             let mut runs = vec![];
                             for (name, opts) in variants {
                                 b.retune(&variant_options(opts)?)?;
@@ -1919,20 +1917,19 @@ fn hybrid(
                                 })?);
                             }
                             Ok(pw.case_json(&runs, halves[0], halves[1]))
-                        })() {
-                            Ok(v) => Some(v),
-                            Err(e) => {
-                                println!(
-                                    "--energy-ms: the sustained runs failed, the sweep goes on without them: {e:#}"
-                                );
-                                energy_failed = true;
-                                None
-                            }
-                        },
+                        })()
+                    });
+                    let sustained = match sustained {
+                        Some(Err(e)) => {
+                            println!(
+                                "--energy-ms: the sustained runs failed, the sweep goes on without them: {e:#}"
+                            );
+                            power = None;
+                            None
+                        }
+                        Some(Ok(v)) => Some(v),
+                        None => None,
                     };
-                    if energy_failed {
-                        power = None;
-                    }
                     let t = |v: &str| us.get(v).and_then(Value::as_f64).unwrap_or(f64::NAN);
                     // Every serial pair this run times.
                     let best_serial = variants
@@ -2323,7 +2320,7 @@ fn sustained_summary(rows: &[Value], ms: u64, cap_w: f64, idle_w: f64) -> Value 
     out.insert("idle_w".into(), json!(idle_w));
     out.insert(
         "what".into(),
-        json!("each variant and each half (serial-ws kernels) run back to back after a settling run of half the length; NVML's energy counter around it; speedups over the best serial variant's sustained time; power_cap_speedup: best serial / the power-cap bound of a perfect overlap (vpod_benches::energy::cap_bound_s: the longer half, or both halves' energy above idle at the limit's headroom above idle)"),
+        json!("each variant and each half (serial-ws kernels) run back to back after a settling run of half the length; time per step over the run, power between two updates of NVML's energy counter inside it; speedups over the best serial variant's sustained time; power_cap_speedup: best serial / the power-cap bound of a perfect overlap (vpod_benches::energy::cap_bound_s: the longer half, or both halves' energy above idle at the limit's headroom above idle)"),
     );
     Value::Object(out)
 }
