@@ -141,7 +141,14 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "slot_prefill_wspg_bf16",
         ],
     ),
-    ("slot_decode_bf16", &["slot_decode_bf16", "slot_decode_slim_bf16"]),
+    (
+        "slot_decode_bf16",
+        &[
+            "slot_decode_bf16",
+            "slot_decode_slim_bf16",
+            "slot_decode_slimr_bf16",
+        ],
+    ),
     (
         "slot_prefill_w4_bf16",
         &[

@@ -172,9 +172,10 @@ if want twins; then
 fi
 if want slim; then
     # The slim pair (PodTuning::slim_streams: slot_prefill_wsps_bf16 beside
-    # slot_decode_slim_bf16 on two streams): the per-sub-partition premise,
-    # the pair and the planner with it against the CPU twin (GQA 4/7/8), then
-    # both twins under memcheck and racecheck (Llama-3-8B heads).
+    # slot_decode_slim_bf16, or slot_decode_slimr_bf16 with its ring a warp,
+    # on two streams): the per-sub-partition premise, the pair and the
+    # planner with it against the CPU twin (GQA 4/7/8, both slim decodes),
+    # then both twins under memcheck and racecheck (Llama-3-8B heads).
     SLIM=(gpu::slim_kernels gpu::pod_streams_slim gpu::pod_planner_slim)
     tstep 300 slim-tests "$B/integration" "${SLIM[@]}" --test-threads=1
     tstep 200 slim-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1

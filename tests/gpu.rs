@@ -1085,8 +1085,9 @@ fn pod_gpu_matches_cpu_twin() {
 }
 
 /// The slim kernels' premise: a `slot_prefill_wsps_bf16` block (384
-/// threads at its launch registers) and a `slot_decode_slim_bf16` block (128
-/// threads) fit one SM together. Registers are allocated per SM
+/// threads at its launch registers) and a slim decode block
+/// (`slot_decode_slim_bf16` or `slot_decode_slimr_bf16`, 128 threads) fit
+/// one SM together. Registers are allocated per SM
 /// sub-partition (4 on Hopper, 16 K each; warp w on sub-partition w % 4), so
 /// the test is per sub-partition: the prefill puts 3 warps on each (a producer
 /// warp at 24 after setmaxnreg, two consumer warps at 192: as many as its 136
@@ -1101,56 +1102,73 @@ fn slim_kernels_share_an_sm() {
     // Static shared memory (mbarriers, flags) on top of the dynamic.
     let static_smem = |name: &str| func(name).shared_size_bytes().unwrap() as usize;
     let attr = |a: A| dev.cuda_stream().context().attribute(a).unwrap() as usize;
-    let (pre, dec) = (regs("slot_prefill_wsps_bf16"), regs("slot_decode_slim_bf16"));
+    let pre = regs("slot_prefill_wsps_bf16");
     // setmaxnreg's pool is exactly balanced at 136 ((136 - 24) x 128 = (192 - 136) x 256).
     assert_eq!(pre, 136, "slot_prefill_wsps_bf16's launch registers");
     // Registers per warp are allocated in units of 256, per sub-partition.
     let warp_regs = |r: usize| (r * 32).div_ceil(256) * 256;
     let part = attr(A::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR) / 4;
-    let used = 3 * warp_regs(pre) + warp_regs(dec);
-    assert!(
-        used <= part,
-        "registers of one sub-partition: 3 prefill warps at {pre} + a decode warp at {dec} = {used} > {part}"
-    );
-    // Shared memory: the ring (Q + 2 stages of K and V), the decode's 2
-    // stages of 64 keys, each kernel's static shared memory and each
-    // block's reserved 1 KiB.
-    let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024)
-        + 2 * 2 * 64 * 256
-        + static_smem("slot_prefill_wsps_bf16")
-        + static_smem("slot_decode_slim_bf16")
-        + 2 * 1024;
     let per_sm = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR);
-    assert!(smem <= per_sm, "shared memory: {smem} > {per_sm}");
+    for kind in [
+        vpod_attention::SlimDecode::Tiles,
+        vpod_attention::SlimDecode::WarpRing,
+    ] {
+        let name = kind.symbol();
+        let dec = regs(name);
+        let used = 3 * warp_regs(pre) + warp_regs(dec);
+        assert!(
+            used <= part,
+            "registers of one sub-partition: 3 prefill warps at {pre} + a {name} warp at {dec} = {used} > {part}"
+        );
+        // Shared memory: the ring (Q + 2 stages of K and V), the decode's
+        // 64 KiB (2 stages of 64 keys, or 4 slots of 16 rows a warp), each
+        // kernel's static shared memory and each block's reserved 1 KiB.
+        let smem = (128 * 256 + 2 * 2 * 128 * 256 + 1024)
+            + 2 * 2 * 64 * 256
+            + static_smem("slot_prefill_wsps_bf16")
+            + static_smem(name)
+            + 2 * 1024;
+        assert!(smem <= per_sm, "shared memory beside {name}: {smem} > {per_sm}");
+    }
 }
 
 /// The two-stream path with the slim prefill and decode kernels
-/// (`slot_prefill_wsps_bf16`, `slot_decode_slim_bf16`, sharing SMs) against
-/// the CPU twin, GQA 4/7/8, on the POD tests' hybrid steps.
+/// (`slot_prefill_wsps_bf16` beside `slot_decode_slim_bf16` or
+/// `slot_decode_slimr_bf16`, sharing SMs) against the CPU twin, GQA 4/7/8,
+/// on the POD tests' hybrid steps.
 #[test]
 fn pod_streams_slim_matches_cpu_twin() {
     let (quick, shapes) = twin_shapes();
-    for (i, &shape) in shapes.iter().enumerate() {
-        // A 1100-token prompt for the first shape (as the POD twin), 300 for the others.
-        let steps = pod_steps(if i == 0 && !quick { 1100 } else { 300 });
-        let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
-        let opts = vpod_attention::BackendOptions {
-            max_seqs: 14,
-            prefill_kernel: vpod_attention::PrefillKernel::WspSlim,
-            ..Default::default()
-        };
-        // The steps must have run the slim pair (not a fallback).
-        let kernel = Some("prefill slot_prefill_wsps_bf16, decode slot_decode_slim_bf16");
-        check_against_twin_ramp(
-            "pod:streams",
-            shape,
-            &opts,
-            &steps,
-            true,
-            "slim prefill and decode",
-            0.0,
-            kernel,
-        );
+    for slim_decode in [
+        vpod_attention::SlimDecode::Tiles,
+        vpod_attention::SlimDecode::WarpRing,
+    ] {
+        for (i, &shape) in shapes.iter().enumerate() {
+            // A 1100-token prompt for the first shape (as the POD twin), 300 for the others.
+            let steps = pod_steps(if i == 0 && !quick { 1100 } else { 300 });
+            let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
+            let opts = vpod_attention::BackendOptions {
+                max_seqs: 14,
+                prefill_kernel: vpod_attention::PrefillKernel::WspSlim,
+                pod_tuning: vpod_attention::PodTuning {
+                    slim_decode,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            // The steps must have run the slim pair (not a fallback).
+            let kernel = format!("prefill slot_prefill_wsps_bf16, decode {}", slim_decode.symbol());
+            check_against_twin_ramp(
+                "pod:streams",
+                shape,
+                &opts,
+                &steps,
+                true,
+                &format!("slim prefill and decode ({})", slim_decode.symbol()),
+                0.0,
+                Some(&kernel),
+            );
+        }
     }
 }
 
@@ -1158,8 +1176,10 @@ fn pod_streams_slim_matches_cpu_twin() {
 /// steps of 8 decodes of ~1500 keys beside a 2048-token prompt chunk, then
 /// a 600-token one over it (the decode half 7-22 % of the step by the
 /// planner's prediction: its serial or two-stream verdict) run as the slim
-/// pair on two streams, against the CPU twin, GQA 4/7/8. The decodes' splits take 3-6 64-key tiles each, so the slim
-/// decode's 2-stage ring wraps.
+/// pair on two streams, against the CPU twin, GQA 4/7/8, with either slim
+/// decode. The decodes' splits take 3-6 64-key tiles each, so
+/// `slot_decode_slim_bf16`'s 2-stage ring and `slot_decode_slimr_bf16`'s
+/// 4-slot rings a warp (2 tiles) wrap.
 #[test]
 fn pod_planner_slim_pair_matches_cpu_twin() {
     let (_, shapes) = twin_shapes();
@@ -1170,27 +1190,33 @@ fn pod_planner_slim_pair_matches_cpu_twin() {
     let mut s2: Vec<(u64, usize, usize)> = decodes(1).collect();
     s2.push((10, 2048, 600));
     let steps: &[&[(u64, usize, usize)]] = &[&prompts, &s1, &s2];
-    let opts = vpod_attention::BackendOptions {
-        max_seqs: 14,
-        pod_tuning: vpod_attention::PodTuning {
-            slim_streams: true,
+    for slim_decode in [
+        vpod_attention::SlimDecode::Tiles,
+        vpod_attention::SlimDecode::WarpRing,
+    ] {
+        let opts = vpod_attention::BackendOptions {
+            max_seqs: 14,
+            pod_tuning: vpod_attention::PodTuning {
+                slim_streams: true,
+                slim_decode,
+                ..Default::default()
+            },
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    for &shape in shapes {
-        // Every hybrid step must have run the slim pair (the record names both).
-        let kernel = Some("prefill slot_prefill_wsps_bf16, decode slot_decode_slim_bf16");
-        check_against_twin_ramp(
-            "pod",
-            shape,
-            &opts,
-            steps,
-            true,
-            "planner, slim pair",
-            0.0,
-            kernel,
-        );
+        };
+        for &shape in shapes {
+            // Every hybrid step must have run the slim pair (the record names both).
+            let kernel = format!("prefill slot_prefill_wsps_bf16, decode {}", slim_decode.symbol());
+            check_against_twin_ramp(
+                "pod",
+                shape,
+                &opts,
+                steps,
+                true,
+                &format!("planner, slim pair ({})", slim_decode.symbol()),
+                0.0,
+                Some(&kernel),
+            );
+        }
     }
 }
 

@@ -218,7 +218,7 @@ impl CustomOp3 for SlotDecode {
             pos_stride: row,
             splits: self.splits,
             scale: self.scale,
-            slim: false,
+            slim: None,
         };
         // SAFETY: slot_decode() checked shapes, slots and lengths against the cache.
         unsafe { cuda::launch(&dev, &launch, &mut out, None, None) }?;
@@ -247,8 +247,9 @@ pub(crate) mod cuda {
     pub const DECODE_STAGE_BYTES: usize = 2 * 64 * 256;
     /// Dynamic shared memory of `slot_decode_bf16`: 3 stages.
     pub const DECODE_SMEM: usize = 3 * DECODE_STAGE_BYTES;
-    /// Dynamic shared memory of `slot_decode_slim_bf16`: 2 stages of 64-key
-    /// K and V tiles.
+    /// Dynamic shared memory of the slim decodes (`slot_decode_slim_bf16`,
+    /// `slot_decode_slimr_bf16`): 2 stages of 64-key K and V tiles, or a
+    /// ring of 4 slots of 16 rows a warp.
     pub const DECODE_SLIM_SMEM: usize = 2 * DECODE_STAGE_BYTES;
     /// The largest GQA group `slot_decode_slim_bf16` takes (its transposed
     /// products hold 8 query heads); larger groups run `slot_decode_bf16`.
@@ -276,11 +277,11 @@ pub(crate) mod cuda {
         pub pos_stride: i64,
         pub splits: usize,
         pub scale: f32,
-        /// The slim kernel (`slot_decode_slim_bf16`: transposed products,
-        /// GQA groups of at most 8, 64 KiB, at most 104 registers a thread),
+        /// A slim kernel ([`crate::SlimDecode`]: transposed products, GQA
+        /// groups of at most 8, 64 KiB, at most 104 registers a thread),
         /// whose blocks fit beside a `slot_prefill_wsps_bf16` block on one
         /// SM. Ignored (the plain kernel runs) for a larger group.
-        pub slim: bool,
+        pub slim: Option<crate::SlimDecode>,
     }
 
     use crate::ops::cuda::err;
@@ -331,15 +332,12 @@ pub(crate) mod cuda {
         let (mut heads, mut group, mut splits) =
             (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
         let (mut ss, mut ps, mut scale) = (l.slot_stride, l.pos_stride, l.scale);
-        let slim = l.slim && group as usize <= SLIM_MAX_GROUP;
-        let (name, smem) = match slim {
-            true => ("slot_decode_slim_bf16", DECODE_SLIM_SMEM),
-            false => ("slot_decode_bf16", DECODE_SMEM),
-        };
+        let slim = l.slim.filter(|_| group as usize <= SLIM_MAX_GROUP);
         let f = match slim {
-            true => crate::ops::cuda::function_max_carveout(dev, name, smem)?,
-            false => crate::ops::cuda::function_with_smem(dev, name, smem)?,
+            Some(k) => crate::ops::cuda::function_max_carveout(dev, k.symbol(), DECODE_SLIM_SMEM)?,
+            None => crate::ops::cuda::function_with_smem(dev, "slot_decode_bf16", DECODE_SMEM)?,
         };
+        let smem = slim.map_or(DECODE_SMEM, |_| DECODE_SLIM_SMEM);
         let mut args = [
             (&raw mut q).cast::<c_void>(),
             (&raw mut q_rows).cast(),

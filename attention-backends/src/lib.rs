@@ -379,6 +379,41 @@ pub struct PodTuning {
     /// with it (`vpod-bench hybrid --variants auto-slim`) is measured and
     /// the slim decode is checked under compute-sanitizer.
     pub slim_streams: bool,
+    /// The slim pair's decode kernel: [`SlimDecode::Tiles`] (measured) or
+    /// [`SlimDecode::WarpRing`] (an A/B variant, not yet measured).
+    pub slim_decode: SlimDecode,
+}
+
+/// The slim decode kernel of the slim pair ([`PodTuning::slim_streams`]):
+/// transposed products, GQA groups of at most 8, 64 KiB, at most 104
+/// registers a thread, one block an SM beside `slot_prefill_wsps_bf16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlimDecode {
+    /// `slot_decode_slim_bf16`: 64-key K and V tiles through a block-wide
+    /// ring of 2 stages, so at most one tile (32 KiB) is in flight while the
+    /// block computes, and every tile ends at a block barrier. Measured on
+    /// the H200 in the pair: 1.02-1.11x over the best serial pair on the
+    /// prefill-heavy hybrid steps (results/2026-12-04-h200-slim).
+    #[default]
+    Tiles,
+    /// `slot_decode_slimr_bf16`: each warp streams its own 16 keys of every
+    /// tile through a ring of 4 slots of 4 KiB (K and V apart) in the same
+    /// 64 KiB, refilling a slot as soon as it has read it: 48 KiB of a block
+    /// in flight while it computes, no block barrier in the key loop. Built
+    /// for the pair's decode-heavier steps, where one warp a sub-partition
+    /// draws too little bandwidth; not yet measured
+    /// (`vpod-bench hybrid --variants streams-slimr,auto-slimr`).
+    WarpRing,
+}
+
+impl SlimDecode {
+    /// The kernel's `extern "C"` symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::Tiles => "slot_decode_slim_bf16",
+            Self::WarpRing => "slot_decode_slimr_bf16",
+        }
+    }
 }
 
 impl Default for PodTuning {
@@ -393,6 +428,7 @@ impl Default for PodTuning {
             partitioned: false,
             decode_sms: None,
             slim_streams: false,
+            slim_decode: SlimDecode::Tiles,
         }
     }
 }

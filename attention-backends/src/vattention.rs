@@ -623,10 +623,9 @@ impl AttentionBackend for VirtualBackend {
                     "the partitioned kernel cannot run here (sm_90a, TMA, 128-row pages) or is tuned off: ",
                 );
             // The slim decode beside the slim prefill (for GQA groups it takes).
-            let slim_decode = if plan.slim_pair(group) {
-                ", decode slot_decode_slim_bf16"
-            } else {
-                ""
+            let slim_decode = match plan.slim_pair(group) {
+                true => format!(", decode {}", gpu.tuning.slim_decode.symbol()),
+                false => String::new(),
             };
             if let Some(k) = plan
                 .prefill_kernel()

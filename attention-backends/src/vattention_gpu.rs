@@ -847,7 +847,7 @@ impl GpuAttention<'_> {
             pos_stride: self.k.pos_stride as i64,
             splits: p.splits,
             scale: self.scale,
-            slim: false,
+            slim: None,
         }
     }
 
@@ -1066,7 +1066,9 @@ impl GpuAttention<'_> {
                     // Beside the slim prefill kernel, the slim decode: its
                     // blocks fit on the prefill's SMs (PrefillKernel::WspSlim).
                     let mut l = self.decode_launch(q);
-                    l.slim = p.slim_pair(self.heads / self.kv_heads);
+                    l.slim = p
+                        .slim_pair(self.heads / self.kv_heads)
+                        .then_some(p.tuning.slim_decode);
                     crate::decode::cuda::launch(&dev, &l, &mut out, Some(side.stream), None)?;
                     event::record(side.join, side.stream).map_err(err)?;
                     st::wait_event(main, side.join, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)

@@ -41,6 +41,10 @@
 //!     the same with transposed products (GQA group <= 8): 128 threads (4 warps, one per SM
 //!     sub-partition), 64-key tiles, 64 KiB dynamic smem (2 stages), at most 104 registers a thread:
 //!     a block fits on an SM beside a slot_prefill_wsps_bf16 block.
+//! slot_decode_slimr_bf16(the same arguments)
+//!     slot_decode_slim_bf16 with a ring a warp: each warp streams its own 16 keys of every 64-key tile
+//!     through 4 slots of 4 KiB (K and V apart) of the same 64 KiB, refilled as soon as read (48 KiB in
+//!     flight a block), no block barrier in the key loop; 104 registers, no spills.
 //! slot_decode_combine_bf16(const float* part_o, const float* part_ml, const int* q_rows, bf16* out,
 //!                          int heads, int splits)
 //!     grid batch * heads, 128 threads: out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p.

@@ -24,7 +24,8 @@
 // slot_decode_split_t is the same split with the products transposed (GQA
 // groups <= 8 on the MMA's N side): half the registers, for the slim decode
 // (slot_decode_slim_bf16, 104 registers, 2 stages, 64 KiB) that shares its
-// SMs with slot_prefill_wsps_bf16.
+// SMs with slot_prefill_wsps_bf16; slot_decode_slimr_bf16 runs it with a
+// ring of K and V slots a warp (decode_warp_ring) in the same 64 KiB.
 #pragma once
 #include "attn_mma.cuh"
 
@@ -160,6 +161,74 @@ __device__ __forceinline__ void decode_split_tiles(const __nv_bfloat16* kb, cons
     ctx.sync();
 }
 
+// decode_split_tiles with a ring a warp (slot_decode_slimr_bf16): each warp
+// streams its own keys of every (16 x WARPS)-key tile (warp w: keys
+// t0 + 16 w .. + 16, as there) through SLOTS slots of 16 rows (4 KiB) of its
+// own at smem0 + w * SLOTS * 4 KiB, K and V of a tile in two slots one after
+// the other, and refills a slot as soon as it has read it. So SLOTS - 1
+// slots of every warp are in flight while it computes, where the
+// block-wide pipeline of 2 stages keeps at most one tile in flight and then
+// waits for all of it; and the warps meet at no barrier in the loop, only
+// their own (__syncwarp). k_step(ks, t0) then v_step(vs) run for every tile,
+// ks / vs shifted so that the rows 16 w .. of tile_off's block-wide layout
+// address the warp's slot (the swizzle depends on the row mod 8 only). The
+// same shared memory as decode_split_tiles<SLOTS / 2> (2 x SLOTS x 16 rows x
+// WARPS / 2). Ends with every load waited for and the group synced.
+template <int SLOTS, int WARPS, typename Ctx, typename KStep, typename VStep>
+__device__ __forceinline__ void decode_warp_ring(const __nv_bfloat16* kb, const __nv_bfloat16* vb, int64_t pos_stride,
+                                                 int start, int end, uint32_t smem0, Ctx ctx, KStep k_step,
+                                                 VStep v_step) {
+    constexpr int THREADS = WARPS * 32, TILE = 16 * WARPS, SLOT_BYTES = 16 * ATT_ROW_BYTES;
+    static_assert(SLOTS >= 2, "a slot to read and one to fill");
+    const int warp = (threadIdx.x % THREADS) / 32, lane = threadIdx.x % 32;
+    const int ntiles = (end - start + TILE - 1) / TILE, halves = 2 * ntiles;
+    const uint32_t ring = smem0 + warp * SLOTS * SLOT_BYTES;
+    const uint32_t shift = warp * 16 * ATT_ROW_BYTES;  // rows 16 w .. of tile_off
+    // Half-tile h: the K (h even) or V (h odd) rows of tile h / 2, into slot
+    // h % SLOTS; rows past `end` as zeros (read from nowhere: the address is
+    // the slot's first row, mapped for any sequence). A lane copies chunk
+    // lane % 16 of rows lane / 16 + 2 j, j < 8.
+    auto load = [&](int h) {
+        const int r0 = lane / ATT_ROW_CHUNKS, c0 = lane % ATT_ROW_CHUNKS;
+        const int k0 = start + (h / 2) * TILE + warp * 16 + r0;
+        const __nv_bfloat16* base = h % 2 == 0 ? kb : vb;
+        const __nv_bfloat16* row = base + (size_t)k0 * pos_stride + c0 * 8;
+        // tile_off(r0 + 2 j, c0): row r0 + 2 j, chunk c0 ^ ((r0 + 2 j) % 8),
+        // where (r0 + 2 j) % 8 = r0 ^ 2 (j % 4) (r0 < 2): one XOR a row from
+        // the offset of row r0 (the slot's base needs no alignment for it).
+        const uint32_t slot = ring + (h % SLOTS) * SLOT_BYTES;
+        const uint32_t off = r0 * ATT_ROW_BYTES + ((c0 ^ r0) << 4);
+#pragma unroll
+        for (int j = 0; j < 16 * ATT_ROW_CHUNKS / 32; ++j) {
+            const bool ok = k0 + 2 * j < end;
+            cp_async16(slot + (off ^ ((2 * (j % 4)) << 4)) + 2 * j * ATT_ROW_BYTES, ok ? row : base, ok);
+            row += 2 * pos_stride;
+        }
+    };
+    // Half-tile h, waited for: first the slot that h - 1 was read from (by
+    // every lane: the warp barrier) is refilled with h + SLOTS - 1, one
+    // commit group a half-tile (empty past the end, so the count holds).
+    auto next = [&](int h) -> uint32_t {
+        __syncwarp();
+        if (h + SLOTS - 1 < halves) load(h + SLOTS - 1);
+        cp_async_commit();
+        cp_async_wait<SLOTS - 1>();
+        __syncwarp();  // the other lanes' copies too
+        return ring + (h % SLOTS) * SLOT_BYTES - shift;
+    };
+#pragma unroll
+    for (int s = 0; s < SLOTS - 1; ++s) {
+        if (s < halves) load(s);
+        cp_async_commit();
+    }
+    for (int i = 0; i < ntiles; ++i) {
+        k_step(next(2 * i), start + i * TILE);
+        v_step(next(2 * i + 1));
+    }
+    cp_async_wait<0>();
+    ctx.sync();
+}
+
 // One split of one (sequence b, KV head kvh), run by the DEC_WARPS warps of
 // a 128-thread group that meet at `ctx.sync()` in the shared memory of
 // `ctx.region()` (WholeBlock in the plain and the 1-role POD kernels; a
@@ -260,8 +329,10 @@ __device__ __forceinline__ uint32_t movmatrix_t(uint32_t x) {
 // movmatrix. Each warp takes 16 keys of every (16 x WARPS)-key tile. O^T is
 // 32 f32 a thread instead of 64 and q 16 registers instead of 32: the slim
 // decode (slot_decode_slim_bf16) runs it in 104 registers a thread, one warp
-// per SM sub-partition beside a slot_prefill_wsps_bf16 block.
-template <int STAGES, typename Ctx, int WARPS = DEC_WARPS>
+// per SM sub-partition beside a slot_prefill_wsps_bf16 block. RING: the keys
+// through decode_warp_ring (a ring a warp, slot_decode_slimr_bf16) instead
+// of decode_split_tiles.
+template <int STAGES, typename Ctx, int WARPS = DEC_WARPS, bool RING = false>
 __device__ __forceinline__ void slot_decode_split_t(
     const __nv_bfloat16* __restrict__ q, const int32_t* __restrict__ q_rows, const __nv_bfloat16* __restrict__ k_base,
     const __nv_bfloat16* __restrict__ v_base, const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens,
@@ -299,8 +370,8 @@ __device__ __forceinline__ void slot_decode_split_t(
     for (int d = 0; d < 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float mx_run[2] = {-INFINITY, -INFINITY};  // heads 2t, 2t + 1 (log2 domain)
     float l_run[2] = {0.f, 0.f};               // this thread's keys' part of the sums
-    decode_split_tiles<STAGES, WARPS>(kb, vb, pos_stride, start, end, smem_addr(smem), ctx,
-                                      [&](uint32_t ks, uint32_t vs, int t0) {
+    uint32_t pb0, pb1;  // P^T of the tile, from k_step to v_step
+    auto k_step = [&](uint32_t ks, int t0) {
         // S^T: keys warp * 16 + g (+ 8) x heads 2t, 2t + 1.
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -339,15 +410,27 @@ __device__ __forceinline__ void slot_decode_split_t(
         }
         // P^T (16 keys x 8 heads) as B fragments: each 8 x 8 block of S^T's
         // accumulators (keys x heads) transposed.
-        const uint32_t pb0 = movmatrix_t(pack_bf16(s[0], s[1]));
-        const uint32_t pb1 = movmatrix_t(pack_bf16(s[2], s[3]));
+        pb0 = movmatrix_t(pack_bf16(s[0], s[1]));
+        pb1 = movmatrix_t(pack_bf16(s[2], s[3]));
+    };
+    auto v_step = [&](uint32_t vs) {
 #pragma unroll
         for (int dm = 0; dm < 8; ++dm) {
             uint32_t a[4];
             ldsm_x4_t(vs + tile_off(warp * 16 + (m8 / 2) * 8 + lane % 8, 2 * dm + m8 % 2), a[0], a[1], a[2], a[3]);
             mma_bf16(o[dm], a, pb0, pb1);
         }
-    });
+    };
+    if constexpr (RING) {
+        // Each warp its own ring (the same shared memory: 2 x STAGES slots).
+        decode_warp_ring<2 * STAGES, WARPS>(kb, vb, pos_stride, start, end, smem_addr(smem), ctx, k_step, v_step);
+    } else {
+        decode_split_tiles<STAGES, WARPS>(kb, vb, pos_stride, start, end, smem_addr(smem), ctx,
+                                          [&](uint32_t ks, uint32_t vs, int t0) {
+            k_step(ks, t0);
+            v_step(vs);
+        });
+    }
 
     // The warps' (m, l) and o per head (a row of slot_decode_split_finish's layout).
     float* sm = reinterpret_cast<float*>(smem);  // [WARPS][16]

@@ -34,3 +34,23 @@ extern "C" __global__ void __maxnreg__(104)
         q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group, slot_stride,
         pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y, WholeBlock{});
 }
+
+// The slim decode with a ring a warp (slot_decode.cuh's decode_warp_ring;
+// the same arguments, grid, 64 KiB and register cap): each warp streams its
+// own 16 keys of every tile through 4 slots of 4 KiB (K and V apart) and
+// refills a slot once read, so 48 KiB of a block are in flight while it
+// computes, where slot_decode_slim_bf16's 2 stages of whole tiles hold at
+// most 32 KiB in flight and then wait for all of it at a block barrier. With
+// one block an SM beside the slim prefill, that is the SM's whole decode
+// traffic.
+extern "C" __global__ void __maxnreg__(104)
+    slot_decode_slimr_bf16(const __nv_bfloat16* q, const int32_t* q_rows, const __nv_bfloat16* k_base,
+                           const __nv_bfloat16* v_base, const int32_t* slots, const int32_t* seq_lens, float* part_o,
+                           float* part_ml, int* counters, __nv_bfloat16* out, int heads, int group,
+                           int64_t slot_stride, int64_t pos_stride, int splits, float scale) {
+    pdl_wait();
+    pdl_launch_dependents();
+    slot_decode_split_t<DEC_SLIM_STAGES, WholeBlock, DEC_WARPS, true>(
+        q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group, slot_stride,
+        pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y, WholeBlock{});
+}

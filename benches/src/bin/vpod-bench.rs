@@ -65,7 +65,7 @@ use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 use vpod_attention::{
     AttentionBackend, AttnConfig, BackendOptions, BatchMeta, LogitsAt, PodMode, PodPolicy, PodTuning,
-    PrefillKernel, SeqChunk, create_backend,
+    PrefillKernel, SeqChunk, SlimDecode, create_backend,
 };
 use vpod_benches::energy::{self, Nvml, Sustained};
 use vpod_kvcache::Mapping;
@@ -1529,6 +1529,11 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
         "streams-slim",
         ["streams", "1", "slim", "4", "2", "1", "1", "1", ""],
     ),
+    // The same pair with the slim decode's ring a warp (SlimDecode::WarpRing).
+    (
+        "streams-slimr",
+        ["streams/ring", "1", "slim", "4", "2", "1", "1", "1", ""],
+    ),
     ("pod", ["fused", "1", "8", "4", "2", "1", "0", "0", ""]),
     ("pod-sw1", ["fused", "1", "8", "1", "2", "1", "0", "0", ""]),
     ("podp", ["fused", "1", "8", "4", "2", "1", "1", "1", ""]),
@@ -1559,6 +1564,7 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The planner with its serial and two-stream verdicts run as the slim
     // pair (slot_prefill_wsps_bf16 beside slot_decode_slim_bf16) on two streams.
     ("auto-slim", ["auto-slim", "", "", "", "", "", "", "", ""]),
+    ("auto-slimr", ["auto-slim/ring", "", "", "", "", "", "", "", ""]),
     ("auto", ["auto", "", "", "", "", "", "", "", ""]),
     // The warp-specialized tiles in their order before the L2 sections
     // (BackendOptions::prefill_l2_budget 0): the serial pair and the planner.
@@ -1595,12 +1601,21 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
             format!("hybrid variant: {what} '{s}' is not a number")
         })?))
     };
-    // MODE/nol2: the warp-specialized tiles without L2 sections.
-    let (mode, prefill_l2_budget) = match v[0].split_once('/') {
-        None => (v[0], vpod_attention::PREFILL_L2_BUDGET),
-        Some((m, "nol2")) => (m, 0),
-        Some((_, flag)) => bail!("hybrid variant: unknown flag /{flag} in {}", v[0]),
-    };
+    // MODE/FLAG...: /nol2, the warp-specialized tiles without L2 sections;
+    // /ring, the slim pair's decode with a ring a warp (SlimDecode::WarpRing).
+    let mut flags = v[0].split('/');
+    let mode = flags.next().unwrap_or_default();
+    let (mut prefill_l2_budget, mut slim_decode) = (vpod_attention::PREFILL_L2_BUDGET, SlimDecode::Tiles);
+    for flag in flags {
+        match flag {
+            "nol2" => prefill_l2_budget = 0,
+            "ring" => slim_decode = SlimDecode::WarpRing,
+            f => bail!(
+                "hybrid variant: unknown flag /{f} in {} (known: nol2, ring)",
+                v[0]
+            ),
+        }
+    }
     let pod_mode = match mode {
         "serial" => PodMode::Serial,
         "streams" => PodMode::Streams,
@@ -1633,6 +1648,7 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         resident_prefill: num(v[5], "resident prefill blocks")?,
         pipelined_prefill: pipe,
         tma_prefill: tma,
+        slim_decode,
         ..Default::default()
     };
     // "auto-slim": the planner with its prefill-heavy steps as the slim
@@ -2786,8 +2802,10 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
 }
 
 /// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]`, the flags
-/// `decode-last` ([`PodTuning::decode_sms`] 0) and `slim`
-/// ([`PodTuning::slim_streams`]), e.g. `hybrid/pod+decode-last`.
+/// `decode-last` ([`PodTuning::decode_sms`] 0), `slim`
+/// ([`PodTuning::slim_streams`]) and `ring` (the slim pair's decode with a
+/// ring a warp, [`SlimDecode::WarpRing`]), e.g. `hybrid/pod+decode-last` or
+/// `hybrid/pod+slim+ring`.
 fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
     let mut parts = spec.split('+');
     let backend = parts.next().unwrap_or_default();
@@ -2796,7 +2814,8 @@ fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
         match flag {
             "decode-last" => t.decode_sms = Some(0),
             "slim" => t.slim_streams = true,
-            f => bail!("run backend {spec}: unknown tuning flag {f} (known: decode-last, slim)"),
+            "ring" => t.slim_decode = SlimDecode::WarpRing,
+            f => bail!("run backend {spec}: unknown tuning flag {f} (known: decode-last, slim, ring)"),
         }
     }
     Ok((backend, t))
@@ -3406,6 +3425,9 @@ mod tests {
         assert_eq!((b, t.decode_sms), ("pod", Some(0)));
         let (b, t) = serve_backend("pod+slim").unwrap();
         assert_eq!((b, t.slim_streams, t.decode_sms), ("pod", true, None));
+        assert_eq!(t.slim_decode, SlimDecode::Tiles);
+        let (_, t) = serve_backend("pod+slim+ring").unwrap();
+        assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::WarpRing));
         assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
         assert!(serve_backend("pod+fast").is_err());
     }
@@ -3445,8 +3467,8 @@ mod tests {
                 "serial-64" => Some(PrefillKernel::W4),
                 "serial-64p" => Some(PrefillKernel::W4p),
                 "serial-64t" => Some(PrefillKernel::Tma64),
-                "serial-ws" | "auto" | "auto-slim" | "streams-ws" => Some(PrefillKernel::Wsp),
-                "serial-wss" | "streams-slim" => Some(PrefillKernel::WspSlim),
+                "serial-ws" | "auto" | "auto-slim" | "auto-slimr" | "streams-ws" => Some(PrefillKernel::Wsp),
+                "serial-wss" | "streams-slim" | "streams-slimr" => Some(PrefillKernel::WspSlim),
                 "serial-wsg" => Some(PrefillKernel::WspPack),
                 _ => None,
             };
@@ -3477,5 +3499,26 @@ mod tests {
         };
         assert_eq!(slim("auto"), (false, "auto"));
         assert_eq!(slim("auto-slim"), (true, "auto-slim"));
+        // The /ring variants: the same with the slim decode's ring a warp.
+        let ring = |name: &str| {
+            let v = HYBRID_VARIANTS.iter().find(|v| v.0 == name).unwrap();
+            let o = variant_options(&v.1).unwrap();
+            (
+                o.pod_tuning.slim_streams,
+                o.pod_tuning.slim_decode,
+                o.prefill_l2_budget,
+            )
+        };
+        let l2 = vpod_attention::PREFILL_L2_BUDGET;
+        assert_eq!(ring("auto-slimr"), (true, SlimDecode::WarpRing, l2));
+        assert_eq!(ring("streams-slimr"), (false, SlimDecode::WarpRing, l2));
+        assert_eq!(ring("streams-slim"), (false, SlimDecode::Tiles, l2));
+        assert_eq!(ring("auto-nol2"), (false, SlimDecode::Tiles, 0));
+        let both = variant_options(&["auto-slim/nol2/ring", "", "", "", "", "", "", "", ""]).unwrap();
+        assert_eq!(
+            (both.prefill_l2_budget, both.pod_tuning.slim_decode),
+            (0, SlimDecode::WarpRing)
+        );
+        assert!(variant_options(&["auto/l2", "", "", "", "", "", "", "", ""]).is_err());
     }
 }
