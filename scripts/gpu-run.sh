@@ -176,10 +176,14 @@ if want slim; then
     # on two streams): the per-sub-partition premise, the pair and the
     # planner with it against the CPU twin (GQA 4/7/8, both slim decodes),
     # then both twins under memcheck and racecheck (Llama-3-8B heads).
-    SLIM=(gpu::slim_kernels gpu::pod_streams_slim gpu::pod_planner_slim)
-    tstep 300 slim-tests "$B/integration" "${SLIM[@]}" --test-threads=1
-    tstep 200 slim-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
-    tstep 200 slim-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
+    # gpu::slot_decode_matches: every decode kernel (and the slim ones at one
+    # block an SM) against the twin, with empty and one-key splits, and
+    # each one's bandwidth at 16K x 8 (BENCH lines).
+    SLIM=(gpu::slim_kernels gpu::slot_decode_matches gpu::pod_streams_slim gpu::pod_planner_slim)
+    tstep 300 slim-tests "$B/integration" "${SLIM[@]}" --test-threads=1 --nocapture
+    tstep 260 slim-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
+    tstep 260 slim-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
+    grep -h "^BENCH slot_decode" "$OUT"/slim-tests.log
     grep -hE "^test |test result|SUMMARY" "$OUT"/slim-*.log
 fi
 if want ncuprior && command -v ncu >/dev/null; then

@@ -591,13 +591,28 @@ fn decode_vs_prefill(mode: vpod_attention::linear::NormFusion) {
     }
 }
 
-/// The split-KV decode kernel against its CPU twin: GQA 4, 7, 8, one to
-/// seven splits, sequences of 1 to 4100 keys in shuffled slots. Also prints
-/// the kernel's achieved bandwidth at a 16K context (an indication; the
-/// benchmark proper belongs to the vAttention milestone).
+/// The split-KV decode kernels (`slot_decode_bf16` and the two slim ones,
+/// each also at one block an SM) against their CPU twin: GQA 4, 7, 8, one
+/// to seven splits, sequences of 1 to 4100 keys in shuffled slots (so empty
+/// splits, one-key splits and splits that are no multiple of 16 keys).
+/// Also prints each kernel's achieved bandwidth at a 16K context (an
+/// indication: the benchmarks proper are `vpod-bench decode` and `hybrid`);
+/// at one block an SM, the slim decodes' lines say how much bandwidth one
+/// block an SM draws (how they run beside the slim prefill). With
+/// `VPOD_QUICK` (compute-sanitizer) the twin part only.
 #[test]
 fn slot_decode_matches_cpu_twin() {
-    use vpod_attention::decode::slot_decode;
+    use vpod_attention::SlimDecode;
+    use vpod_attention::decode::{DecodeKernel, slot_decode, slot_decode_with};
+    let kernels = [None, Some(SlimDecode::Tiles), Some(SlimDecode::WarpRing)]
+        .into_iter()
+        .flat_map(|slim| {
+            [false, true].map(|one_block_per_sm| DecodeKernel {
+                slim,
+                one_block_per_sm,
+            })
+        })
+        .collect::<Vec<_>>();
     let (dev, cpu) = (gpu(), Device::Cpu);
     for (heads, kv_heads) in [(32, 8), (56, 8), (32, 4)] {
         let (max_seqs, max_len) = (5, 4200);
@@ -618,19 +633,32 @@ fn slot_decode_matches_cpu_twin() {
         );
         for splits in [1, 3, 7] {
             let want = slot_decode(&q, &k, &v, &slots, &lens, splits).unwrap();
-            let got = slot_decode(&qg, &kg, &vg, &slots, &lens, splits)
-                .unwrap()
-                .to_device(&cpu)
-                .unwrap();
-            let d = max_abs_diff(
-                &got.to_dtype(DType::F32).unwrap(),
-                &want.to_dtype(DType::F32).unwrap(),
-            );
-            assert!(
-                d < 2e-2,
-                "GQA {heads}/{kv_heads}, {splits} splits: differs by {d}"
-            );
+            for &kernel in &kernels {
+                let got = slot_decode_with(&qg, &kg, &vg, &slots, &lens, splits, kernel)
+                    .unwrap()
+                    .to_device(&cpu)
+                    .unwrap();
+                let d = max_abs_diff(
+                    &got.to_dtype(DType::F32).unwrap(),
+                    &want.to_dtype(DType::F32).unwrap(),
+                );
+                assert!(
+                    d < 2e-2,
+                    "GQA {heads}/{kv_heads}, {splits} splits, {kernel:?}: differs by {d}"
+                );
+            }
         }
+    }
+    // A slim kernel asked for a group it cannot hold is an error, not a fallback.
+    let q16 = Tensor::zeros((1, 64, 128), DType::BF16, &dev).unwrap();
+    let kv4 = Tensor::zeros((1, 64, 4, 128), DType::BF16, &dev).unwrap();
+    let slim = DecodeKernel {
+        slim: Some(SlimDecode::WarpRing),
+        one_block_per_sm: false,
+    };
+    assert!(slot_decode_with(&q16, &kv4, &kv4, &[0], &[64], 1, slim).is_err());
+    if std::env::var_os("VPOD_QUICK").is_some() {
+        return; // under compute-sanitizer: the kernels' results only
     }
     // 16K context, batch 8, Llama-3-8B heads: bytes of K and V read per call / time.
     let (b, len, heads, kvh) = (8usize, 16384usize, 32usize, 8usize);
@@ -648,23 +676,31 @@ fn slot_decode_matches_cpu_twin() {
     let slots: Vec<u32> = (0..b as u32).collect();
     let lens = vec![len; b];
     let splits = vpod_attention::decode_splits(len, b, kvh, vpod_attention::TWIN_SMS);
-    let run = || slot_decode(&q, &kc, &vc, &slots, &lens, splits).unwrap();
-    for _ in 0..3 {
-        run();
+    for &kernel in &kernels {
+        let run = || slot_decode_with(&q, &kc, &vc, &slots, &lens, splits, kernel).unwrap();
+        for _ in 0..3 {
+            run();
+        }
+        dev.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            run();
+        }
+        dev.synchronize().unwrap();
+        let s = t.elapsed().as_secs_f64() / 20.0;
+        let bytes = 2.0 * (b * len * kvh * 128 * 2) as f64;
+        let name = kernel.slim.map_or("slot_decode_bf16", |k| k.symbol());
+        let per_sm = if kernel.one_block_per_sm {
+            ", one block an SM"
+        } else {
+            ""
+        };
+        println!(
+            "BENCH {name}{per_sm}: llama3-8b heads, batch {b}, ctx {len}, {splits} splits: {:.1} us, {:.2} TB/s (incl. launch)",
+            s * 1e6,
+            bytes / s / 1e12
+        );
     }
-    dev.synchronize().unwrap();
-    let t = std::time::Instant::now();
-    for _ in 0..20 {
-        run();
-    }
-    dev.synchronize().unwrap();
-    let s = t.elapsed().as_secs_f64() / 20.0;
-    let bytes = 2.0 * (b * len * kvh * 128 * 2) as f64;
-    println!(
-        "BENCH slot_decode llama3-8b heads, batch {b}, ctx {len}, {splits} splits: {:.1} us, {:.2} TB/s (incl. launch)",
-        s * 1e6,
-        bytes / s / 1e12
-    );
 }
 
 /// Relative L2 error ||a - b|| / ||b|| over all elements.

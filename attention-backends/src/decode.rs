@@ -27,6 +27,45 @@ pub fn slot_decode(
     seq_lens: &[usize],
     splits: usize,
 ) -> Result<Tensor> {
+    slot_decode_with(
+        q,
+        k_cache,
+        v_cache,
+        slots,
+        seq_lens,
+        splits,
+        DecodeKernel::default(),
+    )
+}
+
+/// Which kernel [`slot_decode_with`] runs on CUDA (the CPU twin is the same
+/// for all), for tests and benchmarks of the kernels themselves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeKernel {
+    /// A slim decode ([`crate::SlimDecode`]; GQA groups of at most
+    /// [`SLIM_MAX_GROUP`]) instead of `slot_decode_bf16`.
+    pub slim: Option<crate::SlimDecode>,
+    /// One block an SM: each block asks for the most shared memory a block
+    /// may have, so no second one fits. That is how a slim decode runs beside
+    /// the slim prefill (one block an SM), here timed alone.
+    pub one_block_per_sm: bool,
+}
+
+/// The largest GQA group the slim decodes take (their transposed products
+/// hold 8 query heads); larger groups run `slot_decode_bf16`.
+pub const SLIM_MAX_GROUP: usize = 8;
+
+/// [`slot_decode`] with the CUDA kernel chosen by `kernel`. A slim kernel
+/// for a GQA group above [`SLIM_MAX_GROUP`] is an error.
+pub fn slot_decode_with(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    slots: &[u32],
+    seq_lens: &[usize],
+    splits: usize,
+    kernel: DecodeKernel,
+) -> Result<Tensor> {
     let (b, heads, d) = q.dims3()?;
     let (max_seqs, max_len, kv_heads, d2) = k_cache.dims4()?;
     let bad = |m: String| Err(AttnError::InvalidBatch(m));
@@ -41,6 +80,12 @@ pub fn slot_decode(
     if !q.device().is_cpu() && heads / kv_heads > DECODE_MAX_GROUP {
         return bad(format!(
             "no decode kernel for GQA group {} (at most {DECODE_MAX_GROUP})",
+            heads / kv_heads
+        ));
+    }
+    if let Some(k) = kernel.slim.filter(|_| heads / kv_heads > SLIM_MAX_GROUP) {
+        return bad(format!(
+            "{k:?}: the slim decodes take GQA groups of at most {SLIM_MAX_GROUP}, not {}",
             heads / kv_heads
         ));
     }
@@ -65,6 +110,7 @@ pub fn slot_decode(
         kv_heads,
         max_len,
         scale: 1.0 / (d as f32).sqrt(),
+        kernel,
     };
     Ok(q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)?)
 }
@@ -77,6 +123,8 @@ struct SlotDecode {
     kv_heads: usize,
     max_len: usize,
     scale: f32,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernel: DecodeKernel,
 }
 
 struct Dense<'a, T> {
@@ -218,7 +266,8 @@ impl CustomOp3 for SlotDecode {
             pos_stride: row,
             splits: self.splits,
             scale: self.scale,
-            slim: None,
+            slim: self.kernel.slim,
+            one_block_per_sm: self.kernel.one_block_per_sm,
         };
         // SAFETY: slot_decode() checked shapes, slots and lengths against the cache.
         unsafe { cuda::launch(&dev, &launch, &mut out, None, None) }?;
@@ -251,9 +300,7 @@ pub(crate) mod cuda {
     /// `slot_decode_slimr_bf16`): 2 stages of 64-key K and V tiles, or a
     /// ring of 4 slots of 16 rows a warp.
     pub const DECODE_SLIM_SMEM: usize = 2 * DECODE_STAGE_BYTES;
-    /// The largest GQA group `slot_decode_slim_bf16` takes (its transposed
-    /// products hold 8 query heads); larger groups run `slot_decode_bf16`.
-    pub const SLIM_MAX_GROUP: usize = 8;
+    pub use super::SLIM_MAX_GROUP;
 
     /// What the split-KV decode reads and writes: `q` rows `q_rows[b]`, K/V
     /// rows at `k` / `v` + `slots[b] * slot_stride + position * pos_stride`
@@ -282,6 +329,9 @@ pub(crate) mod cuda {
         /// whose blocks fit beside a `slot_prefill_wsps_bf16` block on one
         /// SM. Ignored (the plain kernel runs) for a larger group.
         pub slim: Option<crate::SlimDecode>,
+        /// Each block asks for the most shared memory a block may have, so
+        /// one block runs an SM ([`super::DecodeKernel::one_block_per_sm`]).
+        pub one_block_per_sm: bool,
     }
 
     use crate::ops::cuda::err;
@@ -337,7 +387,23 @@ pub(crate) mod cuda {
             Some(k) => crate::ops::cuda::function_max_carveout(dev, k.symbol(), DECODE_SLIM_SMEM)?,
             None => crate::ops::cuda::function_with_smem(dev, "slot_decode_bf16", DECODE_SMEM)?,
         };
-        let smem = slim.map_or(DECODE_SMEM, |_| DECODE_SLIM_SMEM);
+        let mut smem = slim.map_or(DECODE_SMEM, |_| DECODE_SLIM_SMEM);
+        if l.one_block_per_sm {
+            use candle_core::cuda_backend::cudarc::driver::sys::{
+                CUdevice_attribute as A, CUfunction_attribute as F,
+            };
+            let most = main
+                .context()
+                .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .map_err(err)? as usize;
+            // The block's static shared memory counts against the same limit.
+            let fixed = f
+                .get_attribute(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(err)? as usize;
+            smem = smem.max(most.saturating_sub(fixed));
+            f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(err)?;
+        }
         let mut args = [
             (&raw mut q).cast::<c_void>(),
             (&raw mut q_rows).cast(),

@@ -260,7 +260,7 @@ pub enum PrefillKernel {
     /// `Wsp` launched at 136 registers a thread (`slot_prefill_wsps_bf16`:
     /// the consumers, which use ~190, get 192, the producer warpgroup 24),
     /// 52 K registers a block instead of 64.5 K, so that the two-stream
-    /// path's slim decode blocks (`slot_decode_slim_bf16`: 4 warps at 104
+    /// path's slim decode blocks ([`SlimDecode`]: 4 warps at 104
     /// registers, one a sub-partition, 64 KiB; GQA groups of at most 8) fit
     /// on the prefill's SMs beside it: the decodes' memory traffic under the
     /// prefill's GEMMs instead of after its last wave. On the H200

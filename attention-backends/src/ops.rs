@@ -686,7 +686,7 @@ pub mod cuda {
 
     /// [`function_with_smem`], preferring the SM configuration with the most
     /// shared memory (carveout 100 %): the slim kernels that share an SM
-    /// (`slot_prefill_wsps_bf16` + `slot_decode_slim_bf16`, 227 KiB) need
+    /// (`slot_prefill_wsps_bf16` + a slim decode, 227 KiB) need
     /// it, and blocks of SMs in different configurations cannot mix.
     pub fn function_max_carveout(
         dev: &CudaDevice,

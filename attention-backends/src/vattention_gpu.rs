@@ -95,10 +95,10 @@ fn prefill_tma(dev: &CudaDevice, cache: &VirtualCache) -> Option<[u64; 2]> {
     ((major, minor) == (9, 0)).then_some([c.max_len as u64, c.max_seqs as u64])
 }
 
-/// Whether the slim pair (`slot_prefill_wsps_bf16` beside
-/// `slot_decode_slim_bf16`, [`crate::PodTuning::slim_streams`]) runs here: the
-/// TMA prefill on this device and cache, and GQA groups of at most 8 (the
-/// slim decode's transposed products hold 8 heads).
+/// Whether the slim pair (`slot_prefill_wsps_bf16` beside the slim decode of
+/// [`crate::PodTuning::slim_decode`], [`crate::PodTuning::slim_streams`])
+/// runs here: the TMA prefill on this device and cache, and GQA groups of at
+/// most 8 (the slim decodes' transposed products hold 8 heads).
 pub(crate) fn slim_pair_runs(dev: &CudaDevice, cache: &VirtualCache, group: usize) -> bool {
     group <= crate::decode::cuda::SLIM_MAX_GROUP
         && resolve_prefill(
@@ -449,9 +449,9 @@ impl StepPlan {
     }
 
     /// Whether a hybrid step of GQA `group` runs the slim pair:
-    /// `slot_prefill_wsps_bf16` and, on the side stream,
-    /// `slot_decode_slim_bf16` (groups up to
-    /// [`crate::decode::cuda::SLIM_MAX_GROUP`]; above, the plain decode runs
+    /// `slot_prefill_wsps_bf16` and, on the side stream, the slim decode of
+    /// [`crate::PodTuning::slim_decode`] (groups up to
+    /// [`crate::decode::SLIM_MAX_GROUP`]; above, the plain decode runs
     /// beside the slim prefill).
     pub(crate) fn slim_pair(&self, group: usize) -> bool {
         group <= crate::decode::cuda::SLIM_MAX_GROUP
@@ -848,6 +848,7 @@ impl GpuAttention<'_> {
             splits: p.splits,
             scale: self.scale,
             slim: None,
+            one_block_per_sm: false,
         }
     }
 

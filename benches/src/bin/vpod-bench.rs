@@ -208,11 +208,15 @@ enum What {
         #[arg(long, value_delimiter = ',')]
         decodes: Vec<usize>,
         /// Variants to time (default: the serial pairs, `streams`, `pod`,
-        /// `podp`, `pod3-p2`, `auto`; others: `pod-sw1`, `podp-sw1`,
-        /// `pod3-p2-sw1`, `pod3-ticket`, `podp-nt` and `pod3-nt`
-        /// (no TMA), `pod3-p1` (1 prefill : 2 decode blocks per SM),
-        /// `pod3-p1-sw2`, `pod3-p2-sw2` (2 waves of decode splits)); at least one `serial*`
-        /// one, the baseline.
+        /// `podp`, `pod3-p2`, `auto`; others, among them: `serial-ws`,
+        /// `serial-wss` / `serial-wsg` (the slim and the GQA-packed
+        /// prefill), `streams-ws`, `streams-slim` / `streams-slimr` (the slim
+        /// pair, with the slim decode's ring a warp), `auto-slim` /
+        /// `auto-slimr` (the planner with the slim pair), `auto-nol2` /
+        /// `serial-ws-nol2` (no L2 sections), `wsd-N` (the partitioned
+        /// kernel, N decode SMs), `pod3-ticket`, `podp-nt` / `pod3-nt` (no
+        /// TMA); an unknown name lists them all); at least one `serial*` one,
+        /// the baseline.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
         /// FlashInfer harness results of the same call (`fi.json`, its POD
@@ -297,7 +301,8 @@ enum What {
         #[arg(long, value_delimiter = ',')]
         chunks: Vec<usize>,
         /// (scheduler/backend) runs; a backend may carry POD tuning flags:
-        /// `pod+decode-last`, `pod+slim`.
+        /// `pod+decode-last`, `pod+slim`, `pod+slim+ring` (the slim pair's
+        /// decode with a ring a warp).
         #[arg(
             long,
             value_delimiter = ',',
@@ -1654,6 +1659,15 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     // "auto-slim": the planner with its prefill-heavy steps as the slim
     // pair on two streams (PodTuning::slim_streams).
     pod_tuning.slim_streams = mode == "auto-slim";
+    // /ring picks the slim pair's decode: only where a slim pair runs.
+    let slim_pair =
+        pod_tuning.slim_streams || (pod_mode == PodMode::Streams && prefill_kernel == PrefillKernel::WspSlim);
+    if slim_decode != SlimDecode::Tiles && !slim_pair {
+        bail!(
+            "hybrid variant: /ring picks the slim pair's decode, and {} runs no slim pair",
+            v[0]
+        );
+    }
     if !v[8].is_empty() {
         pod_tuning.partitioned = true;
         pod_tuning.decode_sms = match v[8] {
@@ -2818,6 +2832,9 @@ fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
             f => bail!("run backend {spec}: unknown tuning flag {f} (known: decode-last, slim, ring)"),
         }
     }
+    if t.slim_decode != SlimDecode::Tiles && !t.slim_streams {
+        bail!("run backend {spec}: +ring picks the slim pair's decode; it needs +slim");
+    }
     Ok((backend, t))
 }
 
@@ -3428,6 +3445,7 @@ mod tests {
         assert_eq!(t.slim_decode, SlimDecode::Tiles);
         let (_, t) = serve_backend("pod+slim+ring").unwrap();
         assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::WarpRing));
+        assert!(serve_backend("pod+ring").is_err());
         assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
         assert!(serve_backend("pod+fast").is_err());
     }
@@ -3520,5 +3538,8 @@ mod tests {
             (0, SlimDecode::WarpRing)
         );
         assert!(variant_options(&["auto/l2", "", "", "", "", "", "", "", ""]).is_err());
+        // /ring where no slim pair runs would silently change nothing.
+        assert!(variant_options(&["auto/ring", "", "", "", "", "", "", "", ""]).is_err());
+        assert!(variant_options(&["streams/ring", "1", "", "4", "2", "1", "1", "1", ""]).is_err());
     }
 }
