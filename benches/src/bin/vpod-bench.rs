@@ -1684,6 +1684,37 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     })
 }
 
+/// The variants `hybrid --variants` names (none: [`HYBRID_DEFAULT`]), each
+/// checked to map to kernel choices; at least one `serial*` one.
+fn hybrid_variants(names: &[String]) -> Result<Vec<(&'static str, [&'static str; 9])>> {
+    let variants: Vec<(&str, [&str; 9])> = if names.is_empty() {
+        HYBRID_VARIANTS
+            .iter()
+            .filter(|v| HYBRID_DEFAULT.contains(&v.0))
+            .copied()
+            .collect()
+    } else {
+        let mut picked = vec![];
+        for name in names {
+            let v = HYBRID_VARIANTS.iter().find(|v| v.0 == name).with_context(|| {
+                let known: Vec<_> = HYBRID_VARIANTS.iter().map(|v| v.0).collect();
+                format!("unknown variant {name} (known: {})", known.join(", "))
+            })?;
+            ensure!(!picked.contains(v), "variant {name} given twice");
+            picked.push(*v);
+        }
+        picked
+    };
+    ensure!(
+        variants.iter().any(|v| v.0.starts_with("serial")),
+        "--variants needs a serial one (the baseline)"
+    );
+    for (name, v) in &variants {
+        variant_options(v).with_context(|| format!("variant {name}"))?;
+    }
+    Ok(variants)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn hybrid(
     models: &[String],
@@ -1714,29 +1745,7 @@ fn hybrid(
             Some(pod.clone())
         }
     };
-    let variants: Vec<(&str, [&str; 9])> = if variants.is_empty() {
-        HYBRID_VARIANTS
-            .iter()
-            .filter(|v| HYBRID_DEFAULT.contains(&v.0))
-            .copied()
-            .collect()
-    } else {
-        let mut picked = vec![];
-        for name in variants {
-            let v = HYBRID_VARIANTS.iter().find(|v| v.0 == name).with_context(|| {
-                let known: Vec<_> = HYBRID_VARIANTS.iter().map(|v| v.0).collect();
-                format!("unknown variant {name} (known: {})", known.join(", "))
-            })?;
-            ensure!(!picked.contains(v), "variant {name} given twice");
-            picked.push(*v);
-        }
-        picked
-    };
-    ensure!(
-        variants.iter().any(|v| v.0.starts_with("serial")),
-        "--variants needs a serial one (the baseline)"
-    );
-    let variants = &variants[..];
+    let variants = &hybrid_variants(variants)?[..];
     let mut rng = StdRng::seed_from_u64(7);
     let dev = gpu()?;
     // Where the energy counter cannot be read the sweep still runs (its
@@ -2838,6 +2847,50 @@ fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
     Ok((backend, t))
 }
 
+/// A `--runs` scheduler: `prefill-first` (vLLM v0.2.7) or `hybrid` (Sarathi-Serve).
+fn serve_policy(sched: &str) -> Result<vpod_cli::scheduler::Policy> {
+    use vpod_cli::scheduler::Policy;
+    Ok(match sched {
+        "prefill-first" => Policy::PrefillFirst,
+        "hybrid" => Policy::Hybrid { one_prefill: false },
+        other => bail!("unknown scheduler {other} (known: prefill-first, hybrid)"),
+    })
+}
+
+/// Argument errors that need no GPU: a mistyped hybrid variant or serve run
+/// fails at once, before the ceilings are measured and the device call
+/// has spent its minutes.
+fn check_args(what: &What) -> Result<()> {
+    match what {
+        What::Hybrid { variants, .. } => {
+            hybrid_variants(variants)?;
+        }
+        What::Prefill {
+            kernels,
+            cases,
+            placements,
+            ..
+        } => {
+            ensure!(*placements >= 1, "prefill: --placements must be at least 1");
+            prefill_cases(cases)?;
+            for k in kernels {
+                prefill_kernel(k)?;
+            }
+        }
+        What::Serve { runs, .. } => {
+            for run in runs {
+                let (sched, spec) = run
+                    .split_once('/')
+                    .with_context(|| format!("run {run}: expected scheduler/backend"))?;
+                serve_policy(sched)?;
+                serve_backend(spec)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn serve(
     models: &[String],
@@ -2852,7 +2905,7 @@ fn serve(
 ) -> Result<Vec<Value>> {
     use vpod_cli::engine::{Engine, Request};
     use vpod_cli::sampler::SamplingParams;
-    use vpod_cli::scheduler::{Policy, SchedulerConfig};
+    use vpod_cli::scheduler::SchedulerConfig;
     ensure!(
         chunks.iter().all(|&c| c > 0),
         "--chunks: a chunk size must be at least 1 token"
@@ -2899,11 +2952,7 @@ fn serve(
                 let (sched, spec) = run
                     .split_once('/')
                     .with_context(|| format!("run {run}: expected scheduler/backend"))?;
-                let policy = match sched {
-                    "prefill-first" => Policy::PrefillFirst,
-                    "hybrid" => Policy::Hybrid { one_prefill: false },
-                    other => bail!("unknown scheduler {other}"),
-                };
+                let policy = serve_policy(sched)?;
                 let (backend, pod_tuning) = serve_backend(spec)?;
                 let opts = BackendOptions {
                     max_seqs: requests,
@@ -3130,6 +3179,7 @@ fn main() -> Result<()> {
     // SAFETY: before any thread is started.
     unsafe { std::env::set_var("VPOD_BENCH_OUT", &args.out) };
     std::fs::create_dir_all(&args.out)?;
+    check_args(&args.what)?;
     // Once per run, before any benchmark: the tables' percentages and the
     // e2e floors divide by these, and the JSON records them.
     let ceil = Ceilings::measure(&gpu()?)?;
@@ -3448,6 +3498,31 @@ mod tests {
         assert!(serve_backend("pod+ring").is_err());
         assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
         assert!(serve_backend("pod+fast").is_err());
+    }
+
+    #[test]
+    fn bad_names_fail_before_the_gpu() {
+        let what = |argv: &[&str]| Args::try_parse_from(argv).unwrap().what;
+        let ok = what(&[
+            "vpod-bench",
+            "hybrid",
+            "--variants",
+            "serial-ws,auto-slimr,streams-slimr",
+        ]);
+        assert!(check_args(&ok).is_ok());
+        let typo = what(&["vpod-bench", "hybrid", "--variants", "serial-ws,auto-slimx"]);
+        let e = format!("{:#}", check_args(&typo).unwrap_err());
+        assert!(e.contains("unknown variant auto-slimx"), "{e}");
+        let no_serial = what(&["vpod-bench", "hybrid", "--variants", "auto"]);
+        assert!(check_args(&no_serial).is_err());
+        let runs = |r: &str| what(&["vpod-bench", "serve", "--runs", r]);
+        assert!(check_args(&runs("hybrid/pod+slim+ring,prefill-first/vattention")).is_ok());
+        assert!(check_args(&runs("hybrid/pod+ring")).is_err());
+        assert!(check_args(&runs("fcfs/pod")).is_err());
+        assert!(check_args(&runs("pod")).is_err());
+        let kernels = |k: &str| what(&["vpod-bench", "prefill", "--kernels", k]);
+        assert!(check_args(&kernels("wsp,wsp/nol2,wspg,wsps")).is_ok());
+        assert!(check_args(&kernels("wsp/l2")).is_err());
     }
 
     #[test]
