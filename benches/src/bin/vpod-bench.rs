@@ -222,7 +222,9 @@ enum What {
         /// FlashInfer harness results of the same call (`fi.json`, its POD
         /// section): each case's planner step, timed alone as the harness
         /// times (CUDA events after a GPU spin), against FlashInfer's best
-        /// serial pair; the summary row gets `vs_flashinfer_best_serial`.
+        /// serial pair; the summary row gets `vs_flashinfer_best_serial`, and
+        /// for the other planner variants timed (`auto-*`, e.g. `auto-slim`)
+        /// `vs_flashinfer_best_serial_by_variant`.
         #[arg(long)]
         fi_json: Option<std::path::PathBuf>,
         /// Also run each variant, and each half alone, back to back for this
@@ -1887,6 +1889,22 @@ fn hybrid(
                             })?)
                         }
                     };
+                    // The same for the sweep's other planner variants
+                    // (`auto-*`: the planner under other tunings), so that each
+                    // one meets FlashInfer the same way as the default planner.
+                    let mut planner_variants_gpu_us = serde_json::Map::new();
+                    if fi.is_some() {
+                        for (name, opts) in variants.iter().filter(|(n, _)| n.starts_with("auto-")) {
+                            b.retune(&variant_options(opts)?)?;
+                            b.plan_step(&qkv_meta)?;
+                            b.forward(0, &q, &k, &v, &qkv_meta)?;
+                            let us = gpu_alone_us(&dev, iters, || {
+                                b.forward(1, &q, &k, &v, &qkv_meta)?;
+                                Ok(())
+                            })?;
+                            planner_variants_gpu_us.insert((*name).into(), json!(us));
+                        }
+                    }
                     let mut us = serde_json::Map::new();
                     for ((v, _), mut r) in variants.iter().zip(rounds) {
                         r.sort_by(f64::total_cmp);
@@ -2012,6 +2030,7 @@ fn hybrid(
                         "best_serial_us": best_serial, "speedup_over_best_serial": speedup,
                         "planner": note, "planner_fused": fused, "smaller_half_share": share,
                         "planner_gpu_us": planner_gpu_us, "sustained": sustained,
+                        "planner_variants_gpu_us": (!planner_variants_gpu_us.is_empty()).then_some(planner_variants_gpu_us),
                         "what": "one layer's attention call (K/V write + attention kernels), median of 5 rounds, the variants timed in turn within a round"}));
                 }
             }
@@ -2091,6 +2110,28 @@ fn hybrid(
                 key.into(),
                 json!({"median": median, "min": min, "max": max, "cases": ratios.len(), "what": what}),
             );
+        }
+    }
+    if let Some(fi) = &fi {
+        let by_variant = vs_flashinfer_by_variant(&mut rows, fi);
+        let mut s = serde_json::Map::new();
+        for (name, ratios) in by_variant {
+            let (median, min, max) = (
+                percentile(&ratios, 0.5),
+                ratios.iter().copied().fold(f64::MAX, f64::min),
+                ratios.iter().copied().fold(f64::MIN, f64::max),
+            );
+            println!(
+                "planner {name} vs FlashInfer's best serial pair (both timed alone): median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
+                ratios.len()
+            );
+            s.insert(
+                name,
+                json!({"median": median, "min": min, "max": max, "cases": ratios.len()}),
+            );
+        }
+        if !s.is_empty() {
+            summary.insert("vs_flashinfer_best_serial_by_variant".into(), Value::Object(s));
         }
     }
     rows.push(json!({"summary": summary}));
@@ -2398,6 +2439,39 @@ fn vs_flashinfer(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
         "vs_flashinfer_best_serial",
         Some("flashinfer_best_serial_us"),
     )
+}
+
+/// The sweep's other planner variants (`planner_variants_gpu_us`: the
+/// `auto-*` ones, timed as `auto` is) against FlashInfer's best serial pair,
+/// as [`vs_flashinfer`] for `auto`: written into each row as
+/// `vs_flashinfer_best_serial_by_variant` ({variant: ratio}, > 1 where ours
+/// is faster); the ratios by variant, only where both were timed.
+fn vs_flashinfer_by_variant(
+    rows: &mut [Value],
+    fi: &[Value],
+) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let mut out: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for r in rows.iter_mut() {
+        let Some(theirs) = fi_case(fi, r).and_then(|f| f["serial_best_ms"].as_f64()) else {
+            continue;
+        };
+        let Some(ours) = r["planner_variants_gpu_us"].as_object().cloned() else {
+            continue;
+        };
+        let mut by = serde_json::Map::new();
+        for (name, us) in ours {
+            let Some(us) = us.as_f64().filter(|&us| us > 0.0) else {
+                continue;
+            };
+            let x = theirs * 1e3 / us;
+            by.insert(name.clone(), json!(x));
+            out.entry(name).or_default().push(x);
+        }
+        if !by.is_empty() {
+            r["vs_flashinfer_best_serial_by_variant"] = Value::Object(by);
+        }
+    }
+    out
 }
 
 /// Our prefill kernel's speed relative to FlashInfer's FA3 on each case's
@@ -3450,6 +3524,20 @@ mod tests {
         assert_eq!(r, vec![1.25]);
         assert_eq!(rows[0]["vs_flashinfer_best_serial"], json!(1.25));
         assert!(rows[1].get("vs_flashinfer_best_serial").is_none());
+        // The other planner variants, each against the same pair.
+        rows[0]["planner_variants_gpu_us"] = json!({"auto-slim": 250.0, "auto-slimr": 125.0});
+        rows[1]["planner_variants_gpu_us"] = json!({"auto-slim": 100.0});
+        let by = vs_flashinfer_by_variant(&mut rows, &fi);
+        assert_eq!(by.len(), 2);
+        assert_eq!(
+            (by["auto-slim"].clone(), by["auto-slimr"].clone()),
+            (vec![1.0], vec![2.0])
+        );
+        assert_eq!(
+            rows[0]["vs_flashinfer_best_serial_by_variant"]["auto-slimr"],
+            json!(2.0)
+        );
+        assert!(rows[1].get("vs_flashinfer_best_serial_by_variant").is_none());
     }
 
     /// The prefill kernel against FA3 on the same chunk: theirs over ours,
