@@ -1686,6 +1686,21 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     })
 }
 
+/// `b` under a hybrid variant's settings (`opts`, [`HYBRID_VARIANTS`]) with
+/// the step `meta` planned and layer 0 run once, ready for its layer-1
+/// calls to be timed.
+fn ready_variant(
+    b: &mut dyn AttentionBackend,
+    opts: &[&str; 9],
+    meta: &BatchMeta,
+    [q, k, v]: &[Tensor; 3],
+) -> Result<()> {
+    b.retune(&variant_options(opts)?)?;
+    b.plan_step(meta)?;
+    b.forward(0, q, k, v, meta)?;
+    Ok(())
+}
+
 /// The variants `hybrid --variants` names (none: [`HYBRID_DEFAULT`]), each
 /// checked to map to kernel choices; at least one `serial*` one.
 fn hybrid_variants(names: &[String]) -> Result<Vec<(&'static str, [&'static str; 9])>> {
@@ -1852,21 +1867,20 @@ fn hybrid(
                     // the median round per variant: the GPU's clocks drift under a
                     // long run (its power cap), and a fixed order favoured some
                     // variants by up to 8 % (results/2026-11-21-h100-pod-planner).
-                    let (qkv_meta, [q, k, v]) = inputs(seqs.clone(), heads, kvh, &dev)?;
+                    let (qkv_meta, qkv) = inputs(seqs.clone(), heads, kvh, &dev)?;
+                    let [q, k, v] = &qkv;
                     let mut rounds = vec![Vec::with_capacity(5); variants.len()];
                     let mut order: Vec<usize> = (0..variants.len()).collect();
                     for round in 0..6 {
                         order.shuffle(&mut rng);
                         for &i in &order {
-                            b.retune(&variant_options(&variants[i].1)?)?;
                             // Plan the step under this variant's settings.
-                            b.plan_step(&qkv_meta)?;
-                            b.forward(0, &q, &k, &v, &qkv_meta)?;
-                            b.forward(1, &q, &k, &v, &qkv_meta)?;
+                            ready_variant(b.as_mut(), &variants[i].1, &qkv_meta, &qkv)?;
+                            b.forward(1, q, k, v, &qkv_meta)?;
                             dev.synchronize()?;
                             let t = Instant::now();
                             for _ in 0..iters.max(1) {
-                                b.forward(1, &q, &k, &v, &qkv_meta)?;
+                                b.forward(1, q, k, v, &qkv_meta)?;
                             }
                             dev.synchronize()?;
                             // Round 0 warms up.
@@ -1876,35 +1890,24 @@ fn hybrid(
                         }
                     }
                     // The planner's step alone, as FlashInfer's harness times
-                    // (only with --fi-json: it costs a spin per rep).
-                    let planner_gpu_us = match &fi {
-                        None => None,
-                        Some(_) => {
-                            b.retune(&variant_options(&["auto", "", "", "", "", "", "", "", ""])?)?;
-                            b.plan_step(&qkv_meta)?;
-                            b.forward(0, &q, &k, &v, &qkv_meta)?;
-                            Some(gpu_alone_us(&dev, iters, || {
-                                b.forward(1, &q, &k, &v, &qkv_meta)?;
-                                Ok(())
-                            })?)
-                        }
-                    };
-                    // The same for the sweep's other planner variants
-                    // (`auto-*`: the planner under other tunings), so that each
-                    // one meets FlashInfer the same way as the default planner.
+                    // (only with --fi-json: it costs a spin per rep): the
+                    // default planner (`auto`, whether or not the sweep times
+                    // it) and the sweep's other planner variants (`auto-*`:
+                    // the planner under other tunings), so that each one meets
+                    // FlashInfer the same way.
                     let mut planner_variants_gpu_us = serde_json::Map::new();
                     if fi.is_some() {
-                        for (name, opts) in variants.iter().filter(|(n, _)| n.starts_with("auto-")) {
-                            b.retune(&variant_options(opts)?)?;
-                            b.plan_step(&qkv_meta)?;
-                            b.forward(0, &q, &k, &v, &qkv_meta)?;
+                        let auto = HYBRID_VARIANTS.iter().filter(|v| v.0 == "auto");
+                        for (name, opts) in auto.chain(variants.iter().filter(|v| v.0.starts_with("auto-"))) {
+                            ready_variant(b.as_mut(), opts, &qkv_meta, &qkv)?;
                             let us = gpu_alone_us(&dev, iters, || {
-                                b.forward(1, &q, &k, &v, &qkv_meta)?;
+                                b.forward(1, q, k, v, &qkv_meta)?;
                                 Ok(())
                             })?;
                             planner_variants_gpu_us.insert((*name).into(), json!(us));
                         }
                     }
+                    let planner_gpu_us = planner_variants_gpu_us.remove("auto");
                     let mut us = serde_json::Map::new();
                     for ((v, _), mut r) in variants.iter().zip(rounds) {
                         r.sort_by(f64::total_cmp);
@@ -1952,11 +1955,9 @@ fn hybrid(
                         (|| -> Result<Value> {
                             let mut runs = vec![];
                             for (name, opts) in variants {
-                                b.retune(&variant_options(opts)?)?;
-                                b.plan_step(&qkv_meta)?;
-                                b.forward(0, &q, &k, &v, &qkv_meta)?;
+                                ready_variant(b.as_mut(), opts, &qkv_meta, &qkv)?;
                                 let run = pw.sustained(&dev, || {
-                                    b.forward(1, &q, &k, &v, &qkv_meta)?;
+                                    b.forward(1, q, k, v, &qkv_meta)?;
                                     Ok(())
                                 })?;
                                 runs.push((*name, run));
@@ -2097,38 +2098,14 @@ fn hybrid(
                 println!("{label}: no case of this sweep is in --fi-json");
                 continue;
             }
-            let (median, min, max) = (
-                percentile(&ratios, 0.5),
-                ratios.iter().copied().fold(f64::MAX, f64::min),
-                ratios.iter().copied().fold(f64::MIN, f64::max),
-            );
-            println!(
-                "{label}: median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
-                ratios.len()
-            );
-            summary.insert(
-                key.into(),
-                json!({"median": median, "min": min, "max": max, "cases": ratios.len(), "what": what}),
-            );
+            let mut s = ratio_summary(label, &ratios);
+            s["what"] = json!(what);
+            summary.insert(key.into(), s);
         }
-    }
-    if let Some(fi) = &fi {
-        let by_variant = vs_flashinfer_by_variant(&mut rows, fi);
         let mut s = serde_json::Map::new();
-        for (name, ratios) in by_variant {
-            let (median, min, max) = (
-                percentile(&ratios, 0.5),
-                ratios.iter().copied().fold(f64::MAX, f64::min),
-                ratios.iter().copied().fold(f64::MIN, f64::max),
-            );
-            println!(
-                "planner {name} vs FlashInfer's best serial pair (both timed alone): median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
-                ratios.len()
-            );
-            s.insert(
-                name,
-                json!({"median": median, "min": min, "max": max, "cases": ratios.len()}),
-            );
+        for (name, ratios) in vs_flashinfer_by_variant(&mut rows, fi) {
+            let label = format!("planner {name} vs FlashInfer's best serial pair (both timed alone)");
+            s.insert(name, ratio_summary(&label, &ratios));
         }
         if !s.is_empty() {
             summary.insert("vs_flashinfer_best_serial_by_variant".into(), Value::Object(s));
@@ -2136,6 +2113,21 @@ fn hybrid(
     }
     rows.push(json!({"summary": summary}));
     Ok(rows)
+}
+
+/// Median, min and max of `ratios` (not empty), printed after `label`, and
+/// as a summary entry with the case count.
+fn ratio_summary(label: &str, ratios: &[f64]) -> Value {
+    let (median, min, max) = (
+        percentile(ratios, 0.5),
+        ratios.iter().copied().fold(f64::MAX, f64::min),
+        ratios.iter().copied().fold(f64::MIN, f64::max),
+    );
+    println!(
+        "{label}: median {median:.3}x, min {min:.2}x, max {max:.2}x over {} cases",
+        ratios.len()
+    );
+    json!({"median": median, "min": min, "max": max, "cases": ratios.len()})
 }
 
 /// `hybrid --energy-ms`: sustained runs read against the GPU's energy
@@ -2434,10 +2426,12 @@ fn vs_flashinfer(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
     fi_ratios(
         rows,
         fi,
-        "planner_gpu_us",
+        |r| r["planner_gpu_us"].as_f64(),
         "serial_best_ms",
-        "vs_flashinfer_best_serial",
-        Some("flashinfer_best_serial_us"),
+        |r, x, theirs_us| {
+            r["vs_flashinfer_best_serial"] = json!(x);
+            r["flashinfer_best_serial_us"] = json!(theirs_us);
+        },
     )
 }
 
@@ -2450,28 +2444,29 @@ fn vs_flashinfer_by_variant(
     rows: &mut [Value],
     fi: &[Value],
 ) -> std::collections::BTreeMap<String, Vec<f64>> {
-    let mut out: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for r in rows.iter_mut() {
-        let Some(theirs) = fi_case(fi, r).and_then(|f| f["serial_best_ms"].as_f64()) else {
-            continue;
-        };
-        let Some(ours) = r["planner_variants_gpu_us"].as_object().cloned() else {
-            continue;
-        };
-        let mut by = serde_json::Map::new();
-        for (name, us) in ours {
-            let Some(us) = us.as_f64().filter(|&us| us > 0.0) else {
-                continue;
-            };
-            let x = theirs * 1e3 / us;
-            by.insert(name.clone(), json!(x));
-            out.entry(name).or_default().push(x);
-        }
-        if !by.is_empty() {
-            r["vs_flashinfer_best_serial_by_variant"] = Value::Object(by);
-        }
-    }
-    out
+    let names: std::collections::BTreeSet<String> = rows
+        .iter()
+        .filter_map(|r| r["planner_variants_gpu_us"].as_object())
+        .flat_map(|m| m.keys().cloned())
+        .collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let ratios = fi_ratios(
+                rows,
+                fi,
+                |r| {
+                    r["planner_variants_gpu_us"][&name]
+                        .as_f64()
+                        .filter(|&us| us > 0.0)
+                },
+                "serial_best_ms",
+                |r, x, _| r["vs_flashinfer_best_serial_by_variant"][&name] = json!(x),
+            );
+            (name, ratios)
+        })
+        .filter(|(_, ratios)| !ratios.is_empty())
+        .collect()
 }
 
 /// Our prefill kernel's speed relative to FlashInfer's FA3 on each case's
@@ -2481,38 +2476,33 @@ fn prefill_vs_fa3(rows: &mut [Value], fi: &[Value]) -> Vec<f64> {
     fi_ratios(
         rows,
         fi,
-        "prefill_kernel_us",
+        |r| r["prefill_kernel_us"].as_f64(),
         "pre_fa3_ms",
-        "prefill_kernel_vs_fa3",
-        None,
+        |r, x, _| r["prefill_kernel_vs_fa3"] = json!(x),
     )
 }
 
 /// FlashInfer's time `theirs_ms` of each row's case ([`fi_case`]) over the
-/// row's `ours_us`, written into the row as `ratio` (and FlashInfer's time
-/// in microseconds as `theirs_us`, when named); the ratios, only where
-/// both were timed.
+/// row's time `ours_us` (`None`: not timed), handed to `write` with the row
+/// (the ratio, then FlashInfer's time in microseconds); the ratios, only
+/// where both were timed.
 fn fi_ratios(
     rows: &mut [Value],
     fi: &[Value],
-    ours_us: &str,
+    ours_us: impl Fn(&Value) -> Option<f64>,
     theirs_ms: &str,
-    ratio: &str,
-    theirs_us: Option<&str>,
+    mut write: impl FnMut(&mut Value, f64, f64),
 ) -> Vec<f64> {
     let mut ratios = vec![];
     for r in rows.iter_mut() {
-        let Some(ours) = r[ours_us].as_f64() else {
+        let Some(ours) = ours_us(r) else {
             continue;
         };
         let Some(theirs) = fi_case(fi, r).and_then(|f| f[theirs_ms].as_f64()) else {
             continue;
         };
         let x = theirs * 1e3 / ours;
-        r[ratio] = json!(x);
-        if let Some(k) = theirs_us {
-            r[k] = json!(theirs * 1e3);
-        }
+        write(r, x, theirs * 1e3);
         ratios.push(x);
     }
     ratios
