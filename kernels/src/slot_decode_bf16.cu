@@ -23,17 +23,19 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
 // two-stream path's decodes then share the prefill's SMs instead of waiting
 // for its last wave.
 constexpr int DEC_SLIM_STAGES = 2;
-extern "C" __global__ void __maxnreg__(104)
-    slot_decode_slim_bf16(const __nv_bfloat16* q, const int32_t* q_rows, const __nv_bfloat16* k_base,
-                          const __nv_bfloat16* v_base, const int32_t* slots, const int32_t* seq_lens, float* part_o,
-                          float* part_ml, int* counters, __nv_bfloat16* out, int heads, int group,
-                          int64_t slot_stride, int64_t pos_stride, int splits, float scale) {
-    pdl_wait();
-    pdl_launch_dependents();
-    slot_decode_split_t<DEC_SLIM_STAGES, WholeBlock, DEC_WARPS>(
-        q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group, slot_stride,
-        pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y, WholeBlock{});
-}
+#define SLIM_DECODE_ENTRY(NAME, RING)                                                                                  \
+    extern "C" __global__ void __maxnreg__(104)                                                                        \
+        NAME(const __nv_bfloat16* q, const int32_t* q_rows, const __nv_bfloat16* k_base, const __nv_bfloat16* v_base, \
+             const int32_t* slots, const int32_t* seq_lens, float* part_o, float* part_ml, int* counters,              \
+             __nv_bfloat16* out, int heads, int group, int64_t slot_stride, int64_t pos_stride, int splits,            \
+             float scale) {                                                                                            \
+        pdl_wait();                                                                                                    \
+        pdl_launch_dependents();                                                                                       \
+        slot_decode_split_t<DEC_SLIM_STAGES, WholeBlock, DEC_WARPS, RING>(                                             \
+            q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group, slot_stride,     \
+            pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y, WholeBlock{});                   \
+    }
+SLIM_DECODE_ENTRY(slot_decode_slim_bf16, false)
 
 // The slim decode with a ring a warp (slot_decode.cuh's decode_warp_ring;
 // the same arguments, grid, 64 KiB and register cap): each warp streams its
@@ -43,14 +45,4 @@ extern "C" __global__ void __maxnreg__(104)
 // most 32 KiB in flight and then wait for all of it at a block barrier. With
 // one block an SM beside the slim prefill, that is the SM's whole decode
 // traffic.
-extern "C" __global__ void __maxnreg__(104)
-    slot_decode_slimr_bf16(const __nv_bfloat16* q, const int32_t* q_rows, const __nv_bfloat16* k_base,
-                           const __nv_bfloat16* v_base, const int32_t* slots, const int32_t* seq_lens, float* part_o,
-                           float* part_ml, int* counters, __nv_bfloat16* out, int heads, int group,
-                           int64_t slot_stride, int64_t pos_stride, int splits, float scale) {
-    pdl_wait();
-    pdl_launch_dependents();
-    slot_decode_split_t<DEC_SLIM_STAGES, WholeBlock, DEC_WARPS, true>(
-        q, q_rows, k_base, v_base, slots, seq_lens, part_o, part_ml, counters, out, heads, group, slot_stride,
-        pos_stride, splits, scale, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y, WholeBlock{});
-}
+SLIM_DECODE_ENTRY(slot_decode_slimr_bf16, true)
