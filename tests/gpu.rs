@@ -604,8 +604,8 @@ fn decode_vs_prefill(mode: vpod_attention::linear::NormFusion) {
 fn slot_decode_matches_cpu_twin() {
     use vpod_attention::SlimDecode;
     use vpod_attention::decode::{DecodeKernel, slot_decode, slot_decode_with};
-    let kernels = [None, Some(SlimDecode::Tiles), Some(SlimDecode::WarpRing)]
-        .into_iter()
+    let kernels = std::iter::once(None)
+        .chain(SlimDecode::ALL.map(Some))
         .flat_map(|slim| {
             [false, true].map(|one_block_per_sm| DecodeKernel {
                 slim,
@@ -1145,10 +1145,7 @@ fn slim_kernels_share_an_sm() {
     let warp_regs = |r: usize| (r * 32).div_ceil(256) * 256;
     let part = attr(A::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR) / 4;
     let per_sm = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR);
-    for kind in [
-        vpod_attention::SlimDecode::Tiles,
-        vpod_attention::SlimDecode::WarpRing,
-    ] {
+    for kind in vpod_attention::SlimDecode::ALL {
         let name = kind.symbol();
         let dec = regs(name);
         let used = 3 * warp_regs(pre) + warp_regs(dec);
@@ -1175,10 +1172,7 @@ fn slim_kernels_share_an_sm() {
 #[test]
 fn pod_streams_slim_matches_cpu_twin() {
     let (quick, shapes) = twin_shapes();
-    for slim_decode in [
-        vpod_attention::SlimDecode::Tiles,
-        vpod_attention::SlimDecode::WarpRing,
-    ] {
+    for slim_decode in vpod_attention::SlimDecode::ALL {
         for (i, &shape) in shapes.iter().enumerate() {
             // A 1100-token prompt for the first shape (as the POD twin), 300 for the others.
             let steps = pod_steps(if i == 0 && !quick { 1100 } else { 300 });
@@ -1226,10 +1220,7 @@ fn pod_planner_slim_pair_matches_cpu_twin() {
     let mut s2: Vec<(u64, usize, usize)> = decodes(1).collect();
     s2.push((10, 2048, 600));
     let steps: &[&[(u64, usize, usize)]] = &[&prompts, &s1, &s2];
-    for slim_decode in [
-        vpod_attention::SlimDecode::Tiles,
-        vpod_attention::SlimDecode::WarpRing,
-    ] {
+    for slim_decode in vpod_attention::SlimDecode::ALL {
         let opts = vpod_attention::BackendOptions {
             max_seqs: 14,
             pod_tuning: vpod_attention::PodTuning {

@@ -383,11 +383,16 @@ pub(crate) mod cuda {
             (l.heads as i32, (l.heads / l.kv_heads) as i32, l.splits as i32);
         let (mut ss, mut ps, mut scale) = (l.slot_stride, l.pos_stride, l.scale);
         let slim = l.slim.filter(|_| group as usize <= SLIM_MAX_GROUP);
-        let f = match slim {
-            Some(k) => crate::ops::cuda::function_max_carveout(dev, k.symbol(), DECODE_SLIM_SMEM)?,
-            None => crate::ops::cuda::function_with_smem(dev, "slot_decode_bf16", DECODE_SMEM)?,
+        let (f, mut smem) = match slim {
+            Some(k) => (
+                crate::ops::cuda::function_max_carveout(dev, k.symbol(), DECODE_SLIM_SMEM)?,
+                DECODE_SLIM_SMEM,
+            ),
+            None => (
+                crate::ops::cuda::function_with_smem(dev, "slot_decode_bf16", DECODE_SMEM)?,
+                DECODE_SMEM,
+            ),
         };
-        let mut smem = slim.map_or(DECODE_SMEM, |_| DECODE_SLIM_SMEM);
         if l.one_block_per_sm {
             use candle_core::cuda_backend::cudarc::driver::sys::{
                 CUdevice_attribute as A, CUfunction_attribute as F,

@@ -407,6 +407,9 @@ pub enum SlimDecode {
 }
 
 impl SlimDecode {
+    /// Both slim decodes, the measured one first.
+    pub const ALL: [SlimDecode; 2] = [Self::Tiles, Self::WarpRing];
+
     /// The kernel's `extern "C"` symbol.
     pub fn symbol(self) -> &'static str {
         match self {
