@@ -246,16 +246,15 @@ pub enum PrefillKernel {
     /// K/V tiles loaded K one tile ahead of V (FA3's order), two 64-row
     /// consumer warpgroups sharing each tile and taking turns issuing GEMMs
     /// (ping-pong), so one's softmax runs under the other's, each turn
-    /// issuing QK_i before it waits for V_{i-1}. The default: ~700 TFLOP/s
-    /// on a 16K causal prompt and ~620 on a 1024-token chunk over 4K on an
-    /// H200, 1.00x and 1.04x of FlashAttention-3's single-request kernel in
-    /// the same call (results/2026-12-04-h200-wspk). Lost against it: K and V
+    /// issuing QK_i before it waits for V_{i-1}. ~700 TFLOP/s on a 16K
+    /// causal prompt and ~620 on a 1024-token chunk over 4K on an H200,
+    /// 1.00x and 1.04x of FlashAttention-3's single-request kernel in the
+    /// same call (results/2026-12-04-h200-wspk). Lost against it: K and V
     /// loaded in tile order (-3-7 %, -wspk), no ping-pong (-10-20 %,
     /// results/2026-12-03-h200-prefill-ws), a 3-stage ring (no faster, -ws2
     /// and -wspk), statically strided persistent CTAs (-2-4 %, -ws2),
     /// dynamically scheduled persistent CTAs (-1-6 %) and a KV-head-major grid
     /// (-3-5 % on a chunk over 4K; results/2026-12-04-h200-wsp-uniform).
-    #[default]
     Wsp,
     /// `Wsp` launched at 136 registers a thread (`slot_prefill_wsps_bf16`:
     /// the consumers, which use ~190, get 192, the producer warpgroup 24),
@@ -263,10 +262,15 @@ pub enum PrefillKernel {
     /// path's slim decode blocks ([`SlimDecode`]: 4 warps at 104
     /// registers, one a sub-partition, 64 KiB; GQA groups of at most 8) fit
     /// on the prefill's SMs beside it: the decodes' memory traffic under the
-    /// prefill's GEMMs instead of after its last wave. On the H200
-    /// (results/2026-12-04-h200-slim) it ran 0-4 % faster than `Wsp` as the
-    /// serial pair's prefill, and with the slim decode on two streams
-    /// 1.02-1.11x over the best serial pair on prefill-heavy hybrid steps.
+    /// prefill's GEMMs instead of after its last wave. The default: alone
+    /// it is also the fastest tile, 1-4 % ahead of `Wsp` in every case of
+    /// the H200's A/B (kernel medians, three placements and two runs each:
+    /// 718-720 TFLOP/s on a 16K causal prompt where FA3 ran 694-712 in the
+    /// same call, 644-651 on a 1024-token chunk over 4K where FA3 ran
+    /// 594-609, 713-715 on a 2048-token chunk over 16K;
+    /// results/2026-12-05-h200-podfi-energy), and it was 0-4 % ahead as the
+    /// serial pair's prefill (results/2026-12-04-h200-slim).
+    #[default]
     WspSlim,
     /// `Wsp` with GQA packing (`slot_prefill_wspg_bf16`): a CTA takes 64
     /// query rows of two query heads of one KV head (a consumer warpgroup
@@ -369,18 +373,18 @@ pub struct PodTuning {
     pub decode_sms: Option<usize>,
     /// The planner's prefill-heavy hybrid steps (its serial and two-stream
     /// verdicts) run the slim pair on two streams: `slot_prefill_wsps_bf16`
-    /// and `slot_decode_slim_bf16`, whose blocks share the SMs (where the
-    /// prefill is [`PrefillKernel::Wsp`], the device runs the TMA tile and
-    /// the GQA group is at most 8). On the H200 the pair itself
-    /// (`streams-slim`) was 1.02-1.11x over the best serial pair on each of
-    /// the grid's steps that the planner runs serial or on two streams,
-    /// where the plain kernels on two streams gave 0.97-1.02x
-    /// (results/2026-12-04-h200-slim). Off by default until the planner
-    /// with it (`vpod-bench hybrid --variants auto-slim`) is measured and
-    /// the slim decode is checked under compute-sanitizer.
+    /// beside the slim decode of [`Self::slim_decode`], whose blocks share
+    /// the SMs (where the prefill is [`PrefillKernel::Wsp`] or
+    /// [`PrefillKernel::WspSlim`], the device runs the TMA tile and the GQA
+    /// group is at most 8). On by default: on the H200's 48-case grid the
+    /// planner with it (and [`SlimDecode::WarpRing`]) ran 1.078x mean over
+    /// our best serial pair with no step > 3 % slower, and median 1.087x
+    /// over FlashInfer's best serial pair (FA3, then its best decode) in the
+    /// same call, where the planner without it ran 1.013x and 1.014x
+    /// (results/2026-12-05-h200-podfi-energy).
     pub slim_streams: bool,
-    /// The slim pair's decode kernel: [`SlimDecode::Tiles`] (measured) or
-    /// [`SlimDecode::WarpRing`] (an A/B variant, not yet measured).
+    /// The slim pair's decode kernel: [`SlimDecode::WarpRing`] (the
+    /// default, the faster in the pair) or [`SlimDecode::Tiles`].
     pub slim_decode: SlimDecode,
 }
 
@@ -391,23 +395,24 @@ pub struct PodTuning {
 pub enum SlimDecode {
     /// `slot_decode_slim_bf16`: 64-key K and V tiles through a block-wide
     /// ring of 2 stages, so at most one tile (32 KiB) is in flight while the
-    /// block computes, and every tile ends at a block barrier. Measured on
-    /// the H200 in the pair: 1.02-1.11x over the best serial pair on the
-    /// prefill-heavy hybrid steps (results/2026-12-04-h200-slim).
-    #[default]
+    /// block computes, and every tile ends at a block barrier. On the H200's
+    /// 48-case grid the planner with it ran 1.057x mean over our best serial
+    /// pair, 1.076x median over FlashInfer's (results/2026-12-05-h200-podfi-energy).
     Tiles,
     /// `slot_decode_slimr_bf16`: each warp streams its own 16 keys of every
     /// tile through a ring of 4 slots of 4 KiB (K and V apart) in the same
     /// 64 KiB, refilling a slot as soon as it has read it: 48 KiB of a block
-    /// in flight while it computes, no block barrier in the key loop. Built
-    /// for the pair's decode-heavier steps, where one warp a sub-partition
-    /// draws too little bandwidth; not yet measured
-    /// (`vpod-bench hybrid --variants streams-slimr,auto-slimr`).
+    /// in flight while it computes, no block barrier in the key loop. The
+    /// default: the planner with it ran 1.078x mean over our best serial
+    /// pair and 1.087x median over FlashInfer's on the same grid, ahead of
+    /// [`Self::Tiles`] on 33 of the 48 steps and level on 4 (up to 1.14x
+    /// against 1.04x: a 2K chunk over 16K beside 32 decodes of 4K).
+    #[default]
     WarpRing,
 }
 
 impl SlimDecode {
-    /// Both slim decodes, the measured one first.
+    /// Both slim decodes.
     pub const ALL: [SlimDecode; 2] = [Self::Tiles, Self::WarpRing];
 
     /// The kernel's `extern "C"` symbol.
@@ -430,8 +435,8 @@ impl Default for PodTuning {
             tma_prefill: true,
             partitioned: false,
             decode_sms: None,
-            slim_streams: false,
-            slim_decode: SlimDecode::Tiles,
+            slim_streams: true,
+            slim_decode: SlimDecode::WarpRing,
         }
     }
 }

@@ -561,7 +561,7 @@ impl AttentionBackend for VirtualBackend {
                 && matches!(path, PodPath::Serial | PodPath::Streams)
                 // Prefill-heavy: a serial verdict for a small prefill half stays serial.
                 && halves.is_some_and(|(tp, td)| tp > td)
-                && gpu.prefill == crate::PrefillKernel::Wsp
+                && matches!(gpu.prefill, crate::PrefillKernel::Wsp | crate::PrefillKernel::WspSlim)
                 && crate::vattention_gpu::slim_pair_runs(&gpu.dev, &self.cache, group);
             let (path, prefill) = match slim {
                 true => (PodPath::Streams, crate::PrefillKernel::WspSlim),

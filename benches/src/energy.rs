@@ -185,7 +185,13 @@ impl Sustained {
 /// idle: the longer half, or the time their energy above idle needs at the
 /// cap's headroom above idle, whichever is longer. A first-order model: it
 /// takes each half's energy per step as fixed, where a lower clock under
-/// overlap would spend a little less on the same work (lower voltage).
+/// overlap spends less on the same work (lower voltage), and static power
+/// runs for a shorter step. On the H200 it is no bound: each half alone
+/// already drew the cap (NVML's counter read 680-750 W over 250 ms against
+/// the 700 W limit), so it predicted a median 0.96x, and the slim pair on
+/// two streams ran 1.045x median over the best serial pair under the same
+/// load, with 4.7 % less energy a step (results/2026-12-05-h200-podfi-energy).
+/// Read it as where overlap would stand if it saved no energy.
 pub fn cap_bound_s(prefill: Sustained, decode: Sustained, cap_w: f64, idle_w: f64) -> f64 {
     let above_idle = |s: Sustained| (s.joules - idle_w * s.secs).max(0.0);
     let energy = (above_idle(prefill) + above_idle(decode)) / (cap_w - idle_w).max(1.0);

@@ -302,9 +302,10 @@ enum What {
         /// Llama-3-8B 1024 (Yi-34B 1024).
         #[arg(long, value_delimiter = ',')]
         chunks: Vec<usize>,
-        /// (scheduler/backend) runs; a backend may carry POD tuning flags:
-        /// `pod+decode-last`, `pod+slim`, `pod+slim+ring` (the slim pair's
-        /// decode with a ring a warp).
+        /// (scheduler/backend) runs; a backend may carry POD tuning flags
+        /// over the defaults: `pod+decode-last`, `pod+noslim` (no slim
+        /// pair), `pod+tiles` (the slim pair's block-wide-ring decode
+        /// instead of the ring a warp).
         #[arg(
             long,
             value_delimiter = ',',
@@ -1523,7 +1524,7 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     ("serial-64", ["serial", "1", "4", "4", "2", "1", "0", "0", ""]),
     ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1", "0", ""]),
     ("serial-64t", ["serial", "1", "4", "4", "2", "1", "1", "1", ""]),
-    // The warp-specialized tile (the default prefill since 2026-12-03), then decode.
+    // The warp-specialized tile (the default prefill 2026-12-03..05), then decode.
     ("serial-ws", ["serial", "1", "", "4", "2", "1", "1", "1", ""]),
     ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1", ""]),
     // The slim warp-specialized prefill (136 registers a thread) and, on
@@ -1569,17 +1570,23 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The planner with the partitioned kernel on its fused steps.
     ("auto-wsd", ["auto", "", "", "", "", "", "", "", "auto"]),
     // The planner with its serial and two-stream verdicts run as the slim
-    // pair (slot_prefill_wsps_bf16 beside slot_decode_slim_bf16) on two streams.
+    // pair (slot_prefill_wsps_bf16 beside slot_decode_slim_bf16, or
+    // slot_decode_slimr_bf16 with /ring) on two streams, the wsp tile on the
+    // other steps.
     ("auto-slim", ["auto-slim", "", "", "", "", "", "", "", ""]),
     ("auto-slimr", ["auto-slim/ring", "", "", "", "", "", "", "", ""]),
-    ("auto", ["auto", "", "", "", "", "", "", "", ""]),
+    // The planner without the slim pair, the wsp tile (the default before 2026-12-05).
+    ("auto-noslim", ["auto-noslim", "", "", "", "", "", "", "", ""]),
+    // The planner as it ships: BackendOptions' and PodTuning's defaults.
+    ("auto", ["auto", "", "default", "", "", "", "", "", ""]),
     // The warp-specialized tiles in their order before the L2 sections
-    // (BackendOptions::prefill_l2_budget 0): the serial pair and the planner.
+    // (BackendOptions::prefill_l2_budget 0): the serial pair and the planner
+    // as it ships.
     (
         "serial-ws-nol2",
         ["serial/nol2", "1", "", "4", "2", "1", "1", "1", ""],
     ),
-    ("auto-nol2", ["auto/nol2", "", "", "", "", "", "", "", ""]),
+    ("auto-nol2", ["auto/nol2", "", "default", "", "", "", "", "", ""]),
 ];
 /// The variants `vpod-bench hybrid` times unless `--variants` names others:
 /// the serial pairs, two streams, each POD kernel's best settings and the
@@ -1590,6 +1597,7 @@ const HYBRID_DEFAULT: &[&str] = &[
     "serial-64p",
     "serial-64t",
     "serial-ws",
+    "serial-wss",
     "pod3-nt",
     "streams",
     "pod",
@@ -1612,11 +1620,18 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     // /ring, the slim pair's decode with a ring a warp (SlimDecode::WarpRing).
     let mut flags = v[0].split('/');
     let mode = flags.next().unwrap_or_default();
-    let (mut prefill_l2_budget, mut slim_decode) = (vpod_attention::PREFILL_L2_BUDGET, SlimDecode::Tiles);
+    // "auto": the planner as it ships (PodTuning's defaults); the other
+    // modes name their slim pair, or none, themselves.
+    let shipped = PodTuning::default();
+    let mut slim_decode = match mode {
+        "auto" => shipped.slim_decode,
+        _ => SlimDecode::Tiles,
+    };
+    let (mut prefill_l2_budget, mut ring) = (vpod_attention::PREFILL_L2_BUDGET, false);
     for flag in flags {
         match flag {
             "nol2" => prefill_l2_budget = 0,
-            "ring" => slim_decode = SlimDecode::WarpRing,
+            "ring" => (slim_decode, ring) = (SlimDecode::WarpRing, true),
             f => bail!(
                 "hybrid variant: unknown flag /{f} in {} (known: nol2, ring)",
                 v[0]
@@ -1627,17 +1642,19 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         "serial" => PodMode::Serial,
         "streams" => PodMode::Streams,
         "fused" => PodMode::Fused,
-        "auto" | "auto-slim" | "" => PodMode::Auto,
+        "auto" | "auto-slim" | "auto-noslim" | "" => PodMode::Auto,
         m => bail!("hybrid variant: unknown POD mode {m}"),
     };
     let (pipe, tma) = (v[6] != "0", v[7] != "0");
     // "slim": the warp-specialized tile launched at 136 registers (PrefillKernel::WspSlim).
-    // "pack": the GQA-packed one (PrefillKernel::WspPack).
+    // "pack": the GQA-packed one (PrefillKernel::WspPack). "default":
+    // BackendOptions' (the planner as it ships); none: the wsp tile.
     let prefill_kernel = match v[2] {
         "slim" => PrefillKernel::WspSlim,
         "pack" => PrefillKernel::WspPack,
+        "default" => PrefillKernel::default(),
         warps => match num(warps, "prefill warps")? {
-            None => PrefillKernel::default(),
+            None => PrefillKernel::Wsp,
             Some(8) => PrefillKernel::W8,
             Some(_) if !pipe => PrefillKernel::W4,
             Some(_) if !tma => PrefillKernel::W4p,
@@ -1659,12 +1676,15 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
         ..Default::default()
     };
     // "auto-slim": the planner with its prefill-heavy steps as the slim
-    // pair on two streams (PodTuning::slim_streams).
-    pod_tuning.slim_streams = mode == "auto-slim";
+    // pair on two streams (PodTuning::slim_streams); "auto" as it ships.
+    pod_tuning.slim_streams = match mode {
+        "auto" => shipped.slim_streams,
+        m => m == "auto-slim",
+    };
     // /ring picks the slim pair's decode: only where a slim pair runs.
     let slim_pair =
         pod_tuning.slim_streams || (pod_mode == PodMode::Streams && prefill_kernel == PrefillKernel::WspSlim);
-    if slim_decode != SlimDecode::Tiles && !slim_pair {
+    if ring && !slim_pair {
         bail!(
             "hybrid variant: /ring picks the slim pair's decode, and {} runs no slim pair",
             v[0]
@@ -2392,7 +2412,7 @@ fn sustained_summary(rows: &[Value], ms: u64, cap_w: f64, idle_w: f64) -> Value 
     out.insert("idle_w".into(), json!(idle_w));
     out.insert(
         "what".into(),
-        json!("each variant and each half (serial-ws kernels) run back to back after a settling run of half the length; time per step over the run, power between two updates of NVML's energy counter inside it; speedups over the best serial variant's sustained time; power_cap_speedup: best serial / the power-cap bound of a perfect overlap (vpod_benches::energy::cap_bound_s: the longer half, or both halves' energy above idle at the limit's headroom above idle)"),
+        json!("each variant and each half (serial-ws kernels) run back to back after a settling run of half the length; time per step over the run, power between two updates of NVML's energy counter inside it; speedups over the best serial variant's sustained time; power_cap_speedup: best serial / the power-cap bound of a perfect overlap (vpod_benches::energy::cap_bound_s: the longer half, or both halves' energy above idle at the limit's headroom above idle; a first-order model that takes each half's energy as fixed, so an overlap that saves energy beats it, as on the H200)"),
     );
     Value::Object(out)
 }
@@ -2888,25 +2908,33 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
         .collect()
 }
 
-/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]`, the flags
-/// `decode-last` ([`PodTuning::decode_sms`] 0), `slim`
-/// ([`PodTuning::slim_streams`]) and `ring` (the slim pair's decode with a
-/// ring a warp, [`SlimDecode::WarpRing`]), e.g. `hybrid/pod+decode-last` or
-/// `hybrid/pod+slim+ring`.
+/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]` over
+/// [`PodTuning`]'s defaults, the flags `decode-last`
+/// ([`PodTuning::decode_sms`] 0), `slim` / `noslim`
+/// ([`PodTuning::slim_streams`] on, the default, or off) and `ring` /
+/// `tiles` (the slim pair's decode: [`SlimDecode::WarpRing`], the default,
+/// or [`SlimDecode::Tiles`]), e.g. `hybrid/pod+decode-last` or
+/// `hybrid/pod+tiles`.
 fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
     let mut parts = spec.split('+');
     let backend = parts.next().unwrap_or_default();
-    let mut t = PodTuning::default();
+    let (mut t, mut decode_flag) = (PodTuning::default(), false);
     for flag in parts {
         match flag {
             "decode-last" => t.decode_sms = Some(0),
             "slim" => t.slim_streams = true,
-            "ring" => t.slim_decode = SlimDecode::WarpRing,
-            f => bail!("run backend {spec}: unknown tuning flag {f} (known: decode-last, slim, ring)"),
+            "noslim" => t.slim_streams = false,
+            "ring" => (t.slim_decode, decode_flag) = (SlimDecode::WarpRing, true),
+            "tiles" => (t.slim_decode, decode_flag) = (SlimDecode::Tiles, true),
+            f => bail!(
+                "run backend {spec}: unknown tuning flag {f} (known: decode-last, slim, noslim, ring, tiles)"
+            ),
         }
     }
-    if t.slim_decode != SlimDecode::Tiles && !t.slim_streams {
-        bail!("run backend {spec}: +ring picks the slim pair's decode; it needs +slim");
+    if decode_flag && !t.slim_streams {
+        bail!(
+            "run backend {spec}: +ring / +tiles pick the slim pair's decode, and +noslim turns the pair off"
+        );
     }
     Ok((backend, t))
 }
@@ -3568,12 +3596,19 @@ mod tests {
     fn serve_backend_flags() {
         let (b, t) = serve_backend("pod+decode-last").unwrap();
         assert_eq!((b, t.decode_sms), ("pod", Some(0)));
-        let (b, t) = serve_backend("pod+slim").unwrap();
-        assert_eq!((b, t.slim_streams, t.decode_sms), ("pod", true, None));
-        assert_eq!(t.slim_decode, SlimDecode::Tiles);
+        // The slim pair with the ring decode ships: the flags name it or the other.
+        let (b, t) = serve_backend("pod").unwrap();
+        assert_eq!(
+            (b, t.slim_streams, t.slim_decode),
+            ("pod", true, SlimDecode::WarpRing)
+        );
         let (_, t) = serve_backend("pod+slim+ring").unwrap();
         assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::WarpRing));
-        assert!(serve_backend("pod+ring").is_err());
+        let (_, t) = serve_backend("pod+tiles").unwrap();
+        assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::Tiles));
+        let (_, t) = serve_backend("pod+noslim").unwrap();
+        assert!(!t.slim_streams);
+        assert!(serve_backend("pod+noslim+ring").is_err());
         assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
         assert!(serve_backend("pod+fast").is_err());
     }
@@ -3595,7 +3630,7 @@ mod tests {
         assert!(check_args(&no_serial).is_err());
         let runs = |r: &str| what(&["vpod-bench", "serve", "--runs", r]);
         assert!(check_args(&runs("hybrid/pod+slim+ring,prefill-first/vattention")).is_ok());
-        assert!(check_args(&runs("hybrid/pod+ring")).is_err());
+        assert!(check_args(&runs("hybrid/pod+noslim+tiles")).is_err());
         assert!(check_args(&runs("fcfs/pod")).is_err());
         assert!(check_args(&runs("pod")).is_err());
         let kernels = |k: &str| what(&["vpod-bench", "prefill", "--kernels", k]);
@@ -3638,8 +3673,11 @@ mod tests {
                 "serial-64" => Some(PrefillKernel::W4),
                 "serial-64p" => Some(PrefillKernel::W4p),
                 "serial-64t" => Some(PrefillKernel::Tma64),
-                "serial-ws" | "auto" | "auto-slim" | "auto-slimr" | "streams-ws" => Some(PrefillKernel::Wsp),
+                "serial-ws" | "auto-noslim" | "auto-slim" | "auto-slimr" | "streams-ws" => {
+                    Some(PrefillKernel::Wsp)
+                }
                 "serial-wss" | "streams-slim" | "streams-slimr" => Some(PrefillKernel::WspSlim),
+                "auto" | "auto-nol2" => Some(PrefillKernel::default()),
                 "serial-wsg" => Some(PrefillKernel::WspPack),
                 _ => None,
             };
@@ -3668,7 +3706,8 @@ mod tests {
             let v = HYBRID_VARIANTS.iter().find(|v| v.0 == name).unwrap();
             (variant_options(&v.1).unwrap().pod_tuning.slim_streams, v.1[0])
         };
-        assert_eq!(slim("auto"), (false, "auto"));
+        assert_eq!(slim("auto"), (PodTuning::default().slim_streams, "auto"));
+        assert_eq!(slim("auto-noslim"), (false, "auto-noslim"));
         assert_eq!(slim("auto-slim"), (true, "auto-slim"));
         // The /ring variants: the same with the slim decode's ring a warp.
         let ring = |name: &str| {
@@ -3684,7 +3723,10 @@ mod tests {
         assert_eq!(ring("auto-slimr"), (true, SlimDecode::WarpRing, l2));
         assert_eq!(ring("streams-slimr"), (false, SlimDecode::WarpRing, l2));
         assert_eq!(ring("streams-slim"), (false, SlimDecode::Tiles, l2));
-        assert_eq!(ring("auto-nol2"), (false, SlimDecode::Tiles, 0));
+        let shipped = PodTuning::default();
+        assert_eq!(ring("auto"), (shipped.slim_streams, shipped.slim_decode, l2));
+        assert_eq!(ring("auto-nol2"), (shipped.slim_streams, shipped.slim_decode, 0));
+        assert_eq!(ring("auto-noslim"), (false, SlimDecode::Tiles, l2));
         let both = variant_options(&["auto-slim/nol2/ring", "", "", "", "", "", "", "", ""]).unwrap();
         assert_eq!(
             (both.prefill_l2_budget, both.pod_tuning.slim_decode),
@@ -3692,7 +3734,7 @@ mod tests {
         );
         assert!(variant_options(&["auto/l2", "", "", "", "", "", "", "", ""]).is_err());
         // /ring where no slim pair runs would silently change nothing.
-        assert!(variant_options(&["auto/ring", "", "", "", "", "", "", "", ""]).is_err());
+        assert!(variant_options(&["auto-noslim/ring", "", "", "", "", "", "", "", ""]).is_err());
         assert!(variant_options(&["streams/ring", "1", "", "4", "2", "1", "1", "1", ""]).is_err());
     }
 }
