@@ -255,6 +255,12 @@ pub enum PrefillKernel {
     /// and -wspk), statically strided persistent CTAs (-2-4 %, -ws2),
     /// dynamically scheduled persistent CTAs (-1-6 %) and a KV-head-major grid
     /// (-3-5 % on a chunk over 4K; results/2026-12-04-h200-wsp-uniform).
+    /// The default, until [`Self::WspSlim`] (faster in every case measured)
+    /// takes its place with the slim pair ([`PodTuning::slim_streams`]):
+    /// as the default prefill, `WspSlim` makes the planner's two-stream
+    /// steps run the slim decode beside it, which has not yet run under
+    /// compute-sanitizer (`bash scripts/gpu-run.sh slim twins`).
+    #[default]
     Wsp,
     /// `Wsp` launched at 136 registers a thread (`slot_prefill_wsps_bf16`:
     /// the consumers, which use ~190, get 192, the producer warpgroup 24),
@@ -262,15 +268,14 @@ pub enum PrefillKernel {
     /// path's slim decode blocks ([`SlimDecode`]: 4 warps at 104
     /// registers, one a sub-partition, 64 KiB; GQA groups of at most 8) fit
     /// on the prefill's SMs beside it: the decodes' memory traffic under the
-    /// prefill's GEMMs instead of after its last wave. The default: alone
-    /// it is also the fastest tile, 1-4 % ahead of `Wsp` in every case of
+    /// prefill's GEMMs instead of after its last wave. Alone it is also the
+    /// fastest tile, 1-4 % ahead of `Wsp` in every case of
     /// the H200's A/B (kernel medians, three placements and two runs each:
     /// 718-720 TFLOP/s on a 16K causal prompt where FA3 ran 694-712 in the
     /// same call, 644-651 on a 1024-token chunk over 4K where FA3 ran
     /// 594-609, 713-715 on a 2048-token chunk over 16K;
     /// results/2026-12-05-h200-podfi-energy), and it was 0-4 % ahead as the
     /// serial pair's prefill (results/2026-12-04-h200-slim).
-    #[default]
     WspSlim,
     /// `Wsp` with GQA packing (`slot_prefill_wspg_bf16`): a CTA takes 64
     /// query rows of two query heads of one KV head (a consumer warpgroup
@@ -376,15 +381,20 @@ pub struct PodTuning {
     /// beside the slim decode of [`Self::slim_decode`], whose blocks share
     /// the SMs (where the prefill is [`PrefillKernel::Wsp`] or
     /// [`PrefillKernel::WspSlim`], the device runs the TMA tile and the GQA
-    /// group is at most 8). On by default: on the H200's 48-case grid the
-    /// planner with it (and [`SlimDecode::WarpRing`]) ran 1.078x mean over
-    /// our best serial pair with no step > 3 % slower, and median 1.087x
-    /// over FlashInfer's best serial pair (FA3, then its best decode) in the
-    /// same call, where the planner without it ran 1.013x and 1.014x
-    /// (results/2026-12-05-h200-podfi-energy).
+    /// group is at most 8). On the H200's 48-case grid the planner with it
+    /// (and [`SlimDecode::WarpRing`]) ran 1.078x mean over our best serial
+    /// pair with no step > 3 % slower, and median 1.087x over FlashInfer's
+    /// best serial pair (FA3, then its best decode) in the same call, where
+    /// the planner without it ran 1.013x and 1.014x
+    /// (results/2026-12-05-h200-podfi-energy). Off by default until both
+    /// slim decodes pass their CPU twins and compute-sanitizer on a GPU
+    /// (`bash scripts/gpu-run.sh slim twins`; the call was lost to the
+    /// device pool): then it ships on, with `WarpRing` and
+    /// [`PrefillKernel::WspSlim`] as the default prefill.
     pub slim_streams: bool,
-    /// The slim pair's decode kernel: [`SlimDecode::WarpRing`] (the
-    /// default, the faster in the pair) or [`SlimDecode::Tiles`].
+    /// The slim pair's decode kernel: [`SlimDecode::Tiles`] (the default,
+    /// checked against its twin on the H200) or [`SlimDecode::WarpRing`]
+    /// (the faster in the pair, not yet checked on a GPU).
     pub slim_decode: SlimDecode,
 }
 
@@ -398,16 +408,17 @@ pub enum SlimDecode {
     /// block computes, and every tile ends at a block barrier. On the H200's
     /// 48-case grid the planner with it ran 1.057x mean over our best serial
     /// pair, 1.076x median over FlashInfer's (results/2026-12-05-h200-podfi-energy).
+    #[default]
     Tiles,
     /// `slot_decode_slimr_bf16`: each warp streams its own 16 keys of every
     /// tile through a ring of 4 slots of 4 KiB (K and V apart) in the same
     /// 64 KiB, refilling a slot as soon as it has read it: 48 KiB of a block
     /// in flight while it computes, no block barrier in the key loop. The
-    /// default: the planner with it ran 1.078x mean over our best serial
+    /// planner with it ran 1.078x mean over our best serial
     /// pair and 1.087x median over FlashInfer's on the same grid, ahead of
     /// [`Self::Tiles`] on 33 of the 48 steps and level on 4 (up to 1.14x
-    /// against 1.04x: a 2K chunk over 16K beside 32 decodes of 4K).
-    #[default]
+    /// against 1.04x: a 2K chunk over 16K beside 32 decodes of 4K). Not
+    /// yet run against its twin or under compute-sanitizer.
     WarpRing,
 }
 
@@ -435,8 +446,8 @@ impl Default for PodTuning {
             tma_prefill: true,
             partitioned: false,
             decode_sms: None,
-            slim_streams: true,
-            slim_decode: SlimDecode::WarpRing,
+            slim_streams: false,
+            slim_decode: SlimDecode::Tiles,
         }
     }
 }

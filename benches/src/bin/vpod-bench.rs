@@ -303,9 +303,9 @@ enum What {
         #[arg(long, value_delimiter = ',')]
         chunks: Vec<usize>,
         /// (scheduler/backend) runs; a backend may carry POD tuning flags
-        /// over the defaults: `pod+decode-last`, `pod+noslim` (no slim
-        /// pair), `pod+tiles` (the slim pair's block-wide-ring decode
-        /// instead of the ring a warp).
+        /// over the defaults: `pod+decode-last`, `pod+slim` / `pod+noslim`
+        /// (the slim pair on or off), `pod+slim+ring` / `pod+slim+tiles`
+        /// (the slim pair's decode: a ring a warp, or block-wide).
         #[arg(
             long,
             value_delimiter = ',',
@@ -1524,7 +1524,7 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     ("serial-64", ["serial", "1", "4", "4", "2", "1", "0", "0", ""]),
     ("serial-64p", ["serial", "1", "4", "4", "2", "1", "1", "0", ""]),
     ("serial-64t", ["serial", "1", "4", "4", "2", "1", "1", "1", ""]),
-    // The warp-specialized tile (the default prefill 2026-12-03..05), then decode.
+    // The warp-specialized tile (the default prefill since 2026-12-03), then decode.
     ("serial-ws", ["serial", "1", "", "4", "2", "1", "1", "1", ""]),
     ("streams", ["streams", "1", "4", "4", "2", "1", "1", "1", ""]),
     // The slim warp-specialized prefill (136 registers a thread) and, on
@@ -1575,7 +1575,7 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // other steps.
     ("auto-slim", ["auto-slim", "", "", "", "", "", "", "", ""]),
     ("auto-slimr", ["auto-slim/ring", "", "", "", "", "", "", "", ""]),
-    // The planner without the slim pair, the wsp tile (the default before 2026-12-05).
+    // The planner without the slim pair, the wsp tile.
     ("auto-noslim", ["auto-noslim", "", "", "", "", "", "", "", ""]),
     // The planner as it ships: BackendOptions' and PodTuning's defaults.
     ("auto", ["auto", "", "default", "", "", "", "", "", ""]),
@@ -2911,10 +2911,9 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
 /// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]` over
 /// [`PodTuning`]'s defaults, the flags `decode-last`
 /// ([`PodTuning::decode_sms`] 0), `slim` / `noslim`
-/// ([`PodTuning::slim_streams`] on, the default, or off) and `ring` /
-/// `tiles` (the slim pair's decode: [`SlimDecode::WarpRing`], the default,
-/// or [`SlimDecode::Tiles`]), e.g. `hybrid/pod+decode-last` or
-/// `hybrid/pod+tiles`.
+/// ([`PodTuning::slim_streams`] on or off) and `ring` / `tiles` (the slim
+/// pair's decode: [`SlimDecode::WarpRing`] or [`SlimDecode::Tiles`]), e.g.
+/// `hybrid/pod+decode-last` or `hybrid/pod+slim+ring`.
 fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
     let mut parts = spec.split('+');
     let backend = parts.next().unwrap_or_default();
@@ -3596,18 +3595,25 @@ mod tests {
     fn serve_backend_flags() {
         let (b, t) = serve_backend("pod+decode-last").unwrap();
         assert_eq!((b, t.decode_sms), ("pod", Some(0)));
-        // The slim pair with the ring decode ships: the flags name it or the other.
+        // The flags over the shipped tuning.
         let (b, t) = serve_backend("pod").unwrap();
+        assert_eq!((b, t), ("pod", PodTuning::default()));
+        let (_, t) = serve_backend("pod+slim").unwrap();
         assert_eq!(
-            (b, t.slim_streams, t.slim_decode),
-            ("pod", true, SlimDecode::WarpRing)
+            (t.slim_streams, t.slim_decode),
+            (true, PodTuning::default().slim_decode)
         );
         let (_, t) = serve_backend("pod+slim+ring").unwrap();
         assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::WarpRing));
-        let (_, t) = serve_backend("pod+tiles").unwrap();
+        let (_, t) = serve_backend("pod+slim+tiles").unwrap();
         assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::Tiles));
-        let (_, t) = serve_backend("pod+noslim").unwrap();
+        let (_, t) = serve_backend("pod+slim+noslim").unwrap();
         assert!(!t.slim_streams);
+        // +tiles alone: an error while the pair is off by default.
+        assert_eq!(
+            serve_backend("pod+tiles").is_err(),
+            !PodTuning::default().slim_streams
+        );
         assert!(serve_backend("pod+noslim+ring").is_err());
         assert_eq!(serve_backend("vattention").unwrap().1, PodTuning::default());
         assert!(serve_backend("pod+fast").is_err());
