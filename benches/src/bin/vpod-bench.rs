@@ -1605,6 +1605,20 @@ const HYBRID_DEFAULT: &[&str] = &[
     "pod3-p2",
     "auto",
 ];
+/// The relative L2 error of a hybrid variant's output against the serial
+/// pair's above which `vpod-bench hybrid` reports it as wrong (the GPU
+/// tests' bf16 bound against the CPU twins).
+const OUTPUT_TOLERANCE: f64 = 1e-2;
+
+/// `|got - want| / |want|` over every element, in f32 on the tensors' device
+/// (NaN where either holds NaN or infinity, so a check `e <= tol` fails).
+fn rel_l2(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let (g, w) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+    let num = (&g - &w)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let den = w.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
+}
+
 /// A variant's settings ([`HYBRID_VARIANTS`]) as the kernel choices of
 /// [`AttentionBackend::retune`].
 fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
@@ -1797,7 +1811,7 @@ fn hybrid(
             }
         },
     };
-    let mut rows = vec![];
+    let (mut rows, mut mismatches) = (vec![], vec![]);
     print!("| model | chunk @ pos | decodes x ctx | smaller half |");
     for v in variants {
         print!(" {} us |", v.0);
@@ -1890,13 +1904,19 @@ fn hybrid(
                     let (qkv_meta, qkv) = inputs(seqs.clone(), heads, kvh, &dev)?;
                     let [q, k, v] = &qkv;
                     let mut rounds = vec![Vec::with_capacity(5); variants.len()];
+                    // Each variant's output of the warm-up round: this sweep
+                    // times kernels, and a wrong one must not pass as a fast one.
+                    let mut outputs: Vec<Option<Tensor>> = vec![None; variants.len()];
                     let mut order: Vec<usize> = (0..variants.len()).collect();
                     for round in 0..6 {
                         order.shuffle(&mut rng);
                         for &i in &order {
                             // Plan the step under this variant's settings.
                             ready_variant(b.as_mut(), &variants[i].1, &qkv_meta, &qkv)?;
-                            b.forward(1, q, k, v, &qkv_meta)?;
+                            let out = b.forward(1, q, k, v, &qkv_meta)?;
+                            if round == 0 {
+                                outputs[i] = Some(out);
+                            }
                             dev.synchronize()?;
                             let t = Instant::now();
                             for _ in 0..iters.max(1) {
@@ -1928,6 +1948,24 @@ fn hybrid(
                         }
                     }
                     let planner_gpu_us = planner_variants_gpu_us.remove("auto");
+                    // Every variant's output against the first serial one's.
+                    let reference = variants.iter().position(|v| v.0.starts_with("serial"));
+                    let mut rel_err = serde_json::Map::new();
+                    if let Some(Some(want)) = reference.map(|r| &outputs[r]) {
+                        for ((v, _), got) in variants.iter().zip(&outputs) {
+                            if let Some(got) = got {
+                                let e = rel_l2(got, want)?;
+                                if e.is_nan() || e > OUTPUT_TOLERANCE {
+                                    mismatches.push(format!(
+                                        "{name} {chunk} @ {pos}, {batch} x {ctx}: {v} rel. L2 error {e:.2e} against {}",
+                                        variants[reference.unwrap_or(0)].0
+                                    ));
+                                }
+                                rel_err.insert((*v).into(), json!(e));
+                            }
+                        }
+                    }
+                    drop(outputs);
                     let mut us = serde_json::Map::new();
                     for ((v, _), mut r) in variants.iter().zip(rounds) {
                         r.sort_by(f64::total_cmp);
@@ -2052,6 +2090,7 @@ fn hybrid(
                         "planner": note, "planner_fused": fused, "smaller_half_share": share,
                         "planner_gpu_us": planner_gpu_us, "sustained": sustained,
                         "planner_variants_gpu_us": (!planner_variants_gpu_us.is_empty()).then_some(planner_variants_gpu_us),
+                        "rel_l2_error_vs_serial": rel_err,
                         "what": "one layer's attention call (K/V write + attention kernels), median of 5 rounds, the variants timed in turn within a round"}));
                 }
             }
@@ -2098,6 +2137,34 @@ fn hybrid(
     if let Some(pw) = &power {
         summary.insert("sustained".into(), pw.summary(&rows));
     }
+    let max_err = rows
+        .iter()
+        .flat_map(|r| {
+            r["rel_l2_error_vs_serial"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+        })
+        .filter_map(Value::as_f64)
+        .fold(0.0, f64::max);
+    match mismatches.is_empty() {
+        true => println!(
+            "outputs: every variant agrees with the first serial one (max rel. L2 error {max_err:.2e}, tolerance {OUTPUT_TOLERANCE:.0e})"
+        ),
+        false => {
+            println!(
+                "OUTPUT MISMATCH: {} variant steps differ from the first serial one by more than {OUTPUT_TOLERANCE:.0e} (rel. L2); their times do not count:",
+                mismatches.len()
+            );
+            for m in &mismatches {
+                println!("  {m}");
+            }
+        }
+    }
+    summary.insert(
+        "outputs_vs_serial".into(),
+        json!({"max_rel_l2_error": max_err, "tolerance": OUTPUT_TOLERANCE, "mismatches": mismatches}),
+    );
     if let Some(fi) = &fi {
         let comparisons = [
             (
@@ -3589,6 +3656,20 @@ mod tests {
             ran_prefill("fused, SMs partitioned by role; kernel pod_wsd_bf16"),
             None
         );
+    }
+
+    #[test]
+    fn rel_l2_flags_wrong_outputs() {
+        let dev = Device::Cpu;
+        let want = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+        let near = Tensor::new(&[[1.0f32, 2.0], [3.02, 4.0]], &dev).unwrap();
+        let e = rel_l2(&near.to_dtype(DType::BF16).unwrap(), &want).unwrap();
+        assert!(e > 0.0 && e <= OUTPUT_TOLERANCE, "{e}");
+        let wrong = Tensor::new(&[[1.0f32, 2.0], [3.0, 5.0]], &dev).unwrap();
+        assert!(rel_l2(&wrong, &want).unwrap() > OUTPUT_TOLERANCE);
+        let nan = Tensor::new(&[[1.0f32, f32::NAN], [3.0, 4.0]], &dev).unwrap();
+        assert!(rel_l2(&nan, &want).unwrap().is_nan());
+        assert_eq!(rel_l2(&want, &want).unwrap(), 0.0);
     }
 
     #[test]
