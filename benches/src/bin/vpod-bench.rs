@@ -2153,7 +2153,7 @@ fn hybrid(
         ),
         false => {
             println!(
-                "OUTPUT MISMATCH: {} variant steps differ from the first serial one by more than {OUTPUT_TOLERANCE:.0e} (rel. L2); their times do not count:",
+                "OUTPUT MISMATCH: {} variant steps differ from the first serial one by more than {OUTPUT_TOLERANCE:.0e} (rel. L2): their times are not valid:",
                 mismatches.len()
             );
             for m in &mismatches {
