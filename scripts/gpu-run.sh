@@ -183,7 +183,7 @@ if want slim; then
     tstep 300 slim-tests "$B/integration" "${SLIM[@]}" --test-threads=1 --nocapture
     tstep 260 slim-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
     tstep 260 slim-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" "${SLIM[@]:1}" --test-threads=1
-    grep -h "^BENCH slot_decode" "$OUT"/slim-tests.log
+    grep -h "^BENCH slot_decode\|^SLIMR-VS-SLIM" "$OUT"/slim-tests.log
     grep -hE "^test |test result|SUMMARY" "$OUT"/slim-*.log
 fi
 if want ncuprior && command -v ncu >/dev/null; then

@@ -633,19 +633,37 @@ fn slot_decode_matches_cpu_twin() {
         );
         for splits in [1, 3, 7] {
             let want = slot_decode(&q, &k, &v, &slots, &lens, splits).unwrap();
+            let mut slim_tiles: [Option<Tensor>; 2] = [None, None];
             for &kernel in &kernels {
                 let got = slot_decode_with(&qg, &kg, &vg, &slots, &lens, splits, kernel)
                     .unwrap()
                     .to_device(&cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
                     .unwrap();
-                let d = max_abs_diff(
-                    &got.to_dtype(DType::F32).unwrap(),
-                    &want.to_dtype(DType::F32).unwrap(),
-                );
+                let d = max_abs_diff(&got, &want.to_dtype(DType::F32).unwrap());
                 assert!(
                     d < 2e-2,
                     "GQA {heads}/{kv_heads}, {splits} splits, {kernel:?}: differs by {d}"
                 );
+                // The two slim decodes give each warp the same keys in the same
+                // order and share the merge: the ring a warp should match the
+                // block-wide ring bit for bit (a difference points at its ring's
+                // synchronisation; the twin bound above is what must hold).
+                let at = usize::from(kernel.one_block_per_sm);
+                match kernel.slim {
+                    Some(SlimDecode::Tiles) => slim_tiles[at] = Some(got),
+                    Some(SlimDecode::WarpRing) => {
+                        if let Some(tiles) = &slim_tiles[at] {
+                            println!(
+                                "SLIMR-VS-SLIM GQA {heads}/{kv_heads}, {splits} splits, one block an SM {}: max |diff| {}",
+                                kernel.one_block_per_sm,
+                                max_abs_diff(&got, tiles)
+                            );
+                        }
+                    }
+                    None => {}
+                }
             }
         }
     }
