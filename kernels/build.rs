@@ -114,6 +114,7 @@ const SYMBOLS: &[(&str, &[&str])] = &[
             "pod3_tma_bf16",
             "podp_tma_bf16",
             "pod_wsd_bf16",
+            "pod_wsds_bf16",
             "pod_nsmid",
         ],
     ),
@@ -135,11 +136,7 @@ const SYMBOLS: &[(&str, &[&str])] = &[
     ),
     (
         "slot_prefill_wsp_bf16",
-        &[
-            "slot_prefill_wsp_bf16",
-            "slot_prefill_wsps_bf16",
-            "slot_prefill_wspg_bf16",
-        ],
+        &["slot_prefill_wsp_bf16", "slot_prefill_wsps_bf16"],
     ),
     (
         "slot_decode_bf16",

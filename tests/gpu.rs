@@ -956,13 +956,7 @@ fn vattention_gpu_matches_cpu_twin() {
             (
                 false,
                 vpod_kvcache::Mapping::Overlapped,
-                PrefillKernel::WspPack,
-                l2,
-            ),
-            (
-                false,
-                vpod_kvcache::Mapping::Overlapped,
-                PrefillKernel::WspPack,
+                PrefillKernel::WspSlim,
                 1,
             ),
             (false, vpod_kvcache::Mapping::Overlapped, PrefillKernel::W8, l2),
@@ -988,12 +982,7 @@ fn vattention_gpu_matches_cpu_twin() {
             // The warp-specialized tiles must run, not a fallback (the hybrid
             // steps' records name the prefill kernel; 128-row boxes fit the
             // 2 MiB pages here).
-            // The packed tile needs an even GQA group (else wsp runs).
-            let runs = match kernel {
-                PrefillKernel::WspPack if (shape.0 / shape.1) % 2 == 1 => PrefillKernel::Wsp,
-                k => k,
-            };
-            let ran = runs.warp_specialized().then(|| runs.symbol());
+            let ran = kernel.warp_specialized().then(|| kernel.symbol());
             check_against_twin_ramp("vattention", shape, &opts, TWIN_STEPS, false, &label, 0.0, ran);
         }
     }
@@ -1010,9 +999,9 @@ fn vattention_gpu_matches_cpu_twin() {
 fn vattention_ws_prefill_long_chunks() {
     use vpod_attention::PrefillKernel;
     let steps: &[&[(u64, usize, usize)]] = &[&[(1, 0, 512)], &[(1, 512, 384)], &[(1, 896, 200)]];
-    // The plain tile, and the GQA-packed one (two heads of a KV head a CTA),
-    // each in one L2 section and in sections of one KV head (a 1-byte budget).
-    let kernels = [PrefillKernel::Wsp, PrefillKernel::WspPack];
+    // The tile at both register budgets (wsp, wsps), each in one L2 section
+    // and in sections of one KV head (a 1-byte budget).
+    let kernels = [PrefillKernel::Wsp, PrefillKernel::WspSlim];
     for (kernel, l2_budget) in kernels
         .into_iter()
         .flat_map(|k| [(k, vpod_attention::PREFILL_L2_BUDGET), (k, 1)])
@@ -1025,7 +1014,7 @@ fn vattention_ws_prefill_long_chunks() {
         };
         for ramp in [0.0, 8.0] {
             let label = format!("{} (K ramp {ramp}, L2 budget {l2_budget})", kernel.symbol());
-            // The asked tile ran (GQA 8: the packed one too), not a fallback.
+            // The asked tile ran, not a fallback.
             let ran = Some(kernel.symbol());
             check_against_twin_ramp("vattention", (32, 4), &opts, steps, false, &label, ramp, ran);
         }
@@ -1061,46 +1050,50 @@ fn pod_steps(long: usize) -> Vec<Vec<(u64, usize, usize)>> {
 /// per-SM tickets), the pipelined prefill tile (`podp_bf16`), the TMA
 /// entries (`podp_tma_bf16`, `pod3_tma_bf16`), the SM-partitioned kernel
 /// with the warp-specialized prefill tile (`pod_wsd_bf16` with 4 decode-first
-/// SMs, with 1 and with none: decode last), the two-stream path and the planner's choice
-/// on Llama-3-8B's heads; the partitioned kernel, `pod_bf16`, `podp_tma_bf16`
+/// SMs, with 1 and with none: decode last; `pod_wsds_bf16`, its prefill role at
+/// the slim tile's registers, with 4), the two-stream path and the planner's choice
+/// on Llama-3-8B's heads; the partitioned kernels, `pod_bf16`, `podp_tma_bf16`
 /// and `pod3_tma_bf16` on GQA 7 and 8 too.
 #[test]
 fn pod_gpu_matches_cpu_twin() {
     let (quick, shapes) = twin_shapes();
-    // VPOD_QUICK (the compute-sanitizer runs): the first seven (the
-    // partitioned kernel with 4 decode-first SMs, with 1 and with none,
-    // then one per kernel).
-    let all: &[(&str, [&str; 6])] = &[
-        ("pod:fused", ["1", "", "", "1", "1", "4"]),
-        ("pod:fused", ["1", "", "", "1", "1", "1"]),
-        ("pod:fused", ["1", "", "", "1", "1", "0"]),
-        ("pod:fused", ["1", "2", "1", "0", "0", ""]),
-        ("pod:fused", ["1", "2", "1", "1", "1", ""]),
-        ("pod:fused", ["1", "3", "2", "0", "1", ""]),
-        ("pod:fused", ["1", "2", "1", "1", "0", ""]),
-        ("pod:fused", ["1", "3", "2", "0", "0", ""]),
-        ("pod:fused", ["1", "3", "1", "0", "1", ""]),
-        ("pod:fused", ["0", "2", "1", "0", "0", ""]),
-        ("pod:fused", ["0", "3", "1", "0", "1", ""]),
-        ("pod:streams", ["1", "2", "1", "1", "1", ""]),
-        ("pod", ["1", "2", "1", "1", "1", ""]),
+    // VPOD_QUICK (the compute-sanitizer runs): the first eight (the
+    // partitioned kernel with 4 decode-first SMs, with 1 and with none, its
+    // slim-register entry, then one per kernel).
+    let all: &[(&str, [&str; 7])] = &[
+        ("pod:fused", ["1", "", "", "1", "1", "4", "wsp"]),
+        ("pod:fused", ["1", "", "", "1", "1", "1", "wsp"]),
+        ("pod:fused", ["1", "", "", "1", "1", "0", "wsp"]),
+        ("pod:fused", ["1", "", "", "1", "1", "4", "slim"]),
+        ("pod:fused", ["1", "2", "1", "0", "0", "", ""]),
+        ("pod:fused", ["1", "2", "1", "1", "1", "", ""]),
+        ("pod:fused", ["1", "3", "2", "0", "1", "", ""]),
+        ("pod:fused", ["1", "2", "1", "1", "0", "", ""]),
+        ("pod:fused", ["1", "3", "2", "0", "0", "", ""]),
+        ("pod:fused", ["1", "3", "1", "0", "1", "", ""]),
+        ("pod:fused", ["0", "2", "1", "0", "0", "", ""]),
+        ("pod:fused", ["0", "3", "1", "0", "1", "", ""]),
+        ("pod:streams", ["1", "2", "1", "1", "1", "", ""]),
+        ("pod", ["1", "2", "1", "1", "1", "", ""]),
         // The planner with the default tuning (its fused steps partitioned).
-        ("pod", ["1", "", "", "1", "1", ""]),
+        ("pod", ["1", "", "", "1", "1", "", ""]),
     ];
-    let runs = if quick { &all[..7] } else { all };
+    let runs = if quick { &all[..8] } else { all };
     for (i, &shape) in shapes.iter().enumerate() {
         for (j, &(spec, env)) in runs.iter().enumerate() {
-            // Other head shapes: the partitioned kernel, pod_bf16,
+            // Other head shapes: the partitioned kernels, pod_bf16,
             // podp_tma_bf16 and pod3_tma_bf16 only.
-            if i > 0 && j > 5 {
+            if i > 0 && j > 6 {
                 continue;
             }
             // Quick (compute-sanitizer): 300-token prompts, still several
             // query and key tiles; else a 1100-token one for the first shape.
-            let steps = pod_steps(if i == 0 && j < 7 && !quick { 1100 } else { 300 });
+            let steps = pod_steps(if i == 0 && j < 8 && !quick { 1100 } else { 300 });
             let steps: Vec<&[(u64, usize, usize)]> = steps.iter().map(|s| s.as_slice()).collect();
             // (policy, blocks per SM, resident prefill blocks, pipelined
-            // prefill, TMA, partitioned: decode-first SMs)
+            // prefill, TMA, partitioned: decode-first SMs, the plain prefill
+            // kernel, which the partitioned kernel's prefill role follows:
+            // "wsp", "slim" (WspSlim) or the default)
             let mut tuning = vpod_attention::PodTuning {
                 policy: if env[0] == "0" {
                     vpod_attention::PodPolicy::Ticket
@@ -1121,21 +1114,37 @@ fn pod_gpu_matches_cpu_twin() {
             // pipelined TMA kernel (podp_tma_bf16) also take their prefill
             // items in L2 sections of one KV head (a 1-byte budget).
             let l2_budget = match j {
-                1 | 4 => 1,
+                1 | 5 => 1,
                 _ => vpod_attention::PREFILL_L2_BUDGET,
+            };
+            let prefill_kernel = match env[6] {
+                "slim" => vpod_attention::PrefillKernel::WspSlim,
+                "wsp" => vpod_attention::PrefillKernel::Wsp,
+                _ => vpod_attention::PrefillKernel::default(),
             };
             let opts = vpod_attention::BackendOptions {
                 max_seqs: 14,
                 pod_tuning: tuning,
+                prefill_kernel,
                 prefill_l2_budget: l2_budget,
                 ..Default::default()
             };
             let label = format!(
-                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}, decode-first SMs '{}', L2 budget {l2_budget}",
-                env[0], env[1], env[2], env[3], env[4], env[5]
+                "policy {}, {} blocks per SM, {} resident prefill, pipelined prefill {}, TMA {}, decode-first SMs '{}', prefill {}, L2 budget {l2_budget}",
+                env[0],
+                env[1],
+                env[2],
+                env[3],
+                env[4],
+                env[5],
+                prefill_kernel.symbol()
             );
-            // The partitioned entries must have run pod_wsd_bf16.
-            let kernel = (!env[5].is_empty()).then_some("pod_wsd_bf16");
+            // The partitioned entries must have run pod_wsd_bf16 (pod_wsds_bf16 beside the slim tile).
+            let wsd = match prefill_kernel {
+                vpod_attention::PrefillKernel::WspSlim => "pod_wsds_bf16",
+                _ => "pod_wsd_bf16",
+            };
+            let kernel = (!env[5].is_empty()).then_some(wsd);
             check_against_twin_ramp(spec, shape, &opts, &steps, true, &label, 0.0, kernel);
         }
     }

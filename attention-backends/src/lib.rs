@@ -275,26 +275,23 @@ pub enum PrefillKernel {
     /// same call, 644-651 on a 1024-token chunk over 4K where FA3 ran
     /// 594-609, 713-715 on a 2048-token chunk over 16K;
     /// results/2026-12-05-h200-podfi-energy), and it was 0-4 % ahead as the
-    /// serial pair's prefill (results/2026-12-04-h200-slim).
+    /// serial pair's prefill (results/2026-12-04-h200-slim). Same
+    /// instructions as `Wsp`; at 192 registers ptxas waits for each tile's
+    /// PV product ~140 instructions earlier and so returns the V stage to
+    /// the ring sooner (results/2026-12-05-wsds-sass). The partitioned POD
+    /// kernel's prefill role follows it (`pod_wsds_bf16`).
     WspSlim,
-    /// `Wsp` with GQA packing (`slot_prefill_wspg_bf16`): a CTA takes 64
-    /// query rows of two query heads of one KV head (a consumer warpgroup
-    /// each), so each K/V tile it loads serves both heads: half the K/V
-    /// traffic from L2 over twice the CTAs. Even GQA groups only (`Wsp`
-    /// runs for odd ones). An A/B variant, not yet measured.
-    WspPack,
 }
 
 impl PrefillKernel {
     /// Every kernel, in the order the benchmarks list them.
-    pub const ALL: [PrefillKernel; 7] = [
+    pub const ALL: [PrefillKernel; 6] = [
         Self::W8,
         Self::W4,
         Self::W4p,
         Self::Tma64,
         Self::Wsp,
         Self::WspSlim,
-        Self::WspPack,
     ];
 
     /// The kernel's `extern "C"` symbol.
@@ -306,29 +303,20 @@ impl PrefillKernel {
             Self::Tma64 => "slot_prefill_w4t_bf16",
             Self::Wsp => "slot_prefill_wsp_bf16",
             Self::WspSlim => "slot_prefill_wsps_bf16",
-            Self::WspPack => "slot_prefill_wspg_bf16",
         }
     }
 
     /// The warp-specialized tile (`slot_prefill_ws.cuh`): sm_90a, TMA boxes
     /// of 128 rows.
     pub fn warp_specialized(self) -> bool {
-        matches!(self, Self::Wsp | Self::WspSlim | Self::WspPack)
+        matches!(self, Self::Wsp | Self::WspSlim)
     }
 
     /// Query rows of one work item, per query head.
     pub fn rows(self) -> usize {
         match self {
             Self::W8 | Self::Wsp | Self::WspSlim => 128,
-            Self::W4 | Self::W4p | Self::Tma64 | Self::WspPack => 64,
-        }
-    }
-
-    /// Query heads a CTA takes (2: the GQA-packed tile).
-    pub fn heads_per_cta(self) -> usize {
-        match self {
-            Self::WspPack => 2,
-            _ => 1,
+            Self::W4 | Self::W4p | Self::Tma64 => 64,
         }
     }
 }

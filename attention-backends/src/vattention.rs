@@ -112,7 +112,9 @@ pub enum PodKernel {
     /// [`pod_decode_sms`] blocks stream the decodes, the others run the
     /// warp-specialized 128-row prefill tile (the plain kernel's); a kind's
     /// SMs go to the other once it runs out (sm_90a and TMA pages of 128
-    /// rows; else [`Self::TwoToOne`] stands in).
+    /// rows; else [`Self::TwoToOne`] stands in). `pod_wsds_bf16` where the
+    /// plain prefill kernel is [`crate::PrefillKernel::WspSlim`]: the
+    /// prefill role at that tile's consumer registers.
     Partitioned,
 }
 
@@ -933,18 +935,18 @@ mod tests {
     }
 
     /// slot_prefill_ws.cuh's `ws_l2_order`, mirrored: its CTA order must
-    /// visit every (head slot, work item) once.
-    fn ws_l2_order(lin: usize, slots: usize, items: usize, sec: usize) -> (usize, usize) {
-        let sec = if sec == 0 || sec > slots { slots } else { sec };
+    /// visit every (query head, work item) once.
+    fn ws_l2_order(lin: usize, heads: usize, items: usize, sec: usize) -> (usize, usize) {
+        let sec = if sec == 0 || sec > heads { heads } else { sec };
         let per = sec * items;
         let (s, r) = (lin / per, lin % per);
-        let width = sec.min(slots - s * sec);
+        let width = sec.min(heads - s * sec);
         (s * sec + r % width, r / width)
     }
 
     #[test]
     fn l2_order_visits_every_tile_once_section_by_section() {
-        for (slots, items, sec) in [
+        for (heads, items, sec) in [
             (32, 16, 8),
             (32, 16, 32),
             (28, 5, 7),
@@ -952,18 +954,18 @@ mod tests {
             (56, 9, 16),
             (6, 1, 4),
         ] {
-            let mut seen = vec![false; slots * items];
+            let mut seen = vec![false; heads * items];
             let mut last_section = 0;
-            for lin in 0..slots * items {
-                let (slot, item) = ws_l2_order(lin, slots, items, sec);
-                assert!(slot < slots && item < items, "{lin}: ({slot}, {item})");
+            for lin in 0..heads * items {
+                let (head, item) = ws_l2_order(lin, heads, items, sec);
+                assert!(head < heads && item < items, "{lin}: ({head}, {item})");
                 assert!(
-                    !std::mem::replace(&mut seen[item * slots + slot], true),
-                    "twice: {slot} {item}"
+                    !std::mem::replace(&mut seen[item * heads + head], true),
+                    "twice: {head} {item}"
                 );
                 // Sections in order, and in one the items heaviest (first) first.
-                assert!(slot / sec >= last_section);
-                last_section = slot / sec;
+                assert!(head / sec >= last_section);
+                last_section = head / sec;
             }
             assert!(seen.iter().all(|&s| s));
         }

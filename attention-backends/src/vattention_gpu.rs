@@ -51,19 +51,9 @@ const PREFILL_WS_SMEM: usize = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
 /// The prefill kernel a plan runs for `asked`: the kernels that load by TMA
 /// need compute capability 9.0 (`dims`, [`prefill_tma`]) and pages of a
 /// multiple of their box rows (a box then never reaches an unmapped page);
-/// else the next one down (`Wsp`, `WspSlim` or `WspPack` -> `Tma64` ->
-/// `W4p`). `WspPack` needs an even GQA `group` (else `Wsp`).
-fn resolve_prefill(
-    asked: PrefillKernel,
-    dims: Option<[u64; 2]>,
-    tokens_per_page: usize,
-    group: usize,
-) -> PrefillKernel {
+/// else the next one down (`Wsp` or `WspSlim` -> `Tma64` -> `W4p`).
+fn resolve_prefill(asked: PrefillKernel, dims: Option<[u64; 2]>, tokens_per_page: usize) -> PrefillKernel {
     let tma = |rows: usize| dims.is_some() && tokens_per_page.is_multiple_of(rows);
-    let asked = match asked {
-        PrefillKernel::WspPack if !group.is_multiple_of(2) => PrefillKernel::Wsp,
-        k => k,
-    };
     match asked {
         k if k.warp_specialized() && tma(128) => k,
         k if (k.warp_specialized() || k == PrefillKernel::Tma64) && tma(64) => PrefillKernel::Tma64,
@@ -105,7 +95,6 @@ pub(crate) fn slim_pair_runs(dev: &CudaDevice, cache: &VirtualCache, group: usiz
             PrefillKernel::WspSlim,
             prefill_tma(dev, cache),
             cache.tokens_per_page(),
-            group,
         ) == PrefillKernel::WspSlim
 }
 
@@ -169,11 +158,23 @@ const _: () = assert!(POD_WSD_SMEM >= PREFILL_WS_SMEM);
 /// (the prefill role loads by TMA, [`prefill_tma`]).
 /// [`crate::PodTuning::blocks_per_sm`] overrides it: 2 (`podp_bf16`, or
 /// `pod_bf16` without the pipelined prefill) or 3 (`pod3_bf16`).
-/// [`crate::PodKernel::Partitioned`] is `pod_wsd_bf16` (one block per SM).
-fn pod_kernel(k: crate::PodKernel, tma: bool, t: &crate::PodTuning) -> (&'static str, usize, i32) {
+/// [`crate::PodKernel::Partitioned`] is `pod_wsd_bf16` (one block per SM),
+/// or `pod_wsds_bf16` where the step's plain prefill kernel is
+/// [`PrefillKernel::WspSlim`]: its prefill role then runs at the slim
+/// tile's consumer registers (192 instead of 240), as that kernel does.
+fn pod_kernel(
+    k: crate::PodKernel,
+    tma: bool,
+    t: &crate::PodTuning,
+    prefill: PrefillKernel,
+) -> (&'static str, usize, i32) {
     if k == crate::PodKernel::Partitioned {
         // One block per SM, either role ([`crate::PodKernel::Partitioned`]).
-        return ("pod_wsd_bf16", POD_WSD_SMEM, 1);
+        let name = match prefill {
+            PrefillKernel::WspSlim => "pod_wsds_bf16",
+            _ => "pod_wsd_bf16",
+        };
+        return (name, POD_WSD_SMEM, 1);
     }
     let blocks = match (t.blocks_per_sm, k) {
         (Some(b @ 2..=3), _) => b,
@@ -441,7 +442,7 @@ impl StepPlan {
         if self.chunks.n_work == 0 || self.n_dec == 0 {
             return None;
         }
-        let (name, _, _) = pod_kernel(k, self.pod_tma, &self.tuning);
+        let (name, _, _) = pod_kernel(k, self.pod_tma, &self.tuning, self.prefill);
         Some(match k {
             crate::PodKernel::Partitioned => format!("kernel {name}, {} decode SMs", self.decode_sms),
             _ => format!("kernel {name}"),
@@ -487,14 +488,14 @@ impl StepPlan {
         let row = kv_heads * crate::decode::DECODE_HEAD_DIM;
         let tma = prefill_tma(dev, cache);
         let group = cfg.num_heads / kv_heads.max(1);
-        let prefill = resolve_prefill(kernel, tma, cache.tokens_per_page(), group);
+        let prefill = resolve_prefill(kernel, tma, cache.tokens_per_page());
         // The partitioned kernel's prefill role is the TMA wsp tile: where
         // that cannot run (or TMA is tuned off), the 2:1 kernel stands in
         // (the record names the kernel that ran).
         let path = match path {
             PodPath::Fused(crate::PodKernel::Partitioned)
                 if !tuning.tma_prefill
-                    || resolve_prefill(PrefillKernel::Wsp, tma, cache.tokens_per_page(), group)
+                    || resolve_prefill(PrefillKernel::Wsp, tma, cache.tokens_per_page())
                         != PrefillKernel::Wsp =>
             {
                 PodPath::Fused(crate::PodKernel::TwoToOne)
@@ -762,12 +763,12 @@ impl GpuAttention<'_> {
                 _ => crate::ops::cuda::function_with_smem(dev, name, smem)?,
             };
             let (work, heads_u) = (p.chunks.n_work as u32, self.heads as u32);
-            // slot_prefill_wsp*_bf16: one CTA per (heads a CTA, work item),
+            // slot_prefill_wsp*_bf16: one CTA per (head, work item),
             // the kernel orders them (L2 sections of p.l2_heads heads, each
             // by work item with its heads fastest); w4t: (work, heads).
             let ws = p.prefill.warp_specialized();
             let grid_dim = if ws {
-                (heads_u / p.prefill.heads_per_cta() as u32 * work, 1, 1)
+                (heads_u * work, 1, 1)
             } else {
                 (work, heads_u, 1)
             };
@@ -863,7 +864,7 @@ impl GpuAttention<'_> {
         k: crate::PodKernel,
     ) -> candle_core::Result<()> {
         let p = self.plan;
-        let (kernel, smem, per_sm) = pod_kernel(k, p.pod_tma, &p.tuning);
+        let (kernel, smem, per_sm) = pod_kernel(k, p.pod_tma, &p.tuning, p.prefill);
         let partitioned = k == crate::PodKernel::Partitioned;
         // The layer's tensor maps (read by the *_tma kernels and the
         // partitioned one, whose prefill tile takes 128-row boxes; StepPlan::new

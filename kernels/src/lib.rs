@@ -87,16 +87,13 @@
 //! slot_prefill_wsps_bf16(the same arguments)
 //!     the same launched at 136 registers a thread (consumers 192, producer 24; 52 K a block), leaving
 //!     an SM room for a slot_decode_slim_bf16 block.
-//! slot_prefill_wspg_bf16(the same arguments)
-//!     GQA-packed (even groups): grid heads / 2 x work items with 64-row work items; consumer c takes
-//!     the 64 rows of query head 2 x slot + c, so each K/V tile serves two heads.
 //! pod_bf16(const bf16* q, bf16* out, const bf16* k_base, const bf16* v_base, int heads, int group,
 //!          int64_t slot_stride, int64_t pos_stride, float scale, const int* work, const int* q_start,
 //!          const int* ctx_len, const int* q_len, const int* slots, int n_work, const int* dec_rows,
 //!          const int* dec_slots, const int* dec_lens, float* part_o, float* part_ml, int* counters,
 //!          int kv_heads, int splits, int n_decodes, int* sched, int nsm, int policy, int ratio_p, int ratio_d,
 //!          int l2_heads, __grid_constant__ TmaMap kmap, __grid_constant__ TmaMap vmap)
-//! podp_bf16, pod3_bf16, podp_tma_bf16, pod3_tma_bf16, pod_wsd_bf16 (the same arguments)
+//! podp_bf16, pod3_bf16, podp_tma_bf16, pod3_tma_bf16, pod_wsd_bf16, pod_wsds_bf16 (the same arguments)
 //!     kmap / vmap: read by the _tma entries only (as slot_prefill_w4t's).
 //!     1-D grid of n_work * heads + splits * kv_heads * n_decodes blocks, 128 threads, 96 KiB dynamic smem
 //!     (podp: 97 KiB, the pipelined prefill tile; pod3: 65 KiB, 3 blocks per SM, 2-stage decode pipeline):
@@ -106,6 +103,7 @@
 //!     work items of 128 rows, kmap / vmap with 128-row boxes; the first ratio_d blocks to start stream
 //!     decode items (2 warpgroups x 3 stages), every other block runs one warp-specialized prefill
 //!     tile (slot_prefill_ws.cuh) or, once those are gone, decode items; policy and ratio_p unused.
+//!     pod_wsds_bf16: the same with the prefill role's consumers at 192 registers (slot_prefill_wsps').
 //!     Every entry takes its prefill items in slot_prefill_wsp's L2 order (sections of l2_heads).
 //! pod_nsmid(int* out)
 //!     one thread: out = %nsmid (the SM-id range pod_bf16's sched is sized by).

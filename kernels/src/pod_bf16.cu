@@ -144,7 +144,7 @@ __device__ __forceinline__ void pod_body(POD_PARAMS, const TmaMap& kmap, const T
         // Prefill items in the warp-specialized tile's L2 order (sections
         // of l2_heads query heads, slot_prefill_ws.cuh).
         const WsPick pk = ws_l2_order(item, heads, n_work, l2_heads);
-        const int w = pk.item, head = pk.slot;
+        const int w = pk.item, head = pk.head;
         auto kv = [&](int chunk, int kvh) {
             if constexpr (USE_TMA) {
                 return TmaSlotKv{&kmap, &vmap, kvh * ATT_HEAD_DIM, slots[chunk], smem_addr(bars)};
@@ -222,7 +222,14 @@ constexpr int POD_WSD_SMEM = 6 * DEC_STAGE_BYTES;  // 2 x 3 decode stages
 static_assert(POD_WSD_SMEM >= WsShape<2>::SMEM, "the prefill role fits");
 static_assert(POD_WSD_SMEM + 1024 <= 227 * 1024, "one block per SM");
 
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PARAMS, POD_MAPS) {
+// CREGS: the prefill role's consumer registers a thread (setmaxnreg, as
+// prefill_ws's): 240 in pod_wsd_bf16, 192 in pod_wsds_bf16, the budget of
+// the slim tile (slot_prefill_wsps_bf16), the faster one alone. With 192
+// ptxas waits for a tile's PV product about 140 instructions earlier in the
+// softmax and so releases the V stage sooner (the SASS of the two plain
+// entries); pod_wsd_bf16's prefill role compiles as the 240 one does.
+template <int CREGS>
+__device__ __forceinline__ void pod_wsd_body(POD_PARAMS, const TmaMap& kmap, const TmaMap& vmap) {
     constexpr int DEC_WGS = 2, DSTAGES = 3;
     static_assert(DEC_WGS * DSTAGES * DEC_STAGE_BYTES <= POD_WSD_SMEM, "decode parts fit");
     static_assert(WS_THREADS == 3 * 128, "two decode warpgroups and an idle one");
@@ -241,8 +248,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PAR
     const int role = s_role;
     if (role >= 0) {
 #if ATT_WGMMA
-        prefill_ws_nth<2>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, role,
-                          n_pre, l2_heads);
+        prefill_ws_nth<2, CREGS>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap, role,
+                                 n_pre, l2_heads);
 #else
         __trap();  // sm_90a only (the host checks)
 #endif
@@ -283,5 +290,16 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PAR
         __threadfence();
         sched[2] = 0;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsd_bf16(POD_PARAMS, POD_MAPS) {
+    pod_wsd_body<240>(POD_ARGS, kmap, vmap);
+}
+// The same with the slim tile's consumer budget (the host runs it where the
+// step's prefill kernel is the slim one, PrefillKernel::WspSlim): 2 x 128 x
+// 192 + 128 x 24 registers for the prefill role, 2 x 128 x 232 + 128 x 24
+// for the decode role, both within the launch's 384 x 168.
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) pod_wsds_bf16(POD_PARAMS, POD_MAPS) {
+    pod_wsd_body<192>(POD_ARGS, kmap, vmap);
 }
 

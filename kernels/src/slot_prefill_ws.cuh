@@ -1,8 +1,8 @@
 // Warp-specialized causal prefill over the per-slot (vAttention) cache, sm_90a
 // only: FlashAttention-3's structure (arXiv 2407.08608) on our slot layout.
 // Same work list, chunk arrays and results as slot_prefill.cuh's tiles; a CTA
-// covers 128 query rows of one query head (or, GQA-packed, 64 rows of two
-// query heads of one KV head) and loads each K/V tile once for all of them.
+// covers 128 query rows of one query head and loads each K/V tile once for
+// both of its consumer warpgroups.
 //
 //   block:  3 warpgroups (384 threads). Warpgroup 0 is the producer: one
 //           thread issues the TMA loads of K and V tiles (128 keys x 128 dims,
@@ -24,7 +24,7 @@
 //           heads in sections of whole KV heads whose K and V fit in L2, and
 //           in a section the heads of one work item together (GQA
 //           neighbours share their K/V) with the work list heaviest first
-//           (causal tail). Packed: two heads a CTA, 64-row items.
+//           (causal tail).
 //
 // Inside a consumer, iteration i issues S_i = Q K_i^T and O += P_{i-1} V_{i-1}
 // together and runs tile i's softmax while the PV product is still on the
@@ -225,17 +225,12 @@ __device__ __forceinline__ void ws_issue_pv(float o[16][4], const uint32_t pa[8]
 // GEMMs are issued, so one's softmax runs while the other's GEMMs do.
 // Both consumers take mine + 1 turns: consumer 0, a tile short, takes an
 // empty one; the last turn hands nothing on (nothing would take it).
-//
-// PACK (GQA packing): the consumers take the same 64 rows j0 .. of two query
-// heads of one KV head (head + c), so each K/V tile serves both heads; both
-// then read every tile (no empty turn).
-template <int STAGES, bool PACK = false>
+template <int STAGES>
 __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_bfloat16* __restrict__ q,
                                            __nv_bfloat16* __restrict__ out, int c, int qs, int ctx, int ql, int j0,
                                            int n_keys, int ntiles, int heads, int head, float qk_scale) {
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = threadIdx.x % 32, g = lane / 4;
-    const int row0 = PACK ? j0 : j0 + 64 * c;  // this consumer's first query row (of the chunk)
-    if (PACK) head += c;
+    const int row0 = j0 + 64 * c;  // this consumer's first query row (of the chunk)
     const uint32_t qc = r.q + c * 64 * ATT_ROW_BYTES;
     load_tile_at<64, 128>(
         qc, [&](int i) { return q + ((size_t)(qs + row0 + i) * heads + head) * ATT_HEAD_DIM; },
@@ -253,7 +248,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     // The last tile holds keys past n_keys: consumer 1 zeroes their V rows;
     // consumer 0 waits for that only if it reads the tile.
     const bool partial = n_keys % WS_BN != 0;
-    const bool both_last = PACK || min(ntiles, (ctx + j0 + 63) / WS_BN + 1) == ntiles;  // consumer 0 reads it too
+    const bool both_last = min(ntiles, (ctx + j0 + 63) / WS_BN + 1) == ntiles;  // consumer 0 reads it too
     auto wait_v = [&](int i) {
         mbar_wait(r.full_v(i), WsRing<STAGES>::phase(i));
         if (!partial || i != ntiles - 1) return;
@@ -273,7 +268,7 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     auto release = [&](uint32_t bar) {
         if (lane == 0) mbar_arrive(bar);
     };
-    const int turns = min(ntiles, (ctx + j0 + (PACK ? 63 : 127)) / WS_BN + 1) + 1;  // consumer 1's tiles + 1
+    const int turns = min(ntiles, (ctx + j0 + 127) / WS_BN + 1) + 1;  // consumer 1's tiles + 1
     int turn = 0;
     auto my_turn = [&] { named_sync(WS_BAR_TURN + c, 256); };
     auto hand_on = [&] {
@@ -348,37 +343,33 @@ __device__ __forceinline__ void ws_consume(const WsRing<STAGES>& r, const __nv_b
     store_rows(out, o, st, qs, row0 + 16 * warp, ql, heads, head, lane);
 }
 
-// A CTA's (head slot, work item) from its place in launch or ticket order
-// `lin`, over `slots` head slots (heads, or head pairs packed) x `items`
-// work items (heaviest first), in sections of `sec` head slots (whole KV
-// heads; the host sizes them so that their K and V over the longest item fit
-// in its L2 budget, 32 MiB of 50 MB by default; sec <= 0 or >= slots: one
-// section). Section by section, and in a section item by item with its heads
-// fastest: the CTAs resident at a time then read the K/V of one section or
-// two (one fits L2 with room, two about fill it), where with all
-// heads fastest they sweep every KV head's K/V at once and, over a long
-// prior context (2K rows over 16K keys: 8 x 9.4 MB), L2 cannot keep what
-// a later wave's CTAs of the same KV head read again (FlashAttention-3 and 4
-// order their tiles in such L2 sections too).
+// A CTA's (query head, work item) from its place in launch or ticket order
+// `lin`, over `heads` query heads x `items` work items (heaviest first), in
+// sections of `sec` heads (whole KV heads; the host sizes them so that their
+// K and V over the longest item fit in its L2 budget, 32 MiB of 50 MB by
+// default; sec <= 0 or >= heads: one section). Section by section, and in a
+// section item by item with its heads fastest: the CTAs resident at a time
+// then read the K/V of one section or two (one fits L2 with room, two about
+// fill it), where with all heads fastest they sweep every KV head's K/V at
+// once and, over a long prior context (2K rows over 16K keys: 8 x 9.4 MB),
+// L2 cannot keep what a later wave's CTAs of the same KV head read again
+// (FlashAttention-3 and 4 order their tiles in such L2 sections too).
 struct WsPick {
-    int slot, item;
+    int head, item;
 };
-__device__ __forceinline__ WsPick ws_l2_order(int lin, int slots, int items, int sec) {
-    if (sec <= 0 || sec > slots) sec = slots;
+__device__ __forceinline__ WsPick ws_l2_order(int lin, int heads, int items, int sec) {
+    if (sec <= 0 || sec > heads) sec = heads;
     const int per = sec * items, s = lin / per, r = lin - s * per;
-    const int width = min(sec, slots - s * sec);  // the last section may be narrower
+    const int width = min(sec, heads - s * sec);  // the last section may be narrower
     return {s * sec + r % width, r / width};
 }
 
-// Query head `head` of work item `item` (128 rows; packed: heads `head` and
-// `head` + 1, 64 rows) by the whole block
+// Query head `head` of work item `item` (128 rows) by the whole block
 // (WS_THREADS threads, WsShape<STAGES>::SMEM of dynamic shared memory).
 // CREGS: the consumers' registers a thread (setmaxnreg; they use ~190): 240
 // in a block launched at 168, 192 in one launched at 136 (the slim kernel,
 // 52 K registers a block).
-// PACK: query heads `head` and `head` + 1 (one KV head: the GQA group is
-// even) of a 64-row work item, one a consumer (ws_consume).
-template <int STAGES, int CREGS = 240, bool PACK = false>
+template <int STAGES, int CREGS = 240>
 __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                            const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                            const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
@@ -388,7 +379,7 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
     __shared__ __align__(8) uint64_t bars[4 * STAGES];
     const int chunk = work[2 * item], j0 = work[2 * item + 1];
     const int qs = q_start[chunk], ctx = ctx_len[chunk], ql = q_len[chunk];
-    const int n_keys = ctx + min(ql, j0 + (PACK ? WS_BM / 2 : WS_BM));
+    const int n_keys = ctx + min(ql, j0 + WS_BM);
     const int ntiles = (n_keys + WS_BN - 1) / WS_BN;
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
     const WsRing<STAGES> r{base, base + WsShape<STAGES>::Q_BYTES,
@@ -413,25 +404,22 @@ __device__ __forceinline__ void prefill_ws(const __nv_bfloat16* __restrict__ q, 
             ws_produce<STAGES>(r, kmap, vmap, (head / group) * ATT_HEAD_DIM, slots[chunk], ntiles);
     } else {
         setmaxnreg_inc<CREGS>();
-        ws_consume<STAGES, PACK>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head,
+        ws_consume<STAGES>(r, q, out, wg - 1, qs, ctx, ql, j0, n_keys, ntiles, heads, head,
                                  scale * ATT_LOG2E);
     }
 }
 
 // The `nth` of the `count` CTAs' worth of tiles of a launch (blockIdx.x of
-// a 1-D grid) or of a ticket order (count = heads / 2 packed, else heads,
-// x work items), taken in ws_l2_order's sections of `l2_heads` query heads
+// a 1-D grid) or of a ticket order (count = heads x work items), taken in ws_l2_order's sections of `l2_heads` query heads
 // and run as prefill_ws runs a tile.
-template <int STAGES, int CREGS = 240, bool PACK = false>
+template <int STAGES, int CREGS = 240>
 __device__ __forceinline__ void prefill_ws_nth(const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                                const int32_t* __restrict__ work, const int32_t* __restrict__ q_start,
                                                const int32_t* __restrict__ ctx_len, const int32_t* __restrict__ q_len,
                                                const int32_t* __restrict__ slots, int heads, int group, float scale,
                                                const TmaMap* kmap, const TmaMap* vmap, int nth, int count,
                                                int l2_heads) {
-    constexpr int PER_CTA = PACK ? 2 : 1;  // query heads a CTA takes
-    const int head_slots = heads / PER_CTA;
-    const WsPick p = ws_l2_order(nth, head_slots, count / head_slots, l2_heads / PER_CTA);
-    prefill_ws<STAGES, CREGS, PACK>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, kmap, vmap,
-                                    PER_CTA * p.slot, p.item);
+    const WsPick p = ws_l2_order(nth, heads, count / heads, l2_heads);
+    prefill_ws<STAGES, CREGS>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, kmap, vmap, p.head,
+                              p.item);
 }

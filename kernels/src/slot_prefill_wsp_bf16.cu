@@ -36,21 +36,3 @@ extern "C" __global__ void __maxnreg__(136)
     __trap();  // sm_90a only (the host checks)
 #endif
 }
-
-// GQA-packed (the same arguments; heads / 2 x work items of 64 rows CTAs;
-// the host runs it only for even GQA groups): a CTA takes 64 query rows of
-// two query heads of one KV head, a consumer each, so each K/V tile it loads
-// serves both: half the K/V traffic from L2 of slot_prefill_wsp_bf16's
-// 128 rows of one head, over twice the CTAs.
-extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    slot_prefill_wspg_bf16(const __nv_bfloat16* q, __nv_bfloat16* out, const int32_t* work, const int32_t* q_start,
-                           const int32_t* ctx_len, const int32_t* q_len, const int32_t* slots, int heads, int group,
-                           float scale, const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap,
-                           int l2_heads) {
-#if ATT_WGMMA
-    prefill_ws_nth<2, 240, true>(q, out, work, q_start, ctx_len, q_len, slots, heads, group, scale, &kmap, &vmap,
-                                 blockIdx.x, gridDim.x, l2_heads);
-#else
-    __trap();  // sm_90a only (the host checks)
-#endif
-}

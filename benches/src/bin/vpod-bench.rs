@@ -101,7 +101,7 @@ enum What {
         #[arg(long, value_delimiter = ',', default_value = "llama3-8b,yi-6b")]
         models: Vec<String>,
         /// `vattention`'s prefill kernels to time (w8, w4, w4p, tma64, wsp,
-        /// wsps: the slim wsp, wspg: the GQA-packed wsp; NAME/nol2: a
+        /// wsps: the slim wsp; NAME/nol2: a
         /// warp-specialized one without its L2 sections, the order before;
         /// the other backends run their own).
         #[arg(long, value_delimiter = ',', default_value = "w8,w4,w4p,tma64,wsp")]
@@ -209,10 +209,10 @@ enum What {
         decodes: Vec<usize>,
         /// Variants to time (default: the serial pairs, `streams`, `pod`,
         /// `podp`, `pod3-p2`, `auto`; others, among them: `serial-ws`,
-        /// `serial-wss` / `serial-wsg` (the slim and the GQA-packed
-        /// prefill), `streams-ws`, `streams-slim` / `streams-slimr` (the slim
+        /// `serial-wss` (the slim prefill), `streams-ws`, `streams-slim` / `streams-slimr` (the slim
         /// pair, with the slim decode's ring a warp), `auto-slim` /
-        /// `auto-slimr` (the planner with the slim pair), `auto-nol2` /
+        /// `auto-slimr` (the planner with the slim pair), `auto-slimrs` (and
+        /// the slim tile on every step), `auto-nol2` /
         /// `serial-ws-nol2` (no L2 sections), `wsd-N` (the partitioned
         /// kernel, N decode SMs), `pod3-ticket`, `podp-nt` / `pod3-nt` (no
         /// TMA); an unknown name lists them all); at least one `serial*` one,
@@ -305,7 +305,9 @@ enum What {
         /// (scheduler/backend) runs; a backend may carry POD tuning flags
         /// over the defaults: `pod+decode-last`, `pod+slim` / `pod+noslim`
         /// (the slim pair on or off), `pod+slim+ring` / `pod+slim+tiles`
-        /// (the slim pair's decode: a ring a warp, or block-wide).
+        /// (the slim pair's decode: a ring a warp, or block-wide); any
+        /// backend `+wsp` / `+wsps` (the prefill kernel: the warp-specialized
+        /// tile, or its slim build), e.g. `prefill-first/vattention+wsps`.
         #[arg(
             long,
             value_delimiter = ',',
@@ -705,8 +707,11 @@ fn prefill_kernel_named(name: &str) -> Result<PrefillKernel> {
         "tma64" => PrefillKernel::Tma64,
         "wsp" => PrefillKernel::Wsp,
         "wsps" => PrefillKernel::WspSlim,
-        "wspg" => PrefillKernel::WspPack,
-        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsps, wspg)"),
+        "wspg" => bail!(
+            "prefill: kernel wspg (the GQA-packed wsp) was removed: no faster than wsp on the H200 \
+             (results/2026-12-05-h200-podfi-energy)"
+        ),
+        _ => bail!("prefill: unknown kernel {name} (known: w8, w4, w4p, tma64, wsp, wsps)"),
     })
 }
 
@@ -1530,8 +1535,6 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // The slim warp-specialized prefill (136 registers a thread) and, on
     // two streams, the slim decode blocks that fit on its SMs beside it.
     ("serial-wss", ["serial", "1", "slim", "4", "2", "1", "1", "1", ""]),
-    // The GQA-packed warp-specialized prefill (two query heads a CTA), then decode.
-    ("serial-wsg", ["serial", "1", "pack", "4", "2", "1", "1", "1", ""]),
     ("streams-ws", ["streams", "1", "", "4", "2", "1", "1", "1", ""]),
     (
         "streams-slim",
@@ -1575,6 +1578,14 @@ const HYBRID_VARIANTS: &[(&str, [&str; 9])] = &[
     // other steps.
     ("auto-slim", ["auto-slim", "", "", "", "", "", "", "", ""]),
     ("auto-slimr", ["auto-slim/ring", "", "", "", "", "", "", "", ""]),
+    // The same with the slim tile (PrefillKernel::WspSlim) on every step:
+    // its plain prefills, and its fused steps' partitioned kernel at the
+    // slim tile's consumer registers (pod_wsds_bf16). What PodTuning's and
+    // BackendOptions' defaults become once the slim pair ships.
+    (
+        "auto-slimrs",
+        ["auto-slim/ring", "", "slim", "", "", "", "", "", ""],
+    ),
     // The planner without the slim pair, the wsp tile.
     ("auto-noslim", ["auto-noslim", "", "", "", "", "", "", "", ""]),
     // The planner as it ships: BackendOptions' and PodTuning's defaults.
@@ -1661,11 +1672,10 @@ fn variant_options(v: &[&str; 9]) -> Result<BackendOptions> {
     };
     let (pipe, tma) = (v[6] != "0", v[7] != "0");
     // "slim": the warp-specialized tile launched at 136 registers (PrefillKernel::WspSlim).
-    // "pack": the GQA-packed one (PrefillKernel::WspPack). "default":
+    // "default":
     // BackendOptions' (the planner as it ships); none: the wsp tile.
     let prefill_kernel = match v[2] {
         "slim" => PrefillKernel::WspSlim,
-        "pack" => PrefillKernel::WspPack,
         "default" => PrefillKernel::default(),
         warps => match num(warps, "prefill warps")? {
             None => PrefillKernel::Wsp,
@@ -1980,7 +1990,7 @@ fn hybrid(
                     // perfect overlap would take the longer of the two.
                     let (pre, dec) = seqs.split_at(1);
                     let (mut prefill_us, mut decode_us) = (f64::INFINITY, f64::INFINITY);
-                    let other_ws = ["serial-wss", "serial-wsg"]
+                    let other_ws = ["serial-wss"]
                         .into_iter()
                         .filter(|n| variants.iter().any(|(v, _)| *v == *n));
                     for serial in ["serial", "serial-64p", "serial-64t", "serial-ws"]
@@ -2968,16 +2978,20 @@ fn workloads(prompt: usize, output: usize, ratios: &[f64], tokens: usize) -> Res
         .collect()
 }
 
-/// A `--runs` backend with its POD tuning: `SPEC[+FLAG...]` over
-/// [`PodTuning`]'s defaults, the flags `decode-last`
-/// ([`PodTuning::decode_sms`] 0), `slim` / `noslim`
-/// ([`PodTuning::slim_streams`] on or off) and `ring` / `tiles` (the slim
-/// pair's decode: [`SlimDecode::WarpRing`] or [`SlimDecode::Tiles`]), e.g.
-/// `hybrid/pod+decode-last` or `hybrid/pod+slim+ring`.
-fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
+/// A `--runs` backend with its POD tuning and prefill kernel:
+/// `SPEC[+FLAG...]` over [`PodTuning`]'s and [`PrefillKernel`]'s defaults,
+/// the flags `decode-last` ([`PodTuning::decode_sms`] 0), `slim` / `noslim`
+/// ([`PodTuning::slim_streams`] on or off), `ring` / `tiles` (the slim
+/// pair's decode: [`SlimDecode::WarpRing`] or [`SlimDecode::Tiles`]) and
+/// `wsp` / `wsps` (the prefill kernel: [`PrefillKernel::Wsp`] or
+/// [`PrefillKernel::WspSlim`], which the partitioned POD kernel's prefill
+/// role follows), e.g. `hybrid/pod+decode-last`, `hybrid/pod+slim+ring+wsps`
+/// or `prefill-first/vattention+wsps`.
+fn serve_backend(spec: &str) -> Result<(&str, PodTuning, PrefillKernel)> {
     let mut parts = spec.split('+');
     let backend = parts.next().unwrap_or_default();
     let (mut t, mut decode_flag) = (PodTuning::default(), false);
+    let mut prefill = PrefillKernel::default();
     for flag in parts {
         match flag {
             "decode-last" => t.decode_sms = Some(0),
@@ -2985,8 +2999,10 @@ fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
             "noslim" => t.slim_streams = false,
             "ring" => (t.slim_decode, decode_flag) = (SlimDecode::WarpRing, true),
             "tiles" => (t.slim_decode, decode_flag) = (SlimDecode::Tiles, true),
+            "wsp" => prefill = PrefillKernel::Wsp,
+            "wsps" => prefill = PrefillKernel::WspSlim,
             f => bail!(
-                "run backend {spec}: unknown tuning flag {f} (known: decode-last, slim, noslim, ring, tiles)"
+                "run backend {spec}: unknown tuning flag {f} (known: decode-last, slim, noslim, ring, tiles, wsp, wsps)"
             ),
         }
     }
@@ -2995,7 +3011,7 @@ fn serve_backend(spec: &str) -> Result<(&str, PodTuning)> {
             "run backend {spec}: +ring / +tiles pick the slim pair's decode, and +noslim turns the pair off"
         );
     }
-    Ok((backend, t))
+    Ok((backend, t, prefill))
 }
 
 /// A `--runs` scheduler: `prefill-first` (vLLM v0.2.7) or `hybrid` (Sarathi-Serve).
@@ -3104,12 +3120,13 @@ fn serve(
                     .split_once('/')
                     .with_context(|| format!("run {run}: expected scheduler/backend"))?;
                 let policy = serve_policy(sched)?;
-                let (backend, pod_tuning) = serve_backend(spec)?;
+                let (backend, pod_tuning, prefill_kernel) = serve_backend(spec)?;
                 let opts = BackendOptions {
                     max_seqs: requests,
                     kv_memory: Some(kv),
                     cuda_graphs: cuda_graphs == vpod_cli::engine::CudaGraphs::On,
                     pod_tuning,
+                    prefill_kernel,
                     ..Default::default()
                 };
                 let mut e = if ranks.is_empty() {
@@ -3667,21 +3684,32 @@ mod tests {
 
     #[test]
     fn serve_backend_flags() {
-        let (b, t) = serve_backend("pod+decode-last").unwrap();
+        let (b, t, _) = serve_backend("pod+decode-last").unwrap();
         assert_eq!((b, t.decode_sms), ("pod", Some(0)));
         // The flags over the shipped tuning.
-        let (b, t) = serve_backend("pod").unwrap();
-        assert_eq!((b, t), ("pod", PodTuning::default()));
-        let (_, t) = serve_backend("pod+slim").unwrap();
+        let (b, t, k) = serve_backend("pod").unwrap();
+        assert_eq!((b, t, k), ("pod", PodTuning::default(), PrefillKernel::default()));
+        let (b, t, k) = serve_backend("vattention+wsps").unwrap();
+        assert_eq!(
+            (b, t, k),
+            ("vattention", PodTuning::default(), PrefillKernel::WspSlim)
+        );
+        let (_, t, k) = serve_backend("pod+slim+ring+wsps").unwrap();
+        assert_eq!(
+            (t.slim_streams, t.slim_decode, k),
+            (true, SlimDecode::WarpRing, PrefillKernel::WspSlim)
+        );
+        assert_eq!(serve_backend("pod+wsp").unwrap().2, PrefillKernel::Wsp);
+        let (_, t, _) = serve_backend("pod+slim").unwrap();
         assert_eq!(
             (t.slim_streams, t.slim_decode),
             (true, PodTuning::default().slim_decode)
         );
-        let (_, t) = serve_backend("pod+slim+ring").unwrap();
+        let (_, t, _) = serve_backend("pod+slim+ring").unwrap();
         assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::WarpRing));
-        let (_, t) = serve_backend("pod+slim+tiles").unwrap();
+        let (_, t, _) = serve_backend("pod+slim+tiles").unwrap();
         assert_eq!((t.slim_streams, t.slim_decode), (true, SlimDecode::Tiles));
-        let (_, t) = serve_backend("pod+slim+noslim").unwrap();
+        let (_, t, _) = serve_backend("pod+slim+noslim").unwrap();
         assert!(!t.slim_streams);
         // +tiles alone: an error while the pair is off by default.
         assert_eq!(
@@ -3714,7 +3742,8 @@ mod tests {
         assert!(check_args(&runs("fcfs/pod")).is_err());
         assert!(check_args(&runs("pod")).is_err());
         let kernels = |k: &str| what(&["vpod-bench", "prefill", "--kernels", k]);
-        assert!(check_args(&kernels("wsp,wsp/nol2,wspg,wsps")).is_ok());
+        assert!(check_args(&kernels("wsp,wsp/nol2,wsps,wsps/nol2")).is_ok());
+        assert!(check_args(&kernels("wspg")).is_err());
         assert!(check_args(&kernels("wsp/l2")).is_err());
     }
 
@@ -3756,9 +3785,10 @@ mod tests {
                 "serial-ws" | "auto-noslim" | "auto-slim" | "auto-slimr" | "streams-ws" => {
                     Some(PrefillKernel::Wsp)
                 }
-                "serial-wss" | "streams-slim" | "streams-slimr" => Some(PrefillKernel::WspSlim),
+                "serial-wss" | "streams-slim" | "streams-slimr" | "auto-slimrs" => {
+                    Some(PrefillKernel::WspSlim)
+                }
                 "auto" | "auto-nol2" => Some(PrefillKernel::default()),
-                "serial-wsg" => Some(PrefillKernel::WspPack),
                 _ => None,
             };
             if let Some(k) = want {
@@ -3801,6 +3831,7 @@ mod tests {
         };
         let l2 = vpod_attention::PREFILL_L2_BUDGET;
         assert_eq!(ring("auto-slimr"), (true, SlimDecode::WarpRing, l2));
+        assert_eq!(ring("auto-slimrs"), (true, SlimDecode::WarpRing, l2));
         assert_eq!(ring("streams-slimr"), (false, SlimDecode::WarpRing, l2));
         assert_eq!(ring("streams-slim"), (false, SlimDecode::Tiles, l2));
         let shipped = PodTuning::default();
