@@ -27,6 +27,9 @@ pub struct Nvml {
     power_limit: unsafe extern "C" fn(Handle, *mut c_uint) -> Ret,
     power: unsafe extern "C" fn(Handle, *mut c_uint) -> Ret,
     clock: unsafe extern "C" fn(Handle, c_int, *mut c_uint) -> Ret,
+    /// `nvmlDeviceGetCurrentClocksEventReasons` (or its older name,
+    /// `...ThrottleReasons`), where the driver has either.
+    reasons: Option<unsafe extern "C" fn(Handle, *mut c_ulonglong) -> Ret>,
     /// Keeps the entry points above loaded; last, so dropped last.
     _lib: libloading::Library,
 }
@@ -91,6 +94,12 @@ impl Nvml {
                 clock: *lib
                     .get(b"nvmlDeviceGetClockInfo\0")
                     .context("nvmlDeviceGetClockInfo")?,
+                reasons: [
+                    &b"nvmlDeviceGetCurrentClocksEventReasons\0"[..],
+                    &b"nvmlDeviceGetCurrentClocksThrottleReasons\0"[..],
+                ]
+                .into_iter()
+                .find_map(|name| lib.get(name).ok().map(|f| *f)),
                 _lib: lib,
             };
             n.check(init(), "nvmlInit_v2")?;
@@ -154,6 +163,51 @@ impl Nvml {
             "nvmlDeviceGetClockInfo",
         )?;
         Ok(f64::from(mhz))
+    }
+
+    /// Why the clocks are below their maximum now (NVML's clocks event
+    /// reasons, e.g. [`ClockReasons::SW_POWER_CAP`]).
+    pub fn clock_reasons(&self) -> Result<ClockReasons> {
+        let f = self
+            .reasons
+            .context("this driver's NVML has no nvmlDeviceGetCurrentClocksEventReasons")?;
+        let mut bits: c_ulonglong = 0;
+        // SAFETY: as in energy_j.
+        self.check(
+            unsafe { f(self.dev, &mut bits) },
+            "nvmlDeviceGetCurrentClocksEventReasons",
+        )?;
+        Ok(ClockReasons(bits))
+    }
+}
+
+/// NVML's clocks event reasons (`nvmlClocksEventReason*` in nvml.h): the
+/// bits set while the clocks are held below their maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClockReasons(pub u64);
+
+impl ClockReasons {
+    /// The GPU is idle.
+    pub const GPU_IDLE: u64 = 0x1;
+    /// Software power capping: the board holds its power limit.
+    pub const SW_POWER_CAP: u64 = 0x4;
+    /// Hardware slowdown (temperature or power brake).
+    pub const HW_SLOWDOWN: u64 = 0x8;
+    /// Software thermal slowdown.
+    pub const SW_THERMAL: u64 = 0x20;
+    /// Hardware thermal slowdown.
+    pub const HW_THERMAL: u64 = 0x40;
+    /// Hardware power brake.
+    pub const HW_POWER_BRAKE: u64 = 0x80;
+
+    /// The power limit holds the clocks down (software power cap).
+    pub fn power_capped(self) -> bool {
+        self.0 & Self::SW_POWER_CAP != 0
+    }
+
+    /// A thermal or hardware slowdown holds them down.
+    pub fn slowdown(self) -> bool {
+        self.0 & (Self::HW_SLOWDOWN | Self::SW_THERMAL | Self::HW_THERMAL | Self::HW_POWER_BRAKE) != 0
     }
 }
 
@@ -235,6 +289,14 @@ mod tests {
         // So the best overlap is 2 / 1.5 over the serial pair, not 2.
         assert!(((p.secs + d.secs) / t - 4.0 / 3.0).abs() < 1e-12);
         assert_eq!(p.watts(), 700.0);
+    }
+
+    #[test]
+    fn clock_reasons_read_nvml_bits() {
+        assert!(ClockReasons(0x4).power_capped());
+        assert!(ClockReasons(0x5).power_capped() && !ClockReasons(0x5).slowdown());
+        assert!(!ClockReasons(0x1).power_capped());
+        assert!(ClockReasons(0x20).slowdown() && ClockReasons(0x88).slowdown());
     }
 
     #[test]

@@ -572,12 +572,54 @@ fn prefill_kernel_samples(
     dev: &Device,
     iters: usize,
 ) -> Result<Option<Vec<f64>>> {
+    prefill_kernel_samples_clocked(b, chunks, heads, kvh, dev, iters, None).map(|s| s.map(|(ms, _)| ms))
+}
+
+/// The SM clock and NVML's clocks event reasons read right after a timed
+/// rep (the host has waited for the kernel's end event, so the reading is
+/// from within a few microseconds of the kernel's end).
+#[derive(Debug, Clone, Copy)]
+struct RepClock {
+    sm_mhz: f64,
+    reasons: Option<energy::ClockReasons>,
+}
+
+/// [`prefill_kernel_samples`], with each rep's [`RepClock`] where `nvml`
+/// reads them (an NVML error leaves the rest of the run's clocks out).
+fn prefill_kernel_samples_clocked(
+    b: &mut dyn AttentionBackend,
+    chunks: Vec<SeqChunk>,
+    heads: usize,
+    kvh: usize,
+    dev: &Device,
+    iters: usize,
+    nvml: Option<&Nvml>,
+) -> Result<Option<(Vec<f64>, Vec<RepClock>)>> {
     let (meta, [q, k, v]) = inputs(chunks, heads, kvh, dev)?;
     b.forward(0, &q, &k, &v, &meta)?;
-    samples_after_spin(dev, iters, || {
+    let (mut clocks, mut nvml) = (vec![], nvml);
+    let ms = samples_after_spin(dev, iters, || {
         b.forward(1, &q, &k, &v, &meta)?;
-        Ok(b.prefill_kernel_ms())
-    })
+        let ms = b.prefill_kernel_ms();
+        if let (Some(_), Some(n)) = (ms, nvml) {
+            match n.sm_mhz() {
+                Ok(sm_mhz) => clocks.push(RepClock {
+                    sm_mhz,
+                    reasons: n.clock_reasons().ok(),
+                }),
+                Err(e) => {
+                    eprintln!("prefill: SM clock not read ({e:#}); the clock columns stay empty");
+                    (clocks, nvml) = (vec![], None);
+                }
+            }
+        }
+        Ok(ms)
+    })?;
+    // The clocks of the timed reps (samples_after_spin drops 3 warm-up reps).
+    Ok(ms.map(|ms| {
+        let skip = clocks.len().saturating_sub(ms.len());
+        (ms, clocks.split_off(skip))
+    }))
 }
 
 /// FlashInfer's harness's way of timing a call: per rep a GPU spin
@@ -758,8 +800,14 @@ fn prefill(
         shapes.push(shape);
     }
     let mut rows = vec![];
+    // Each rep's SM clock and clocks event reasons (is the power cap
+    // holding the clock down?): a kernel's spread across reps that follows
+    // the clock is the GPU's, not the kernel's.
+    let nvml = nvml(&dev)
+        .map_err(|e| eprintln!("prefill: no SM clocks per rep ({e:#})"))
+        .ok();
     println!(
-        "| backend | heads | case | query tile | ms / layer | TFLOP/s | % of {:.0} | kernel ms | kernel TFLOP/s |\n|---|---|---|---|---|---|---|---|---|",
+        "| backend | heads | case | query tile | ms / layer | TFLOP/s | % of {:.0} | kernel ms | kernel TFLOP/s | SM MHz | reps power-capped | kernel Mcycles |\n|---|---|---|---|---|---|---|---|---|---|---|---|",
         ceil.tflops()
     );
     // `vattention`'s prefill kernels (typed, BackendOptions::prefill_kernel);
@@ -813,7 +861,20 @@ fn prefill(
                 query_len: ql,
             };
             let secs = time_layer(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
-            let samples = prefill_kernel_samples(b.as_mut(), vec![chunk], heads, kvh, &dev, iters)?;
+            let clocked = prefill_kernel_samples_clocked(
+                b.as_mut(),
+                vec![chunk],
+                heads,
+                kvh,
+                &dev,
+                iters,
+                nvml.as_ref(),
+            )?;
+            let (samples, clocks) = match clocked {
+                Some((ms, clocks)) => (Some(ms), clocks),
+                None => (None, vec![]),
+            };
+            let clock = rep_clock_summary(samples.as_deref(), &clocks);
             // The kernel that ran (a fallback where the device, the pages or
             // the GQA group rule the asked one out), as the step record names it.
             let note = b.step_path();
@@ -846,11 +907,12 @@ fn prefill(
                 (_, None) => (format!("{name} #{p}"), String::new()),
             };
             println!(
-                "| {spec} | {model} {heads}/{kvh} | {case} | {tile} | {:.3} | {tf:.0} | {:.0} | {}{range} | {} |",
+                "| {spec} | {model} {heads}/{kvh} | {case} | {tile} | {:.3} | {tf:.0} | {:.0} | {}{range} | {} | {} |",
                 secs * 1e3,
                 tf / ceil.tflops() * 100.0,
                 cell(kernel_ms, 3),
                 cell(kernel_tf, 0),
+                clock.cells(),
             );
             rows.push(
                 json!({"backend": spec, "model": model, "case": name, "context": ctx, "query_len": ql, "heads": heads,
@@ -860,11 +922,56 @@ fn prefill(
                 "kernel_ms": kernel_ms, "kernel_tflop_per_s": kernel_tf,
                 "kernel_ms_min": kernel_range.map(|r| r.0), "kernel_ms_max": kernel_range.map(|r| r.1),
                 "placement": p, "spacer_mib": spacer_mib, "l2_budget_bytes": l2_budget,
+                "rep_kernel_ms": samples, "rep_sm_mhz": clocks.iter().map(|c| c.sm_mhz).collect::<Vec<_>>(),
+                "rep_power_capped": clocks.iter().map(|c| c.reasons.map(|r| r.power_capped())).collect::<Vec<_>>(),
+                "sm_mhz_median": clock.mhz.map(|m| m.0), "reps_power_capped": clock.capped,
+                "kernel_mcycles_median": clock.mcycles.map(|m| m.0),
+                "kernel_mcycles_min": clock.mcycles.map(|m| m.1), "kernel_mcycles_max": clock.mcycles.map(|m| m.2),
+                "clock_what": "NVML's SM clock and clocks event reasons read right after each timed rep; kernel Mcycles: a rep's ms x its clock (a spread in ms that the cycles lose is the clock's)",
                 "kernel_what": "the prefill kernel alone: CUDA events around it, a 2 ms GPU spin before each rep (FlashInfer harness's method), median"}),
             );
         }
     }
     Ok(rows)
+}
+
+/// The prefill reps' clocks in brief: the SM clock's median (min, max),
+/// the reps NVML saw power-capped, and each rep's kernel time in clock
+/// cycles (ms x MHz / 1000: millions) as median (min, max).
+#[derive(Debug, Default, PartialEq)]
+struct ClockSummary {
+    mhz: Option<(f64, f64, f64)>,
+    capped: Option<(usize, usize)>,
+    mcycles: Option<(f64, f64, f64)>,
+}
+
+impl ClockSummary {
+    /// The table's three clock cells.
+    fn cells(&self) -> String {
+        let range = |r: Option<(f64, f64, f64)>, d: usize| {
+            r.map_or("-".into(), |(m, lo, hi)| format!("{m:.d$} ({lo:.d$}-{hi:.d$})"))
+        };
+        let capped = self.capped.map_or("-".into(), |(n, of)| format!("{n} of {of}"));
+        format!("{} | {capped} | {}", range(self.mhz, 0), range(self.mcycles, 2))
+    }
+}
+
+fn rep_clock_summary(ms: Option<&[f64]>, clocks: &[RepClock]) -> ClockSummary {
+    let Some(ms) = ms.filter(|ms| !clocks.is_empty() && ms.len() == clocks.len()) else {
+        return ClockSummary::default();
+    };
+    let stats = |v: &[f64]| (percentile(v, 0.5), percentile(v, 0.0), percentile(v, 1.0));
+    let mhz: Vec<f64> = clocks.iter().map(|c| c.sm_mhz).collect();
+    let mcycles: Vec<f64> = ms.iter().zip(&mhz).map(|(ms, mhz)| ms * mhz / 1e3).collect();
+    let read: Vec<bool> = clocks
+        .iter()
+        .filter_map(|c| c.reasons.map(|r| r.power_capped()))
+        .collect();
+    ClockSummary {
+        mhz: Some(stats(&mhz)),
+        capped: (!read.is_empty()).then(|| (read.iter().filter(|&&c| c).count(), read.len())),
+        mcycles: Some(stats(&mcycles)),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -3680,6 +3787,35 @@ mod tests {
         let nan = Tensor::new(&[[1.0f32, f32::NAN], [3.0, 4.0]], &dev).unwrap();
         assert!(rel_l2(&nan, &want).unwrap().is_nan());
         assert_eq!(rel_l2(&want, &want).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn rep_clocks_summarise_the_spread() {
+        let c = |sm_mhz, bits| RepClock {
+            sm_mhz,
+            reasons: Some(energy::ClockReasons(bits)),
+        };
+        // Two reps at the capped clock, one at the boost clock: the same
+        // cycles, so the time spread is the clock's.
+        let ms = [0.90, 0.90, 0.81];
+        let s = rep_clock_summary(Some(&ms), &[c(1780.0, 4), c(1780.0, 4), c(1980.0, 0)]);
+        assert_eq!(s.mhz, Some((1780.0, 1780.0, 1980.0)));
+        assert_eq!(s.capped, Some((2, 3)));
+        let (m, lo, hi) = s.mcycles.unwrap();
+        assert!((m - 1.602).abs() < 1e-9 && (lo - 1.602).abs() < 1e-9 && (hi - 1.6038).abs() < 1e-9);
+        assert_eq!(s.cells(), "1780 (1780-1980) | 2 of 3 | 1.60 (1.60-1.60)");
+        // No clocks (no NVML) or reps that do not match: empty cells.
+        assert_eq!(rep_clock_summary(Some(&ms), &[]).cells(), "- | - | -");
+        assert_eq!(rep_clock_summary(None, &[c(1.0, 0)]), ClockSummary::default());
+        // Reasons unread: the clock still counts, the capped cell stays empty.
+        let s = rep_clock_summary(
+            Some(&[1.0]),
+            &[RepClock {
+                sm_mhz: 1500.0,
+                reasons: None,
+            }],
+        );
+        assert_eq!(s.cells(), "1500 (1500-1500) | - | 1.50 (1.50-1.50)");
     }
 
     #[test]
