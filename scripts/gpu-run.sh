@@ -118,8 +118,8 @@ fi
 if want pod; then
     # shellcheck disable=SC2086
     tstep 400 pod-tests "$B/integration" ${POD_TESTS:-gpu::pod gpu::fixtures} --test-threads=1 --nocapture
-    [ "${POD_SAN:-1}" = 1 ] && tstep 200 pod-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
-    [ "${POD_SAN:-1}" = 1 ] && tstep 200 pod-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    [ "${POD_SAN:-1}" = 1 ] && tstep 300 pod-memcheck env VPOD_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
+    [ "${POD_SAN:-1}" = 1 ] && tstep 300 pod-racecheck env VPOD_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/integration" gpu::pod --test-threads=1
     # Hybrid steps end to end: pod (planner), pod:fused and pod:streams must give vattention's greedy tokens.
     step pod-agree "$B/cli" compare --model tests/fixtures/tiny-llama3-gqa4 --device cuda \
         --backends vattention,pod,pod:fused,pod:streams --workload serve --requests 12 --prompt-len 400 --max-tokens 48

@@ -988,8 +988,9 @@ fn vattention_gpu_matches_cpu_twin() {
     }
 }
 
-/// The warp-specialized prefill kernel (`wsp`) on whole 128-key tiles (a 512-token
-/// prompt, a 384-token chunk at 512: the rings wrap several times) and a
+/// The warp-specialized prefill kernel (`wsp`, and its slim build `wsps`) on
+/// whole 128-key tiles (a 512-token prompt, a 384-token chunk at 512: the
+/// rings wrap several times) and a
 /// 200-token chunk at 896 (GQA 8), with plain random K and with K rows
 /// growing along the sequence (the lazy rescale moves the running max on
 /// later tiles too). The CPU twin's cost bounds the sizes: with 1024-token

@@ -168,14 +168,14 @@ impl Nvml {
     /// Why the clocks are below their maximum now (NVML's clocks event
     /// reasons, e.g. [`ClockReasons::SW_POWER_CAP`]).
     pub fn clock_reasons(&self) -> Result<ClockReasons> {
-        let f = self
-            .reasons
-            .context("this driver's NVML has no nvmlDeviceGetCurrentClocksEventReasons")?;
+        let f = self.reasons.context(
+            "this driver's NVML has no nvmlDeviceGetCurrentClocksEventReasons (nor ...ThrottleReasons)",
+        )?;
         let mut bits: c_ulonglong = 0;
         // SAFETY: as in energy_j.
         self.check(
             unsafe { f(self.dev, &mut bits) },
-            "nvmlDeviceGetCurrentClocksEventReasons",
+            "nvmlDeviceGetCurrentClocksEventReasons (or ...ThrottleReasons)",
         )?;
         Ok(ClockReasons(bits))
     }

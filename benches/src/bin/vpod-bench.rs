@@ -875,8 +875,8 @@ fn prefill(
                 None => (None, vec![]),
             };
             let clock = rep_clock_summary(samples.as_deref(), &clocks);
-            // The kernel that ran (a fallback where the device, the pages or
-            // the GQA group rule the asked one out), as the step record names it.
+            // The kernel that ran (a fallback where the device or the pages
+            // rule the asked one out), as the step record names it.
             let note = b.step_path();
             let ran = note.as_deref().and_then(ran_prefill);
             let kernel = PrefillKernel::ALL
