@@ -187,27 +187,12 @@ impl Nvml {
 pub struct ClockReasons(pub u64);
 
 impl ClockReasons {
-    /// The GPU is idle.
-    pub const GPU_IDLE: u64 = 0x1;
     /// Software power capping: the board holds its power limit.
     pub const SW_POWER_CAP: u64 = 0x4;
-    /// Hardware slowdown (temperature or power brake).
-    pub const HW_SLOWDOWN: u64 = 0x8;
-    /// Software thermal slowdown.
-    pub const SW_THERMAL: u64 = 0x20;
-    /// Hardware thermal slowdown.
-    pub const HW_THERMAL: u64 = 0x40;
-    /// Hardware power brake.
-    pub const HW_POWER_BRAKE: u64 = 0x80;
 
     /// The power limit holds the clocks down (software power cap).
     pub fn power_capped(self) -> bool {
         self.0 & Self::SW_POWER_CAP != 0
-    }
-
-    /// A thermal or hardware slowdown holds them down.
-    pub fn slowdown(self) -> bool {
-        self.0 & (Self::HW_SLOWDOWN | Self::SW_THERMAL | Self::HW_THERMAL | Self::HW_POWER_BRAKE) != 0
     }
 }
 
@@ -294,9 +279,8 @@ mod tests {
     #[test]
     fn clock_reasons_read_nvml_bits() {
         assert!(ClockReasons(0x4).power_capped());
-        assert!(ClockReasons(0x5).power_capped() && !ClockReasons(0x5).slowdown());
+        assert!(ClockReasons(0x5).power_capped());
         assert!(!ClockReasons(0x1).power_capped());
-        assert!(ClockReasons(0x20).slowdown() && ClockReasons(0x88).slowdown());
     }
 
     #[test]

@@ -870,10 +870,7 @@ fn prefill(
                 iters,
                 nvml.as_ref(),
             )?;
-            let (samples, clocks) = match clocked {
-                Some((ms, clocks)) => (Some(ms), clocks),
-                None => (None, vec![]),
-            };
+            let (samples, clocks) = clocked.map_or((None, vec![]), |(ms, clocks)| (Some(ms), clocks));
             let clock = rep_clock_summary(samples.as_deref(), &clocks);
             // The kernel that ran (a fallback where the device or the pages
             // rule the asked one out), as the step record names it.
